@@ -1,0 +1,33 @@
+# UnSAM developer entry points. `make setup` is idempotent: a second run is a no-op unless
+# the requirements or the setup script changed.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.unsam-setup-done
+PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
+
+.PHONY: setup quickstart test test-slow test-all bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh scripts/fetch_sdist.py
+	bash scripts/setup.sh $(VENV)
+	@touch $@
+
+quickstart: setup
+	$(PY) -m unsam.quickstart
+
+test: setup
+	$(PYTEST) -q
+
+test-slow: setup
+	$(PYTEST) -q -m slow
+
+test-all: setup
+	$(PYTEST) -q -m "slow or not slow"
+
+bench: setup
+	$(PY) benchmarks/whole_image.py
+	$(PY) benchmarks/pseudo.py
+
+clean-outputs:
+	rm -rf outputs

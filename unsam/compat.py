@@ -1,0 +1,74 @@
+"""The one place that adapts detectron2 0.6 to today's numpy, Pillow, setuptools and torch.
+
+detectron2 0.6 (Nov 2021) predates numpy 1.24 (removed ``np.int`` & co.), Pillow 10 (removed
+``Image.LINEAR``), setuptools 81 (removed ``pkg_resources``) and the CPU-only ``pb1-detectron2``
+build has no compiled ``detectron2._C``. Importing this module before detectron2 makes it usable;
+``import unsam`` does that. Nothing else in the project patches third-party code.
+"""
+import importlib.util
+import sys
+import types
+
+import numpy as np
+from PIL import Image
+
+# numpy >= 1.24 removed the deprecated scalar aliases that detectron2 0.6 still uses.
+for _alias, _target in (("int", int), ("float", float), ("bool", bool), ("object", object), ("str", str)):
+    if _alias not in np.__dict__:
+        setattr(np, _alias, _target)
+
+# Pillow >= 10 removed Image.LINEAR (an alias of BILINEAR) used by detectron2's transforms.
+if not hasattr(Image, "LINEAR"):
+    Image.LINEAR = Image.BILINEAR
+
+
+def _install_pkg_resources_shim() -> None:
+    """detectron2.model_zoo imports pkg_resources for ``resource_filename`` only."""
+    if importlib.util.find_spec("pkg_resources") is not None:
+        return
+    import importlib.resources as resources
+
+    shim = types.ModuleType("pkg_resources")
+
+    def resource_filename(package: str, resource: str) -> str:
+        return str(resources.files(package).joinpath(resource))
+
+    shim.resource_filename = resource_filename
+    sys.modules["pkg_resources"] = shim
+
+
+def _install_missing_c_extension() -> None:
+    """Register a placeholder ``detectron2._C`` when the compiled extension is absent.
+
+    ``detectron2.layers`` imports ``_C`` at import time although UnSAM needs none of its ops
+    (deformable conv, rotated boxes, the C++ COCOeval): deformable attention has a pure-PyTorch
+    path and COCO evaluation uses pycocotools. Calling any op of the placeholder raises a clear
+    error instead of an AttributeError deep inside detectron2.
+    """
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or "detectron2._C" in sys.modules:
+        return
+    try:
+        importlib.import_module("detectron2._C")
+        return
+    except ImportError:
+        pass
+
+    class _MissingCExtension(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+
+            def _unavailable(*args, **kwargs):
+                raise RuntimeError(
+                    f"detectron2._C.{name} is unavailable: this detectron2 was installed without "
+                    "its C++/CUDA extension. Install a compiled detectron2 to use this op."
+                )
+
+            return _unavailable
+
+    sys.modules["detectron2._C"] = _MissingCExtension("detectron2._C")
+
+
+_install_pkg_resources_shim()
+_install_missing_c_extension()

@@ -1,0 +1,1 @@
+"""Datasets (SA-1B pseudo labels, COCO), the training/test mapper, prompt sampling and ATS."""

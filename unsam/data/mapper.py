@@ -1,0 +1,120 @@
+"""Turn a dataset dict into model input: read the image, augment, decode masks to tensors.
+
+Training uses large-scale jitter (LSJ): random scale in ``[INPUT.MIN_SCALE, INPUT.MAX_SCALE]`` of
+an ``INPUT.IMAGE_SIZE`` square, a fixed ``IMAGE_SIZE × IMAGE_SIZE`` crop (padded when smaller)
+and a horizontal flip. Test resizes the short side to ``INPUT.MIN_SIZE_TEST`` (long side at most
+``INPUT.MAX_SIZE_TEST``). Output dict::
+
+    {"image": uint8 3×H×W (INPUT.FORMAT), "height", "width" (original size), "file_name",
+     "image_id", "instances": Instances(gt_masks BitMasks N×H×W, gt_classes int64 zeros,
+     gt_boxes, gt_levels int64, gt_parents int64 (index in this list or -1))}
+"""
+import copy
+import logging
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+import unsam.compat  # noqa: F401
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, Boxes, Instances
+
+from .sa1b import rle_to_mask
+
+logger = logging.getLogger(__name__)
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """COCO polygon list or RLE → H×W bool mask."""
+    if isinstance(segmentation, dict):
+        return rle_to_mask(segmentation)
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.frPyObjects(segmentation, height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
+    augs = [
+        T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size, target_width=image_size),
+        T.FixedSizeCrop(crop_size=(image_size, image_size)),
+    ]
+    if flip:
+        augs.append(T.RandomFlip(horizontal=True))
+    return augs
+
+
+class UnSAMDatasetMapper:
+    """Callable mapping one dataset dict to one model input dict (see module docstring)."""
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations: List, image_format: str, max_instances: int):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.max_instances = max_instances
+        logger.info("%s mapper augmentations: %s", "train" if is_train else "test", augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        if is_train:
+            augs = build_lsj_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE,
+                                          flip=cfg.INPUT.RANDOM_FLIP != "none")
+        else:
+            augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+        return {
+            "is_train": is_train,
+            "augmentations": augs,
+            "image_format": cfg.INPUT.FORMAT,
+            "max_instances": cfg.INPUT.MAX_INSTANCES_PER_IMAGE,
+        }
+
+    def _select_annotations(self, annotations: List[Dict]) -> List[Dict]:
+        """Non-crowd annotations, the largest ``max_instances`` first (keeps list order otherwise)."""
+        anns = [a for a in annotations if not a.get("iscrowd", 0)]
+        if len(anns) > self.max_instances:
+            order = sorted(range(len(anns)), key=lambda i: -float(anns[i].get("area", 0)))
+            keep = sorted(order[: self.max_instances])
+            anns = [anns[i] for i in keep]
+        return anns
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        h, w = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        annotations = dataset_dict.pop("annotations", None)
+        if not self.is_train or annotations is None:
+            return dataset_dict
+
+        anns = self._select_annotations(annotations)
+        orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
+        masks, kept = [], []
+        for ann in anns:
+            mask = decode_segmentation(ann["segmentation"], orig_h, orig_w).astype(np.uint8)
+            mask = transforms.apply_segmentation(mask).astype(bool)
+            if mask.any():  # instances cropped away by LSJ are dropped
+                masks.append(mask)
+                kept.append(ann)
+
+        instances = Instances((h, w))
+        instances.gt_classes = torch.zeros(len(kept), dtype=torch.int64)
+        mask_tensor = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)
+        instances.gt_masks = BitMasks(mask_tensor)
+        instances.gt_boxes = instances.gt_masks.get_bounding_boxes() if masks else Boxes(torch.zeros((0, 4)))
+        instances.gt_levels = torch.tensor([int(a.get("level", 0)) for a in kept], dtype=torch.int64)
+        # parent ids refer to annotation ids; re-express them as indices into the kept list
+        index_of = {a.get("id"): i for i, a in enumerate(kept) if a.get("id") is not None}
+        instances.gt_parents = torch.tensor(
+            [index_of.get(a.get("parent_id", -1), -1) for a in kept], dtype=torch.int64
+        )
+        dataset_dict["instances"] = instances
+        return dataset_dict

@@ -1,0 +1,1 @@
+"""Evaluation: class-agnostic COCO AR/AP for whole-image output, prompt mIoU for prompts."""

@@ -1,0 +1,1 @@
+"""Command-line and distributed-launch glue shared by train_net.py and the demos."""
