@@ -55,6 +55,15 @@ def _install_missing_c_extension() -> None:
         pass
 
     class _MissingCExtension(types.ModuleType):
+        # environment reports (collect_env) ask for these; answer instead of failing
+        def get_compiler_version(self):
+            return "not compiled (detectron2 installed without its C++ extension)"
+
+        get_cuda_version = get_compiler_version
+
+        def has_cuda(self):
+            return False
+
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)

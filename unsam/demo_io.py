@@ -1,0 +1,55 @@
+"""Input/output helpers shared by the demos: expand inputs, read images, name outputs."""
+import glob
+import os
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DemoInputError(ValueError):
+    """Bad demo input (missing/unreadable file, bad prompt); the message is one line."""
+
+
+def expand_inputs(inputs: List[str]) -> List[Path]:
+    """Files, globs and directories → sorted, de-duplicated list of image paths."""
+    paths: List[Path] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif any(ch in item for ch in "*?["):
+            matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(item)))
+            if not matched:
+                raise DemoInputError(f"no file matches '{item}'")
+            paths += matched
+        elif os.path.isfile(item):
+            paths.append(Path(item))
+        else:
+            raise DemoInputError(f"input '{item}' not found")
+    if not paths:
+        raise DemoInputError("no input image found")
+    return list(dict.fromkeys(paths))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """H×W×3 uint8 RGB, EXIF orientation applied."""
+    try:
+        from PIL import ImageOps
+
+        with Image.open(path) as img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise DemoInputError(f"cannot read image '{path}': {e}") from None
+
+
+def output_path(output: str, image_path: Path, n_inputs: int, suffix: str = ".png") -> Path:
+    """``output`` is a directory (or ends with '/') or, for one input, a file name."""
+    out = Path(output)
+    if n_inputs == 1 and out.suffix and not output.endswith(os.sep):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out.with_suffix(suffix) if suffix != out.suffix else out
+    out.mkdir(parents=True, exist_ok=True)
+    return out / (image_path.stem + suffix)

@@ -1,0 +1,193 @@
+"""detectron2 ``DefaultTrainer`` for UnSAM: loaders, optimizer, schedule, evaluators, hooks.
+
+Differences from detectron2's defaults, and why:
+
+* AdamW with a backbone LR multiplier, no weight decay on norms/embeddings and full-model
+  gradient-norm clipping, as the public Mask2Former/UnSAM recipe.
+* ``WarmupPolyLR`` in addition to detectron2's schedules.
+* DDP on CPU (gloo) as well as GPU, and AMP only where it exists (CUDA).
+* Class-agnostic COCO evaluation for every test set.
+"""
+import copy
+import itertools
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Any, Dict, List, Set
+
+import torch
+
+import unsam.compat  # noqa: F401
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage, JSONWriter
+from detectron2.utils.logger import setup_logger
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
+
+from ..data.coco import register_builtin_datasets
+from ..data.mapper import UnSAMDatasetMapper
+from ..data.sa1b import iter_roots_from_config, register_sa1b
+from ..evaluation.whole_image import ClassAgnosticEvaluator
+from ..utils.arguments import load_config
+from ..utils.dist import create_ddp_model
+
+logger = logging.getLogger("detectron2")
+
+_NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)
+_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "query_feat", "query_embed", "level_embed")
+
+
+def register_datasets(cfg) -> None:
+    """Built-in names plus every ``UNSAM.DATA.SA1B_ROOTS`` entry (``name:path``)."""
+    register_builtin_datasets()
+    for name, path in iter_roots_from_config(cfg.UNSAM.DATA.SA1B_ROOTS):
+        register_sa1b(name, path, skip_empty=cfg.UNSAM.DATA.SKIP_EMPTY)
+
+
+def setup_config(args):
+    """Load the config named by ``args`` and run detectron2's ``default_setup`` (logs, seed)."""
+    cfg = load_config(args.config_file, args.opts, freeze=False)
+    if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
+        raise ValueError("MODEL.DEVICE is 'cuda' but no GPU is visible; pass MODEL.DEVICE cpu")
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        # torch's CPU autocast would silently train in bf16; mixed precision is a CUDA feature here
+        cfg.SOLVER.AMP.ENABLED = False
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="unsam")
+    register_datasets(cfg)
+    return cfg
+
+
+def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW/SGD with per-parameter groups (backbone multiplier, no decay on norms/embeddings)."""
+    base_lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+    params: List[Dict[str, Any]] = []
+    seen: Set[torch.nn.parameter.Parameter] = set()
+    for module_name, module in model.named_modules():
+        for name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in seen:
+                continue
+            seen.add(value)
+            hyper = {"lr": base_lr, "weight_decay": wd}
+            if module_name.startswith("backbone") or ".backbone" in module_name:
+                hyper["lr"] = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
+            if any(k in name for k in _EMBED_NAMES) or any(k in module_name for k in ("query_feat", "query_embed", "level_embed")):
+                hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            if isinstance(module, _NORM_TYPES):
+                hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM
+            params.append({"params": [value], **hyper})
+
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE > 0
+
+    def with_full_model_clipping(optim_cls):
+        if not full_model_clip:
+            return optim_cls
+
+        class FullModelClipping(optim_cls):
+            def step(self, closure=None):
+                all_params = itertools.chain(*[g["params"] for g in self.param_groups])
+                torch.nn.utils.clip_grad_norm_(all_params, clip.CLIP_VALUE, norm_type=clip.NORM_TYPE)
+                return super().step(closure=closure)
+
+        return FullModelClipping
+
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optimizer = with_full_model_clipping(torch.optim.AdamW)(params, base_lr)
+    elif name == "SGD":
+        optimizer = with_full_model_clipping(torch.optim.SGD)(params, base_lr, momentum=cfg.SOLVER.MOMENTUM)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got '{cfg.SOLVER.OPTIMIZER}'")
+    if clip.ENABLED and not full_model_clip:
+        from detectron2.solver.build import maybe_add_gradient_clipping
+
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer
+
+
+def build_scheduler_for(cfg, optimizer):
+    if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
+        sched = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
+        sched = WarmupParamScheduler(sched, cfg.SOLVER.WARMUP_FACTOR,
+                                     min(cfg.SOLVER.WARMUP_ITERS / max(cfg.SOLVER.MAX_ITER, 1), 1.0),
+                                     cfg.SOLVER.WARMUP_METHOD)
+        return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)
+    return d2_build_lr_scheduler(cfg, optimizer)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with UnSAM's loaders/optimizer/evaluator and CPU-capable DDP."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        import unsam.modeling  # noqa: F401  (fills detectron2's registries)
+
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer_for(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_scheduler_for(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=UnSAMDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return ClassAgnosticEvaluator(dataset_name, output_folder)
+
+
+def write_eval_metrics(cfg, results: Dict, iteration: int = 0) -> None:
+    """Append flattened ``results`` to ``OUTPUT_DIR/metrics.json`` with detectron2's JSONWriter."""
+    if not comm.is_main_process():
+        return
+    if "segm" in results:  # DefaultTrainer.test unwraps the dict when there is one test set
+        results = {cfg.DATASETS.TEST[0]: results}
+    flat = OrderedDict()
+    for dataset, tasks in results.items():
+        for task, metrics in (tasks.items() if isinstance(tasks, dict) else []):
+            if isinstance(metrics, dict):
+                for k, v in metrics.items():
+                    flat[f"{dataset}/{task}/{k}"] = float(v)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with EventStorage(iteration) as storage:
+        storage.put_scalars(**flat, smoothing_hint=False)
+        writer = JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+        writer.write()
+        writer.close()

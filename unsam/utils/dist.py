@@ -1,0 +1,89 @@
+"""Launch one training/eval function on N processes: ``--num-gpus N`` or ``torchrun``.
+
+detectron2 0.6's ``launch`` is CUDA/NCCL-only. Here the backend follows the hardware: NCCL when
+CUDA is available, gloo on CPU, so multi-process training also runs (and is tested) on a laptop.
+
+* Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the current process joins the
+  group from the environment; ``--num-gpus`` is ignored.
+* Otherwise ``num_gpus > 1`` spawns that many local processes (one per GPU, or CPU workers).
+"""
+import logging
+import os
+from datetime import timedelta
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import unsam.compat  # noqa: F401
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+
+
+def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, init_method: str) -> None:
+    dist.init_process_group(backend=default_backend(), init_method=init_method, world_size=world_size,
+                            rank=rank, timeout=DEFAULT_TIMEOUT)
+    # detectron2's comm helpers (get_local_rank, ...) need the per-machine group
+    machine = rank // local_size
+    for i in range(world_size // local_size):
+        group = dist.new_group(list(range(i * local_size, (i + 1) * local_size)))
+        if i == machine:
+            comm._LOCAL_PROCESS_GROUP = group
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    comm.synchronize()
+
+
+def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+    rank = machine_rank * num_per_machine + local_rank
+    _init_group(rank, world_size, local_rank, num_per_machine, dist_url)
+    main_func(*args)
+
+
+def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto", args: Sequence = ()):
+    """Run ``main_func(*args)`` on every process; single process when world size is 1."""
+    if launched_by_torchrun():
+        world_size = int(os.environ["WORLD_SIZE"])
+        if world_size > 1:
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            _init_group(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]), local_size, "env://")
+        return main_func(*args)
+
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+        raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs visible")
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto only works on one machine; pass --dist-url tcp://HOST:PORT")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _spawned_worker, nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args)),
+        daemon=False, start_method="spawn",
+    )
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """Wrap in DistributedDataParallel when there is more than one process (CPU-safe)."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).is_cuda:
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
