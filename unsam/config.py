@@ -67,6 +67,7 @@ def _add_sem_seg_head_config(cfg: CN) -> None:
     head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    head.TRANSFORMER_DIM_FEEDFORWARD = 1024  # FFN width of the deformable encoder layers
     # "auto": fused CUDA op when importable and on GPU, else pure PyTorch; "pytorch" forces it.
     head.DEFORMABLE_ATTENTION_IMPL = "auto"
 

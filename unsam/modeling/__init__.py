@@ -1,0 +1,26 @@
+"""UnSAM whole-image model. Importing this package fills detectron2's registries:
+``META_ARCH_REGISTRY["UnSAM"]``, ``BACKBONE_REGISTRY["D2SwinTransformer"]``,
+``SEM_SEG_HEADS_REGISTRY["MaskFormerHead" / "MSDeformAttnPixelDecoder"]`` and
+``TRANSFORMER_DECODER_REGISTRY["MultiScaleMaskedTransformerDecoder"]``."""
+import unsam.compat  # noqa: F401  (before detectron2)
+
+from . import backbone  # noqa: F401
+from .criterion import SetCriterion
+from .head import MaskFormerHead
+from .matcher import HungarianMatcher
+from .meta_arch import UnSAM, masks_to_boxes
+from .pixel_decoder import MSDeformAttnPixelDecoder, fused_deform_attn_available, ms_deform_attn_core_pytorch
+from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, MultiScaleMaskedTransformerDecoder
+
+__all__ = [
+    "UnSAM",
+    "MaskFormerHead",
+    "MSDeformAttnPixelDecoder",
+    "MultiScaleMaskedTransformerDecoder",
+    "TRANSFORMER_DECODER_REGISTRY",
+    "SetCriterion",
+    "HungarianMatcher",
+    "ms_deform_attn_core_pytorch",
+    "fused_deform_attn_available",
+    "masks_to_boxes",
+]
