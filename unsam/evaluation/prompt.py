@@ -1,0 +1,433 @@
+"""Prompt evaluation: 1-click (and k-click) mIoU and box-prompt mIoU on COCO-format ground truth.
+
+The protocol is model-independent: any object with the ``segment_anything.SamPredictor``
+interface can be measured, so UnSAM and SAM are compared on identical prompts::
+
+    predictor.set_image(image)                     # H×W×3 uint8 RGB
+    masks, iou_predictions, low_res_logits = predictor.predict(
+        point_coords=N×2 float (x, y) | None, point_labels=N | None, box=4 | None,
+        mask_input=1×256×256 | None, multimask_output=bool)
+    # masks C×H×W bool, iou_predictions C, low_res_logits C×256×256
+
+For every non-crowd, non-empty instance (class-agnostic):
+
+- **1 click** at the interior point farthest from the boundary, ``multimask_output=True``;
+  ``mIoU_max`` scores the output with the highest predicted IoU, ``mIoU_oracle`` the best output.
+- **k clicks** (``num_clicks > 1``): the next click goes to the largest error region of the current
+  mask (:func:`unsam.data.prompts.next_click`); clicks accumulate and the low-res logits of the
+  current mask are passed back as ``mask_input``, as in SAM's interactive protocol. The "max" track
+  continues from the top-scored first mask, the "oracle" track from the best one. Later clicks use
+  ``multimask_output=False`` (SAM's advice for unambiguous multi-point prompts) unless
+  ``refine_multimask``, in which case each track keeps picking by its own rule.
+  Keys ``mIoU_max@k`` / ``mIoU_oracle@k`` for k = 1..K.
+- **box** (``box=True``): the tight box of the GT mask, ``multimask_output=False`` → ``mIoU_box``.
+
+Command line::
+
+    python -m unsam.evaluation.prompt --gt instances.json --images DIR --out m.json \\
+        --backend unsam --config-file cfg.yaml [--opts KEY VALUE ...]
+    python -m unsam.evaluation.prompt --gt instances.json --images DIR --out m.json \\
+        --backend sam --sam-checkpoint sam_vit_b_01ec64.pth --sam-model vit_b --clicks 5
+
+Metrics are fractions in [0, 1]; ``seconds_per_image`` is predictor time (``set_image`` and every
+``predict``) per evaluated image.
+"""
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from ..data.prompts import farthest_interior_point, mask_to_box, next_click
+
+logger = logging.getLogger(__name__)
+
+SAM_MODELS = ("vit_b", "vit_l", "vit_h")
+UNSAM_UNAVAILABLE = "the UnSAM prompt predictor is not available in this version"
+
+
+class EvaluationInputError(ValueError):
+    """Missing/unreadable ground truth, image or checkpoint; the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def _load_gt(gt) -> COCO:
+    """pycocotools COCO from a path or a COCO-format dict (quietly)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(gt, (str, os.PathLike)):
+            if not os.path.isfile(gt):
+                raise EvaluationInputError(f"ground-truth file '{gt}' not found")
+            try:
+                return COCO(str(gt))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EvaluationInputError(f"ground-truth file '{gt}' is not COCO JSON: {e}") from None
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        return coco
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """H×W×3 uint8 RGB."""
+    if not path.is_file():
+        raise EvaluationInputError(f"image '{path}' not found")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise EvaluationInputError(f"cannot read image '{path}': {e}") from None
+
+
+def _instances(coco: COCO, img: Dict) -> List[np.ndarray]:
+    """H×W bool masks of the image's non-crowd, non-empty annotations (in annotation id order)."""
+    masks = []
+    for ann in sorted(coco.loadAnns(coco.getAnnIds(imgIds=img["id"])), key=lambda a: a["id"]):
+        if ann.get("iscrowd", 0):
+            continue
+        mask = coco.annToMask(ann).astype(bool)
+        if mask.any():
+            masks.append(mask)
+        else:
+            logger.debug("annotation %s of image %s has an empty mask: skipped", ann["id"], img["id"])
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------
+# protocol
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.count_nonzero(pred | gt)
+    return float(np.count_nonzero(pred & gt)) / union if union else 1.0
+
+
+class _Timed:
+    """Wraps a predictor, normalising its outputs to numpy and adding up the time it takes."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.seconds = 0.0
+        self.hw: Tuple[int, int] = (0, 0)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.hw = image.shape[:2]
+        start = time.perf_counter()
+        self.predictor.set_image(image)
+        self.seconds += time.perf_counter() - start
+
+    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask=True):
+        """→ (masks C×H×W bool, scores C float, low-res logits C×h×w float32), all numpy."""
+        start = time.perf_counter()
+        masks, scores, low_res = self.predictor.predict(
+            point_coords=points, point_labels=labels, box=box, mask_input=mask_input,
+            multimask_output=multimask,
+        )
+        self.seconds += time.perf_counter() - start
+        masks, scores, low_res = _numpy(masks), _numpy(scores).reshape(-1), _numpy(low_res)
+        if masks.ndim != 3 or masks.shape[1:] != tuple(self.hw) or len(masks) != len(scores) or not len(masks):
+            raise ValueError(
+                f"predictor returned masks of shape {masks.shape} and {len(scores)} scores "
+                f"for a {self.hw[0]}x{self.hw[1]} image (expected C×H×W, C ≥ 1)"
+            )
+        return masks.astype(bool, copy=False), scores.astype(np.float64), low_res.astype(np.float32, copy=False)
+
+
+def _refine(pred: _Timed, gt, click, first_mask, first_logits, first_iou, num_clicks, rule, multimask) -> List[float]:
+    """IoU after clicks 1..K of one track (``rule`` "max" or "oracle" picks among the outputs)."""
+    points, labels = [click], [1]
+    mask, logits, curve = first_mask, first_logits, [first_iou]
+    for _ in range(2, num_clicks + 1):
+        nxt = next_click(mask, gt)
+        if nxt is None:  # already perfect: nothing left to click on
+            curve.append(curve[-1])
+            continue
+        points.append(nxt[0])
+        labels.append(nxt[1])
+        masks, scores, low_res = pred.predict(
+            np.asarray(points, np.float32), np.asarray(labels, np.int64), None, logits[None], multimask
+        )
+        ious = [_iou(m, gt) for m in masks]
+        j = int(np.argmax(scores)) if rule == "max" else int(np.argmax(ious))
+        mask, logits = masks[j], low_res[j]
+        curve.append(ious[j])
+    return curve
+
+
+def _evaluate_instance(pred: _Timed, gt: np.ndarray, num_clicks: int, box: bool, refine_multimask: bool) -> Dict:
+    click = farthest_interior_point(gt)
+    masks, scores, low_res = pred.predict(
+        np.asarray([click], np.float32), np.asarray([1], np.int64), None, None, True
+    )
+    ious = [_iou(m, gt) for m in masks]
+    i_max, i_oracle = int(np.argmax(scores)), int(np.argmax(ious))
+    out = {"max": [ious[i_max]], "oracle": [ious[i_oracle]]}
+    if num_clicks > 1:
+        out["max"] = _refine(pred, gt, click, masks[i_max], low_res[i_max], ious[i_max],
+                             num_clicks, "max", refine_multimask)
+        if i_oracle == i_max and not refine_multimask:
+            out["oracle"] = list(out["max"])  # same start, single outputs: the same track
+        else:
+            out["oracle"] = _refine(pred, gt, click, masks[i_oracle], low_res[i_oracle], ious[i_oracle],
+                                    num_clicks, "oracle", refine_multimask)
+    if box:
+        masks, scores, _ = pred.predict(None, None, mask_to_box(gt), None, False)
+        out["box"] = _iou(masks[int(np.argmax(scores))], gt)
+    return out
+
+
+def evaluate_prompts(
+    predictor_factory_or_predictor,
+    gt_json,
+    image_root,
+    num_clicks: int = 1,
+    box: bool = True,
+    max_images: Optional[int] = None,
+    refine_multimask: bool = False,
+) -> Dict[str, float]:
+    """Run the click/box protocol of this module over a COCO-format set; return flat metrics.
+
+    ``predictor_factory_or_predictor``: an object with ``set_image``/``predict`` (SamPredictor
+    interface) or a no-argument callable returning one. ``gt_json``: path or COCO dict;
+    ``image_root``: folder of its ``file_name`` s. Images are taken in image-id order, the first
+    ``max_images`` of them; images without a usable instance are skipped.
+    Returns ``mIoU_max``, ``mIoU_oracle``, ``mIoU_box`` (when ``box``), ``mIoU_max@k`` and
+    ``mIoU_oracle@k`` for k = 1..``num_clicks`` (when ``num_clicks > 1``), ``num_instances``,
+    ``num_images`` and ``seconds_per_image``.
+    """
+    if num_clicks < 1:
+        raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+    predictor = predictor_factory_or_predictor
+    # a class has set_image/predict too, but is a factory
+    if isinstance(predictor, type) or not (hasattr(predictor, "set_image") and hasattr(predictor, "predict")):
+        if not callable(predictor):
+            raise TypeError("expected a predictor with set_image/predict or a callable building one")
+        predictor = predictor()
+    timed = _Timed(predictor)
+    coco = _load_gt(gt_json)
+    image_root = Path(image_root)
+    images = coco.loadImgs(sorted(coco.getImgIds()))
+    if max_images is not None:
+        images = images[: max(0, int(max_images))]
+
+    per_click = {"max": [], "oracle": []}  # per instance: list of K IoUs
+    box_ious: List[float] = []
+    num_images = 0
+    with torch.no_grad():
+        for img in tqdm(images, desc="prompt eval", unit="img", disable=None):
+            gts = _instances(coco, img)
+            if not gts:
+                continue
+            image = _read_image(image_root / img["file_name"])
+            if image.shape[:2] != gts[0].shape:
+                raise EvaluationInputError(
+                    f"image '{img['file_name']}' is {image.shape[1]}x{image.shape[0]} but its "
+                    f"annotations are {gts[0].shape[1]}x{gts[0].shape[0]}"
+                )
+            timed.set_image(image)
+            num_images += 1
+            for gt in gts:
+                res = _evaluate_instance(timed, gt, num_clicks, box, refine_multimask)
+                per_click["max"].append(res["max"])
+                per_click["oracle"].append(res["oracle"])
+                if box:
+                    box_ious.append(res["box"])
+
+    n = len(per_click["max"])
+    if n == 0:
+        logger.warning("no non-crowd instance to evaluate: every metric is 0")
+
+    def mean(values) -> float:
+        return float(np.mean(values)) if len(values) else 0.0
+
+    curves = {k: np.asarray(v, dtype=np.float64).reshape(n, -1) for k, v in per_click.items()}
+    metrics: Dict[str, float] = {
+        "mIoU_max": mean(curves["max"][:, 0]),
+        "mIoU_oracle": mean(curves["oracle"][:, 0]),
+    }
+    if box:
+        metrics["mIoU_box"] = mean(box_ious)
+    if num_clicks > 1:
+        for k in range(1, num_clicks + 1):
+            metrics[f"mIoU_max@{k}"] = mean(curves["max"][:, k - 1])
+            metrics[f"mIoU_oracle@{k}"] = mean(curves["oracle"][:, k - 1])
+    metrics["num_instances"] = n
+    metrics["num_images"] = num_images
+    metrics["seconds_per_image"] = timed.seconds / num_images if num_images else 0.0
+    logger.info("prompt evaluation: %s", format_metrics(metrics))
+    return metrics
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+    """One line: mIoU values in percent, counts and timing as they are."""
+    parts = []
+    for k, v in metrics.items():
+        parts.append(f"{k} {100 * v:.1f}" if k.startswith("mIoU") else f"{k} {v:.3g}")
+    return "  ".join(parts)
+
+
+def write_metrics(path, metrics: Dict[str, float]) -> None:
+    """Write the flat ``--out`` JSON atomically (a crash never leaves half a file)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _infer_sam_model(checkpoint: str) -> str:
+    """``sam_vit_b_01ec64.pth`` → ``vit_b``; default ``vit_h`` (SAM's own default)."""
+    name = os.path.basename(checkpoint).lower()
+    for model in SAM_MODELS:
+        if model in name:
+            return model
+    return "vit_h"
+
+
+def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, device: Optional[str] = None):
+    """``segment_anything.SamPredictor`` for a SAM checkpoint (``vit_b``/``vit_l``/``vit_h``).
+
+    The model is built by ``sam_model_registry[model_type]`` and the state_dict loaded here with
+    ``map_location`` (the registry's own loader has none, so GPU-saved checkpoints would fail on a
+    CPU machine). Raises :class:`EvaluationInputError` for a missing or mismatching checkpoint.
+    """
+    if not checkpoint or not os.path.isfile(checkpoint):
+        raise EvaluationInputError(f"SAM checkpoint '{checkpoint}' not found")
+    import segment_anything
+
+    model_type = model_type or _infer_sam_model(checkpoint)
+    if model_type not in segment_anything.sam_model_registry:
+        raise EvaluationInputError(
+            f"unknown SAM model '{model_type}' (choose from {', '.join(SAM_MODELS)})"
+        )
+    device = device or _default_device()
+    sam = segment_anything.sam_model_registry[model_type]()
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        sam.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvaluationInputError(
+            f"SAM checkpoint '{checkpoint}' does not fit model '{model_type}' (set --sam-model): {first}"
+        ) from None
+    except Exception as e:  # unpickling errors come in many types
+        raise EvaluationInputError(f"cannot load SAM checkpoint '{checkpoint}': {e}") from None
+    sam.to(device).eval()
+    logger.info("SAM %s loaded from %s on %s", model_type, checkpoint, device)
+    return segment_anything.SamPredictor(sam)
+
+
+def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), device: Optional[str] = None):
+    """``unsam.predictor.PromptPredictor`` from a config (``MODEL.WEIGHTS`` names the checkpoint)."""
+    try:
+        from ..predictor import PromptPredictor
+    except ImportError:
+        raise EvaluationInputError(UNSAM_UNAVAILABLE) from None
+    from ..utils.arguments import load_config
+
+    if not config_file:
+        raise EvaluationInputError("--backend unsam needs --config-file")
+    cfg = load_config(config_file, opts, freeze=False)
+    cfg.MODEL.DEVICE = device or _default_device()
+    cfg.freeze()
+    return PromptPredictor(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unsam.evaluation.prompt",
+        description="1-click / k-click / box-prompt mIoU on COCO-format ground truth (class-agnostic).",
+    )
+    parser.add_argument("--gt", required=True, help="COCO instances JSON")
+    parser.add_argument("--images", required=True, help="folder of the JSON's images")
+    parser.add_argument("--out", help="write the metrics here (flat JSON, fractions)")
+    parser.add_argument("--backend", choices=("unsam", "sam"), default="unsam")
+    parser.add_argument("--config-file", help="UnSAM config (--backend unsam)")
+    parser.add_argument("--sam-checkpoint", help="SAM checkpoint (--backend sam)")
+    parser.add_argument("--sam-model", choices=SAM_MODELS,
+                        help="SAM architecture (default: from the checkpoint name, else vit_h)")
+    parser.add_argument("--clicks", type=int, default=1, help="clicks per instance (k-click refinement)")
+    parser.add_argument("--refine-multimask", action="store_true",
+                        help="keep multimask output after the first click")
+    parser.add_argument("--no-box", action="store_true", help="skip the box-prompt evaluation")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides KEY VALUE ... (last on the command line)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    from ..utils.arguments import ConfigError
+
+    if args.clicks < 1:
+        print("error: --clicks must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        if args.backend == "sam":
+            if not args.sam_checkpoint:
+                raise EvaluationInputError("--backend sam needs --sam-checkpoint")
+            factory = lambda: build_sam_predictor(args.sam_checkpoint, args.sam_model, args.device)  # noqa: E731
+        else:
+            factory = lambda: build_unsam_predictor(args.config_file, args.opts, args.device)  # noqa: E731
+        # inputs are checked before the (possibly slow) model build
+        coco = _load_gt(args.gt)
+        if not os.path.isdir(args.images):
+            raise EvaluationInputError(f"image folder '{args.images}' not found")
+        metrics = evaluate_prompts(factory(), coco.dataset, args.images, num_clicks=args.clicks,
+                                   box=not args.no_box, max_images=args.max_images,
+                                   refine_multimask=args.refine_multimask)
+    except (EvaluationInputError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_metrics(args.out, metrics)
+    print(format_metrics(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
