@@ -14,7 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh 
 	@touch $@
 
 quickstart: setup
-	$(PY) -m unsam.quickstart
+	$(PY) scripts/quickstart.py
 
 test: setup
 	$(PYTEST) -q

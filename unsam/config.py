@@ -127,6 +127,8 @@ def _add_data_config(cfg: CN) -> None:
     data = cfg.UNSAM.DATA = CN()
     # SA-1B style roots registered at start-up: list of "name:path" strings.
     data.SA1B_ROOTS = []
+    # COCO-format sets registered class-agnostically: list of [name, json_file, image_root].
+    data.COCO_SETS = []
     # drop images whose pseudo-label file has no annotation (else: all-no-object targets)
     data.SKIP_EMPTY = False
 
@@ -170,6 +172,9 @@ def _add_prompt_config(cfg: CN) -> None:
     prompt.PROMPTS_PER_IMAGE = 16
     prompt.IOU_WEIGHT = 1.0
     prompt.BOX_JITTER = 0.1
+    # relative frequency of the prompt types among prompt tasks: point, box, mask
+    prompt.TYPE_WEIGHTS = [1.0, 1.0, 1.0]
+    prompt.MASK_IN_CHANS = 16  # hidden channels of segment_anything's mask-downscaling convs
 
 
 def add_unsam_config(cfg: CN) -> None:

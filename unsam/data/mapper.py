@@ -8,6 +8,15 @@ and a horizontal flip. Test resizes the short side to ``INPUT.MIN_SIZE_TEST`` (l
     {"image": uint8 3×H×W (INPUT.FORMAT), "height", "width" (original size), "file_name",
      "image_id", "instances": Instances(gt_masks BitMasks N×H×W, gt_classes int64 zeros,
      gt_boxes, gt_levels int64, gt_parents int64 (index in this list or -1))}
+
+Optional extras (training only):
+
+* ``visa_guidance``: float16 D×h×w dense classical features (``unsam.pseudo.features``) of the
+  *augmented* image, when ``UNSAM.VISA.ENABLED`` and ``UNSAM.VISA.GUIDANCE.ENABLED`` — the
+  self-supervised target of ViSA's semantic guidance loss. Computed here, in the loader workers,
+  because it depends on the augmentation of this very sample.
+* ``ats_index`` / ``ats_task_id`` / ``ats_task`` / ``ats_level`` pass through unchanged when the
+  adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
 import copy
 import logging
@@ -25,6 +34,11 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from .sa1b import rle_to_mask
 
 logger = logging.getLogger(__name__)
+
+# ViSA guidance grid: long side of the guidance map in patches × patch size. A fixed, small grid
+# (32×32 at 8-pixel patches) bounds the per-sample cost (~0.5 MB float16) at any IMAGE_SIZE; the
+# guidance loss samples points bilinearly, so it need not match the mask-feature resolution.
+VISA_GUIDANCE_RESOLUTION = 256
 
 
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
@@ -51,11 +65,21 @@ class UnSAMDatasetMapper:
     """Callable mapping one dataset dict to one model input dict (see module docstring)."""
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations: List, image_format: str, max_instances: int):
+    def __init__(self, is_train: bool, *, augmentations: List, image_format: str, max_instances: int,
+                 visa_guidance: str = ""):
+        """``visa_guidance``: "" (none) or the guidance feature backend ("classical")."""
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.max_instances = max_instances
+        self.visa_guidance = visa_guidance
+        self._guidance_features = None
+        if visa_guidance and visa_guidance != "classical":
+            raise ValueError(
+                f"UNSAM.VISA.GUIDANCE.FEATURES={visa_guidance!r}: only 'classical' is supported in "
+                "the training mapper (DINO features per augmented sample need the ViT in every "
+                "loader worker; precompute them instead)"
+            )
         logger.info("%s mapper augmentations: %s", "train" if is_train else "test", augmentations)
 
     @classmethod
@@ -65,12 +89,32 @@ class UnSAMDatasetMapper:
                                           flip=cfg.INPUT.RANDOM_FLIP != "none")
         else:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+        visa = cfg.UNSAM.VISA
+        guidance = visa.GUIDANCE.FEATURES if (is_train and visa.ENABLED and visa.GUIDANCE.ENABLED
+                                               and visa.GUIDANCE.WEIGHT > 0) else ""
         return {
             "is_train": is_train,
             "augmentations": augs,
             "image_format": cfg.INPUT.FORMAT,
             "max_instances": cfg.INPUT.MAX_INSTANCES_PER_IMAGE,
+            "visa_guidance": guidance,
         }
+
+    def guidance_features(self, image: np.ndarray) -> torch.Tensor:
+        """ViSA guidance of an augmented image (H×W×3 uint8, ``INPUT.FORMAT``) → float16 D×h×w."""
+        if self._guidance_features is None:
+            from ..pseudo.features import build_features
+
+            self._guidance_features = build_features(self.visa_guidance, VISA_GUIDANCE_RESOLUTION)
+        rgb = image
+        if self.image_format == "BGR":
+            rgb = image[..., ::-1]
+        elif self.image_format != "RGB":
+            rgb = utils.convert_image_to_rgb(image, self.image_format)
+        # never upsample a small image: the grid is one patch per 8 px up to the cap
+        res = min(max(rgb.shape[:2]), VISA_GUIDANCE_RESOLUTION)
+        feats = self._guidance_features(np.ascontiguousarray(rgb, dtype=np.uint8), res)  # h×w×D
+        return torch.from_numpy(np.ascontiguousarray(feats.transpose(2, 0, 1))).to(torch.float16)
 
     def _select_annotations(self, annotations: List[Dict]) -> List[Dict]:
         """Non-crowd annotations, the largest ``max_instances`` first (keeps list order otherwise)."""
@@ -90,6 +134,9 @@ class UnSAMDatasetMapper:
         image = aug_input.image
         h, w = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if self.is_train and self.visa_guidance:
+            dataset_dict["visa_guidance"] = self.guidance_features(image)
 
         annotations = dataset_dict.pop("annotations", None)
         if not self.is_train or annotations is None:

@@ -7,6 +7,12 @@ Differences from detectron2's defaults, and why:
 * ``WarmupPolyLR`` in addition to detectron2's schedules.
 * DDP on CPU (gloo) as well as GPU, and AMP only where it exists (CUDA).
 * Class-agnostic COCO evaluation for every test set.
+* ``UNSAM.ATS.ENABLED``: the training loader draws (image, task) cells from the adaptive task
+  sampler in the main process (:func:`build_ats_loader`), fed by :class:`ATSFeedbackHook`; the
+  sampler is a checkpointable (``"ats_sampler"``), so ``--resume`` continues its exact stream.
+* ``UNSAM.VISA.ENABLED``: batches pass through ViSA's curriculum / boundary weighting
+  (:class:`VisaBatchLoader`) at the iteration :class:`VisaScheduleHook` publishes.
+  With both off, loader, hooks and resume are detectron2's, unchanged.
 """
 import copy
 import itertools
@@ -21,6 +27,8 @@ import torch
 import unsam.compat  # noqa: F401
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.engine import hooks as d2_hooks
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
@@ -29,10 +37,13 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from ..data.coco import register_builtin_datasets
+from ..data.ats import WHOLE_TASK, AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, build_ats_train_loader
+from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
 from ..data.sa1b import iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
+from ..modeling.visa import VisaState
+from .hooks import ATSFeedbackHook, VisaBatchLoader, VisaScheduleHook
 from ..utils.arguments import load_config
 from ..utils.dist import create_ddp_model
 
@@ -51,6 +62,10 @@ def register_datasets(cfg) -> None:
     register_builtin_datasets()
     for name, path in iter_roots_from_config(cfg.UNSAM.DATA.SA1B_ROOTS):
         register_sa1b(name, path, skip_empty=cfg.UNSAM.DATA.SKIP_EMPTY)
+    for entry in cfg.UNSAM.DATA.COCO_SETS:
+        if len(entry) != 3:
+            raise ValueError(f"UNSAM.DATA.COCO_SETS entry {entry} must be [name, json_file, image_root]")
+        register_coco_agnostic(*entry)
 
 
 def setup_config(args):
@@ -126,6 +141,48 @@ def build_scheduler_for(cfg, optimizer):
     return d2_build_lr_scheduler(cfg, optimizer)
 
 
+def ats_task_names(cfg) -> List[str]:
+    """The ATS tasks this model can train: ``whole`` only for now.
+
+    Prompt tasks (point/box/mask) need the prompt branch of the model, which the whole-image
+    model does not have yet; listing them in ``UNSAM.ATS.TASKS`` is accepted (it is the public
+    default) but they are left out, with a warning. ATS then samples images (one "whole" cell per
+    image). Levels are not a task axis for ``whole``: a whole-image sample trains on all levels.
+    """
+    names = list(cfg.UNSAM.ATS.TASKS)
+    if WHOLE_TASK not in names:
+        raise ValueError(f"UNSAM.ATS.TASKS={names}: the model trains the 'whole' task only for now; "
+                         "include 'whole'")
+    dropped = [n for n in names if n != WHOLE_TASK]
+    if dropped:
+        logger.warning("ATS: tasks %s are not trained by this model yet; sampling 'whole' only", dropped)
+    return [WHOLE_TASK]
+
+
+def build_ats_loader(cfg, mapper=None):
+    """ATS training loader for ``cfg.DATASETS.TRAIN``; the sampler is ``loader.ats_sampler``.
+
+    Batches are lists of ``IMS_PER_BATCH / world_size`` mapped dicts carrying ``ats_index`` /
+    ``ats_task_id``. Seeded by ``cfg.SEED`` (a shared random seed when negative).
+    """
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    world = comm.get_world_size()
+    if cfg.SOLVER.IMS_PER_BATCH % world != 0:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world} processes")
+    per_rank = cfg.SOLVER.IMS_PER_BATCH // world
+    ats_cfg = cfg.clone()
+    ats_cfg.defrost()
+    ats_cfg.UNSAM.ATS.TASKS = ats_task_names(cfg)
+    sampler = build_ats_sampler(ats_cfg, len(dicts), items_per_iteration=per_rank)
+    mapper = mapper if mapper is not None else UnSAMDatasetMapper(cfg, is_train=True)
+    loader = build_ats_train_loader(TaskMapDataset(dicts, mapper, sampler.task_space), sampler, per_rank,
+                                    cfg.DATALOADER.NUM_WORKERS)
+    loader.ats_sampler = sampler
+    logger.info("ATS: %d images x %d tasks, adaptive from iteration %d", len(dicts), len(sampler.task_space),
+                sampler.start_iter)
+    return loader
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with UnSAM's loaders/optimizer/evaluator and CPU-capable DDP."""
 
@@ -161,7 +218,56 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True))
+        """detectron2's loader, or the ATS loader (``UNSAM.ATS.ENABLED``); wrapped for ViSA."""
+        if cfg.UNSAM.ATS.ENABLED:
+            loader = build_ats_loader(cfg)
+        else:
+            loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True))
+        if cfg.UNSAM.VISA.ENABLED:
+            loader = VisaBatchLoader(loader, VisaState.from_config(cfg))
+        return loader
+
+    @property
+    def ats_sampler(self) -> "AdaptiveTaskSampler | None":
+        return getattr(self._trainer.data_loader, "ats_sampler", None)
+
+    def build_hooks(self):
+        """detectron2's hooks plus the ViSA / ATS hooks, placed before the checkpointer."""
+        ret = super().build_hooks()
+        extra = []
+        loader = self._trainer.data_loader
+        if self.cfg.UNSAM.VISA.ENABLED:
+            visa_loader = loader if isinstance(loader, VisaBatchLoader) else None
+            extra.append(VisaScheduleHook(VisaState.from_config(self.cfg), visa_loader))
+        sampler = self.ats_sampler
+        if sampler is not None:
+            ats = self.cfg.UNSAM.ATS
+            extra.append(ATSFeedbackHook(sampler, ats.SYNC_PERIOD, ats.DIFFICULTY, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            # saved with every checkpoint and restored by --resume (fvcore loads checkpointables)
+            self.checkpointer.checkpointables["ats_sampler"] = sampler
+        if extra:
+            at = next((i for i, h in enumerate(ret) if isinstance(h, (d2_hooks.PeriodicCheckpointer,
+                                                                       d2_hooks.EvalHook,
+                                                                       d2_hooks.PeriodicWriter))), len(ret))
+            ret[at:at] = extra
+        return ret
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume, then the ATS loader restarts from the restored sampler position.
+
+        detectron2's ``SimpleTrainer`` creates the loader iterator in its constructor, before the
+        checkpoint is loaded; a prefetching iterator would already hold batches of the old stream.
+        """
+        super().resume_or_load(resume=resume)
+        sampler = self.ats_sampler
+        if sampler is None:
+            return
+        if sampler.iteration != self.start_iter:
+            if self.start_iter > 0:
+                logger.warning("ATS: the checkpoint has no sampler state; continuing the sampler from "
+                               "iteration %d (not the uninterrupted stream)", self.start_iter)
+            sampler.set_iteration(self.start_iter)
+        self._trainer._data_loader_iter = iter(self._trainer.data_loader)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

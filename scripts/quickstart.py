@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""The whole UnSAM loop, offline, on a folder of photos (default: the shared COCO samples).
+
+1. pseudo-label the training images (classical features, no weights needed);
+2. train the tiny config on those pseudo labels with ``train_net.py``;
+3. evaluate on COCO-format ground truth: pseudo labels, the trained model, and the
+   Felzenszwalb selective-search baseline, side by side (class-agnostic AR/AP);
+4. run the demos on two validation images;
+5. write ``REPORT.md`` with the figures, the commands and the overlays.
+
+Every step is a command a user could type (printed and recorded in the report) and resumes
+when re-run: finished outputs are kept, training continues from its last checkpoint.
+"""
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import unsam  # noqa: E402,F401
+from unsam.data.coco import shared_data_dir  # noqa: E402
+
+logger = logging.getLogger("unsam.quickstart")
+CONFIG = "configs/tiny/unsam_quickstart.yaml"
+
+
+def parse_args(argv=None):
+    shared = shared_data_dir()
+    train_default = shared / "coco_tiny_train2017" / "images" if shared else None
+    gt_default = shared / "coco_tiny_val2017" / "instances.json" if shared else None
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=Path, default=train_default, help="training images (folder)")
+    ap.add_argument("--gt", type=Path, default=gt_default, help="COCO instances JSON of the evaluation set")
+    ap.add_argument("--val-images", type=Path, default=None,
+                    help="images of --gt (default: the 'images' folder beside it)")
+    ap.add_argument("--output", type=Path, default=REPO / "outputs" / "quickstart")
+    ap.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    ap.add_argument("--max-val-images", type=int, default=None,
+                    help="pseudo-label / baseline evaluation on the first N val images only")
+    ap.add_argument("--max-train-images", type=int, default=None, help="pseudo-label only the first N images")
+    ap.add_argument("--workers", type=int, default=2, help="pseudo-label worker processes")
+    ap.add_argument("--skip-baseline", action="store_true", help="do not run the Felzenszwalb baseline")
+    args = ap.parse_args(argv)
+    if args.images is None or args.gt is None:
+        ap.error("shared sample data not found: pass --images and --gt (or set UNSAM_SHARED)")
+    if args.val_images is None:
+        args.val_images = args.gt.parent / "images"
+    for path in (args.images, args.gt, args.val_images):
+        if not path.exists():
+            ap.error(f"'{path}' not found")
+    return args
+
+
+class Runner:
+    """Runs and records the commands of the loop."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.commands: List[str] = []
+        self.timings: Dict[str, float] = {}
+
+    def run(self, step: str, cmd: List[str]) -> None:
+        text = " ".join(shlex.quote(str(c)) for c in cmd)
+        self.commands.append(text)
+        logger.info("[%s] %s", step, text)
+        start = time.time()
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        with open(self.output / "quickstart.log", "a") as log:
+            log.write(f"\n$ {text}\n")
+            log.flush()
+            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.timings[step] = self.timings.get(step, 0.0) + time.time() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"error: step '{step}' failed (exit {proc.returncode}); see {self.output / 'quickstart.log'}")
+
+
+def read_metrics(path: Path) -> Optional[Dict[str, float]]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_eval_metrics(metrics_json: Path, dataset: str) -> Optional[Dict[str, float]]:
+    if not metrics_json.is_file():
+        return None
+    prefix = f"{dataset}/segm/"
+    for line in reversed(metrics_json.read_text().strip().splitlines()):
+        record = json.loads(line)
+        found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return None
+
+
+def subset_range(n: Optional[int]) -> List[str]:
+    return ["--end-id", str(n)] if n else []
+
+
+def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]]], overlays: List[Path],
+                 wall: float) -> Path:
+    keys = ["AR@10", "AR@100", "AR@1000", "AP", "AP50"]
+    lines = [
+        "# UnSAM quickstart report", "",
+        f"Training images: `{args.images}`  ", f"Evaluation GT: `{args.gt}`  ",
+        f"Wall time: {wall / 60:.1f} min", "",
+        "## Class-agnostic results on the evaluation set", "",
+        "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+    ]
+    for name, metrics in rows.items():
+        cells = [f"{100 * metrics[k]:.1f}" if metrics and k in metrics else "–" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Figures are percentages; pseudo labels and the baseline are evaluated on the images they ran on.",
+              "", "## Step times", ""]
+    lines += [f"- {step}: {seconds:.0f} s" for step, seconds in runner.timings.items()]
+    lines += ["", "## Commands", "", "```bash", *runner.commands, "```", "", "## Overlays", ""]
+    lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in overlays]
+    report = args.output / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[quickstart] %(message)s")
+    out = args.output.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.output = out
+    runner = Runner(out)
+    py = sys.executable
+    start = time.time()
+
+    # 1. pseudo labels for training and (to measure them) for the evaluation images
+    runner.run("pseudo-label train", [py, "-m", "unsam.pseudo", "--input", args.images, "--output", out / "pseudo_train",
+                                      "--workers", args.workers, *subset_range(args.max_train_images)])
+    runner.run("pseudo-label val", [py, "-m", "unsam.pseudo", "--input", args.val_images, "--output", out / "pseudo_val",
+                                    "--workers", args.workers, *subset_range(args.max_val_images)])
+    runner.run("evaluate pseudo labels", [py, "-m", "unsam.pseudo.evaluate", "--gt", args.gt, "--pred", out / "pseudo_val",
+                                          "--out", out / "metrics_pseudo.json"])
+    if not args.skip_baseline:
+        runner.run("Felzenszwalb baseline", [py, "benchmarks/baseline_selective_search.py", "--input", args.val_images,
+                                             "--output", out / "baseline", "--gt", args.gt,
+                                             "--out", out / "metrics_baseline.json", *subset_range(args.max_val_images)])
+
+    # 2. train on the pseudo labels, exactly as a user would
+    train_dir = out / "train"
+    overrides = ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"quickstart_pseudo:{out / 'pseudo_train'}"]),
+                 "UNSAM.DATA.COCO_SETS", json.dumps([["quickstart_val", str(args.gt), str(args.val_images)]]),
+                 "DATASETS.TRAIN", '("quickstart_pseudo",)', "DATASETS.TEST", '("quickstart_val",)',
+                 "TEST.EVAL_PERIOD", "0"]
+    if args.iters:
+        overrides += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
+                      "SOLVER.CHECKPOINT_PERIOD", str(max(1, args.iters // 4))]
+    weights = train_dir / "model_final.pth"
+    if not weights.is_file():
+        runner.run("train", [py, "train_net.py", "--config-file", CONFIG, "--resume", *overrides,
+                             "OUTPUT_DIR", train_dir])
+    # 3. evaluate the trained model
+    eval_dir = out / "eval"
+    runner.run("evaluate model", [py, "train_net.py", "--config-file", CONFIG, "--eval-only",
+                                  *overrides, "OUTPUT_DIR", eval_dir, "MODEL.WEIGHTS", weights])
+
+    # 4. demos on two evaluation images
+    val_images = sorted(p for p in args.val_images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:2]
+    demo_dir = out / "demo"
+    runner.run("demo whole image", [py, "whole_image_segmentation/demo_whole_image.py", "--config-file", CONFIG,
+                                    "--input", *val_images, "--output", demo_dir, "--confidence-threshold", "0.3",
+                                    "--opts", "MODEL.WEIGHTS", weights])
+    overlays = sorted(demo_dir.glob("*.png"))
+
+    rows = {
+        "Felzenszwalb selective search": read_metrics(out / "metrics_baseline.json"),
+        "UnSAM pseudo labels (classical)": read_metrics(out / "metrics_pseudo.json"),
+        "UnSAM tiny model, trained on pseudo labels": last_eval_metrics(eval_dir / "metrics.json", "quickstart_val"),
+    }
+    report = write_report(args, runner, rows, overlays, time.time() - start)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Training hooks for UnSAM's two training aids: the ViSA schedule and the ATS difficulty feedback.
+
+Both act in the main process around the model, so the model needs (almost) no knowledge of them:
+
+* :class:`VisaBatchLoader` wraps the training loader: every batch goes through
+  :func:`unsam.modeling.visa.apply_visa` (granularity curriculum + boundary-band
+  ``gt_mask_weights``) at the iteration that :class:`VisaScheduleHook` sets right before the
+  batch is drawn. The hook also exposes ``visa_state`` / ``visa_iteration`` on the (unwrapped)
+  model, which the model's semantic-guidance term reads
+  (:func:`unsam.modeling.visa.guidance_loss_from_outputs`).
+* :class:`ATSFeedbackHook` measures a per-sample difficulty of every training step and feeds the
+  :class:`~unsam.data.ats.AdaptiveTaskSampler`'s difficulty table (``update`` → ``sync`` every
+  ``SYNC_PERIOD`` → ``set_iteration``). It observes the model through PyTorch module hooks, not
+  through model code: a forward *pre*-hook on the model records the batch's ``ats_index`` /
+  ``ats_task_id``, a forward hook on ``model.criterion`` sees the predictions and the targets and
+  scores each image (see :func:`per_image_difficulty`). Models without a ``criterion`` fall back
+  to the batch's total loss, assigned to every sample of the batch.
+
+Register both before detectron2's ``PeriodicCheckpointer`` (``Trainer.build_hooks`` does) so a
+checkpoint written after step ``it`` holds the sampler state of iteration ``it + 1``.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import unsam.compat  # noqa: F401
+from detectron2.engine import HookBase
+
+from ..modeling.visa import VisaState, apply_visa
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VisaBatchLoader",
+    "VisaScheduleHook",
+    "ATSFeedbackHook",
+    "per_image_difficulty",
+    "unwrap_model",
+]
+
+# predictions / targets are compared on at most this grid (per side): difficulty is a ranking
+# signal, a coarse grid ranks images the same at a fraction of the cost
+_DIFFICULTY_MAX_SIDE = 64
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# ViSA
+# ---------------------------------------------------------------------------------------------
+class VisaBatchLoader:
+    """Iterable over training batches with ViSA's target pre-processing applied.
+
+    ``apply_visa(batch, visa_state, self.iteration)`` runs lazily when a batch is drawn (in the
+    trainer's ``run_step``, main process), so ``iteration`` must be set before each step
+    (:class:`VisaScheduleHook` does). Other attributes (e.g. ``ats_sampler``) are those of the
+    wrapped loader.
+    """
+
+    def __init__(self, loader, visa_state: VisaState):
+        self.loader = loader
+        self.visa_state = visa_state
+        self.iteration = 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield apply_visa(batch, self.visa_state, self.iteration)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        # only reached for attributes not found on the wrapper itself
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class VisaScheduleHook(HookBase):
+    """Publishes the current iteration to ViSA's two consumers and logs the schedule.
+
+    Before every step: ``batch_loader.iteration = it`` (curriculum + boundary weights of the next
+    batch) and ``model.visa_state`` / ``model.visa_iteration`` on the unwrapped model (semantic
+    guidance inside the model's forward). After the step the three part weights go to the event
+    storage as ``visa/curriculum``, ``visa/boundary``, ``visa/guidance``.
+    """
+
+    def __init__(self, visa_state: VisaState, batch_loader: Optional[VisaBatchLoader] = None):
+        self.visa_state = visa_state
+        self.batch_loader = batch_loader
+
+    def before_train(self):
+        model = unwrap_model(self.trainer.model)
+        model.visa_state = self.visa_state
+
+    def before_step(self):
+        it = self.trainer.iter
+        if self.batch_loader is not None:
+            self.batch_loader.iteration = it
+        unwrap_model(self.trainer.model).visa_iteration = it
+
+    def after_step(self):
+        w = self.visa_state.weights(self.trainer.iter)
+        self.trainer.storage.put_scalars(
+            **{"visa/curriculum": w.curriculum, "visa/boundary": w.boundary,
+               "visa/guidance": w.guidance},
+            smoothing_hint=False,
+        )
+
+    def after_train(self):
+        model = unwrap_model(self.trainer.model)
+        for name in ("visa_state", "visa_iteration"):
+            if hasattr(model, name):
+                delattr(model, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# ATS
+# ---------------------------------------------------------------------------------------------
+def _coarse(x: torch.Tensor, size) -> torch.Tensor:
+    """N×H×W → N×h×w by area averaging (N may be 0)."""
+    if x.shape[0] == 0:
+        return x.new_zeros((0, *size))
+    return F.interpolate(x[:, None], size=size, mode="area")[:, 0]
+
+
+@torch.no_grad()
+def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss") -> List[Optional[float]]:
+    """Difficulty of each image of a batch from the final prediction and the criterion targets.
+
+    Every target is matched one-to-one to a query (Hungarian, cost = sigmoid BCE + dice as in the
+    criterion, without the class term) on a coarse grid (at most 64 px per side, the padded
+    batch's field of view on both sides).
+
+    Args:
+        outputs: the criterion's ``outputs`` (``pred_masks`` B×Q×h×w logits).
+        targets: the criterion's targets (per image ``masks`` N×Hp×Wp bool).
+        kind: ``"loss"``: mean matched BCE + dice; ``"iou"``: 1 − mean matched mask IoU.
+    Returns:
+        B values; ``None`` for an image without targets (nothing to measure).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if kind not in ("loss", "iou"):
+        raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {kind!r}")
+    pred = outputs["pred_masks"].detach().float()  # B×Q×h×w
+    h, w = pred.shape[-2:]
+    scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    out: List[Optional[float]] = []
+    for b, t in enumerate(targets):
+        masks = t["masks"]
+        if masks.shape[0] == 0:
+            out.append(None)
+            continue
+        tgt = (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # N×P
+        logits = pred[b].flatten(1)  # Q×P
+        p = logits.sigmoid()
+        npix = logits.shape[1]
+        # pairwise BCE via two matmuls: BCE(x, t) = softplus(-x) t + softplus(x) (1 - t)
+        pos, neg = F.softplus(-logits), F.softplus(logits)
+        bce = (pos @ tgt.T + neg @ (1 - tgt).T) / npix  # Q×N
+        dice = 1 - (2 * p @ tgt.T + 1) / (p.sum(1, keepdim=True) + tgt.sum(1)[None] + 1)
+        cost = (bce + dice).cpu().numpy()
+        rows, cols = linear_sum_assignment(cost)
+        if kind == "loss":
+            out.append(float(cost[rows, cols].mean()))
+        else:
+            hard = (logits[rows] > 0).float()
+            inter = (hard * tgt[cols]).sum(1)
+            union = hard.sum(1) + tgt[cols].sum(1) - inter
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+            out.append(float(1.0 - iou.mean()))
+    return out
+
+
+class ATSFeedbackHook(HookBase):
+    """Reports per-sample difficulties to the ATS difficulty table after every step.
+
+    After step ``it``: ``table.update(indices, task_ids, difficulties)``; ``table.sync()`` every
+    ``sync_period`` steps and before every step whose end writes a checkpoint (so no observation
+    is lost from a checkpoint); ``sampler.set_iteration(it + 1)``.
+
+    Args:
+        sampler: the :class:`~unsam.data.ats.AdaptiveTaskSampler` the training loader draws from.
+        sync_period: ``UNSAM.ATS.SYNC_PERIOD``.
+        difficulty: ``UNSAM.ATS.DIFFICULTY`` (``"loss"`` or ``"iou"``, see
+            :func:`per_image_difficulty`).
+        checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD`` (0: none), to sync before saves.
+    """
+
+    def __init__(self, sampler, sync_period: int = 1, difficulty: str = "loss",
+                 checkpoint_period: int = 0):
+        if sync_period < 1:
+            raise ValueError(f"UNSAM.ATS.SYNC_PERIOD must be >= 1, got {sync_period}")
+        if difficulty not in ("loss", "iou"):
+            raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {difficulty!r}")
+        self.sampler = sampler
+        self.table = sampler.table
+        self.sync_period = int(sync_period)
+        self.difficulty = difficulty
+        self.checkpoint_period = int(checkpoint_period)
+        self._handles = []
+        self._batch_keys: Optional[List] = None
+        self._batch_difficulty: Optional[List[Optional[float]]] = None
+        self._batch_loss: Optional[float] = None
+        self._warned_fallback = False
+
+    # ---- module hooks (run inside the model's forward, main process) ---------------------------
+    def _on_model_input(self, module, args, kwargs=None):
+        if not module.training or not args:
+            return
+        batch = args[0]
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict) \
+                and "ats_index" in batch[0]:
+            self._batch_keys = [(int(x["ats_index"]), int(x["ats_task_id"])) for x in batch]
+            self._batch_difficulty, self._batch_loss = None, None
+
+    def _on_criterion(self, module, args, output):
+        if not module.training or len(args) < 2 or self._batch_keys is None:
+            return
+        outputs, targets = args[0], args[1]
+        if len(targets) == len(self._batch_keys):
+            self._batch_difficulty = per_image_difficulty(outputs, targets, self.difficulty)
+
+    def _on_model_output(self, module, args, output):
+        if module.training and isinstance(output, dict) and output:
+            self._batch_loss = float(sum(v.detach().float().sum() for v in output.values()))
+
+    def before_train(self):
+        model = unwrap_model(self.trainer.model)
+        self._handles.append(model.register_forward_pre_hook(self._on_model_input))
+        criterion = getattr(model, "criterion", None)
+        if isinstance(criterion, torch.nn.Module):
+            self._handles.append(criterion.register_forward_hook(self._on_criterion))
+        else:
+            self._handles.append(model.register_forward_hook(self._on_model_output))
+        if self.sampler.iteration != self.trainer.start_iter:
+            # Trainer.resume_or_load aligns them; a mismatch means the loader's position and the
+            # training iteration disagree, and the resume point saved next would be wrong
+            logger.warning("ATS: sampler at iteration %d, training starts at %d",
+                           self.sampler.iteration, self.trainer.start_iter)
+
+    def after_step(self):
+        it = self.trainer.iter
+        keys = self._batch_keys
+        if keys:
+            values: Sequence[Optional[float]]
+            if self._batch_difficulty is not None:
+                values = self._batch_difficulty
+            else:
+                if not self._warned_fallback:
+                    logger.warning("ATS: no per-image difficulty from the model's criterion; "
+                                   "using the batch's total loss for every sample")
+                    self._warned_fallback = True
+                values = [self._batch_loss] * len(keys)
+            pairs = [(k, v) for k, v in zip(keys, values) if v is not None]
+            if pairs:
+                self.table.update([k[0] for k, _ in pairs], [k[1] for k, _ in pairs],
+                                  [v for _, v in pairs])
+                self.trainer.storage.put_scalar(
+                    "ats/difficulty", float(np.mean([v for _, v in pairs])), smoothing_hint=True)
+        self._batch_keys, self._batch_difficulty, self._batch_loss = None, None, None
+        done = it + 1
+        saving = self.checkpoint_period > 0 and done % self.checkpoint_period == 0
+        if done % self.sync_period == 0 or saving or done >= self.trainer.max_iter:
+            self.table.sync()  # collective: every rank reaches this line at the same iteration
+        self.sampler.set_iteration(done)
+        self.trainer.storage.put_scalar("ats/adaptive", float(self.sampler.adaptive),
+                                        smoothing_hint=False)
+
+    def after_train(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
