@@ -3,6 +3,9 @@ class) and mask BCE + dice losses on points sampled around each matched predicti
 uncertain pixels (PointRend-style importance sampling), for the final and every auxiliary
 (deep-supervision) prediction.
 
+:class:`PromptCriterion` is the loss of the prompt path (K outputs per prompt, nested targets,
+IoU head).
+
 Per-target ``mask_weights`` (float (N, H, W), same size as ``masks``, 1 = normal weight) scale
 the per-point BCE and dice terms; ViSA uses them to relax pseudo-mask boundaries. Targets
 without them follow the unweighted code path exactly.
@@ -23,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SetCriterion",
+    "PromptCriterion",
     "dice_loss",
     "sigmoid_ce_loss",
     "calculate_uncertainty",
@@ -200,3 +204,124 @@ class SetCriterion(nn.Module):
         return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
                 f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
                 f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}")
+
+
+class PromptCriterion(nn.Module):
+    """Loss of the prompt path: each prompt's K outputs are matched one-to-one to its (nested)
+    targets by minimum cost (BCE + dice on shared random points, Hungarian), the matched outputs
+    get the point-sampled BCE + dice of :class:`SetCriterion`, and every output's IoU prediction
+    is regressed (MSE) onto the IoU of its mask with its matched target (unmatched outputs: the
+    best IoU with any of the prompt's targets: "how good a mask of something the user may mean").
+
+    Losses (unweighted): ``loss_prompt_mask``, ``loss_prompt_dice``, ``loss_prompt_iou`` and
+    ``_{i}`` variants of the two mask losses for every auxiliary (deep-supervision) layer.
+    """
+
+    def __init__(self, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                 weight_dict: Dict[str, float], num_aux: int = 0):
+        super().__init__()
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.weight_dict = dict(weight_dict)
+        self.num_aux = num_aux
+
+    def loss_names(self) -> List[str]:
+        names = ["loss_prompt_mask", "loss_prompt_dice", "loss_prompt_iou"]
+        for i in range(self.num_aux):
+            names += [f"loss_prompt_mask_{i}", f"loss_prompt_dice_{i}"]
+        return names
+
+    @torch.no_grad()
+    def match(self, pred: torch.Tensor, targets: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """pred (N, K, h, w) logits; targets: N tensors (T_i, H, W) → per prompt (output idx, target idx)."""
+        from scipy.optimize import linear_sum_assignment
+
+        from .matcher import batch_dice_cost, batch_sigmoid_ce_cost
+
+        out = []
+        coords = torch.rand(1, max(64, self.num_points // 4), 2, device=pred.device)
+        for i, tgt in enumerate(targets):
+            if tgt.shape[0] == 0:
+                e = torch.empty(0, dtype=torch.int64)
+                out.append((e, e.clone()))
+                continue
+            p = point_sample(pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)).squeeze(1)  # (K, P)
+            t = point_sample_chunked(tgt, coords, p.dtype)  # (T, P)
+            cost = (batch_sigmoid_ce_cost(p, t) + batch_dice_cost(p, t)).cpu()
+            cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
+            r, c = linear_sum_assignment(cost.numpy())
+            out.append((torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)))
+        return out
+
+    def _mask_losses(self, pred: torch.Tensor, targets: List[torch.Tensor], indices, num_masks: float):
+        """point-sampled BCE + dice of the matched (output, target) pairs."""
+        srcs, tgts = [], []
+        for i, (r, c) in enumerate(indices):
+            if len(r):
+                srcs.append(pred[i, r.to(pred.device)])
+                tgts.append(targets[i][c.to(targets[i].device)])
+        if not srcs:
+            zero = pred.sum() * 0.0
+            return zero, zero.clone()
+        src = torch.cat(srcs)[:, None].float()  # (M, 1, h, w)
+        tgt = torch.cat(tgts)
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                src, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+            labels = point_sample_chunked(tgt, coords, src.dtype)
+        logits = point_sample(src, coords).squeeze(1)
+        return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
+
+    @staticmethod
+    @torch.no_grad()
+    def iou_targets(pred: torch.Tensor, targets: List[torch.Tensor], indices) -> torch.Tensor:
+        """(N, K) IoU of each binarised output (logit > 0, at the logits' resolution) with its
+        matched target, or its best target when unmatched; 0 for prompts without targets."""
+        n, k, h, w = pred.shape
+        out = torch.zeros(n, k, device=pred.device)
+        for i, tgt in enumerate(targets):
+            if tgt.shape[0] == 0:
+                continue
+            hp, wp = tgt.shape[-2:]
+            # targets cover the padded input; logits its stride-4 grid
+            small = F.interpolate(tgt[None].float(), size=(h, w), mode="area")[0] >= 0.5  # (T, h, w)
+            pm = (pred[i] > 0).flatten(1).float()  # (K, hw)
+            tm = small.flatten(1).float()
+            inter = pm @ tm.t()
+            union = pm.sum(1)[:, None] + tm.sum(1)[None] - inter
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))  # (K, T)
+            best = iou.max(1).values
+            r, c = indices[i]
+            best[r.to(best.device)] = iou[r.to(best.device), c.to(best.device)]
+            out[i] = best
+        return out
+
+    def forward(self, outputs: Dict[str, object], targets: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: ``pred_masks`` (N, K, h, w) logits, ``pred_iou`` (N, K) in [0, 1], optional
+                ``aux_masks`` list of (N, K, h, w).
+            targets: N bool tensors (T_i, Hp, Wp), the masks each prompt may mean.
+        """
+        pred = outputs["pred_masks"]
+        num = float(max(1, sum(1 for t in targets if t.shape[0] > 0)))
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([num], device=pred.device)
+            dist.all_reduce(t)
+            num = max(1.0, t.item() / dist.get_world_size())
+        indices = self.match(pred, targets)
+        # every matched target counts: normalise by targets, not prompts
+        num_masks = float(max(1, sum(len(r) for r, _ in indices)))
+        losses = {}
+        losses["loss_prompt_mask"], losses["loss_prompt_dice"] = self._mask_losses(pred, targets, indices, num_masks)
+        iou_t = self.iou_targets(pred.detach(), targets, indices)
+        has = torch.tensor([t.shape[0] > 0 for t in targets], device=pred.device)
+        pred_iou = outputs["pred_iou"].float()
+        err = F.mse_loss(pred_iou, iou_t, reduction="none").mean(1)
+        losses["loss_prompt_iou"] = (err * has).sum() / num
+        for j, aux in enumerate(outputs.get("aux_masks", []) or []):
+            aux_idx = self.match(aux, targets)
+            m, d = self._mask_losses(aux, targets, aux_idx, num_masks)
+            losses[f"loss_prompt_mask_{j}"], losses[f"loss_prompt_dice_{j}"] = m, d
+        return losses

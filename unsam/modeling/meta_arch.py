@@ -6,12 +6,20 @@ State-dict layout (``backbone.*``, ``sem_seg_head.pixel_decoder.*``, ``sem_seg_h
 Inference is class-agnostic instance segmentation with bounded memory: mask logits stay at
 stride 4, the top-k queries are chosen there, and only the kept masks are upsampled to the
 output size, ``MODEL.MASK_FORMER.TEST.UPSAMPLE_CHUNK`` at a time.
+
+Prompt path (``UNSAM.PROMPT.ENABLED``): ``prompt_encoder.*`` (points / boxes / masks → query
+groups, :mod:`.prompt_encoder`) and ``iou_head.*`` are added; their K granularity queries per
+prompt run through the same masked-attention decoder (:meth:`UnSAM.decode_prompts`). Training
+mixes whole-image and prompt tasks per image (``UNSAM.PROMPT.TASK_RATIO`` or the batched input's
+``ats_task``); prompts are sampled from the GT (pseudo) masks inside :meth:`UnSAM.forward`. With
+the prompt path disabled, nothing of it is built and the state_dict is the public one.
 """
 from __future__ import annotations
 
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +28,17 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .criterion import SetCriterion
+from .criterion import PromptCriterion, SetCriterion
 from .matcher import HungarianMatcher
+from .visa import guidance_loss_from_outputs
+from .prompt_encoder import MASK_INPUT_SIZE, UnSAMPromptEncoder
+from .transformer_decoder import MLP
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnSAM", "masks_to_boxes"]
+__all__ = ["UnSAM", "masks_to_boxes", "PROMPT_TASKS"]
+
+PROMPT_TASKS = ("point", "box", "mask")
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -65,7 +78,15 @@ class UnSAM(nn.Module):
     def __init__(self, *, backbone: Backbone, sem_seg_head: nn.Module, criterion: nn.Module, num_queries: int,
                  size_divisibility: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  test_topk_per_image: int, upsample_chunk: int = 64, object_mask_threshold: float = 0.8,
-                 overlap_threshold: float = 0.8):
+                 overlap_threshold: float = 0.8, prompt_encoder: Optional[nn.Module] = None,
+                 iou_head: Optional[nn.Module] = None, prompt_criterion: Optional[nn.Module] = None,
+                 prompt_task_ratio: float = 0.5, prompts_per_image: int = 16, box_jitter: float = 0.1,
+                 prompt_type_weights: Sequence[float] = (1.0, 1.0, 1.0)):
+        """Prompt arguments (all None/unused when the prompt path is disabled): ``prompt_encoder``
+        (:class:`UnSAMPromptEncoder`), ``iou_head`` (hidden → 1 MLP), ``prompt_criterion``
+        (:class:`PromptCriterion`), ``prompt_task_ratio`` (share of training images given a
+        prompt task when the input has no ``ats_task``), ``prompts_per_image``, ``box_jitter``,
+        ``prompt_type_weights`` (point, box, mask)."""
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -81,6 +102,25 @@ class UnSAM(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.test_topk_per_image = test_topk_per_image
         self.upsample_chunk = max(1, int(upsample_chunk))
+        # prompt path: registered only when enabled, so the whole-image state_dict is unchanged
+        if prompt_encoder is not None:
+            if iou_head is None or prompt_criterion is None:
+                raise ValueError("the prompt path needs prompt_encoder, iou_head and prompt_criterion")
+            self.prompt_encoder = prompt_encoder
+            self.iou_head = iou_head
+            self.prompt_criterion = prompt_criterion
+        else:
+            self.prompt_encoder = self.iou_head = self.prompt_criterion = None
+        if not 0.0 <= prompt_task_ratio <= 1.0:
+            raise ValueError(f"UNSAM.PROMPT.TASK_RATIO must be in [0, 1], got {prompt_task_ratio}")
+        weights = [float(w) for w in prompt_type_weights]
+        if len(weights) != len(PROMPT_TASKS) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"UNSAM.PROMPT.TYPE_WEIGHTS must be 3 non-negative weights (point, box, mask) "
+                             f"with a positive sum, got {list(prompt_type_weights)}")
+        self.prompt_task_ratio = float(prompt_task_ratio)
+        self.prompts_per_image = int(prompts_per_image)
+        self.box_jitter = float(box_jitter)
+        self.prompt_type_weights = torch.tensor(weights) / sum(weights)
 
     @classmethod
     def from_config(cls, cfg):
@@ -101,7 +141,29 @@ class UnSAM(nn.Module):
                                  eos_coef=mf.NO_OBJECT_WEIGHT, losses=["labels", "masks"],
                                  num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
                                  importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO)
+        prompt_args = {}
+        pc = cfg.UNSAM.PROMPT
+        if pc.ENABLED:
+            hidden = mf.HIDDEN_DIM
+            k = pc.NUM_GRANULARITIES
+            aux = mf.DEC_LAYERS - 1 if mf.DEEP_SUPERVISION else 0
+            pw = {"loss_prompt_mask": mf.MASK_WEIGHT, "loss_prompt_dice": mf.DICE_WEIGHT,
+                  "loss_prompt_iou": pc.IOU_WEIGHT}
+            for i in range(aux):
+                pw.update({f"loss_prompt_mask_{i}": mf.MASK_WEIGHT, f"loss_prompt_dice_{i}": mf.DICE_WEIGHT})
+            prompt_args = {
+                "prompt_encoder": UnSAMPromptEncoder(hidden, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM, k, cfg.INPUT.IMAGE_SIZE,
+                                                     mask_in_chans=pc.MASK_IN_CHANS),
+                "iou_head": MLP(hidden, hidden, 1, 3),
+                "prompt_criterion": PromptCriterion(mf.TRAIN_NUM_POINTS, mf.OVERSAMPLE_RATIO,
+                                                    mf.IMPORTANCE_SAMPLE_RATIO, pw, num_aux=aux),
+                "prompt_task_ratio": pc.TASK_RATIO,
+                "prompts_per_image": pc.PROMPTS_PER_IMAGE,
+                "box_jitter": pc.BOX_JITTER,
+                "prompt_type_weights": list(pc.TYPE_WEIGHTS),
+            }
         return {
+            **prompt_args,
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": criterion,
@@ -149,6 +211,59 @@ class UnSAM(nn.Module):
         :class:`~unsam.modeling.transformer_decoder.MultiScaleMaskedTransformerDecoder`."""
         return self.sem_seg_head.decode(encoded, **decoder_kwargs)
 
+    @property
+    def prompt_enabled(self) -> bool:
+        return self.prompt_encoder is not None
+
+    def decode_prompts(self, encoded: Dict[str, object], prompts: List[Dict[str, Optional[torch.Tensor]]],
+                       padded_hw: Tuple[int, int], *, return_aux: Optional[bool] = None,
+                       final_masks: bool = True) -> Dict[str, object]:
+        """Decode P prompts per image through the masked-attention decoder.
+
+        Args:
+            encoded: :meth:`extract_features` output for B images.
+            prompts: B dicts with the same keys and shapes for every image: ``points`` (P, N, 2)
+                (x, y) pixels of the padded input, ``labels`` (P, N) (1 / 0 / -1 ignored),
+                ``boxes`` (P, 4) XYXY pixels, ``mask_inputs`` (P, 1, 256, 256) logits (SAM's
+                low-res frame of the padded square); absent keys / None = not given.
+            padded_hw: (Hp, Wp) of the padded input.
+            final_masks: False computes the K masks from the mask embeddings (skips the mask
+                logits of the prompt tokens, which are never returned).
+        Returns:
+            ``pred_masks`` (B, P, K, Hp/4, Wp/4) logits, ``pred_iou`` (B, P, K) in [0, 1] and, with
+            ``return_aux``, ``aux_masks``: one (B, P, K, h, w) per earlier decoder layer.
+        """
+        if not self.prompt_enabled:
+            raise RuntimeError("the prompt path is disabled: set UNSAM.PROMPT.ENABLED True")
+        mask_features = encoded["mask_features"]
+        b = mask_features.shape[0]
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompt sets for {b} images")
+        groups = [self.prompt_encoder(mask_features[i], padded_hw, **prompts[i]) for i in range(b)]
+        sizes = {(g["feat"].shape[0], g["group_size"]) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError("every image of a decode_prompts call needs the same number and kind of prompts")
+        q, gsize = sizes.pop()
+        k = groups[0]["num_granularities"]
+        p = q // gsize
+        feat = torch.stack([g["feat"] for g in groups])
+        pos = torch.stack([g["pos"] for g in groups])
+        allowed = groups[0]["allowed"][None].expand(b, -1, -1)
+        out = self.decode(encoded, extra_queries=(feat, pos), use_learned_queries=False, self_attn_allowed=allowed,
+                          return_aux=return_aux, final_masks=final_masks)
+        gidx = (torch.arange(p, device=feat.device)[:, None] * gsize
+                + torch.arange(k, device=feat.device)[None]).flatten()  # the K granularity queries
+        h, w = mask_features.shape[-2:]
+        iou = self.iou_head(out["pred_embeddings"][:, gidx]).sigmoid().view(b, p, k)
+        if "pred_masks" in out:
+            masks = out["pred_masks"][:, gidx]
+        else:
+            masks = torch.einsum("bqc,bchw->bqhw", out["pred_mask_embeds"][:, gidx], mask_features)
+        result = {"pred_masks": masks.reshape(b, p, k, h, w), "pred_iou": iou}
+        if "aux_outputs" in out:
+            result["aux_masks"] = [a["pred_masks"][:, gidx].reshape(b, p, k, h, w) for a in out["aux_outputs"]]
+        return result
+
     # ---------------------------------------------------------------------------------------
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
@@ -156,17 +271,146 @@ class UnSAM(nn.Module):
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("training inputs need 'instances'")
-            outputs = self.decode(encoded)
             gt = [x["instances"].to(self.device) for x in batched_inputs]
             targets = self.prepare_targets(gt, images)
-            losses = self.criterion(outputs, targets)
-            weights = self.criterion.weight_dict
-            return {k: v * weights[k] for k, v in losses.items() if k in weights}
+            if self.prompt_enabled:
+                losses = self._train_mixed(batched_inputs, encoded, targets, tuple(images.tensor.shape[-2:]))
+            else:
+                raw = self.criterion(self.decode(encoded), targets)
+                weights = self.criterion.weight_dict
+                losses = {k: v * weights[k] for k, v in raw.items() if k in weights}
+            # ViSA semantic guidance: set by the trainer's ViSA hook; absent => plain path
+            guidance = guidance_loss_from_outputs(encoded["mask_features"], batched_inputs,
+                                                  getattr(self, "visa_state", None),
+                                                  getattr(self, "visa_iteration", 0), images)
+            if guidance is not None:
+                losses["loss_visa_guidance"] = guidance
+            return losses
         # final-layer masks are computed later, only for the kept queries
         outputs = self.decode(encoded, final_masks=False)
         mask_features = encoded["mask_features"]
         del encoded  # backbone / multi-scale features are not needed past this point
         return self.postprocess(outputs, batched_inputs, images, mask_features)
+
+    # ---------------------------------------------------------------------------------------
+    # mixed whole-image / prompt training
+    # ---------------------------------------------------------------------------------------
+    def _choose_tasks(self, batched_inputs: List[Dict], targets: List[Dict]) -> List[str]:
+        """Per image: the input's ``ats_task`` when given, else a prompt task with probability
+        TASK_RATIO (type drawn by TYPE_WEIGHTS). Images without a target mask train "whole"."""
+        tasks = []
+        for x, t in zip(batched_inputs, targets):
+            task = x.get("ats_task")
+            if task is None:
+                if float(torch.rand(())) < self.prompt_task_ratio:
+                    task = PROMPT_TASKS[int(torch.multinomial(self.prompt_type_weights, 1))]
+                else:
+                    task = "whole"
+            elif task != "whole" and task not in PROMPT_TASKS:
+                raise ValueError(f"unknown ats_task {task!r} (expected 'whole', 'point', 'box' or 'mask')")
+            if task != "whole" and t["masks"].shape[0] == 0:
+                task = "whole"  # no mask to draw a prompt from
+            tasks.append(task)
+        return tasks
+
+    def sample_prompts(self, target: Dict[str, torch.Tensor], task: str, rng: np.random.Generator
+                       ) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
+        """PROMPTS_PER_IMAGE prompts of type ``task`` drawn from one image's GT masks.
+
+        A random mask (with replacement) gives a point inside it (targets: every mask containing
+        the point, coarse → fine by level then area, at most K), a jittered box or a noisy low-res
+        mask (target: that mask). Returns the prompt dict for :meth:`decode_prompts` and the
+        per-prompt target masks (T_i, Hp, Wp) bool.
+        """
+        from ..data.prompts import nested_targets, sample_box, sample_mask_prompt, sample_point
+
+        masks = target["masks"]
+        masks_np = masks.cpu().numpy()
+        levels = target.get("levels")
+        levels_np = levels.cpu().numpy() if levels is not None else np.zeros(len(masks_np), np.int64)
+        k = self.prompt_encoder.num_granularities
+        n = self.prompts_per_image
+        picks = rng.integers(0, len(masks_np), n)
+        hp, wp = masks_np.shape[-2:]
+        side = max(hp, wp)
+        dev = masks.device
+        tgts: List[torch.Tensor] = []
+        if task == "point":
+            pts = np.zeros((n, 1, 2), np.float32)
+            for j, i in enumerate(picks):
+                pt = sample_point(masks_np[i], rng)
+                pts[j, 0] = pt
+                # only masks containing the pixel can be nested targets: test those alone
+                cand = np.nonzero(masks_np[:, int(pt[1]), int(pt[0])])[0]
+                order = nested_targets(pt, masks_np[cand], levels_np[cand])
+                tgts.append(masks[torch.as_tensor(cand[order][:k], device=dev)])
+            prompts = {"points": torch.from_numpy(pts).to(dev),
+                       "labels": torch.ones((n, 1), dtype=torch.int64, device=dev)}
+        elif task == "box":
+            boxes = np.stack([sample_box(masks_np[i], rng, jitter=self.box_jitter) for i in picks])
+            tgts = [masks[int(i)][None] for i in picks]
+            prompts = {"boxes": torch.from_numpy(boxes).to(dev)}
+        elif task == "mask":
+            sq = np.zeros((side, side), bool)
+            inputs = []
+            for i in picks:
+                sq[:hp, :wp] = masks_np[i]
+                inputs.append(sample_mask_prompt(sq, rng, low_res=MASK_INPUT_SIZE))
+            tgts = [masks[int(i)][None] for i in picks]
+            prompts = {"mask_inputs": torch.from_numpy(np.stack(inputs)).to(dev)}
+        else:
+            raise ValueError(f"not a prompt task: {task!r}")
+        return prompts, tgts
+
+    @staticmethod
+    def _select(encoded: Dict[str, object], idx: List[int]) -> Dict[str, object]:
+        """The decoder inputs of images ``idx`` of a batch."""
+        if len(idx) == encoded["mask_features"].shape[0]:
+            return encoded
+        t = torch.as_tensor(idx, device=encoded["mask_features"].device)
+        return {"mask_features": encoded["mask_features"][t],
+                "multi_scale_features": [f[t] for f in encoded["multi_scale_features"]]}
+
+    def _train_mixed(self, batched_inputs: List[Dict], encoded: Dict[str, object], targets: List[Dict],
+                     padded_hw: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        """Losses of a batch whose images each train one task. Every loss key is always present
+        (zeros for tasks absent from the batch) and every parameter takes part in the graph, so
+        metrics and DDP (find_unused_parameters=False) see the same thing on every rank."""
+        tasks = self._choose_tasks(batched_inputs, targets)
+        losses: Dict[str, torch.Tensor] = {}
+        whole = [i for i, t in enumerate(tasks) if t == "whole"]
+        if whole:
+            outputs = self.decode(self._select(encoded, whole))
+            raw = self.criterion(outputs, [targets[i] for i in whole])
+            losses.update({k: v * self.criterion.weight_dict[k] for k, v in raw.items()
+                           if k in self.criterion.weight_dict})
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, ())))
+        preds, ious, auxes, prompt_targets = [], [], [], []
+        for task in PROMPT_TASKS:
+            idx = [i for i, t in enumerate(tasks) if t == task]
+            if not idx:
+                continue
+            sets = [self.sample_prompts(targets[i], task, rng) for i in idx]
+            out = self.decode_prompts(self._select(encoded, idx), [s[0] for s in sets], padded_hw)
+            preds.append(out["pred_masks"].flatten(0, 1))
+            ious.append(out["pred_iou"].flatten(0, 1))
+            auxes.append([a.flatten(0, 1) for a in out.get("aux_masks", [])])
+            prompt_targets += [t for s in sets for t in s[1]]
+        if preds:
+            outputs = {"pred_masks": torch.cat(preds), "pred_iou": torch.cat(ious)}
+            if auxes[0]:
+                outputs["aux_masks"] = [torch.cat(layer) for layer in zip(*auxes)]
+            raw = self.prompt_criterion(outputs, prompt_targets)
+            wd = self.prompt_criterion.weight_dict
+            losses.update({k: v * wd[k] for k, v in raw.items() if k in wd})
+        # a zero that touches every parameter: unused branches still get (zero) gradients
+        keepalive = sum(p.reshape(-1)[:1].sum() for p in self.parameters() if p.requires_grad) * 0.0
+        for name in list(self.criterion.weight_dict) + self.prompt_criterion.loss_names():
+            if name not in losses:
+                losses[name] = keepalive.clone()
+        first = next(iter(losses))
+        losses[first] = losses[first] + keepalive
+        return losses
 
     def prepare_targets(self, targets: List[Instances], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """Instances -> criterion targets, masks zero-padded to the padded batch size (Hp, Wp).
