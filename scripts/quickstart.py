@@ -5,7 +5,8 @@
 2. train the tiny config on those pseudo labels with ``train_net.py``;
 3. evaluate on COCO-format ground truth: pseudo labels, the trained model, and the
    Felzenszwalb selective-search baseline, side by side (class-agnostic AR/AP);
-4. run the demos on two validation images;
+4. run the demos (segment everything on two validation images, a point prompt on one) and
+   measure 1-click prompt mIoU;
 5. write ``REPORT.md`` with the figures, the commands and the overlays.
 
 Every step is a command a user could type (printed and recorded in the report) and resumes
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-train-images", type=int, default=None, help="pseudo-label only the first N images")
     ap.add_argument("--workers", type=int, default=2, help="pseudo-label worker processes")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run the Felzenszwalb baseline")
+    ap.add_argument("--max-prompt-images", type=int, default=20, help="images used for the prompt mIoU")
     args = ap.parse_args(argv)
     if args.images is None or args.gt is None:
         ap.error("shared sample data not found: pass --images and --gt (or set UNSAM_SHARED)")
@@ -102,8 +104,21 @@ def subset_range(n: Optional[int]) -> List[str]:
     return ["--end-id", str(n)] if n else []
 
 
-def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]]], overlays: List[Path],
-                 wall: float) -> Path:
+def subset_gt(gt: Path, n: int, out: Path) -> Path:
+    """GT restricted to the first ``n`` images by file name (the order the engine uses), so
+    that pseudo labels, baseline and model are all evaluated on the same images."""
+    data = json.loads(gt.read_text())
+    keep = sorted(data["images"], key=lambda im: im["file_name"])[:n]
+    ids = {im["id"] for im in keep}
+    data["images"] = keep
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    path = out / f"gt_first{n}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]]], prompt: Dict[str, float],
+                 overlays: List[Path], wall: float) -> Path:
     keys = ["AR@10", "AR@100", "AR@1000", "AP", "AP50"]
     lines = [
         "# UnSAM quickstart report", "",
@@ -115,8 +130,14 @@ def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]
     for name, metrics in rows.items():
         cells = [f"{100 * metrics[k]:.1f}" if metrics and k in metrics else "–" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Figures are percentages; pseudo labels and the baseline are evaluated on the images they ran on.",
-              "", "## Step times", ""]
+    lines += ["", "Figures are percentages, all on the same evaluation images.", "",
+              "## Prompted segmentation (1 click at each instance's innermost point)", ""]
+    if prompt:
+        lines += [f"- mIoU, top-scored mask: {100 * prompt['mIoU_max']:.1f}",
+                  f"- mIoU, best of the granularities (oracle): {100 * prompt['mIoU_oracle']:.1f}",
+                  f"- mIoU, box prompt: {100 * prompt.get('mIoU_box', float('nan')):.1f}",
+                  f"- instances: {int(prompt.get('num_instances', 0))} on {int(prompt.get('num_images', 0))} images"]
+    lines += ["", "## Step times", ""]
     lines += [f"- {step}: {seconds:.0f} s" for step, seconds in runner.timings.items()]
     lines += ["", "## Commands", "", "```bash", *runner.commands, "```", "", "## Overlays", ""]
     lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in overlays]
@@ -133,6 +154,8 @@ def main(argv=None) -> int:
     args.output = out
     runner = Runner(out)
     py = sys.executable
+    if args.max_val_images:
+        args.gt = subset_gt(args.gt, args.max_val_images, out)
     start = time.time()
 
     # 1. pseudo labels for training and (to measure them) for the evaluation images
@@ -171,14 +194,23 @@ def main(argv=None) -> int:
     runner.run("demo whole image", [py, "whole_image_segmentation/demo_whole_image.py", "--config-file", CONFIG,
                                     "--input", *val_images, "--output", demo_dir, "--confidence-threshold", "0.3",
                                     "--opts", "MODEL.WEIGHTS", weights])
-    overlays = sorted(demo_dir.glob("*.png"))
+    point_dir = out / "demo_point"
+    runner.run("demo point prompt", [py, "prompt_segmentation/demo_point_image.py", "--config-file", CONFIG,
+                                     "--input", val_images[0], "--output", point_dir, "--multimask",
+                                     "--opts", "MODEL.WEIGHTS", weights])
+    overlays = sorted(demo_dir.glob("*.png")) + sorted(point_dir.glob("*.png"))
+    runner.run("evaluate prompts", [py, "-m", "unsam.evaluation.prompt", "--gt", args.gt, "--images", args.val_images,
+                                    "--out", out / "metrics_prompt.json", "--config-file", CONFIG,
+                                    "--max-images", str(args.max_prompt_images),
+                                    "--opts", "MODEL.WEIGHTS", weights])
+    prompt_metrics = read_metrics(out / "metrics_prompt.json") or {}
 
     rows = {
         "Felzenszwalb selective search": read_metrics(out / "metrics_baseline.json"),
         "UnSAM pseudo labels (classical)": read_metrics(out / "metrics_pseudo.json"),
         "UnSAM tiny model, trained on pseudo labels": last_eval_metrics(eval_dir / "metrics.json", "quickstart_val"),
     }
-    report = write_report(args, runner, rows, overlays, time.time() - start)
+    report = write_report(args, runner, rows, prompt_metrics, overlays, time.time() - start)
     print(f"report: {report}")
     return 0
 

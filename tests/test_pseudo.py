@@ -1,0 +1,319 @@
+"""Tests of the divide-and-conquer pseudo-label engine (issue 5)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import unsam  # noqa: F401
+import cv2
+import torch
+
+from unsam.data.sa1b import read_sa1b_json, rle_to_mask
+from unsam.pseudo import engine as E
+from unsam.pseudo.__main__ import main as pseudo_main
+from unsam.pseudo.conquer import merge_hierarchy
+from unsam.pseudo.divide import maskcut, ncut_vector
+from unsam.pseudo.features import ClassicalFeatures, DinoFeatures, FeatureError
+
+SMALL = dict(resolution=240, crop_resolution=160, n_superpixels=900)
+SMALL_ARGS = ["--resolution", "128", "--crop-resolution", "96", "--quiet"]
+
+
+def _iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def synthetic_image(seed=0, h=240, w=320):
+    """Textured background + red disk + blue rectangle + a green/yellow two-colour square.
+
+    Returns (RGB uint8 image, {name: bool mask})."""
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 1.5)
+    stripes = np.sin(np.arange(w)[None, :] / 3.0 + np.arange(h)[:, None] / 5.0)
+    bg = (120 + 25 * noise / noise.std() + 20 * stripes).clip(0, 255)
+    img = np.stack([bg, bg * 0.95, bg * 0.9], -1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    masks = {
+        "disk": (yy - 70) ** 2 + (xx - 80) ** 2 < 45 ** 2,
+        "rect": (yy > 140) & (yy < 215) & (xx > 30) & (xx < 150),
+        "square": (yy > 50) & (yy < 190) & (xx > 190) & (xx < 290),
+    }
+    masks["square_top"] = masks["square"] & (yy < 120)
+    masks["square_bottom"] = masks["square"] & (yy >= 120)
+    colours = {"disk": (210, 40, 40), "rect": (40, 60, 200), "square_top": (40, 170, 60),
+               "square_bottom": (230, 210, 40)}
+    for name, col in colours.items():
+        m = masks[name]
+        img[m] = np.array(col, np.float32) + 6 * rng.normal(0, 1, (m.sum(), 3))
+    return img.clip(0, 255).astype(np.uint8), masks
+
+
+# ------------------------------------------------------------------------------ divide
+def test_ncut_separates_two_clusters():
+    rng = np.random.default_rng(0)
+    h, w, c = 12, 16, 32
+    a, b = rng.normal(size=c), rng.normal(size=c)
+    feats = np.where((np.arange(w) < 5)[None, :, None], a, b) + 0.3 * rng.normal(size=(h, w, c))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    vec = ncut_vector(feats.reshape(-1, c), tau=0.15).reshape(h, w)
+    left = vec[:, :5] > vec.mean()
+    right = vec[:, 5:] > vec.mean()
+    assert (left.all() and not right.any()) or (right.all() and not left.any())
+    masks = maskcut(feats, n_masks=1)
+    truth = np.zeros((h, w), bool)
+    truth[:, :5] = True
+    # the foreground is the smaller, corner-free side or its complement; either way a clean split
+    assert max(_iou(masks[0], truth), _iou(masks[0], ~truth)) == 1.0
+
+
+def test_conquer_hierarchy_nested():
+    rng = np.random.default_rng(1)
+    h, w, c = 10, 12, 16
+    base = [rng.normal(size=c) for _ in range(3)]
+    lab = np.zeros((h, w), int)
+    lab[:, 4:8] = 1
+    lab[:, 8:] = 2
+    feats = np.stack([base[k] for k in lab.ravel()]).reshape(h, w, c) + 0.05 * rng.normal(size=(h, w, c))
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    segs = merge_hierarchy(feats)
+    for k in range(3):
+        assert any(_iou(s.mask, lab == k) == 1.0 for s in segs)
+    for s in segs:
+        if s.parent >= 0:
+            assert s.mask.sum() < segs[s.parent].mask.sum()
+            assert not (s.mask & ~segs[s.parent].mask).any()
+
+
+# ------------------------------------------------------------------------------ engine
+@pytest.fixture(scope="module")
+def synthetic_result():
+    img, masks = synthetic_image()
+    anns = E.PseudoLabeler(E.EngineConfig(**SMALL))(img)
+    return img, masks, anns
+
+
+def test_engine_recovers_shapes_and_parts(synthetic_result):
+    img, masks, anns = synthetic_result
+    assert anns, "no masks"
+    pred = [rle_to_mask(a["segmentation"]) for a in anns]
+    for name in ("disk", "rect", "square"):
+        best = max(_iou(p, masks[name]) for p in pred)
+        assert best >= 0.8, f"{name}: best IoU {best:.2f}"
+    part = max(max(_iou(p, masks["square_top"]), _iou(p, masks["square_bottom"])) for p in pred)
+    assert part >= 0.8, f"two-colour square: best part IoU {part:.2f}"
+
+
+def test_engine_annotation_format(synthetic_result):
+    img, _, anns = synthetic_result
+    h, w = img.shape[:2]
+    ids = {a["id"] for a in anns}
+    assert ids == set(range(len(anns)))
+    assert len(anns) <= E.EngineConfig().max_masks
+    by_id = {a["id"]: a for a in anns}
+    for a in anns:
+        m = rle_to_mask(a["segmentation"])
+        assert m.shape == (h, w) and m.sum() == a["area"] > 0
+        assert a["area"] <= 0.9 * h * w
+        x, y, bw, bh = a["bbox"]
+        ys, xs = np.nonzero(m)
+        assert (x, y, bw, bh) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        px, py = a["point_coords"][0]
+        assert m[int(round(py)), int(round(px))]
+        assert 0.0 <= a["predicted_iou"] <= 1.0 and 0.0 <= a["stability_score"] <= 1.0
+        if a["parent_id"] >= 0:
+            p = by_id[a["parent_id"]]
+            assert p["area"] > a["area"] and a["level"] == p["level"] + 1
+            pm = rle_to_mask(p["segmentation"])
+            assert (m & pm).sum() >= 0.9 * m.sum()
+        else:
+            assert a["level"] == 0
+    scores = [a["predicted_iou"] for a in anns]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_engine_deterministic():
+    img, _ = synthetic_image(seed=3, h=120, w=160)
+    cfg = E.EngineConfig(**SMALL)
+    a1 = E.PseudoLabeler(cfg)(img)
+    a2 = E.PseudoLabeler(cfg)(img)
+    assert json.dumps(a1) == json.dumps(a2)
+
+
+# ------------------------------------------------------------------------------ runner
+@pytest.fixture()
+def image_dir(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        img, _ = synthetic_image(seed=10 + i, h=96, w=128)
+        cv2.imwrite(str(d / f"img_{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return d
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).glob("*.json"))}
+
+
+def test_shards_equal_full_run(image_dir, tmp_path):
+    full, sharded = tmp_path / "full", tmp_path / "sharded"
+    assert pseudo_main(["--input", str(image_dir), "--output", str(full)] + SMALL_ARGS) == 0
+    for i in range(2):
+        assert pseudo_main(["--input", str(image_dir), "--output", str(sharded), "--shard", f"{i}/2"] + SMALL_ARGS) == 0
+    a, b = _files(full), _files(sharded)
+    assert len(a) == 4 and a == b
+    data = read_sa1b_json(full / "img_2.json")
+    assert data["image"]["image_id"] == 2
+    assert Path(data["image"]["file_name"]) == (image_dir / "img_2.png").resolve()
+
+
+def test_resume_after_kill_equals_uninterrupted(image_dir, tmp_path):
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    assert pseudo_main(["--input", str(image_dir), "--output", str(ref)] + SMALL_ARGS) == 0
+    # "killed" after two images: two finished files plus a half-written temp file
+    assert pseudo_main(["--input", str(image_dir), "--output", str(resumed), "--end-id", "2"] + SMALL_ARGS) == 0
+    (resumed / ".img_2.json.abc.tmp").write_text('{"image": {"image_id"')
+    before = (resumed / "img_0.json").stat().st_mtime_ns
+    s = E.run(str(image_dir), str(resumed), E.EngineConfig(resolution=128, crop_resolution=96), progress=False)
+    assert (s.skipped, s.done, s.failed) == (2, 2, 0)
+    assert (resumed / "img_0.json").stat().st_mtime_ns == before  # not recomputed
+    assert _files(ref) == _files(resumed)
+
+
+def test_unreadable_image_listed_in_failed(image_dir, tmp_path, capsys):
+    (image_dir / "broken.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    assert pseudo_main(["--input", str(image_dir / "*"), "--output", str(out)] + SMALL_ARGS) == 0
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and "broken.jpg" in failed[0]
+    assert len(_files(out)) == 4
+    assert "1 failed" in capsys.readouterr().out
+
+
+def test_shard_and_input_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        pseudo_main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard", "2/2"])
+    assert pseudo_main(["--input", str(tmp_path / "missing_dir"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_evaluate_cli(image_dir, tmp_path):
+    from unsam.data.sa1b import mask_to_rle
+    from unsam.pseudo.evaluate import main as eval_main
+
+    out = tmp_path / "pl"
+    assert pseudo_main(["--input", str(image_dir), "--output", str(out)] + SMALL_ARGS) == 0
+    images, anns = [], []
+    for i in range(4):
+        _, masks = synthetic_image(seed=10 + i, h=96, w=128)
+        images.append({"id": 100 + i, "file_name": f"img_{i}.png", "height": 96, "width": 128})
+        for name in ("disk", "rect", "square"):
+            m = masks[name]
+            if not m.any():
+                continue  # the shapes are laid out for 240x320; some miss this small image
+            ys, xs = np.nonzero(m)
+            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": 1, "iscrowd": 0,
+                         "segmentation": mask_to_rle(m), "area": int(m.sum()),
+                         "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)]})
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": images, "annotations": anns,
+                              "categories": [{"id": 1, "name": "object"}]}))
+    m_path = tmp_path / "m.json"
+    assert eval_main(["--gt", str(gt), "--pred", str(out), "--out", str(m_path)]) == 0
+    metrics = json.loads(m_path.read_text())
+    for key in ("AR@1", "AR@10", "AR@100", "AR@1000", "AP", "AP50"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["AR@100"] > 0.5  # the shapes are easy at this size
+    assert eval_main(["--gt", str(gt), "--pred", str(tmp_path / "nothing")]) == 2
+
+
+# ------------------------------------------------------------------------------ DINO
+def _write_dino_checkpoint(path, arch="vit_small_patch8_224", corrupt=None):
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    torch.manual_seed(0)
+    state = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+    state["module.head.mlp.0.weight"] = torch.zeros(8, 384)  # DINO head: must be ignored
+    if corrupt:
+        state[f"module.backbone.{corrupt}"] = torch.zeros(3, 3)
+    torch.save({"teacher": state, "student": state, "epoch": 1}, path)
+
+
+def test_dino_checkpoint_loads_and_gives_keys(tmp_path):
+    ckpt = tmp_path / "dino_vits8.pth"
+    _write_dino_checkpoint(ckpt)
+    feats = DinoFeatures(str(ckpt), arch="vit_small_patch8_224", resolution=64)
+    img, _ = synthetic_image(h=48, w=64)
+    f = feats(img)
+    assert f.shape == (6, 8, 384)
+    np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, atol=1e-4)
+    # the keys come from the checkpoint: compare with a manual qkv projection of block 11
+    import timm
+
+    ref = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0, dynamic_img_size=True)
+    ref.load_state_dict({k[len("module.backbone."):]: v for k, v in
+                         torch.load(ckpt, weights_only=True)["teacher"].items() if "backbone" in k})
+    assert torch.equal(feats.model.blocks[-1].attn.qkv.weight, ref.blocks[-1].attn.qkv.weight)
+
+
+def test_dino_wrong_shape_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.pth"
+    _write_dino_checkpoint(bad, corrupt="blocks.0.attn.qkv.weight")
+    with pytest.raises(FeatureError, match="blocks.0.attn.qkv.weight"):
+        DinoFeatures(str(bad), arch="vit_small_patch8_224")
+    with pytest.raises(FeatureError, match="not found"):
+        DinoFeatures(str(tmp_path / "nope.pth"))
+    with pytest.raises(FeatureError, match="needs --dino-weights"):
+        DinoFeatures(None)
+
+
+def test_dino_backend_cli_error(tmp_path, capsys):
+    rc = pseudo_main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--features", "dino",
+                      "--dino-weights", str(tmp_path / "missing.pth")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_classical_features_shape():
+    img, masks = synthetic_image()
+    f = ClassicalFeatures(resolution=160)(img)
+    assert f.shape[:2] == (15, 20) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, atol=1e-4)
+    # a patch inside the disk is closer to another disk patch than to the background
+    disk, other_disk, bg = f[3, 4], f[5, 6], f[14, 10]
+    assert disk @ other_disk > disk @ bg
+
+
+@pytest.mark.slow
+def test_dino_vits_weights_into_vitb_is_an_error(tmp_path):
+    small = tmp_path / "vits8.pth"
+    _write_dino_checkpoint(small)
+    with pytest.raises(FeatureError, match="shape mismatch"):
+        DinoFeatures(str(small), arch="vit_base_patch8_224")
+
+
+@pytest.mark.slow
+def test_real_photos_beat_nothing(shared_data, tmp_path):
+    """Smoke run on 3 real photos: masks exist and are well-formed."""
+    images = shared_data / "coco_tiny_val2017" / "images"
+    out = tmp_path / "coco"
+    assert pseudo_main(["--input", str(images), "--output", str(out), "--end-id", "3", "--quiet"]) == 0
+    for f in out.glob("*.json"):
+        assert len(read_sa1b_json(f)["annotations"]) >= 50
+
+
+def test_dino_backend_end_to_end(tmp_path):
+    """The engine runs with the DINO backend (random-weight checkpoint: format, not quality)."""
+    ckpt = tmp_path / "vits8.pth"
+    _write_dino_checkpoint(ckpt)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    img, _ = synthetic_image(h=96, w=128)
+    cv2.imwrite(str(d / "a.png"), img[..., ::-1])
+    out = tmp_path / "out"
+    rc = pseudo_main(["--input", str(d), "--output", str(out), "--features", "dino",
+                      "--dino-arch", "vit_small_patch8_224", "--dino-weights", str(ckpt),
+                      "--resolution", "96", "--crop-resolution", "64", "--quiet"])
+    assert rc == 0
+    anns = read_sa1b_json(out / "a.json")["annotations"]
+    assert anns and all(rle_to_mask(a["segmentation"]).shape == (96, 128) for a in anns)

@@ -1,0 +1,221 @@
+"""Conquer: bottom-up merging of adjacent patch groups inside one divided region.
+
+Every patch of the region starts as its own group. The most similar pair of 4-adjacent groups
+(cosine similarity of their mean features) is merged greedily, while that similarity is at least
+the current threshold; thresholds are visited from fine to coarse (default
+``[0.6, 0.5, 0.4, 0.3, 0.2, 0.1]``) and the grouping is snapshotted after each one, so the
+snapshots are nested: every group at a coarser threshold is a union of groups at the finer one.
+
+:func:`merge_hierarchy` returns the distinct groups with ≥ ``min_patches`` patches as
+:class:`Segment` records with the index of their parent segment (the smallest strictly larger
+group containing them, or -1), i.e. a forest that the engine turns into ``level`` /
+``parent_id``.
+"""
+import heapq
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+
+DEFAULT_THRESHOLDS = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass
+class Segment:
+    mask: np.ndarray  # (h, w) bool on the patch grid, or (N,) bool over graph nodes
+    threshold: float  # finest threshold at which this exact group exists
+    parent: int  # index into the returned list, -1 for a top-level group
+    coherence: float  # |mean of member features| in [0, 1]: 1 = all members identical
+
+
+def grid_pairs(h: int, w: int) -> np.ndarray:
+    """4-adjacency of an (h, w) grid as (E, 2) flat indices."""
+    idx = np.arange(h * w).reshape(h, w)
+    return np.concatenate([np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
+                           np.stack([idx[:-1, :].ravel(), idx[1:, :].ravel()], 1)], 0)
+
+
+def merge_hierarchy(feats: np.ndarray, region: np.ndarray = None,
+                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                    min_patches: int = 4, pair_unions: bool = False) -> List[Segment]:
+    """Patch-grid conquer. ``feats``: (h, w, C) L2-normalised; ``region``: (h, w) bool.
+
+    Returns segments with (h, w) masks, ordered coarse to fine (see :func:`merge_graph`).
+    """
+    h, w, c = feats.shape
+    if region is None:
+        region = np.ones((h, w), bool)
+    segs = merge_graph(feats.reshape(-1, c), np.ones(h * w), grid_pairs(h, w), region.ravel(),
+                       thresholds, float(min_patches), pair_unions)
+    for s in segs:
+        s.mask = s.mask.reshape(h, w)
+    return segs
+
+
+def merge_graph(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarray,
+                active: np.ndarray = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                min_weight: float = 4.0, pair_unions: bool = False,
+                all_merges: bool = False) -> List[Segment]:
+    """Greedy threshold-hierarchy merging on any region adjacency graph.
+
+    ``node_sums``: (N, C) sum of the unit feature vectors a node covers (a patch: its feature;
+    a superpixel: the pixel-weighted sum of the patch features under it); ``node_weight``: (N,)
+    how many units that is; ``pairs``: (E, 2) adjacent node indices; ``active``: (N,) bool
+    nodes of the region. Group similarity is the cosine of the summed (= mean) features; a
+    group is reported once its weight is ≥ ``min_weight``.
+
+    With ``pair_unions`` the union of every two adjacent groups of each snapshot is added too
+    (an MCG-style combinatorial candidate: objects whose parts are not similar enough to merge
+    at any threshold, e.g. a face and a shirt); such a segment's parent is the first group of a
+    coarser snapshot that contains both halves. With ``all_merges`` every group formed by a
+    merge is reported, not only those alive at a threshold snapshot (selective search's "every
+    merge is a proposal"); its parent is the group it merges into next. Returns segments (``mask``: (N,) bool over
+    nodes) ordered from coarse to fine (parents before children).
+    """
+    n = node_sums.shape[0]
+    inside = np.ones(n, bool) if active is None else np.asarray(active, bool)
+    sums = node_sums.astype(np.float64) * inside[:, None]
+    weight = np.where(inside, node_weight, 0).astype(np.float64)
+    owner = np.arange(n)
+    members = {int(i): [int(i)] for i in np.flatnonzero(inside)}
+    neighbours = {i: set() for i in members}
+    version = np.zeros(n, np.int64)
+
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    pairs = pairs[inside[pairs[:, 0]] & inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
+    pairs = np.unique(np.sort(pairs, 1), axis=0) if len(pairs) else pairs
+    norms = np.linalg.norm(sums, axis=1) + 1e-12
+    sims = np.einsum("ij,ij->i", sums[pairs[:, 0]], sums[pairs[:, 1]]) / (norms[pairs[:, 0]] * norms[pairs[:, 1]])
+    heap = [(-float(s), int(a), int(b), 0, 0) for s, (a, b) in zip(sims, pairs)]
+    heapq.heapify(heap)
+    for a, b in pairs.tolist():
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+
+    gnorm = np.linalg.norm(sums, axis=1)  # |sum| per group, kept up to date on merges
+
+    def cos(a, others):
+        return sums[others] @ sums[a] / (gnorm[others] * gnorm[a] + 1e-12)
+
+    def info_of(g):
+        return float(weight[g]), float(np.linalg.norm(sums[g]) / max(weight[g], 1e-12))
+
+    snapshots = []  # per threshold: (threshold, owner copy, {group: (weight, coherence)})
+    unions = []  # (snapshot index, group a, group b, coherence)
+    merge_parent = {}  # (group, weight) state -> state it was merged into
+    merged_states = []  # (state key, threshold, member nodes, coherence)
+    for t in sorted(thresholds, reverse=True):
+        while heap and -heap[0][0] >= t:
+            _, a, b, va, vb = heapq.heappop(heap)
+            if a not in members or b not in members or version[a] != va or version[b] != vb:
+                continue  # stale entry
+            if len(members[a]) < len(members[b]):
+                a, b = b, a  # merge the smaller group into the larger one
+            if all_merges:
+                ka, kb = (a, float(weight[a])), (b, float(weight[b]))
+            owner[members[b]] = a
+            members[a].extend(members.pop(b))
+            sums[a] += sums[b]
+            gnorm[a] = np.sqrt(sums[a] @ sums[a])
+            weight[a] += weight[b]
+            nb = neighbours.pop(b)
+            for x in nb:
+                neighbours[x].discard(b)
+            nb.discard(a)
+            neighbours[a].discard(b)
+            neighbours[a] |= nb
+            for x in nb:
+                neighbours[x].add(a)
+            version[a] += 1
+            if all_merges:
+                kn = (a, float(weight[a]))
+                merge_parent[ka] = merge_parent[kb] = kn
+                if weight[a] >= min_weight:
+                    merged_states.append((kn, t, np.array(members[a]),
+                                          float(np.linalg.norm(sums[a]) / weight[a])))
+            others = sorted(neighbours[a])
+            if others:
+                for x, s in zip(others, cos(a, np.asarray(others))):
+                    heapq.heappush(heap, (-float(s), a, x, int(version[a]), int(version[x])) if a < x
+                                   else (-float(s), x, a, int(version[x]), int(version[a])))
+        snapshots.append((t, owner.copy(), {g: info_of(g) for g in members}))
+        if pair_unions:
+            for a in sorted(members):
+                if weight[a] < min_weight:
+                    continue
+                for b in sorted(neighbours[a]):
+                    if b > a and weight[b] >= min_weight:
+                        coh = float(np.linalg.norm(sums[a] + sums[b]) / (weight[a] + weight[b]))
+                        unions.append((len(snapshots) - 1, a, b, coh))
+
+    # distinct groups, keyed by (owner id, weight); nested across snapshots (fine -> coarse)
+    key_to_index = {}
+    records = []  # (key, threshold, members mask, coherence)
+    parent_key = {}
+    for si, (t, own, info) in enumerate(snapshots):
+        for g, (wgt, coh) in info.items():
+            if wgt < min_weight:
+                continue
+            key = (g, float(wgt))
+            if key not in key_to_index:
+                key_to_index[key] = len(records)
+                records.append((key, t, (own == g) & inside, coh))
+    # parent: the group containing this one at the first coarser snapshot where it changed
+    for key, t, mask, _ in records:
+        first = np.flatnonzero(mask)[0]
+        for t2, own, info in snapshots:
+            if t2 >= t:
+                continue
+            g2 = own[first]
+            k2 = (g2, float(info[g2][0]))
+            if k2 != key and k2 in key_to_index:
+                parent_key[key] = k2
+                break
+    if all_merges:
+        for key, t, nodes, coh in merged_states:
+            if key not in key_to_index:
+                mask = np.zeros(n, bool)
+                mask[nodes] = True
+                key_to_index[key] = len(records)
+                records.append((key, t, mask, coh))
+        for key, _, _, _ in records:
+            k2 = merge_parent.get(key)
+            # skip states too small to be reported (cannot happen for parents of reported ones)
+            while k2 is not None and k2 not in key_to_index:
+                k2 = merge_parent.get(k2)
+            if k2 is not None:
+                parent_key[key] = k2
+    # pair unions: distinct from every tree group by construction (two groups of one snapshot)
+    seen_unions = set()
+    for si, a, b, coh in unions:
+        t, own, info = snapshots[si]
+        # the same union reappears unchanged in later snapshots while neither half grows
+        sig = (a, float(info[a][0]), b, float(info[b][0]))
+        if sig in seen_unions:
+            continue
+        seen_unions.add(sig)
+        key = ("union", si, a, b)
+        key_to_index[key] = len(records)
+        records.append((key, t, ((own == a) | (own == b)) & inside, coh))
+        fa, fb = np.flatnonzero(own == a)[0], np.flatnonzero(own == b)[0]
+        for t2, own2, info2 in snapshots[si + 1:]:
+            if own2[fa] == own2[fb]:
+                k2 = (own2[fa], float(info2[own2[fa]][0]))
+                if k2 in key_to_index:
+                    parent_key[key] = k2
+                break
+    # order coarse -> fine so parents precede children
+    sizes = [float(weight_of(r[2], node_weight)) for r in records]
+    order = sorted(range(len(records)), key=lambda i: (-sizes[i], i))
+    new_index = {records[i][0]: j for j, i in enumerate(order)}
+    out = []
+    for i in order:
+        key, t, mask, coh = records[i]
+        pk = parent_key.get(key)
+        out.append(Segment(mask=mask, threshold=t,
+                           parent=new_index[pk] if pk is not None else -1, coherence=coh))
+    return out
+
+
+def weight_of(mask: np.ndarray, node_weight: np.ndarray) -> float:
+    return float(np.asarray(node_weight, np.float64)[mask].sum())

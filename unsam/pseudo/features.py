@@ -1,0 +1,317 @@
+"""Dense patch features for the pseudo-label engine.
+
+Every backend maps an RGB image (``H×W×3`` uint8) to L2-normalised patch features of shape
+``h×w×C`` on a regular grid (one vector per ``patch_size×patch_size`` cell of the image resized
+so that its long side is ``resolution`` pixels, rounded to a multiple of the patch size).
+
+Backends
+--------
+``classical`` (:class:`ClassicalFeatures`, the offline default)
+    Training-free: Lab colour (patch mean and a wider context mean), texture (Gaussian-derivative
+    and Laplacian-of-Gaussian energies at three scales plus local contrast, pooled over a window
+    a little wider than a patch) and a weak (x, y) position term. Channels are z-scored per image
+    and each group is weighted, then every vector is L2-normalised, so cosine similarity is
+    centred near 0 for unrelated patches and near 1 for look-alikes — the same range in which the
+    MaskCut / UnSAM thresholds (τ = 0.15, merge thresholds 0.6 … 0.1) were tuned for DINO keys.
+``dino`` (:class:`DinoFeatures`)
+    A DINO ViT built with timm (``vit_small_patch8_224``, ``vit_base_patch8_224`` (default),
+    ``vit_base_patch16_224``; dynamic image size) whose last-block attention **keys** (all heads
+    concatenated) are the features, as in MaskCut. Weights come from a local file or URL in the
+    official DINO checkpoint format; see :func:`load_dino_state_dict`.
+"""
+import logging
+import os
+import zlib
+from typing import Dict, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DINO_ARCHS = {
+    # short name -> timm architecture
+    "vit_small_patch8": "vit_small_patch8_224",
+    "vit_base_patch8": "vit_base_patch8_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "dino_vits8": "vit_small_patch8_224",
+    "dino_vitb8": "vit_base_patch8_224",
+    "dino_vitb16": "vit_base_patch16_224",
+}
+DEFAULT_DINO_ARCH = "vit_base_patch8_224"
+
+
+class FeatureError(RuntimeError):
+    """Features cannot be built (missing/incompatible weights, unknown backend)."""
+
+
+def grid_size(height: int, width: int, resolution: int, patch_size: int) -> Tuple[int, int]:
+    """Patch grid ``(h, w)`` for an image whose long side is resized to ``resolution``."""
+    scale = resolution / max(height, width)
+    gh = max(1, int(round(height * scale / patch_size)))
+    gw = max(1, int(round(width * scale / patch_size)))
+    return gh, gw
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-8)
+
+
+class DenseFeatures:
+    """Interface: ``__call__(image HxWx3 uint8 RGB) -> np.ndarray float32 (h, w, C)``, rows L2-normalised."""
+
+    name = "base"
+    patch_size = 8
+
+    def __init__(self, resolution: int = 480):
+        self.resolution = int(resolution)
+
+    def __call__(self, image: np.ndarray, resolution: Optional[int] = None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ClassicalFeatures(DenseFeatures):
+    """Colour + texture + weak position features on an 8-pixel patch grid (no training)."""
+
+    name = "classical"
+
+    def __init__(self, resolution: int = 480, patch_size: int = 8, color_weight: float = 1.0,
+                 context_weight: float = 0.5, texture_weight: float = 0.6,
+                 position_weight: float = 0.25, bandwidth: float = 0.55,
+                 n_random_features: int = 256, seed: int = 0):
+        super().__init__(resolution)
+        self.patch_size = int(patch_size)
+        self.weights = dict(color=color_weight, context=context_weight, texture=texture_weight,
+                            position=position_weight)
+        self.bandwidth = float(bandwidth)
+        self.n_random_features = int(n_random_features)
+        self.seed = int(seed)
+        self._rff = None
+        self._cache = None
+
+    def _random_fourier(self, dim: int):
+        """Fixed (seeded) random Fourier map for an RBF kernel of width ``bandwidth`` on ``dim`` inputs."""
+        if self._rff is None or self._rff[0].shape[0] != dim:
+            rng = np.random.default_rng(self.seed)
+            proj = rng.normal(0.0, 1.0, (dim, self.n_random_features))
+            phase = rng.uniform(0.0, 2 * np.pi, self.n_random_features)
+            self._rff = (proj.astype(np.float32), phase.astype(np.float32))
+        return self._rff
+
+    def __call__(self, image: np.ndarray, resolution: Optional[int] = None,
+                 bandwidth: Optional[float] = None, position_weight: Optional[float] = None) -> np.ndarray:
+        """``image``: H×W×3 uint8 RGB → float32 ``(h, w, C)`` L2-normalised, C = n_random_features.
+
+        ``bandwidth`` / ``position_weight`` override the defaults for this call (the engine uses
+        a few settings to diversify its hierarchies).
+        """
+        bandwidth = float(bandwidth or self.bandwidth)
+        weights = dict(self.weights)
+        if position_weight is not None:
+            weights["position"] = float(position_weight)
+        res = int(resolution or self.resolution)
+        standardized, (gh, gw) = self._standardized(image, res)
+        groups = [g * (weights[name] / np.sqrt(g.shape[1])) for name, g in standardized.items()]
+        g = np.concatenate(groups, 1).astype(np.float32)  # (h*w, 18), z-scored and weighted
+        # Random Fourier features: cosine similarity of the mapped vectors approximates the RBF
+        # kernel exp(-|a-b|² / 2σ²), so similarity falls from 1 (identical) to ~0 (unrelated)
+        # like DINO keys do, and the mean of a group's vectors is its kernel mean embedding
+        # (a group compares to another by its whole feature distribution, good for texture).
+        proj, phase = self._random_fourier(g.shape[1])
+        feats = l2_normalize(np.cos(g @ (proj / bandwidth) + phase)).astype(np.float32)
+        return feats.reshape(gh, gw, -1)
+
+    def _standardized(self, image: np.ndarray, res: int):
+        """Per-group z-scored patch statistics {group: (h*w, c)} and the grid size; the last
+        result is cached so feature variants of one image share the filtering work."""
+        key = (image.shape, res, zlib.crc32(np.ascontiguousarray(image).data))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        p = self.patch_size
+        gh, gw = grid_size(image.shape[0], image.shape[1], res, p)
+        img = cv2.resize(image, (gw * p, gh * p), interpolation=cv2.INTER_AREA)
+        lab = cv2.cvtColor(img.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+        lum = lab[..., 0] / 100.0
+        # texture responses: first derivatives + LoG at three scales, local contrast
+        tex = []
+        for sigma in (1.0, 2.0, 4.0):
+            blurred = cv2.GaussianBlur(lum, (0, 0), sigma)
+            gx = cv2.Sobel(blurred, cv2.CV_32F, 1, 0, ksize=3)
+            gy = cv2.Sobel(blurred, cv2.CV_32F, 0, 1, ksize=3)
+            tex += [np.abs(gx), np.abs(gy), np.abs(cv2.Laplacian(blurred, cv2.CV_32F, ksize=3))]
+        mean = cv2.GaussianBlur(lum, (0, 0), 2.0)
+        tex.append(np.sqrt(np.maximum(cv2.GaussianBlur(lum * lum, (0, 0), 2.0) - mean * mean, 0)))
+        tex = np.stack(tex, -1)
+        # texture is a statistic over a neighbourhood: pool wider than one patch
+        tex = cv2.GaussianBlur(tex, (0, 0), p * 0.75)
+        tex = np.log1p(20.0 * tex)  # compress heavy-tailed energies
+
+        def pool(x):
+            return cv2.resize(x, (gw, gh), interpolation=cv2.INTER_AREA).reshape(gh, gw, -1)
+
+        color = pool(lab)
+        context = pool(cv2.GaussianBlur(lab, (0, 0), 2.0 * p))
+        texture = pool(tex)
+        ys, xs = np.meshgrid(np.linspace(0, 1, gh), np.linspace(0, 1, gw), indexing="ij")
+        position = np.stack([xs, ys], -1).astype(np.float32)
+
+        out = {}
+        for name, g in (("color", color), ("context", context), ("texture", texture),
+                        ("position", position)):
+            g = g.reshape(-1, g.shape[-1])
+            out[name] = (g - g.mean(0)) / (g.std(0) + 1e-3)
+        self._cache = (key, (out, (gh, gw)))
+        return out, (gh, gw)
+
+
+# --------------------------------------------------------------------------------------- DINO
+def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone.", "encoder."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_dino_state_dict(path_or_url: str, map_location="cpu") -> Dict[str, torch.Tensor]:
+    """Read an official DINO checkpoint (file or URL) → backbone state dict.
+
+    Accepts a bare state dict, or one wrapped in ``"teacher"`` (preferred), ``"student"``,
+    ``"model"`` or ``"state_dict"``, with ``module.`` / ``backbone.`` prefixes; the DINO head
+    (``head.*``) is dropped. Raises :class:`FeatureError` naming the file when it is missing or
+    not a checkpoint.
+    """
+    if "://" in str(path_or_url):
+        try:
+            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location=map_location,
+                                                      check_hash=False)
+        except Exception as e:  # network errors, bad archives
+            raise FeatureError(f"cannot download DINO weights from {path_or_url}: {e}") from e
+    else:
+        if not os.path.isfile(path_or_url):
+            raise FeatureError(f"DINO weights not found: {path_or_url}")
+        try:
+            ckpt = torch.load(path_or_url, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise FeatureError(f"{path_or_url}: not a readable PyTorch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict):
+        raise FeatureError(f"{path_or_url}: expected a state dict, got {type(ckpt).__name__}")
+    for key in ("teacher", "student", "model", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    state = _strip_prefixes({k: v for k, v in ckpt.items() if torch.is_tensor(v)})
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+class DinoFeatures(DenseFeatures):
+    """Last-block attention keys of a DINO ViT → ``(h, w, C)`` with C = embed dim.
+
+    ``arch``: a timm ViT name (``vit_small_patch8_224`` …) or a short alias from ``DINO_ARCHS``.
+    ``weights``: checkpoint path/URL (required: random weights give meaningless masks).
+    """
+
+    name = "dino"
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, weights: Optional[str], arch: str = DEFAULT_DINO_ARCH, resolution: int = 480,
+                 device: str = "cpu", allow_random: bool = False):
+        super().__init__(resolution)
+        import timm
+
+        arch = DINO_ARCHS.get(arch, arch)
+        if arch not in DINO_ARCHS.values():
+            raise FeatureError(f"unsupported DINO architecture '{arch}'; "
+                               f"choose one of {sorted(set(DINO_ARCHS.values()))}")
+        self.arch = arch
+        self.device = torch.device(device)
+        if not weights and not allow_random:
+            raise FeatureError("the dino backend needs --dino-weights PATH_OR_URL "
+                               "(an official DINO checkpoint); use --features classical offline")
+        # read the checkpoint first: a missing/unreadable file fails before the model is built
+        state = load_dino_state_dict(weights) if weights else None
+        self.model = timm.create_model(arch, pretrained=False, num_classes=0,
+                                       dynamic_img_size=True)
+        self.patch_size = int(self.model.patch_embed.patch_size[0])
+        if state is not None:
+            self._load(state, weights)
+        self.model.eval().to(self.device)
+
+    def _load(self, state: Dict[str, torch.Tensor], weights: str) -> None:
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise FeatureError(f"{weights}: not a {self.arch} checkpoint; missing keys "
+                               f"{missing[:5]}{' …' if len(missing) > 5 else ''}")
+        bad = []
+        for k, v in own.items():
+            if k == "pos_embed":
+                # position embeddings are interpolated at run time; only the width must match
+                if state[k].shape[-1] != v.shape[-1]:
+                    bad.append(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}")
+            elif state[k].shape != v.shape:
+                bad.append(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}")
+        if bad:
+            raise FeatureError(f"{weights}: shape mismatch for {self.arch}: " + "; ".join(bad[:4]))
+        if state["pos_embed"].shape != own["pos_embed"].shape:
+            state["pos_embed"] = self._resize_pos_embed(state["pos_embed"], own["pos_embed"].shape)
+        self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+        logger.info("loaded DINO %s weights from %s", self.arch, weights)
+
+    @staticmethod
+    def _resize_pos_embed(pos: torch.Tensor, shape) -> torch.Tensor:
+        """(1, 1+n², C) → (1, 1+m², C) by bicubic interpolation of the patch part."""
+        cls, grid = pos[:, :1], pos[:, 1:]
+        n = int(round(grid.shape[1] ** 0.5))
+        m = int(round((shape[1] - 1) ** 0.5))
+        grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, m * m, -1)], 1)
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, resolution: Optional[int] = None) -> np.ndarray:
+        """``image``: H×W×3 uint8 RGB → float32 ``(h, w, C)`` L2-normalised attention keys."""
+        res = int(resolution or self.resolution)
+        p = self.patch_size
+        gh, gw = grid_size(image.shape[0], image.shape[1], res, p)
+        img = cv2.resize(image, (gw * p, gh * p), interpolation=cv2.INTER_CUBIC)
+        x = torch.from_numpy(img).float().div_(255.0)
+        x = (x - torch.tensor(self.MEAN)) / torch.tensor(self.STD)
+        x = x.permute(2, 0, 1)[None].to(self.device)  # (1, 3, gh*p, gw*p)
+
+        captured = {}
+        last = self.model.blocks[-1]
+        hook = last.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+        try:
+            # run up to the last block's norm1; later layers are not needed
+            t = self.model.patch_embed(x)
+            t = self.model._pos_embed(t)
+            t = self.model.patch_drop(t)
+            t = self.model.norm_pre(t)
+            for blk in self.model.blocks[:-1]:
+                t = blk(t)
+            last.norm1(t)
+        finally:
+            hook.remove()
+        tokens = captured["x"]  # (1, 1 + gh*gw, C)
+        attn = last.attn
+        qkv = attn.qkv(tokens)  # (1, N, 3C)
+        c = qkv.shape[-1] // 3
+        keys = qkv[..., c:2 * c]
+        keys = keys[:, -gh * gw:]  # drop the class (and any register) tokens
+        feats = torch.nn.functional.normalize(keys[0].float(), dim=-1)
+        return feats.reshape(gh, gw, c).cpu().numpy()
+
+
+def build_features(name: str, resolution: int = 480, device: str = "cpu",
+                   dino_weights: Optional[str] = None, dino_arch: str = DEFAULT_DINO_ARCH) -> DenseFeatures:
+    """Factory used by the engine: ``name`` in {"classical", "dino"}."""
+    if name == "classical":
+        return ClassicalFeatures(resolution=resolution)
+    if name == "dino":
+        return DinoFeatures(dino_weights, arch=dino_arch, resolution=resolution, device=device)
+    raise FeatureError(f"unknown feature backend '{name}' (choose classical or dino)")
