@@ -23,7 +23,7 @@ from tqdm import tqdm
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsNotFoundError
 from unsam.data.prompts import PromptError, mask_to_mask_input, parse_box, parse_labels, parse_points, validate_prompts
-from unsam.demo_io import DemoInputError, expand_inputs, output_path, read_rgb
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, read_rgb
 from unsam.predictor import PromptPredictor
 from unsam.utils.arguments import ConfigError, load_config
 from unsam.visualize import draw_masks, draw_prompts
@@ -31,20 +31,16 @@ from unsam.visualize import draw_masks, draw_prompts
 logger = logging.getLogger("unsam.demo")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, globs or directories")
-    parser.add_argument("--output", required=True,
-                        help="output directory, or a file name when there is one input")
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", help='point prompts "x,y;x,y" in image pixels')
     parser.add_argument("--labels", help="labels of --points, e.g. 1,0 (1 positive, 0 negative; default all 1)")
     parser.add_argument("--box", help="box prompt x0,y0,x1,y1 in image pixels")
     parser.add_argument("--mask-input", metavar="PNG", help="mask prompt: a binary mask image of the input's size")
     parser.add_argument("--multimask", action="store_true", help="show every granularity, not only the best")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu")
-    return parser
+
+
+def get_parser() -> argparse.ArgumentParser:
+    return demo_parser(__doc__, _add_options)
 
 
 def _read_mask(path: str, hw) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Input/output helpers shared by the demos: expand inputs, read images, name outputs."""
+import argparse
 import glob
 import os
 from pathlib import Path
@@ -53,3 +54,19 @@ def output_path(output: str, image_path: Path, n_inputs: int, suffix: str = ".pn
         return out.with_suffix(suffix) if suffix != out.suffix else out
     out.mkdir(parents=True, exist_ok=True)
     return out / (image_path.stem + suffix)
+
+
+def demo_parser(description: str, add_options) -> argparse.ArgumentParser:
+    """The demos' shared command line: ``--config-file --input --output [own options] --opts``.
+
+    ``add_options(parser)`` adds the demo's own options; ``--opts`` stays last because it takes
+    everything after it (KEY VALUE config overrides, as in the upstream demos).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
+    parser.add_argument("--input", nargs="+", required=True, help="image files, globs or directories")
+    parser.add_argument("--output", required=True, help="output directory, or a file name when there is one input")
+    add_options(parser)
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu")
+    return parser

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsNotFoundError
 from unsam.data.sa1b import mask_to_rle
-from unsam.demo_io import DemoInputError, expand_inputs, output_path, read_rgb
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, read_rgb
 from unsam.predictor import WholeImagePredictor
 from unsam.utils.arguments import ConfigError, load_config
 from unsam.visualize import draw_masks
@@ -26,19 +26,15 @@ from unsam.visualize import draw_masks
 logger = logging.getLogger("unsam.demo")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, globs or directories")
-    parser.add_argument("--output", required=True,
-                        help="output directory, or a file name when there is one input")
+def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="keep masks scoring at least this (default 0.5, as upstream)")
     parser.add_argument("--save-json", action="store_true",
                         help="also write <name>.json with COCO-RLE masks, scores and boxes")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu")
-    return parser
+
+
+def get_parser() -> argparse.ArgumentParser:
+    return demo_parser(__doc__, _add_options)
 
 
 def run(args) -> None:
