@@ -284,6 +284,41 @@ def test_classical_features_shape():
     assert disk @ other_disk > disk @ bg
 
 
+def test_colour_sums_compare_colour_distributions():
+    """Full-resolution colour embedding pooled on superpixels: same-colour superpixels are
+    near-identical, superpixels of different colours are not."""
+    from unsam.pseudo.refine import Snapper
+
+    img, masks = synthetic_image()
+    snap = Snapper(img, 900)
+    sums, weight = snap.colour_sums(0.5)
+    assert sums.shape == (snap.k, 64) and weight.shape == (snap.k,)
+    np.testing.assert_allclose(weight, snap.sizes)
+    unit = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    # coherence |mean| <= 1, with equality only for a single-colour-bin superpixel
+    assert (np.linalg.norm(sums, axis=1) <= weight * (1 + 1e-6)).all()
+    inside = lambda m: np.flatnonzero(np.bincount(snap.labels.ravel(), weights=m.ravel(), minlength=snap.k) > 0.95 * snap.sizes)
+    disk, rect = inside(masks["disk"]), inside(masks["rect"])
+    assert len(disk) >= 2 and len(rect) >= 2
+    assert unit[disk[0]] @ unit[disk[1]] > 0.9
+    assert unit[disk[0]] @ unit[rect[0]] < 0.5
+
+
+def test_engine_colour_hierarchy_adds_small_objects():
+    """A small (~150 px) object that the feature grid is too coarse for is recovered once the
+    full-resolution colour hierarchy is on."""
+    img, _ = synthetic_image(seed=3)
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    small = (yy - 20) ** 2 + (xx - 300) ** 2 < 7 ** 2  # top-right corner, on the background
+    img[small] = (250, 0, 250)
+    best = {}
+    for bws in ((), (0.5,)):
+        anns = E.PseudoLabeler(E.EngineConfig(**SMALL, colour_bandwidths=bws))(img)
+        best[bws] = max(_iou(rle_to_mask(a["segmentation"]), small) for a in anns)
+    assert best[(0.5,)] >= 0.6, best
+    assert best[(0.5,)] > best[()], best
+
+
 @pytest.mark.slow
 def test_dino_vits_weights_into_vitb_is_an_error(tmp_path):
     small = tmp_path / "vits8.pth"

@@ -13,16 +13,23 @@ Per image (:meth:`PseudoLabeler.__call__`):
    ``crop_resolution``) and conquered inside the region. Merging superpixels rather than grid
    patches is a deliberate change from the patch-grid description in the design: masks then
    follow image edges at pixel level (on COCO the grid-then-snap variant was clearly worse);
-   :func:`unsam.pseudo.conquer.merge_hierarchy` is the patch-grid form of the same merging;
+   :func:`unsam.pseudo.conquer.merge_hierarchy` is the patch-grid form of the same merging.
+   The whole image is also conquered once per ``colour_bandwidths`` entry on full-resolution
+   colour distributions of the superpixels (:meth:`Snapper.colour_sums`, smallest group
+   ``colour_min_pixels``): the feature grid's cells are too coarse for small objects, and this
+   colour-only hierarchy (selective search's colour similarity) supplies them;
 4. **filter**: masks > 90 % of the image, conquered masks less than 90 % inside their divided
-   region and near-duplicates (IoU > 0.9, the better-scored kept) are dropped;
+   region and near-duplicates (IoU > ``dedup_iou`` = 0.8, the better-scored kept) are dropped;
 5. at most ``max_masks`` masks, best score first.
 
 Score (``predicted_iou``): ``boundary × (1 − coherence / 2)``. *boundary* (also stored as
 ``stability_score``) is the mean image-edge strength along the mask border relative to the
 image's mean, squashed to [0, 1) (masks that end on edges); *coherence* (``feature_coherence``)
 is the length of the mean of the member features (1 = uniform region), which mildly demotes
-uniform stuff such as sky or walls. Hierarchy: ``parent_id`` is the id of the smallest kept mask
+uniform stuff such as sky or walls. The stored ``predicted_iou`` (the ranking score) is that
+score discounted within its size band: masks are grouped by area in bands a factor of 4 wide and
+the r-th best of a band (0-based) has its score divided by ``(1 + r)^band_discount`` (γ = 0.25),
+so the first masks of the list cover all object sizes. Hierarchy: ``parent_id`` is the id of the smallest kept mask
 that contains the mask (≥ 90 %) along the merge tree / divided region it came from, -1 for none,
 and ``level`` its depth (0 = top).
 
@@ -67,15 +74,20 @@ class EngineConfig:
     tau: float = 0.15
     thresholds: Tuple[float, ...] = DEFAULT_THRESHOLDS
     min_patches: int = 4
-    max_masks: int = 500
+    max_masks: int = 1000
     max_area_frac: float = 0.9
     min_refine_iou: float = 0.5
     min_inside_parent: float = 0.9
-    dedup_iou: float = 0.9
-    n_superpixels: int = 2500
+    dedup_iou: float = 0.8
+    band_discount: float = 0.25  # γ of the size-band rank discount of the score (0: none)
+    n_superpixels: int = 1800
     # classical backend only: (RBF bandwidth, position weight) per hierarchy; more settings give
     # more diverse candidates (selective search's "diversification") at a linear cost
     variants: Tuple[Tuple[float, float], ...] = ((0.55, 0.25), (0.4, 0.5), (0.8, 0.1))
+    # full-resolution colour hierarchy on the superpixel graph (small objects); its smallest
+    # reported group in pixels, and its RBF bandwidths (one hierarchy each); () disables it
+    colour_bandwidths: Tuple[float, ...] = (0.5,)
+    colour_min_pixels: int = 100
     pair_unions: bool = True
     all_merges: bool = True  # every merge is a candidate, not only threshold snapshots
     seed: int = 0
@@ -151,6 +163,16 @@ class PseudoLabeler:
         # root region: the whole image (each feature variant)
         for vf in variants:
             self._conquer(vf, (0, 0, W, H), everything, -1, None, snapper, cands)
+        # colour-only hierarchies from full-resolution colour statistics: the feature grid's
+        # cells (~100 px² each at the default resolution) are too coarse for small objects
+        for ci, bw in enumerate(cfg.colour_bandwidths):
+            sums, weight = snapper.colour_sums(bw, seed=cfg.seed + ci)
+            segments = merge_graph(sums, weight, snapper.pairs, everything, cfg.thresholds,
+                                   float(cfg.colour_min_pixels), cfg.pair_unions, cfg.all_merges)
+            base = len(cands)
+            for seg in segments:
+                cands.append(dict(nodes=seg.mask, box=(0, 0, W, H), coherence=seg.coherence,
+                                  parent=base + seg.parent if seg.parent >= 0 else -1, divided=None))
         # divided regions: each is a candidate (refined: snapped to superpixels), then is
         # conquered on a zoomed-in crop
         for dmask in maskcut(feats, cfg.n_divide, cfg.tau, min_patches=cfg.min_patches):
@@ -226,6 +248,17 @@ class PseudoLabeler:
             chosen.append(i)
             if len(chosen) >= cfg.max_masks:
                 break
+        # size-band discount: the r-th best mask (0-based) of an area band (factor 4 wide) has
+        # its score divided by (1 + r)^γ, so the top of the list spreads over object sizes
+        # instead of filling up with one size (on COCO this raised AR@10/100, not AR@1000)
+        band = np.floor(np.log2(np.maximum(areas, 1.0)) / 2.0)
+        seen_in_band: Dict[float, int] = {}
+        for i in chosen:  # chosen is in score order
+            r = seen_in_band.get(band[i], 0)
+            seen_in_band[band[i]] = r + 1
+            kept[i]["raw_score"] = kept[i]["score"]
+            kept[i]["score"] = kept[i]["score"] / (1.0 + r) ** cfg.band_discount
+        chosen.sort(key=lambda i: (-kept[i]["score"], -areas[i], i))
         chosen_set = set(chosen)
 
         def resolve_parent(ki: int) -> int:
