@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     runner.run("pseudo-label train", [py, "-m", "unsam.pseudo", "--input", args.images, "--output", out / "pseudo_train",
                                       "--workers", args.workers, *subset_range(args.max_train_images)])
     runner.run("pseudo-label val", [py, "-m", "unsam.pseudo", "--input", args.val_images, "--output", out / "pseudo_val",
-                                    "--workers", args.workers, *subset_range(args.max_val_images)])
+                                    "--workers", args.workers, "--max-masks", "1000", *subset_range(args.max_val_images)])
     runner.run("evaluate pseudo labels", [py, "-m", "unsam.pseudo.evaluate", "--gt", args.gt, "--pred", out / "pseudo_val",
                                           "--out", out / "metrics_pseudo.json"])
     if not args.skip_baseline:

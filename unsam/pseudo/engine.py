@@ -74,7 +74,7 @@ class EngineConfig:
     tau: float = 0.15
     thresholds: Tuple[float, ...] = DEFAULT_THRESHOLDS
     min_patches: int = 4
-    max_masks: int = 1000
+    max_masks: int = 500  # = the trainer's per-image instance cap; pass 1000 to measure AR@1000
     max_area_frac: float = 0.9
     min_refine_iou: float = 0.5
     min_inside_parent: float = 0.9
