@@ -17,7 +17,7 @@ quickstart: setup
 	$(PY) scripts/quickstart.py
 
 test: setup
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=10
 
 test-slow: setup
 	$(PYTEST) -q -m slow
