@@ -110,7 +110,8 @@ def write_metrics_json(path, metrics: Dict[str, float]) -> None:
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
-    return "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items())
+    """One log line: AR/AP keys as percentages, any extra key (counts, seconds) as is."""
+    return "  ".join(f"{k} {100 * v:.1f}" if k in METRIC_KEYS else f"{k} {v:.3g}" for k, v in metrics.items())
 
 
 def dataset_dicts_to_coco(dicts: List[Dict]) -> Dict:
