@@ -329,15 +329,13 @@ def main(argv=None) -> int:
     secs = (time.time() - t0) / max(1, done)
     print(f"selective search: {done} images, {secs:.2f} s/image")
     if args.gt:
-        from unsam.evaluation.whole_image import format_metrics, write_metrics_json
+        from unsam.evaluation.whole_image import report_metrics
         from unsam.pseudo.evaluate import evaluate_dir
 
         metrics = evaluate_dir(args.gt, out)
         if done:
             metrics["seconds_per_image"] = secs
-        print(format_metrics(metrics))
-        if args.out:
-            write_metrics_json(args.out, metrics)
+        report_metrics(metrics, args.out)
     return 0
 
 

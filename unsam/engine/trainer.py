@@ -96,7 +96,7 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
             hyper = {"lr": base_lr, "weight_decay": wd}
             if module_name.startswith("backbone") or ".backbone" in module_name:
                 hyper["lr"] = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
-            if any(k in name for k in _EMBED_NAMES) or any(k in module_name for k in ("query_feat", "query_embed", "level_embed")):
+            if any(k in f"{module_name}.{name}" for k in _EMBED_NAMES):
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
             if isinstance(module, _NORM_TYPES):
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM

@@ -109,6 +109,13 @@ def write_metrics_json(path, metrics: Dict[str, float]) -> None:
         json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
 
 
+def report_metrics(metrics: Dict[str, float], out: Optional[str] = None) -> None:
+    """What every evaluation CLI ends with: the metrics line on stdout, and ``--out`` if given."""
+    print(format_metrics(metrics))
+    if out:
+        write_metrics_json(out, metrics)
+
+
 def format_metrics(metrics: Dict[str, float]) -> str:
     """One log line: AR/AP keys as percentages, any extra key (counts, seconds) as is."""
     return "  ".join(f"{k} {100 * v:.1f}" if k in METRIC_KEYS else f"{k} {v:.3g}" for k, v in metrics.items())
@@ -218,10 +225,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics = coco_eval_agnostic(coco_gt, predictions)
-    print(format_metrics(metrics))
-    if args.out:
-        write_metrics_json(args.out, metrics)
+    report_metrics(coco_eval_agnostic(coco_gt, predictions), args.out)
     return 0
 
 

@@ -67,7 +67,7 @@ def evaluate_dir(gt_path, pred_dir, all_images: bool = False) -> Dict[str, float
 
 
 def main(argv=None) -> int:
-    from ..evaluation.whole_image import format_metrics, write_metrics_json
+    from ..evaluation.whole_image import report_metrics
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gt", required=True, help="COCO instances JSON")
@@ -82,9 +82,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_metrics(metrics))
-    if args.out:
-        write_metrics_json(args.out, metrics)
+    report_metrics(metrics, args.out)
     return 0
 
 
