@@ -16,11 +16,12 @@ Writes one SA-1B JSON per image (so ``python -m unsam.pseudo.evaluate`` scores i
 and prints AR/AP when ``--gt`` is given::
 
     python benchmarks/baseline_selective_search.py --input IMAGES --output DIR \
-        [--gt instances.json] [--out metrics.json] [--end-id N]
+        [--gt instances.json] [--out metrics.json] [--end-id N] [--workers 2]
 """
 import argparse
 import heapq
 import logging
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -123,6 +124,8 @@ def _compiled():
                 _C_LIB = ctypes.CDLL(str(lib))
             except (subprocess.CalledProcessError, OSError) as e:
                 logger.warning("C compiler failed (%s); using the slow Python Felzenszwalb", e)
+            finally:  # a loaded library stays mapped after its file is removed
+                shutil.rmtree(tmp, ignore_errors=True)
     return _C_LIB or None
 
 
@@ -297,6 +300,15 @@ def propose(image: np.ndarray, rng: np.random.Generator, scales: Sequence[int] =
     return anns
 
 
+def _propose_file(task) -> None:
+    """One image → its SA-1B JSON; seeded per image so the result does not depend on workers."""
+    image_id, path, target, seed, max_masks = task
+    image = read_image(path)
+    anns = propose(image, np.random.default_rng(seed + image_id), max_masks=max_masks)
+    write_sa1b_json(target, {"image_id": image_id, "width": image.shape[1], "height": image.shape[0],
+                             "file_name": str(path)}, anns)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True)
@@ -308,26 +320,29 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-masks", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=1, help="processes, one image each at a time")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
     i, n = (int(x) for x in args.shard.split("/"))
-    tasks = select(list_images(args.input), args.start_id, args.end_id, (i, n))
     out = Path(args.output)
-    t0, done = time.time(), 0
-    for image_id, path in tqdm(tasks, unit="img"):
-        target = out / f"{path.stem}.json"
-        if target.exists():
-            continue
-        image = read_image(path)
-        rng = np.random.default_rng(args.seed + image_id)
-        anns = propose(image, rng, max_masks=args.max_masks)
-        write_sa1b_json(target, {"image_id": image_id, "width": image.shape[1], "height": image.shape[0],
-                                 "file_name": str(path)}, anns)
-        done += 1
+    tasks = [(image_id, path, out / f"{path.stem}.json", args.seed, args.max_masks)
+             for image_id, path in select(list_images(args.input), args.start_id, args.end_id, (i, n))
+             if not (out / f"{path.stem}.json").exists()]  # finished images are skipped (resume)
+    t0 = time.time()
+    if args.workers > 1:
+        # one thread per worker: the workers already fill the cores
+        with multiprocessing.get_context("spawn").Pool(args.workers, initializer=cv2.setNumThreads,
+                                                       initargs=(1,)) as pool:
+            for _ in tqdm(pool.imap_unordered(_propose_file, tasks), total=len(tasks), unit="img"):
+                pass
+    else:
+        for task in tqdm(tasks, unit="img"):
+            _propose_file(task)
+    done = len(tasks)
     secs = (time.time() - t0) / max(1, done)
-    print(f"selective search: {done} images, {secs:.2f} s/image")
+    print(f"selective search: {done} images, {secs:.2f} s/image (wall, {args.workers} worker(s))")
     if args.gt:
         from unsam.evaluation.whole_image import report_metrics
         from unsam.pseudo.evaluate import evaluate_dir

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-val-images", type=int, default=None,
                     help="pseudo-label / baseline evaluation on the first N val images only")
     ap.add_argument("--max-train-images", type=int, default=None, help="pseudo-label only the first N images")
-    ap.add_argument("--workers", type=int, default=2, help="pseudo-label worker processes")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of the pseudo-label engine and the baseline")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run the Felzenszwalb baseline")
     ap.add_argument("--max-prompt-images", type=int, default=20, help="images used for the prompt mIoU")
     args = ap.parse_args(argv)
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     if not args.skip_baseline:
         runner.run("Felzenszwalb baseline", [py, "benchmarks/baseline_selective_search.py", "--input", args.val_images,
                                              "--output", out / "baseline", "--gt", args.gt,
-                                             "--out", out / "metrics_baseline.json", *subset_range(args.max_val_images)])
+                                             "--out", out / "metrics_baseline.json", "--workers", args.workers,
+                                             *subset_range(args.max_val_images)])
 
     # 2. train on the pseudo labels, exactly as a user would
     train_dir = out / "train"

@@ -355,7 +355,7 @@ def test_prompt_training_learns_one_click_segmentation(tmp_path):
     from unsam.utils.arguments import load_config
 
     iters = int(os.environ.get("UNSAM_PROMPT_LEARN_ITERS", "500"))
-    train_root = make_shapes_dataset(tmp_path / "train", 200, size=128, seed=11)
+    train_root = make_shapes_dataset(tmp_path / "train", 1500, size=128, seed=11)  # many: no memorising
     val_root = make_shapes_dataset(tmp_path / "val", 20, size=128, seed=12)
     register_sa1b("shapes_prompt_train", train_root)
     out = tmp_path / "run"
