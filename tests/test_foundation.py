@@ -191,3 +191,28 @@ def test_evaluator_gt_scores_one_and_degrades(tiny_val, tmp_path):
     assert set(written) >= {"AR@1", "AR@10", "AR@100", "AR@1000", "AP", "AP50", "ARs@1000", "ARm@1000", "ARl@1000"}
     assert written["AR@1000"] == pytest.approx(half["AR@1000"])
     assert eval_main(["--gt", str(tmp_path / "nope.json"), "--pred", str(pred)]) == 2
+
+
+def test_transform_masks_matches_per_mask_segmentation_transforms():
+    """The mapper's batched mask transform agrees with detectron2's per-mask apply_segmentation:
+    exactly for crop / pad / flip, up to nearest-neighbour tie-breaking for resizing."""
+    from detectron2.data import transforms as T
+
+    from unsam.data.mapper import transform_masks
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((5, 60, 80), bool)
+    for m in masks:
+        y, x = rng.integers(0, 40), rng.integers(0, 60)
+        m[y:y + 20, x:x + 20] = True
+    exact = T.TransformList([T.CropTransform(5, 3, 60, 50), T.PadTransform(0, 0, 10, 7, seg_pad_value=0),
+                             T.HFlipTransform(70)])
+    want = np.stack([exact.apply_segmentation(m.astype(np.uint8)).astype(bool) for m in masks])
+    assert np.array_equal(transform_masks(exact, masks), want)
+    resize = T.TransformList([T.ResizeTransform(60, 80, 45, 61)])
+    got = transform_masks(resize, masks)
+    want = np.stack([resize.apply_segmentation(m.astype(np.uint8)).astype(bool) for m in masks])
+    assert got.shape == want.shape == (5, 45, 61)
+    assert (got == want).mean() > 0.97
+    ious = (got & want).sum((1, 2)) / (got | want).sum((1, 2))
+    assert ious.min() > 0.85

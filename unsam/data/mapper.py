@@ -18,12 +18,12 @@ Optional extras (training only):
 * ``ats_index`` / ``ats_task_id`` / ``ats_task`` / ``ats_level`` pass through unchanged when the
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
-import copy
 import logging
 from typing import Dict, List
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import unsam.compat  # noqa: F401
 from detectron2.config import configurable
@@ -49,6 +49,32 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 
     rles = mask_utils.frPyObjects(segmentation, height, width)
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+def transform_masks(transforms: T.TransformList, masks: np.ndarray) -> np.ndarray:
+    """Apply an image's geometric transforms to all its masks at once: N×H×W bool → N×H'×W' bool.
+
+    Equivalent to ``transforms.apply_segmentation`` per mask, but one vectorised operation per
+    transform instead of N PIL round trips (the mapper's hot path with hundreds of pseudo masks).
+    Resizing is nearest-neighbour at pixel centres; transforms without a batched rule here fall
+    back to the per-mask path.
+    """
+    for t in transforms.transforms:
+        if isinstance(t, T.ResizeTransform):
+            resized = F.interpolate(torch.from_numpy(masks).to(torch.uint8)[None], size=(t.new_h, t.new_w),
+                                    mode="nearest-exact")
+            masks = resized[0].numpy().astype(bool)
+        elif isinstance(t, T.CropTransform):
+            masks = masks[:, t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+        elif isinstance(t, T.PadTransform):
+            masks = np.pad(masks, ((0, 0), (t.y0, t.y1), (t.x0, t.x1)), constant_values=bool(t.seg_pad_value))
+        elif isinstance(t, T.HFlipTransform):
+            masks = masks[:, :, ::-1]
+        elif isinstance(t, T.NoOpTransform):
+            continue
+        else:
+            masks = np.stack([t.apply_segmentation(m.astype(np.uint8)).astype(bool) for m in masks])
+    return np.ascontiguousarray(masks)
 
 
 def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
@@ -126,7 +152,9 @@ class UnSAMDatasetMapper:
         return anns
 
     def __call__(self, dataset_dict: Dict) -> Dict:
-        dataset_dict = copy.deepcopy(dataset_dict)
+        # shallow: annotations are only read, and a deep copy of hundreds of RLE dicts per image
+        # cost more than decoding them
+        dataset_dict = dict(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
@@ -144,19 +172,19 @@ class UnSAMDatasetMapper:
 
         anns = self._select_annotations(annotations)
         orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
-        masks, kept = [], []
-        for ann in anns:
-            mask = decode_segmentation(ann["segmentation"], orig_h, orig_w).astype(np.uint8)
-            mask = transforms.apply_segmentation(mask).astype(bool)
-            if mask.any():  # instances cropped away by LSJ are dropped
-                masks.append(mask)
-                kept.append(ann)
+        if anns:
+            stack = np.stack([decode_segmentation(a["segmentation"], orig_h, orig_w) for a in anns])
+            stack = transform_masks(transforms, stack)
+            present = stack.any(axis=(1, 2))  # instances cropped away by LSJ are dropped
+            mask_tensor = torch.from_numpy(stack[present])
+            kept = [a for a, p in zip(anns, present) if p]
+        else:
+            mask_tensor, kept = torch.zeros((0, h, w), dtype=torch.bool), []
 
         instances = Instances((h, w))
         instances.gt_classes = torch.zeros(len(kept), dtype=torch.int64)
-        mask_tensor = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)
         instances.gt_masks = BitMasks(mask_tensor)
-        instances.gt_boxes = instances.gt_masks.get_bounding_boxes() if masks else Boxes(torch.zeros((0, 4)))
+        instances.gt_boxes = instances.gt_masks.get_bounding_boxes() if kept else Boxes(torch.zeros((0, 4)))
         instances.gt_levels = torch.tensor([int(a.get("level", 0)) for a in kept], dtype=torch.int64)
         # parent ids refer to annotation ids; re-express them as indices into the kept list
         index_of = {a.get("id"): i for i, a in enumerate(kept) if a.get("id") is not None}
