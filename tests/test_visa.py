@@ -231,3 +231,17 @@ def test_visa_state_switches_parts_off_individually():
     assert state.mask_weights(torch.ones(1, 4, 4, dtype=torch.bool), 0) is None
     with pytest.raises(ValueError):
         VisaState.from_config(_cfg(GUIDANCE__LOSS="l1"))
+
+
+def test_boundary_band_cpu_morphology_equals_max_pool_band():
+    """The CPU (OpenCV) band and the max-pool band used on GPUs mark the same pixels, borders included."""
+    from unsam.modeling.visa import _band_cpu, _square_max
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand((6, 40, 50), generator=gen) > 0.6
+    masks[0] = False
+    masks[1, :, :20] = True  # touches three image borders
+    for width in (1, 3):
+        m = masks.to(torch.float32).unsqueeze(1)
+        pooled = (_square_max(m, width) != -_square_max(-m, width)).squeeze(1)
+        assert torch.equal(torch.from_numpy(_band_cpu(masks.numpy(), width)), pooled)
