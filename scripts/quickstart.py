@@ -179,7 +179,8 @@ def main(argv=None) -> int:
                  "TEST.EVAL_PERIOD", "0"]
     if args.iters:
         overrides += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
-                      "SOLVER.CHECKPOINT_PERIOD", str(max(1, args.iters // 4))]
+                      "SOLVER.CHECKPOINT_PERIOD", str(max(1, args.iters // 4)),
+                      "UNSAM.VISA.END_ITER", str(max(1, args.iters // 2)), "UNSAM.ATS.START_ITER", str(args.iters // 4)]
     weights = train_dir / "model_final.pth"
     if not weights.is_file():
         runner.run("train", [py, "train_net.py", "--config-file", CONFIG, "--resume", *overrides,

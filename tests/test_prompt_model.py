@@ -354,14 +354,14 @@ def test_prompt_training_learns_one_click_segmentation(tmp_path):
     from unsam.predictor import PromptPredictor
     from unsam.utils.arguments import load_config
 
-    iters = int(os.environ.get("UNSAM_PROMPT_LEARN_ITERS", "500"))
+    iters = int(os.environ.get("UNSAM_PROMPT_LEARN_ITERS", "800"))
     train_root = make_shapes_dataset(tmp_path / "train", 1500, size=128, seed=11)  # many: no memorising
     val_root = make_shapes_dataset(tmp_path / "val", 20, size=128, seed=12)
     register_sa1b("shapes_prompt_train", train_root)
     out = tmp_path / "run"
-    opts = [*FAST, "UNSAM.PROMPT.PROMPTS_PER_IMAGE", "8", "UNSAM.PROMPT.TASK_RATIO", "0.9",
+    opts = [*FAST, "UNSAM.PROMPT.PROMPTS_PER_IMAGE", "16", "UNSAM.PROMPT.TASK_RATIO", "0.9",
             "UNSAM.PROMPT.TYPE_WEIGHTS", "[3.0, 1.0, 1.0]", "INPUT.MIN_SCALE", "0.8", "INPUT.MAX_SCALE", "1.25",
-            "DATASETS.TRAIN", '("shapes_prompt_train",)', "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
+            "DATASETS.TRAIN", '("shapes_prompt_train",)', "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "4",
             "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITER", str(iters),
             "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", "20",
             "SOLVER.CHECKPOINT_PERIOD", "100000", "OUTPUT_DIR", str(out), "SEED", "3"]
