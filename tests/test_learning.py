@@ -43,12 +43,12 @@ def test_training_on_shapes_learns(tmp_path):
               "INPUT.IMAGE_SIZE", "128", "INPUT.MIN_SCALE", "0.75", "INPUT.MAX_SCALE", "1.25",
               "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "512",
               "MODEL.DEVICE", "cpu", "SEED", "0"]
-    _train_net(*common, "--eval-only", "OUTPUT_DIR", str(tmp_path / "untrained"))
+    _train_net("--eval-only", *common, "OUTPUT_DIR", str(tmp_path / "untrained"))
     before = _ar100(tmp_path / "untrained" / "metrics.json")
     _train_net(*common, "SOLVER.BASE_LR", "0.0005", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.IMS_PER_BATCH", "8",
                "SOLVER.STEPS", f"({int(ITERS * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", str(ITERS),
                "OUTPUT_DIR", str(tmp_path / "trained"))
-    _train_net(*common, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth"),
+    _train_net("--eval-only", *common, "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth"),
                "OUTPUT_DIR", str(tmp_path / "trained_eval"))
     after = _ar100(tmp_path / "trained_eval" / "metrics.json")
     print(f"AR@100 untrained {before:.3f} -> trained {after:.3f}")
