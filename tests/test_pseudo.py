@@ -13,7 +13,7 @@ import torch
 from unsam.data.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo import engine as E
 from unsam.pseudo.__main__ import main as pseudo_main
-from unsam.pseudo.conquer import merge_hierarchy
+from unsam.pseudo.conquer import merge_hierarchy, merge_selective
 from unsam.pseudo.divide import maskcut, ncut_vector
 from unsam.pseudo.features import ClassicalFeatures, DinoFeatures, FeatureError
 
@@ -84,6 +84,70 @@ def test_conquer_hierarchy_nested():
         if s.parent >= 0:
             assert s.mask.sum() < segs[s.parent].mask.sum()
             assert not (s.mask & ~segs[s.parent].mask).any()
+
+
+def test_merge_selective_complete_nested_hierarchy():
+    """A chain of 6 + 4 + 6 nodes in three colours: the selective-search merge finds each colour
+    run as one group, ends in the whole chain and every parent strictly contains its child."""
+    rng = np.random.default_rng(2)
+    runs = [0] * 6 + [1] * 4 + [2] * 6
+    base = rng.normal(size=(3, 8))
+    feats = base[runs] + 0.05 * rng.normal(size=(len(runs), 8))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    n = len(runs)
+    pairs = np.stack([np.arange(n - 1), np.arange(1, n)], 1)
+    boxes = np.stack([np.arange(n), np.zeros(n), np.arange(n) + 1, np.ones(n)], 1)
+    segs = merge_selective(feats, np.ones(n), pairs, boxes, min_weight=2.0)
+    assert len(segs) == n - 1  # every merge is reported (all have weight >= 2)
+    assert segs[0].mask.all() and segs[0].parent == -1
+    lab = np.array(runs)
+    for k in range(3):
+        assert any((s.mask == (lab == k)).all() for s in segs), k
+    for s in segs[1:]:
+        p = segs[s.parent].mask
+        assert s.parent >= 0 and s.mask.sum() < p.sum() and not (s.mask & ~p).any()
+
+
+def test_snapper_boundary_and_box_match_direct_computation():
+    from unsam.pseudo.refine import Snapper
+
+    img, _ = synthetic_image()
+    snap = Snapper(img, 900)
+    rng = np.random.default_rng(0)
+    nodes = rng.random((20, snap.k)) < 0.2
+    nodes[0] = True  # the whole image: no border inside the image
+    got = snap.boundary_strength(nodes)
+    assert got[0] == 0.0
+    for m, g in zip(nodes[1:], got[1:]):
+        cut = m[snap.pairs[:, 0]] != m[snap.pairs[:, 1]]
+        mean = snap.border_edge[cut].sum() / snap.border_len[cut].sum()
+        assert g == pytest.approx(1.0 - np.exp(-mean / 2.0), rel=1e-4)
+    for m, a in zip(nodes, snap.box_area(nodes)):
+        _, (x0, y0, x1, y1) = snap.nodes_to_mask(m)
+        assert a == (x1 - x0) * (y1 - y0)
+
+
+def test_reassign_border_repairs_a_damaged_border():
+    """A disk mask that lost some border superpixels and gained some background ones is snapped
+    back by the colour models."""
+    from unsam.pseudo.refine import Snapper
+
+    img, masks = synthetic_image()
+    snap = Snapper(img, 900)
+    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    touching = np.zeros(snap.k, bool)
+    for a, b in snap.pairs:
+        if disk[a] != disk[b]:
+            touching[a] = touching[b] = True
+    inner, outer = np.flatnonzero(touching & disk), np.flatnonzero(touching & ~disk)
+    damaged = disk.copy()
+    damaged[inner[::3]] = False
+    damaged[outer[::3]] = True
+    colour = snap.colour_sums(0.5)[0]
+    fixed = snap.reassign_border(np.stack([damaged, disk]), colour)
+    err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
+    assert err(fixed[0]) < 0.25 * err(damaged)
+    assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum()  # a correct mask stays (nearly) as is
 
 
 # ------------------------------------------------------------------------------ engine
@@ -313,7 +377,9 @@ def test_engine_colour_hierarchy_adds_small_objects():
     img[small] = (250, 0, 250)
     best = {}
     for bws in ((), (0.5,)):
-        anns = E.PseudoLabeler(E.EngineConfig(**SMALL, colour_bandwidths=bws))(img)
+        # the other whole-image colour steps off, so only the colour hierarchy differs
+        anns = E.PseudoLabeler(E.EngineConfig(**SMALL, colour_bandwidths=bws, selective=(),
+                                              refine_top=0))(img)
         best[bws] = max(_iou(rle_to_mask(a["segmentation"]), small) for a in anns)
     assert best[(0.5,)] >= 0.6, best
     assert best[(0.5,)] > best[()], best

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop a mask whose IoU with a better-scored one exceeds this")
     ap.add_argument("--min-patches", type=int, default=d.min_patches,
                     help="smallest reported group, in feature-grid cells")
+    ap.add_argument("--refine-top", type=int, default=d.refine_top,
+                    help="add a colour-snapped variant of this many best masks (0: off)")
+    ap.add_argument("--selective", nargs="*", choices=("features", "colour"), default=list(d.selective),
+                    help="selective-search-style hierarchies to add (none: pass the flag alone)")
     ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n")
     ap.add_argument("--start-id", type=int, default=0, help="first index into the sorted image list")
     ap.add_argument("--end-id", type=int, default=None, help="one past the last index")
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
                        crop_resolution=args.crop_resolution, n_divide=args.n_divide, tau=args.tau,
                        thresholds=tuple(args.thresholds), max_masks=args.max_masks, seed=args.seed,
                        n_superpixels=args.superpixels, min_patches=args.min_patches,
-                       dedup_iou=args.dedup_iou,
+                       dedup_iou=args.dedup_iou, selective=tuple(args.selective),
+                       refine_top=args.refine_top,
                        device=args.device, dino_weights=args.dino_weights, dino_arch=args.dino_arch)
     if cfg.features == "dino":
         # fail fast on bad weights before any worker starts

@@ -9,7 +9,9 @@ snapshots are nested: every group at a coarser threshold is a union of groups at
 :func:`merge_hierarchy` returns the distinct groups with ≥ ``min_patches`` patches as
 :class:`Segment` records with the index of their parent segment (the smallest strictly larger
 group containing them, or -1), i.e. a forest that the engine turns into ``level`` /
-``parent_id``.
+``parent_id``. :func:`merge_graph` is the same on any region adjacency graph (the engine's
+superpixels), and :func:`merge_selective` a selective-search-style alternative (similarity +
+size + fill, one complete hierarchy) used to diversify the candidates.
 """
 import heapq
 from dataclasses import dataclass
@@ -79,7 +81,7 @@ def merge_graph(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarra
     owner = np.arange(n)
     members = {int(i): [int(i)] for i in np.flatnonzero(inside)}
     neighbours = {i: set() for i in members}
-    version = np.zeros(n, np.int64)
+    version = [0] * n  # a list: indexed once per heap entry, numpy scalars are slower
 
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     pairs = pairs[inside[pairs[:, 0]] & inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
@@ -136,8 +138,8 @@ def merge_graph(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarra
             others = sorted(neighbours[a])
             if others:
                 for x, s in zip(others, cos(a, np.asarray(others))):
-                    heapq.heappush(heap, (-float(s), a, x, int(version[a]), int(version[x])) if a < x
-                                   else (-float(s), x, a, int(version[x]), int(version[a])))
+                    heapq.heappush(heap, (-float(s), a, x, version[a], version[x]) if a < x
+                                   else (-float(s), x, a, version[x], version[a]))
         snapshots.append((t, owner.copy(), {g: info_of(g) for g in members}))
         if pair_unions:
             for a in sorted(members):
@@ -219,3 +221,90 @@ def merge_graph(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarra
 
 def weight_of(mask: np.ndarray, node_weight: np.ndarray) -> float:
     return float(np.asarray(node_weight, np.float64)[mask].sum())
+
+
+def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarray,
+                    boxes: np.ndarray, min_weight: float = 4.0) -> List[Segment]:
+    """Selective-search-style complete hierarchy on a region adjacency graph.
+
+    Unlike :func:`merge_graph` (pure feature similarity, snapshots at thresholds), the pair to
+    merge next maximises ``cos(features) + size + fill`` (Uijlings et al.): ``size = 1 − (w_a +
+    w_b) / W`` makes small groups merge first everywhere, so no single group swallows the image
+    early, and ``fill = 1 − (box_ab − w_a − w_b) / W`` prefers merges that fill their joint
+    bounding box (compact shapes); ``W`` is the total weight. Merging runs until no adjacent
+    pair is left; every merged group with weight ≥ ``min_weight`` is a segment, its parent the
+    group it merges into next.
+
+    ``node_sums``: (N, C) summed unit features; ``node_weight``: (N,) pixels per node;
+    ``pairs``: (E, 2) adjacent nodes; ``boxes``: (N, 4) pixel boxes (x0, y0, x1, y1).
+    Returns segments (``mask``: (N,) bool) ordered coarse to fine.
+    """
+    n = node_sums.shape[0]
+    total = float(np.sum(node_weight))
+    sums = np.zeros((2 * n, node_sums.shape[1]))
+    sums[:n] = node_sums
+    norm = np.zeros(2 * n)
+    norm[:n] = np.linalg.norm(node_sums, axis=1) + 1e-12
+    weight = np.zeros(2 * n)
+    weight[:n] = node_weight
+    box = np.zeros((2 * n, 4))
+    box[:n] = boxes
+
+    def similarity(a: int, others: np.ndarray) -> np.ndarray:
+        colour = sums[others] @ sums[a] / (norm[others] * norm[a])
+        joint = weight[a] + weight[others]
+        bw = np.maximum(box[a, 2], box[others, 2]) - np.minimum(box[a, 0], box[others, 0])
+        bh = np.maximum(box[a, 3], box[others, 3]) - np.minimum(box[a, 1], box[others, 1])
+        return colour + (1.0 - joint / total) + (1.0 - (bw * bh - joint) / total)
+
+    neighbours = {i: set() for i in range(n)}
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    for a, b in pairs.tolist():
+        if a != b:
+            neighbours[a].add(b)
+            neighbours[b].add(a)
+    heap = []
+    for a in range(n):
+        others = np.array(sorted(x for x in neighbours[a] if x > a), np.int64)
+        if len(others):
+            heap += [(-s, a, b) for s, b in zip(similarity(a, others).tolist(), others.tolist())]
+    heapq.heapify(heap)
+    alive = np.zeros(2 * n, bool)
+    alive[:n] = True
+    members = {i: [i] for i in range(n)}
+    groups = []  # (new group id, members, coherence)
+    parent_of = {}
+    new = n
+    while heap:
+        _, a, b = heapq.heappop(heap)
+        if not (alive[a] and alive[b]):
+            continue  # stale entry: one side was merged already
+        sums[new] = sums[a] + sums[b]
+        norm[new] = np.sqrt(sums[new] @ sums[new]) + 1e-12
+        weight[new] = weight[a] + weight[b]
+        box[new] = (min(box[a, 0], box[b, 0]), min(box[a, 1], box[b, 1]),
+                    max(box[a, 2], box[b, 2]), max(box[a, 3], box[b, 3]))
+        alive[a] = alive[b] = False
+        alive[new] = True
+        parent_of[a] = parent_of[b] = new
+        members[new] = members.pop(a) + members.pop(b)
+        nb = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
+        for x in nb:
+            neighbours[x] -= {a, b}
+            neighbours[x].add(new)
+        neighbours[new] = nb
+        if weight[new] >= min_weight:
+            groups.append((new, members[new], float(norm[new] / weight[new])))
+        if nb:
+            others = np.array(sorted(nb), np.int64)
+            for s, x in zip(similarity(new, others).tolist(), others.tolist()):
+                heapq.heappush(heap, (-s, x, new))
+        new += 1
+    # the last merges are the coarsest: reverse creation order so parents come first
+    index = {g: j for j, (g, _, _) in enumerate(reversed(groups))}
+    out = []
+    for g, mem, coh in reversed(groups):
+        mask = np.zeros(n, bool)
+        mask[mem] = True
+        out.append(Segment(mask=mask, threshold=0.0, parent=index.get(parent_of.get(g), -1), coherence=coh))
+    return out
