@@ -127,6 +127,16 @@ def _bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
+def _append_segments(cands: List[Dict], segments, box: Tuple[int, int, int, int], parent: int,
+                     divided: Optional[int]) -> None:
+    """Append a hierarchy's segments to ``cands``: a segment's parent index (into ``segments``)
+    becomes a candidate index, top-level segments get ``parent`` (-1: none)."""
+    base = len(cands)
+    for seg in segments:
+        cands.append(dict(nodes=seg.mask, box=box, coherence=seg.coherence,
+                          parent=base + seg.parent if seg.parent >= 0 else parent, divided=divided))
+
+
 class PseudoLabeler:
     """Turns one RGB image into a list of SA-1B annotations (no human labels)."""
 
@@ -158,11 +168,7 @@ class PseudoLabeler:
             return
         segments = merge_graph(sums, weight, snapper.pairs, active, cfg.thresholds,
                                cfg.min_patches * cell_area, cfg.pair_unions, cfg.all_merges)
-        base = len(cands)
-        for seg in segments:
-            cands.append(dict(nodes=seg.mask, box=box, coherence=seg.coherence,
-                              parent=base + seg.parent if seg.parent >= 0 else parent,
-                              divided=divided))
+        _append_segments(cands, segments, box, parent, divided)
 
     def __call__(self, image: np.ndarray) -> List[Dict]:
         """``image``: H×W×3 uint8 RGB → list of SA-1B annotation dicts (ids 0..K-1)."""
@@ -183,10 +189,7 @@ class PseudoLabeler:
             sums, weight = snapper.colour_sums(bw, seed=cfg.seed + ci)
             segments = merge_graph(sums, weight, snapper.pairs, everything, cfg.thresholds,
                                    float(cfg.colour_min_pixels), cfg.pair_unions, cfg.all_merges)
-            base = len(cands)
-            for seg in segments:
-                cands.append(dict(nodes=seg.mask, box=(0, 0, W, H), coherence=seg.coherence,
-                                  parent=base + seg.parent if seg.parent >= 0 else -1, divided=None))
+            _append_segments(cands, segments, (0, 0, W, H), -1, None)
         boxes = np.stack([snapper.x0, snapper.y0, snapper.x1, snapper.y1], 1)
         for kind in cfg.selective:
             if kind == "features":
@@ -197,10 +200,7 @@ class PseudoLabeler:
                 raise ValueError(f"unknown selective hierarchy '{kind}' (features | colour)")
             segments = merge_selective(sums, snapper.sizes, snapper.pairs, boxes,
                                        float(cfg.colour_min_pixels))
-            base = len(cands)
-            for seg in segments:
-                cands.append(dict(nodes=seg.mask, box=(0, 0, W, H), coherence=seg.coherence,
-                                  parent=base + seg.parent if seg.parent >= 0 else -1, divided=None))
+            _append_segments(cands, segments, (0, 0, W, H), -1, None)
         # divided regions: each is a candidate (refined: snapped to superpixels), then is
         # conquered on a zoomed-in crop
         for dmask in maskcut(feats, cfg.n_divide, cfg.tau, min_patches=cfg.min_patches):
