@@ -16,13 +16,19 @@ Backends
 ``dino`` (:class:`DinoFeatures`)
     A DINO ViT built with timm (``vit_small_patch8_224``, ``vit_base_patch8_224`` (default),
     ``vit_base_patch16_224``; dynamic image size) whose last-block attention **keys** (all heads
-    concatenated) are the features, as in MaskCut. Weights come from a local file or URL in the
-    official DINO checkpoint format; see :func:`load_dino_state_dict`.
+    concatenated) are the features, as in MaskCut and UnSAM. Weights come from a local file or
+    URL in the official DINO checkpoint format; see :func:`load_dino_state_dict`. Position
+    embeddings are interpolated the way the official DINO code does it
+    (:func:`dino_pos_embed`), so keys match the official model at any input size.
+
+:meth:`DenseFeatures.grid_features` gives the raw (un-normalised) features of images used at
+their own size — what UnSAM's conquer step merges.
 """
 import logging
+import math
 import os
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -69,6 +75,14 @@ class DenseFeatures:
 
     def __call__(self, image: np.ndarray, resolution: Optional[int] = None) -> np.ndarray:
         raise NotImplementedError
+
+    def grid_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw features of same-size images used at their own size: ``images`` (B, H, W, 3)
+        uint8 RGB with H, W multiples of ``patch_size`` → float32 (B, H/p, W/p, C).
+
+        "Raw" means as the backend makes them: DINO keys are not normalised (UnSAM's merge sums
+        raw keys); the classical features are L2-normalised by construction."""
+        return np.stack([self(img, max(img.shape[:2])) for img in images])
 
 
 class ClassicalFeatures(DenseFeatures):
@@ -207,6 +221,34 @@ def load_dino_state_dict(path_or_url: str, map_location="cpu") -> Dict[str, torc
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
+def dino_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Position embeddings for a (gh, gw) patch grid, interpolated as the official DINO code does.
+
+    ``pos_embed``: (1, 1 + n², C), class token first, trained on an n×n grid (n = 28 for
+    224-px ViT/8). Returns (1, 1 + gh·gw, C). Unchanged when the grid is n×n; otherwise the patch
+    part goes through bicubic interpolation (align_corners=False) driven by the *scale factors*
+    ((gh + 0.1) / n, (gw + 0.1) / n) rather than by the output size. The 0.1 keeps
+    floor(n · scale) on the wanted size despite float error; because the kernel maps output to
+    input coordinates with the given scale, this samples slightly different points than a
+    size-driven resize (timm's own resampling), which made our keys differ from the official
+    model's by ~1e-3 at 256 px.
+    """
+    n_tokens = pos_embed.shape[1] - 1
+    if gh * gw == n_tokens and gh == gw:
+        return pos_embed
+    n = math.sqrt(n_tokens)
+    side = int(n)
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n),
+                                           mode="bicubic", align_corners=False)
+    if tuple(grid.shape[-2:]) != (gh, gw):
+        raise FeatureError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, "
+                           f"expected {(gh, gw)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)
+    return torch.cat([pos_embed[:, :1], grid], 1)
+
+
 class DinoFeatures(DenseFeatures):
     """Last-block attention keys of a DINO ViT → ``(h, w, C)`` with C = embed dim.
 
@@ -273,38 +315,50 @@ class DinoFeatures(DenseFeatures):
         return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, m * m, -1)], 1)
 
     @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-block attention keys of normalised images.
+
+        ``x``: (B, 3, H, W) float, ImageNet-normalised, H and W multiples of the patch size p.
+        Returns (B, H/p, W/p, C) raw keys (all heads concatenated, class token dropped).
+        Only the network up to the last block's ``qkv`` projection is run.
+        """
+        m = self.model
+        t = m.patch_embed(x.to(self.device))  # (B, gh, gw, C): timm's dynamic-size layout
+        b, gh, gw, c = t.shape
+        t = torch.cat([m.cls_token.expand(b, -1, -1), t.reshape(b, gh * gw, c)], 1)
+        t = t + dino_pos_embed(m.pos_embed, gh, gw)
+        t = m.norm_pre(m.patch_drop(t))
+        for blk in m.blocks[:-1]:
+            t = blk(t)
+        last = m.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(t))  # (B, 1 + gh*gw, 3C), laid out as (3, heads, C/heads)
+        return qkv[:, 1:, c:2 * c].reshape(b, gh, gw, c)
+
+    def _normalise(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float32, ImageNet mean/std."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        x = (x - torch.tensor(self.MEAN)) / torch.tensor(self.STD)
+        return x.permute(0, 3, 1, 2)
+
+    def grid_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """``images``: (B, H, W, 3) uint8 RGB, H and W multiples of the patch size, used as they
+        are (no resizing) → float32 (B, H/p, W/p, C) raw keys, not normalised."""
+        images = np.asarray(images)
+        p = self.patch_size
+        if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
+            raise FeatureError(f"images must be (B, H, W, 3) with H, W multiples of {p}; "
+                               f"got {images.shape}")
+        return self.keys(self._normalise(images)).float().cpu().numpy()
+
     def __call__(self, image: np.ndarray, resolution: Optional[int] = None) -> np.ndarray:
-        """``image``: H×W×3 uint8 RGB → float32 ``(h, w, C)`` L2-normalised attention keys."""
+        """``image``: H×W×3 uint8 RGB, resized (bicubic) so that its long side is about
+        ``resolution`` → float32 ``(h, w, C)`` L2-normalised attention keys."""
         res = int(resolution or self.resolution)
         p = self.patch_size
         gh, gw = grid_size(image.shape[0], image.shape[1], res, p)
         img = cv2.resize(image, (gw * p, gh * p), interpolation=cv2.INTER_CUBIC)
-        x = torch.from_numpy(img).float().div_(255.0)
-        x = (x - torch.tensor(self.MEAN)) / torch.tensor(self.STD)
-        x = x.permute(2, 0, 1)[None].to(self.device)  # (1, 3, gh*p, gw*p)
-
-        captured = {}
-        last = self.model.blocks[-1]
-        hook = last.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
-        try:
-            # run up to the last block's norm1; later layers are not needed
-            t = self.model.patch_embed(x)
-            t = self.model._pos_embed(t)
-            t = self.model.patch_drop(t)
-            t = self.model.norm_pre(t)
-            for blk in self.model.blocks[:-1]:
-                t = blk(t)
-            last.norm1(t)
-        finally:
-            hook.remove()
-        tokens = captured["x"]  # (1, 1 + gh*gw, C)
-        attn = last.attn
-        qkv = attn.qkv(tokens)  # (1, N, 3C)
-        c = qkv.shape[-1] // 3
-        keys = qkv[..., c:2 * c]
-        keys = keys[:, -gh * gw:]  # drop the class (and any register) tokens
-        feats = torch.nn.functional.normalize(keys[0].float(), dim=-1)
-        return feats.reshape(gh, gw, c).cpu().numpy()
+        keys = self.keys(self._normalise(img[None]))[0]
+        return torch.nn.functional.normalize(keys.float(), dim=-1).cpu().numpy()
 
 
 def build_features(name: str, resolution: int = 480, device: str = "cpu",
