@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import unsam  # noqa: F401
-from unsam.checkpoint import WeightsNotFoundError
+from unsam.checkpoint import WeightsError
 from unsam.data.prompts import PromptError, mask_to_mask_input, parse_box, parse_labels, parse_points, validate_prompts
 from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, read_rgb
 from unsam.predictor import PromptPredictor
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     try:
         run(args)
-    except (ConfigError, WeightsNotFoundError, DemoInputError, PromptError) as e:
+    except (ConfigError, WeightsError, DemoInputError, PromptError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

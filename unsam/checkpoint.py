@@ -1,11 +1,45 @@
-"""Resolve ``MODEL.WEIGHTS`` before loading: local path, URL, or empty for random init."""
+"""Reading ``MODEL.WEIGHTS`` and loading it into a model, with a report of what fitted.
+
+detectron2's ``DetectionCheckpointer`` loads whatever names match and lists the rest over many
+log lines, so a checkpoint of another architecture gives a random model that runs and exits 0.
+:class:`UnSAMCheckpointer` keeps detectron2's formats (``.pth``, detectron2 / Caffe2 ``.pkl``,
+URLs) and conversions, and adds:
+
+* one clear :class:`WeightsError` for a file that is missing, empty, truncated, not a checkpoint
+  or unreachable, and for a checkpoint of which no tensor fits the model;
+* a :class:`LoadReport` per load (tensors loaded / expected per top-level module, missing and
+  wrongly-shaped names), logged as one summary line (the full lists at DEBUG level).
+
+Callers decide what a partial load means: training accepts a backbone-only initialisation,
+the predictors refuse a checkpoint without the whole-image tensors they use
+(:func:`require_parts`).
+"""
+import logging
 import os
+import pickle
 import re
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+import unsam.compat  # noqa: F401
+from detectron2.checkpoint import DetectionCheckpointer
+
+logger = logging.getLogger(__name__)
 
 _REMOTE = re.compile(r"^(https?|detectron2|s3|gs)://")
+# model-state names first listed when tensors are missing: enough to recognise the part
+_NAMES_SHOWN = 3
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsError(ValueError):
+    """``MODEL.WEIGHTS`` cannot be used; the message is one line naming the file."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
     """``MODEL.WEIGHTS`` names a local file that does not exist."""
 
 
@@ -16,3 +50,205 @@ def check_weights_path(path: str) -> str:
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"MODEL.WEIGHTS file '{path}' not found")
     return path
+
+
+def _top_level(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+@dataclass
+class LoadReport:
+    """What one checkpoint load put into a model.
+
+    ``expected`` / ``loaded``: tensors per top-level module of the model's ``state_dict``;
+    ``missing``: model names left at their initial values (absent from the checkpoint or of the
+    wrong shape), ``wrong_shape``: (name, checkpoint shape, model shape), ``unexpected``:
+    checkpoint names the model does not have.
+    """
+
+    path: str
+    expected: Dict[str, int]
+    loaded: Dict[str, int]
+    missing: List[str] = field(default_factory=list)
+    wrong_shape: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+
+    @property
+    def num_loaded(self) -> int:
+        return sum(self.loaded.values())
+
+    @property
+    def num_expected(self) -> int:
+        return sum(self.expected.values())
+
+    def missing_in(self, parts: Sequence[str]) -> List[str]:
+        """Missing names that belong to the top-level modules ``parts``."""
+        return [n for n in self.missing if _top_level(n) in parts]
+
+    def summary(self) -> str:
+        per_part = ", ".join(f"{p} {self.loaded[p]}/{n}" for p, n in self.expected.items())
+        text = (f"MODEL.WEIGHTS '{self.path}': loaded {self.num_loaded}/{self.num_expected} tensors "
+                f"({per_part})")
+        if self.wrong_shape:
+            text += f"; {len(self.wrong_shape)} skipped for their shape, e.g. " + ", ".join(
+                f"{n} {tuple(c)} vs {tuple(m)}" for n, c, m in self.wrong_shape[:_NAMES_SHOWN])
+        if self.unexpected:
+            text += f"; {len(self.unexpected)} checkpoint tensors unused"
+        return text
+
+
+def _fits_nothing_message(report: LoadReport) -> str:
+    reason = ""
+    if report.wrong_shape:
+        reason = (f" ({len(report.wrong_shape)} names match with other shapes, e.g. "
+                  f"{report.wrong_shape[0][0]} {tuple(report.wrong_shape[0][1])} vs "
+                  f"{tuple(report.wrong_shape[0][2])}: another model size?)")
+    elif report.unexpected:
+        reason = f" (its names look like '{report.unexpected[0]}': another architecture?)"
+    return (f"MODEL.WEIGHTS '{report.path}': no tensor fits this model{reason}; "
+            "check the config matches the checkpoint")
+
+
+class UnSAMCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that fails clearly on unusable weights and reports every load.
+
+    After :meth:`load` (or ``resume_or_load``), ``last_report`` is the :class:`LoadReport` of
+    the model weights. A load where not one tensor fits raises :class:`WeightsError`.
+    """
+
+    last_report: "LoadReport | None" = None
+
+    def load(self, path: str, checkpointables=None):
+        self._loading = path
+        if path and not os.path.isfile(path) and _REMOTE.match(path):
+            path = fetch_weights(path)
+        elif path and not os.path.isfile(path):
+            raise WeightsNotFoundError(f"MODEL.WEIGHTS file '{path}' not found")
+        return super().load(path, checkpointables)
+
+    def _load_file(self, filename: str):
+        return read_checkpoint_file(filename, super()._load_file)
+
+    def _load_model(self, checkpoint):
+        state = checkpoint.get("model")
+        if not isinstance(state, dict) or not state:
+            raise WeightsError(f"MODEL.WEIGHTS '{self._source()}' holds no model tensors "
+                               f"(top-level keys: {sorted(checkpoint)[:5]})")
+        incompatible = super()._load_model(checkpoint)
+        self.last_report = _report(self.model, incompatible, self._source())
+        if self.last_report.num_loaded == 0:
+            raise WeightsError(_fits_nothing_message(self.last_report))
+        return incompatible
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        report = self.last_report
+        logger.info(report.summary())
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("not loaded: %s", report.missing)
+            logger.debug("unused checkpoint tensors: %s", report.unexpected)
+
+    def _source(self) -> str:
+        return getattr(self, "_loading", None) or "?"
+
+
+def read_weights(path: str) -> Dict:
+    """``MODEL.WEIGHTS`` (local path or URL) → checkpoint dict with a ``"model"`` state dict."""
+    local = fetch_weights(path) if _REMOTE.match(path) else check_weights_path(path)
+    return read_checkpoint_file(local)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Dict, path: str) -> LoadReport:
+    """Load a checkpoint dict already read by :func:`read_weights` into ``model``; log and
+    return the :class:`LoadReport` (raises :class:`WeightsError` when no tensor fits)."""
+    checkpointer = UnSAMCheckpointer(model)
+    checkpointer._loading = path
+    incompatible = checkpointer._load_model(dict(checkpoint))  # pops "model" from its argument
+    checkpointer._log_incompatible_keys(incompatible)
+    return checkpointer.last_report
+
+
+def fetch_weights(url: str) -> str:
+    """Download ``url`` into detectron2's cache and return the local path; one-line errors."""
+    from detectron2.utils.file_io import PathManager
+
+    try:
+        return PathManager.get_local_path(url)
+    except Exception as e:  # noqa: BLE001 — iopath raises bare Exceptions of many kinds for a bad URL
+        raise WeightsError(f"MODEL.WEIGHTS '{url}' could not be downloaded: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def read_checkpoint_file(filename: str, reader=None) -> Dict:
+    """Read a local checkpoint file with ``reader`` (default: detectron2's formats).
+
+    Files that ``torch.load(weights_only=True)`` refuses because they hold Python objects besides
+    tensors (older checkpoints) are read again with ``weights_only=False`` after a warning: only
+    load such files from sources you trust. Empty, truncated or foreign files raise
+    :class:`WeightsError`.
+    """
+    if reader is None:
+        reader = DetectionCheckpointer(torch.nn.Module())._load_file
+    size = os.path.getsize(filename)
+    if size == 0:
+        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is empty (0 bytes): an interrupted download or save?")
+    try:
+        data = reader(filename)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e):
+            raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a checkpoint ({size} bytes): {_first_line(e)}") \
+                from None
+        logger.warning("MODEL.WEIGHTS '%s' holds Python objects besides tensors; reading it with "
+                       "weights_only=False (load only checkpoints you trust)", filename)
+        data = _read_unrestricted(filename)
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, AssertionError) as e:
+        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a readable checkpoint ({size} bytes, "
+                           f"truncated or another format?): {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"MODEL.WEIGHTS '{filename}' holds a {type(data).__name__}, not a state dict")
+    return data
+
+
+def _read_unrestricted(filename: str) -> Dict:
+    try:
+        data = torch.load(filename, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 — unpickling arbitrary files fails in arbitrary ways
+        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a readable checkpoint: "
+                           f"{type(e).__name__}: {_first_line(e)}") from None
+    if isinstance(data, dict) and "model" not in data:
+        data = {"model": data}
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _report(model: torch.nn.Module, incompatible, path: str) -> LoadReport:
+    expected: Dict[str, int] = OrderedDict()
+    for name in model.state_dict():
+        expected[_top_level(name)] = expected.get(_top_level(name), 0) + 1
+    wrong = [(n, tuple(c), tuple(m)) for n, c, m in incompatible.incorrect_shapes]
+    missing = list(dict.fromkeys(list(incompatible.missing_keys) + [n for n, _, _ in wrong]))
+    loaded = OrderedDict((p, n) for p, n in expected.items())
+    for name in missing:
+        loaded[_top_level(name)] -= 1
+    return LoadReport(path, dict(expected), dict(loaded), missing, wrong, list(incompatible.unexpected_keys))
+
+
+def require_parts(report: LoadReport, required: Sequence[str], what: str, optional: Sequence[str] = ()) -> None:
+    """Refuse weights that load nothing of a ``required`` top-level module; warn once when
+    tensors of ``required`` or ``optional`` modules are missing (they keep their initial values).
+
+    ``what`` names the user of the weights in the messages (e.g. "whole-image segmentation").
+    """
+    empty = [p for p in required if report.loaded.get(p, 0) == 0 and report.expected.get(p, 0) > 0]
+    if empty:
+        raise WeightsError(
+            f"MODEL.WEIGHTS '{report.path}' has no tensor of {', '.join(empty)}, which {what} needs "
+            f"(loaded {report.num_loaded}/{report.num_expected}): a checkpoint of another architecture?")
+    missing = report.missing_in([*required, *optional])
+    if missing:
+        logger.warning("MODEL.WEIGHTS '%s' lacks %d tensors that %s uses; they keep their random initial "
+                       "values: %s%s", report.path, len(missing), what, ", ".join(missing[:_NAMES_SHOWN]),
+                       " ..." if len(missing) > _NAMES_SHOWN else "")

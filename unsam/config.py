@@ -167,6 +167,10 @@ def _add_ats_config(cfg: CN) -> None:
 def _add_prompt_config(cfg: CN) -> None:
     prompt = cfg.UNSAM.PROMPT = CN()
     prompt.ENABLED = False
+    # how PromptPredictor answers prompts: "learned" (the prompt encoder + IoU head), "select"
+    # (training-free: rank the whole-image queries), "auto" (learned when MODEL.WEIGHTS holds the
+    # prompt path's tensors, else select — the public whole-image checkpoints have none)
+    prompt.MODE = "auto"
     prompt.NUM_GRANULARITIES = 6
     prompt.TASK_RATIO = 0.5  # share of training images used for prompt tasks
     prompt.PROMPTS_PER_IMAGE = 16

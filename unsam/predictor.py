@@ -7,34 +7,75 @@ score. ``PromptPredictor(cfg)`` answers point / box / mask prompts with the inte
 Weights come from ``cfg.MODEL.WEIGHTS`` (local path or URL; empty = random init).
 """
 import logging
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import unsam.compat  # noqa: F401
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from .checkpoint import check_weights_path
+from .checkpoint import load_weights, read_weights, require_parts
+from .query_selection import QuerySelector
+from .utils.arguments import ConfigError
 
 logger = logging.getLogger(__name__)
 
+PROMPT_MODES = ("auto", "learned", "select")
+# top-level modules of the state_dict that each use of the weights needs
+WHOLE_IMAGE_PARTS = ("backbone", "sem_seg_head")
+PROMPT_PARTS = ("prompt_encoder", "iou_head")
+# logits of the empty outputs that pad a select-mode batch to K granularities
+_EMPTY_LOGIT = -100.0
 
-def build_inference_model(cfg) -> torch.nn.Module:
-    """Build the model of ``cfg``, load ``MODEL.WEIGHTS`` (checked first) and set eval mode."""
+
+def build_inference_model(cfg, checkpoint: Optional[Dict] = None, what: str = "whole-image segmentation",
+                          optional_parts: Tuple[str, ...] = ()) -> torch.nn.Module:
+    """Build the model of ``cfg`` in eval mode and load ``MODEL.WEIGHTS`` into it.
+
+    ``checkpoint``: the weights already read (:func:`unsam.checkpoint.read_weights`), else read
+    here. Weights without any tensor of the whole-image parts raise
+    :class:`~unsam.checkpoint.WeightsError`; missing tensors of those or of ``optional_parts``
+    give one warning.
+    """
     import unsam.modeling  # noqa: F401  (fills detectron2's registries)
 
     model = build_model(cfg)
     model.eval()
-    weights = check_weights_path(cfg.MODEL.WEIGHTS)
-    if weights:
-        DetectionCheckpointer(model).load(weights)
-    else:
+    if checkpoint is None and cfg.MODEL.WEIGHTS:
+        checkpoint = read_weights(cfg.MODEL.WEIGHTS)
+    if checkpoint is None:
         logger.warning("MODEL.WEIGHTS is empty: the model has random weights")
+        return model
+    report = load_weights(model, checkpoint, cfg.MODEL.WEIGHTS)
+    require_parts(report, WHOLE_IMAGE_PARTS, what, optional_parts)
     return model
+
+
+def resolve_prompt_mode(cfg, checkpoint: Optional[Dict]) -> Tuple[str, str]:
+    """``UNSAM.PROMPT.MODE`` → ("learned" | "select", the reason, for the log).
+
+    ``auto`` is ``learned`` when the checkpoint holds tensors of the prompt path, ``select``
+    otherwise; with no weights at all, the config decides (``UNSAM.PROMPT.ENABLED``).
+    """
+    mode = cfg.UNSAM.PROMPT.MODE
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"UNSAM.PROMPT.MODE must be one of {PROMPT_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode, "UNSAM.PROMPT.MODE"
+    if checkpoint is None:
+        if cfg.UNSAM.PROMPT.ENABLED:
+            return "learned", "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED: the (random) prompt head"
+        return "select", "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED is False: selection from the whole-image queries"
+    names = list(checkpoint.get("model", {}))
+    prompt = [n for n in names if n.split(".", 1)[0] in PROMPT_PARTS]
+    if prompt:
+        return "learned", f"MODEL.WEIGHTS holds the prompt path ({len(prompt)} tensors)"
+    return "select", (f"MODEL.WEIGHTS has no prompt-encoder weights ({len(names)} tensors, none of "
+                      f"{'/'.join(p + '.*' for p in PROMPT_PARTS)}): prompting by selection from the "
+                      "whole-image queries")
 
 
 def check_rgb_image(image: np.ndarray) -> None:
@@ -67,7 +108,7 @@ class PromptPredictor:
     """Promptable segmentation with the ``segment_anything.SamPredictor`` interface::
 
         predictor = PromptPredictor(cfg)          # loads cfg.MODEL.WEIGHTS
-        predictor.set_image(image)                # H×W×3 uint8 RGB: backbone + pixel decoder once
+        predictor.set_image(image)                # H×W×3 uint8 RGB: the image is encoded once
         masks, iou_predictions, low_res_logits = predictor.predict(point_coords=..., point_labels=...)
 
     Frames and conventions are SAM's: the image is resized so that its longest side is
@@ -75,26 +116,41 @@ class PromptPredictor:
     (bottom/right) to a square; prompts are in pixels of the original image (points (x, y), boxes
     XYXY); ``mask_input`` / ``low_res_logits`` are 256×256 logits over the padded square.
 
-    Differences from SAM: ``multimask_output=True`` returns the model's
-    ``UNSAM.PROMPT.NUM_GRANULARITIES`` (K, default 6) granularity masks instead of SAM's 3, in the
-    order of the granularity queries; ``multimask_output=False`` returns the single output with the
-    highest predicted IoU (SAM has a dedicated single-mask token instead).
+    Two modes (``UNSAM.PROMPT.MODE``, resolved once in ``__init__``, logged, kept in ``mode``):
 
-    The prompt path is switched on (``UNSAM.PROMPT.ENABLED``) if the config has it off.
+    * ``learned``: the prompt encoder's K granularity queries run through the decoder;
+      ``set_image`` runs backbone + pixel decoder. ``multimask_output=True`` returns the K
+      (``UNSAM.PROMPT.NUM_GRANULARITIES``, default 6) outputs in the order of the granularity
+      queries; ``False`` the one with the highest predicted IoU.
+    * ``select``: training-free, for whole-image checkpoints (:mod:`unsam.query_selection`);
+      ``set_image`` also runs the whole-image decoder once. ``multimask_output=True`` returns up
+      to K distinct masks that satisfy the prompt, smallest first; ``False`` the best-scored one.
+      ``iou_predictions`` is the selection score (0 for an output that does not satisfy the
+      prompt, given only when no query does). :meth:`predict_batch` pads to K with empty masks
+      of score 0.
+    * ``auto`` (default): ``learned`` when ``MODEL.WEIGHTS`` holds prompt-path tensors, else
+      ``select``.
+
+    Differences from SAM: K outputs instead of SAM's 3; SAM has a dedicated single-mask token.
     """
 
     def __init__(self, cfg):
+        checkpoint = read_weights(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else None
+        self.mode, reason = resolve_prompt_mode(cfg, checkpoint)
+        logger.info("prompt mode '%s': %s", self.mode, reason)
         cfg = cfg.clone()
-        if not cfg.UNSAM.PROMPT.ENABLED:
-            logger.warning("UNSAM.PROMPT.ENABLED is False in the config: enabling the prompt path")
-            cfg.defrost()
-            cfg.UNSAM.PROMPT.ENABLED = True
-            cfg.freeze()
+        cfg.defrost()
+        cfg.UNSAM.PROMPT.ENABLED = self.mode == "learned"
+        cfg.UNSAM.PROMPT.MODE = self.mode
+        cfg.freeze()
         self.cfg = cfg
-        self.model = build_inference_model(cfg)
+        what = "prompting by learned prompt head" if self.mode == "learned" else "prompting by query selection"
+        self.model = build_inference_model(cfg, checkpoint, what,
+                                           PROMPT_PARTS if self.mode == "learned" else ())
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.image_size = int(cfg.INPUT.IMAGE_SIZE)
+        self.num_granularities = int(cfg.UNSAM.PROMPT.NUM_GRANULARITIES)
         self.transform = ResizeLongestSide(self.image_size)
         self.input_format = cfg.INPUT.FORMAT
         self.mask_threshold = 0.0
@@ -107,6 +163,7 @@ class PromptPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self.selector = None
         self.original_size = None
         self.input_size = None
 
@@ -125,8 +182,17 @@ class PromptPredictor:
         padded = tensor.new_zeros((1, 3, self.image_size, self.image_size))
         padded[0, :, :h, :w] = tensor
         self.reset_image()
-        self.features = self.model.extract_features(padded)
-        self.features.pop("backbone", None)  # only the pixel decoder's outputs are decoded
+        features = self.model.extract_features(padded)
+        features.pop("backbone", None)  # only the pixel decoder's outputs are decoded
+        if self.mode == "select":
+            out = self.model.decode(features, final_masks=False)
+            mask_features = features["mask_features"][0]
+            side = mask_features.shape[-1]
+            valid = (min(side, -(-h * side // self.image_size)), min(side, -(-w * side // self.image_size)))
+            self.selector = QuerySelector(out["pred_logits"][0], out["pred_mask_embeds"][0], mask_features, valid,
+                                          chunk=self.model.upsample_chunk)
+        else:
+            self.features = features
         self.original_size = tuple(image.shape[:2])
         self.input_size = (int(h), int(w))
         self.is_image_set = True
@@ -143,7 +209,8 @@ class PromptPredictor:
             box: 4 XYXY pixels. mask_input: 1×256×256 logits (e.g. a previous ``low_res_logits``).
         Returns:
             masks C×H×W bool (float logits with ``return_logits``), iou_predictions C float32,
-            low_res_logits C×256×256 float32; C = K with ``multimask_output`` else 1.
+            low_res_logits C×256×256 float32; C = K with ``multimask_output`` else 1 (``select``:
+            1 ≤ C ≤ K, the distinct masks found).
         """
         if point_coords is not None and point_labels is None:
             raise ValueError("point_labels must be supplied with point_coords")
@@ -151,15 +218,15 @@ class PromptPredictor:
         lbl = None if point_labels is None else torch.as_tensor(np.asarray(point_labels, np.int64))[None]
         bx = None if box is None else torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4)
         mi = None if mask_input is None else torch.as_tensor(np.asarray(mask_input, np.float32))[None]
-        masks, iou, low = self.predict_batch(pts, lbl, bx, mi, multimask_output, return_logits)
-        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()
+        masks, iou, low, counts = self._predict(pts, lbl, bx, mi, multimask_output, return_logits)
+        c = int(counts[0])
+        return masks[0, :c].cpu().numpy(), iou[0, :c].cpu().numpy(), low[0, :c].cpu().numpy()
 
-    @torch.no_grad()
     def predict_batch(self, point_coords: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None,
                       boxes: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None,
                       multimask_output: bool = True, return_logits: bool = False
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """B prompts of the same kind at once (one decoder pass, prompts kept apart).
+        """B prompts of the same kind at once (``learned``: one decoder pass, prompts kept apart).
 
         Args (torch or numpy, ORIGINAL image pixels, unlike SamPredictor.predict_torch which takes
         transformed coordinates): point_coords B×N×2, point_labels B×N, boxes B×4,
@@ -167,8 +234,30 @@ class PromptPredictor:
         Returns (torch): masks B×C×H×W bool (logits with ``return_logits``), iou_predictions B×C,
         low_res_logits B×C×256×256; C = K, or 1 without ``multimask_output``.
         """
+        return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)[:3]
+
+    @torch.no_grad()
+    def _predict(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool, return_logits: bool):
+        """:meth:`predict_batch` plus the number of real (not padding) outputs per prompt (B,)."""
         if not self.is_image_set:
             raise RuntimeError("an image must be set with set_image(...) before mask prediction")
+        prompts = self._transform_prompts(point_coords, point_labels, boxes, mask_input)
+        if self.mode == "select":
+            logits, iou, counts = self._select(prompts, multimask_output)
+        else:
+            logits, iou = self._decode_learned(prompts, multimask_output)
+            counts = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.int64)
+        low_res = logits
+        if tuple(low_res.shape[-2:]) != (256, 256):
+            low_res = F.interpolate(low_res, size=(256, 256), mode="bilinear", align_corners=False)
+        masks = self._postprocess(logits)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks, iou, low_res, counts
+
+    def _transform_prompts(self, point_coords, point_labels, boxes, mask_input) -> Dict[str, torch.Tensor]:
+        """Original-image prompts → the padded input's frame (``points`` B×N×2, ``labels`` B×N,
+        ``boxes`` B×4, ``mask_inputs`` B×1×256×256) plus ``pixels`` B×N×2 (row, col) clicked."""
         dev = self.device
         prompts = {}
         if point_coords is not None:
@@ -182,6 +271,7 @@ class PromptPredictor:
                                  f"and {tuple(pl.shape)}")
             prompts["points"] = torch.as_tensor(self.transform.apply_coords_torch(pc, self.original_size)).to(dev)
             prompts["labels"] = pl.to(dev)
+            prompts["pixels"] = pc
         if boxes is not None:
             bx = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
             prompts["boxes"] = self.transform.apply_boxes_torch(bx, self.original_size).to(dev)
@@ -192,24 +282,73 @@ class PromptPredictor:
             prompts["mask_inputs"] = mi.to(dev)
         if not prompts:
             raise ValueError("give point_coords/point_labels, boxes and/or mask_input")
-        counts = {v.shape[0] for k, v in prompts.items() if k != "labels"}
+        counts = {v.shape[0] for k, v in prompts.items() if k not in ("labels", "pixels")}
         if len(counts) != 1:
             raise ValueError(f"prompt batch sizes differ: {sorted(counts)}")
-        out = self.model.decode_prompts(self.features, [prompts], (self.image_size, self.image_size),
+        return prompts
+
+    def _decode_learned(self, prompts: Dict[str, torch.Tensor], multimask_output: bool):
+        """B×C×s×s logits (s = IMAGE_SIZE / 4) and B×C predicted IoUs from the prompt head."""
+        inputs = {k: v for k, v in prompts.items() if k != "pixels"}
+        out = self.model.decode_prompts(self.features, [inputs], (self.image_size, self.image_size),
                                         return_aux=False, final_masks=False)
-        logits = out["pred_masks"][0].float()  # B×K×s×s, s = IMAGE_SIZE / 4
+        logits = out["pred_masks"][0].float()  # B×K×s×s
         iou = out["pred_iou"][0].float()
         if not multimask_output:
             best = iou.argmax(1)
             ar = torch.arange(len(best), device=best.device)
             logits, iou = logits[ar, best][:, None], iou[ar, best][:, None]
-        low_res = logits
-        if tuple(low_res.shape[-2:]) != (256, 256):
-            low_res = F.interpolate(low_res, size=(256, 256), mode="bilinear", align_corners=False)
-        masks = self._postprocess(logits)
-        if not return_logits:
-            masks = masks > self.mask_threshold
-        return masks, iou, low_res
+        return logits, iou
+
+    def _select(self, prompts: Dict[str, torch.Tensor], multimask_output: bool):
+        """Per prompt, whole-image queries chosen by :class:`QuerySelector`: B×C×s×s logits,
+        B×C scores, B counts of real outputs (the rest is empty padding)."""
+        sel = self.selector
+        c = self.num_granularities if multimask_output else 1
+        b = next(v.shape[0] for k, v in prompts.items() if k not in ("labels", "pixels"))
+        s = sel.features.shape[-1]
+        logits = torch.full((b, c, s, s), _EMPTY_LOGIT, device=self.device)
+        scores = torch.zeros((b, c), device=self.device)
+        counts = torch.zeros(b, dtype=torch.int64)
+        for i in range(b):
+            points = labels = accept = None
+            if "points" in prompts:
+                # pixel centres, in the padded input's frame
+                points = self.transform.apply_coords_torch(prompts["pixels"][i] + 0.5, self.original_size)
+                labels = prompts["labels"][i]
+                accept = self._click_check(prompts["pixels"][i], labels)
+            order, score, ok = sel.rank(points, labels, prompts["boxes"][i] if "boxes" in prompts else None,
+                                        prompts["mask_inputs"][i, 0] if "mask_inputs" in prompts else None)
+            kept = sel.select(order, c, accept) if bool(ok[order[0]]) else []
+            if not kept:
+                logger.warning("select mode: no whole-image query satisfies the prompt; returning the nearest "
+                               "miss with score 0")
+                kept, kept_scores = [int(order[0])], torch.zeros(1, device=self.device)
+            else:
+                kept_scores = score[kept]
+            if multimask_output:  # granularities from the smallest mask to the largest
+                by_area = sel.area[kept].argsort(stable=True).tolist()
+                kept, kept_scores = [kept[j] for j in by_area], kept_scores[by_area]
+            idx = torch.as_tensor(kept, device=self.device)
+            logits[i, :len(kept)] = sel.logits(idx)
+            scores[i, :len(kept)] = kept_scores
+            counts[i] = len(kept)
+        return logits, scores, counts
+
+    def _click_check(self, pixels: torch.Tensor, labels: torch.Tensor):
+        """accept(idx) for :meth:`QuerySelector.select`: the final masks of queries ``idx`` hold
+        every positive click's pixel and no negative one's."""
+        h, w = self.original_size
+        cols = pixels[:, 0].floor().long().clamp(0, w - 1)
+        rows = pixels[:, 1].floor().long().clamp(0, h - 1)
+        keep = labels.cpu() >= 0
+        rows, cols, want = rows[keep], cols[keep], labels.cpu()[keep] > 0
+
+        def accept(idx: torch.Tensor) -> torch.Tensor:
+            final = self._postprocess(self.selector.logits(idx)[None])[0] > self.mask_threshold  # n×H×W
+            return (final[:, rows, cols].cpu() == want[None]).all(1)
+
+        return accept
 
     def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """B×C×s×s logits over the padded square → B×C×H×W at the original size (SAM's

@@ -58,6 +58,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Dataset, Sampler, get_worker_info
 
+from .prompts import PROMPT_TASKS, WHOLE_TASK
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -68,9 +70,6 @@ __all__ = [
     "build_ats_sampler",
     "build_ats_train_loader",
 ]
-
-WHOLE_TASK = "whole"
-PROMPT_TASKS = ("point", "box", "mask")
 
 
 # ---------------------------------------------------------------------------------------------

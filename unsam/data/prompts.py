@@ -30,6 +30,12 @@ _EPS = 1e-3
 LOGIT_CLIP = float(math.log((1 - _EPS) / _EPS))
 
 
+# The training tasks, named once for the model, the ATS sampler and the trainer: "whole" is
+# whole-image segmentation, the others train the prompt path with that prompt type.
+WHOLE_TASK = "whole"
+PROMPT_TASKS = ("point", "box", "mask")
+
+
 class PromptError(ValueError):
     """A user prompt that cannot be used (malformed or outside the image); the message is one line."""
 

@@ -39,6 +39,7 @@ __all__ = [
     "VisaScheduleHook",
     "ATSFeedbackHook",
     "per_image_difficulty",
+    "per_prompt_difficulty",
     "unwrap_model",
 ]
 
@@ -183,8 +184,55 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
     return out
 
 
+@torch.no_grad()
+def per_prompt_difficulty(outputs: Dict, targets: List[torch.Tensor], kind: str = "loss") -> List[Optional[float]]:
+    """Difficulty of each prompt from the prompt criterion's inputs: how far the BEST of its K
+    outputs is from the closest of the masks it may mean (a prompt is answered well when one
+    granularity fits).
+
+    Args:
+        outputs: ``pred_masks`` N×K×h×w logits (N prompts).
+        targets: N bool tensors T_i×Hp×Wp.
+        kind: ``"loss"``: min over (output, target) of BCE + dice; ``"iou"``: 1 − max mask IoU.
+    Returns:
+        N values; ``None`` for a prompt without targets.
+    """
+    if kind not in ("loss", "iou"):
+        raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {kind!r}")
+    pred = outputs["pred_masks"].detach().float()
+    h, w = pred.shape[-2:]
+    scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    out: List[Optional[float]] = []
+    for logits, tgt in zip(pred.flatten(2), targets):
+        if tgt.shape[0] == 0:
+            out.append(None)
+            continue
+        t = (_coarse(tgt.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # T×P
+        if kind == "loss":
+            p = logits.sigmoid()
+            bce = (F.softplus(-logits) @ t.T + F.softplus(logits) @ (1 - t).T) / logits.shape[1]  # K×T
+            dice = 1 - (2 * p @ t.T + 1) / (p.sum(1, keepdim=True) + t.sum(1)[None] + 1)
+            out.append(float((bce + dice).min()))
+        else:
+            hard = (logits > 0).float()
+            inter = hard @ t.T
+            union = hard.sum(1, keepdim=True) + t.sum(1)[None] - inter
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+            out.append(float(1.0 - iou.max()))
+    return out
+
+
 class ATSFeedbackHook(HookBase):
     """Reports per-sample difficulties to the ATS difficulty table after every step.
+
+    Whole-image samples are scored from ``model.criterion``'s inputs
+    (:func:`per_image_difficulty`), prompt samples from ``model.prompt_criterion``'s
+    (:func:`per_prompt_difficulty`, averaged over the image's prompts). Outputs that carry a
+    ``batch_index`` (the model's mixed-task training) say which batch element each image or
+    prompt belongs to; without it the criterion saw the whole batch in order.
 
     After step ``it``: ``table.update(indices, task_ids, difficulties)``; ``table.sync()`` every
     ``sync_period`` steps and before every step whose end writes a checkpoint (so no observation
@@ -211,7 +259,7 @@ class ATSFeedbackHook(HookBase):
         self.checkpoint_period = int(checkpoint_period)
         self._handles = []
         self._batch_keys: Optional[List] = None
-        self._batch_difficulty: Optional[List[Optional[float]]] = None
+        self._batch_difficulty: Optional[Dict[int, List[float]]] = None  # batch element → values
         self._batch_loss: Optional[float] = None
         self._warned_fallback = False
 
@@ -226,11 +274,24 @@ class ATSFeedbackHook(HookBase):
             self._batch_difficulty, self._batch_loss = None, None
 
     def _on_criterion(self, module, args, output):
+        self._record(module, args, per_image_difficulty)
+
+    def _on_prompt_criterion(self, module, args, output):
+        self._record(module, args, per_prompt_difficulty)
+
+    def _record(self, module, args, measure):
         if not module.training or len(args) < 2 or self._batch_keys is None:
             return
         outputs, targets = args[0], args[1]
-        if len(targets) == len(self._batch_keys):
-            self._batch_difficulty = per_image_difficulty(outputs, targets, self.difficulty)
+        owners = outputs.get("batch_index", range(len(targets)))
+        if len(owners) != len(targets) or (owners and max(owners) >= len(self._batch_keys)):
+            return
+        values = measure(outputs, targets, self.difficulty)
+        if self._batch_difficulty is None:
+            self._batch_difficulty = {}
+        for owner, v in zip(owners, values):
+            if v is not None:
+                self._batch_difficulty.setdefault(int(owner), []).append(v)
 
     def _on_model_output(self, module, args, output):
         if module.training and isinstance(output, dict) and output:
@@ -242,6 +303,9 @@ class ATSFeedbackHook(HookBase):
         criterion = getattr(model, "criterion", None)
         if isinstance(criterion, torch.nn.Module):
             self._handles.append(criterion.register_forward_hook(self._on_criterion))
+            prompt_criterion = getattr(model, "prompt_criterion", None)
+            if isinstance(prompt_criterion, torch.nn.Module):
+                self._handles.append(prompt_criterion.register_forward_hook(self._on_prompt_criterion))
         else:
             self._handles.append(model.register_forward_hook(self._on_model_output))
         if self.sampler.iteration != self.trainer.start_iter:
@@ -256,7 +320,8 @@ class ATSFeedbackHook(HookBase):
         if keys:
             values: Sequence[Optional[float]]
             if self._batch_difficulty is not None:
-                values = self._batch_difficulty
+                values = [float(np.mean(self._batch_difficulty[i])) if i in self._batch_difficulty else None
+                          for i in range(len(keys))]
             else:
                 if not self._warned_fallback:
                     logger.warning("ATS: no per-image difficulty from the model's criterion; "

@@ -142,20 +142,23 @@ def build_scheduler_for(cfg, optimizer):
 
 
 def ats_task_names(cfg) -> List[str]:
-    """The ATS tasks this model can train: ``whole`` only for now.
+    """The ``UNSAM.ATS.TASKS`` this model can train.
 
-    Prompt tasks (point/box/mask) need the prompt branch of the model, which the whole-image
-    model does not have yet; listing them in ``UNSAM.ATS.TASKS`` is accepted (it is the public
-    default) but they are left out, with a warning. ATS then samples images (one "whole" cell per
-    image). Levels are not a task axis for ``whole``: a whole-image sample trains on all levels.
+    With the prompt path on (``UNSAM.PROMPT.ENABLED``) every listed task is sampled: the model
+    trains each image on the task of its cell (``ats_task``). Without it the prompt tasks are
+    left out with a warning and ATS samples images for ``whole`` alone. Levels are not a task
+    axis for ``whole``: a whole-image sample trains on all levels.
     """
     names = list(cfg.UNSAM.ATS.TASKS)
-    if WHOLE_TASK not in names:
-        raise ValueError(f"UNSAM.ATS.TASKS={names}: the model trains the 'whole' task only for now; "
-                         "include 'whole'")
+    if cfg.UNSAM.PROMPT.ENABLED:
+        return names
     dropped = [n for n in names if n != WHOLE_TASK]
+    if WHOLE_TASK not in names:
+        raise ValueError(f"UNSAM.ATS.TASKS={names} has no 'whole' task and UNSAM.PROMPT.ENABLED is False: "
+                         "nothing to train; add 'whole' or enable the prompt path")
     if dropped:
-        logger.warning("ATS: tasks %s are not trained by this model yet; sampling 'whole' only", dropped)
+        logger.warning("ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); sampling 'whole' only",
+                       dropped)
     return [WHOLE_TASK]
 
 

@@ -177,19 +177,23 @@ class SetCriterion(nn.Module):
             world = dist.get_world_size()
         return torch.clamp(num / world, min=1).item()
 
-    def forward(self, outputs: Dict[str, object], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict[str, object], targets: List[Dict[str, torch.Tensor]],
+                num_masks: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: decoder output (``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, h, w),
                 optional ``aux_outputs``).
             targets: per image ``labels`` (N,) int64, ``masks`` (N, H, W) bool/float, optional
                 ``mask_weights`` (N, H, W) float.
+            num_masks: the loss normaliser (target masks per rank); None: counted here and
+                averaged over ranks with an all_reduce (every rank must then call forward).
         Returns:
             unweighted losses: loss_ce, loss_mask, loss_dice and ``_{i}`` variants per aux output.
         """
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(main, targets)
-        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
+        if num_masks is None:
+            num_masks = self._num_masks(targets, outputs["pred_logits"].device)
         losses: Dict[str, torch.Tensor] = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, main, targets, indices, num_masks))
@@ -297,19 +301,25 @@ class PromptCriterion(nn.Module):
             out[i] = best
         return out
 
-    def forward(self, outputs: Dict[str, object], targets: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict[str, object], targets: List[torch.Tensor],
+                num_prompts: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: ``pred_masks`` (N, K, h, w) logits, ``pred_iou`` (N, K) in [0, 1], optional
                 ``aux_masks`` list of (N, K, h, w).
             targets: N bool tensors (T_i, Hp, Wp), the masks each prompt may mean.
+            num_prompts: normaliser of the IoU loss (prompts with a target, per rank); None:
+                counted here and averaged over ranks with an all_reduce.
         """
         pred = outputs["pred_masks"]
-        num = float(max(1, sum(1 for t in targets if t.shape[0] > 0)))
-        if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([num], device=pred.device)
-            dist.all_reduce(t)
-            num = max(1.0, t.item() / dist.get_world_size())
+        if num_prompts is None:
+            num = float(max(1, sum(1 for t in targets if t.shape[0] > 0)))
+            if dist.is_available() and dist.is_initialized():
+                t = torch.tensor([num], device=pred.device)
+                dist.all_reduce(t)
+                num = max(1.0, t.item() / dist.get_world_size())
+        else:
+            num = float(num_prompts)
         indices = self.match(pred, targets)
         # every matched target counts: normalise by targets, not prompts
         num_masks = float(max(1, sum(len(r) for r, _ in indices)))

@@ -28,6 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..data.prompts import PROMPT_TASKS, WHOLE_TASK
 from .criterion import PromptCriterion, SetCriterion
 from .matcher import HungarianMatcher
 from .visa import guidance_loss_from_outputs
@@ -36,9 +37,7 @@ from .transformer_decoder import MLP
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnSAM", "masks_to_boxes", "PROMPT_TASKS"]
-
-PROMPT_TASKS = ("point", "box", "mask")
+__all__ = ["UnSAM", "masks_to_boxes"]
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -61,6 +60,15 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = x1.float(), y1.float(), x2.float(), y2.float()
     boxes[~nonempty] = 0
     return boxes
+
+
+def _mean_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    """``values`` averaged over the processes of the default group (themselves without one)."""
+    t = torch.as_tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.tolist()
 
 
 @META_ARCH_REGISTRY.register()
@@ -305,11 +313,11 @@ class UnSAM(nn.Module):
                 if float(torch.rand(())) < self.prompt_task_ratio:
                     task = PROMPT_TASKS[int(torch.multinomial(self.prompt_type_weights, 1))]
                 else:
-                    task = "whole"
-            elif task != "whole" and task not in PROMPT_TASKS:
+                    task = WHOLE_TASK
+            elif task != WHOLE_TASK and task not in PROMPT_TASKS:
                 raise ValueError(f"unknown ats_task {task!r} (expected 'whole', 'point', 'box' or 'mask')")
-            if task != "whole" and t["masks"].shape[0] == 0:
-                task = "whole"  # no mask to draw a prompt from
+            if task != WHOLE_TASK and t["masks"].shape[0] == 0:
+                task = WHOLE_TASK  # no mask to draw a prompt from
             tasks.append(task)
         return tasks
 
@@ -378,29 +386,40 @@ class UnSAM(nn.Module):
         metrics and DDP (find_unused_parameters=False) see the same thing on every rank."""
         tasks = self._choose_tasks(batched_inputs, targets)
         losses: Dict[str, torch.Tensor] = {}
-        whole = [i for i, t in enumerate(tasks) if t == "whole"]
+        whole = [i for i, t in enumerate(tasks) if t == WHOLE_TASK]
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, ())))
+        prompt_sets = {task: [(i, self.sample_prompts(targets[i], task, rng)) for i, t in enumerate(tasks) if t == task]
+                       for task in PROMPT_TASKS}
+        # Loss normalisers are averaged over ranks with ONE collective that every rank runs: the
+        # criteria's own all_reduce would run only on ranks whose batch has that task, and ranks
+        # with different task mixes would then wait on each other forever.
+        num_masks = sum(len(targets[i]["labels"]) for i in whole)
+        num_prompts = sum(int(tg.shape[0] > 0) for sets in prompt_sets.values() for _, (_, tgts) in sets for tg in tgts)
+        num_masks, num_prompts = _mean_over_ranks([num_masks, num_prompts], self.device)
         if whole:
             outputs = self.decode(self._select(encoded, whole))
-            raw = self.criterion(outputs, [targets[i] for i in whole])
+            outputs["batch_index"] = whole
+            raw = self.criterion(outputs, [targets[i] for i in whole], num_masks=max(num_masks, 1.0))
             losses.update({k: v * self.criterion.weight_dict[k] for k, v in raw.items()
                            if k in self.criterion.weight_dict})
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, ())))
-        preds, ious, auxes, prompt_targets = [], [], [], []
+        preds, ious, auxes, prompt_targets, batch_index = [], [], [], [], []
         for task in PROMPT_TASKS:
-            idx = [i for i, t in enumerate(tasks) if t == task]
-            if not idx:
+            sets = prompt_sets[task]
+            if not sets:
                 continue
-            sets = [self.sample_prompts(targets[i], task, rng) for i in idx]
-            out = self.decode_prompts(self._select(encoded, idx), [s[0] for s in sets], padded_hw)
+            idx = [i for i, _ in sets]
+            out = self.decode_prompts(self._select(encoded, idx), [p for _, (p, _) in sets], padded_hw)
             preds.append(out["pred_masks"].flatten(0, 1))
             ious.append(out["pred_iou"].flatten(0, 1))
             auxes.append([a.flatten(0, 1) for a in out.get("aux_masks", [])])
-            prompt_targets += [t for s in sets for t in s[1]]
+            for i, (_, tgts) in sets:
+                prompt_targets += tgts
+                batch_index += [i] * len(tgts)
         if preds:
-            outputs = {"pred_masks": torch.cat(preds), "pred_iou": torch.cat(ious)}
+            outputs = {"pred_masks": torch.cat(preds), "pred_iou": torch.cat(ious), "batch_index": batch_index}
             if auxes[0]:
                 outputs["aux_masks"] = [torch.cat(layer) for layer in zip(*auxes)]
-            raw = self.prompt_criterion(outputs, prompt_targets)
+            raw = self.prompt_criterion(outputs, prompt_targets, num_prompts=max(num_prompts, 1.0))
             wd = self.prompt_criterion.weight_dict
             losses.update({k: v * wd[k] for k, v in raw.items() if k in wd})
         # a zero that touches every parameter: unused branches still get (zero) gradients
