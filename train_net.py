@@ -14,16 +14,36 @@ import sys
 import unsam  # noqa: F401  (detectron2 compatibility layer first)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
-from unsam.checkpoint import WeightsNotFoundError, check_weights_path
+from unsam.checkpoint import WeightsError, check_weights_path
+from unsam.data.sa1b import DatasetError
+from unsam.engine.checkpointer import CheckpointError
 from unsam.engine.trainer import Trainer, setup_config, write_eval_metrics
 from unsam.utils.arguments import ConfigError, load_config, train_argument_parser
 from unsam.utils.dist import launch
 
 logger = logging.getLogger("unsam")
 
+# bad input a user can fix: one "error:" line and exit status 2, no traceback
+USER_ERRORS = (ConfigError, WeightsError, DatasetError, CheckpointError)
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` (main process) and exit this process with status 2."""
+    if comm.get_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
 
 def main(args):
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        fail(str(e))
+
+
+def run(args):
     cfg = setup_config(args)
     check_weights_path(cfg.MODEL.WEIGHTS)
     if args.eval_only:
@@ -38,7 +58,7 @@ def main(args):
         return trainer.train()
     except FloatingPointError as e:
         last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
-        raise SystemExit(f"error: training stopped, {e}. Last good checkpoint: {last or 'none saved yet'}")
+        fail(f"training stopped, {e}. Last good checkpoint: {last or 'none saved yet'}")
 
 
 def cli(argv=None) -> int:
@@ -46,12 +66,17 @@ def cli(argv=None) -> int:
     try:  # fail fast, with one line, before any process is started
         cfg = load_config(args.config_file, args.opts)
         check_weights_path(cfg.MODEL.WEIGHTS)
-    except (ConfigError, WeightsNotFoundError) as e:
+    except USER_ERRORS as e:
         if comm.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except ProcessExitedException as e:
+        if e.exit_code != 2:
+            raise
+        return 2  # a spawned process failed through fail() and has printed why
     return 0
 
 

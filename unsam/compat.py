@@ -1,10 +1,12 @@
-"""The one place that adapts detectron2 0.6 to today's numpy, Pillow, setuptools and torch.
+"""The one place that adapts detectron2 0.6 to today's numpy, Pillow, setuptools, torch and Python.
 
 detectron2 0.6 (Nov 2021) predates numpy 1.24 (removed ``np.int`` & co.), Pillow 10 (removed
-``Image.LINEAR``), setuptools 81 (removed ``pkg_resources``) and the CPU-only ``pb1-detectron2``
-build has no compiled ``detectron2._C``. Importing this module before detectron2 makes it usable;
-``import unsam`` does that. Nothing else in the project patches third-party code.
+``Image.LINEAR``), setuptools 81 (removed ``pkg_resources``), Python 3.11 (``random.sample`` of
+a set) and the CPU-only ``pb1-detectron2`` build has no compiled ``detectron2._C``. Importing this
+module before detectron2 makes it usable; ``import unsam`` does that. Nothing else in the project
+patches third-party code.
 """
+import collections.abc
 import importlib.util
 import sys
 import types
@@ -81,3 +83,35 @@ def _install_missing_c_extension() -> None:
 
 _install_pkg_resources_shim()
 _install_missing_c_extension()
+
+
+class _SampleableSet(set):
+    """A set that ``random.sample`` accepts: Python >= 3.11 wants a sequence."""
+
+    def __getitem__(self, index):
+        return sorted(self)[index]
+
+
+collections.abc.Sequence.register(_SampleableSet)
+
+
+def fix_map_dataset_retry() -> None:
+    """Let detectron2's ``MapDataset`` retry another image when the mapper returns ``None``.
+
+    Its retry draws the replacement with ``random.sample(set)``, a ``TypeError`` since Python
+    3.11, so skipping a bad training image crashed the loader instead. Called by
+    :mod:`unsam.data.mapper`, whose mapper skips bad images: patching at import time here would
+    import all of ``detectron2.data`` (~3 s) into every command. Idempotent.
+    """
+    from detectron2.data import common
+
+    if getattr(common.MapDataset, "_unsam_sampleable_retry", False):
+        return
+    init = common.MapDataset.__init__
+
+    def __init__(self, dataset, map_func):
+        init(self, dataset, map_func)
+        self._fallback_candidates = _SampleableSet(self._fallback_candidates)
+
+    common.MapDataset.__init__ = __init__
+    common.MapDataset._unsam_sampleable_retry = True

@@ -1,12 +1,18 @@
-"""Input/output helpers shared by the demos: expand inputs, read images, name outputs."""
+"""Input/output helpers shared by the demos: expand inputs, read images, name and check outputs."""
 import argparse
 import glob
+import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from .utils.files import OutputError, ensure_writable_dir
+from .utils.images import UnsupportedImageError
+from .utils.images import read_rgb as _read_rgb
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -36,24 +42,38 @@ def expand_inputs(inputs: List[str]) -> List[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """H×W×3 uint8 RGB, EXIF orientation applied."""
+    """H×W×3 uint8 RGB, EXIF orientation applied, 16-bit scaled (:mod:`unsam.utils.images`)."""
     try:
-        from PIL import ImageOps
-
-        with Image.open(path) as img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
+        return _read_rgb(path)
+    except (OSError, UnsupportedImageError) as e:
         raise DemoInputError(f"cannot read image '{path}': {e}") from None
 
 
+def iter_images(paths: List[Path], skipped: List[str]) -> Iterator[Tuple[Path, np.ndarray]]:
+    """(path, RGB image) for every readable input; an unreadable one is logged, appended to
+    ``skipped`` and passed over, so one bad file in a folder does not stop the demo."""
+    for path in paths:
+        try:
+            yield path, read_rgb(path)
+        except DemoInputError as e:
+            skipped.append(str(path))
+            logger.warning("skipping %s (%d of %d inputs skipped so far)", e, len(skipped), len(paths))
+
+
 def output_path(output: str, image_path: Path, n_inputs: int, suffix: str = ".png") -> Path:
-    """``output`` is a directory (or ends with '/') or, for one input, a file name."""
+    """``output`` is a directory (or ends with '/') or, for one input, a file name.
+
+    The folder is created and checked writable (:class:`DemoInputError` if not), so callers can
+    check it before loading a model.
+    """
     out = Path(output)
-    if n_inputs == 1 and out.suffix and not output.endswith(os.sep):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return out.with_suffix(suffix) if suffix != out.suffix else out
-    out.mkdir(parents=True, exist_ok=True)
-    return out / (image_path.stem + suffix)
+    try:
+        if n_inputs == 1 and out.suffix and not output.endswith(os.sep):
+            ensure_writable_dir(out.parent)
+            return out.with_suffix(suffix) if suffix != out.suffix else out
+        return ensure_writable_dir(out) / (image_path.stem + suffix)
+    except OutputError as e:
+        raise DemoInputError(str(e)) from None
 
 
 def demo_parser(description: str, add_options) -> argparse.ArgumentParser:

@@ -6,21 +6,24 @@
       [--save-json] [--confidence-threshold 0.5] --opts MODEL.WEIGHTS unsam_r50.pth MODEL.DEVICE cpu
 """
 import argparse
+import itertools
 import json
 import logging
 import sys
 import time
+from typing import List
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 import unsam  # noqa: F401
-from unsam.checkpoint import WeightsNotFoundError
+from unsam.checkpoint import WeightsError
 from unsam.data.sa1b import mask_to_rle
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, read_rgb
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, iter_images, output_path
 from unsam.predictor import WholeImagePredictor
 from unsam.utils.arguments import ConfigError, load_config
+from unsam.utils.files import atomic_write
 from unsam.visualize import draw_masks
 
 logger = logging.getLogger("unsam.demo")
@@ -40,18 +43,23 @@ def get_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     cfg = load_config(args.config_file, args.opts)
     paths = expand_inputs(args.input)
-    images = {p: read_rgb(p) for p in paths[:1]}  # fail on a bad first image before loading the model
+    # the output folder and a first readable image are checked before the slow model load
+    output_path(args.output, paths[0], len(paths))
+    skipped: List[str] = []
+    images = iter_images(paths, skipped)
+    first = next(images, None)
+    if first is None:
+        raise DemoInputError(f"no readable image among the inputs (skipped: {', '.join(skipped[:3])}"
+                             f"{' ...' if len(skipped) > 3 else ''})")
     predictor = WholeImagePredictor(cfg)
-    for path in tqdm(paths, desc="segment", unit="img"):
-        image = images.pop(path, None)
-        if image is None:
-            image = read_rgb(path)
+    for path, image in tqdm(itertools.chain([first], images), total=len(paths), desc="segment", unit="img"):
         start = time.perf_counter()
         instances = predictor(image)
         keep = instances.scores >= args.confidence_threshold
         instances = instances[keep]
         masks = instances.pred_masks.numpy()
-        Image.fromarray(draw_masks(image, masks)).save(output_path(args.output, path, len(paths), ".png"))
+        with atomic_write(output_path(args.output, path, len(paths), ".png"), "wb") as f:
+            Image.fromarray(draw_masks(image, masks)).save(f, format="PNG")
         if args.save_json:
             record = {
                 "image": {"file_name": path.name, "height": image.shape[0], "width": image.shape[1]},
@@ -61,9 +69,11 @@ def run(args) -> None:
                     for m, s, b in zip(masks, instances.scores.tolist(), instances.pred_boxes.tensor.tolist())
                 ],
             }
-            with open(output_path(args.output, path, len(paths), ".json"), "w") as f:
+            with atomic_write(output_path(args.output, path, len(paths), ".json")) as f:
                 json.dump(record, f)
         logger.info("%s: %d masks in %.2fs", path, len(instances), time.perf_counter() - start)
+    if skipped:
+        logger.warning("%d of %d inputs skipped as unreadable: %s", len(skipped), len(paths), ", ".join(skipped))
 
 
 def main(argv=None) -> int:
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     try:
         run(args)
-    except (ConfigError, WeightsNotFoundError, DemoInputError) as e:
+    except (ConfigError, WeightsError, DemoInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ Optional extras (training only):
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -31,9 +31,12 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from ..utils.images import UnsupportedImageError, open_image
 from .sa1b import rle_to_mask
 
 logger = logging.getLogger(__name__)
+# the mapper returns None for a bad training image: detectron2's loader must retry another
+unsam.compat.fix_map_dataset_retry()
 
 # ViSA guidance grid: long side of the guidance map in patches × patch size. A fixed, small grid
 # (32×32 at 8-pixel patches) bounds the per-sample cost (~0.5 MB float16) at any IMAGE_SIZE; the
@@ -100,6 +103,7 @@ class UnSAMDatasetMapper:
         self.max_instances = max_instances
         self.visa_guidance = visa_guidance
         self._guidance_features = None
+        self.num_skipped = 0  # training images skipped by this mapper (in this loader worker)
         if visa_guidance and visa_guidance != "classical":
             raise ValueError(
                 f"UNSAM.VISA.GUIDANCE.FEATURES={visa_guidance!r}: only 'classical' is supported in "
@@ -151,12 +155,32 @@ class UnSAMDatasetMapper:
             anns = [anns[i] for i in keep]
         return anns
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
+    def read_image(self, dataset_dict: Dict) -> Optional[np.ndarray]:
+        """The record's image in ``INPUT.FORMAT``; ``None`` (a warning) for a bad training image.
+
+        A training image that cannot be read, or whose size differs from its annotation file, is
+        skipped (detectron2's loaders then draw another one) instead of stopping the run; at test
+        time it is an error, as leaving it out would change the metrics.
+        """
+        try:
+            image = utils.convert_PIL_to_numpy(open_image(dataset_dict["file_name"]), self.image_format)
+            utils.check_image_size(dataset_dict, image)
+        except (OSError, UnsupportedImageError, utils.SizeMismatchError) as e:
+            if not self.is_train:
+                raise
+            self.num_skipped += 1
+            logger.warning("skipping training image %s (%d skipped by this loader so far): %s",
+                           dataset_dict["file_name"], self.num_skipped, e)
+            return None
+        return image
+
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         # shallow: annotations are only read, and a deep copy of hundreds of RLE dicts per image
         # cost more than decoding them
         dataset_dict = dict(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
+        image = self.read_image(dataset_dict)
+        if image is None:
+            return None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image

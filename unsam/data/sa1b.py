@@ -15,8 +15,8 @@ copy. Everything is class-agnostic: one category, id 0.
 """
 import json
 import logging
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -26,6 +26,8 @@ from pycocotools import mask as mask_utils
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..utils.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -33,6 +35,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 class SA1BFormatError(ValueError):
     """A pseudo-label file that cannot be used; the message names the file."""
+
+
+class DatasetError(ValueError):
+    """A dataset with no usable image; the message names it and why its files were skipped."""
+
+# annotation fields the loader turns into numbers, and whether they must be whole numbers
+_NUMERIC_FIELDS = {"area": False, "predicted_iou": False, "level": True, "parent_id": True}
 
 
 def mask_to_rle(mask: np.ndarray) -> Dict:
@@ -60,6 +69,83 @@ def rle_area(rle: Dict) -> int:
     return int(mask_utils.area(rle))
 
 
+def _run_lengths(counts: bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string: pycocotools' ``rleFrString``, vectorised.
+
+    Each value is 5-bit little-endian groups (char - 48; bit 0x20: more groups follow, bit 0x10
+    of the last group: negative); from the third value on, each is a delta to the value two
+    places before.
+    """
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return c
+    if c.min() < 0 or c.max() > 63:
+        raise ValueError("characters outside the RLE alphabet")
+    last = np.flatnonzero((c & 0x20) == 0)  # the final character of each value
+    if last.size == 0 or last[-1] != c.size - 1:
+        raise ValueError("truncated")
+    first = np.concatenate([[0], last[:-1] + 1])
+    lengths = last - first + 1
+    if lengths.max() > 12:  # more than 60 bits: no real mask is that large
+        raise ValueError("run length overflows")
+    value = np.repeat(np.arange(last.size), lengths)
+    shift = 5 * (np.arange(c.size) - first[value])
+    x = np.zeros(last.size, np.int64)
+    np.add.at(x, value, (c & 0x1F) << shift)
+    negative = (c[last] & 0x10) != 0
+    x[negative] -= np.int64(1) << (5 * lengths[negative])
+    runs = x.copy()
+    runs[1::2] = np.cumsum(x[1::2])
+    runs[2::2] = np.cumsum(x[2::2])
+    return runs
+
+
+def validate_rle(rle, size=None) -> None:
+    """Raise ``ValueError`` (the reason) unless ``rle`` is a COCO RLE that decodes safely.
+
+    pycocotools decodes without checks: runs summing to less than H×W leave uninitialised
+    memory in the mask (empty ``counts`` gives a different "mask" in every process), more than
+    H×W write past it. ``size``: the expected ``[H, W]``, if known.
+    """
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError("not an RLE (needs 'size' and 'counts')")
+    shape = rle["size"]
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ValueError(f"RLE size {shape!r} is not [height, width]")
+    if size is not None and list(shape) != [int(s) for s in size]:
+        raise ValueError(f"RLE size {list(shape)} differs from image {size[0]}x{size[1]}")
+    counts = rle["counts"]
+    try:
+        if isinstance(counts, list):  # uncompressed, as COCO crowds
+            runs = np.asarray(counts, dtype=np.int64)
+        else:
+            runs = _run_lengths(counts.encode("ascii") if isinstance(counts, str) else counts)
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise ValueError(f"corrupt RLE counts ({e})") from None
+    if runs.size == 0 and shape[0] * shape[1]:
+        raise ValueError("empty RLE counts")
+    if (runs < 0).any() or int(runs.sum()) != shape[0] * shape[1]:
+        raise ValueError(f"corrupt RLE counts (runs cover {int(runs.sum())} pixels, "
+                         f"the size {shape[0]}x{shape[1]} has {shape[0] * shape[1]})")
+
+
+def _annotation_problem(ann, height: int, width: int) -> Optional[str]:
+    """Why one SA-1B annotation cannot be used, or None."""
+    if not isinstance(ann, dict) or not isinstance(ann.get("segmentation"), dict):
+        return "no RLE segmentation"
+    try:
+        validate_rle(ann["segmentation"], (height, width))
+    except ValueError as e:
+        return str(e)
+    for key, whole in _NUMERIC_FIELDS.items():
+        value = ann.get(key, 0)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (whole and value != int(value))):
+            return f"{key} {value!r} is not a {'whole' if whole else 'finite'} number"
+    return None
+
+
 def annotation_from_mask(mask: np.ndarray, ann_id: int, **extra) -> Dict:
     """Build one SA-1B annotation (RLE, area, XYWH bbox) from an H×W bool mask."""
     rle = mask_to_rle(mask)
@@ -84,21 +170,12 @@ def annotation_from_mask(mask: np.ndarray, ann_id: int, **extra) -> Dict:
 
 
 def write_sa1b_json(path, image_info: Dict, annotations: List[Dict]) -> None:
-    """Write one SA-1B JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write one SA-1B JSON atomically (see :func:`unsam.utils.files.atomic_write`)."""
     for key in ("image_id", "width", "height", "file_name"):
         if key not in image_info:
             raise SA1BFormatError(f"{path}: image record lacks '{key}'")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"image": image_info, "annotations": annotations}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        json.dump({"image": image_info, "annotations": annotations}, f)
 
 
 def read_sa1b_json(path) -> Dict:
@@ -116,18 +193,12 @@ def read_sa1b_json(path) -> Dict:
         height, width = int(image["height"]), int(image["width"])
     except (KeyError, TypeError, ValueError) as e:
         raise SA1BFormatError(f"{path}: image record needs integer 'height' and 'width'") from e
+    if not isinstance(data["annotations"], list):
+        raise SA1BFormatError(f"{path}: 'annotations' is not a list")
     for i, ann in enumerate(data["annotations"]):
-        seg = ann.get("segmentation") if isinstance(ann, dict) else None
-        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
-            raise SA1BFormatError(f"{path}: annotation {i} has no RLE segmentation")
-        if [int(s) for s in seg["size"]] != [height, width]:
-            raise SA1BFormatError(
-                f"{path}: annotation {i} RLE size {seg['size']} differs from image {height}x{width}"
-            )
-        try:
-            rle_area(seg)
-        except Exception as e:  # pycocotools raises bare exceptions on corrupt counts
-            raise SA1BFormatError(f"{path}: annotation {i} has corrupt RLE counts ({e})") from e
+        problem = _annotation_problem(ann, height, width)
+        if problem:
+            raise SA1BFormatError(f"{path}: annotation {i}: {problem}")
     return data
 
 
@@ -135,7 +206,7 @@ def find_sa1b_files(root) -> List[Path]:
     """All ``*.json`` pseudo-label files under ``root`` (directly or one shard level down), sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"SA-1B root '{root}' is not a directory")
+        raise DatasetError(f"SA-1B root '{root}' is not a directory")
     files = sorted(p for p in root.glob("*.json") if not p.name.startswith("."))
     for shard in sorted(p for p in root.iterdir() if p.is_dir()):
         files.extend(sorted(p for p in shard.glob("*.json") if not p.name.startswith(".")))
@@ -155,10 +226,12 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
     """Load every image of an SA-1B root as detectron2 dataset dicts (class-agnostic).
 
     Files that are corrupt, whose RLE size disagrees with the image, or whose image is missing
-    are logged by name, counted and skipped: a bad file never kills a run silently.
+    are logged by name, counted and skipped: a bad file never kills a run silently. A root
+    with no usable image raises :class:`DatasetError`.
     """
-    dicts, skipped = [], []
-    for json_path in find_sa1b_files(root):
+    dicts, skipped, empty = [], [], 0
+    files = find_sa1b_files(root)
+    for json_path in files:
         try:
             data = read_sa1b_json(json_path)
         except SA1BFormatError as e:
@@ -185,6 +258,7 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
             for i, ann in enumerate(data["annotations"])
         ]
         if skip_empty and not annotations:
+            empty += 1
             continue
         dicts.append(
             {
@@ -197,7 +271,12 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
         )
     for msg in skipped:
         logger.warning("skipped pseudo-label file: %s", msg)
-    logger.info("SA-1B root %s: %d images loaded, %d files skipped", root, len(dicts), len(skipped))
+    logger.info("SA-1B root %s: %d images loaded, %d files skipped, %d without annotations left out",
+                root, len(dicts), len(skipped), empty)
+    if not dicts:
+        reason = f"; first skipped: {skipped[0]}" if skipped else ""
+        raise DatasetError(f"SA-1B root '{root}' has no usable image ({len(files)} JSON files, "
+                           f"{len(skipped)} skipped, {empty} without annotations{reason})")
     return dicts
 
 

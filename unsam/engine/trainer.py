@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Set
 import torch
 
 import unsam.compat  # noqa: F401
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import hooks as d2_hooks
@@ -43,6 +42,7 @@ from ..data.mapper import UnSAMDatasetMapper
 from ..data.sa1b import iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
+from .checkpointer import TrainingCheckpointer
 from .hooks import ATSFeedbackHook, VisaBatchLoader, VisaScheduleHook
 from ..utils.arguments import load_config
 from ..utils.dist import create_ddp_model
@@ -199,7 +199,7 @@ class Trainer(DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = TrainingCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -260,8 +260,15 @@ class Trainer(DefaultTrainer):
 
         detectron2's ``SimpleTrainer`` creates the loader iterator in its constructor, before the
         checkpoint is loaded; a prefetching iterator would already hold batches of the old stream.
+        A resume past the last iteration from any file but ``model_final.pth`` (lost to a kill
+        while it was written) writes it now: no step will run to write it.
         """
         super().resume_or_load(resume=resume)
+        resumed = os.path.basename(self.checkpointer.resumed_from)
+        if resume and self.start_iter >= self.max_iter and resumed and resumed != "model_final.pth":
+            logger.warning("training had finished but model_final.pth is missing or unreadable; "
+                           "writing it from %s", resumed)
+            self.checkpointer.save("model_final", iteration=self.start_iter - 1)
         sampler = self.ats_sampler
         if sampler is None:
             return

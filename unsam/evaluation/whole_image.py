@@ -9,7 +9,12 @@ Standalone::
     python -m unsam.evaluation.whole_image --gt instances.json --pred results.json --out m.json
 
 where ``results.json`` is in the COCO results format (``image_id``, RLE ``segmentation``,
-``score``). In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it
+``score``). Predictions are checked before evaluating: an unknown ``image_id``, a missing or
+non-finite ``score`` or an RLE whose size differs from its GT image would otherwise be dropped,
+mis-ranked or scored as misses without a word, so they are a :class:`PredictionError` (the CLI:
+one ``error:`` line, exit status 2), as is an empty prediction list on the command line. An
+empty list passed to :func:`coco_eval_agnostic` is legitimate (a model that detects nothing
+yet) and gives zeros with a warning. In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it
 RLE-encodes each image's masks as it goes, so full-resolution masks are never accumulated.
 """
 import argparse
@@ -19,6 +24,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -34,7 +40,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-from ..data.sa1b import mask_to_rle
+from ..data.sa1b import mask_to_rle, validate_rle
+from ..utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +49,62 @@ MAX_DETS = (1, 10, 100, 1000)
 METRIC_KEYS = ("AR@1", "AR@10", "AR@100", "AR@1000", "AP", "AP50", "ARs@1000", "ARm@1000", "ARl@1000")
 
 
+class PredictionError(ValueError):
+    """Predictions that cannot be evaluated; the message counts them and names the first."""
+
+
+def _prediction_problem(coco_gt: COCO, p) -> Optional[str]:
+    """Why one COCO result cannot be evaluated against ``coco_gt``, or None."""
+    if not isinstance(p, dict):
+        return "not a JSON object"
+    image = coco_gt.imgs.get(p.get("image_id"))
+    if image is None:
+        return f"image_id {p.get('image_id')!r} is not an image of the ground truth"
+    score = p.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"score {score!r} is not a finite number"
+    try:
+        validate_rle(p.get("segmentation"), (image["height"], image["width"]))
+    except ValueError as e:
+        return f"segmentation of image {p['image_id']}: {e}"
+    return None
+
+
+def check_predictions(coco_gt: COCO, predictions, source: str = "predictions") -> None:
+    """Raise :class:`PredictionError` unless every prediction can be evaluated against ``coco_gt``."""
+    if not isinstance(predictions, list):
+        raise PredictionError(f"{source}: expected a JSON list of COCO results")
+    bad = []
+    for i, p in enumerate(predictions):
+        problem = _prediction_problem(coco_gt, p)
+        if problem:
+            bad.append((i, problem))
+    if bad:
+        i, problem = bad[0]
+        raise PredictionError(f"{source}: {len(bad)} of {len(predictions)} predictions cannot be evaluated; "
+                              f"first: prediction {i}: {problem}")
+
+
 def _mean_valid(x: np.ndarray) -> float:
     x = x[x > -1]
     return float(x.mean()) if x.size else 0.0
 
 
-def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None) -> Dict[str, float]:
+def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None,
+                       source: str = "predictions") -> Dict[str, float]:
     """Run pycocotools' segm evaluation with ``useCats=0`` and return :data:`METRIC_KEYS`.
 
     ``predictions``: COCO results (``image_id``, ``segmentation`` RLE, ``score``); category ids
-    are ignored. ``image_ids`` restricts evaluation (default: every GT image).
+    are ignored. ``image_ids`` restricts evaluation (default: every GT image). Raises
+    :class:`PredictionError`, naming ``source``, for predictions that cannot be evaluated (see
+    the module docstring).
     """
     if image_ids is None:
         image_ids = sorted(coco_gt.getImgIds())
     if not predictions:
+        logger.warning("no predictions on %d images: every metric is 0", len(image_ids))
         return {k: 0.0 for k in METRIC_KEYS}
+    check_predictions(coco_gt, predictions, source)
     category = coco_gt.getCatIds()[0] if coco_gt.getCatIds() else 1
     preds = []
     for p in predictions:
@@ -103,9 +151,8 @@ def evaluate_coco_json(gt, predictions: List[Dict], image_ids=None) -> Dict[str,
 
 
 def write_metrics_json(path, metrics: Dict[str, float]) -> None:
-    """Write the flat ``--out`` JSON (keys of :data:`METRIC_KEYS` and any extras)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    """Write the flat ``--out`` JSON (keys of :data:`METRIC_KEYS` and any extras) atomically."""
+    with atomic_write(path) as f:
         json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
 
 
@@ -195,8 +242,7 @@ class ClassAgnosticEvaluator(DatasetEvaluator):
             predictions = list(itertools.chain(*(g[0] for g in gathered)))
             image_ids = list(itertools.chain(*(g[1] for g in gathered)))
         if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "coco_instances_results.json"), "w") as f:
+            with atomic_write(os.path.join(self.output_dir, "coco_instances_results.json")) as f:
                 json.dump(predictions, f)
         coco_gt = self._ground_truth()
         # images with no prediction still count: evaluate every image that was processed
@@ -220,12 +266,13 @@ def main(argv=None) -> int:
         coco_gt = load_coco_gt(args.gt)
         with open(args.pred) as f:
             predictions = json.load(f)
-        if not isinstance(predictions, list):
-            raise ValueError(f"{args.pred}: expected a JSON list of COCO results")
+        if not isinstance(predictions, list) or not predictions:
+            raise PredictionError(f"{args.pred}: expected a non-empty JSON list of COCO results")
+        metrics = coco_eval_agnostic(coco_gt, predictions, source=args.pred)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report_metrics(coco_eval_agnostic(coco_gt, predictions), args.out)
+    report_metrics(metrics, args.out)
     return 0
 
 

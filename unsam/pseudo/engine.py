@@ -56,7 +56,6 @@ writes ``<output>/vis/<stem>.jpg`` overlays. Runs are deterministic (no random s
 """
 import glob
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -65,9 +64,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
+from ..utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
+from ..utils.images import read_rgb
 from .conquer import DEFAULT_THRESHOLDS, merge_graph, merge_selective
 from .divide import maskcut
 from .features import ClassicalFeatures, DenseFeatures, build_features
@@ -115,10 +115,8 @@ class EngineConfig:
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image as H×W×3 uint8 RGB with EXIF orientation applied (as detectron2 does)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"))
+    """Read an image as H×W×3 uint8 RGB, EXIF orientation applied, 16-bit scaled (not clipped)."""
+    return read_rgb(path)
 
 
 def _bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
@@ -432,6 +430,8 @@ def list_images(spec: str) -> List[Path]:
                  if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         if not files and not any(ch in spec for ch in "*?["):
             raise FileNotFoundError(f"input not found: {spec}")
+    if not files:
+        raise FileNotFoundError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in/matching '{spec}'")
     files = sorted({f.resolve() for f in files})
     stems: Dict[str, Path] = {}
     for f in files:
@@ -523,9 +523,8 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     """Label every selected image that has no output yet. Returns a :class:`RunSummary`."""
     from tqdm import tqdm
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = list_images(input_spec)
+    out = ensure_writable_dir(output_dir)  # before any image is labelled
     tasks = select(files, start_id, end_id, shard)
     summary = RunSummary(total=len(tasks))
     todo = []
@@ -535,6 +534,11 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
         else:
             todo.append((image_id, str(path), str(out), visualize, cfg.seed))
     logger.info("%d images selected, %d already done, %d to label", len(tasks), summary.skipped, len(todo))
+    # half-written files of a killed run; only this run's names, other shards may be writing
+    todo_names = {f"{Path(t[1]).stem}.json" for t in todo}
+    stale = remove_stale_temps(out, todo_names.__contains__)
+    if stale:
+        logger.info("removed %d temporary files of interrupted writes", stale)
     t0 = time.time()
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="pseudo-labels")
     if workers <= 1:
@@ -564,9 +568,8 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     summary.seconds = time.time() - t0
     failed_path = out / "failed.txt"
     if summary.failures:
-        tmp = failed_path.with_suffix(".txt.tmp")
-        tmp.write_text("".join(f"{p}\t{e}\n" for p, e in summary.failures))
-        os.replace(tmp, failed_path)
+        with atomic_write(failed_path) as f:
+            f.write("".join(f"{p}\t{e}\n" for p, e in summary.failures))
     elif failed_path.exists() and summary.done:
         failed_path.unlink()  # earlier failures were retried successfully
     return summary

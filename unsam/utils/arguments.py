@@ -8,6 +8,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+import yaml
+
 import unsam.compat  # noqa: F401
 from detectron2.engine import default_argument_parser
 
@@ -23,6 +25,15 @@ def _unknown_key(err: Exception) -> Optional[str]:
     return match.group(1) if match else None
 
 
+def _yaml_error(config_file: str, err: "yaml.YAMLError") -> str:
+    """One line for a YAML syntax error: ``file:line:column: problem`` (the file may be a _BASE_)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return f"YAML syntax error in {config_file}: {problem}"
+    return f"YAML syntax error in {mark.name}:{mark.line + 1}:{mark.column + 1}: {problem}"
+
+
 def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), freeze: bool = True):
     """detectron2 defaults + UnSAM keys, then ``config_file`` (with ``_BASE_``), then ``opts``."""
     cfg = get_unsam_cfg()
@@ -31,6 +42,8 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
             raise ConfigError(f"config file '{config_file}' not found")
         try:
             cfg.merge_from_file(config_file)
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(config_file, e)) from None
         except KeyError as e:
             key = _unknown_key(e)
             raise ConfigError(f"unknown config key '{key or e}' in {config_file}") from None
