@@ -1,6 +1,11 @@
 """Per-image divide → conquer → refine pipeline and the batch runner behind ``python -m unsam.pseudo``.
 
-Per image (:meth:`PseudoLabeler.__call__`):
+Two recipes share the batch runner (:func:`run`: sharding, resume, ``failed.txt``, workers):
+``classical`` (:class:`PseudoLabeler`, the offline default, described below) and ``unsam``, the
+published UnSAM recipe (:class:`unsam.pseudo.recipe.UnsamLabeler`: CutLER detector divide,
+DINO keys on each region's 256-px crop, :func:`unsam.pseudo.conquer.iterative_merge`, NMS).
+
+Per image (:meth:`PseudoLabeler.__call__`, recipe ``classical``):
 
 1. patch features of the whole image (``features.py``) and superpixels (``refine.py``);
 2. **divide**: MaskCut gives ``n_divide`` regions on the patch grid; each is refined by snapping
@@ -80,6 +85,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass
 class EngineConfig:
+    recipe: str = "classical"  # "classical" (PseudoLabeler) | "unsam" (recipe.UnsamLabeler)
     features: str = "classical"
     resolution: int = 480  # long side (pixels) of the whole-image feature grid
     crop_resolution: int = 320  # long side of a divided region's crop
@@ -112,6 +118,14 @@ class EngineConfig:
     device: str = "cpu"
     dino_weights: Optional[str] = None
     dino_arch: str = "vit_base_patch8_224"
+    # recipe "unsam" only: divide with the CutLER "detector" or whole-image "maskcut" (n_divide,
+    # tau); conquer on conquer_size² crops; refine = snap masks to superpixels
+    divide: str = "detector"
+    divide_config: Optional[str] = None  # None: configs/divide/cutler_cascade_R50_FPN.yaml
+    divide_weights: Optional[str] = None
+    divide_score: float = 0.1
+    conquer_size: int = 256
+    refine: bool = False
 
 
 def read_image(path) -> np.ndarray:
@@ -471,11 +485,22 @@ def draw_overlay(image: np.ndarray, anns: List[Dict], seed: int = 0, max_masks: 
 _WORKER: Dict = {}
 
 
-def _init_worker(cfg: EngineConfig) -> None:
+def build_labeler(cfg: EngineConfig):
+    """The per-image labeler of ``cfg.recipe``: ``__call__(image H×W×3 uint8 RGB) -> annotations``."""
+    if cfg.recipe == "classical":
+        return PseudoLabeler(cfg)
+    if cfg.recipe == "unsam":
+        from .recipe import UnsamLabeler
+
+        return UnsamLabeler(cfg)
+    raise ValueError(f"unknown recipe '{cfg.recipe}' (classical | unsam)")
+
+
+def _init_worker(cfg: EngineConfig, labeler=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _WORKER["labeler"] = PseudoLabeler(cfg)
+    _WORKER["labeler"] = labeler if labeler is not None else build_labeler(cfg)
 
 
 def _process(task) -> Tuple[int, str, Optional[str], int]:
@@ -483,7 +508,7 @@ def _process(task) -> Tuple[int, str, Optional[str], int]:
     from ..data.sa1b import write_sa1b_json
 
     image_id, path, out_dir, visualize, seed = task
-    labeler: PseudoLabeler = _WORKER["labeler"]
+    labeler = _WORKER["labeler"]
     try:
         image = read_image(path)
     except Exception as e:  # unreadable / truncated / not an image
@@ -519,8 +544,11 @@ class RunSummary:
 
 def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start_id: int = 0,
         end_id: Optional[int] = None, workers: int = 1, visualize: bool = False,
-        progress: bool = True) -> RunSummary:
-    """Label every selected image that has no output yet. Returns a :class:`RunSummary`."""
+        progress: bool = True, labeler=None) -> RunSummary:
+    """Label every selected image that has no output yet. Returns a :class:`RunSummary`.
+
+    ``labeler``: an already built labeler for ``cfg`` (used when ``workers`` ≤ 1, so a caller
+    that built one to check its weights does not build it twice)."""
     from tqdm import tqdm
 
     files = list_images(input_spec)
@@ -542,7 +570,7 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     t0 = time.time()
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="pseudo-labels")
     if workers <= 1:
-        _init_worker(cfg)
+        _init_worker(cfg, labeler)
         results = (_process(t) for t in todo)
         pool = None
     else:
