@@ -20,7 +20,7 @@ import unsam  # noqa: F401
 from unsam.data.sa1b import (DatasetError, SA1BFormatError, load_sa1b_dicts, mask_to_rle, read_sa1b_json,
                              validate_rle, write_sa1b_json)
 from unsam.data.synthetic import make_shapes_dataset
-from unsam.utils.files import atomic_write, ensure_writable_dir, OutputError, remove_stale_temps
+from unsam.utils.files import OutputError, ensure_writable_dir, remove_stale_temps
 from unsam.utils.images import UnsupportedImageError, read_rgb
 
 from .conftest import REPO_ROOT

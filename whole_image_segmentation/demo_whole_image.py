@@ -13,7 +13,6 @@ import sys
 import time
 from typing import List
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 

@@ -271,8 +271,10 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
         )
     for msg in skipped:
         logger.warning("skipped pseudo-label file: %s", msg)
-    logger.info("SA-1B root %s: %d images loaded, %d files skipped, %d without annotations left out",
-                root, len(dicts), len(skipped), empty)
+    # a warning when files were skipped, so the count is seen next to the names above
+    logger.log(logging.WARNING if skipped else logging.INFO,
+               "SA-1B root %s: %d images loaded, %d files skipped, %d without annotations left out",
+               root, len(dicts), len(skipped), empty)
     if not dicts:
         reason = f"; first skipped: {skipped[0]}" if skipped else ""
         raise DatasetError(f"SA-1B root '{root}' has no usable image ({len(files)} JSON files, "
