@@ -389,6 +389,17 @@ def test_training_skips_wrong_size_image_and_resume_rewrites_lost_final(tmp_path
     assert (out / "model_final.pth").is_file()
 
 
+def test_test_image_of_wrong_size_is_a_dataset_error(tmp_path):
+    """At test time a skipped image would change the metrics: an error naming it (train_net: one
+    ``error:`` line, exit 2) instead of detectron2's traceback."""
+    from unsam.data.mapper import UnSAMDatasetMapper
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    mapper = UnSAMDatasetMapper(is_train=False, augmentations=[], image_format="RGB", max_instances=10)
+    with pytest.raises(DatasetError, match="a.png.*Mismatched image shape"):
+        mapper({"file_name": str(tmp_path / "a.png"), "height": 64, "width": 48})
+
+
 def test_training_on_dataset_with_every_file_bad_is_one_error(tmp_path, capsys):
     root = _shapes_root(tmp_path, n=1)
     for f in root.glob("*.json"):

@@ -32,7 +32,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from ..utils.images import UnsupportedImageError, open_image
-from .sa1b import rle_to_mask
+from .sa1b import DatasetError, rle_to_mask
 
 logger = logging.getLogger(__name__)
 # the mapper returns None for a bad training image: detectron2's loader must retry another
@@ -160,14 +160,15 @@ class UnSAMDatasetMapper:
 
         A training image that cannot be read, or whose size differs from its annotation file, is
         skipped (detectron2's loaders then draw another one) instead of stopping the run; at test
-        time it is an error, as leaving it out would change the metrics.
+        time it is a :class:`~unsam.data.sa1b.DatasetError`, as leaving it out would change the
+        metrics.
         """
         try:
             image = utils.convert_PIL_to_numpy(open_image(dataset_dict["file_name"]), self.image_format)
             utils.check_image_size(dataset_dict, image)
         except (OSError, UnsupportedImageError, utils.SizeMismatchError) as e:
             if not self.is_train:
-                raise
+                raise DatasetError(f"test image {dataset_dict['file_name']}: {e}") from None
             self.num_skipped += 1
             logger.warning("skipping training image %s (%d skipped by this loader so far): %s",
                            dataset_dict["file_name"], self.num_skipped, e)
