@@ -11,6 +11,21 @@ from unsam.data.coco import shared_data_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def coco_from_sa1b(root) -> dict:
+    """The SA-1B folder ``root`` (e.g. generated shapes) as COCO instances (one category), for
+    the evaluators' ground truth."""
+    from unsam.data.sa1b import load_sa1b_dicts
+
+    images, anns = [], []
+    for i, d in enumerate(load_sa1b_dicts(root)):
+        images.append({"id": i + 1, "file_name": os.path.basename(d["file_name"]), "height": d["height"],
+                       "width": d["width"]})
+        for a in d["annotations"]:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"]})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``$UNSAM_SHARED/data`` or ``../shared/data``; tests needing it skip when it is absent."""

@@ -2,7 +2,8 @@
 
 Run with ``make test-slow``. Trains the tiny config with ``train_net.py`` (as a user would) on
 generated images and evaluates class-agnostic AR@100 on held-out images, against the same model
-before training.
+before training; then prompts the same whole-image model by query selection
+(``UNSAM.PROMPT.MODE select``, no prompt training): 1-click oracle mIoU ≥ 0.7 (issue 12).
 """
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from unsam.data.synthetic import make_shapes_dataset
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, coco_from_sa1b
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "unsam_tiny.yaml")
 ITERS = int(os.environ.get("UNSAM_LEARN_ITERS", "800"))
@@ -54,3 +55,15 @@ def test_training_on_shapes_learns(tmp_path):
     print(f"AR@100 untrained {before:.3f} -> trained {after:.3f}")
     assert after >= 0.5
     assert after >= 5 * before
+
+    from unsam.evaluation.prompt import evaluate_prompts
+    from unsam.predictor import PromptPredictor
+    from unsam.utils.arguments import load_config
+
+    cfg = load_config(TINY, ["INPUT.IMAGE_SIZE", "128", "MODEL.DEVICE", "cpu", "UNSAM.PROMPT.MODE", "auto",
+                             "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth")])
+    predictor = PromptPredictor(cfg)
+    assert predictor.mode == "select"  # a whole-image checkpoint: auto selects among its queries
+    prompts = evaluate_prompts(predictor, coco_from_sa1b(val), val, box=True)
+    print(f"select mode on the whole-image model: {prompts}")
+    assert prompts["mIoU_oracle"] >= 0.7, prompts

@@ -2,6 +2,7 @@
 import hashlib
 import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,15 +215,32 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys, monkeypatch)
     assert "mIoU_max" in capsys.readouterr().out
 
 
-def test_unsam_backend_unavailable_exits_2(tmp_path, capsys):
-    import unsam.predictor
+def test_unsam_backend_modes_and_bad_weights(tmp_path, capsys, caplog):
+    """--mode select with a whole-image checkpoint scores; weights of another model exit 2."""
+    import logging
 
-    if hasattr(unsam.predictor, "PromptPredictor"):
-        pytest.skip("PromptPredictor exists in this version")
+    import torchvision
+    from detectron2.modeling import build_model
+
+    import unsam.modeling  # noqa: F401
+    from unsam.utils.arguments import load_config
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "unsam_tiny.yaml")
+    opts = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128"]
+    torch.save({"model": build_model(load_config(tiny, opts)).state_dict()}, tmp_path / "whole.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     gt_json = _make_synthetic(tmp_path)
-    assert main(["--gt", str(gt_json), "--images", str(tmp_path), "--backend", "unsam",
-                 "--config-file", "x.yaml"]) == 2
-    assert prompt_eval.UNSAM_UNAVAILABLE in capsys.readouterr().err
+    args = ["--gt", str(gt_json), "--images", str(tmp_path), "--backend", "unsam", "--config-file", tiny,
+            "--device", "cpu", "--no-box"]
+    with caplog.at_level(logging.INFO, logger="unsam.predictor"):
+        assert main([*args, "--mode", "select", "--out", str(tmp_path / "m.json"),
+                     "--opts", *opts, "MODEL.WEIGHTS", str(tmp_path / "whole.pth")]) == 0
+    assert any("prompt mode 'select'" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "m.json").read_text())["num_instances"] == 3
+    capsys.readouterr()
+    assert main([*args, "--opts", *opts, "MODEL.WEIGHTS", str(tmp_path / "resnet18.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "resnet18.pth" in err[0]
 
 
 # ---------------------------------------------------------------------------- SAM backend

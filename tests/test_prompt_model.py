@@ -20,6 +20,8 @@ from unsam.config import get_unsam_cfg
 from unsam.modeling.criterion import PromptCriterion
 from unsam.modeling.prompt_encoder import block_diagonal_allowed
 
+from .conftest import coco_from_sa1b
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "unsam_tiny.yaml"
 TINY_PROMPT = REPO / "configs" / "tiny" / "unsam_tiny_prompt.yaml"
@@ -331,19 +333,6 @@ def test_demo_cli_exit_code(demo_image, tmp_path):
 # ------------------------------------------------------------------------------------------
 # real learning
 # ------------------------------------------------------------------------------------------
-def _coco_from_sa1b(root) -> dict:
-    from unsam.data.sa1b import load_sa1b_dicts
-
-    images, anns = [], []
-    for i, d in enumerate(load_sa1b_dicts(root)):
-        images.append({"id": i + 1, "file_name": os.path.basename(d["file_name"]), "height": d["height"],
-                       "width": d["width"]})
-        for a in d["annotations"]:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                         "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"]})
-    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
-
-
 @pytest.mark.slow
 def test_prompt_training_learns_one_click_segmentation(tmp_path):
     """Short CPU run on synthetic shapes → 1-click oracle mIoU ≥ 0.7 on held-out images."""
@@ -372,7 +361,7 @@ def test_prompt_training_learns_one_click_segmentation(tmp_path):
     trainer.train()
     train_s = time.perf_counter() - start
     eval_cfg = load_config(str(TINY_PROMPT), opts + ["MODEL.WEIGHTS", str(out / "model_final.pth")])
-    metrics = evaluate_prompts(PromptPredictor(eval_cfg), _coco_from_sa1b(val_root), val_root, box=True)
+    metrics = evaluate_prompts(PromptPredictor(eval_cfg), coco_from_sa1b(val_root), val_root, box=True)
     print(f"\nprompt learning: {iters} iters in {train_s:.0f}s; {metrics}")
     assert metrics["num_instances"] > 40
     assert metrics["mIoU_oracle"] >= 0.7, metrics

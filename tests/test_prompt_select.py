@@ -166,12 +166,12 @@ def test_select_box_and_mask_prompts_and_batch_padding(public_format_ckpt, two_s
     iou = (again[0] & masks[0]).sum() / max(1, (again[0] | masks[0]).sum())
     assert iou > 0.9 and 0 < s_again[0] <= 1
     # box prompts: same shapes as the learned path, batched and padded to K
-    boxes = torch.tensor([[0.0, 0.0, 128.0, 96.0], [60.0, 30.0, 128.0, 90.0]])
+    boxes = torch.tensor([[0.0, 0.0, 128.0, 96.0], [100.0, 80.0, 110.0, 90.0]])
     bm, bs, bl = pred.predict_batch(boxes=boxes)
     assert bm.shape == (2, k, 96, 128) and bs.shape == (2, k) and bl.shape == (2, k, 256, 256)
     # the whole-image box accepts every mask: its best output is the whole-image box's best IoU
     assert bs[0, 0] > 0
-    # the other box holds no whole random-model mask: one nearest miss of score 0, then padding
+    # no broad random-model mask lies mostly inside the small box: the nearest miss (score 0), padding
     assert bs[1, 0] == 0 and bm[1, 0].any()
     pad = bs[:, 1:] == 0
     assert pad[1].all() and not bm[:, 1:][pad].any()  # padding outputs: empty masks of score 0

@@ -164,6 +164,7 @@ class PromptPredictor:
         self.is_image_set = False
         self.features = None
         self.selector = None
+        self._warned_miss = False
         self.original_size = None
         self.input_size = None
 
@@ -321,8 +322,10 @@ class PromptPredictor:
                                         prompts["mask_inputs"][i, 0] if "mask_inputs" in prompts else None)
             kept = sel.select(order, c, accept) if bool(ok[order[0]]) else []
             if not kept:
-                logger.warning("select mode: no whole-image query satisfies the prompt; returning the nearest "
-                               "miss with score 0")
+                if not self._warned_miss:  # once per image: evaluations send thousands of prompts
+                    logger.warning("select mode: no whole-image query satisfies a prompt; answering with the "
+                                   "nearest miss, score 0")
+                    self._warned_miss = True
                 kept, kept_scores = [int(order[0])], torch.zeros(1, device=self.device)
             else:
                 kept_scores = score[kept]

@@ -25,8 +25,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# a box prompt selects masks with at least this share of their area inside the box
-BOX_INSIDE_FRACTION = 0.8
+# a box prompt selects masks with more than half of their area inside the box; ranking by the
+# IoU with the box region does the rest (held-out shapes, box mIoU: share 0.9 → 0.688,
+# 0.8 → 0.707, 0.6 → 0.709, none → 0.716; 0.5 keeps the "mostly inside" meaning)
+BOX_INSIDE_FRACTION = 0.5
 # outputs overlapping an already kept one by more than this IoU are near-duplicates
 DUPLICATE_IOU = 0.9
 # side of the coarse occupancy grid used to rank queries against boxes and mask inputs

@@ -25,7 +25,7 @@ For every non-crowd, non-empty instance (class-agnostic):
 Command line::
 
     python -m unsam.evaluation.prompt --gt instances.json --images DIR --out m.json \\
-        --backend unsam --config-file cfg.yaml [--opts KEY VALUE ...]
+        --backend unsam --config-file cfg.yaml [--mode auto|learned|select] [--opts KEY VALUE ...]
     python -m unsam.evaluation.prompt --gt instances.json --images DIR --out m.json \\
         --backend sam --sam-checkpoint sam_vit_b_01ec64.pth --sam-model vit_b --clicks 5
 
@@ -56,7 +56,6 @@ from ..data.prompts import farthest_interior_point, mask_to_box, next_click
 logger = logging.getLogger(__name__)
 
 SAM_MODELS = ("vit_b", "vit_l", "vit_h")
-UNSAM_UNAVAILABLE = "the UnSAM prompt predictor is not available in this version"
 
 
 class EvaluationInputError(ValueError):
@@ -354,18 +353,19 @@ def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, devic
     return segment_anything.SamPredictor(sam)
 
 
-def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), device: Optional[str] = None):
-    """``unsam.predictor.PromptPredictor`` from a config (``MODEL.WEIGHTS`` names the checkpoint)."""
-    try:
-        from ..predictor import PromptPredictor
-    except ImportError:
-        raise EvaluationInputError(UNSAM_UNAVAILABLE) from None
+def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), device: Optional[str] = None,
+                          mode: Optional[str] = None):
+    """``unsam.predictor.PromptPredictor`` from a config (``MODEL.WEIGHTS`` names the checkpoint);
+    ``mode`` (auto / learned / select) overrides ``UNSAM.PROMPT.MODE``."""
+    from ..predictor import PromptPredictor
     from ..utils.arguments import load_config
 
     if not config_file:
         raise EvaluationInputError("--backend unsam needs --config-file")
     cfg = load_config(config_file, opts, freeze=False)
     cfg.MODEL.DEVICE = device or _default_device()
+    if mode:
+        cfg.UNSAM.PROMPT.MODE = mode
     cfg.freeze()
     return PromptPredictor(cfg)
 
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the metrics here (flat JSON, fractions)")
     parser.add_argument("--backend", choices=("unsam", "sam"), default="unsam")
     parser.add_argument("--config-file", help="UnSAM config (--backend unsam)")
+    parser.add_argument("--mode", choices=("auto", "learned", "select"),
+                        help="UnSAM prompt mode (default: the config's UNSAM.PROMPT.MODE, 'auto': the learned "
+                             "prompt head when the weights have one, else selection among the whole-image queries)")
     parser.add_argument("--sam-checkpoint", help="SAM checkpoint (--backend sam)")
     parser.add_argument("--sam-model", choices=SAM_MODELS,
                         help="SAM architecture (default: from the checkpoint name, else vit_h)")
@@ -401,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    from ..checkpoint import WeightsError
     from ..utils.arguments import ConfigError
 
     if args.clicks < 1:
@@ -412,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise EvaluationInputError("--backend sam needs --sam-checkpoint")
             factory = lambda: build_sam_predictor(args.sam_checkpoint, args.sam_model, args.device)  # noqa: E731
         else:
-            factory = lambda: build_unsam_predictor(args.config_file, args.opts, args.device)  # noqa: E731
+            factory = lambda: build_unsam_predictor(args.config_file, args.opts, args.device, args.mode)  # noqa: E731
         # inputs are checked before the (possibly slow) model build
         coco = _load_gt(args.gt)
         if not os.path.isdir(args.images):
@@ -420,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metrics = evaluate_prompts(factory(), coco.dataset, args.images, num_clicks=args.clicks,
                                    box=not args.no_box, max_images=args.max_images,
                                    refine_multimask=args.refine_multimask)
-    except (EvaluationInputError, ConfigError, FileNotFoundError) as e:
+    except (EvaluationInputError, ConfigError, WeightsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
