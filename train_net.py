@@ -12,14 +12,14 @@ import logging
 import sys
 
 import unsam  # noqa: F401  (detectron2 compatibility layer first)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
-from unsam.checkpoint import WeightsError, check_weights_path
+from unsam.checkpoint import UnSAMCheckpointer, WeightsError, check_weights_path, require_parts
 from unsam.data.sa1b import DatasetError
 from unsam.engine.checkpointer import CheckpointError
 from unsam.engine.trainer import Trainer, setup_config, write_eval_metrics
+from unsam.predictor import WHOLE_IMAGE_PARTS
 from unsam.utils.arguments import ConfigError, load_config, train_argument_parser
 from unsam.utils.dist import launch
 
@@ -48,7 +48,12 @@ def run(args):
     check_weights_path(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = UnSAMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if checkpointer.last_report is None:
+            logger.warning("evaluating a model with random weights: MODEL.WEIGHTS is empty")
+        else:  # weights of another architecture are an error, not a random model's scores
+            require_parts(checkpointer.last_report, WHOLE_IMAGE_PARTS, "whole-image evaluation")
         results = Trainer.test(cfg, model)
         write_eval_metrics(cfg, results)
         return results

@@ -174,8 +174,27 @@ def fetch_weights(url: str) -> str:
     try:
         return PathManager.get_local_path(url)
     except Exception as e:  # noqa: BLE001 — iopath raises bare Exceptions of many kinds for a bad URL
+        _remove_download_lock(url)
         raise WeightsError(f"MODEL.WEIGHTS '{url}' could not be downloaded: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                           f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _remove_download_lock(url: str) -> None:
+    """Remove the ``<cached file>.lock`` that iopath's HTTP handler leaves after a failed download
+    (same cache layout as ``HTTPURLHandler._get_local_path``: cache dir / URL path)."""
+    from urllib.parse import urlparse
+
+    from iopath.common.file_io import get_cache_dir
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return
+    cached = os.path.join(get_cache_dir(), os.path.dirname(parsed.path.lstrip("/")), url.split("/")[-1])
+    if not os.path.exists(cached):
+        try:
+            os.remove(cached + ".lock")
+        except FileNotFoundError:
+            pass
 
 
 def read_checkpoint_file(filename: str, reader=None) -> Dict:

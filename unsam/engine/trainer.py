@@ -36,9 +36,10 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from ..data.ats import WHOLE_TASK, AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, build_ats_train_loader
+from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, build_ats_train_loader
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
+from ..data.prompts import WHOLE_TASK
 from ..data.sa1b import iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState

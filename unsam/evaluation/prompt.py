@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,6 +51,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from ..data.prompts import farthest_interior_point, mask_to_box, next_click
+from .whole_image import write_metrics_json
 
 logger = logging.getLogger(__name__)
 
@@ -286,21 +286,6 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def write_metrics(path, metrics: Dict[str, float]) -> None:
-    """Write the flat ``--out`` JSON atomically (a crash never leaves half a file)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # backends
 
@@ -428,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        write_metrics(args.out, metrics)
+        write_metrics_json(args.out, metrics)
     print(format_metrics(metrics))
     return 0
 
