@@ -368,3 +368,21 @@ def test_recipe_unsam_bad_input(tmp_path, capsys, dino_weights):
     assert "wrong.yaml" in msg
     msg = _cli_error(capsys, base + ["--conquer-size", "100"])
     assert "--conquer-size" in msg
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert "empty" in _cli_error(capsys, base + ["--divide-weights", str(empty)])
+
+
+class _TrainerState:
+    """A Python object in a checkpoint, as detectron2's trainer state can be."""
+
+
+def test_divide_weights_with_trainer_state_load(tmp_path, caplog):
+    """detectron2 training checkpoints pickle more than tensors: read with a warning."""
+    from unsam.pseudo.detector import read_detector_state_dict
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"module.w": torch.ones(2)}, "trainer": _TrainerState()}, path)
+    with caplog.at_level("WARNING"):
+        state = read_detector_state_dict(str(path))
+    assert list(state) == ["w"] and "weights_only=False" in caplog.text

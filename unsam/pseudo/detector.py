@@ -12,6 +12,7 @@ pasted back at the input size with threshold 0.5.
 """
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -79,10 +80,24 @@ def read_detector_state_dict(path_or_url: str) -> Dict[str, torch.Tensor]:
         path = str(path_or_url)
         if not os.path.isfile(path):
             raise DivideError(f"divide weights not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise DivideError(f"divide weights {path} are empty (0 bytes): an interrupted download?")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint ({e})") from e
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e):
+            raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint ({e})") from e
+        # detectron2 training checkpoints may pickle trainer state besides the tensors
+        logger.warning("%s holds Python objects besides tensors; reading it with "
+                       "weights_only=False (load only checkpoints you trust)", path_or_url)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # unpickling arbitrary files fails in arbitrary ways
+            raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint "
+                              f"({type(e2).__name__}: {e2})") from e2
+    except Exception as e:  # truncated or foreign files
+        raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint "
+                          f"({type(e).__name__}: {e})") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not any(torch.is_tensor(v) for v in ckpt.values()):
