@@ -386,3 +386,31 @@ def test_divide_weights_with_trainer_state_load(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         state = read_detector_state_dict(str(path))
     assert list(state) == ["w"] and "weights_only=False" in caplog.text
+
+
+def test_recipe_unsam_refine_snaps_to_superpixels(shared_data):
+    """``refine``: a mask becomes the union of the superpixels it mostly covers (the engine's
+    unsupervised refinement in place of the published CascadePSP); one that covers no
+    superpixel's majority stays as it was."""
+    import cv2
+
+    from unsam.pseudo.engine import read_image
+    from unsam.pseudo.recipe import UnsamLabeler
+    from unsam.pseudo.refine import Snapper
+
+    path = sorted((shared_data / "coco_tiny_val2017" / "images").glob("*.jpg"))[0]
+    image = cv2.resize(read_image(path), (320, 240), interpolation=cv2.INTER_AREA)
+    cfg = EngineConfig(recipe="unsam", divide="maskcut", conquer_size=96, n_superpixels=300)
+    raw = UnsamLabeler(cfg)(image)
+    refined = UnsamLabeler(EngineConfig(**{**cfg.__dict__, "refine": True}))(image)
+    assert len(raw) == len(refined) and any(a["level"] == 1 for a in refined)
+    labels = Snapper(image, 300).labels
+    snapped = 0
+    for a, b in zip(raw, refined):
+        assert (a["level"], a["parent_id"]) == (b["level"], b["parent_id"])
+        m = rle_to_mask(b["segmentation"])
+        if np.isin(labels, np.unique(labels[m])).sum() == m.sum():
+            snapped += 1
+        else:
+            assert np.array_equal(m, rle_to_mask(a["segmentation"]))
+    assert snapped > len(refined) // 2

@@ -21,7 +21,9 @@ Learned from frank-xwang/UnSAM ``divide_and_conquer/divide_conquer.py`` and
    region's score and ``merge_threshold`` = the threshold at which the group was listed;
 3. **refine** — the published recipe runs CascadePSP, a refiner trained with human masks, so
    not ours to use. ``refine=True`` snaps every mask to superpixels (the engine's own
-   unsupervised refinement, :class:`unsam.pseudo.refine.Snapper`); off by default.
+   unsupervised refinement, :class:`unsam.pseudo.refine.Snapper`: a mask becomes the union
+   of the superpixels it covers more than half of; one that covers no superpixel's majority
+   stays as it was); off by default.
 
 Annotations come in the published order: divided masks by detector score, then each region's
 conquered masks, largest first. All masks are written (no cap, no cross-region de-duplication),
