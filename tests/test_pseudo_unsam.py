@@ -23,7 +23,7 @@ from unsam.data.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.conquer import iterative_merge
 from unsam.pseudo.engine import EngineConfig, build_labeler, run
-from unsam.pseudo.features import DinoFeatures
+from unsam.pseudo.features import build_features
 from unsam.pseudo.recipe import nms_by_area, resize_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def test_dino_keys_match_published(dino_weights, size):
     parity = _reference_dir() / "parity"
     image = np.load(parity / f"image_{size}.npy")
     ref = np.load(parity / f"dino_vitb8_keys_{size}.npy")
-    feats = DinoFeatures(dino_weights, "vit_base_patch8")
-    keys = feats.grid_features(image[None])[0]
+    feats = build_features("dino", dino_weights=dino_weights, dino_arch="vit_base_patch8")
+    keys = feats.grid_features(image[None])[0]  # raw: no resizing, no normalisation
     assert keys.shape == ref.shape
     err = np.abs(_unit(keys) - _unit(ref)).max()
     assert err < 1e-4, f"L2-normalised keys differ by {err:.2e}"
