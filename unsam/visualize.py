@@ -1,4 +1,10 @@
-"""Overlay drawing for the demos: distinct colours, outlines, large masks under small ones."""
+"""Overlay drawing for the demos, the web app and the reports.
+
+:func:`draw_masks` keeps the photo readable however many masks overlap: every pixel is blended
+with the image *once*, in the colour of the smallest mask that covers it (so parts stay visible
+on top of wholes, and nested hierarchies do not pile up into an opaque fill), then each mask's
+outline is drawn, largest first.
+"""
 from typing import Optional, Sequence, Tuple
 
 import cv2
@@ -12,24 +18,52 @@ def distinct_colors(n: int, seed: int = 0) -> np.ndarray:
     return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
 
 
-def draw_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline: bool = True) -> np.ndarray:
-    """Blend N×H×W bool ``masks`` over H×W×3 uint8 RGB ``image``.
+def line_width(shape: Sequence[int]) -> int:
+    """Outline thickness in pixels for an image of ``shape`` (1 px up to ~600 px, then thicker)."""
+    return max(1, int(round(min(shape[:2]) / 600)))
 
-    Masks are painted from largest to smallest so that parts stay visible on top of wholes.
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int], thickness: int = 1) -> np.ndarray:
+    """Draw the outer and hole contours of H×W ``mask`` on ``image`` in place; returns ``image``."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(image, contours, -1, tuple(int(c) for c in color), thickness)
+    return image
+
+
+def draw_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline: bool = True,
+               colors: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blend N×H×W bool ``masks`` over H×W×3 uint8 RGB ``image``; returns a new image.
+
+    Each pixel is blended once (weight ``alpha``) with the colour of the smallest mask covering
+    it; with ``outline`` every mask's border is then drawn in a darker shade of its colour,
+    largest mask first. ``colors``: N×3 RGB, one per mask (default: :func:`distinct_colors`).
     """
-    out = image.astype(np.float32).copy()
     if len(masks) == 0:
         return image.copy()
-    order = np.argsort([-int(m.sum()) for m in masks])
-    colors = distinct_colors(len(masks))
-    for rank, i in enumerate(order):
-        m = masks[i].astype(bool)
-        out[m] = (1 - alpha) * out[m] + alpha * colors[rank]
-    out = out.clip(0, 255).astype(np.uint8)
+    masks = np.asarray(masks).astype(bool, copy=False)
+    colors = distinct_colors(len(masks)) if colors is None else np.asarray(colors, np.uint8).reshape(-1, 3)
+    order = np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable")  # largest first
+    owner = np.full(image.shape[:2], -1, np.int32)
+    for i in order:  # smaller masks overwrite larger ones: a pixel belongs to its smallest mask
+        owner[masks[i]] = i
+    covered = owner >= 0
+    out = image.astype(np.float32)
+    out[covered] = (1 - alpha) * out[covered] + alpha * colors[owner[covered]]
+    out = out.round().clip(0, 255).astype(np.uint8)
     if outline:
-        for rank, i in enumerate(order):
-            contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(out, contours, -1, tuple(int(c) for c in colors[rank] // 2), 1)
+        width = line_width(image.shape)
+        for i in order:
+            draw_outline(out, masks[i], colors[i] // 2, width)
+    return out
+
+
+def draw_title(image: np.ndarray, text: str) -> np.ndarray:
+    """``image`` with ``text`` written in its top-left corner (white on a black outline), a copy."""
+    out = image.copy()
+    scale = max(0.4, min(image.shape[:2]) / 500)
+    org = (5, int(20 * scale) + 5)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (255, 255, 255), 1, cv2.LINE_AA)
     return out
 
 

@@ -466,20 +466,13 @@ def select(files: Sequence[Path], start_id: int = 0, end_id: Optional[int] = Non
     return [(k, files[k]) for k in range(max(0, start_id), end) if k % n == i]
 
 
-def draw_overlay(image: np.ndarray, anns: List[Dict], seed: int = 0, max_masks: int = 100) -> np.ndarray:
-    """Colour the top ``max_masks`` masks (largest first so small ones stay visible)."""
-    out = image.astype(np.float32).copy()
-    rng = np.random.default_rng(seed)
-    chosen = sorted(anns[:max_masks], key=lambda a: -a["area"])
-    for a in chosen:
-        rle = dict(a["segmentation"])
-        rle["counts"] = rle["counts"].encode("ascii")
-        m = mask_utils.decode(rle).astype(bool)
-        color = rng.integers(40, 255, 3).astype(np.float32)
-        out[m] = 0.5 * out[m] + 0.5 * color
-        edge = m ^ cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        out[edge] = 255
-    return out.clip(0, 255).astype(np.uint8)
+def draw_overlay(image: np.ndarray, anns: List[Dict], max_masks: int = 50) -> np.ndarray:
+    """The top ``max_masks`` masks blended with the photo and outlined (:func:`unsam.visualize.draw_masks`)."""
+    from ..data.sa1b import rle_to_mask
+    from ..visualize import draw_masks
+
+    masks = [rle_to_mask(a["segmentation"]) for a in anns[:max_masks]]
+    return draw_masks(image, np.array(masks, dtype=bool).reshape(-1, *image.shape[:2]))
 
 
 _WORKER: Dict = {}
@@ -522,7 +515,7 @@ def _process(task) -> Tuple[int, str, Optional[str], int]:
         if visualize:
             vis_dir = Path(out_dir) / "vis"
             vis_dir.mkdir(parents=True, exist_ok=True)
-            ov = draw_overlay(image, anns, seed)
+            ov = draw_overlay(image, anns)
             cv2.imwrite(str(vis_dir / f"{Path(path).stem}.jpg"), cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
         write_sa1b_json(Path(out_dir) / f"{Path(path).stem}.json", info, anns)
         return image_id, str(path), None, len(anns)
