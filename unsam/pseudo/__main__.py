@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--divide-weights", default=None,
                    help="detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)")
     g.add_argument("--divide-score", type=float, default=d.divide_score,
-                   help="detector instances scoring at least this are divided regions")
+                   help="detector instances scoring above this are divided regions (detectron2 keeps score > threshold)")
     g.add_argument("--conquer-size", type=int, default=d.conquer_size,
                    help="each region's crop is resized to this square before the features")
     g.add_argument("--refine", action="store_true",

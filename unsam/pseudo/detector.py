@@ -4,7 +4,8 @@ The detector is stock detectron2 — ``GeneralizedRCNN`` with ``CascadeROIHeads`
 class-agnostic box regression, masks on — built from ``configs/divide/cutler_cascade_R50_FPN.yaml``.
 Its state_dict has exactly the names and shapes of CutLER's public ``cutler_cascade_final.pth``
 (``../shared/reference/cutler_cascade_r50_fpn_state_dict.json``), so that checkpoint loads
-unchanged. Every instance scoring ≥ ``score_thresh`` (0.1, as published) is a divided region.
+unchanged. Every instance scoring above ``score_thresh`` (0.1, as published; detectron2
+keeps ``score > threshold``) is a divided region.
 
 Preprocessing is detectron2's ``DefaultPredictor``: shortest edge to ``INPUT.MIN_SIZE_TEST``
 (long edge ≤ ``INPUT.MAX_SIZE_TEST``), channels in ``INPUT.FORMAT`` (RGB for CutLER), masks

@@ -4,7 +4,7 @@ Learned from frank-xwang/UnSAM ``divide_and_conquer/divide_conquer.py`` and
 ``iterative_merging.py``; our own code. Per image:
 
 1. **divide** — the CutLER detector (:class:`unsam.pseudo.detector.CutlerDivider`) on the whole
-   image; every instance scoring ≥ ``divide_score`` (0.1) is a divided region and is itself a
+   image; every instance scoring above ``divide_score`` (0.1) is a divided region and is itself a
    pseudo label (``level`` 0, ``parent_id`` -1, ``predicted_iou`` = its detector score).
    Without detector weights, ``--divide maskcut`` runs MaskCut on the whole image's features
    instead (``n_divide`` regions, score 1) — *not* the published divide;
