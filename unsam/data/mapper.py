@@ -19,7 +19,7 @@ Optional extras (training only):
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from ..utils.images import UnsupportedImageError, open_image
-from .sa1b import DatasetError, rle_to_mask
+from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask
 
 logger = logging.getLogger(__name__)
 # the mapper returns None for a bad training image: detectron2's loader must retry another
@@ -78,6 +78,105 @@ def transform_masks(transforms: T.TransformList, masks: np.ndarray) -> np.ndarra
         else:
             masks = np.stack([t.apply_segmentation(m.astype(np.uint8)).astype(bool) for m in masks])
     return np.ascontiguousarray(masks)
+
+
+def _nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of every output position of a ``nearest-exact`` resize, computed by torch
+    itself in float32 — the arithmetic of :func:`transform_masks`'s uint8 resize (a float64
+    index differs from it at some sizes by one pixel)."""
+    src = torch.arange(in_size, dtype=torch.float32)[None, None]
+    return F.interpolate(src, size=out_size, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+
+
+def source_index_maps(transforms: T.TransformList, height: int, width: int
+                      ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """For transforms made only of nearest resizes, crops, zero pads and horizontal flips: the
+    source row of every output row and the source column of every output column (-1 in padding),
+    i.e. ``out[i, j] = mask[rows[i], cols[j]]``. ``None`` when another transform is present."""
+    rows, cols = np.arange(height), np.arange(width)
+    for t in transforms.transforms:
+        if isinstance(t, T.ResizeTransform):
+            rows = rows[_nearest_exact_index(len(rows), t.new_h)]
+            cols = cols[_nearest_exact_index(len(cols), t.new_w)]
+        elif isinstance(t, T.CropTransform):
+            rows, cols = rows[t.y0:t.y0 + t.h], cols[t.x0:t.x0 + t.w]
+        elif isinstance(t, T.PadTransform) and not t.seg_pad_value:
+            rows = np.concatenate([np.full(t.y0, -1), rows, np.full(t.y1, -1)])
+            cols = np.concatenate([np.full(t.x0, -1), cols, np.full(t.x1, -1)])
+        elif isinstance(t, T.HFlipTransform):
+            cols = cols[::-1]
+        elif not isinstance(t, T.NoOpTransform):
+            return None
+    return rows, cols
+
+
+def _covering_slice(index: np.ndarray, lo: int, hi: int) -> slice:
+    """The output positions whose source index lies in [lo, hi): one contiguous run, because
+    a source index map is monotonic apart from its padding (-1)."""
+    hit = np.flatnonzero((index >= lo) & (index < hi))
+    return slice(int(hit[0]), int(hit[-1]) + 1) if len(hit) else slice(0, 0)
+
+
+def rle_columns(rle: Dict, x0: int, x1: int) -> np.ndarray:
+    """Columns ``x0 … x1-1`` of an RLE mask, decoded from its runs alone: (x1-x0)×H bool (one row
+    per column: RLEs are column-major). Costs (x1-x0)·H, not H·W."""
+    height, width = rle["size"]
+    runs = rle_runs(rle)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    lo, hi = x0 * height, x1 * height
+    first = int(np.searchsorted(ends, lo, side="right"))  # the run holding position lo
+    last = int(np.searchsorted(starts, hi, side="left"))  # runs starting before hi
+    lengths = np.clip(ends[first:last], lo, hi) - np.clip(starts[first:last], lo, hi)
+    flat = np.repeat(np.arange(first, last) % 2 == 1, lengths)
+    if flat.size != hi - lo or ends[-1] != height * width:
+        raise ValueError(f"RLE runs cover {int(ends[-1]) if len(ends) else 0} pixels, not {height}×{width}")
+    return flat.reshape(x1 - x0, height)
+
+
+def decode_transformed_masks(segmentations: List, height: int, width: int, transforms: T.TransformList
+                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks of one image after its geometric transforms, those with pixels left.
+
+    Returns ``masks`` M×H'×W' bool, ``kept`` (M,) indices into ``segmentations`` and ``boxes``
+    M×4 float32 XYXY (``BitMasks.get_bounding_boxes`` convention: x1, y1 exclusive).
+
+    Equal to decoding every mask at H×W and applying :func:`transform_masks`, but for RLEs only
+    the columns of the mask's box are decoded (from its runs) and only the pixels that land in
+    the output are gathered; an RLE whose box misses the output (cropped away by LSJ) is not
+    decoded at all. At SA-1B scale (≈1500×2250, hundreds of masks) that avoids gigabytes of
+    full-resolution masks per image (``benchmarks/data.py``). Transforms other than nearest
+    resize / crop / zero pad / flip fall back to decode-then-transform.
+    """
+    maps = source_index_maps(transforms, height, width)
+    if maps is None:
+        stack = transform_masks(transforms, np.stack([decode_segmentation(s, height, width) for s in segmentations]))
+        kept = np.flatnonzero(stack.any(axis=(1, 2)))
+        stack = stack[kept]
+        return stack, kept, BitMasks(torch.from_numpy(stack)).get_bounding_boxes().tensor.numpy()
+    rows, cols = maps
+    # (k, row slice, column slice, pixels) of every mask with pixels in the output
+    pieces = []
+    for k, seg in enumerate(segmentations):
+        if isinstance(seg, dict):
+            x, y, w, h = rle_box(seg)
+            rs, cs = _covering_slice(rows, y, y + h), _covering_slice(cols, x, x + w)
+            if rs.start == rs.stop or cs.start == cs.stop:
+                continue  # nothing of this mask is in the output
+            block = rle_columns(seg, x, x + w)[cols[cs] - x][:, rows[rs]].T  # one row per source column
+        else:  # polygons: decoded whole, then gathered
+            rs, cs = slice(0, len(rows)), slice(0, len(cols))
+            mask = np.pad(decode_segmentation(seg, height, width), ((0, 1), (0, 1)))  # index -1: padding
+            block = mask[rows][:, cols]
+        if block.any():
+            pieces.append((k, rs, cs, block))
+    out = np.zeros((len(pieces), len(rows), len(cols)), dtype=bool)
+    boxes = np.zeros((len(pieces), 4), dtype=np.float32)
+    for i, (_, rs, cs, block) in enumerate(pieces):
+        out[i, rs, cs] = block
+        ys, xs = np.flatnonzero(block.any(1)), np.flatnonzero(block.any(0))
+        boxes[i] = (cs.start + xs[0], rs.start + ys[0], cs.start + xs[-1] + 1, rs.start + ys[-1] + 1)
+    return out, np.array([k for k, *_ in pieces], dtype=np.int64), boxes
 
 
 def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
@@ -197,19 +296,17 @@ class UnSAMDatasetMapper:
 
         anns = self._select_annotations(annotations)
         orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
-        if anns:
-            stack = np.stack([decode_segmentation(a["segmentation"], orig_h, orig_w) for a in anns])
-            stack = transform_masks(transforms, stack)
-            present = stack.any(axis=(1, 2))  # instances cropped away by LSJ are dropped
-            mask_tensor = torch.from_numpy(stack[present])
-            kept = [a for a, p in zip(anns, present) if p]
+        if anns:  # instances cropped away by LSJ are dropped
+            stack, present, boxes = decode_transformed_masks([a["segmentation"] for a in anns], orig_h, orig_w,
+                                                             transforms)
+            mask_tensor, kept = torch.from_numpy(stack), [anns[i] for i in present]
         else:
-            mask_tensor, kept = torch.zeros((0, h, w), dtype=torch.bool), []
+            mask_tensor, kept, boxes = torch.zeros((0, h, w), dtype=torch.bool), [], np.zeros((0, 4), np.float32)
 
         instances = Instances((h, w))
         instances.gt_classes = torch.zeros(len(kept), dtype=torch.int64)
         instances.gt_masks = BitMasks(mask_tensor)
-        instances.gt_boxes = instances.gt_masks.get_bounding_boxes() if kept else Boxes(torch.zeros((0, 4)))
+        instances.gt_boxes = Boxes(torch.from_numpy(boxes))
         instances.gt_levels = torch.tensor([int(a.get("level", 0)) for a in kept], dtype=torch.int64)
         # parent ids refer to annotation ids; re-express them as indices into the kept list
         index_of = {a.get("id"): i for i, a in enumerate(kept) if a.get("id") is not None}

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -61,12 +61,31 @@ def rle_to_mask(rle: Dict) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def rle_box(rle: Dict) -> Tuple[int, int, int, int]:
+    """Tight XYWH box of one RLE, from its runs (no decoding); zeros for an empty mask."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(counts, str):
+        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
+    return tuple(int(v) for v in mask_utils.toBbox(rle))
+
+
 def rle_area(rle: Dict) -> int:
     """Pixel count of one RLE (pycocotools' batched ``area`` overflows past 255 RLEs)."""
     counts = rle["counts"]
     if isinstance(counts, str):
         rle = {"size": rle["size"], "counts": counts.encode("ascii")}
     return int(mask_utils.area(rle))
+
+
+def rle_runs(rle: Dict) -> np.ndarray:
+    """Run lengths of a COCO RLE (compressed or not): alternating 0s and 1s, starting with 0s,
+    over the column-major (Fortran) flattened mask."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return np.asarray(counts, np.int64)
+    return _run_lengths(counts.encode("ascii") if isinstance(counts, str) else counts)
 
 
 def _run_lengths(counts: bytes) -> np.ndarray:
