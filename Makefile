@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.unsam-setup-done
 PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: setup quickstart test test-slow test-all bench clean-outputs
+.PHONY: setup quickstart test test-slow test-all bench gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/whole_image.py
 	$(PY) benchmarks/pseudo.py
+
+# the CUDA path end to end (training + AMP, inference, prompts, pseudo labels, multi-GPU): one JSON of
+# figures, also in outputs/gpu_check.json; non-zero exit on any failure. CPU-sized: ARGS="--device cpu --quick"
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --out outputs/gpu_check.json $(ARGS)
 
 clean-outputs:
 	rm -rf outputs

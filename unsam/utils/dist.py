@@ -86,4 +86,6 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
         return model
     if next(model.parameters()).is_cuda:
         kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    for buf in model.buffers():  # broadcast_buffers=False skips them even at init: random ones
+        dist.broadcast(buf.data, src=0)  # (SAM's positional-encoding matrix) would differ per rank
     return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
