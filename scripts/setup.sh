@@ -42,6 +42,18 @@ PYEOF
     rm -rf "$tmp"
 fi
 
+# The browser test (tests/test_app.py) drives Debian's chromium through chromium-driver and skips
+# without them. As root with apt (CI, containers) they are installed here; elsewhere: a hint.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing chromium + chromium-driver (Debian) for the browser test"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "[setup] note: no chromium/chromedriver: the browser test will skip (sudo apt-get install chromium chromium-driver)"
+    fi
+fi
+
 # checked from / so that the repository folder itself does not satisfy the import
 if ! (cd / && "$VPY" -c "import unsam" 2>/dev/null); then
     echo "[setup] installing unsam (editable)"
