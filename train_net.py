@@ -77,7 +77,7 @@ def cli(argv=None) -> int:
         return 2
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
     except ProcessExitedException as e:
         if e.exit_code != 2:
             raise

@@ -158,29 +158,31 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
     if size != (h, w):
         pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
     out: List[Optional[float]] = []
-    for b, t in enumerate(targets):
-        masks = t["masks"]
-        if masks.shape[0] == 0:
-            out.append(None)
-            continue
-        tgt = (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # N×P
-        logits = pred[b].flatten(1)  # Q×P
-        p = logits.sigmoid()
-        npix = logits.shape[1]
-        # pairwise BCE via two matmuls: BCE(x, t) = softplus(-x) t + softplus(x) (1 - t)
-        pos, neg = F.softplus(-logits), F.softplus(logits)
-        bce = (pos @ tgt.T + neg @ (1 - tgt).T) / npix  # Q×N
-        dice = 1 - (2 * p @ tgt.T + 1) / (p.sum(1, keepdim=True) + tgt.sum(1)[None] + 1)
-        cost = (bce + dice).cpu().numpy()
-        rows, cols = linear_sum_assignment(cost)
-        if kind == "loss":
-            out.append(float(cost[rows, cols].mean()))
-        else:
-            hard = (logits[rows] > 0).float()
-            inter = (hard * tgt[cols]).sum(1)
-            union = hard.sum(1) + tgt[cols].sum(1) - inter
-            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-            out.append(float(1.0 - iou.mean()))
+    # called inside the AMP forward: float32 costs (float16 BCE sums overflow)
+    with torch.autocast(pred.device.type, enabled=False):
+        for b, t in enumerate(targets):
+            masks = t["masks"]
+            if masks.shape[0] == 0:
+                out.append(None)
+                continue
+            tgt = (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # N×P
+            logits = pred[b].flatten(1)  # Q×P
+            p = logits.sigmoid()
+            npix = logits.shape[1]
+            # pairwise BCE via two matmuls: BCE(x, t) = softplus(-x) t + softplus(x) (1 - t)
+            pos, neg = F.softplus(-logits), F.softplus(logits)
+            bce = (pos @ tgt.T + neg @ (1 - tgt).T) / npix  # Q×N
+            dice = 1 - (2 * p @ tgt.T + 1) / (p.sum(1, keepdim=True) + tgt.sum(1)[None] + 1)
+            cost = (bce + dice).cpu().numpy()
+            rows, cols = linear_sum_assignment(cost)
+            if kind == "loss":
+                out.append(float(cost[rows, cols].mean()))
+            else:
+                hard = (logits[rows] > 0).float()
+                inter = (hard * tgt[cols]).sum(1)
+                union = hard.sum(1) + tgt[cols].sum(1) - inter
+                iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+                out.append(float(1.0 - iou.mean()))
     return out
 
 
@@ -206,22 +208,23 @@ def per_prompt_difficulty(outputs: Dict, targets: List[torch.Tensor], kind: str 
     if size != (h, w):
         pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
     out: List[Optional[float]] = []
-    for logits, tgt in zip(pred.flatten(2), targets):
-        if tgt.shape[0] == 0:
-            out.append(None)
-            continue
-        t = (_coarse(tgt.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # T×P
-        if kind == "loss":
-            p = logits.sigmoid()
-            bce = (F.softplus(-logits) @ t.T + F.softplus(logits) @ (1 - t).T) / logits.shape[1]  # K×T
-            dice = 1 - (2 * p @ t.T + 1) / (p.sum(1, keepdim=True) + t.sum(1)[None] + 1)
-            out.append(float((bce + dice).min()))
-        else:
-            hard = (logits > 0).float()
-            inter = hard @ t.T
-            union = hard.sum(1, keepdim=True) + t.sum(1)[None] - inter
-            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-            out.append(float(1.0 - iou.max()))
+    with torch.autocast(pred.device.type, enabled=False):  # float32, as above
+        for logits, tgt in zip(pred.flatten(2), targets):
+            if tgt.shape[0] == 0:
+                out.append(None)
+                continue
+            t = (_coarse(tgt.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # T×P
+            if kind == "loss":
+                p = logits.sigmoid()
+                bce = (F.softplus(-logits) @ t.T + F.softplus(logits) @ (1 - t).T) / logits.shape[1]  # K×T
+                dice = 1 - (2 * p @ t.T + 1) / (p.sum(1, keepdim=True) + t.sum(1)[None] + 1)
+                out.append(float((bce + dice).min()))
+            else:
+                hard = (logits > 0).float()
+                inter = hard @ t.T
+                union = hard.sum(1, keepdim=True) + t.sum(1)[None] - inter
+                iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+                out.append(float(1.0 - iou.max()))
     return out
 
 

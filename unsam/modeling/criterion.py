@@ -250,9 +250,10 @@ class PromptCriterion(nn.Module):
                 e = torch.empty(0, dtype=torch.int64)
                 out.append((e, e.clone()))
                 continue
-            p = point_sample(pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)).squeeze(1)  # (K, P)
-            t = point_sample_chunked(tgt, coords, p.dtype)  # (T, P)
-            cost = (batch_sigmoid_ce_cost(p, t) + batch_dice_cost(p, t)).cpu()
+            with torch.autocast(pred.device.type, enabled=False):  # float16 costs overflow (matcher.py)
+                p = point_sample(pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)).squeeze(1)  # (K, P)
+                t = point_sample_chunked(tgt, coords, p.dtype)  # (T, P)
+                cost = (batch_sigmoid_ce_cost(p, t) + batch_dice_cost(p, t)).cpu()
             cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
             r, c = linear_sum_assignment(cost.numpy())
             out.append((torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)))

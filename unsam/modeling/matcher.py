@@ -99,11 +99,13 @@ class HungarianMatcher(nn.Module):
             cost_class = -prob[:, tgt_ids]
             out_mask = outputs["pred_masks"][b].float()[:, None]
             coords = torch.rand(1, self.num_points, 2, device=out_mask.device)
-            tgt_pts = point_sample_chunked(tgt_mask, coords, out_mask.dtype)
-            out_pts = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1)).squeeze(1)
-            cost = (self.cost_mask * batch_sigmoid_ce_cost(out_pts, tgt_pts)
-                    + self.cost_class * cost_class
-                    + self.cost_dice * batch_dice_cost(out_pts, tgt_pts))
+            # float32 even under AMP: the BCE cost sums over num_points and overflows float16
+            with torch.autocast(out_mask.device.type, enabled=False):
+                tgt_pts = point_sample_chunked(tgt_mask, coords, out_mask.dtype)
+                out_pts = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1)).squeeze(1)
+                cost = (self.cost_mask * batch_sigmoid_ce_cost(out_pts, tgt_pts)
+                        + self.cost_class * cost_class
+                        + self.cost_dice * batch_dice_cost(out_pts, tgt_pts))
             cost = cost.reshape(nq, -1).cpu()
             if not torch.isfinite(cost).all():
                 # linear_sum_assignment raises on NaN/inf; a non-finite loss guard reports the cause

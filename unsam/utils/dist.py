@@ -1,7 +1,8 @@
 """Launch one training/eval function on N processes: ``--num-gpus N`` or ``torchrun``.
 
-detectron2 0.6's ``launch`` is CUDA/NCCL-only. Here the backend follows the hardware: NCCL when
-CUDA is available, gloo on CPU, so multi-process training also runs (and is tested) on a laptop.
+detectron2 0.6's ``launch`` is CUDA/NCCL-only. Here the backend follows the device the model runs
+on (``MODEL.DEVICE``, passed by the entry point): NCCL for CUDA, gloo for CPU — also on a GPU
+machine — so multi-process training also runs (and is tested) on a laptop.
 
 * Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the current process joins the
   group from the environment; ``--num-gpus`` is ignored.
@@ -10,7 +11,7 @@ CUDA is available, gloo on CPU, so multi-process training also runs (and is test
 import logging
 import os
 from datetime import timedelta
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,16 +25,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(device: Optional[str] = None) -> str:
+    """NCCL for a CUDA ``device`` (default: CUDA when available), gloo otherwise."""
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
 
 
-def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, init_method: str) -> None:
-    dist.init_process_group(backend=default_backend(), init_method=init_method, world_size=world_size,
+def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, init_method: str,
+                backend: str) -> None:
+    dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
                             rank=rank, timeout=DEFAULT_TIMEOUT)
     # detectron2's comm helpers (get_local_rank, ...) need the per-machine group
     machine = rank // local_size
@@ -41,31 +46,36 @@ def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, in
         group = dist.new_group(list(range(i * local_size, (i + 1) * local_size)))
         if i == machine:
             comm._LOCAL_PROCESS_GROUP = group
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(local_rank)
     comm.synchronize()
 
 
-def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, backend, args):
     rank = machine_rank * num_per_machine + local_rank
-    _init_group(rank, world_size, local_rank, num_per_machine, dist_url)
+    _init_group(rank, world_size, local_rank, num_per_machine, dist_url, backend)
     main_func(*args)
 
 
 def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto", args: Sequence = ()):
-    """Run ``main_func(*args)`` on every process; single process when world size is 1."""
+           dist_url: str = "auto", args: Sequence = (), device: Optional[str] = None):
+    """Run ``main_func(*args)`` on every process; single process when world size is 1.
+
+    ``device``: the model's device (``MODEL.DEVICE``), which picks the backend
+    (:func:`default_backend`)."""
+    backend = default_backend(device)
     if launched_by_torchrun():
         world_size = int(os.environ["WORLD_SIZE"])
         if world_size > 1:
             local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            _init_group(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]), local_size, "env://")
+            _init_group(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]), local_size, "env://",
+                        backend)
         return main_func(*args)
 
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
         return main_func(*args)
-    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+    if backend == "nccl" and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs visible")
     if dist_url == "auto":
         if num_machines != 1:
@@ -75,7 +85,7 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     mp.start_processes(
         _spawned_worker, nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args)),
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, backend, tuple(args)),
         daemon=False, start_method="spawn",
     )
 
