@@ -107,21 +107,8 @@ def make_plan(device: str, quick: bool, iters: Optional[int]) -> Dict:
 
 
 # ------------------------------------------------------------------------------ synthetic data
-def _random_blob(rng, mask, cx: float, cy: float, r: float) -> None:
-    """Draw one ellipse or polygon of radius ~r at (cx, cy) into the uint8 ``mask``."""
-    import cv2
-    import numpy as np
-
-    r = max(r, 2.0)
-    if rng.random() < 0.5:
-        axes = (int(r), int(max(r * rng.uniform(0.4, 1.0), 1)))
-        cv2.ellipse(mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    else:
-        k = int(rng.integers(3, 8))
-        ang = np.sort(rng.uniform(0, 2 * np.pi, k))
-        rad = r * rng.uniform(0.5, 1.0, k)
-        pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1)
+# rounder and more varied shapes than the learning tests' (unsam.data.synthetic defaults)
+_SHAPE_STYLE = dict(min_aspect=0.4, max_vertices=7, min_radius=0.5)
 
 
 def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks: int, seed: int = 0) -> Dict:
@@ -132,6 +119,7 @@ def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks:
     from PIL import Image
 
     from unsam.data.sa1b import annotation_from_mask, write_sa1b_json
+    from unsam.data.synthetic import draw_random_shape
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -150,14 +138,14 @@ def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks:
             mask = np.zeros((height, width), np.uint8)
             if len(anns) < n0 or not parents:
                 level, parent = 0, -1
-                _random_blob(rng, mask, rng.uniform(0, width), rng.uniform(0, height),
-                             rng.uniform(0.04, 0.3) * side)
+                draw_random_shape(rng, mask, rng.uniform(0, width), rng.uniform(0, height),
+                                  max(rng.uniform(0.04, 0.3) * side, 2.0), **_SHAPE_STYLE)
             else:
                 pmask, plevel, parent, (y0, y1, x0, x1), (ys, xs) = parents[int(rng.integers(0, len(parents)))]
                 j = int(rng.integers(0, len(xs)))
                 r = math.sqrt(len(xs) / math.pi) * rng.uniform(0.2, 0.7)
                 sub = np.ascontiguousarray(mask[y0:y1, x0:x1])
-                _random_blob(rng, sub, xs[j] - x0, ys[j] - y0, r)  # drawn inside the parent's box
+                draw_random_shape(rng, sub, xs[j] - x0, ys[j] - y0, max(r, 2.0), **_SHAPE_STYLE)  # in the parent's box
                 mask[y0:y1, x0:x1] = sub & pmask[y0:y1, x0:x1]
                 level = plevel + 1
             ann = annotation_from_mask(mask.astype(bool), ann_id=len(anns), level=level, parent_id=parent)

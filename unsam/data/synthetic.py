@@ -25,19 +25,26 @@ def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
+def draw_random_shape(rng: np.random.Generator, mask: np.ndarray, cx: float, cy: float, r: float, *,
+                      min_aspect: float = 0.5, max_vertices: int = 6, min_radius: float = 0.6) -> None:
+    """Fill one random shape of radius ~``r`` centred at (cx, cy) into the uint8 ``mask``: half the
+    time an ellipse (minor/major axis ≥ ``min_aspect``), else a star-shaped polygon of 3 to
+    ``max_vertices`` vertices at ``min_radius``·r to r."""
+    if rng.random() < 0.5:
+        axes = (int(r), int(max(r * rng.uniform(min_aspect, 1.0), 1)))
+        cv2.ellipse(mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    else:
+        k = int(rng.integers(3, max_vertices + 1))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+        radii = r * rng.uniform(min_radius, 1.0, k)
+        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
+        cv2.fillPoly(mask, [pts], 1)
+
+
 def _random_shape(rng: np.random.Generator, size: int) -> np.ndarray:
     mask = np.zeros((size, size), np.uint8)
     cx, cy = rng.integers(size // 6, size - size // 6, 2)
-    r = int(rng.integers(size // 10, size // 4))
-    if rng.random() < 0.5:
-        axes = (r, int(r * rng.uniform(0.5, 1.0)))
-        cv2.ellipse(mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-    else:
-        k = int(rng.integers(3, 7))
-        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
-        radii = r * rng.uniform(0.6, 1.0, k)
-        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1)
+    draw_random_shape(rng, mask, cx, cy, int(rng.integers(size // 10, size // 4)))
     return mask.astype(bool)
 
 

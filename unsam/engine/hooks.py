@@ -20,7 +20,7 @@ Register both before detectron2's ``PeriodicCheckpointer`` (``Trainer.build_hook
 checkpoint written after step ``it`` holds the sampler state of iteration ``it + 1``.
 """
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -132,6 +132,17 @@ def _coarse(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x[:, None], size=size, mode="area")[:, 0]
 
 
+def _coarse_logits(pred_masks: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """B×Q×h×w logits → float32 logits at most :data:`_DIFFICULTY_MAX_SIDE` per side, and that size."""
+    pred = pred_masks.detach().float()
+    h, w = pred.shape[-2:]
+    scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if size != (h, w):
+        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    return pred, size
+
+
 @torch.no_grad()
 def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss") -> List[Optional[float]]:
     """Difficulty of each image of a batch from the final prediction and the criterion targets.
@@ -151,12 +162,7 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
 
     if kind not in ("loss", "iou"):
         raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {kind!r}")
-    pred = outputs["pred_masks"].detach().float()  # B×Q×h×w
-    h, w = pred.shape[-2:]
-    scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size != (h, w):
-        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    pred, size = _coarse_logits(outputs["pred_masks"])  # B×Q×h×w
     out: List[Optional[float]] = []
     # called inside the AMP forward: float32 costs (float16 BCE sums overflow)
     with torch.autocast(pred.device.type, enabled=False):
@@ -201,12 +207,7 @@ def per_prompt_difficulty(outputs: Dict, targets: List[torch.Tensor], kind: str 
     """
     if kind not in ("loss", "iou"):
         raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {kind!r}")
-    pred = outputs["pred_masks"].detach().float()
-    h, w = pred.shape[-2:]
-    scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    if size != (h, w):
-        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    pred, size = _coarse_logits(outputs["pred_masks"])  # N×K×h×w
     out: List[Optional[float]] = []
     with torch.autocast(pred.device.type, enabled=False):  # float32, as above
         for logits, tgt in zip(pred.flatten(2), targets):
