@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.unsam-setup-done
 PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: setup quickstart test test-slow test-all bench gpu-check clean-outputs
+.PHONY: setup quickstart app test test-slow test-all bench gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh 
 
 quickstart: setup
 	$(PY) scripts/quickstart.py
+
+# the browser demo on http://127.0.0.1:7860, with the quickstart's model once `make quickstart` trained it
+QS_WEIGHTS := outputs/quickstart/train/model_final.pth
+app: setup
+	$(PY) -m unsam.app $(if $(wildcard $(QS_WEIGHTS)),--opts MODEL.WEIGHTS $(QS_WEIGHTS))
 
 test: setup
 	$(PYTEST) -q --durations=10

@@ -7,7 +7,9 @@
    Felzenszwalb selective-search baseline, side by side (class-agnostic AR/AP);
 4. run the demos (segment everything on two validation images, a point prompt on one) and
    measure 1-click prompt mIoU;
-5. write ``REPORT.md`` with the figures, the commands and the overlays.
+5. write ``REPORT.md`` with the figures, the commands, and for the two demo photos the pseudo
+   labels' and the trained model's top masks side by side (each drawn once, blended with the
+   photo), ending with the command that opens the same model in the browser demo.
 
 Every step is a command a user could type (printed and recorded in the report) and resumes
 when re-run: finished outputs are kept, training continues from its last checkpoint.
@@ -23,14 +25,22 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import unsam  # noqa: E402,F401
 from unsam.data.coco import shared_data_dir  # noqa: E402
+from unsam.data.sa1b import rle_to_mask  # noqa: E402
+from unsam.utils.files import atomic_write  # noqa: E402
+from unsam.utils.images import read_rgb  # noqa: E402
+from unsam.visualize import draw_masks, draw_title  # noqa: E402
 
 logger = logging.getLogger("unsam.quickstart")
 CONFIG = "configs/tiny/unsam_quickstart.yaml"
+TOP_MASKS = 30  # masks per panel of the side-by-side comparison: enough to read, few enough to see
 
 
 def parse_args(argv=None):
@@ -118,8 +128,27 @@ def subset_gt(gt: Path, n: int, out: Path) -> Path:
     return path
 
 
+def top_masks(anns: List[Dict], score_key: str, k: int, shape) -> np.ndarray:
+    """The ``k`` best-scored masks of SA-1B / demo-JSON annotations, k×H×W bool."""
+    best = sorted(anns, key=lambda a: -float(a[score_key]))[:k]
+    return np.array([rle_to_mask(a["segmentation"]) for a in best], bool).reshape(-1, *shape[:2])
+
+
+def compare_top_masks(image_path: Path, pseudo_json: Path, model_json: Path, out_path: Path, k: int = TOP_MASKS) -> Path:
+    """One PNG: the photo, its pseudo labels' and the model's top ``k`` masks, side by side."""
+    image = read_rgb(image_path)
+    panels = [draw_title(image, image_path.name)]
+    for name, path, score_key in (("pseudo labels", pseudo_json, "predicted_iou"), ("model", model_json, "score")):
+        anns = json.loads(path.read_text())["annotations"] if path.is_file() else []
+        masks = top_masks(anns, score_key, k, image.shape)
+        panels.append(draw_title(draw_masks(image, masks), f"{name}: top {len(masks)} of {len(anns)}"))
+    with atomic_write(out_path, "wb") as f:
+        Image.fromarray(np.concatenate(panels, axis=1)).save(f, format="PNG")
+    return out_path
+
+
 def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]]], prompt: Dict[str, float],
-                 overlays: List[Path], wall: float) -> Path:
+                 comparisons: List[Path], prompt_overlays: List[Path], weights: Path, wall: float) -> Path:
     keys = ["AR@10", "AR@100", "AR@1000", "AP", "AP50"]
     lines = [
         "# UnSAM quickstart report", "",
@@ -140,8 +169,18 @@ def write_report(args, runner: Runner, rows: Dict[str, Optional[Dict[str, float]
                   f"- instances: {int(prompt.get('num_instances', 0))} on {int(prompt.get('num_images', 0))} images"]
     lines += ["", "## Step times", ""]
     lines += [f"- {step}: {seconds:.0f} s" for step, seconds in runner.timings.items()]
-    lines += ["", "## Commands", "", "```bash", *runner.commands, "```", "", "## Overlays", ""]
-    lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in overlays]
+    lines += ["", "## Commands", "", "```bash", *runner.commands, "```", "",
+              "## Top masks: pseudo labels vs the trained model", "",
+              f"Each row: the photo, then the {TOP_MASKS} best-scored masks of the pseudo labels and of the "
+              "model, each drawn once (a pixel takes the colour of the smallest mask covering it, blended with "
+              "the photo; outlines largest first).", ""]
+    lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in comparisons]
+    lines += ["", "## Point prompt (the demo's centre click, every granularity)", ""]
+    lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in prompt_overlays]
+    app = f"python -m unsam.app --config-file {CONFIG} --opts MODEL.WEIGHTS {shlex.quote(str(weights))}"
+    lines += ["", "## Try it in the browser", "",
+              "Segment everything, click to prompt and browse the pseudo-label hierarchy on your own photos "
+              "(offline, then open http://127.0.0.1:7860):", "", "```bash", app, "```"]
     report = args.output / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -195,13 +234,14 @@ def main(argv=None) -> int:
     val_images = sorted(p for p in args.val_images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:2]
     demo_dir = out / "demo"
     runner.run("demo whole image", [py, "whole_image_segmentation/demo_whole_image.py", "--config-file", CONFIG,
-                                    "--input", *val_images, "--output", demo_dir, "--confidence-threshold", "0.3",
-                                    "--opts", "MODEL.WEIGHTS", weights])
+                                    "--input", *val_images, "--output", demo_dir, "--confidence-threshold", "0.0",
+                                    "--save-json", "--opts", "MODEL.WEIGHTS", weights])
     point_dir = out / "demo_point"
     runner.run("demo point prompt", [py, "prompt_segmentation/demo_point_image.py", "--config-file", CONFIG,
                                      "--input", val_images[0], "--output", point_dir, "--multimask",
                                      "--opts", "MODEL.WEIGHTS", weights])
-    overlays = sorted(demo_dir.glob("*.png")) + sorted(point_dir.glob("*.png"))
+    comparisons = [compare_top_masks(p, out / "pseudo_val" / f"{p.stem}.json", demo_dir / f"{p.stem}.json",
+                                     out / "compare" / f"{p.stem}.png") for p in val_images]
     runner.run("evaluate prompts", [py, "-m", "unsam.evaluation.prompt", "--gt", args.gt, "--images", args.val_images,
                                     "--out", out / "metrics_prompt.json", "--config-file", CONFIG,
                                     "--max-images", str(args.max_prompt_images),
@@ -213,7 +253,8 @@ def main(argv=None) -> int:
         "UnSAM pseudo labels (classical)": read_metrics(out / "metrics_pseudo.json"),
         "UnSAM tiny model, trained on pseudo labels": last_eval_metrics(eval_dir / "metrics.json", "quickstart_val"),
     }
-    report = write_report(args, runner, rows, prompt_metrics, overlays, time.time() - start)
+    report = write_report(args, runner, rows, prompt_metrics, comparisons, sorted(point_dir.glob("*.png")), weights,
+                          time.time() - start)
     print(f"report: {report}")
     return 0
 

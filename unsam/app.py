@@ -89,7 +89,9 @@ def status_text(models: DemoModels, config_file: str) -> str:
     else:
         model = ("**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free pseudo labels "
                  f"and *Prompt* answers are not meaningful ({models.prompt_mode} mode)")
-    return f"Config `{config_file}`, {model}, device {models.cfg.MODEL.DEVICE}."
+    path = Path(config_file).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return f"Config `{shown}`, {model}, device {models.cfg.MODEL.DEVICE}."
 
 
 def _prompt_arrays(pstate):
@@ -301,8 +303,12 @@ def main(argv=None) -> int:
     download_dir = tempfile.mkdtemp(prefix="unsam-app-")
     demo = build_demo(models, args.config_file, args.max_side, samples, download_dir)
     logger.info("serving on http://%s:%d (Ctrl+C stops)", args.host, args.port)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
-                        inbrowser=False, ssr_mode=False, quiet=True)
+    try:
+        demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                            inbrowser=False, ssr_mode=False, quiet=True)
+    except OSError as e:  # port taken, address not available
+        print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

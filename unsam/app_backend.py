@@ -308,7 +308,7 @@ def render_prompt(photo: Photo, masks: np.ndarray, scores: np.ndarray, points: O
     main = photo.image if best is None else draw_masks(photo.image, masks[best][None], colors=colors[best][None])
     main = draw_prompts(main, points, labels, box)
     panels = [(draw_prompts(draw_masks(photo.image, m[None], colors=c[None]), points, labels, box),
-               f"granularity {i}: score {s:.2f}{' (best)' if i == best else ''}")
+               f"g{i}: {s:.2f}{' (best)' if i == best else ''}")
               for i, (m, s, c) in enumerate(zip(masks, scores, colors))]
     return main, panels
 

@@ -24,8 +24,8 @@ def line_width(shape: Sequence[int]) -> int:
 
 
 def draw_outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int], thickness: int = 1) -> np.ndarray:
-    """Draw the outer and hole contours of H×W ``mask`` on ``image`` in place; returns ``image``."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    """Draw the outer contours of H×W ``mask`` on ``image`` in place; returns ``image``."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, tuple(int(c) for c in color), thickness)
     return image
 
@@ -58,12 +58,14 @@ def draw_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline
 
 
 def draw_title(image: np.ndarray, text: str) -> np.ndarray:
-    """``image`` with ``text`` written in its top-left corner (white on a black outline), a copy."""
+    """A copy of ``image`` with ``text`` in white on a black band at its top-left corner."""
     out = image.copy()
-    scale = max(0.4, min(image.shape[:2]) / 500)
-    org = (5, int(20 * scale) + 5)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    scale = max(0.4, min(image.shape[:2]) / 800)
+    thickness = max(1, int(round(scale * 1.5)))
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(3, h // 3)
+    cv2.rectangle(out, (0, 0), (w + 2 * pad, h + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(out, text, (pad, pad + h), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return out
 
 
