@@ -11,7 +11,7 @@ and a horizontal flip. Test resizes the short side to ``INPUT.MIN_SIZE_TEST`` (l
 
 Optional extras (training only):
 
-* ``visa_guidance``: float16 D×h×w dense classical features (``unsam.pseudo.features``) of the
+* ``visa_guidance``: float16 D×h×w dense classical features (``unsam.features``) of the
   *augmented* image, when ``UNSAM.VISA.ENABLED`` and ``UNSAM.VISA.GUIDANCE.ENABLED`` — the
   self-supervised target of ViSA's semantic guidance loss. Computed here, in the loader workers,
   because it depends on the augmentation of this very sample.
@@ -232,7 +232,7 @@ class UnSAMDatasetMapper:
     def guidance_features(self, image: np.ndarray) -> torch.Tensor:
         """ViSA guidance of an augmented image (H×W×3 uint8, ``INPUT.FORMAT``) → float16 D×h×w."""
         if self._guidance_features is None:
-            from ..pseudo.features import build_features
+            from ..features import build_features
 
             self._guidance_features = build_features(self.visa_guidance, VISA_GUIDANCE_RESOLUTION)
         rgb = image

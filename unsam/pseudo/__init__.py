@@ -6,4 +6,4 @@
 COCO ground truth. Nothing here needs the model or the trainer.
 """
 from .engine import EngineConfig, PseudoLabeler, run  # noqa: F401
-from .features import ClassicalFeatures, DenseFeatures, DinoFeatures, FeatureError, build_features  # noqa: F401
+from ..features import ClassicalFeatures, DenseFeatures, DinoFeatures, FeatureError, build_features  # noqa: F401

@@ -7,7 +7,7 @@ import unsam  # noqa: F401  (compat before detectron2)
 
 from .detector import DEFAULT_DIVIDE_CONFIG, DivideError
 from .engine import EngineConfig, build_labeler, run
-from .features import FeatureError
+from ..features import FeatureError
 
 logger = logging.getLogger("unsam.pseudo")
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             return 2
     elif cfg.features == "dino":
         # fail fast on bad weights before any worker starts
-        from .features import build_features
+        from ..features import build_features
         try:
             build_features("dino", cfg.resolution, cfg.device, cfg.dino_weights, cfg.dino_arch)
         except FeatureError as e:

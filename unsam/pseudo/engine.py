@@ -75,7 +75,7 @@ from ..utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
 from ..utils.images import read_rgb
 from .conquer import DEFAULT_THRESHOLDS, merge_graph, merge_selective
 from .divide import maskcut
-from .features import ClassicalFeatures, DenseFeatures, build_features
+from ..features import ClassicalFeatures, DenseFeatures, build_features
 from .refine import Snapper
 
 logger = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from pycocotools import mask as mask_utils
 
 from .conquer import iterative_merge
 from .divide import maskcut
-from .features import DenseFeatures, build_features
+from ..features import DenseFeatures, build_features
 
 logger = logging.getLogger(__name__)
 

@@ -22,26 +22,48 @@ from typing import Tuple
 import cv2
 import numpy as np
 
+from ..features import random_fourier_features
 
-def superpixels(image: np.ndarray, n_segments: int = 2500) -> np.ndarray:
-    """``image``: H×W×3 uint8 RGB → (H, W) int32 labels 0..K-1 following image edges."""
-    h, w = image.shape[:2]
-    step = max(4, int(round(np.sqrt(h * w / n_segments))))
-    smooth = cv2.GaussianBlur(image, (0, 0), 1.0)
+
+# Gaussian σ (px) applied before the superpixels and the edge map: without it JPEG blocks and
+# sensor noise make gradient ridges that the watershed and the boundary score would follow
+SMOOTH_SIGMA = 1.0
+# each grid seed moves to the weakest gradient within this many pixels (a 5×5 window), so seeds
+# start inside regions rather than on their edges
+SEED_RADIUS = 2
+# smallest superpixel grid step (px): finer grids cost more than they follow edges better
+MIN_STEP = 4
+
+
+def smoothed_lab_gradient(image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image``: H×W×3 uint8 RGB → (smoothed RGB uint8, its Lab float32 (H, W, 3) on OpenCV's
+    8-bit scale, squared Lab gradient magnitude (H, W) float32: Sobel x² + y² summed over L, a, b).
+    Computed once per image: the superpixels and the edge map both come from it."""
+    smooth = cv2.GaussianBlur(image, (0, 0), SMOOTH_SIGMA)
     lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB).astype(np.float32)
-    grad = np.zeros((h, w), np.float32)
+    grad2 = np.zeros(lab.shape[:2], np.float32)
     for ch in range(3):
         gx = cv2.Sobel(lab[..., ch], cv2.CV_32F, 1, 0, ksize=3)
         gy = cv2.Sobel(lab[..., ch], cv2.CV_32F, 0, 1, ksize=3)
-        grad += gx * gx + gy * gy
-    # move each grid seed to the lowest-gradient pixel of its 5x5 neighbourhood
+        grad2 += gx * gx + gy * gy
+    return smooth, lab, grad2
+
+
+def superpixels(image: np.ndarray, n_segments: int = 2500, lab_gradient=None) -> np.ndarray:
+    """``image``: H×W×3 uint8 RGB → (H, W) int32 labels 0..K-1 following image edges.
+
+    ``lab_gradient``: :func:`smoothed_lab_gradient` of ``image`` when the caller has it."""
+    h, w = image.shape[:2]
+    smooth, _, grad = lab_gradient if lab_gradient is not None else smoothed_lab_gradient(image)
+    step = max(MIN_STEP, int(round(np.sqrt(h * w / n_segments))))
     markers = np.zeros((h, w), np.int32)
     ys = np.arange(step // 2, h, step)
     xs = np.arange(step // 2, w, step)
+    r = SEED_RADIUS
     label = 1
     for y in ys:
         for x in xs:
-            y0, y1, x0, x1 = max(0, y - 2), min(h, y + 3), max(0, x - 2), min(w, x + 3)
+            y0, y1, x0, x1 = max(0, y - r), min(h, y + r + 1), max(0, x - r), min(w, x + r + 1)
             win = grad[y0:y1, x0:x1]
             dy, dx = np.unravel_index(int(np.argmin(win)), win.shape)
             markers[y0 + dy, x0 + dx] = label
@@ -62,7 +84,8 @@ class Snapper:
     """Holds the superpixels of one image; snaps many soft masks to them."""
 
     def __init__(self, image: np.ndarray, n_segments: int = 2500):
-        self.labels = superpixels(image, n_segments)
+        lab_gradient = smoothed_lab_gradient(image)
+        self.labels = superpixels(image, n_segments, lab_gradient)
         self.k = int(self.labels.max()) + 1
         flat = self.labels.ravel()
         self.sizes = np.bincount(flat, minlength=self.k).astype(np.float64)
@@ -74,13 +97,9 @@ class Snapper:
         self.x1 = np.zeros(self.k, np.int64); self.y1 = np.zeros(self.k, np.int64)
         np.minimum.at(self.x0, flat, xs); np.minimum.at(self.y0, flat, ys)
         np.maximum.at(self.x1, flat, xs + 1); np.maximum.at(self.y1, flat, ys + 1)
-        # edge strength map: Lab gradient magnitude / its image mean
-        lab_img = cv2.cvtColor(cv2.GaussianBlur(image, (0, 0), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
-        grad = np.zeros(self.shape, np.float32)
-        for ch in range(3):
-            grad += cv2.Sobel(lab_img[..., ch], cv2.CV_32F, 1, 0, ksize=3) ** 2
-            grad += cv2.Sobel(lab_img[..., ch], cv2.CV_32F, 0, 1, ksize=3) ** 2
-        grad = np.sqrt(grad)
+        # edge strength map: Lab gradient magnitude / its image mean (scale-free across images)
+        _, lab_img, grad2 = lab_gradient
+        grad = np.sqrt(grad2)
         edges = grad / (grad.mean() + 1e-6)
         self._colour_cache = {}  # colour_sums results by (bandwidth, n_features, seed)
         self._lab = lab_img  # (H, W, 3) smoothed Lab (uint8 scale), for :meth:`colour_sums`
@@ -154,11 +173,7 @@ class Snapper:
         centre /= count[:, None]  # mean colour of each occupied bin
         std = np.sqrt(((centre - lab.mean(0)) ** 2 * count[:, None]).sum(0) / count.sum())
         z = (centre - lab.mean(0)) / (std + 1.0)
-        rng = np.random.default_rng(seed)
-        proj = rng.normal(0.0, 1.0, (3, n_features)) / bandwidth
-        phase = rng.uniform(0.0, 2 * np.pi, n_features)
-        f = np.cos(z @ proj + phase)
-        f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+        f = random_fourier_features(z, bandwidth, n_features, seed)
         flat = self.labels.ravel()
         hist = sp.csr_matrix((np.ones(flat.size), (flat, inv)), shape=(self.k, len(bins)))
         sums = np.asarray(hist @ f, np.float64)
