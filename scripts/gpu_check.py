@@ -551,7 +551,7 @@ def make_pseudo_weights(work: Path, quick: bool, arch: str) -> Dict[str, str]:
     import torch
 
     from unsam.pseudo.detector import DEFAULT_DIVIDE_CONFIG, build_detector, divide_config
-    from unsam.pseudo.features import DinoFeatures
+    from unsam.features import DinoFeatures
 
     torch.manual_seed(0)
     dino = DinoFeatures(None, arch, allow_random=True)

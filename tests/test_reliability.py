@@ -188,7 +188,7 @@ def test_pseudo_bad_output_refused_before_labelling(two_images, tmp_path, capsys
     from unsam.pseudo import engine
     from unsam.pseudo.__main__ import main as pseudo_main
 
-    monkeypatch.setattr(engine, "_init_worker", lambda cfg: pytest.fail("labelling started"))
+    monkeypatch.setattr(engine, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
     (tmp_path / "taken").write_text("a file")
     assert pseudo_main(["--input", str(two_images), "--output", str(tmp_path / "taken")] + SMALL_PSEUDO) == 2
     _one_error_line(capsys.readouterr().err, "taken")

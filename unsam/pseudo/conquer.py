@@ -1,38 +1,56 @@
-"""Conquer: bottom-up merging of adjacent patch groups inside one divided region.
+"""Conquer: bottom-up merging of adjacent groups inside one divided region.
 
-Every patch of the region starts as its own group. The most similar pair of 4-adjacent groups
-(cosine similarity of their mean features) is merged greedily, while that similarity is at least
-the current threshold; thresholds are visited from fine to coarse (default
-``[0.6, 0.5, 0.4, 0.3, 0.2, 0.1]``) and the grouping is snapshotted after each one, so the
-snapshots are nested: every group at a coarser threshold is a union of groups at the finer one.
+Every node of the region (a patch, or a superpixel of the engine's graph) starts as its own
+group. The most similar pair of adjacent groups (cosine similarity of their mean features) is
+merged greedily, while that similarity is at least the current threshold; thresholds are
+visited from fine to coarse (default ``[0.6, 0.5, 0.4, 0.3, 0.2, 0.1]``) and the grouping is
+snapshotted after each one, so the snapshots are nested: every group at a coarser threshold is
+a union of groups at the finer one.
 
-:func:`merge_hierarchy` returns the distinct groups with ≥ ``min_patches`` patches as
-:class:`Segment` records with the index of their parent segment (the smallest strictly larger
-group containing them, or -1), i.e. a forest that the engine turns into ``level`` /
-``parent_id``. :func:`merge_graph` is the same on any region adjacency graph (the engine's
-superpixels), and :func:`merge_selective` a selective-search-style alternative (similarity +
-size + fill, one complete hierarchy) used to diversify the candidates.
+:func:`merge_graph` runs this on a :class:`RegionGraph` in stages — :class:`GreedyMerger`
+(merging, with a log of every merge), :func:`snapshot_groups`, optionally
+:func:`add_merge_groups` and :func:`union_groups` (extra candidates), :func:`as_segments` — and
+returns the distinct groups of weight ≥ ``min_weight`` as :class:`Segment` records with the
+index of their parent segment (-1: none), i.e. a forest that the engine turns into ``level`` /
+``parent_id``. :func:`merge_hierarchy` is the same on a patch grid, and :func:`merge_selective`
+a selective-search-style alternative (similarity + size + fill, one complete hierarchy) used to
+diversify the candidates.
 
 :func:`iterative_merge` is the published UnSAM rule (``--recipe unsam``): raw patch features,
 summed on merge, one array of kept groups per threshold.
 """
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEFAULT_THRESHOLDS = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# added to norm products before dividing: a node whose features sum to zero has similarity 0
+_EPS = 1e-12
 
 
 @dataclass
 class Segment:
     mask: np.ndarray  # (h, w) bool on the patch grid, or (N,) bool over graph nodes
-    threshold: float  # finest threshold at which this exact group exists
     parent: int  # index into the returned list, -1 for a top-level group
     coherence: float  # |mean of member features| in [0, 1]: 1 = all members identical
+
+
+@dataclass(frozen=True)
+class RegionGraph:
+    """A region adjacency graph whose nodes carry features.
+
+    ``sums``: (N, C) sum of the unit feature vectors a node covers (a patch: its feature; a
+    superpixel: the pixel-weighted sum of the patch features under it); ``weight``: (N,) how
+    many units that is; ``pairs``: (E, 2) adjacent node indices. A group's feature is the sum
+    of its nodes' sums, so the cosine of two groups' sums is that of their mean features."""
+
+    sums: np.ndarray
+    weight: np.ndarray
+    pairs: np.ndarray
 
 
 def grid_pairs(h: int, w: int) -> np.ndarray:
@@ -52,180 +70,272 @@ def merge_hierarchy(feats: np.ndarray, region: np.ndarray = None,
     h, w, c = feats.shape
     if region is None:
         region = np.ones((h, w), bool)
-    segs = merge_graph(feats.reshape(-1, c), np.ones(h * w), grid_pairs(h, w), region.ravel(),
-                       thresholds, float(min_patches), pair_unions)
+    graph = RegionGraph(feats.reshape(-1, c), np.ones(h * w), grid_pairs(h, w))
+    segs = merge_graph(graph, region.ravel(), thresholds, float(min_patches), pair_unions=pair_unions)
     for s in segs:
         s.mask = s.mask.reshape(h, w)
     return segs
 
 
-def merge_graph(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarray,
-                active: np.ndarray = None, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                min_weight: float = 4.0, pair_unions: bool = False,
-                all_merges: bool = False) -> List[Segment]:
-    """Greedy threshold-hierarchy merging on any region adjacency graph.
+# ------------------------------------------------------------------- threshold-hierarchy merging
+@dataclass(frozen=True)
+class GroupState:
+    """A group as it is between two merges. ``state`` names it: every merge gives the merged
+    group a new state, so a state is one exact set of nodes."""
 
-    ``node_sums``: (N, C) sum of the unit feature vectors a node covers (a patch: its feature;
-    a superpixel: the pixel-weighted sum of the patch features under it); ``node_weight``: (N,)
-    how many units that is; ``pairs``: (E, 2) adjacent node indices; ``active``: (N,) bool
-    nodes of the region. Group similarity is the cosine of the summed (= mean) features; a
-    group is reported once its weight is ≥ ``min_weight``.
+    state: int
+    weight: float
+    coherence: float  # |sum of features| / weight
 
-    With ``pair_unions`` the union of every two adjacent groups of each snapshot is added too
-    (an MCG-style combinatorial candidate: objects whose parts are not similar enough to merge
-    at any threshold, e.g. a face and a shirt); such a segment's parent is the first group of a
-    coarser snapshot that contains both halves. With ``all_merges`` every group formed by a
-    merge is reported, not only those alive at a threshold snapshot (selective search's "every
-    merge is a proposal"); its parent is the group it merges into next. Returns segments (``mask``: (N,) bool over
-    nodes) ordered from coarse to fine (parents before children).
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The grouping once every pair at or above ``threshold`` is merged."""
+
+    threshold: float
+    owner: np.ndarray  # (N,) the group (a member node's index) every node belongs to
+    groups: Dict[int, GroupState]  # group -> its state, groups in ascending order
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One merge: states ``a`` and ``b`` became ``merged`` while merging at ``threshold``."""
+
+    threshold: float
+    a: int
+    b: int
+    merged: GroupState
+
+
+@dataclass(frozen=True)
+class PairUnion:
+    """Two adjacent groups of snapshot ``snapshot`` (group ids ``a`` < ``b``) taken together."""
+
+    snapshot: int
+    a: int
+    b: int
+    coherence: float
+
+
+@dataclass
+class _Group:
+    """A distinct group to report: ``key`` is its state (or its pair union), ``parent`` the key
+    of the group it belongs to next."""
+
+    key: object
+    mask: np.ndarray  # (N,) bool
+    coherence: float
+    parent: Optional[object] = None
+
+
+class GreedyMerger:
+    """Greedy merging of adjacent groups on a :class:`RegionGraph`, most similar pair first.
+
+    Every ``active`` node starts as its own group (group id = node index; a merged group keeps
+    the id of its larger part). :meth:`merge_down_to` merges while the best pair's cosine
+    similarity is ≥ a threshold and logs every merge in :attr:`log`; :meth:`snapshot` and
+    :meth:`pair_unions` read the current grouping.
     """
-    n = node_sums.shape[0]
-    inside = np.ones(n, bool) if active is None else np.asarray(active, bool)
-    sums = node_sums.astype(np.float64) * inside[:, None]
-    weight = np.where(inside, node_weight, 0).astype(np.float64)
-    owner = np.arange(n)
-    members = {int(i): [int(i)] for i in np.flatnonzero(inside)}
-    neighbours = {i: set() for i in members}
-    version = [0] * n  # a list: indexed once per heap entry, numpy scalars are slower
 
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    pairs = pairs[inside[pairs[:, 0]] & inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
-    pairs = np.unique(np.sort(pairs, 1), axis=0) if len(pairs) else pairs
-    norms = np.linalg.norm(sums, axis=1) + 1e-12
-    sims = np.einsum("ij,ij->i", sums[pairs[:, 0]], sums[pairs[:, 1]]) / (norms[pairs[:, 0]] * norms[pairs[:, 1]])
-    heap = [(-float(s), int(a), int(b), 0, 0) for s, (a, b) in zip(sims, pairs)]
-    heapq.heapify(heap)
-    for a, b in pairs.tolist():
-        neighbours[a].add(b)
-        neighbours[b].add(a)
+    def __init__(self, graph: RegionGraph, active: Optional[np.ndarray] = None):
+        n = graph.sums.shape[0]
+        self.inside = np.ones(n, bool) if active is None else np.asarray(active, bool)
+        self.sums = graph.sums.astype(np.float64) * self.inside[:, None]
+        self.weight = np.where(self.inside, graph.weight, 0).astype(np.float64)
+        self.owner = np.arange(n)
+        self.members = {int(i): [int(i)] for i in np.flatnonzero(self.inside)}
+        self.neighbours = {i: set() for i in self.members}
+        self.state = list(range(n))  # current state of each group; merges number on from n
+        self.version = [0] * n  # a list: indexed once per heap entry, numpy scalars are slower
+        self.log: List[Merge] = []
+        pairs = np.asarray(graph.pairs, np.int64).reshape(-1, 2)
+        pairs = pairs[self.inside[pairs[:, 0]] & self.inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
+        pairs = np.unique(np.sort(pairs, 1), axis=0) if len(pairs) else pairs
+        norms = np.linalg.norm(self.sums, axis=1) + _EPS
+        sims = (np.einsum("ij,ij->i", self.sums[pairs[:, 0]], self.sums[pairs[:, 1]])
+                / (norms[pairs[:, 0]] * norms[pairs[:, 1]]))
+        # entries (-similarity, a, b, version of a, version of b) with a < b; an entry is stale
+        # once either group has changed since it was pushed
+        self.heap = [(-float(s), int(a), int(b), 0, 0) for s, (a, b) in zip(sims, pairs)]
+        heapq.heapify(self.heap)
+        for a, b in pairs.tolist():
+            self.neighbours[a].add(b)
+            self.neighbours[b].add(a)
+        self.gnorm = np.linalg.norm(self.sums, axis=1)  # |sum| per group, kept up to date on merges
 
-    gnorm = np.linalg.norm(sums, axis=1)  # |sum| per group, kept up to date on merges
-
-    def cos(a, others):
-        return sums[others] @ sums[a] / (gnorm[others] * gnorm[a] + 1e-12)
-
-    def info_of(g):
-        return float(weight[g]), float(np.linalg.norm(sums[g]) / max(weight[g], 1e-12))
-
-    snapshots = []  # per threshold: (threshold, owner copy, {group: (weight, coherence)})
-    unions = []  # (snapshot index, group a, group b, coherence)
-    merge_parent = {}  # (group, weight) state -> state it was merged into
-    merged_states = []  # (state key, threshold, member nodes, coherence)
-    for t in sorted(thresholds, reverse=True):
-        while heap and -heap[0][0] >= t:
+    def merge_down_to(self, threshold: float) -> None:
+        """Merge the most similar adjacent pair while its similarity is ≥ ``threshold``."""
+        heap, members, version = self.heap, self.members, self.version
+        while heap and -heap[0][0] >= threshold:
             _, a, b, va, vb = heapq.heappop(heap)
             if a not in members or b not in members or version[a] != va or version[b] != vb:
                 continue  # stale entry
             if len(members[a]) < len(members[b]):
                 a, b = b, a  # merge the smaller group into the larger one
-            if all_merges:
-                ka, kb = (a, float(weight[a])), (b, float(weight[b]))
-            owner[members[b]] = a
-            members[a].extend(members.pop(b))
-            sums[a] += sums[b]
-            gnorm[a] = np.sqrt(sums[a] @ sums[a])
-            weight[a] += weight[b]
-            nb = neighbours.pop(b)
-            for x in nb:
-                neighbours[x].discard(b)
-            nb.discard(a)
-            neighbours[a].discard(b)
-            neighbours[a] |= nb
-            for x in nb:
-                neighbours[x].add(a)
-            version[a] += 1
-            if all_merges:
-                kn = (a, float(weight[a]))
-                merge_parent[ka] = merge_parent[kb] = kn
-                if weight[a] >= min_weight:
-                    merged_states.append((kn, t, np.array(members[a]),
-                                          float(np.linalg.norm(sums[a]) / weight[a])))
-            others = sorted(neighbours[a])
-            if others:
-                for x, s in zip(others, cos(a, np.asarray(others))):
-                    heapq.heappush(heap, (-float(s), a, x, version[a], version[x]) if a < x
-                                   else (-float(s), x, a, version[x], version[a]))
-        snapshots.append((t, owner.copy(), {g: info_of(g) for g in members}))
-        if pair_unions:
-            for a in sorted(members):
-                if weight[a] < min_weight:
-                    continue
-                for b in sorted(neighbours[a]):
-                    if b > a and weight[b] >= min_weight:
-                        coh = float(np.linalg.norm(sums[a] + sums[b]) / (weight[a] + weight[b]))
-                        unions.append((len(snapshots) - 1, a, b, coh))
+            self._merge(a, b, threshold)
 
-    # distinct groups, keyed by (owner id, weight); nested across snapshots (fine -> coarse)
-    key_to_index = {}
-    records = []  # (key, threshold, members mask, coherence)
-    parent_key = {}
-    for si, (t, own, info) in enumerate(snapshots):
-        for g, (wgt, coh) in info.items():
-            if wgt < min_weight:
+    def _merge(self, a: int, b: int, threshold: float) -> None:
+        """Merge group ``b`` into group ``a`` and push ``a``'s pairs with its neighbours."""
+        sums, weight, neighbours = self.sums, self.weight, self.neighbours
+        self.owner[self.members[b]] = a
+        self.members[a].extend(self.members.pop(b))
+        sums[a] += sums[b]
+        self.gnorm[a] = np.sqrt(sums[a] @ sums[a])
+        weight[a] += weight[b]
+        nb = neighbours.pop(b)
+        for x in nb:
+            neighbours[x].discard(b)
+        nb.discard(a)
+        neighbours[a].discard(b)
+        neighbours[a] |= nb
+        for x in nb:
+            neighbours[x].add(a)
+        self.version[a] += 1
+        merged = GroupState(len(self.state) + len(self.log), float(weight[a]),
+                            float(np.linalg.norm(sums[a]) / weight[a]))
+        self.log.append(Merge(threshold, self.state[a], self.state[b], merged))
+        self.state[a] = merged.state
+        others = sorted(neighbours[a])
+        if others:
+            sims = sums[others] @ sums[a] / (self.gnorm[others] * self.gnorm[a] + _EPS)
+            for x, s in zip(others, sims):
+                heapq.heappush(self.heap, (-float(s), a, x, self.version[a], self.version[x]) if a < x
+                               else (-float(s), x, a, self.version[x], self.version[a]))
+
+    def snapshot(self, threshold: float) -> Snapshot:
+        """The current grouping, labelled ``threshold``."""
+        groups = {g: GroupState(self.state[g], float(self.weight[g]),
+                                float(np.linalg.norm(self.sums[g]) / max(self.weight[g], _EPS)))
+                  for g in self.members}
+        return Snapshot(threshold, self.owner.copy(), groups)
+
+    def pair_unions(self, snapshot: int, min_weight: float) -> List[PairUnion]:
+        """Every two adjacent current groups of weight ≥ ``min_weight``, as unions."""
+        sums, weight, out = self.sums, self.weight, []
+        for a in sorted(self.members):
+            if weight[a] < min_weight:
                 continue
-            key = (g, float(wgt))
-            if key not in key_to_index:
-                key_to_index[key] = len(records)
-                records.append((key, t, (own == g) & inside, coh))
-    # parent: the group containing this one at the first coarser snapshot where it changed
-    for key, t, mask, _ in records:
-        first = np.flatnonzero(mask)[0]
-        for t2, own, info in snapshots:
-            if t2 >= t:
-                continue
-            g2 = own[first]
-            k2 = (g2, float(info[g2][0]))
-            if k2 != key and k2 in key_to_index:
-                parent_key[key] = k2
+            for b in sorted(self.neighbours[a]):
+                if b > a and weight[b] >= min_weight:
+                    coh = float(np.linalg.norm(sums[a] + sums[b]) / (weight[a] + weight[b]))
+                    out.append(PairUnion(snapshot, a, b, coh))
+        return out
+
+
+def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray, min_weight: float) -> List[_Group]:
+    """The distinct groups of weight ≥ ``min_weight`` over all snapshots (fine to coarse), each
+    with the group containing it at the first later snapshot where that group is another one."""
+    groups: Dict[int, _Group] = {}
+    first_seen: Dict[int, int] = {}
+    for si, snap in enumerate(snapshots):
+        for g, st in snap.groups.items():
+            if st.weight >= min_weight and st.state not in groups:
+                groups[st.state] = _Group(st.state, (snap.owner == g) & inside, st.coherence)
+                first_seen[st.state] = si
+    for key, grp in groups.items():
+        node = np.flatnonzero(grp.mask)[0]
+        for snap in snapshots[first_seen[key] + 1:]:
+            container = snap.groups[snap.owner[node]].state
+            if container != key and container in groups:
+                grp.parent = container
                 break
-    if all_merges:
-        for key, t, nodes, coh in merged_states:
-            if key not in key_to_index:
-                mask = np.zeros(n, bool)
-                mask[nodes] = True
-                key_to_index[key] = len(records)
-                records.append((key, t, mask, coh))
-        for key, _, _, _ in records:
-            k2 = merge_parent.get(key)
-            # skip states too small to be reported (cannot happen for parents of reported ones)
-            while k2 is not None and k2 not in key_to_index:
-                k2 = merge_parent.get(k2)
-            if k2 is not None:
-                parent_key[key] = k2
-    # pair unions: distinct from every tree group by construction (two groups of one snapshot)
-    seen_unions = set()
-    for si, a, b, coh in unions:
-        t, own, info = snapshots[si]
-        # the same union reappears unchanged in later snapshots while neither half grows
-        sig = (a, float(info[a][0]), b, float(info[b][0]))
-        if sig in seen_unions:
-            continue
-        seen_unions.add(sig)
-        key = ("union", si, a, b)
-        key_to_index[key] = len(records)
-        records.append((key, t, ((own == a) | (own == b)) & inside, coh))
-        fa, fb = np.flatnonzero(own == a)[0], np.flatnonzero(own == b)[0]
-        for t2, own2, info2 in snapshots[si + 1:]:
-            if own2[fa] == own2[fb]:
-                k2 = (own2[fa], float(info2[own2[fa]][0]))
-                if k2 in key_to_index:
-                    parent_key[key] = k2
-                break
-    # order coarse -> fine so parents precede children
-    sizes = [float(weight_of(r[2], node_weight)) for r in records]
-    order = sorted(range(len(records)), key=lambda i: (-sizes[i], i))
-    new_index = {records[i][0]: j for j, i in enumerate(order)}
-    out = []
-    for i in order:
-        key, t, mask, coh = records[i]
-        pk = parent_key.get(key)
-        out.append(Segment(mask=mask, threshold=t,
-                           parent=new_index[pk] if pk is not None else -1, coherence=coh))
+    return list(groups.values())
+
+
+def add_merge_groups(groups: List[_Group], log: Sequence[Merge], inside: np.ndarray,
+                     min_weight: float) -> List[_Group]:
+    """``groups`` plus every group a merge formed with weight ≥ ``min_weight`` (selective
+    search's "every merge is a proposal"); every group's parent becomes the reported group it
+    merges into next."""
+    out = list(groups)
+    known = {g.key for g in groups}
+    members = {int(i): [int(i)] for i in np.flatnonzero(inside)}  # by state, replayed
+    merged_into = {}
+    for m in log:
+        members[m.merged.state] = members.pop(m.a) + members.pop(m.b)
+        merged_into[m.a] = merged_into[m.b] = m.merged.state
+        if m.merged.weight >= min_weight and m.merged.state not in known:
+            mask = np.zeros(len(inside), bool)
+            mask[members[m.merged.state]] = True
+            out.append(_Group(m.merged.state, mask, m.merged.coherence))
+            known.add(m.merged.state)
+    for g in out:
+        parent = merged_into.get(g.key)
+        while parent is not None and parent not in known:  # too small to be reported
+            parent = merged_into.get(parent)
+        if parent is not None:
+            g.parent = parent
     return out
 
 
-def weight_of(mask: np.ndarray, node_weight: np.ndarray) -> float:
-    return float(np.asarray(node_weight, np.float64)[mask].sum())
+def union_groups(unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], inside: np.ndarray,
+                 known: set) -> List[_Group]:
+    """One group per distinct pair union; its parent is the first group of a later snapshot
+    holding both halves (when that group is in ``known``, the keys reported so far)."""
+    out, seen = [], set()
+    for u in unions:
+        snap = snapshots[u.snapshot]
+        # the same union reappears unchanged in later snapshots while neither half grows
+        halves = (snap.groups[u.a].state, snap.groups[u.b].state)
+        if halves in seen:
+            continue
+        seen.add(halves)
+        group = _Group(("union",) + halves, ((snap.owner == u.a) | (snap.owner == u.b)) & inside, u.coherence)
+        fa, fb = np.flatnonzero(snap.owner == u.a)[0], np.flatnonzero(snap.owner == u.b)[0]
+        for later in snapshots[u.snapshot + 1:]:
+            if later.owner[fa] == later.owner[fb]:
+                container = later.groups[later.owner[fa]].state
+                if container in known:
+                    group.parent = container
+                break
+        out.append(group)
+    return out
+
+
+def as_segments(groups: Sequence[_Group], node_weight: np.ndarray) -> List[Segment]:
+    """Groups → segments ordered from coarse to fine (by weight, stable), so parents come first."""
+    weight = np.asarray(node_weight, np.float64)
+    sizes = [float(weight[g.mask].sum()) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: (-sizes[i], i))
+    index = {groups[i].key: j for j, i in enumerate(order)}
+    return [Segment(mask=groups[i].mask, parent=index[groups[i].parent] if groups[i].parent is not None else -1,
+                    coherence=groups[i].coherence) for i in order]
+
+
+def merge_graph(graph: RegionGraph, active: Optional[np.ndarray] = None,
+                thresholds: Sequence[float] = DEFAULT_THRESHOLDS, min_weight: float = 4.0, *,
+                pair_unions: bool = False, all_merges: bool = False) -> List[Segment]:
+    """Greedy threshold-hierarchy merging on a region adjacency graph → segments.
+
+    ``active``: (N,) bool nodes of the region (default: all). Thresholds are visited from fine
+    to coarse (:class:`GreedyMerger`); the grouping after each one is a snapshot, and the
+    distinct groups of weight ≥ ``min_weight`` over all snapshots are reported with their
+    parent: the group containing them at the first coarser snapshot where it changed.
+
+    Extra candidates: with ``all_merges`` every group formed by a merge is reported, not only
+    those alive at a snapshot (selective search's "every merge is a proposal"), and every
+    parent is the group a group merges into next. With ``pair_unions`` the union of every two
+    adjacent groups of each snapshot is added (an MCG-style combinatorial candidate: objects
+    whose parts are not similar enough to merge at any threshold, e.g. a face and a shirt);
+    its parent is the first group of a coarser snapshot that contains both halves.
+
+    Returns segments (``mask``: (N,) bool over nodes) ordered from coarse to fine (parents
+    before children).
+    """
+    merger = GreedyMerger(graph, active)
+    snapshots: List[Snapshot] = []
+    unions: List[PairUnion] = []
+    for t in sorted(thresholds, reverse=True):
+        merger.merge_down_to(t)
+        snapshots.append(merger.snapshot(t))
+        if pair_unions:
+            unions += merger.pair_unions(len(snapshots) - 1, min_weight)
+    groups = snapshot_groups(snapshots, merger.inside, min_weight)
+    if all_merges:
+        groups = add_merge_groups(groups, merger.log, merger.inside, min_weight)
+    if pair_unions:
+        groups += union_groups(unions, snapshots, merger.inside, {g.key for g in groups})
+    return as_segments(groups, graph.weight)
 
 
 def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarray,
@@ -311,7 +421,7 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
     for g, mem, coh in reversed(groups):
         mask = np.zeros(n, bool)
         mask[mem] = True
-        out.append(Segment(mask=mask, threshold=0.0, parent=index.get(parent_of.get(g), -1), coherence=coh))
+        out.append(Segment(mask=mask, parent=index.get(parent_of.get(g), -1), coherence=coh))
     return out
 
 

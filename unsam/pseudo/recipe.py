@@ -43,11 +43,11 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from ..features import DenseFeatures, build_features
+from .candidates import placed_mask
 from .conquer import iterative_merge
 from .divide import maskcut
-from ..features import DenseFeatures, build_features
 
 logger = logging.getLogger(__name__)
 
@@ -176,29 +176,23 @@ class UnsamLabeler:
                 parent: int, crop_box, snapper=None, **extra) -> None:
         """Append one annotation for the mask ``local`` (bool, placed at pixel ``box`` =
         (x0, y0, x1, y1)) in an image of ``shape`` = (H, W); ``snapper`` refines it first."""
-        H, W = shape
         if snapper is not None:
             nodes = snapper.soft_to_nodes(local.astype(np.float32), box)
             if nodes.any():
                 local, box = snapper.nodes_to_mask(nodes)
-        x0, y0, x1, y1 = box
-        full = np.zeros((H, W), np.uint8, order="F")  # pycocotools wants Fortran order
-        full[y0:y1, x0:x1] = local
+        x0, y0 = box[:2]
+        rle, point = placed_mask(local, box, shape)
         ys, xs = np.nonzero(local)
-        # a point well inside the mask: maximum of the distance transform
-        dist = cv2.distanceTransform(np.pad(local, 1).astype(np.uint8), cv2.DIST_L2, 3)
-        py, px = np.unravel_index(int(np.argmax(dist)), dist.shape)
         bx0, by0, bx1, by1 = crop_box
         ann = {
             "id": len(anns),
-            "segmentation": {"size": [H, W],
-                             "counts": mask_utils.encode(full)["counts"].decode("ascii")},
+            "segmentation": rle,
             "area": int(len(ys)),
             "bbox": [x0 + int(xs.min()), y0 + int(ys.min()),
                      int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1],
             "predicted_iou": round(float(score), 6),
             "stability_score": 1.0,
-            "point_coords": [[float(x0 + px - 1), float(y0 + py - 1)]],
+            "point_coords": point,
             "crop_box": [int(bx0), int(by0), int(bx1 - bx0), int(by1 - by0)],
             "level": level,
             "parent_id": parent,
