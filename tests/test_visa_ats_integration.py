@@ -338,3 +338,25 @@ def test_guidance_loss_on_real_mask_features_backpropagates(shapes, tmp_path):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "pixel_decoder" in n and p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_model_owns_visa_and_needs_the_iteration(shapes, tmp_path):
+    """The model builds its ViSA schedule from the config; with guidance on, a training forward
+    without the iteration (no VisaScheduleHook) is an error, not a silently missing loss."""
+    import unsam.modeling  # noqa: F401
+    from detectron2.modeling import build_model
+
+    cfg = _cfg(tmp_path, "UNSAM.VISA.ENABLED", True)
+    model = build_model(cfg)
+    model.train()
+    assert model.visa.uses_guidance and model.visa.end_iter == cfg.UNSAM.VISA.END_ITER
+    batch = [UnSAMDatasetMapper(cfg, is_train=True)(dict(r)) for r in DatasetCatalog.get("itest_shapes")[:2]]
+    with pytest.raises(RuntimeError, match="set_visa_iteration"):
+        model(batch)
+    model.set_visa_iteration(0)
+    assert model(batch)["loss_visa_guidance"] > 0
+    model.set_visa_iteration(cfg.UNSAM.VISA.END_ITER)  # schedule over: the plain losses
+    assert "loss_visa_guidance" not in model(batch)
+    plain = build_model(_cfg(tmp_path))  # ViSA off: no iteration needed
+    plain.train()
+    assert not plain.visa.uses_guidance and "loss_visa_guidance" not in plain(batch)

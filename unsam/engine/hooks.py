@@ -5,9 +5,9 @@ Both act in the main process around the model, so the model needs (almost) no kn
 * :class:`VisaBatchLoader` wraps the training loader: every batch goes through
   :func:`unsam.modeling.visa.apply_visa` (granularity curriculum + boundary-band
   ``gt_mask_weights``) at the iteration that :class:`VisaScheduleHook` sets right before the
-  batch is drawn. The hook also exposes ``visa_state`` / ``visa_iteration`` on the (unwrapped)
-  model, which the model's semantic-guidance term reads
-  (:func:`unsam.modeling.visa.guidance_loss_from_outputs`).
+  batch is drawn. The hook also gives the (unwrapped) model the iteration
+  (``UnSAM.set_visa_iteration``): the model owns its ViSA schedule (``UnSAM.visa``, from the
+  config) and reads its semantic-guidance weight at that iteration.
 * :class:`ATSFeedbackHook` measures a per-sample difficulty of every training step and feeds the
   :class:`~unsam.data.ats.AdaptiveTaskSampler`'s difficulty table (``update`` → ``sync`` every
   ``SYNC_PERIOD`` → ``set_iteration``). It observes the model through PyTorch module hooks, not
@@ -85,41 +85,30 @@ class VisaBatchLoader:
 
 
 class VisaScheduleHook(HookBase):
-    """Publishes the current iteration to ViSA's two consumers and logs the schedule.
+    """Advances ViSA's two consumers to the current iteration and logs the schedule.
 
     Before every step: ``batch_loader.iteration = it`` (curriculum + boundary weights of the next
-    batch) and ``model.visa_state`` / ``model.visa_iteration`` on the unwrapped model (semantic
-    guidance inside the model's forward). After the step the three part weights go to the event
-    storage as ``visa/curriculum``, ``visa/boundary``, ``visa/guidance``.
+    batch) and ``model.set_visa_iteration(it)`` on the unwrapped model (semantic guidance inside
+    the model's forward, with the model's own ``visa`` schedule). After the step the three part
+    weights go to the event storage as ``visa/curriculum``, ``visa/boundary``, ``visa/guidance``.
     """
 
-    def __init__(self, visa_state: VisaState, batch_loader: Optional[VisaBatchLoader] = None):
-        self.visa_state = visa_state
+    def __init__(self, batch_loader: Optional[VisaBatchLoader] = None):
         self.batch_loader = batch_loader
-
-    def before_train(self):
-        model = unwrap_model(self.trainer.model)
-        model.visa_state = self.visa_state
 
     def before_step(self):
         it = self.trainer.iter
         if self.batch_loader is not None:
             self.batch_loader.iteration = it
-        unwrap_model(self.trainer.model).visa_iteration = it
+        unwrap_model(self.trainer.model).set_visa_iteration(it)
 
     def after_step(self):
-        w = self.visa_state.weights(self.trainer.iter)
+        w = unwrap_model(self.trainer.model).visa.weights(self.trainer.iter)
         self.trainer.storage.put_scalars(
             **{"visa/curriculum": w.curriculum, "visa/boundary": w.boundary,
                "visa/guidance": w.guidance},
             smoothing_hint=False,
         )
-
-    def after_train(self):
-        model = unwrap_model(self.trainer.model)
-        for name in ("visa_state", "visa_iteration"):
-            if hasattr(model, name):
-                delattr(model, name)
 
 
 # ---------------------------------------------------------------------------------------------

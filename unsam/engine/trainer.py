@@ -242,7 +242,7 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if self.cfg.UNSAM.VISA.ENABLED:
             visa_loader = loader if isinstance(loader, VisaBatchLoader) else None
-            extra.append(VisaScheduleHook(VisaState.from_config(self.cfg), visa_loader))
+            extra.append(VisaScheduleHook(visa_loader))
         sampler = self.ats_sampler
         if sampler is not None:
             ats = self.cfg.UNSAM.ATS

@@ -31,8 +31,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ..data.prompts import PROMPT_TASKS, WHOLE_TASK
 from .criterion import PromptCriterion, SetCriterion
 from .matcher import HungarianMatcher
-from .visa import guidance_loss_from_outputs
 from .prompt_encoder import MASK_INPUT_SIZE, UnSAMPromptEncoder
+from .visa import VisaState, guidance_loss_from_outputs
 from .transformer_decoder import MLP
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,15 @@ class UnSAM(nn.Module):
                  overlap_threshold: float = 0.8, prompt_encoder: Optional[nn.Module] = None,
                  iou_head: Optional[nn.Module] = None, prompt_criterion: Optional[nn.Module] = None,
                  prompt_task_ratio: float = 0.5, prompts_per_image: int = 16, box_jitter: float = 0.1,
-                 prompt_type_weights: Sequence[float] = (1.0, 1.0, 1.0)):
+                 prompt_type_weights: Sequence[float] = (1.0, 1.0, 1.0), visa: Optional[VisaState] = None):
         """Prompt arguments (all None/unused when the prompt path is disabled): ``prompt_encoder``
         (:class:`UnSAMPromptEncoder`), ``iou_head`` (hidden → 1 MLP), ``prompt_criterion``
         (:class:`PromptCriterion`), ``prompt_task_ratio`` (share of training images given a
         prompt task when the input has no ``ats_task``), ``prompts_per_image``, ``box_jitter``,
-        ``prompt_type_weights`` (point, box, mask)."""
+        ``prompt_type_weights`` (point, box, mask).
+
+        ``visa``: ViSA's schedule (``UNSAM.VISA``; None: off). When its semantic guidance is on,
+        training needs the iteration before every step: :meth:`set_visa_iteration`."""
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -129,6 +132,8 @@ class UnSAM(nn.Module):
         self.prompts_per_image = int(prompts_per_image)
         self.box_jitter = float(box_jitter)
         self.prompt_type_weights = torch.tensor(weights) / sum(weights)
+        self.visa = visa if visa is not None else VisaState()
+        self._visa_iteration: Optional[int] = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -183,11 +188,29 @@ class UnSAM(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "upsample_chunk": mf.TEST.get("UPSAMPLE_CHUNK", 64),
+            "visa": VisaState.from_config(cfg),
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def set_visa_iteration(self, iteration: int) -> None:
+        """The training iteration at which ViSA's guidance schedule is read in the next forward
+        passes (the trainer's :class:`~unsam.engine.hooks.VisaScheduleHook` sets it before every
+        step; it also seeds the guidance loss's point sampling)."""
+        self._visa_iteration = int(iteration)
+
+    def _visa_guidance(self, mask_features: torch.Tensor, batched_inputs: List[Dict],
+                       images: ImageList) -> Optional[torch.Tensor]:
+        """ViSA's semantic guidance loss, or None (ViSA or its guidance off: the plain path)."""
+        if not self.visa.uses_guidance:
+            return None
+        if self._visa_iteration is None:
+            raise RuntimeError("UNSAM.VISA.GUIDANCE is on but the model was given no training iteration: "
+                               "call model.set_visa_iteration(it) before each step (the trainer's "
+                               "VisaScheduleHook does)")
+        return guidance_loss_from_outputs(mask_features, batched_inputs, self.visa, self._visa_iteration, images)
 
     # ---------------------------------------------------------------------------------------
     # building blocks (also used by predictors that encode once and decode many times)
@@ -287,10 +310,7 @@ class UnSAM(nn.Module):
                 raw = self.criterion(self.decode(encoded), targets)
                 weights = self.criterion.weight_dict
                 losses = {k: v * weights[k] for k, v in raw.items() if k in weights}
-            # ViSA semantic guidance: set by the trainer's ViSA hook; absent => plain path
-            guidance = guidance_loss_from_outputs(encoded["mask_features"], batched_inputs,
-                                                  getattr(self, "visa_state", None),
-                                                  getattr(self, "visa_iteration", 0), images)
+            guidance = self._visa_guidance(encoded["mask_features"], batched_inputs, images)
             if guidance is not None:
                 losses["loss_visa_guidance"] = guidance
             return losses

@@ -399,6 +399,12 @@ class VisaState:
             guidance_temperature=v.GUIDANCE.TEMPERATURE,
         )
 
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether the semantic guidance loss is on at some iteration (the model then needs
+        the training iteration, see ``UnSAM.set_visa_iteration``)."""
+        return self.enabled and self.guidance_enabled and self.guidance_weight > 0
+
     def schedule(self, iteration: int) -> float:
         """Raw schedule value (0 when ViSA is disabled)."""
         if not self.enabled:
