@@ -245,6 +245,51 @@ def test_resume_after_kill_equals_uninterrupted(image_dir, tmp_path):
     assert _files(ref) == _files(resumed)
 
 
+def test_run_leaves_the_callers_threads_and_rng_alone(image_dir, tmp_path):
+    """One worker labels in this process on one torch thread, then restores the caller's
+    setting; numpy's global random state is not touched."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def labeler(image):
+            seen.append(torch.get_num_threads())
+            return []
+
+        np.random.seed(123)
+        rng = np.random.get_state()[1].copy()
+        s = E.run(str(image_dir), str(tmp_path / "o"), E.EngineConfig(), progress=False, labeler=labeler)
+        assert s.done == 4 and seen == [E.LABELER_THREADS] * 4
+        assert torch.get_num_threads() == 2
+        assert np.array_equal(np.random.get_state()[1], rng)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_engine_setting_has_an_option():
+    """The CLI is generated from EngineConfig: every field has an option, no option given gives
+    the defaults, and each option reaches its field."""
+    import dataclasses
+
+    from unsam.pseudo.__main__ import build_parser
+    from unsam.pseudo.config import given_settings
+
+    base = ["--input", "x", "--output", "y"]
+    parser = build_parser()
+    assert given_settings(parser.parse_args(base)) == {}
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    fields = dataclasses.fields(E.EngineConfig)
+    assert {f.name for f in fields} <= set(flags)
+    args = base + ["--variants", "0.3,0.2", "--colour-bandwidths", "--no-pair-unions", "--refine",
+                   "--thresholds", "0.7", "0.2", "--superpixels", "300", "--max-area-frac", "0.5",
+                   "--dino-weights", "w.pth", "--selective", "colour", "features"]
+    cfg = E.EngineConfig(**given_settings(parser.parse_args(args)))
+    assert (cfg.variants, cfg.colour_bandwidths, cfg.pair_unions, cfg.refine) == (((0.3, 0.2),), (), False, True)
+    assert (cfg.thresholds, cfg.n_superpixels, cfg.max_area_frac) == ((0.7, 0.2), 300, 0.5)
+    assert (cfg.dino_weights, cfg.selective, cfg.all_merges) == ("w.pth", ("colour", "features"), True)
+
+
 def test_unreadable_image_listed_in_failed(image_dir, tmp_path, capsys):
     (image_dir / "broken.jpg").write_bytes(b"not an image at all")
     out = tmp_path / "out"
@@ -338,14 +383,38 @@ def test_dino_backend_cli_error(tmp_path, capsys):
     assert rc == 2 and "not found" in capsys.readouterr().err
 
 
-def test_classical_features_shape():
-    img, masks = synthetic_image()
+def _stripes(period=4):
+    """160×160 grey stripes (70 / 190): vertical on the left half, horizontal on the right —
+    every 8-px patch has the same mean colour, only the texture's orientation differs."""
+    s = np.where((np.arange(160) // (period // 2)) % 2 == 0, 70, 190).astype(np.uint8)
+    img = np.empty((160, 160, 3), np.uint8)
+    img[:, :80] = s[None, :80, None]
+    img[:, 80:] = s[:, None, None]
+    return img
+
+
+def test_classical_features_shape_colour_and_texture():
+    """Shape and norm; a patch is closer to a patch of its own colour (texture) a little
+    further away than to a nearer patch of another colour (texture). Position favours the
+    nearer patch, so each comparison fails with the cue it checks switched off."""
+    img, _ = synthetic_image()
     f = ClassicalFeatures(resolution=160)(img)
     assert f.shape[:2] == (15, 20) and f.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, atol=1e-4)
-    # a patch inside the disk is closer to another disk patch than to the background
-    disk, other_disk, bg = f[3, 4], f[5, 6], f[14, 10]
-    assert disk @ other_disk > disk @ bg
+
+    def colour_separates(f):  # disk patch vs a disk patch 3 cells right / background 2 cells left
+        a, same, other = f[4, 3], f[4, 6], f[4, 1]
+        return a @ same > 0.9 and a @ other < 0.5
+
+    def texture_separates(f):  # vertical stripes vs 5 cells left / horizontal stripes 4 cells right
+        a, same, other = f[10, 7], f[10, 2], f[10, 11]
+        return a @ same > a @ other + 0.1
+
+    assert colour_separates(f)
+    assert not colour_separates(ClassicalFeatures(160, color_weight=0, context_weight=0, texture_weight=0)(img))
+    stripes = _stripes()
+    assert texture_separates(ClassicalFeatures(resolution=160)(stripes))
+    assert not texture_separates(ClassicalFeatures(resolution=160, texture_weight=0)(stripes))
 
 
 def test_colour_sums_compare_colour_distributions():
