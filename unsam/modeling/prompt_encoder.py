@@ -117,7 +117,6 @@ class UnSAMPromptEncoder(nn.Module):
         sx = self.input_size / float(padded_hw[1])
         sy = self.input_size / float(padded_hw[0])
         scale = torch.tensor([sx, sy], device=dev)
-        h, w = mask_features.shape[-2:]
         mf = mask_features.float()
 
         sam_points = None
@@ -145,34 +144,12 @@ class UnSAMPromptEncoder(nn.Module):
             valid = (labels.to(dev) >= 0)[..., None].to(sampled.dtype)
             tok_feat[:, :n] = tok_feat[:, :n] + sampled * valid
         if boxes is not None:
-            ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
-            xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
-            b = boxes.float()
-            inside = ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])
-                      & (ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None]))
-            empty = ~inside.flatten(1).any(1)
-            if empty.any():  # a box thinner than a feature cell: take the cell under its centre
-                cx = ((b[empty, 0] + b[empty, 2]) / 2 * w / padded_hw[1]).long().clamp(0, w - 1)
-                cy = ((b[empty, 1] + b[empty, 3]) / 2 * h / padded_hw[0]).long().clamp(0, h - 1)
-                idx = empty.nonzero()[:, 0]
-                inside[idx, cy, cx] = True
-            pooled = self.feat_proj(self._pool(mf, inside.float()))  # (P, hidden)
-            tok_feat[:, -2:] = tok_feat[:, -2:] + pooled[:, None]
-
+            tok_feat[:, -2:] = tok_feat[:, -2:] + self._box_content(mf, boxes.float(), padded_hw)[:, None]
         feats, poses = [tok_feat], [tok_pos]
         if mask_inputs is not None:
-            wts = self._mask_weights_on_grid(mask_inputs, (h, w), padded_hw)  # (P, h, w)
-            img_part = self.feat_proj(self._pool(mf, wts))
-            dw = F.interpolate(wts[:, None], size=dense.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            dense_part = torch.einsum("phw,pchw->pc", dw, dense) / dw.flatten(1).sum(1, keepdim=True).clamp(min=1e-6)
-            # centroid of the soft mask, in pixels of the padded input
-            gy = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
-            gx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
-            mass = wts.flatten(1).sum(1).clamp(min=1e-6)
-            cyx = torch.stack([(wts.sum(1) * gx).sum(1) / mass, (wts.sum(2) * gy).sum(1) / mass], 1)  # (P, 2) x,y
-            m_pos = self.sam.pe_layer.forward_with_coords((cyx * scale)[:, None], self.sam.input_image_size)[:, 0]
-            feats.append((self.mask_token.weight + img_part + dense_part)[:, None])
-            poses.append((self.mask_token.weight + m_pos)[:, None])
+            m_feat, m_pos = self._mask_token(mf, mask_inputs, dense, padded_hw, scale)
+            feats.append(m_feat[:, None])
+            poses.append(m_pos[:, None])
         tok_feat = torch.cat(feats, 1)
         tok_pos = torch.cat(poses, 1)
         k = self.num_granularities
@@ -188,3 +165,39 @@ class UnSAMPromptEncoder(nn.Module):
             "group_size": group,
             "num_granularities": k,
         }
+
+    def _box_content(self, mf: torch.Tensor, b: torch.Tensor, padded_hw: Tuple[int, int]) -> torch.Tensor:
+        """Image content inside each box: ``mf`` (C_mask, h, w) features pooled over the cells
+        whose centres lie in the (P, 4) XYXY pixel boxes ``b`` → (P, hidden)."""
+        h, w = mf.shape[-2:]
+        dev = mf.device
+        ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
+        xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
+        inside = ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])
+                  & (ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None]))
+        empty = ~inside.flatten(1).any(1)
+        if empty.any():  # a box thinner than a feature cell: take the cell under its centre
+            cx = ((b[empty, 0] + b[empty, 2]) / 2 * w / padded_hw[1]).long().clamp(0, w - 1)
+            cy = ((b[empty, 1] + b[empty, 3]) / 2 * h / padded_hw[0]).long().clamp(0, h - 1)
+            idx = empty.nonzero()[:, 0]
+            inside[idx, cy, cx] = True
+        return self.feat_proj(self._pool(mf, inside.float()))
+
+    def _mask_token(self, mf: torch.Tensor, mask_inputs: torch.Tensor, dense: torch.Tensor,
+                    padded_hw: Tuple[int, int], scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The mask prompt's token: (feature, position), each (P, hidden). Its feature adds the
+        image content and SAM's dense mask embedding under the soft mask to the learned mask
+        token; its position encodes the soft mask's centroid."""
+        h, w = mf.shape[-2:]
+        dev = mf.device
+        wts = self._mask_weights_on_grid(mask_inputs, (h, w), padded_hw)  # (P, h, w)
+        img_part = self.feat_proj(self._pool(mf, wts))
+        dw = F.interpolate(wts[:, None], size=dense.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        dense_part = torch.einsum("phw,pchw->pc", dw, dense) / dw.flatten(1).sum(1, keepdim=True).clamp(min=1e-6)
+        # centroid of the soft mask, in pixels of the padded input
+        gy = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
+        gx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
+        mass = wts.flatten(1).sum(1).clamp(min=1e-6)
+        cyx = torch.stack([(wts.sum(1) * gx).sum(1) / mass, (wts.sum(2) * gy).sum(1) / mass], 1)  # (P, 2) x,y
+        m_pos = self.sam.pe_layer.forward_with_coords((cyx * scale)[:, None], self.sam.input_image_size)[:, 0]
+        return self.mask_token.weight + img_part + dense_part, self.mask_token.weight + m_pos
