@@ -33,6 +33,10 @@ SMOOTH_SIGMA = 1.0
 SEED_RADIUS = 2
 # smallest superpixel grid step (px): finer grids cost more than they follow edges better
 MIN_STEP = 4
+# colour quantisation levels per Lab channel for :meth:`Snapper.colour_sums`: at most 16³
+# feature evaluations instead of one per pixel; each bin is represented by the mean colour of
+# its pixels (not its centre), which keeps the quantisation error small
+COLOUR_LEVELS = 16
 
 
 def smoothed_lab_gradient(image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,17 +165,20 @@ class Snapper:
         key = (float(bandwidth), int(n_features), int(seed))
         if key in self._colour_cache:
             return self._colour_cache[key].copy(), self.sizes.copy()
-        # quantise colours (16 levels per channel over this image's range) so the feature map
-        # is evaluated once per occupied colour bin, not once per pixel
+        # quantise colours (COLOUR_LEVELS per channel over this image's range) so the feature
+        # map is evaluated once per occupied colour bin, not once per pixel
         lab = self._lab.reshape(-1, 3).astype(np.float32)
         lo, hi = lab.min(0), lab.max(0)
-        q = np.minimum(((lab - lo) / np.maximum(hi - lo, 1e-3) * 16).astype(np.int64), 15)
-        bins, inv = np.unique(q[:, 0] * 256 + q[:, 1] * 16 + q[:, 2], return_inverse=True)
+        n = COLOUR_LEVELS
+        q = np.minimum(((lab - lo) / np.maximum(hi - lo, 1e-3) * n).astype(np.int64), n - 1)
+        bins, inv = np.unique(q[:, 0] * n * n + q[:, 1] * n + q[:, 2], return_inverse=True)
         inv = inv.ravel()
         count = np.bincount(inv, minlength=len(bins)).astype(np.float64)
         centre = np.stack([np.bincount(inv, weights=lab[:, c], minlength=len(bins)) for c in range(3)], 1)
         centre /= count[:, None]  # mean colour of each occupied bin
         std = np.sqrt(((centre - lab.mean(0)) ** 2 * count[:, None]).sum(0) / count.sum())
+        # + 1 Lab unit: a channel that barely varies (a grey image's a, b) is not blown up to
+        # the scale of the others
         z = (centre - lab.mean(0)) / (std + 1.0)
         f = random_fourier_features(z, bandwidth, n_features, seed)
         flat = self.labels.ravel()
@@ -204,6 +211,9 @@ class Snapper:
         # term from the per-node totals and a quadratic one through the sparse adjacency
         length = self._node_len @ xt - ((self._adj_len @ xt) * xt).sum(0)
         strength = self._node_edge @ xt - ((self._adj_edge @ xt) * xt).sum(0)
+        # mean relative strength s (1 = the image's mean edge) → 1 − exp(−s / 2): 0.39 on an
+        # average edge, 0.86 on one four times as strong; a set without border (empty or the
+        # whole image) scores 0
         return np.where(length > 0.5, 1.0 - np.exp(-strength / np.maximum(length, 1.0) / 2.0), 0.0)
 
     def box_area(self, nodes: np.ndarray) -> np.ndarray:
