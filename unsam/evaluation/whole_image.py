@@ -28,7 +28,7 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -163,6 +163,18 @@ def report_metrics(metrics: Dict[str, float], out: Optional[str] = None) -> None
         write_metrics_json(out, metrics)
 
 
+def evaluation_cli(compute: Callable[[], Dict[str, float]], out: Optional[str] = None) -> int:
+    """Run ``compute`` and report its metrics (exit status 0), or print its bad-input error as one
+    ``error:`` line (exit status 2)."""
+    try:
+        metrics = compute()
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report_metrics(metrics, out)
+    return 0
+
+
 def format_metrics(metrics: Dict[str, float]) -> str:
     """One log line: AR/AP keys as percentages, any extra key (counts, seconds) as is."""
     return "  ".join(f"{k} {100 * v:.1f}" if k in METRIC_KEYS else f"{k} {v:.3g}" for k, v in metrics.items())
@@ -262,18 +274,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pred", required=True, help="COCO results JSON: image_id, segmentation (RLE), score")
     parser.add_argument("--out", help="write the metrics as flat JSON here")
     args = parser.parse_args(argv)
-    try:
+
+    def compute() -> Dict[str, float]:
         coco_gt = load_coco_gt(args.gt)
         with open(args.pred) as f:
             predictions = json.load(f)
         if not isinstance(predictions, list) or not predictions:
             raise PredictionError(f"{args.pred}: expected a non-empty JSON list of COCO results")
-        metrics = coco_eval_agnostic(coco_gt, predictions, source=args.pred)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report_metrics(metrics, args.out)
-    return 0
+        return coco_eval_agnostic(coco_gt, predictions, source=args.pred)
+
+    return evaluation_cli(compute, args.out)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def evaluate_dir(gt_path, pred_dir, all_images: bool = False) -> Dict[str, float
 
 
 def main(argv=None) -> int:
-    from ..evaluation.whole_image import report_metrics
+    from ..evaluation.whole_image import evaluation_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gt", required=True, help="COCO instances JSON")
@@ -77,13 +77,7 @@ def main(argv=None) -> int:
                     help="evaluate every GT image (missing prediction files count as empty)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        metrics = evaluate_dir(args.gt, args.pred, args.all_images)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report_metrics(metrics, args.out)
-    return 0
+    return evaluation_cli(lambda: evaluate_dir(args.gt, args.pred, args.all_images), args.out)
 
 
 if __name__ == "__main__":
