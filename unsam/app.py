@@ -33,8 +33,8 @@ import numpy as np
 
 import unsam  # noqa: F401  (compat before detectron2)
 
-from .app_backend import (AppInputError, DemoModels, Photo, hierarchy_candidates, load_photo, pick_mask,
-                          render_everything, render_hierarchy, render_prompt, write_pseudo_json)
+from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hierarchy_candidates, load_photo,
+                          pick_mask, render_everything, render_hierarchy, render_prompt, write_pseudo_json)
 from .checkpoint import WeightsError
 from .data.coco import shared_data_dir
 from .demo_io import IMAGE_EXTENSIONS
@@ -132,7 +132,7 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
                     with gr.Row():
                         run_all = gr.Button("Segment everything", variant="primary", elem_id="run-everything")
                         threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Score threshold")
-                        max_masks = gr.Slider(1, 200, value=40, step=1, label="At most this many masks, best first")
+                        max_masks = gr.Slider(1, MAX_SHOWN_MASKS, value=40, step=1, label="At most this many masks, best first")
                     everything_image = gr.Image(label="Masks", format="png", interactive=False, height=440,
                                                 elem_id="everything-image")
                     everything_md = gr.Markdown(elem_id="everything-caption")
@@ -145,7 +145,7 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
                     with gr.Row():
                         prompt_image = gr.Image(label="Click on the photo", format="png", interactive=False,
                                                 height=440, elem_id="prompt-image")
-                        gallery = gr.Gallery(label="The K granularities", columns=2, height=440, format="png",
+                        gallery = gr.Gallery(label="The K granularities", columns=2, height=440, format="jpeg",
                                              elem_id="prompt-gallery")
                     prompt_md = gr.Markdown(elem_id="prompt-caption")
                     prompts = gr.State(_no_prompts())

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 # an upload with more pixels than this is refused before it is decoded (a 12000×8000 photo is
 # 96 MP: ~290 MB as RGB, and Pillow's decompression-bomb limit is 89 MP)
 MAX_INPUT_PIXELS = 80_000_000
+# the most masks the Everything view draws; the whole-image model returns no more than this
+MAX_SHOWN_MASKS = 200
 # results kept per kind (whole image, pseudo labels), most recently used first; RLEs are small
 CACHE_SIZE = 8
 # outline of the selected mask in the hierarchy browser
@@ -153,18 +155,19 @@ class DemoModels:
 
     Built eagerly, so bad weights or configs fail before the server starts. ``cfg``: a frozen
     UnSAM config; the whole-image model's test-time resize is capped at ``max_side`` (uploads
-    are never larger, and upsampling them would only cost time). ``engine_cfg``: the
+    are never larger, and upsampling them would only cost time) and its detections at
+    :data:`MAX_SHOWN_MASKS` (full-size masks are what costs memory). ``engine_cfg``: the
     pseudo-label engine's (classical recipe by default).
     """
 
     def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[EngineConfig] = None):
         from .predictor import PromptPredictor, WholeImagePredictor
 
-        if cfg.INPUT.MAX_SIZE_TEST > max_side:
-            cfg = cfg.clone()
-            cfg.defrost()
-            cfg.INPUT.MAX_SIZE_TEST = max_side
-            cfg.freeze()
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.INPUT.MAX_SIZE_TEST = min(cfg.INPUT.MAX_SIZE_TEST, max_side)
+        cfg.TEST.DETECTIONS_PER_IMAGE = min(cfg.TEST.DETECTIONS_PER_IMAGE, MAX_SHOWN_MASKS)
+        cfg.freeze()
         self.cfg = cfg
         self.has_weights = bool(cfg.MODEL.WEIGHTS)
         if not self.has_weights:
