@@ -14,8 +14,8 @@ then open http://127.0.0.1:7860. Three tabs work on the uploaded (or sample) pho
 * **Pseudo labels** — the pseudo-label engine's masks level by level (0 = coarsest); click a
   mask for its parts, *Up* for its parent; download the SA-1B JSON.
 
-Everything runs offline on the CPU (``MODEL.DEVICE cuda`` if you have one): no ``--share``
-link, no analytics, no assets from the internet. The work per upload is bounded by
+Everything runs offline, on a GPU when there is one, else the CPU (``MODEL.DEVICE``): no
+``--share`` link, no analytics, no assets from the internet. The work per upload is bounded by
 ``--max-side`` (photos are downscaled to it); an unreadable or oversized file gets one error
 message on the page. A bad config or weights file prints one ``error:`` line and exits 2.
 """
