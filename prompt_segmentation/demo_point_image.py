@@ -6,16 +6,19 @@
       [--mask-input prev_mask.png] [--multimask] --opts MODEL.WEIGHTS unsam_r50.pth MODEL.DEVICE cpu
 
 Writes ``<name>.png``: the input with the prompts drawn and the best mask, then one panel per
-granularity (``--multimask``: all K outputs, left to right in output order, each titled with its
-predicted IoU). Without prompts the image centre is clicked. A prompt outside an image, points
-and labels of different lengths or a malformed box print one line on stderr and exit 2.
+granularity (``--multimask``: every output, left to right in output order, each titled with its
+score). Without prompts the image centre is clicked. A whole-image checkpoint (such as the public
+UnSAM ones) is prompted by selection among its queries (``UNSAM.PROMPT.MODE auto``, logged).
+A prompt outside the (first) image, points and labels of different lengths, a malformed box or
+weights of another model print one line on stderr and exit 2; in a folder, later images that are
+unreadable or that a prompt misses are skipped with a warning.
 """
 import argparse
 import logging
 import sys
 import time
+from typing import List
 
-import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -23,10 +26,11 @@ from tqdm import tqdm
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
 from unsam.data.prompts import PromptError, mask_to_mask_input, parse_box, parse_labels, parse_points, validate_prompts
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, read_rgb
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, readable_images
 from unsam.predictor import PromptPredictor
 from unsam.utils.arguments import ConfigError, load_config
-from unsam.visualize import draw_masks, draw_prompts
+from unsam.utils.files import atomic_write
+from unsam.visualize import draw_masks, draw_prompts, draw_title
 
 logger = logging.getLogger("unsam.demo")
 
@@ -58,11 +62,7 @@ def _read_mask(path: str, hw) -> np.ndarray:
 
 
 def _panel(image: np.ndarray, mask: np.ndarray, title: str) -> np.ndarray:
-    out = draw_masks(image, mask[None])
-    scale = max(0.4, min(image.shape[:2]) / 500)
-    cv2.putText(out, title, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (255, 255, 255), 2)
-    cv2.putText(out, title, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale * 0.6, (0, 0, 0), 1)
-    return out
+    return draw_title(draw_masks(image, mask[None]), title)
 
 
 def parse_prompt_args(args):
@@ -79,18 +79,21 @@ def run(args) -> None:
     points, labels, box = parse_prompt_args(args)  # malformed prompts fail before anything loads
     cfg = load_config(args.config_file, args.opts)
     paths = expand_inputs(args.input)
-    images = {p: read_rgb(p) for p in paths[:1]}
-    for p, img in images.items():  # bad prompts fail before loading the model
-        validate_prompts(points, labels, box, img.shape[:2])
-        if args.mask_input:
-            _read_mask(args.mask_input, img.shape[:2])
+    output_path(args.output, paths[0], len(paths))  # an unwritable output fails before the model loads
+    skipped: List[str] = []
+    (_, first), images = readable_images(paths, skipped)
+    validate_prompts(points, labels, box, first.shape[:2])  # so do prompts that miss the first image
+    if args.mask_input:
+        _read_mask(args.mask_input, first.shape[:2])
     predictor = PromptPredictor(cfg)
-    for path in tqdm(paths, desc="segment", unit="img"):
-        image = images.pop(path, None)
-        if image is None:
-            image = read_rgb(path)
-        pts, lbl, bx = validate_prompts(points, labels, box, image.shape[:2])
-        mask_input = mask_to_mask_input(_read_mask(args.mask_input, image.shape[:2])) if args.mask_input else None
+    for path, image in tqdm(images, total=len(paths), desc="segment", unit="img"):
+        try:
+            pts, lbl, bx = validate_prompts(points, labels, box, image.shape[:2])
+            mask_input = mask_to_mask_input(_read_mask(args.mask_input, image.shape[:2])) if args.mask_input else None
+        except (PromptError, DemoInputError) as e:  # another image of a folder, of another size
+            skipped.append(str(path))
+            logger.warning("skipping %s: %s", path, e)
+            continue
         if pts is None and bx is None and mask_input is None:
             h, w = image.shape[:2]
             pts, lbl = np.array([[w // 2, h // 2]], np.float32), np.ones(1, np.int64)
@@ -102,9 +105,12 @@ def run(args) -> None:
         order = list(range(len(masks))) if args.multimask else [best]
         panels = [draw_prompts(draw_masks(image, masks[best][None]), pts, lbl, bx)]
         panels += [draw_prompts(_panel(image, masks[i], f"g{i} IoU {scores[i]:.2f}"), pts, lbl, bx) for i in order]
-        Image.fromarray(np.concatenate(panels, axis=1)).save(output_path(args.output, path, len(paths), ".png"))
-        logger.info("%s: %d mask(s), best IoU %.2f, %.2fs", path, len(order), scores[best],
-                    time.perf_counter() - start)
+        with atomic_write(output_path(args.output, path, len(paths), ".png"), "wb") as f:
+            Image.fromarray(np.concatenate(panels, axis=1)).save(f, format="PNG")
+        logger.info("%s: %d mask(s), best score %.2f (%s mode), %.2fs", path, len(order), scores[best],
+                    predictor.mode, time.perf_counter() - start)
+    if skipped:
+        logger.warning("%d of %d inputs skipped: %s", len(skipped), len(paths), ", ".join(skipped))
 
 
 def main(argv=None) -> int:

@@ -305,3 +305,22 @@ def test_quickstart_config_trains_the_prompt_head_under_ats(shapes, tmp_path):
     assert names == ["whole", "point", "box", "mask"]
     seen_tasks = {names[t] for t in torch.nonzero(sampler.table.seen)[:, 1].tolist()}
     assert seen_tasks - {"whole"}, "no prompt cell got a difficulty"
+
+
+def test_point_demo_skips_bad_images_of_a_folder(public_format_ckpt, two_shapes, tmp_path, caplog):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_point_image", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(two_shapes).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not an image")
+    Image.fromarray(two_shapes[:20, :20]).save(folder / "c.png")  # the click (30, 30) misses it
+    with caplog.at_level(logging.WARNING):
+        rc = demo.main(["--config-file", str(TINY), "--input", str(folder), "--output", str(tmp_path / "out"),
+                        "--points", "30,30", "--opts", *FAST, "MODEL.WEIGHTS", str(public_format_ckpt)])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    assert any("2 of 3 inputs skipped" in r.getMessage() for r in caplog.records)

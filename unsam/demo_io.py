@@ -1,5 +1,6 @@
 """Input/output helpers shared by the demos: expand inputs, read images, name and check outputs."""
 import argparse
+import itertools
 import glob
 import logging
 import os
@@ -58,6 +59,19 @@ def iter_images(paths: List[Path], skipped: List[str]) -> Iterator[Tuple[Path, n
         except DemoInputError as e:
             skipped.append(str(path))
             logger.warning("skipping %s (%d of %d inputs skipped so far)", e, len(skipped), len(paths))
+
+
+def readable_images(paths: List[Path], skipped: List[str]
+                    ) -> Tuple[Tuple[Path, np.ndarray], Iterator[Tuple[Path, np.ndarray]]]:
+    """The first readable input, read now (checked before a slow model load), and an iterator
+    over every readable input, that one included (:func:`iter_images`). No readable input at all
+    is a :class:`DemoInputError`."""
+    images = iter_images(paths, skipped)
+    first = next(images, None)
+    if first is None:
+        raise DemoInputError(f"no readable image among the inputs (skipped: {', '.join(skipped[:3])}"
+                             f"{' ...' if len(skipped) > 3 else ''})")
+    return first, itertools.chain([first], images)
 
 
 def output_path(output: str, image_path: Path, n_inputs: int, suffix: str = ".png") -> Path:

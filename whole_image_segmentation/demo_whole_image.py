@@ -6,7 +6,6 @@
       [--save-json] [--confidence-threshold 0.5] --opts MODEL.WEIGHTS unsam_r50.pth MODEL.DEVICE cpu
 """
 import argparse
-import itertools
 import json
 import logging
 import sys
@@ -19,7 +18,7 @@ from tqdm import tqdm
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
 from unsam.data.sa1b import mask_to_rle
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, iter_images, output_path
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, readable_images
 from unsam.predictor import WholeImagePredictor
 from unsam.utils.arguments import ConfigError, load_config
 from unsam.utils.files import atomic_write
@@ -45,13 +44,9 @@ def run(args) -> None:
     # the output folder and a first readable image are checked before the slow model load
     output_path(args.output, paths[0], len(paths))
     skipped: List[str] = []
-    images = iter_images(paths, skipped)
-    first = next(images, None)
-    if first is None:
-        raise DemoInputError(f"no readable image among the inputs (skipped: {', '.join(skipped[:3])}"
-                             f"{' ...' if len(skipped) > 3 else ''})")
+    _, images = readable_images(paths, skipped)
     predictor = WholeImagePredictor(cfg)
-    for path, image in tqdm(itertools.chain([first], images), total=len(paths), desc="segment", unit="img"):
+    for path, image in tqdm(images, total=len(paths), desc="segment", unit="img"):
         start = time.perf_counter()
         instances = predictor(image)
         keep = instances.scores >= args.confidence_threshold
