@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -192,28 +192,30 @@ class DemoModels:
         """Whole-image masks of ``photo``: the model's, or the pseudo labels without weights."""
         if self.whole is None:
             return self.pseudo_labels(photo)
-        with self._whole_lock:
-            cached = self._everything.get_recent(photo.key)
-            if cached is None:
-                start = time.perf_counter()
-                instances = self.whole(photo.image)
-                anns = [{"id": i, "segmentation": mask_to_rle(m), "area": int(m.sum()), "predicted_iou": float(s)}
-                        for i, (m, s) in enumerate(zip(instances.pred_masks.numpy(), instances.scores.tolist()))]
-                cached = Segments(anns, "model", time.perf_counter() - start, photo.image.shape[:2])
-                self._everything.put(photo.key, cached)
-                logger.info("%s: %d whole-image masks in %.2f s", photo.name, len(anns), cached.seconds)
-            return cached
+        return self._cached(self._whole_lock, self._everything, photo, "model", self._model_annotations)
 
     def pseudo_labels(self, photo: Photo) -> Segments:
         """The pseudo-label engine's hierarchy on ``photo`` (cached per photo)."""
-        with self._engine_lock:
-            cached = self._pseudo.get_recent(photo.key)
+        return self._cached(self._engine_lock, self._pseudo, photo, "pseudo labels", self.labeler)
+
+    def _model_annotations(self, image: np.ndarray) -> List[Dict]:
+        instances = self.whole(image)
+        return [{"id": i, "segmentation": mask_to_rle(m), "area": int(m.sum()), "predicted_iou": float(s)}
+                for i, (m, s) in enumerate(zip(instances.pred_masks.numpy(), instances.scores.tolist()))]
+
+    @staticmethod
+    def _cached(lock: threading.Lock, cache: "_LRU", photo: Photo, source: str,
+                compute: Callable[[np.ndarray], List[Dict]]) -> Segments:
+        """``compute(photo.image)``'s annotations as :class:`Segments`, once per photo (``cache``);
+        ``lock`` serialises the model or engine it runs."""
+        with lock:
+            cached = cache.get_recent(photo.key)
             if cached is None:
                 start = time.perf_counter()
-                anns = self.labeler(photo.image)
-                cached = Segments(anns, "pseudo labels", time.perf_counter() - start, photo.image.shape[:2])
-                self._pseudo.put(photo.key, cached)
-                logger.info("%s: %d pseudo labels in %.2f s", photo.name, len(anns), cached.seconds)
+                anns = compute(photo.image)
+                cached = Segments(anns, source, time.perf_counter() - start, photo.image.shape[:2])
+                cache.put(photo.key, cached)
+                logger.info("%s: %d masks (%s) in %.2f s", photo.name, len(anns), source, cached.seconds)
             return cached
 
     def encode(self, photo: Photo) -> float:
