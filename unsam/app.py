@@ -112,8 +112,155 @@ def _tree_root(level: int = 0):
     return {"level": int(level), "selected": None}
 
 
+def _need_photo(photo: Optional[Photo]) -> Photo:
+    import gradio as gr
+
+    if photo is None:
+        raise gr.Error("Upload a photo (or pick a sample) first.")
+    return photo
+
+
+def _everything_tab(models: DemoModels, photo_state) -> dict:
+    """The Everything tab's components and events; returns those a new photo resets."""
+    import gradio as gr
+
+    with gr.Row():
+        run_all = gr.Button("Segment everything", variant="primary", elem_id="run-everything")
+        threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Score threshold")
+        max_masks = gr.Slider(1, MAX_SHOWN_MASKS, value=40, step=1, label="At most this many masks, best first")
+    image = gr.Image(label="Masks", format="png", interactive=False, height=440, elem_id="everything-image")
+    caption = gr.Markdown(elem_id="everything-caption")
+    segments_state = gr.State(None)  # Segments
+
+    def run_everything(photo, threshold_value, max_count, progress=gr.Progress()):
+        photo = _need_photo(photo)
+        progress(0.1, desc="segmenting" if models.has_weights else "running the pseudo-label engine")
+        segments = models.everything(photo)
+        return (*render_everything(photo, segments, threshold_value, int(max_count)), segments)
+
+    def redraw_everything(photo, segments, threshold_value, max_count):
+        if photo is None or segments is None:
+            return gr.update(), gr.update()
+        return render_everything(photo, segments, threshold_value, int(max_count))
+
+    run_all.click(run_everything, inputs=[photo_state, threshold, max_masks], outputs=[image, caption, segments_state])
+    for slider in (threshold, max_masks):
+        slider.release(redraw_everything, inputs=[photo_state, segments_state, threshold, max_masks],
+                       outputs=[image, caption], show_progress="hidden")
+    return {"image": image, "caption": caption, "segments": segments_state}
+
+
+def _prompt_tab(models: DemoModels, photo_state) -> dict:
+    """The Prompt tab's components and events; returns those a new photo resets."""
+    import gradio as gr
+
+    with gr.Row():
+        kind = gr.Radio([POSITIVE, NEGATIVE, BOX], value=POSITIVE, label="A click adds", scale=3)
+        clear = gr.Button("Clear prompts", scale=1)
+    with gr.Row():
+        image = gr.Image(label="Click on the photo", format="png", interactive=False, height=440,
+                         elem_id="prompt-image")
+        gallery = gr.Gallery(label="The K granularities", columns=2, height=440, format="jpeg",
+                             elem_id="prompt-gallery")
+    caption = gr.Markdown(elem_id="prompt-caption")
+    prompts = gr.State(_no_prompts())
+
+    def on_prompt_click(photo, state, click_kind, evt: gr.SelectData):
+        photo = _need_photo(photo)
+        x, y = (float(v) for v in evt.index)
+        state = dict(state)
+        if click_kind == BOX and state["corner"] is None:
+            state["corner"] = (x, y)
+            points, labels, box = _prompt_arrays(state)
+            marks = np.array([state["corner"]], np.float32)
+            marks = marks if points is None else np.concatenate([points, marks])
+            marks_labels = np.ones(len(marks), np.int64) if labels is None else np.append(labels, 1)
+            return (draw_prompts(photo.image, marks, marks_labels, box), gr.update(),
+                    "First corner set: click the opposite corner.", state)
+        if click_kind == BOX:
+            (x0, y0), state["corner"] = state["corner"], None
+            h, w = photo.image.shape[:2]
+            state["box"] = [min(x0, x), min(y0, y), min(w, max(x0, x) + 1), min(h, max(y0, y) + 1)]
+        else:
+            state["points"] = state["points"] + [[x, y]]
+            state["labels"] = state["labels"] + [1 if click_kind == POSITIVE else 0]
+        points, labels, box = _prompt_arrays(state)
+        masks, scores, seconds = models.prompt(photo, points, labels, box)
+        main_image, panels = render_prompt(photo, masks, scores, points, labels, box)
+        text = (f"{len(masks)} masks in **{seconds:.2f} s** ({models.prompt_mode} mode) for "
+                f"{0 if points is None else len(points)} point(s)" + (" and a box" if box is not None else "") + ".")
+        return main_image, panels, text, state
+
+    def clear_prompts(photo):
+        return (None if photo is None else photo.image), [], "Prompts cleared.", _no_prompts()
+
+    image.select(on_prompt_click, inputs=[photo_state, prompts, kind], outputs=[image, gallery, caption, prompts],
+                 show_progress="minimal")
+    clear.click(clear_prompts, inputs=photo_state, outputs=[image, gallery, caption, prompts])
+    return {"image": image, "gallery": gallery, "caption": caption, "prompts": prompts}
+
+
+def _pseudo_tab(models: DemoModels, photo_state, download_dir: str) -> dict:
+    """The Pseudo labels tab's components and events; returns those a new photo resets."""
+    import gradio as gr
+
+    with gr.Row():
+        run_tree = gr.Button("Run the pseudo-label engine", variant="primary", elem_id="run-pseudo")
+        level = gr.Slider(0, 1, value=0, step=1, label="Level (0 = coarsest)")
+        up = gr.Button("Up (parent)")
+    image = gr.Image(label="Click a mask for its parts", format="png", interactive=False, height=440,
+                     elem_id="pseudo-image")
+    caption = gr.Markdown(elem_id="pseudo-caption")
+    download = gr.File(label="SA-1B JSON", interactive=False, elem_id="pseudo-download")
+    segments_state = gr.State(None)  # Segments
+    tree = gr.State(_tree_root())
+
+    def run_pseudo(photo, progress=gr.Progress()):
+        photo = _need_photo(photo)
+        progress(0.1, desc="running the pseudo-label engine")
+        segments = models.pseudo_labels(photo)
+        shown, text = render_hierarchy(photo, segments, 0, None)
+        return (shown, text, segments, _tree_root(), gr.update(value=0, maximum=max(1, segments.max_level)),
+                str(write_pseudo_json(download_dir, photo, segments)))
+
+    def show_level(photo, segments, level_value):
+        state = _tree_root(level_value)
+        if photo is None or segments is None:
+            return gr.update(), gr.update(), state
+        return (*render_hierarchy(photo, segments, state["level"], None), state)
+
+    def on_tree_click(photo, segments, state, evt: gr.SelectData):
+        if photo is None or segments is None:
+            raise gr.Error("Run the pseudo-label engine first.")
+        x, y = (float(v) for v in evt.index)
+        picked = pick_mask(segments, hierarchy_candidates(segments, state["level"], state["selected"]), x, y)
+        if picked is None:
+            shown, text = render_hierarchy(photo, segments, state["level"], state["selected"])
+            return shown, text + " *(No mask to pick there.)*", state
+        state = {"level": int(segments.by_id[picked].get("level", 0)), "selected": picked}
+        return (*render_hierarchy(photo, segments, state["level"], picked), state)
+
+    def tree_up(photo, segments, state):
+        if photo is None or segments is None or state["selected"] is None:
+            return gr.update(), gr.update(), state
+        parent = int(segments.by_id[state["selected"]].get("parent_id", -1))
+        if parent < 0:
+            state = _tree_root(state["level"])
+        else:
+            state = {"level": int(segments.by_id[parent].get("level", 0)), "selected": parent}
+        return (*render_hierarchy(photo, segments, state["level"], state["selected"]), state)
+
+    run_tree.click(run_pseudo, inputs=photo_state, outputs=[image, caption, segments_state, tree, level, download])
+    level.release(show_level, inputs=[photo_state, segments_state, level], outputs=[image, caption, tree])
+    image.select(on_tree_click, inputs=[photo_state, segments_state, tree], outputs=[image, caption, tree],
+                 show_progress="minimal")
+    up.click(tree_up, inputs=[photo_state, segments_state, tree], outputs=[image, caption, tree])
+    return {"image": image, "caption": caption, "segments": segments_state, "tree": tree, "level": level,
+            "download": download}
+
+
 def build_demo(models: DemoModels, config_file: str, max_side: int, samples: List[str], download_dir: str):
-    """The Gradio Blocks of the demo (not launched)."""
+    """The Gradio Blocks of the demo (not launched): the photo column and the three tabs."""
     import gradio as gr
 
     with gr.Blocks(title="UnSAM demo", analytics_enabled=False) as demo:
@@ -129,43 +276,11 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
                                    elem_id="photo-info")
             with gr.Column(scale=3):
                 with gr.Tab("Everything"):
-                    with gr.Row():
-                        run_all = gr.Button("Segment everything", variant="primary", elem_id="run-everything")
-                        threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Score threshold")
-                        max_masks = gr.Slider(1, MAX_SHOWN_MASKS, value=40, step=1, label="At most this many masks, best first")
-                    everything_image = gr.Image(label="Masks", format="png", interactive=False, height=440,
-                                                elem_id="everything-image")
-                    everything_md = gr.Markdown(elem_id="everything-caption")
-                    everything = gr.State(None)  # Segments
-
+                    every = _everything_tab(models, photo_state)
                 with gr.Tab("Prompt"):
-                    with gr.Row():
-                        kind = gr.Radio([POSITIVE, NEGATIVE, BOX], value=POSITIVE, label="A click adds", scale=3)
-                        clear = gr.Button("Clear prompts", scale=1)
-                    with gr.Row():
-                        prompt_image = gr.Image(label="Click on the photo", format="png", interactive=False,
-                                                height=440, elem_id="prompt-image")
-                        gallery = gr.Gallery(label="The K granularities", columns=2, height=440, format="jpeg",
-                                             elem_id="prompt-gallery")
-                    prompt_md = gr.Markdown(elem_id="prompt-caption")
-                    prompts = gr.State(_no_prompts())
-
+                    prompt = _prompt_tab(models, photo_state)
                 with gr.Tab("Pseudo labels"):
-                    with gr.Row():
-                        run_tree = gr.Button("Run the pseudo-label engine", variant="primary", elem_id="run-pseudo")
-                        level = gr.Slider(0, 1, value=0, step=1, label="Level (0 = coarsest)")
-                        up = gr.Button("Up (parent)")
-                    tree_image = gr.Image(label="Click a mask for its parts", format="png", interactive=False,
-                                          height=440, elem_id="pseudo-image")
-                    tree_md = gr.Markdown(elem_id="pseudo-caption")
-                    download = gr.File(label="SA-1B JSON", interactive=False, elem_id="pseudo-download")
-                    tree_segments = gr.State(None)  # Segments
-                    tree = gr.State(_tree_root())
-
-        def need_photo(photo: Optional[Photo]) -> Photo:
-            if photo is None:
-                raise gr.Error("Upload a photo (or pick a sample) first.")
-            return photo
+                    pseudo = _pseudo_tab(models, photo_state, download_dir)
 
         def on_image(payload, progress=gr.Progress()):
             """A new upload or sample. Gets the raw payload: the project's reader opens the file."""
@@ -182,106 +297,17 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
                 photo_state: photo,
                 info: "" if photo is None else (f"Photo `{photo.name}`, {photo.size_text}"
                                                 + (f", {photo.note}" if photo.note else "")),
-                everything_image: shown, everything_md: "Press **Segment everything**." if photo else "",
-                everything: None,
-                prompt_image: shown, gallery: [], prompts: _no_prompts(),
-                prompt_md: f"Photo encoded in {seconds:.2f} s: click on it to prompt." if photo else "",
-                tree_image: shown, tree_md: "Press **Run the pseudo-label engine**." if photo else "",
-                tree_segments: None, tree: _tree_root(), level: gr.update(value=0, maximum=1), download: None,
+                every["image"]: shown, every["caption"]: "Press **Segment everything**." if photo else "",
+                every["segments"]: None,
+                prompt["image"]: shown, prompt["gallery"]: [], prompt["prompts"]: _no_prompts(),
+                prompt["caption"]: f"Photo encoded in {seconds:.2f} s: click on it to prompt." if photo else "",
+                pseudo["image"]: shown, pseudo["caption"]: "Press **Run the pseudo-label engine**." if photo else "",
+                pseudo["segments"]: None, pseudo["tree"]: _tree_root(),
+                pseudo["level"]: gr.update(value=0, maximum=1), pseudo["download"]: None,
             }
 
-        def run_everything(photo, threshold_value, max_count, progress=gr.Progress()):
-            photo = need_photo(photo)
-            progress(0.1, desc="segmenting" if models.has_weights else "running the pseudo-label engine")
-            segments = models.everything(photo)
-            return (*render_everything(photo, segments, threshold_value, int(max_count)), segments)
-
-        def redraw_everything(photo, segments, threshold_value, max_count):
-            if photo is None or segments is None:
-                return gr.update(), gr.update()
-            return render_everything(photo, segments, threshold_value, int(max_count))
-
-        def on_prompt_click(photo, state, click_kind, evt: gr.SelectData):
-            photo = need_photo(photo)
-            x, y = (float(v) for v in evt.index)
-            state = dict(state)
-            if click_kind == BOX and state["corner"] is None:
-                state["corner"] = (x, y)
-                points, labels, box = _prompt_arrays(state)
-                marks = np.array([state["corner"]], np.float32)
-                marks = marks if points is None else np.concatenate([points, marks])
-                marks_labels = np.ones(len(marks), np.int64) if labels is None else np.append(labels, 1)
-                return (draw_prompts(photo.image, marks, marks_labels, box), gr.update(),
-                        "First corner set: click the opposite corner.", state)
-            if click_kind == BOX:
-                (x0, y0), state["corner"] = state["corner"], None
-                h, w = photo.image.shape[:2]
-                state["box"] = [min(x0, x), min(y0, y), min(w, max(x0, x) + 1), min(h, max(y0, y) + 1)]
-            else:
-                state["points"] = state["points"] + [[x, y]]
-                state["labels"] = state["labels"] + [1 if click_kind == POSITIVE else 0]
-            points, labels, box = _prompt_arrays(state)
-            masks, scores, seconds = models.prompt(photo, points, labels, box)
-            main_image, panels = render_prompt(photo, masks, scores, points, labels, box)
-            caption = (f"{len(masks)} masks in **{seconds:.2f} s** ({models.prompt_mode} mode) for "
-                       f"{0 if points is None else len(points)} point(s)" + (" and a box" if box is not None else "")
-                       + ".")
-            return main_image, panels, caption, state
-
-        def clear_prompts(photo):
-            return (None if photo is None else photo.image), [], "Prompts cleared.", _no_prompts()
-
-        def run_pseudo(photo, progress=gr.Progress()):
-            photo = need_photo(photo)
-            progress(0.1, desc="running the pseudo-label engine")
-            segments = models.pseudo_labels(photo)
-            image, caption = render_hierarchy(photo, segments, 0, None)
-            return (image, caption, segments, _tree_root(), gr.update(value=0, maximum=max(1, segments.max_level)),
-                    str(write_pseudo_json(download_dir, photo, segments)))
-
-        def show_level(photo, segments, level_value):
-            state = _tree_root(level_value)
-            if photo is None or segments is None:
-                return gr.update(), gr.update(), state
-            return (*render_hierarchy(photo, segments, state["level"], None), state)
-
-        def on_tree_click(photo, segments, state, evt: gr.SelectData):
-            if photo is None or segments is None:
-                raise gr.Error("Run the pseudo-label engine first.")
-            x, y = (float(v) for v in evt.index)
-            picked = pick_mask(segments, hierarchy_candidates(segments, state["level"], state["selected"]), x, y)
-            if picked is None:
-                image, caption = render_hierarchy(photo, segments, state["level"], state["selected"])
-                return image, caption + " *(No mask to pick there.)*", state
-            state = {"level": int(segments.by_id[picked].get("level", 0)), "selected": picked}
-            return (*render_hierarchy(photo, segments, state["level"], picked), state)
-
-        def tree_up(photo, segments, state):
-            if photo is None or segments is None or state["selected"] is None:
-                return gr.update(), gr.update(), state
-            parent = int(segments.by_id[state["selected"]].get("parent_id", -1))
-            if parent < 0:
-                state = _tree_root(state["level"])
-            else:
-                state = {"level": int(segments.by_id[parent].get("level", 0)), "selected": parent}
-            return (*render_hierarchy(photo, segments, state["level"], state["selected"]), state)
-
         upload.change(on_image, inputs=upload, preprocess=False,
-                      outputs=[photo_state, info, everything_image, everything_md, everything, prompt_image, gallery,
-                               prompts, prompt_md, tree_image, tree_md, tree_segments, tree, level, download])
-        run_all.click(run_everything, inputs=[photo_state, threshold, max_masks],
-                      outputs=[everything_image, everything_md, everything])
-        for slider in (threshold, max_masks):
-            slider.release(redraw_everything, inputs=[photo_state, everything, threshold, max_masks],
-                           outputs=[everything_image, everything_md], show_progress="hidden")
-        prompt_image.select(on_prompt_click, inputs=[photo_state, prompts, kind],
-                            outputs=[prompt_image, gallery, prompt_md, prompts], show_progress="minimal")
-        clear.click(clear_prompts, inputs=photo_state, outputs=[prompt_image, gallery, prompt_md, prompts])
-        run_tree.click(run_pseudo, inputs=photo_state, outputs=[tree_image, tree_md, tree_segments, tree, level, download])
-        level.release(show_level, inputs=[photo_state, tree_segments, level], outputs=[tree_image, tree_md, tree])
-        tree_image.select(on_tree_click, inputs=[photo_state, tree_segments, tree], outputs=[tree_image, tree_md, tree],
-                          show_progress="minimal")
-        up.click(tree_up, inputs=[photo_state, tree_segments, tree], outputs=[tree_image, tree_md, tree])
+                      outputs=[photo_state, info, *every.values(), *prompt.values(), *pseudo.values()])
     return demo
 
 

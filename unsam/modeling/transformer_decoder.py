@@ -259,25 +259,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
         if return_aux is None:
             return_aux = self.training and self.deep_supervision
-        src, pos, size_list = [], [], []
-        for i in range(self.num_feature_levels):
-            size_list.append(tuple(x[i].shape[-2:]))
-            pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))  # (HW, B, C)
-            s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(s.permute(2, 0, 1))
-        bs = mask_features.shape[0]
-        feats, poses = [], []
-        if use_learned_queries:
-            feats.append(self.query_feat.weight.unsqueeze(1).expand(-1, bs, -1))
-            poses.append(self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1))
-        if extra_queries is not None:
-            ef, ep = extra_queries
-            feats.append(ef.transpose(0, 1).to(mask_features.dtype))
-            poses.append(ep.transpose(0, 1).to(mask_features.dtype))
-        if not feats:
-            raise ValueError("no queries: use_learned_queries=False and no extra_queries")
-        output = torch.cat(feats, 0) if len(feats) > 1 else feats[0]
-        query_pos = torch.cat(poses, 0) if len(poses) > 1 else poses[0]
+        src, pos, size_list = self._memory(x)
+        output, query_pos = self._initial_queries(mask_features, extra_queries, use_learned_queries)
 
         # resized mask features per attention size, for layers whose full masks are not needed
         resized_cache: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -313,6 +296,35 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_masks": b}
                                   for a, b in zip(predictions_class[:-1], predictions_mask[:-1])]
         return out
+
+    def _memory(self, x: List[torch.Tensor]):
+        """The cross-attention memory of each level: projected features + level embedding and
+        their sine positions, both (H_l·W_l, B, C), and the level sizes (H_l, W_l)."""
+        src, pos, size_list = [], [], []
+        for i in range(self.num_feature_levels):
+            size_list.append(tuple(x[i].shape[-2:]))
+            pos.append(self.pe_layer(x[i]).flatten(2).permute(2, 0, 1))  # (HW, B, C)
+            s = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(s.permute(2, 0, 1))
+        return src, pos, size_list
+
+    def _initial_queries(self, mask_features: torch.Tensor, extra_queries, use_learned_queries: bool):
+        """The learned queries and/or ``extra_queries``, in that order: (features, positions),
+        each (Q, B, hidden_dim)."""
+        bs = mask_features.shape[0]
+        feats, poses = [], []
+        if use_learned_queries:
+            feats.append(self.query_feat.weight.unsqueeze(1).expand(-1, bs, -1))
+            poses.append(self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1))
+        if extra_queries is not None:
+            ef, ep = extra_queries
+            feats.append(ef.transpose(0, 1).to(mask_features.dtype))
+            poses.append(ep.transpose(0, 1).to(mask_features.dtype))
+        if not feats:
+            raise ValueError("no queries: use_learned_queries=False and no extra_queries")
+        output = torch.cat(feats, 0) if len(feats) > 1 else feats[0]
+        query_pos = torch.cat(poses, 0) if len(poses) > 1 else poses[0]
+        return output, query_pos
 
     def _prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor,
                           attn_size: Optional[Tuple[int, int]], full: bool,

@@ -415,7 +415,13 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
             for s, x in zip(similarity(new, others).tolist(), others.tolist()):
                 heapq.heappush(heap, (-s, x, new))
         new += 1
-    # the last merges are the coarsest: reverse creation order so parents come first
+    return _segments_coarse_to_fine(groups, parent_of, n)
+
+
+def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]], parent_of: Dict[int, int],
+                             n: int) -> List[Segment]:
+    """Merged groups (id, member nodes, coherence) in creation order → segments, parents first:
+    the last merges are the coarsest, so creation order is reversed."""
     index = {g: j for j, (g, _, _) in enumerate(reversed(groups))}
     out = []
     for g, mem, coh in reversed(groups):
@@ -514,14 +520,21 @@ def iterative_merge(features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                         neighbours[x].discard(old)
                 add_pair(x, new)
                 neighbours[x].add(new)
-        listed, masks = set(), []
-        for pair in live:
-            for g in pair:
-                if g not in listed:
-                    listed.add(g)
-                    if counts[g] >= min_patches:
-                        m = np.zeros(h * w, bool)
-                        m[members[g]] = True
-                        masks.append(m.reshape(h, w))
-        levels.append(np.stack(masks) if masks else np.zeros((0, h, w), bool))
+        levels.append(_listed_groups(live, counts, members, min_patches, (h, w)))
     return levels
+
+
+def _listed_groups(live: Dict[Tuple[int, int], None], counts: List[int], members: List[List[int]],
+                   min_patches: int, hw: Tuple[int, int]) -> np.ndarray:
+    """The groups :func:`iterative_merge` lists after a threshold: those in a live pair, in order
+    of first appearance (oldest pair first), with ≥ ``min_patches`` patches → (n, h, w) bool."""
+    listed, masks = set(), []
+    for pair in live:
+        for g in pair:
+            if g not in listed:
+                listed.add(g)
+                if counts[g] >= min_patches:
+                    m = np.zeros(hw[0] * hw[1], bool)
+                    m[members[g]] = True
+                    masks.append(m.reshape(hw))
+    return np.stack(masks) if masks else np.zeros((0, *hw), bool)
