@@ -43,12 +43,12 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
     """``MODEL.WEIGHTS`` names a local file that does not exist."""
 
 
-def check_weights_path(path: str) -> str:
+def check_weights_path(path: str, what: str = "MODEL.WEIGHTS") -> str:
     """Return ``path`` unchanged if it is empty, remote, or an existing file; else raise."""
     if not path or _REMOTE.match(path):
         return path
     if not os.path.isfile(path):
-        raise WeightsNotFoundError(f"MODEL.WEIGHTS file '{path}' not found")
+        raise WeightsNotFoundError(f"{what} file '{path}' not found")
     return path
 
 
@@ -120,11 +120,7 @@ class UnSAMCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         self._loading = path
-        if path and not os.path.isfile(path) and _REMOTE.match(path):
-            path = fetch_weights(path)
-        elif path and not os.path.isfile(path):
-            raise WeightsNotFoundError(f"MODEL.WEIGHTS file '{path}' not found")
-        return super().load(path, checkpointables)
+        return super().load(local_weights_path(path) if path else path, checkpointables)
 
     def _load_file(self, filename: str):
         return read_checkpoint_file(filename, super()._load_file)
@@ -151,10 +147,15 @@ class UnSAMCheckpointer(DetectionCheckpointer):
         return getattr(self, "_loading", None) or "?"
 
 
-def read_weights(path: str) -> Dict:
-    """``MODEL.WEIGHTS`` (local path or URL) → checkpoint dict with a ``"model"`` state dict."""
-    local = fetch_weights(path) if _REMOTE.match(path) else check_weights_path(path)
-    return read_checkpoint_file(local)
+def local_weights_path(path: str, what: str = "MODEL.WEIGHTS") -> str:
+    """A weights file (local path or URL, downloaded once) as an existing local path."""
+    return fetch_weights(path, what) if _REMOTE.match(path) else check_weights_path(path, what)
+
+
+def read_weights(path: str, what: str = "MODEL.WEIGHTS") -> Dict:
+    """Weights (local path or URL) → checkpoint dict with a ``"model"`` state dict. ``what``
+    names the setting in error messages (e.g. ``--divide-weights``)."""
+    return read_checkpoint_file(local_weights_path(path, what), what=what)
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Dict, path: str) -> LoadReport:
@@ -167,7 +168,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Dict, path: str) -> LoadRep
     return checkpointer.last_report
 
 
-def fetch_weights(url: str) -> str:
+def fetch_weights(url: str, what: str = "MODEL.WEIGHTS") -> str:
     """Download ``url`` into detectron2's cache and return the local path; one-line errors."""
     from detectron2.utils.file_io import PathManager
 
@@ -175,7 +176,7 @@ def fetch_weights(url: str) -> str:
         return PathManager.get_local_path(url)
     except Exception as e:  # noqa: BLE001 — iopath raises bare Exceptions of many kinds for a bad URL
         _remove_download_lock(url)
-        raise WeightsError(f"MODEL.WEIGHTS '{url}' could not be downloaded: "
+        raise WeightsError(f"{what} '{url}' could not be downloaded: "
                            f"{type(e).__name__}: {_first_line(e)}") from None
 
 
@@ -197,7 +198,7 @@ def _remove_download_lock(url: str) -> None:
             pass
 
 
-def read_checkpoint_file(filename: str, reader=None) -> Dict:
+def read_checkpoint_file(filename: str, reader=None, what: str = "MODEL.WEIGHTS") -> Dict:
     """Read a local checkpoint file with ``reader`` (default: detectron2's formats).
 
     Files that ``torch.load(weights_only=True)`` refuses because they hold Python objects besides
@@ -209,29 +210,29 @@ def read_checkpoint_file(filename: str, reader=None) -> Dict:
         reader = DetectionCheckpointer(torch.nn.Module())._load_file
     size = os.path.getsize(filename)
     if size == 0:
-        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is empty (0 bytes): an interrupted download or save?")
+        raise WeightsError(f"{what} '{filename}' is empty (0 bytes): an interrupted download or save?")
     try:
         data = reader(filename)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e):
-            raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a checkpoint ({size} bytes): {_first_line(e)}") \
+            raise WeightsError(f"{what} '{filename}' is not a checkpoint ({size} bytes): {_first_line(e)}") \
                 from None
-        logger.warning("MODEL.WEIGHTS '%s' holds Python objects besides tensors; reading it with "
-                       "weights_only=False (load only checkpoints you trust)", filename)
-        data = _read_unrestricted(filename)
+        logger.warning("%s '%s' holds Python objects besides tensors; reading it with "
+                       "weights_only=False (load only checkpoints you trust)", what, filename)
+        data = _read_unrestricted(filename, what)
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, AssertionError) as e:
-        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a readable checkpoint ({size} bytes, "
+        raise WeightsError(f"{what} '{filename}' is not a readable checkpoint ({size} bytes, "
                            f"truncated or another format?): {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(data, dict):
-        raise WeightsError(f"MODEL.WEIGHTS '{filename}' holds a {type(data).__name__}, not a state dict")
+        raise WeightsError(f"{what} '{filename}' holds a {type(data).__name__}, not a state dict")
     return data
 
 
-def _read_unrestricted(filename: str) -> Dict:
+def _read_unrestricted(filename: str, what: str) -> Dict:
     try:
         data = torch.load(filename, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 — unpickling arbitrary files fails in arbitrary ways
-        raise WeightsError(f"MODEL.WEIGHTS '{filename}' is not a readable checkpoint: "
+        raise WeightsError(f"{what} '{filename}' is not a readable checkpoint: "
                            f"{type(e).__name__}: {_first_line(e)}") from None
     if isinstance(data, dict) and "model" not in data:
         data = {"model": data}

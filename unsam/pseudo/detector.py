@@ -13,7 +13,6 @@ pasted back at the input size with threshold 0.5.
 """
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 
 import unsam  # noqa: F401  (compat before detectron2)
+
+from ..checkpoint import WeightsError, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -70,35 +71,10 @@ def read_detector_state_dict(path_or_url: str) -> Dict[str, torch.Tensor]:
     """Model weights of a detectron2 checkpoint (``{"model": state_dict, ...}`` or a bare
     state dict; a ``module.`` prefix is dropped). ``path_or_url``: a file or an http(s) URL
     (downloaded once into detectron2's cache). Raises :class:`DivideError` naming the file."""
-    from detectron2.utils.file_io import PathManager
-
-    if "://" in str(path_or_url):
-        try:
-            path = PathManager.get_local_path(path_or_url)
-        except Exception as e:  # network errors, bad URLs
-            raise DivideError(f"cannot download divide weights from {path_or_url}: {e}") from e
-    else:
-        path = str(path_or_url)
-        if not os.path.isfile(path):
-            raise DivideError(f"divide weights not found: {path}")
-        if os.path.getsize(path) == 0:
-            raise DivideError(f"divide weights {path} are empty (0 bytes): an interrupted download?")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e):
-            raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint ({e})") from e
-        # detectron2 training checkpoints may pickle trainer state besides the tensors
-        logger.warning("%s holds Python objects besides tensors; reading it with "
-                       "weights_only=False (load only checkpoints you trust)", path_or_url)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # unpickling arbitrary files fails in arbitrary ways
-            raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint "
-                              f"({type(e2).__name__}: {e2})") from e2
-    except Exception as e:  # truncated or foreign files
-        raise DivideError(f"{path_or_url}: not a readable PyTorch checkpoint "
-                          f"({type(e).__name__}: {e})") from e
+        ckpt = read_weights(str(path_or_url), what="--divide-weights")
+    except WeightsError as e:
+        raise DivideError(str(e)) from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not any(torch.is_tensor(v) for v in ckpt.values()):
