@@ -1,4 +1,5 @@
 """Shared pytest fixtures: locate the shared sample data, keep CPU tests deterministic."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -9,6 +10,23 @@ import unsam  # noqa: F401  (installs the detectron2 compatibility layer first)
 from unsam.data.coco import shared_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def registered_shapes(folder, name: str, num_images: int = 6, size: int = 96, seed: int = 3):
+    """Synthetic shapes written to ``folder`` and registered as dataset ``name`` while the block
+    runs; yields the dataset root."""
+    from detectron2.data import DatasetCatalog
+
+    from unsam.data.sa1b import register_sa1b
+    from unsam.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(folder, num_images, size=size, seed=seed)
+    register_sa1b(name, root)
+    try:
+        yield root
+    finally:
+        DatasetCatalog.remove(name)
 
 
 def coco_from_sa1b(root) -> dict:

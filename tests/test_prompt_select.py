@@ -13,19 +13,18 @@ from PIL import Image
 
 import unsam  # noqa: F401
 import unsam.modeling  # noqa: F401
-from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
 from unsam.checkpoint import WeightsError
 from unsam.config import get_unsam_cfg
-from unsam.data.sa1b import register_sa1b
-from unsam.data.synthetic import make_shapes_dataset
 from unsam.engine.hooks import per_prompt_difficulty
 from unsam.engine.trainer import Trainer, ats_task_names
 from unsam.predictor import PromptPredictor, WholeImagePredictor
 from unsam.query_selection import QuerySelector
+
+from .conftest import registered_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "unsam_tiny.yaml"
@@ -276,10 +275,8 @@ class _LossRecorder(HookBase):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 6, size=96, seed=3)
-    register_sa1b("select_test_shapes", root)
-    yield root
-    DatasetCatalog.remove("select_test_shapes")
+    with registered_shapes(tmp_path_factory.mktemp("shapes"), "select_test_shapes") as root:
+        yield root
 
 
 def test_quickstart_config_trains_the_prompt_head_under_ats(shapes, tmp_path):

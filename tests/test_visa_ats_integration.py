@@ -15,8 +15,6 @@ from detectron2.utils.env import seed_all_rng
 
 from unsam.config import get_unsam_cfg
 from unsam.data.mapper import UnSAMDatasetMapper
-from unsam.data.sa1b import register_sa1b
-from unsam.data.synthetic import make_shapes_dataset
 from unsam.engine.hooks import ATSFeedbackHook, VisaBatchLoader, per_image_difficulty
 from unsam.engine.trainer import Trainer
 from unsam.modeling.visa import (
@@ -26,6 +24,8 @@ from unsam.modeling.visa import (
     guidance_loss_from_outputs,
     semantic_guidance_loss,
 )
+
+from .conftest import registered_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "unsam_tiny.yaml"
@@ -137,10 +137,8 @@ def _cfg(tmp, *opts):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 6, size=96, seed=3)
-    register_sa1b("itest_shapes", root)
-    yield root
-    DatasetCatalog.remove("itest_shapes")
+    with registered_shapes(tmp_path_factory.mktemp("shapes"), "itest_shapes") as root:
+        yield root
 
 
 def test_mapper_guidance_features_only_when_enabled(shapes, tmp_path):
