@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.unsam-setup-done
 PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: setup quickstart app test test-slow test-all bench gpu-check clean-outputs
+.PHONY: setup quickstart app test test-slow test-all bench ablation gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/whole_image.py
 	$(PY) benchmarks/pseudo.py
+
+# the ViSA/ATS ablation (issue 19): 7 variants x 3 seeds x 800 iterations, hours on CPU, resumable
+# (finished runs are kept in outputs/ablation/runs); writes docs/ablation.md + docs/ablation_ar.png.
+# More runs at once: ARGS="--jobs 2"
+ablation: setup
+	$(PY) benchmarks/ablate_visa_ats.py --docs $(ARGS)
 
 # the CUDA path end to end (training + AMP, inference, prompts, pseudo labels, multi-GPU): one JSON of
 # figures, also in outputs/gpu_check.json; non-zero exit on any failure. CPU-sized: ARGS="--device cpu --quick"

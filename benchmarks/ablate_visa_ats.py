@@ -1,153 +1,800 @@
 #!/usr/bin/env python
-"""Ablation of UnSAM's training aids: plain, +ViSA, +ATS, +both, same seed and budget.
+"""Ablation of UnSAM's training aids: plain, +ViSA, +ATS, +ViSA+ATS and ViSA's three parts one at
+a time, several seeds each, at a budget where the tiny model learns (issue 19).
 
-Trains the tiny config four times and prints class-agnostic AR@100 (and AR@10, AP) on held-out
-images:
+  python benchmarks/ablate_visa_ats.py                          # the full ablation (hours on CPU)
+  python benchmarks/ablate_visa_ats.py --jobs 2 --docs          # 2 runs at a time; docs/ablation.md
+  python benchmarks/ablate_visa_ats.py --variants plain visa --seeds 0 1 --iters 200
+  python benchmarks/ablate_visa_ats.py --data pseudo --pseudo DIR   # pseudo labels of the shared photos
+  python benchmarks/ablate_visa_ats.py --summarize-only         # rebuild the table from finished runs
 
-  python benchmarks/ablate_visa_ats.py                      # synthetic shapes (train + held-out)
-  python benchmarks/ablate_visa_ats.py --iters 300          # a larger budget
-  python benchmarks/ablate_visa_ats.py --pseudo DIR         # SA-1B pseudo labels in DIR; held-out
-                                                            # = --eval-dataset (default: the shared
-                                                            # tiny COCO val set, human masks)
+Data (``--data``): ``nested`` synthetic scenes (wholes, parts and sub-parts at levels 0/1/2,
+textured so that colour edges and objects disagree; held-out AR per level), ``shapes`` (the
+synthetic shapes of ``tests/test_learning.py``), or ``pseudo``: train on the SA-1B pseudo labels
+in ``--pseudo DIR`` and evaluate on the human masks of both shared COCO sets. The data are the
+same for every seed; the seed sets initialisation, data order and augmentation.
 
-Schedules scale with the budget: ViSA decays from iteration 0 to ``--visa-end`` × iters, ATS
-turns adaptive at ``--ats-start`` × iters. Trailing KEY VALUE pairs override config keys for every
-variant. The tiny model has 50 queries, so at most 50 detections per image count toward AR@100.
+The default budget is that of ``tests/test_learning.py``: 800 iterations × batch 8 at 128 px, 1500
+training images, lr 0.0005 with a step at 80 %. Held-out AR@10/100/1000 is measured every
+``--eval-period`` iterations (the curve) and at the end; ``--prompt`` trains the prompt path too
+and adds 1-click mIoU. ViSA decays from iteration 0 to ``--visa-end`` × iters, ATS turns adaptive
+at ``--ats-start`` × iters.
+
+Each (variant, seed) run writes ``OUT/runs/<variant>_seed<k>.json`` when it finishes; a rerun
+skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
+(tables: mean and min–max over seeds; per comparison, whether the difference of means exceeds
+the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100 against iteration) —
+is built from those files, also alone with ``--summarize-only``. ``--docs`` writes the markdown
+and the figure to ``docs/`` instead.
 """
 import argparse
+import copy
+import datetime
 import json
 import logging
 import os
+import shlex
+import subprocess
 import sys
-import tempfile
 import time
+from collections import OrderedDict, defaultdict
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import unsam  # noqa: E402,F401  (detectron2 compatibility layer first)
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.evaluation import inference_on_dataset  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
-from unsam.config import get_unsam_cfg  # noqa: E402
-from unsam.data.coco import register_builtin_datasets  # noqa: E402
-from unsam.data.sa1b import register_sa1b  # noqa: E402
-from unsam.data.synthetic import make_shapes_dataset  # noqa: E402
+from unsam.data.coco import register_builtin_datasets, shared_data_dir  # noqa: E402
+from unsam.data.sa1b import DatasetError, find_sa1b_files, register_sa1b  # noqa: E402
+from unsam.data.synthetic import make_nested_scenes_dataset, make_shapes_dataset  # noqa: E402
 from unsam.engine.trainer import Trainer  # noqa: E402
-from unsam.evaluation.whole_image import ClassAgnosticEvaluator  # noqa: E402
+from unsam.evaluation.whole_image import (  # noqa: E402
+    ClassAgnosticEvaluator, coco_eval_agnostic, dataset_dicts_to_coco, load_coco_gt)
+from unsam.utils.arguments import ConfigError, load_config  # noqa: E402
+from unsam.utils.files import atomic_write  # noqa: E402
 
-VARIANTS = {
-    "plain": {},
-    "+ViSA": {"UNSAM.VISA.ENABLED": True},
-    "+ATS": {"UNSAM.ATS.ENABLED": True},
-    "+ViSA+ATS": {"UNSAM.VISA.ENABLED": True, "UNSAM.ATS.ENABLED": True},
-}
+logger = logging.getLogger("ablate_visa_ats")
+
+_VISA = "UNSAM.VISA."
+VARIANTS = OrderedDict([
+    ("plain", ("plain", {})),
+    ("visa", ("+ViSA", {_VISA + "ENABLED": True})),
+    ("ats", ("+ATS", {"UNSAM.ATS.ENABLED": True})),
+    ("visa_ats", ("+ViSA+ATS", {_VISA + "ENABLED": True, "UNSAM.ATS.ENABLED": True})),
+    ("visa_curriculum", ("+ViSA curriculum only", {_VISA + "ENABLED": True, _VISA + "BOUNDARY.ENABLED": False,
+                                                   _VISA + "GUIDANCE.ENABLED": False})),
+    ("visa_boundary", ("+ViSA boundary only", {_VISA + "ENABLED": True, _VISA + "CURRICULUM.ENABLED": False,
+                                               _VISA + "GUIDANCE.ENABLED": False})),
+    ("visa_guidance", ("+ViSA guidance only", {_VISA + "ENABLED": True, _VISA + "CURRICULUM.ENABLED": False,
+                                               _VISA + "BOUNDARY.ENABLED": False})),
+])
+AR_KEYS = ("AR@10", "AR@100", "AR@1000")
+PROMPT_KEYS = ("mIoU_max", "mIoU_oracle")
+METRIC_NAMES = {"mIoU_max": "1-click mIoU (max)", "mIoU_oracle": "1-click mIoU (oracle)"}
+LEVEL_NAMES = {"all": "all masks", "L0": "level 0 (wholes)", "L1": "level 1 (parts)", "L2": "level 2 (sub-parts)"}
+SHARED_SETS = ("coco_tiny_val_agnostic", "coco_tiny_train_agnostic")
+TRAIN_NAME = "ablation_train"
+TRAIN_DATA_SEED, VAL_DATA_SEED = 11, 12  # as tests/test_learning.py
+# the flags that change results: a finished run is reused only when all of them match
+BUDGET_KEYS = ("data", "pseudo", "config_file", "device", "iters", "batch", "image_size", "train_images",
+               "val_images", "eval_period", "visa_end", "ats_start", "prompt", "opts")
 
 
-def parse_args(argv=None):
+class UsageError(ValueError):
+    """Bad input (flags, missing data); the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=str(REPO / "configs" / "tiny" / "unsam_tiny.yaml"))
-    p.add_argument("--iters", type=int, default=100, help="training iterations per variant (the budget)")
-    p.add_argument("--batch", type=int, default=4, help="images per iteration")
+    p.add_argument("--data", choices=("nested", "shapes", "pseudo"),
+                   help="training / held-out data (default: pseudo with --pseudo, else nested)")
+    p.add_argument("--pseudo", help="folder of SA-1B pseudo labels to train on (--data pseudo)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
+                   help=f"variants to run, of: {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--iters", type=int, default=800, help="training iterations per run")
+    p.add_argument("--batch", type=int, default=8, help="images per iteration")
     p.add_argument("--image-size", type=int, default=128, help="training crop / test short side (px)")
-    p.add_argument("--train-images", type=int, default=48, help="synthetic training images")
-    p.add_argument("--val-images", type=int, default=16, help="synthetic held-out images")
-    p.add_argument("--pseudo", help="SA-1B folder of pseudo labels to train on (else synthetic shapes)")
-    p.add_argument("--eval-dataset", help="registered held-out set (default: synthetic held-out, or "
-                   "coco_tiny_val_agnostic with --pseudo)")
+    p.add_argument("--train-images", type=int, default=1500, help="generated training images")
+    p.add_argument("--val-images", type=int, default=48, help="generated held-out images")
+    p.add_argument("--eval-period", type=int, help="held-out evaluation every N iterations (default: iters / 8)")
     p.add_argument("--visa-end", type=float, default=0.5, help="ViSA END_ITER as a share of --iters")
     p.add_argument("--ats-start", type=float, default=0.25, help="ATS START_ITER as a share of --iters")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="working folder (default: a temporary one)")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    p.add_argument("--prompt", action="store_true", help="train the prompt path too; report 1-click mIoU")
+    p.add_argument("--config-file", help="default: configs/tiny/unsam_tiny.yaml (_prompt.yaml with --prompt)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", default=str(REPO / "outputs" / "ablation"), help="working and result folder")
+    p.add_argument("--docs", action="store_true", help="write the markdown and figure to docs/ instead of --out")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, as subprocesses with OMP_NUM_THREADS = cores / jobs")
+    p.add_argument("--force", action="store_true", help="redo runs that have finished")
+    p.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from OUT/runs")
+    p.add_argument("--skip-summary", action="store_true", help=argparse.SUPPRESS)  # the --jobs children
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides (last)")
     return p.parse_args(argv)
 
 
-def build_cfg(args, variant: str, train_name: str, out_dir: Path):
-    cfg = get_unsam_cfg()
-    cfg.merge_from_file(args.config_file)
-    it = args.iters
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "SEED", args.seed, "OUTPUT_DIR", str(out_dir),
-        "DATASETS.TRAIN", (train_name,), "DATASETS.TEST", (),
-        "SOLVER.IMS_PER_BATCH", args.batch, "SOLVER.MAX_ITER", it,
-        "SOLVER.STEPS", (max(1, int(0.8 * it)),), "SOLVER.WARMUP_ITERS", min(10, it // 10),
-        "SOLVER.CHECKPOINT_PERIOD", 10 * it + 1,
-        "INPUT.IMAGE_SIZE", args.image_size, "INPUT.MIN_SIZE_TEST", args.image_size,
-        "INPUT.MAX_SIZE_TEST", 2 * args.image_size, "TEST.EVAL_PERIOD", 0,
-        "UNSAM.VISA.START_ITER", 0, "UNSAM.VISA.END_ITER", max(1, int(args.visa_end * it)),
-        "UNSAM.ATS.START_ITER", int(args.ats_start * it),
-        "UNSAM.ATS.BLOCK_SIZE", max(args.batch, 16),
-    ])
-    for key, value in VARIANTS[variant].items():
-        cfg.merge_from_list([key, value])
-    if args.opts:
-        cfg.merge_from_list(args.opts)
+def check_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on other flags; raise :class:`UsageError` for bad input."""
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant '{unknown[0]}' (choose from: {', '.join(VARIANTS)})")
+    if args.data is None:
+        args.data = "pseudo" if args.pseudo else "nested"
+    if args.data == "pseudo":
+        if not args.pseudo:
+            raise UsageError("--data pseudo needs --pseudo DIR (a folder of SA-1B pseudo labels)")
+        if not Path(args.pseudo).is_dir():
+            raise UsageError(f"--pseudo folder '{args.pseudo}' not found")
+        args.pseudo = str(Path(args.pseudo).resolve())
+    elif args.pseudo:
+        raise UsageError(f"--pseudo is for --data pseudo, not --data {args.data}")
+    for name in ("iters", "batch", "image_size", "train_images", "val_images", "jobs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    args.eval_period = args.eval_period or max(1, args.iters // 8)
+    if args.config_file is None:
+        args.config_file = str(REPO / "configs" / "tiny" / ("unsam_tiny_prompt.yaml" if args.prompt
+                                                            else "unsam_tiny.yaml"))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.variants = list(dict.fromkeys(args.variants))
+    args.seeds = list(dict.fromkeys(args.seeds))
+
+
+def budget_of(args) -> Dict:
+    """The flags that define a run's result (see :data:`BUDGET_KEYS`)."""
+    return {k: getattr(args, k) for k in BUDGET_KEYS}
+
+
+def summary_paths(args) -> Tuple[Path, Path, Path]:
+    """Where the markdown, the figure and the JSON summary go."""
+    folder = REPO / "docs" if args.docs else Path(args.out)
+    return folder / "ablation.md", folder / "ablation_ar.png", Path(args.out) / "ablation.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def _generated(out: Path, kind: str, split: str, num_images: int, size: int, seed: int) -> Path:
+    """A generated SA-1B folder under ``OUT/data``, written once (a ``.complete`` marker)."""
+    root = out / "data" / f"{kind}_{split}_{num_images}x{size}px_seed{seed}"
+    if not (root / ".complete").is_file():
+        logger.info("writing %d %s %s images to %s", num_images, kind, split, root)
+        make = make_nested_scenes_dataset if kind == "nested" else make_shapes_dataset
+        make(root, num_images, size=size, seed=seed)
+        (root / ".complete").touch()
+    return root
+
+
+def prepare_data(args) -> Dict:
+    """Write (once) and register the training set and the held-out sets of ``args.data``.
+
+    Returns ``{"eval": [held-out names], "description": str}``.
+    """
+    register_builtin_datasets()
+    if args.data == "pseudo":
+        try:
+            count = len(find_sa1b_files(args.pseudo))
+        except DatasetError as e:
+            raise UsageError(str(e)) from None
+        if not count:
+            raise UsageError(f"--pseudo folder '{args.pseudo}' holds no SA-1B JSON file")
+        if shared_data_dir() is None:
+            raise UsageError("shared data missing: the COCO sets for held-out evaluation were not found "
+                             "(set UNSAM_SHARED to the folder holding data/)")
+        register_sa1b(TRAIN_NAME, args.pseudo)
+        return {"eval": list(SHARED_SETS),
+                "description": f"SA-1B pseudo labels in `{args.pseudo}` ({count} images); held-out: the human "
+                               f"masks of the shared COCO sets {', '.join(f'`{s}`' for s in SHARED_SETS)}"}
+    out = Path(args.out)
+    train = _generated(out, args.data, "train", args.train_images, args.image_size, TRAIN_DATA_SEED)
+    val = _generated(out, args.data, "val", args.val_images, args.image_size, VAL_DATA_SEED)
+    val_name = f"{args.data}_val"
+    register_sa1b(TRAIN_NAME, train)
+    register_sa1b(val_name, val)
+    kind = ("nested synthetic scenes (levels 0/1/2)" if args.data == "nested" else "synthetic shapes (levels 0/1)")
+    return {"eval": [val_name],
+            "description": f"{kind}, {args.image_size} px: {args.train_images} training images (data seed "
+                          f"{TRAIN_DATA_SEED}), held-out `{val_name}` {args.val_images} images (data seed "
+                          f"{VAL_DATA_SEED})"}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+_GT_CACHE: Dict[Tuple[str, str], Dict] = {}
+
+
+def ground_truth_subsets(dataset_name: str) -> Dict:
+    """``{"all": COCO, "L0": COCO, ...}`` for a registered set: every mask, and each ``level`` of
+    masks alone when its annotations carry levels (SA-1B sets; the COCO sets have none). Cached
+    per name and source."""
+    meta = MetadataCatalog.get(dataset_name)
+    json_file = getattr(meta, "json_file", None)
+    key = (dataset_name, json_file or getattr(meta, "root", ""))
+    if key not in _GT_CACHE:
+        if json_file:
+            _GT_CACHE[key] = {"all": load_coco_gt(json_file)}
+        else:
+            dicts = DatasetCatalog.get(dataset_name)
+            subsets = {"all": load_coco_gt(dataset_dicts_to_coco(dicts))}
+            levels = sorted({a["level"] for d in dicts for a in d["annotations"] if "level" in a})
+            for level in levels if len(levels) > 1 else []:
+                only = [dict(d, annotations=[a for a in d["annotations"] if a.get("level") == level])
+                        for d in dicts]
+                subsets[f"L{level}"] = load_coco_gt(dataset_dicts_to_coco(only))
+            _GT_CACHE[key] = subsets
+    return _GT_CACHE[key]
+
+
+class LevelEvaluator(ClassAgnosticEvaluator):
+    """Class-agnostic AR on all masks and on each granularity level's masks alone (same
+    predictions): ``{"all": metrics, "L0": metrics, ...}``. Single process."""
+
+    def __init__(self, dataset_name: str):
+        super().__init__(dataset_name, output_dir=None, distributed=False)
+
+    def evaluate(self):
+        image_ids = sorted(set(self._image_ids)) or None
+        return OrderedDict((subset, {k: coco_eval_agnostic(coco, self._predictions, image_ids)[k] for k in AR_KEYS})
+                           for subset, coco in ground_truth_subsets(self.dataset_name).items())
+
+
+def _image_root(dataset_name: str) -> str:
+    root = getattr(MetadataCatalog.get(dataset_name), "image_root", None)
+    return root or os.path.dirname(DatasetCatalog.get(dataset_name)[0]["file_name"])
+
+
+def prompt_metrics(cfg, weights: Path, eval_names: Sequence[str]) -> Dict:
+    """1-click mIoU of the learned prompt head of ``weights`` on each held-out set and level."""
+    from unsam.evaluation.prompt import evaluate_prompts
+    from unsam.predictor import PromptPredictor
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS, cfg.UNSAM.PROMPT.MODE = str(weights), "learned"
     cfg.freeze()
-    return cfg
+    predictor = PromptPredictor(cfg)
+    metrics = {}
+    for name in eval_names:
+        metrics[name] = {}
+        for subset, coco in ground_truth_subsets(name).items():
+            result = evaluate_prompts(predictor, coco.dataset, _image_root(name), box=False)
+            metrics[name][subset] = {k: result[k] for k in PROMPT_KEYS}
+    return metrics
 
 
-def run_variant(args, variant: str, train_name: str, eval_name: str, work: Path) -> dict:
-    cfg = build_cfg(args, variant, train_name, work / variant.replace("+", "plus_"))
-    seed_all_rng(args.seed)
-    trainer = Trainer(cfg)
+def eval_history(storage, eval_names: Sequence[str], max_iter: int) -> List[Dict]:
+    """The held-out metrics detectron2's EvalHook put in the event storage, by iteration:
+    ``[{"iter": iterations done, "metrics": {set: {subset: {AR key: value}}}}]``.
+
+    With one test set detectron2 drops the set name from the keys (``all/AR@100``), with several
+    it keeps it (``<set>/all/AR@100``). Periodic evaluations are stored at the 0-based iteration
+    of their step, the final one (after training) at ``max_iter``."""
+    by_iter: Dict[int, Dict] = defaultdict(lambda: defaultdict(dict))
+    for key, history in storage.histories().items():
+        parts = key.split("/")
+        if parts[-1] not in AR_KEYS or len(parts) not in (2, 3):
+            continue
+        dataset, subset, metric = parts if len(parts) == 3 else (eval_names[0], *parts)
+        for value, iteration in history.values():
+            by_iter[min(iteration + 1, max_iter)][dataset].setdefault(subset, {})[metric] = float(value)
+    return [{"iter": it, "metrics": {name: dict(subsets) for name, subsets in by_iter[it].items()}}
+            for it in sorted(by_iter)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+class AblationTrainer(Trainer):
+    """UnSAM's trainer with the per-level held-out evaluator."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return LevelEvaluator(dataset_name)
+
+
+class ProgressHook(HookBase):
+    """A tqdm bar over training iterations."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+
+    def before_train(self):
+        self.bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=self.description,
+                        unit="it", disable=None, leave=False)
+
+    def after_step(self):
+        self.bar.update(1)
+
+    def after_train(self):
+        self.bar.close()
+
+
+def build_cfg(args, variant: str, seed: int, eval_names: Sequence[str], run_dir: Path):
+    """The tiny config at the ablation's budget, with the variant's aids on; ``--opts`` last."""
+    it = args.iters
+    opts = [
+        "MODEL.DEVICE", args.device, "SEED", seed, "OUTPUT_DIR", str(run_dir),
+        "DATASETS.TRAIN", (TRAIN_NAME,), "DATASETS.TEST", tuple(eval_names),
+        "SOLVER.IMS_PER_BATCH", args.batch, "SOLVER.MAX_ITER", it, "SOLVER.BASE_LR", 0.0005,
+        "SOLVER.STEPS", (max(1, int(0.8 * it)),), "SOLVER.CHECKPOINT_PERIOD", it + 1,
+        "INPUT.IMAGE_SIZE", args.image_size, "INPUT.MIN_SCALE", 0.75, "INPUT.MAX_SCALE", 1.25,
+        "INPUT.MIN_SIZE_TEST", args.image_size, "INPUT.MAX_SIZE_TEST", 2 * args.image_size,
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 512, "TEST.EVAL_PERIOD", args.eval_period,
+        "UNSAM.VISA.START_ITER", 0, "UNSAM.VISA.END_ITER", max(1, int(args.visa_end * it)),
+        "UNSAM.ATS.START_ITER", int(args.ats_start * it), "UNSAM.ATS.BLOCK_SIZE", max(args.batch, 16),
+    ]
+    # without the prompt path ATS has the whole-image task alone (else it warns and drops the others)
+    opts += ["UNSAM.PROMPT.ENABLED", True] if args.prompt else ["UNSAM.ATS.TASKS", ["whole"]]
+    for key, value in VARIANTS[variant][1].items():
+        opts += [key, value]
+    return load_config(args.config_file, opts + list(args.opts))
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}_seed{seed}"
+
+
+def train_one(args, data: Dict, variant: str, seed: int) -> Dict:
+    """Train and evaluate one (variant, seed); return its record (see :func:`write_record`)."""
+    run_dir = Path(args.out) / "work" / run_name(variant, seed)
+    cfg = build_cfg(args, variant, seed, data["eval"], run_dir)
+    seed_all_rng(seed)
+    start = time.perf_counter()
+    trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    t0 = time.perf_counter()
+    trainer.register_hooks([ProgressHook(f"{variant} seed {seed}")])
     trainer.train()
-    train_s = time.perf_counter() - t0
-    model = trainer.model
-    model.eval()
-    loader = Trainer.build_test_loader(cfg, eval_name)
-    evaluator = ClassAgnosticEvaluator(eval_name, output_dir=None, distributed=False)
-    metrics = inference_on_dataset(model, loader, evaluator)["segm"]
-    return {"variant": variant, "AR@100": metrics["AR@100"], "AR@10": metrics["AR@10"],
-            "AP": metrics["AP"], "train_s": train_s, "s_per_iter": train_s / max(1, args.iters)}
+    evals = eval_history(trainer.storage, data["eval"], args.iters)
+    final = copy.deepcopy(evals[-1]["metrics"])
+    if args.prompt:
+        for name, subsets in prompt_metrics(cfg, run_dir / "model_final.pth", data["eval"]).items():
+            for subset, values in subsets.items():
+                final[name][subset].update(values)
+    seconds = time.perf_counter() - start
+    for checkpoint in run_dir.glob("*.pth"):  # ~100 MB each; the record holds what the summary needs
+        checkpoint.unlink()
+    return {
+        "variant": variant, "label": VARIANTS[variant][0], "seed": seed, "budget": budget_of(args),
+        "data": data["description"], "seconds": seconds, "evals": evals, "final": final,
+        "schedule": {"base_lr": cfg.SOLVER.BASE_LR, "steps": list(cfg.SOLVER.STEPS),
+                     "visa_end_iter": cfg.UNSAM.VISA.END_ITER, "ats_start_iter": cfg.UNSAM.ATS.START_ITER,
+                     "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+                     "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES},
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def record_path(out, variant: str, seed: int) -> Path:
+    return Path(out) / "runs" / f"{run_name(variant, seed)}.json"
+
+
+def write_record(out, record: Dict) -> None:
+    with atomic_write(record_path(out, record["variant"], record["seed"])) as f:
+        json.dump(record, f, indent=1)
+
+
+def read_record(path: Path) -> Optional[Dict]:
+    """A finished run's record, or None when the file is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        logger.warning("unreadable run record %s: ignored", path)
+        return None
+
+
+def pending_runs(args) -> List[Tuple[str, int]]:
+    """The requested (variant, seed) runs without a finished record of this budget."""
+    todo = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            path = record_path(args.out, variant, seed)
+            record = read_record(path) if path.is_file() and not args.force else None
+            if record is not None and record.get("budget") == budget_of(args):
+                logger.info("%s seed %d: finished earlier (%s), skipped", variant, seed, path.name)
+                continue
+            if record is not None:
+                logger.info("%s seed %d: finished earlier with another budget, redone", variant, seed)
+            todo.append((variant, seed))
+    return todo
+
+
+# ---------------------------------------------------------------------------------------------
+# running all
+# ---------------------------------------------------------------------------------------------
+def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
+    """Train the runs one after the other in this process; return the number that failed."""
+    failed = 0
+    for variant, seed in tqdm(todo, desc="runs", unit="run", disable=None):
+        logger.info("%s seed %d: training %d iterations", variant, seed, args.iters)
+        try:
+            record = train_one(args, data, variant, seed)
+        except Exception:  # one failed run must not lose the others of a long ablation
+            logger.exception("%s seed %d failed", variant, seed)
+            failed += 1
+            continue
+        write_record(args.out, record)
+        logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
+                    json.dumps(record["final"]))
+    return failed
+
+
+def child_command(args, variant: str, seed: int) -> List[str]:
+    """This script for one run, same budget, no summary."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variants", variant, "--seeds", str(seed),
+           "--out", args.out, "--skip-summary"]
+    for key in BUDGET_KEYS:
+        value = getattr(args, key)
+        if key == "opts" or value in (None, False):
+            continue
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    if args.force:
+        cmd.append("--force")
+    return cmd + (["--opts", *args.opts] if args.opts else [])
+
+
+def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
+    """Train up to ``--jobs`` runs at once, each a child process with its share of the cores and a
+    log in ``OUT/logs``; return the number that failed."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logger.info("%d runs, %d at a time, %s threads each; logs in %s", len(todo), args.jobs, threads, logs)
+    pending, running, failed = list(todo), {}, 0
+    with tqdm(total=len(todo), desc="runs", unit="run", disable=None) as bar:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                variant, seed = pending.pop(0)
+                log = open(logs / f"{run_name(variant, seed)}.log", "w")
+                proc = subprocess.Popen(child_command(args, variant, seed), stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=REPO)
+                running[proc] = (variant, seed, log)
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                variant, seed, log = running.pop(proc)
+                log.close()
+                if proc.returncode != 0:
+                    failed += 1
+                    logger.error("%s seed %d failed (exit %d): see %s", variant, seed, proc.returncode, log.name)
+                bar.update(1)
+    return failed
+
+
+def log_invocation(args, argv: Sequence[str], seconds: float, trained: int, not_finished: int) -> None:
+    """Append this command and its wall time to ``OUT/invocations.json`` (the summary adds them up)."""
+    path = Path(args.out) / "invocations.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries.append({"command": "python benchmarks/ablate_visa_ats.py " + shlex.join(argv), "seconds": seconds,
+                    "runs_trained": trained, "runs_not_finished": not_finished,
+                    "runs_requested": len(args.variants) * len(args.seeds),
+                    "started": datetime.datetime.fromtimestamp(time.time() - seconds).isoformat(timespec="seconds")})
+    with atomic_write(path) as f:
+        json.dump(entries, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+def load_records(out, args=None) -> List[Dict]:
+    """The finished runs in ``OUT/runs`` (those of ``args``' variants, seeds and budget when given);
+    :class:`UsageError` when they mix budgets."""
+    records = [r for r in map(read_record, sorted((Path(out) / "runs").glob("*.json"))) if r]
+    if args is not None:
+        records = [r for r in records if r["variant"] in args.variants and r["seed"] in args.seeds
+                   and r["budget"] == budget_of(args)]
+    if not records:
+        raise UsageError(f"no finished run in {Path(out) / 'runs'} to summarize")
+    budgets = {json.dumps(r["budget"], sort_keys=True) for r in records}
+    if len(budgets) > 1:
+        raise UsageError(f"the runs in {Path(out) / 'runs'} have {len(budgets)} different budgets; rerun the "
+                         "training command (it summarizes its own runs) or remove the stale ones")
+    return records
+
+
+def flat_metrics(record: Dict) -> Dict[str, float]:
+    """A run's final metrics as ``{"<set>/<subset>/<metric>": value}``."""
+    return {f"{name}/{subset}/{metric}": value for name, subsets in record["final"].items()
+            for subset, metrics in subsets.items() for metric, value in metrics.items()}
+
+
+def seed_stats(values: Sequence[float]) -> Dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "values": [float(x) for x in v]}
+
+
+def exceeds_spread(a: Sequence[float], b: Sequence[float]) -> Optional[bool]:
+    """Whether the difference of the means of two variants' per-seed values is larger than the
+    seed spread of each: ``|mean a − mean b| > max(range a, range b)``, range = max − min over
+    seeds. None (no verdict) when either has fewer than 2 seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    spread = max(np.ptp(a), np.ptp(b))
+    return bool(abs(np.mean(a) - np.mean(b)) > spread)
+
+
+def _curves(records: Sequence[Dict]) -> Dict:
+    """Held-out AR@100 (all masks) against iteration: mean, min and max over seeds, per set, at the
+    iterations every seed evaluated."""
+    curves = {}
+    for name in records[0]["final"]:
+        per_seed = [{e["iter"]: e["metrics"][name]["all"]["AR@100"] for e in r["evals"]} for r in records]
+        iters = sorted(set.intersection(*(set(c) for c in per_seed)))
+        values = np.asarray([[c[it] for it in iters] for c in per_seed], dtype=np.float64).reshape(len(per_seed), -1)
+        curves[name] = {"iters": iters, "mean": values.mean(0).tolist(), "min": values.min(0).tolist(),
+                        "max": values.max(0).tolist()}
+    return curves
+
+
+def redundant_ar(detections_per_image: int) -> set:
+    """The AR@k that repeat a smaller one: with at most D detections per image every AR@k, k ≥ D,
+    is AR@D; the smallest such k is kept."""
+    capped = [k for k in AR_KEYS if int(k.split("@")[1]) >= detections_per_image]
+    return set(capped[1:])
+
+
+def summarize(records: Sequence[Dict]) -> Dict:
+    """Per variant and metric: mean, std, min, max over seeds; per variant ≠ plain and distinct
+    metric (not :func:`redundant_ar`): the difference of means vs plain, the spread it is compared
+    with and the verdict (:func:`exceeds_spread`); the AR@100 curves; the seconds of every run."""
+    groups: Dict[str, List[Dict]] = {}
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in records)]:
+        groups[variant] = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+    flat = {v: [flat_metrics(r) for r in rs] for v, rs in groups.items()}
+    keys = list(dict.fromkeys(k for per_run in flat.values() for m in per_run for k in m))
+    values = {v: {k: [m[k] for m in per_run if k in m] for k in keys} for v, per_run in flat.items()}
+    stats = {v: {k: seed_stats(x) for k, x in per_key.items() if x} for v, per_key in values.items()}
+    comparisons = {}
+    skip = redundant_ar(records[0]["schedule"]["detections_per_image"])
+    if "plain" in groups:
+        for variant in [v for v in groups if v != "plain"]:
+            comparisons[variant] = {}
+            for k in [k for k in keys if k.split("/")[-1] not in skip]:
+                a, b = values[variant][k], values["plain"][k]
+                if a and b:
+                    comparisons[variant][k] = {"diff": float(np.mean(a) - np.mean(b)),
+                                               "spread": float(max(np.ptp(a), np.ptp(b))),
+                                               "exceeds": exceeds_spread(a, b)}
+    first = records[0]
+    return {"variants": list(groups), "labels": {v: VARIANTS[v][0] for v in groups},
+            "seeds": sorted({r["seed"] for r in records}), "metrics": keys, "stats": stats,
+            "comparisons": comparisons, "curves": {v: _curves(rs) for v, rs in groups.items()},
+            "seconds": {v: {str(r["seed"]): r["seconds"] for r in rs} for v, rs in groups.items()},
+            "budget": first["budget"], "schedule": first["schedule"], "data": first["data"]}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _metric_label(key: str) -> str:
+    name, subset, metric = key.split("/")
+    return f"{name} {subset} {METRIC_NAMES.get(metric, metric)}"
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
+
+
+def _md_commands(invocations: Sequence[Dict]) -> Tuple[List[str], float]:
+    """The lines naming the command(s) that trained the runs, and their wall time added up."""
+    trained = [i for i in invocations if i["runs_trained"]]
+    if not trained:
+        return ["Generated from finished runs; the command that trained them is not recorded."], 0.0
+    total = sum(i["seconds"] for i in trained)
+    if len(trained) == 1:
+        return [f"Generated by `{trained[0]['command']}`."], total
+    return (["Generated by these commands (a resumed ablation), runs trained by each:", ""]
+            + [f"- `{i['command']}`: {i['runs_trained']} run(s), {_duration(i['seconds'])}" for i in trained]), total
+
+
+def _md_header(summary: Dict, invocations: Sequence[Dict]) -> List[str]:
+    b, s = summary["budget"], summary["schedule"]
+    commands, total = _md_commands(invocations)
+    run_seconds = [x for per_seed in summary["seconds"].values() for x in per_seed.values()]
+    dets = s["detections_per_image"]
+    cap = (f" The model returns at most {dets} detections per image ({s['num_queries']} queries), so "
+           f"AR@100 and AR@1000 both equal AR@{dets}." if dets <= 100 else "")
+    overrides = f" Overrides: `{' '.join(b['opts'])}`." if b["opts"] else ""
+    return ["# ViSA / ATS ablation", ""] + commands + [
+        "",
+        f"- **Data**: {summary['data']}.",
+        f"- **Budget**: {b['iters']} iterations × batch {b['batch']} at {b['image_size']} px on {b['device']}, "
+        f"config `{os.path.relpath(b['config_file'], REPO)}`{' with the prompt path' if b['prompt'] else ''}, "
+        f"lr {s['base_lr']} (×0.1 at {', '.join(map(str, s['steps']))}); held-out evaluation every "
+        f"{b['eval_period']} iterations. ViSA decays 1 → 0 over iterations 0–{s['visa_end_iter']}; ATS samples "
+        f"adaptively from iteration {s['ats_start_iter']}.{overrides}",
+        f"- **Seeds**: {', '.join(map(str, summary['seeds']))} (the training seed: initialisation, data order, "
+        "augmentation; the data are the same for every seed).",
+        f"- **Wall time**: {_duration(total) if total else 'not recorded'} for the whole ablation; "
+        f"{len(run_seconds)} runs of {_duration(min(run_seconds))} to {_duration(max(run_seconds))} each "
+        "(training + periodic evaluation; table at the end).",
+        f"- **Cells**: held-out metrics in percent, mean over seeds (min–max).{cap}", "",
+    ]
+
+
+def _column(metric: str, detections_per_image: int) -> str:
+    k = int(metric.split("@")[1]) if metric in AR_KEYS else 0
+    suffix = f" (= AR@{detections_per_image})" if k > detections_per_image else ""
+    return METRIC_NAMES.get(metric, metric) + suffix
+
+
+def _md_tables(summary: Dict) -> List[str]:
+    lines, dets = [], summary["schedule"]["detections_per_image"]
+    by_table: Dict[Tuple[str, str], List[str]] = OrderedDict()
+    for key in summary["metrics"]:
+        name, subset, metric = key.split("/")
+        by_table.setdefault((name, subset), []).append(metric)
+    for (name, subset), metrics in by_table.items():
+        lines += [f"## Held-out `{name}`: {LEVEL_NAMES.get(subset, subset)}", "",
+                  "| variant | seeds | " + " | ".join(_column(m, dets) for m in metrics) + " |",
+                  "|---|---|" + "---|" * len(metrics)]
+        for variant in summary["variants"]:
+            cells = []
+            for metric in metrics:
+                st = summary["stats"][variant].get(f"{name}/{subset}/{metric}")
+                cells.append(f"{_pct(st['mean'])} ({_pct(st['min'])}–{_pct(st['max'])})" if st else "–")
+            seeds = len(summary["seconds"][variant])
+            lines.append(f"| {summary['labels'][variant]} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _md_comparisons(summary: Dict) -> List[str]:
+    lines = ["## Differences vs plain", "",
+             "Rule (computed): a difference of means counts when it is larger than the seed spread of both "
+             "variants, |Δ| > max(range plain, range variant), range = max − min over seeds; no verdict with "
+             "fewer than 2 seeds. Points are percentage points. AR@k that only repeat a smaller AR (the "
+             "detections per image cap them) are not compared twice.", ""]
+    if not summary["comparisons"]:
+        missing = "plain" if "plain" not in summary["variants"] else "a variant other than plain"
+        return lines + [f"No comparison: {missing} was not run.", ""]
+    exceeding, compared = 0, 0
+    for variant, per_key in summary["comparisons"].items():
+        judged = {k: c for k, c in per_key.items() if c["exceeds"] is not None}
+        hits = [f"{_metric_label(k)} ({100 * c['diff']:+.1f} > {100 * c['spread']:.1f})"
+                for k, c in judged.items() if c["exceeds"]]
+        exceeding, compared = exceeding + len(hits), compared + len(judged)
+        label = summary["labels"][variant]
+        if not judged:
+            lines.append(f"- {label} vs plain: no verdict (fewer than 2 seeds).")
+        elif hits:
+            lines.append(f"- {label} vs plain: exceeds the seed spread on {'; '.join(hits)}; within it on the "
+                         f"other {len(judged) - len(hits)} metric(s).")
+        else:
+            lines.append(f"- {label} vs plain: within the seed spread on all {len(judged)} metrics.")
+    if not compared:
+        verdict = "no verdict: fewer than 2 seeds per variant."
+    elif exceeding:
+        verdict = f"{exceeding} of {compared} differences exceed the seed spread."
+    else:
+        verdict = f"no difference exceeds the seed spread ({compared} compared)."
+    return lines + ["", f"**Result**: {verdict}", ""]
+
+
+def _md_runtimes(summary: Dict) -> List[str]:
+    seeds = summary["seeds"]
+    lines = ["## Run times", "", "Seconds per run (training + periodic held-out evaluation).", "",
+             "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for variant in summary["variants"]:
+        per_seed = summary["seconds"][variant]
+        cells = [f"{per_seed[str(s)]:.0f}" if str(s) in per_seed else "–" for s in seeds]
+        lines.append(f"| {summary['labels'][variant]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_markdown(summary: Dict, invocations: Sequence[Dict], figure: str) -> str:
+    """The ablation page: header (command, data, budget, seeds, wall time), one table per held-out
+    set and level, the verdicts vs plain, the figure, the run times."""
+    lines = _md_header(summary, invocations) + _md_tables(summary) + _md_comparisons(summary)
+    lines += ["## Held-out AR@100 against iteration", "",
+              f"![held-out AR@100 against iteration, mean over seeds, band min–max]({figure})", "",
+              "Lines: mean over seeds; bands: min–max over seeds.", ""]
+    return "\n".join(lines + _md_runtimes(summary))
+
+
+def plot_curves(summary: Dict, path: Path) -> None:
+    """Held-out AR@100 against iteration, one panel per held-out set: per variant the mean over
+    seeds with a min–max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(summary["curves"].values())))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for variant in summary["variants"]:
+            c = summary["curves"][variant][name]
+            mean = 100 * np.asarray(c["mean"])
+            line, = ax.plot(c["iters"], mean, marker=".", label=summary["labels"][variant])
+            ax.fill_between(c["iters"], 100 * np.asarray(c["min"]), 100 * np.asarray(c["max"]),
+                            color=line.get_color(), alpha=0.15)
+        ax.set(title=f"held-out {name}", xlabel="iteration", ylabel="AR@100 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_summary(args, records: Sequence[Dict]) -> Dict:
+    """Write the markdown, the figure and the JSON summary of ``records``; print the markdown."""
+    md_path, png_path, json_path = summary_paths(args)
+    summary = summarize(records)
+    invocations_file = Path(args.out) / "invocations.json"
+    invocations = json.loads(invocations_file.read_text()) if invocations_file.is_file() else []
+    summary["invocations"] = invocations
+    with atomic_write(json_path) as f:
+        json.dump(summary, f, indent=1)
+    plot_curves(summary, png_path)
+    markdown = render_markdown(summary, invocations, png_path.name)
+    with atomic_write(md_path) as f:
+        f.write(markdown)
+    print(markdown)
+    logger.info("wrote %s, %s and %s", md_path, png_path, json_path)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def run_all(args, argv: Sequence[str]) -> int:
+    """Train the pending runs (in process or in ``--jobs`` children); return the number that failed."""
+    data = prepare_data(args)
+    build_cfg(args, args.variants[0], args.seeds[0], data["eval"], Path(args.out))  # config errors now
+    todo = pending_runs(args)
+    start, started_at, failed = time.perf_counter(), time.time(), 0
+    try:
+        if args.jobs > 1 and len(todo) > 1:
+            failed = run_in_subprocesses(args, todo)
+        else:
+            failed = run_in_process(args, data, todo)
+    finally:
+        if not args.skip_summary:
+            trained = sum(record_path(args.out, v, s).is_file()
+                          and record_path(args.out, v, s).stat().st_mtime >= started_at for v, s in todo)
+            log_invocation(args, argv, time.perf_counter() - start, trained, len(todo) - trained)
+    return failed
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    register_builtin_datasets()
-    with tempfile.TemporaryDirectory(prefix="ablate_visa_ats_") as tmp:
-        work = Path(args.output) if args.output else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        if args.pseudo:
-            if not Path(args.pseudo).is_dir():
-                print(f"error: --pseudo folder '{args.pseudo}' not found", file=sys.stderr)
-                return 2
-            train_name = "ablate_pseudo_train"
-            register_sa1b(train_name, args.pseudo)
-            eval_name = args.eval_dataset or "coco_tiny_val_agnostic"
-            source = f"pseudo labels in {args.pseudo}"
-        else:
-            train_name, eval_name = "ablate_shapes_train", args.eval_dataset or "ablate_shapes_val"
-            register_sa1b(train_name, make_shapes_dataset(work / "shapes_train", args.train_images,
-                                                          size=args.image_size, seed=args.seed))
-            if not args.eval_dataset:
-                register_sa1b(eval_name, make_shapes_dataset(work / "shapes_val", args.val_images,
-                                                             size=args.image_size, seed=args.seed + 1000))
-            source = f"synthetic shapes ({args.train_images} train images)"
-        if eval_name not in DatasetCatalog.list():
-            print(f"error: held-out dataset '{eval_name}' is not registered (shared data missing? "
-                  "pass --eval-dataset)", file=sys.stderr)
-            return 2
-        results = [run_variant(args, v, train_name, eval_name, work) for v in args.variants]
-
-    print(f"\nViSA/ATS ablation: {source}; held-out {eval_name}; {args.iters} iterations x "
-          f"{args.batch} images, {args.image_size} px, seed {args.seed}")
-    print(f"{'variant':<12}{'AR@100':>8}{'AR@10':>8}{'AP':>8}{'s/iter':>8}")
-    for r in results:
-        print(f"{r['variant']:<12}{100 * r['AR@100']:>8.1f}{100 * r['AR@10']:>8.1f}"
-              f"{100 * r['AP']:>8.1f}{r['s_per_iter']:>8.2f}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
-    return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("detectron2", "fvcore", "unsam", "d2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        check_args(args)
+        failed = 0 if args.summarize_only else run_all(args, argv)
+        if not args.skip_summary:
+            write_summary(args, load_records(args.out, None if args.summarize_only else args))
+    except (UsageError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,205 @@
+"""The ViSA/ATS ablation (issue 19): the nested-scenes generator, the benchmark end to end at a toy
+budget (per-run JSONs, resume, --jobs children, summary files, bad input) and the computed
+"exceeds the seed spread" verdict on hand-made results."""
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from unsam.data.sa1b import load_sa1b_dicts, rle_to_mask
+from unsam.data.synthetic import make_nested_scenes_dataset
+
+from .conftest import REPO_ROOT
+
+_spec = importlib.util.spec_from_file_location("ablate_visa_ats", REPO_ROOT / "benchmarks" / "ablate_visa_ats.py")
+ablate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablate)
+
+@pytest.fixture(autouse=True)
+def _keep_logger_levels():
+    """main() quiets detectron2's and unsam's loggers; other tests' log captures must not see that."""
+    names = ("detectron2", "fvcore", "unsam", "d2", "ablate_visa_ats")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+TOY = ["--iters", "4", "--batch", "2", "--train-images", "16", "--val-images", "6", "--image-size", "64",
+       "--eval-period", "2", "--device", "cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# nested scenes
+# ---------------------------------------------------------------------------------------------
+def _files(root: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_nested_scenes_are_valid_sa1b_with_three_levels(tmp_path):
+    root = make_nested_scenes_dataset(tmp_path / "a", 12, size=96, seed=3)
+    dicts = load_sa1b_dicts(root)
+    assert len(dicts) == 12
+    levels = set()
+    for d in dicts:
+        by_id = {a["id"]: a for a in d["annotations"]}
+        masks = {a["id"]: rle_to_mask(a["segmentation"]) for a in d["annotations"]}
+        for a in d["annotations"]:
+            levels.add(a["level"])
+            assert masks[a["id"]].any()
+            if a["level"] == 0:
+                assert a["parent_id"] == -1
+                continue
+            parent = by_id[a["parent_id"]]
+            assert parent["level"] == a["level"] - 1
+            assert not (masks[a["id"]] & ~masks[a["parent_id"]]).any()  # inside its parent
+    assert levels == {0, 1, 2}
+
+
+def test_nested_scenes_colour_edges_and_boundaries_disagree(tmp_path):
+    """Textures and background patches make strong colour edges that bound no mask."""
+    root = make_nested_scenes_dataset(tmp_path, 6, size=96, seed=5)
+    off_boundary = []
+    for d in load_sa1b_dicts(root):
+        image = cv2.imread(d["file_name"], cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        edges = np.hypot(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)) > 150
+        boundary = np.zeros(edges.shape, bool)
+        for a in d["annotations"]:
+            m = rle_to_mask(a["segmentation"]).astype(np.uint8)
+            boundary |= cv2.morphologyEx(m, cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)).astype(bool)
+        off_boundary.append((edges & ~boundary).sum() / max(1, edges.sum()))
+    assert np.mean(off_boundary) > 0.3
+
+
+def test_nested_scenes_are_deterministic_per_seed(tmp_path):
+    a = make_nested_scenes_dataset(tmp_path / "a", 4, size=64, seed=7)
+    b = make_nested_scenes_dataset(tmp_path / "b", 4, size=64, seed=7)
+    c = make_nested_scenes_dataset(tmp_path / "c", 4, size=64, seed=8)
+    assert _files(a) == _files(b)
+    assert [v for v in _files(a).values()] != [v for v in _files(c).values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the verdict, on hand-made results
+# ---------------------------------------------------------------------------------------------
+def test_exceeds_spread_rule():
+    assert ablate.exceeds_spread([0.60, 0.61, 0.62], [0.50, 0.52, 0.51]) is True  # Δ 0.10 > range 0.02
+    assert ablate.exceeds_spread([0.49, 0.55, 0.53], [0.50, 0.52, 0.51]) is False  # Δ 0.013 < range 0.06
+    # ranges that do not overlap are not enough: Δ 0.75 < the wider range 1.0
+    assert ablate.exceeds_spread([0.0, 1.0], [1.2, 1.3]) is False
+    assert ablate.exceeds_spread([0.6], [0.5, 0.52]) is None  # one seed: no verdict
+
+
+def _record(variant, seed, ar100, l1=0.3, curve=(0.1, 0.2)):
+    metrics = lambda v: {"AR@10": v / 2, "AR@100": v, "AR@1000": v}  # noqa: E731
+    final = {"nested_val": {"all": metrics(ar100), "L1": metrics(l1)}}
+    evals = [{"iter": 2, "metrics": {"nested_val": {"all": metrics(curve[0])}}},
+             {"iter": 4, "metrics": final}]
+    args = ablate.parse_args(TOY)
+    ablate.check_args(args)
+    return {"variant": variant, "label": ablate.VARIANTS[variant][0], "seed": seed, "budget": ablate.budget_of(args),
+            "data": "hand-made", "seconds": 10.0 + seed, "evals": evals, "final": final,
+            "schedule": {"base_lr": 0.0005, "steps": [3], "visa_end_iter": 2, "ats_start_iter": 1,
+                         "detections_per_image": 50, "num_queries": 50}}
+
+
+def test_summarize_and_markdown_on_hand_made_results():
+    records = ([_record("plain", s, v) for s, v in zip((0, 1, 2), (0.50, 0.52, 0.51))]
+               + [_record("visa", s, v) for s, v in zip((0, 1, 2), (0.60, 0.61, 0.62))]
+               + [_record("ats", s, v, curve=(c, 0))
+                  for s, v, c in zip((0, 1, 2), (0.49, 0.55, 0.53), (0.0, 0.3, 0.6))])
+    summary = ablate.summarize(records)
+    assert summary["variants"] == ["plain", "visa", "ats"]
+    st = summary["stats"]["visa"]["nested_val/all/AR@100"]
+    assert st["mean"] == pytest.approx(0.61) and (st["min"], st["max"]) == (0.60, 0.62)
+    visa = summary["comparisons"]["visa"]
+    assert visa["nested_val/all/AR@100"]["exceeds"] is True
+    assert visa["nested_val/all/AR@100"]["diff"] == pytest.approx(0.10)
+    assert visa["nested_val/all/AR@100"]["spread"] == pytest.approx(0.02)
+    assert visa["nested_val/L1/AR@100"]["exceeds"] is False  # identical values: Δ 0 = spread 0
+    assert summary["comparisons"]["ats"]["nested_val/all/AR@100"]["exceeds"] is False
+    curve = summary["curves"]["ats"]["nested_val"]
+    assert curve["iters"] == [2, 4]
+    assert curve["mean"][0] == pytest.approx(0.3) and (curve["min"][0], curve["max"][0]) == (0.0, 0.6)
+
+    md = ablate.render_markdown(summary, [], "fig.png")
+    # AR@1000 repeats AR@100 (50 detections per image): in the tables, not compared twice
+    assert "nested_val/all/AR@1000" not in visa and ablate.redundant_ar(50) == {"AR@1000"}
+    assert "- +ViSA vs plain: exceeds the seed spread on nested_val all AR@10 (+5.0 > 1.0); " \
+           "nested_val all AR@100 (+10.0 > 2.0); within it on the other 2 metric(s)." in md
+    assert "- +ATS vs plain: within the seed spread on all 4 metrics." in md
+    assert "**Result**: 2 of 8 differences exceed the seed spread." in md
+    assert "| variant | seeds | AR@10 | AR@100 (= AR@50) | AR@1000 (= AR@50) |" in md
+    assert "| +ViSA | 3 | 30.5 (30.0–31.0) | 61.0 (60.0–62.0) | 61.0 (60.0–62.0) |" in md
+    assert "AR@100 and AR@1000 both equal AR@50" in md
+
+
+def test_docs_flag_moves_markdown_and_figure(tmp_path):
+    args = ablate.parse_args(["--out", str(tmp_path), "--docs"])
+    md, png, js = ablate.summary_paths(args)
+    assert (md, png, js) == (REPO_ROOT / "docs" / "ablation.md", REPO_ROOT / "docs" / "ablation_ar.png",
+                             tmp_path / "ablation.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end at a toy budget
+# ---------------------------------------------------------------------------------------------
+def test_benchmark_end_to_end_and_resume(tmp_path, caplog):
+    out = tmp_path / "out"
+    argv = TOY + ["--variants", "plain", "visa", "--seeds", "0", "1", "--out", str(out)]
+    assert ablate.main(argv) == 0
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert runs == ["plain_seed0.json", "plain_seed1.json", "visa_seed0.json", "visa_seed1.json"]
+    record = json.loads((out / "runs" / "visa_seed1.json").read_text())
+    assert [e["iter"] for e in record["evals"]] == [2, 4]
+    assert set(record["final"]["nested_val"]) >= {"all", "L0", "L1"}
+    assert not list((out / "work").rglob("*.pth"))  # checkpoints are removed once recorded
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["variants"] == ["plain", "visa"] and summary["seeds"] == [0, 1]
+    assert "visa" in summary["comparisons"]
+    md = (out / "ablation.md").read_text()
+    assert "+ViSA vs plain:" in md and "![held-out AR@100" in md and "Wall time" in md
+    assert (out / "ablation_ar.png").read_bytes()[:4] == b"\x89PNG"
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    with caplog.at_level("INFO", logger="ablate_visa_ats"):
+        assert ablate.main(argv) == 0
+    assert caplog.text.count("finished earlier") == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    invocations = json.loads((out / "invocations.json").read_text())
+    assert [i["runs_trained"] for i in invocations] == [4, 0]
+
+    (out / "ablation.md").unlink()
+    assert ablate.main(["--out", str(out), "--summarize-only"]) == 0
+    assert (out / "ablation.md").read_text() == md
+
+
+def test_benchmark_jobs_run_children(tmp_path):
+    out = tmp_path / "out"
+    assert ablate.main(TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats", "--seeds", "0", "1",
+                              "--jobs", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["ats_seed0.json", "ats_seed1.json"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["ats_seed0.log", "ats_seed1.log"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "plain", "bogus"], "unknown variant 'bogus'"),
+    (["--data", "pseudo"], "--data pseudo needs --pseudo"),
+    (["--pseudo", "/nonexistent/pseudo"], "--pseudo folder '/nonexistent/pseudo' not found"),
+    (["--opts", "SOLVER.NOT_A_KEY", "1"], "SOLVER.NOT_A_KEY"),
+])
+def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
+    assert ablate.main(TOY + ["--out", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_pseudo_without_shared_data_is_an_error(tmp_path, capsys, monkeypatch):
+    make_nested_scenes_dataset(tmp_path / "pseudo", 2, size=64, seed=0)
+    monkeypatch.setattr(ablate, "shared_data_dir", lambda: None)
+    assert ablate.main(TOY + ["--out", str(tmp_path / "out"), "--pseudo", str(tmp_path / "pseudo")]) == 2
+    assert "error: shared data missing" in capsys.readouterr().err
