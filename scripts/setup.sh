@@ -59,4 +59,7 @@ if ! (cd / && "$VPY" -c "import unsam" 2>/dev/null); then
     echo "[setup] installing unsam (editable)"
     $PIP --no-deps --no-build-isolation -e .
 fi
+# compiled CPU kernels for inference (deformable attention, mask binarization); without a C++
+# compiler this prints a note and everything runs on the slower pure-PyTorch paths
+(cd / && "$VPY" -W ignore -m unsam.ops)
 (cd / && "$VPY" -W ignore -c "import unsam, detectron2.engine; print('[setup] ok: unsam', unsam.__version__, 'with detectron2', detectron2.__version__)")

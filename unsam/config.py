@@ -68,7 +68,8 @@ def _add_sem_seg_head_config(cfg: CN) -> None:
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
     head.TRANSFORMER_DIM_FEEDFORWARD = 1024  # FFN width of the deformable encoder layers
-    # "auto": fused CUDA op when importable and on GPU, else pure PyTorch; "pytorch" forces it.
+    # "auto": fused CUDA op when importable and on GPU; on CPU without gradients the compiled CPU
+    # kernel (unsam.ops) when built; else pure PyTorch. "pytorch" forces pure PyTorch.
     head.DEFORMABLE_ATTENTION_IMPL = "auto"
 
 

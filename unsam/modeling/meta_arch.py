@@ -30,6 +30,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from ..data.prompts import PROMPT_TASKS, WHOLE_TASK
 from .criterion import PromptCriterion, SetCriterion
+from .mask_postprocess import binarize_upsampled, permute_rows_
 from .matcher import HungarianMatcher
 from .prompt_encoder import MASK_INPUT_SIZE, UnSAMPromptEncoder
 from .visa import VisaState, guidance_loss_from_outputs
@@ -532,9 +533,10 @@ class UnSAM(nn.Module):
 
         As Mask2Former: the k = DETECTIONS_PER_IMAGE (query, class) pairs with the highest class
         probability are kept and their score multiplied by the mean sigmoid over the mask's
-        foreground. Unlike Mask2Former that mean is taken at stride 4 (over the unpadded area),
-        so masks are upsampled once, already in score order, ``upsample_chunk`` at a time, and
-        no (Q, H, W) tensor is ever materialized.
+        foreground. Unlike Mask2Former that mean is taken at stride 4 (over the unpadded area), so
+        each kept mask's logits are computed once, ``upsample_chunk`` at a time, scored and
+        binarized at output size in the same pass; the rows are then put in score order in place.
+        No (Q, H, W) or (k, H, W) float tensor is ever materialized.
         """
         num_classes = mask_cls.shape[-1] - 1
         scores = F.softmax(mask_cls.float(), dim=-1)[:, :num_classes]  # (Q, K)
@@ -547,31 +549,23 @@ class UnSAM(nn.Module):
         # valid (unpadded) part of the stride-4 logits
         vh = min(sh, -(-image_size[0] * sh // padded_size[0]))
         vw = min(sw, -(-image_size[1] * sw // padded_size[1]))
-        mask_scores = torch.empty(k, device=mask_cls.device)
-        chunk = self.upsample_chunk
-        for s in range(0, k, chunk):
-            m = self._mask_logits(mask_source, query_idx[s:s + chunk], vh, vw)
-            fg = (m > 0).flatten(1)
-            mask_scores[s:s + chunk] = (m.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
-        final = cls_scores * mask_scores
-        final, order = final.sort(descending=True)
-        labels = labels[order]
-        query_idx = query_idx[order]
-
         h_out, w_out = output_size
+        mask_scores = torch.empty(k, device=mask_cls.device)
         pred_masks = torch.empty((k, h_out, w_out), dtype=torch.bool, device=mask_cls.device)
         boxes = torch.empty((k, 4), dtype=torch.float32, device=mask_cls.device)
+        chunk = self.upsample_chunk
         for s in range(0, k, chunk):
-            m = self._mask_logits(mask_source, query_idx[s:s + chunk], sh, sw)[None]
-            # same two-step resize as detectron2's sem_seg_postprocess: padded input size, crop, output size
-            up = F.interpolate(m, size=padded_size, mode="bilinear", align_corners=False)
-            up = up[:, :, :image_size[0], :image_size[1]]
-            if (h_out, w_out) != tuple(image_size):
-                up = F.interpolate(up, size=(h_out, w_out), mode="bilinear", align_corners=False)
+            m = self._mask_logits(mask_source, query_idx[s:s + chunk], sh, sw)
+            valid = m[:, :vh, :vw]
+            fg = (valid > 0).flatten(1)
+            mask_scores[s:s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
             binary = pred_masks[s:s + chunk]
-            torch.gt(up[0], 0, out=binary)  # written in place: no temporary bool chunk
+            binarize_upsampled(m, padded_size, tuple(image_size), (h_out, w_out), out=binary)
             boxes[s:s + chunk] = masks_to_boxes(binary)
-            del up, m
+            del m, valid
+        final, order = (cls_scores * mask_scores).sort(descending=True)
+        permute_rows_(pred_masks, order)
+        boxes, labels = boxes[order], labels[order]
         result = Instances((h_out, w_out))
         result.pred_masks = pred_masks
         result.pred_boxes = Boxes(boxes)
