@@ -13,7 +13,7 @@ import unsam.modeling  # noqa: F401
 from detectron2.modeling import build_model
 
 from unsam.config import get_unsam_cfg
-from unsam.modeling.mask_postprocess import binarize_upsampled, permute_rows_
+from unsam.modeling.mask_postprocess import binarize_upsampled, masks_to_boxes, permute_rows_
 from unsam.modeling.pixel_decoder import ms_deform_attn_core_pytorch
 from unsam.ops import cpu_kernels
 
@@ -49,20 +49,27 @@ def test_deform_attn_kernel_matches_pytorch(seed):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-@needs_kernels
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_kernels), False])
 @pytest.mark.parametrize("padded,image,output", [((64, 96), (64, 90), (64, 90)),
                                                  ((64, 96), (60, 90), (101, 149))])
-def test_binarize_upsampled_matches_interpolate(padded, image, output):
+def test_binarize_upsampled_matches_interpolate(padded, image, output, kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setenv("UNSAM_CPU_KERNELS", "0")
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(7, padded[0] // 4, padded[1] // 4, generator=g) * 3
+    logits[2] = -1.0  # an empty mask: box all zeros
+    logits[3] = -1.0
+    logits[3, 5:7, 9:12] = 2.0  # a small one
     up = F.interpolate(logits[None], size=padded, mode="bilinear", align_corners=False)[:, :, :image[0], :image[1]]
     if output != image:
         up = F.interpolate(up, size=output, mode="bilinear", align_corners=False)
     ref = up[0] > 0
     out = torch.empty((7, *output), dtype=torch.bool)
-    binarize_upsampled(logits, padded, image, output, out=out)
-    # bit-identical except where a logit is within float rounding of 0 (never seen at stride 4)
-    assert (out != ref).sum().item() <= 1
+    boxes = binarize_upsampled(logits, padded, image, output, out=out)
+    # the kernel reproduces F.interpolate's fused multiply-adds: the same pixels
+    assert torch.equal(out, ref)
+    assert torch.equal(boxes, masks_to_boxes(ref))
+    assert boxes[2].tolist() == [0, 0, 0, 0] and boxes[3, 2] > boxes[3, 0]
 
 
 def test_permute_rows_in_place():

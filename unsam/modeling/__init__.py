@@ -8,7 +8,8 @@ from . import backbone  # noqa: F401
 from .criterion import SetCriterion
 from .head import MaskFormerHead
 from .matcher import HungarianMatcher
-from .meta_arch import UnSAM, masks_to_boxes
+from .mask_postprocess import masks_to_boxes
+from .meta_arch import UnSAM
 from .pixel_decoder import MSDeformAttnPixelDecoder, fused_deform_attn_available, ms_deform_attn_core_pytorch
 from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, MultiScaleMaskedTransformerDecoder
 

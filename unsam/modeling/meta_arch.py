@@ -38,29 +38,7 @@ from .transformer_decoder import MLP
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnSAM", "masks_to_boxes"]
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, 4) float XYXY boxes (x1, y1 inclusive, x2, y2 exclusive, like
-    detectron2's ``BitMasks.get_bounding_boxes``); empty masks give all zeros."""
-    n, h, w = masks.shape
-    boxes = torch.zeros(n, 4, dtype=torch.float32, device=masks.device)
-    if n == 0:
-        return boxes
-    # uint8 max-reductions are several times faster than bool any() on CPU
-    m8 = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
-    rows = m8.amax(dim=2)  # (N, H)
-    cols = m8.amax(dim=1)  # (N, W)
-    nonempty = rows.amax(dim=1) > 0
-    # argmax returns the first maximal index: first True from the front / from the back
-    y1 = rows.argmax(dim=1)
-    y2 = h - rows.flip(1).argmax(dim=1)
-    x1 = cols.argmax(dim=1)
-    x2 = w - cols.flip(1).argmax(dim=1)
-    boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = x1.float(), y1.float(), x2.float(), y2.float()
-    boxes[~nonempty] = 0
-    return boxes
+__all__ = ["UnSAM"]
 
 
 def _mean_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
@@ -559,9 +537,8 @@ class UnSAM(nn.Module):
             valid = m[:, :vh, :vw]
             fg = (valid > 0).flatten(1)
             mask_scores[s:s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
-            binary = pred_masks[s:s + chunk]
-            binarize_upsampled(m, padded_size, tuple(image_size), (h_out, w_out), out=binary)
-            boxes[s:s + chunk] = masks_to_boxes(binary)
+            boxes[s:s + chunk] = binarize_upsampled(m, padded_size, tuple(image_size), (h_out, w_out),
+                                                    out=pred_masks[s:s + chunk])
             del m, valid
         final, order = (cls_scores * mask_scores).sort(descending=True)
         permute_rows_(pred_masks, order)

@@ -138,8 +138,10 @@ Taps linear_taps(int64_t in_size, int64_t out_size, int64_t count) {
 
 // logits (Q, h, w) float32 -> out (Q, out_h, out_w) bool: bilinear resize of each map to
 // (size_h, size_w), cropped to its top-left (out_h, out_w), thresholded at > 0. ``out`` is
-// written in place (it may be a contiguous slice of a larger tensor).
-void resize_threshold(const torch::Tensor& logits_in, int64_t size_h, int64_t size_w, torch::Tensor out) {
+// written in place (it may be a contiguous slice of a larger tensor). Returns the masks' boxes
+// (Q, 4) float XYXY, x1/y1 inclusive, x2/y2 exclusive, zeros for an empty mask (as
+// detectron2's BitMasks.get_bounding_boxes), found in the same pass.
+torch::Tensor resize_threshold(const torch::Tensor& logits_in, int64_t size_h, int64_t size_w, torch::Tensor out) {
   check_cpu_float(logits_in, "logits");
   TORCH_CHECK(logits_in.dim() == 3, "logits must be (Q, h, w)");
   TORCH_CHECK(out.scalar_type() == torch::kBool && out.is_contiguous() && out.dim() == 3, "out must be a contiguous bool (Q, H, W)");
@@ -150,12 +152,17 @@ void resize_threshold(const torch::Tensor& logits_in, int64_t size_h, int64_t si
   const Taps ty = linear_taps(h, size_h, out_h), tx = linear_taps(w, size_w, out_w);
   const float* src = logits.data_ptr<float>();
   bool* dst = out.data_ptr<bool>();
+  auto boxes = torch::zeros({q, 4}, logits.options());
+  float* box_ptr = boxes.data_ptr<float>();
   // Separable, as torch: each needed source row is interpolated along x once into ``rows``
   // (h x out_w, reused by the ~size_h/h output rows between two source rows), then every output
   // row mixes two of them. Same products and sums as the fused formula, so the same floats.
   at::parallel_for(0, q, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(static_cast<size_t>(h * out_w));
+    std::vector<unsigned char> col_any(static_cast<size_t>(out_w));
     for (int64_t k = begin; k < end; ++k) {
+      std::fill(col_any.begin(), col_any.end(), 0);
+      int64_t y_first = -1, y_last = -1;
       const float* map = src + k * h * w;
       const int64_t last_row = ty.i1[out_h - 1];
       for (int64_t r = 0; r <= last_row; ++r) {
@@ -168,13 +175,30 @@ void resize_threshold(const torch::Tensor& logits_in, int64_t size_h, int64_t si
         const float* h1 = rows.data() + ty.i1[y] * out_w;
         const float wy0 = ty.w0[y], wy1 = ty.w1[y];
         bool* o = dst + (k * out_h + y) * out_w;
-        for (int64_t x = 0; x < out_w; ++x) o[x] = (h0[x] * wy0 + h1[x] * wy1) > 0.f;
+        unsigned char row_any = 0;
+        for (int64_t x = 0; x < out_w; ++x) {
+          const unsigned char on = (h0[x] * wy0 + h1[x] * wy1) > 0.f;
+          o[x] = on;
+          col_any[x] |= on;
+          row_any |= on;
+        }
+        if (row_any) {
+          if (y_first < 0) y_first = y;
+          y_last = y;
+        }
+      }
+      if (y_first >= 0) {
+        const int64_t x_first = std::find(col_any.begin(), col_any.end(), 1) - col_any.begin();
+        const int64_t x_last = out_w - 1 - (std::find(col_any.rbegin(), col_any.rend(), 1) - col_any.rbegin());
+        float* box = box_ptr + 4 * k;
+        box[0] = x_first; box[1] = y_first; box[2] = x_last + 1; box[3] = y_last + 1;
       }
     }
   });
+  return boxes;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ms_deform_attn_forward", &ms_deform_attn_forward, "multi-scale deformable attention (CPU, inference)");
-  m.def("resize_threshold", &resize_threshold, "bilinear resize + crop + > 0 into bool (CPU)");
+  m.def("resize_threshold", &resize_threshold, "bilinear resize + crop + > 0 into bool, returns the boxes (CPU)");
 }
