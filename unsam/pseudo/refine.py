@@ -37,6 +37,12 @@ MIN_STEP = 4
 # feature evaluations instead of one per pixel; each bin is represented by the mean colour of
 # its pixels (not its centre), which keeps the quantisation error small
 COLOUR_LEVELS = 16
+# a superpixel smaller than this share of a grid cell (step²) is absorbed by a neighbour: a
+# seed that the neighbouring floods starve stays a region of a pixel or two, which no merge
+# threshold may reach, so masks around it would carry pinholes on the seed grid
+MIN_SEGMENT_FRACTION = 0.125
+# … and, on small images (where a cell is a few pixels), any superpixel under this many pixels
+MIN_SEGMENT_PIXELS = 5
 
 
 def smoothed_lab_gradient(image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,15 +79,60 @@ def superpixels(image: np.ndarray, n_segments: int = 2500, lab_gradient=None) ->
             markers[y0 + dy, x0 + dx] = label
             label += 1
     markers = cv2.watershed(cv2.cvtColor(smooth, cv2.COLOR_RGB2BGR), markers)
-    # watershed lines (-1) join the neighbouring basin with the largest label around them
-    lines = markers < 0
-    if lines.any():
-        filled = cv2.dilate(np.where(lines, 0, markers).astype(np.float32), np.ones((3, 3), np.uint8))
-        markers[lines] = filled[lines].astype(np.int32)
-    markers[markers <= 0] = 1
+    # watershed lines (-1, also the image's outer frame) join the 4-neighbouring basin with the
+    # largest label, pass by pass from the basins inwards, so every superpixel stays one
+    # 4-connected piece (a 3×3 fill leaves junction pixels whose whole neighbourhood is line,
+    # and one lump label for them made 1-pixel fragments: pinholes on the seed grid)
+    lines = markers <= 0
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    while lines.any():
+        filled = cv2.dilate(np.where(lines, 0, markers).astype(np.float32), cross)
+        fill = lines & (filled > 0)
+        if not fill.any():
+            markers[lines] = 1  # no basin at all (cannot happen with ≥ 1 seed)
+            break
+        markers[fill] = filled[fill].astype(np.int32)
+        lines &= ~fill
     # relabel to 0..K-1
     _, labels = np.unique(markers, return_inverse=True)
-    return labels.reshape(h, w).astype(np.int32)
+    return absorb_small_segments(labels.reshape(h, w).astype(np.int32), max(MIN_SEGMENT_PIXELS, MIN_SEGMENT_FRACTION * step * step))
+
+
+def absorb_small_segments(labels: np.ndarray, min_size: float) -> np.ndarray:
+    """Merge every segment of fewer than ``min_size`` pixels into the neighbour it shares the
+    longest border with (4-neighbourhood; ties: the larger neighbour, then the lower label),
+    preferring neighbours that are not small themselves. Returns labels 0..K'-1 (int32).
+
+    A segment only ever joins a neighbour that is larger (or as large with a higher label), so
+    the joins form chains without cycles, resolved by following them to their end."""
+    for _ in range(4):  # a small segment whose neighbours are all small needs another round
+        k = int(labels.max()) + 1
+        sizes = np.bincount(labels.ravel(), minlength=k)
+        if sizes.min() >= min_size:
+            break
+        a = np.concatenate([labels[:, :-1].ravel(), labels[:-1].ravel(), labels[:, 1:].ravel(), labels[1:].ravel()])
+        b = np.concatenate([labels[:, 1:].ravel(), labels[1:].ravel(), labels[:, :-1].ravel(), labels[:-1].ravel()])
+        keep = (a != b) & (sizes[a] < min_size)
+        # only into a larger neighbour ((size, label) order): no cycles
+        keep &= (sizes[b] > sizes[a]) | ((sizes[b] == sizes[a]) & (b > a))
+        if not keep.any():
+            break
+        pair, border = np.unique(a[keep].astype(np.int64) * k + b[keep], return_counts=True)
+        pa, pb = pair // k, pair % k
+        # best neighbour per small segment: not small, longest border, larger, lower label
+        order = np.lexsort((pb, -sizes[pb], -border, sizes[pb] < min_size, pa))
+        pa, pb = pa[order], pb[order]
+        first = np.r_[True, pa[1:] != pa[:-1]]
+        target = np.arange(k)
+        target[pa[first]] = pb[first]
+        while True:  # follow the chains to their ends
+            nxt = target[target]
+            if np.array_equal(nxt, target):
+                break
+            target = nxt
+        _, flat = np.unique(target[labels], return_inverse=True)
+        labels = flat.reshape(labels.shape).astype(np.int32)
+    return labels
 
 
 class Snapper:
