@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_THRESHOLDS = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# the coherence reported for groups of :func:`merge_boundary`, which has no features: the middle
+# of the scale, so the selection score's coherence term neither favours nor demotes them
+BOUNDARY_COHERENCE = 0.5
 # added to norm products before dividing: a node whose features sum to zero has similarity 0
 _EPS = 1e-12
 
@@ -414,6 +417,80 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
             others = np.array(sorted(nb), np.int64)
             for s, x in zip(similarity(new, others).tolist(), others.tolist()):
                 heapq.heappush(heap, (-s, x, new))
+        new += 1
+    return _segments_coarse_to_fine(groups, parent_of, n)
+
+
+def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.ndarray,
+                   node_weight: np.ndarray, min_weight: float = 4.0, size_power: float = 0.5) -> List[Segment]:
+    """Contour-based complete hierarchy on a region adjacency graph (an ultrametric contour map,
+    as in gPb-UCM / MCG, on the engine's own edge map instead of a learned one).
+
+    The adjacent pair merged next has the weakest shared border: the lowest mean edge strength
+    along it (``border_edge / border_len``, summed over the members' borders as groups grow),
+    times ``((w_a + w_b) / W) ** size_power`` so small groups merge first everywhere (as
+    selective search's size term; ``W`` is the total weight). Unlike the feature hierarchies this
+    one ignores what the regions look like and follows the image's contours alone: objects whose
+    parts differ in colour / texture but are closed by a strong outline come out whole. Merging
+    runs until no adjacent pair is left; every merged group of weight ≥ ``min_weight`` is a
+    segment, its parent the group it merges into next.
+
+    ``pairs``: (E, 2) adjacent nodes; ``border_len`` / ``border_edge``: (E,) shared border length
+    and summed edge strength along it; ``node_weight``: (N,) pixels per node.
+    Returns segments (``mask``: (N,) bool) ordered coarse to fine. Deterministic: ties are broken
+    by the group ids.
+    """
+    n = len(node_weight)
+    weight = np.zeros(2 * n)
+    weight[:n] = node_weight
+    total = float(np.sum(node_weight)) or 1.0
+    # per group: neighbour -> [border length, summed edge strength]
+    borders: List[Optional[Dict[int, List[float]]]] = [dict() for _ in range(n)] + [None] * n
+    heap = []
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    for (a, b), length, edge in zip(pairs.tolist(), np.asarray(border_len).tolist(),
+                                    np.asarray(border_edge).tolist()):
+        if a == b or length <= 0:
+            continue
+        borders[a][b] = borders[b][a] = [length, edge]
+        cost = edge / length * ((weight[a] + weight[b]) / total) ** size_power
+        heap.append((cost, min(a, b), max(a, b)))
+    heapq.heapify(heap)
+    alive = np.zeros(2 * n, bool)
+    alive[:n] = True
+    members = {i: [i] for i in range(n)}
+    groups = []  # (new group id, members, coherence)
+    parent_of = {}
+    new = n
+    while heap:
+        _, a, b = heapq.heappop(heap)
+        if not (alive[a] and alive[b]):
+            continue  # stale entry: one side was merged already
+        alive[a] = alive[b] = False
+        alive[new] = True
+        weight[new] = weight[a] + weight[b]
+        parent_of[a] = parent_of[b] = new
+        members[new] = members.pop(a) + members.pop(b)
+        joined: Dict[int, List[float]] = {}
+        for side in (a, b):
+            for x, (length, edge) in borders[side].items():
+                if x == a or x == b:
+                    continue
+                del borders[x][side]
+                if x in joined:
+                    joined[x][0] += length
+                    joined[x][1] += edge
+                else:
+                    joined[x] = [length, edge]
+            borders[side] = None
+        borders[new] = joined
+        for x in sorted(joined):
+            length, edge = joined[x]
+            borders[x][new] = joined[x]
+            heapq.heappush(heap, (edge / length * ((weight[x] + weight[new]) / total) ** size_power, x, new))
+        if weight[new] >= min_weight:
+            # no features here: coherence is neutral (mid-scale) for the selection score
+            groups.append((new, members[new], BOUNDARY_COHERENCE))
         new += 1
     return _segments_coarse_to_fine(groups, parent_of, n)
 
