@@ -143,7 +143,7 @@ class PseudoLabeler:
     def _conquer_whole_image(self, variants: List[np.ndarray], snapper: Snapper,
                              cands: List[Candidate]) -> None:
         """The root region's hierarchies: one per feature variant, one per colour bandwidth,
-        one per selective-search kind, one contour hierarchy per ``boundary`` size power."""
+        one per selective-search kind, one contour hierarchy per ``boundary`` (edge-map σ, size power) pair."""
         cfg = self.cfg
         H, W = snapper.shape
         whole = (0, 0, W, H)
@@ -167,8 +167,8 @@ class PseudoLabeler:
                 raise ValueError(f"unknown selective hierarchy '{kind}' (features | colour)")
             add_segments(cands, merge_selective(sums, snapper.sizes, snapper.pairs, boxes,
                                                 float(cfg.colour_min_pixels)), whole)
-        for size_power in cfg.boundary:
-            add_segments(cands, merge_boundary(snapper.pairs, snapper.border_len, snapper.border_edge,
+        for sigma, size_power in cfg.boundary:
+            add_segments(cands, merge_boundary(snapper.pairs, snapper.border_len, snapper.border_edges(sigma),
                                                snapper.sizes, float(cfg.colour_min_pixels), size_power), whole)
 
     def _conquer_region(self, image: np.ndarray, region: DividedRegion, snapper: Snapper,

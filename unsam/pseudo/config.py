@@ -74,9 +74,10 @@ class EngineConfig:
     selective: Tuple[str, ...] = _setting(
         ("features",), "selective-search-style complete hierarchies (similarity + size + fill) to "
         "add (none: pass the flag alone)", CLASSICAL, choices=("features", "colour"))
-    boundary: Tuple[float, ...] = _setting(
-        (0.5,), "contour (UCM-style) hierarchies on the superpixel graph, weakest shared border "
-        "first, one per SIZE_POWER of the size term (none: pass the flag alone)", CLASSICAL)
+    boundary: Tuple[Tuple[float, float], ...] = _setting(
+        ((1.0, 0.5), (1.0, 1.0), (3.0, 0.5)), "contour (UCM-style) hierarchies on the superpixel "
+        "graph, weakest shared border first: one per SIGMA,SIZE_POWER pair (Gaussian σ of the edge "
+        "map, exponent of the size term; none: pass the flag alone)", CLASSICAL)
     seed: int = _setting(0, "seed of the random Fourier features of the colour embedding")
     # recipe "unsam" only
     divide: str = _setting(

@@ -45,11 +45,17 @@ MIN_SEGMENT_FRACTION = 0.125
 MIN_SEGMENT_PIXELS = 5
 
 
-def smoothed_lab_gradient(image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``image``: H×W×3 uint8 RGB → (smoothed RGB uint8, its Lab float32 (H, W, 3) on OpenCV's
+def _relative_edges(grad2: np.ndarray) -> np.ndarray:
+    """Edge strength map: the gradient magnitude over its image mean (scale-free across images)."""
+    grad = np.sqrt(grad2)
+    return grad / (grad.mean() + 1e-6)
+
+
+def smoothed_lab_gradient(image: np.ndarray, sigma: float = SMOOTH_SIGMA) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image``: H×W×3 uint8 RGB → (RGB uint8 smoothed with a Gaussian of ``sigma`` px, its Lab float32 (H, W, 3) on OpenCV's
     8-bit scale, squared Lab gradient magnitude (H, W) float32: Sobel x² + y² summed over L, a, b).
     Computed once per image: the superpixels and the edge map both come from it."""
-    smooth = cv2.GaussianBlur(image, (0, 0), SMOOTH_SIGMA)
+    smooth = cv2.GaussianBlur(image, (0, 0), sigma)
     lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB).astype(np.float32)
     grad2 = np.zeros(lab.shape[:2], np.float32)
     for ch in range(3):
@@ -152,10 +158,9 @@ class Snapper:
         self.x1 = np.zeros(self.k, np.int64); self.y1 = np.zeros(self.k, np.int64)
         np.minimum.at(self.x0, flat, xs); np.minimum.at(self.y0, flat, ys)
         np.maximum.at(self.x1, flat, xs + 1); np.maximum.at(self.y1, flat, ys + 1)
-        # edge strength map: Lab gradient magnitude / its image mean (scale-free across images)
         _, lab_img, grad2 = lab_gradient
-        grad = np.sqrt(grad2)
-        edges = grad / (grad.mean() + 1e-6)
+        edges = _relative_edges(grad2)
+        self._image = image  # for :meth:`border_edges` at other smoothings
         self._colour_cache = {}  # colour_sums results by (bandwidth, n_features, seed)
         self._lab = lab_img  # (H, W, 3) smoothed Lab (uint8 scale), for :meth:`colour_sums`
         # superpixel adjacency (4-neighbourhood) with, per adjacent pair, the length of the
@@ -169,8 +174,10 @@ class Snapper:
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         self.pairs, inv = np.unique(np.stack([lo, hi], 1), axis=0, return_inverse=True)
         inv = inv.ravel()
+        self._border_pixels = (diff, inv)  # which neighbour pixel pairs make each pair's border
         self.border_len = np.bincount(inv, minlength=len(self.pairs)).astype(np.float64)
         self.border_edge = np.bincount(inv, weights=e, minlength=len(self.pairs))
+        self._border_edges = {SMOOTH_SIGMA: self.border_edge}
         # the same as symmetric sparse (K, K) matrices and per-node totals (boundary_strength)
         import scipy.sparse as sp
 
@@ -182,6 +189,19 @@ class Snapper:
         self._adj_bin = adj(np.ones(len(self.pairs)))
         self._node_len = np.asarray(self._adj_len.sum(1), np.float32).ravel()
         self._node_edge = np.asarray(self._adj_edge.sum(1), np.float32).ravel()
+
+    def border_edges(self, sigma: float) -> np.ndarray:
+        """(E,) summed edge strength along each adjacent pair's shared border, on the edge map
+        of the image smoothed with a Gaussian of ``sigma`` px (:attr:`border_edge` is the one at
+        :data:`SMOOTH_SIGMA`): a wider σ keeps object outlines and fades texture edges."""
+        if sigma not in self._border_edges:
+            _, _, grad2 = smoothed_lab_gradient(self._image, sigma)
+            edges = _relative_edges(grad2)
+            diff, inv = self._border_pixels
+            e = np.concatenate([(edges[:, :-1] + edges[:, 1:]).ravel(),
+                                (edges[:-1] + edges[1:]).ravel()])[diff] * 0.5
+            self._border_edges[sigma] = np.bincount(inv, weights=e, minlength=len(self.pairs))
+        return self._border_edges[sigma]
 
     # -- superpixel-graph helpers ---------------------------------------------------------
     def node_sums(self, feats: np.ndarray, box: Tuple[int, int, int, int]):
