@@ -61,6 +61,7 @@ from .config import EngineConfig
 from .conquer import RegionGraph, merge_boundary, merge_graph, merge_selective
 from .divide import maskcut
 from .refine import Snapper
+from .threads import single_threaded
 
 # a divided region's crop reaches this share of its box size plus a few pixels beyond the box,
 # so the region's border is seen with some context
@@ -92,7 +93,14 @@ class PseudoLabeler:
                                                     cfg.dino_weights, cfg.dino_arch)
 
     def __call__(self, image: np.ndarray) -> List[Dict]:
-        """``image``: H×W×3 uint8 RGB → list of SA-1B annotation dicts (ids 0..K-1)."""
+        """``image``: H×W×3 uint8 RGB → list of SA-1B annotation dicts (ids 0..K-1).
+
+        Runs on one torch / OpenCV / OpenBLAS thread (:func:`unsam.pseudo.threads.single_threaded`),
+        so the output does not depend on the thread settings or the core count."""
+        with single_threaded():
+            return self._label(image)
+
+    def _label(self, image: np.ndarray) -> List[Dict]:
         variants = self._feature_variants(image)
         snapper = Snapper(image, self.cfg.n_superpixels)
         cands: List[Candidate] = []
