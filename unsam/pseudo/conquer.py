@@ -387,38 +387,26 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
         if len(others):
             heap += [(-s, a, b) for s, b in zip(similarity(a, others).tolist(), others.tolist())]
     heapq.heapify(heap)
-    alive = np.zeros(2 * n, bool)
-    alive[:n] = True
-    members = {i: [i] for i in range(n)}
-    groups = []  # (new group id, members, coherence)
-    parent_of = {}
-    new = n
-    while heap:
-        _, a, b = heapq.heappop(heap)
-        if not (alive[a] and alive[b]):
-            continue  # stale entry: one side was merged already
+    tree = _MergeTree(n)
+    for a, b in tree.live_pairs(heap):
+        new = tree.join(a, b)
         sums[new] = sums[a] + sums[b]
         norm[new] = np.sqrt(sums[new] @ sums[new]) + 1e-12
         weight[new] = weight[a] + weight[b]
         box[new] = (min(box[a, 0], box[b, 0]), min(box[a, 1], box[b, 1]),
                     max(box[a, 2], box[b, 2]), max(box[a, 3], box[b, 3]))
-        alive[a] = alive[b] = False
-        alive[new] = True
-        parent_of[a] = parent_of[b] = new
-        members[new] = members.pop(a) + members.pop(b)
         nb = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
         for x in nb:
             neighbours[x] -= {a, b}
             neighbours[x].add(new)
         neighbours[new] = nb
         if weight[new] >= min_weight:
-            groups.append((new, members[new], float(norm[new] / weight[new])))
+            tree.groups.append((new, tree.members[new], float(norm[new] / weight[new])))
         if nb:
             others = np.array(sorted(nb), np.int64)
             for s, x in zip(similarity(new, others).tolist(), others.tolist()):
                 heapq.heappush(heap, (-s, x, new))
-        new += 1
-    return _segments_coarse_to_fine(groups, parent_of, n)
+    return tree.segments()
 
 
 def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.ndarray,
@@ -456,21 +444,10 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
         cost = edge / length * ((weight[a] + weight[b]) / total) ** size_power
         heap.append((cost, min(a, b), max(a, b)))
     heapq.heapify(heap)
-    alive = np.zeros(2 * n, bool)
-    alive[:n] = True
-    members = {i: [i] for i in range(n)}
-    groups = []  # (new group id, members, coherence)
-    parent_of = {}
-    new = n
-    while heap:
-        _, a, b = heapq.heappop(heap)
-        if not (alive[a] and alive[b]):
-            continue  # stale entry: one side was merged already
-        alive[a] = alive[b] = False
-        alive[new] = True
+    tree = _MergeTree(n)
+    for a, b in tree.live_pairs(heap):
+        new = tree.join(a, b)
         weight[new] = weight[a] + weight[b]
-        parent_of[a] = parent_of[b] = new
-        members[new] = members.pop(a) + members.pop(b)
         joined: Dict[int, List[float]] = {}
         for side in (a, b):
             for x, (length, edge) in borders[side].items():
@@ -490,9 +467,43 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
             heapq.heappush(heap, (edge / length * ((weight[x] + weight[new]) / total) ** size_power, x, new))
         if weight[new] >= min_weight:
             # no features here: coherence is neutral (mid-scale) for the selection score
-            groups.append((new, members[new], BOUNDARY_COHERENCE))
-        new += 1
-    return _segments_coarse_to_fine(groups, parent_of, n)
+            tree.groups.append((new, tree.members[new], BOUNDARY_COHERENCE))
+    return tree.segments()
+
+
+class _MergeTree:
+    """Book-keeping of a greedy pairwise merge: ids 0..n-1 are the nodes, n, n+1, … the groups
+    in merge order; ``groups`` collects (group id, member nodes, coherence) of the kept ones."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.alive = np.zeros(2 * n, bool)
+        self.alive[:n] = True
+        self.members: Dict[int, List[int]] = {i: [i] for i in range(n)}
+        self.groups: List[Tuple[int, List[int], float]] = []
+        self.parent_of: Dict[int, int] = {}
+        self.next_id = n
+
+    def live_pairs(self, heap: list):
+        """Pop (cost, a, b) entries off ``heap`` (which the caller keeps pushing to) and yield
+        (a, b) while both are unmerged; stale entries (one side merged already) are dropped."""
+        while heap:
+            _, a, b = heapq.heappop(heap)
+            if self.alive[a] and self.alive[b]:
+                yield a, b
+
+    def join(self, a: int, b: int) -> int:
+        """Merge live ``a`` and ``b`` into a new group; returns its id."""
+        new = self.next_id
+        self.next_id += 1
+        self.alive[a] = self.alive[b] = False
+        self.alive[new] = True
+        self.parent_of[a] = self.parent_of[b] = new
+        self.members[new] = self.members.pop(a) + self.members.pop(b)
+        return new
+
+    def segments(self) -> List[Segment]:
+        return _segments_coarse_to_fine(self.groups, self.parent_of, self.n)
 
 
 def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]], parent_of: Dict[int, int],
