@@ -551,65 +551,79 @@ def iterative_merge(features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     the h·w merges).
     """
     feats = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
-    feats = feats.detach().to("cpu", torch.float32)
-    h, w, c = feats.shape
-    flat = feats.reshape(h * w, c)
-    sums = list(flat)  # group id -> summed raw feature (C,); ids grow with every merge
-    counts = [1] * (h * w)
-    units = [F.normalize(v, dim=0) for v in sums]
-    members: List[List[int]] = [[i] for i in range(h * w)]
-    neighbours: List[set] = [set() for _ in range(h * w)]
-    alive = [True] * (h * w)
-    live: Dict[Tuple[int, int], None] = {}  # live pairs (a < b), in birth order
-    heap: List[Tuple[float, int, int, int]] = []  # (-similarity, birth number, a, b)
-    born = 0
-
-    def add_pair(a: int, b: int) -> None:
-        nonlocal born
-        heapq.heappush(heap, (-torch.dot(units[a], units[b]).item(), born, a, b))
-        live[(a, b)] = None
-        born += 1
-
-    for idx in range(h * w):
-        # the same sequence of set insertions as published: it fixes the sets' iteration order
-        if idx % w:
-            neighbours[idx].add(idx - 1)
-            neighbours[idx - 1].add(idx)
-            add_pair(idx - 1, idx)
-        if idx >= w:
-            neighbours[idx].add(idx - w)
-            neighbours[idx - w].add(idx)
-            add_pair(idx - w, idx)
-
+    merge = _GridMerge(feats.detach().to("cpu", torch.float32))
     levels = []
     for t in thresholds:
+        merge.merge_down_to(t)
+        levels.append(_listed_groups(merge.live, merge.counts, merge.members, min_patches, merge.grid))
+    return levels
+
+
+class _GridMerge:
+    """State of :func:`iterative_merge`: groups by id (patches 0..h·w-1, then one id per merge),
+    their summed features, sizes, unit mean features, members and neighbour sets, the live pairs
+    in birth order and a heap of (-similarity, birth number, a, b)."""
+
+    def __init__(self, feats: torch.Tensor):
+        h, w, c = feats.shape
+        self.grid = (h, w)
+        self.sums = list(feats.reshape(h * w, c))  # group id -> summed raw feature (C,)
+        self.counts = [1] * (h * w)
+        self.units = [F.normalize(v, dim=0) for v in self.sums]
+        self.members: List[List[int]] = [[i] for i in range(h * w)]
+        self.neighbours: List[set] = [set() for _ in range(h * w)]
+        self.alive = [True] * (h * w)
+        self.live: Dict[Tuple[int, int], None] = {}  # live pairs (a < b), in birth order
+        self.heap: List[Tuple[float, int, int, int]] = []
+        self.born = 0
+        for idx in range(h * w):
+            # the same sequence of set insertions as published: it fixes the sets' iteration order
+            if idx % w:
+                self._link(idx - 1, idx)
+            if idx >= w:
+                self._link(idx - w, idx)
+
+    def _link(self, a: int, b: int) -> None:
+        self.neighbours[b].add(a)
+        self.neighbours[a].add(b)
+        self._add_pair(a, b)
+
+    def _add_pair(self, a: int, b: int) -> None:
+        heapq.heappush(self.heap, (-torch.dot(self.units[a], self.units[b]).item(), self.born, a, b))
+        self.live[(a, b)] = None
+        self.born += 1
+
+    def merge_down_to(self, threshold: float) -> None:
+        """Merge the most similar live pair while its similarity is ≥ ``threshold``."""
+        heap, alive = self.heap, self.alive
         while heap:
             neg, _, a, b = heap[0]
             if not (alive[a] and alive[b]):
                 heapq.heappop(heap)  # a pair of a group that has merged since
                 continue
-            if -neg < t:
+            if -neg < threshold:
                 break
             heapq.heappop(heap)
-            new = len(sums)
-            sums.append(sums[a] + sums[b])
-            counts.append(counts[a] + counts[b])
-            units.append(F.normalize(sums[new] / counts[new], dim=0))
-            members.append(members[a] + members[b])
-            nb = neighbours[a].union(neighbours[b]).difference({a, b})
-            neighbours.append(nb)
-            alive[a] = alive[b] = False
-            alive.append(True)
-            del live[(a, b)]
-            for x in nb:
-                for old in (a, b):
-                    if old in neighbours[x]:
-                        del live[(x, old) if x < old else (old, x)]
-                        neighbours[x].discard(old)
-                add_pair(x, new)
-                neighbours[x].add(new)
-        levels.append(_listed_groups(live, counts, members, min_patches, (h, w)))
-    return levels
+            self._join(a, b)
+
+    def _join(self, a: int, b: int) -> None:
+        new = len(self.sums)
+        self.sums.append(self.sums[a] + self.sums[b])
+        self.counts.append(self.counts[a] + self.counts[b])
+        self.units.append(F.normalize(self.sums[new] / self.counts[new], dim=0))
+        self.members.append(self.members[a] + self.members[b])
+        nb = self.neighbours[a].union(self.neighbours[b]).difference({a, b})
+        self.neighbours.append(nb)
+        self.alive[a] = self.alive[b] = False
+        self.alive.append(True)
+        del self.live[(a, b)]
+        for x in nb:
+            for old in (a, b):
+                if old in self.neighbours[x]:
+                    del self.live[(x, old) if x < old else (old, x)]
+                    self.neighbours[x].discard(old)
+            self._add_pair(x, new)
+            self.neighbours[x].add(new)
 
 
 def _listed_groups(live: Dict[Tuple[int, int], None], counts: List[int], members: List[List[int]],
