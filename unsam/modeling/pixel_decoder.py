@@ -8,8 +8,8 @@ Deformable attention (``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL``: ``auto``
 ``fused``): the pure-PyTorch path (``grid_sample``) works everywhere and is the only one that
 trains on CPU. Under ``auto``, CUDA inputs use Deformable-DETR's compiled
 ``MultiScaleDeformableAttention`` extension when it is importable, and CPU inputs that need no
-gradient use the project's compiled CPU kernel (:mod:`unsam.ops`, the CUDA kernel's arithmetic,
-~5x faster than ``grid_sample`` on 2 threads) when it was built. State-dict names follow
+gradient use the project's compiled CPU kernel (:mod:`unsam.ops`: ``grid_sample``'s arithmetic,
+so the same outputs bit for bit, ~4x faster on 2 threads) when it was built. State-dict names follow
 Mask2Former so public checkpoints load unchanged.
 """
 from __future__ import annotations

@@ -9,7 +9,8 @@ time (``python -m unsam.ops``); a later first call that finds no build compiles 
 Kernels (float32, no autograd: callers use them only when no gradient is needed):
 
 * ``ms_deform_attn_forward(value, spatial_shapes, level_start_index, locations, weights)``:
-  multi-scale deformable attention, Deformable-DETR's bilinear sampling arithmetic;
+  multi-scale deformable attention with the arithmetic of the pure-PyTorch path
+  (``grid_sample``'s fused multiply-adds, points then levels summed in its order);
 * ``resize_threshold(logits (Q, h, w), size_h, size_w, out (Q, H, W) bool) -> boxes (Q, 4)``:
   torch's ``upsample_bilinear2d`` (``align_corners=False``) to (size_h, size_w), top-left crop
   to (H, W), ``> 0``, written into ``out`` without a float full-resolution tensor; the masks'
