@@ -20,8 +20,9 @@ training images, lr 0.0005 with a step at 80 %. Held-out AR@10/100/1000 is measu
 and adds 1-click mIoU. ViSA decays from iteration 0 to ``--visa-end`` × iters, ATS turns adaptive
 at ``--ats-start`` × iters.
 
-Each (variant, seed) run writes ``OUT/runs/<variant>_seed<k>.json`` when it finishes; a rerun
-skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
+Each (variant, seed) run writes ``OUT/runs/<variant>_seed<k>.json`` when it finishes (with
+``--docs``: ``docs/ablation_runs/runs/``, committed, so that an ablation can be trained over several
+sessions); a rerun skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
 (tables: mean and min–max over seeds; per comparison, whether the difference of means exceeds
 the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100 against iteration) —
 is built from those files, also alone with ``--summarize-only``. ``--docs`` writes the markdown
@@ -155,15 +156,32 @@ def check_args(args: argparse.Namespace) -> None:
     args.seeds = list(dict.fromkeys(args.seeds))
 
 
+def _portable(path: Optional[str]) -> Optional[str]:
+    """``path`` relative to the repository when it lies inside it (records are committed)."""
+    if path is None or not Path(path).resolve().is_relative_to(REPO):
+        return path
+    return str(Path(path).resolve().relative_to(REPO))
+
+
 def budget_of(args) -> Dict:
-    """The flags that define a run's result (see :data:`BUDGET_KEYS`)."""
-    return {k: getattr(args, k) for k in BUDGET_KEYS}
+    """The flags that define a run's result (see :data:`BUDGET_KEYS`), paths inside the repository
+    relative to it."""
+    budget = {k: getattr(args, k) for k in BUDGET_KEYS}
+    budget["config_file"], budget["pseudo"] = _portable(args.config_file), _portable(args.pseudo)
+    return budget
+
+
+def records_dir(args) -> Path:
+    """Where finished runs (``runs/*.json``) and ``invocations.json`` are kept: ``OUT``, or with
+    ``--docs`` the committed ``docs/ablation_runs`` — the runs of one ablation take several
+    sessions of CPU time, and ``outputs/`` does not survive a fresh checkout."""
+    return REPO / "docs" / "ablation_runs" if args.docs else Path(args.out)
 
 
 def summary_paths(args) -> Tuple[Path, Path, Path]:
     """Where the markdown, the figure and the JSON summary go."""
     folder = REPO / "docs" if args.docs else Path(args.out)
-    return folder / "ablation.md", folder / "ablation_ar.png", Path(args.out) / "ablation.json"
+    return folder / "ablation.md", folder / "ablation_ar.png", records_dir(args) / "ablation.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +216,7 @@ def prepare_data(args) -> Dict:
                              "(set UNSAM_SHARED to the folder holding data/)")
         register_sa1b(TRAIN_NAME, args.pseudo)
         return {"eval": list(SHARED_SETS),
-                "description": f"SA-1B pseudo labels in `{args.pseudo}` ({count} images); held-out: the human "
+                "description": f"SA-1B pseudo labels in `{_portable(args.pseudo)}` ({count} images); held-out: the human "
                                f"masks of the shared COCO sets {', '.join(f'`{s}`' for s in SHARED_SETS)}"}
     out = Path(args.out)
     train = _generated(out, args.data, "train", args.train_images, args.image_size, TRAIN_DATA_SEED)
@@ -404,7 +422,7 @@ def pending_runs(args) -> List[Tuple[str, int]]:
     todo = []
     for variant in args.variants:
         for seed in args.seeds:
-            path = record_path(args.out, variant, seed)
+            path = record_path(records_dir(args), variant, seed)
             record = read_record(path) if path.is_file() and not args.force else None
             if record is not None and record.get("budget") == budget_of(args):
                 logger.info("%s seed %d: finished earlier (%s), skipped", variant, seed, path.name)
@@ -429,7 +447,7 @@ def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
             logger.exception("%s seed %d failed", variant, seed)
             failed += 1
             continue
-        write_record(args.out, record)
+        write_record(records_dir(args), record)
         logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
                     json.dumps(record["final"]))
     return failed
@@ -438,7 +456,7 @@ def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
 def child_command(args, variant: str, seed: int) -> List[str]:
     """This script for one run, same budget, no summary."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variants", variant, "--seeds", str(seed),
-           "--out", args.out, "--skip-summary"]
+           "--out", args.out, "--skip-summary"] + (["--docs"] if args.docs else [])
     for key in BUDGET_KEYS:
         value = getattr(args, key)
         if key == "opts" or value in (None, False):
@@ -479,8 +497,9 @@ def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
 
 
 def log_invocation(args, argv: Sequence[str], seconds: float, trained: int, not_finished: int) -> None:
-    """Append this command and its wall time to ``OUT/invocations.json`` (the summary adds them up)."""
-    path = Path(args.out) / "invocations.json"
+    """Append this command and its wall time to ``invocations.json`` beside the run records (the
+    summary adds them up)."""
+    path = records_dir(args) / "invocations.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries.append({"command": "python benchmarks/ablate_visa_ats.py " + shlex.join(argv), "seconds": seconds,
                     "runs_trained": trained, "runs_not_finished": not_finished,
@@ -621,7 +640,7 @@ def _md_header(summary: Dict, invocations: Sequence[Dict]) -> List[str]:
         "",
         f"- **Data**: {summary['data']}.",
         f"- **Budget**: {b['iters']} iterations × batch {b['batch']} at {b['image_size']} px on {b['device']}, "
-        f"config `{os.path.relpath(b['config_file'], REPO)}`{' with the prompt path' if b['prompt'] else ''}, "
+        f"config `{b['config_file']}`{' with the prompt path' if b['prompt'] else ''}, "
         f"lr {s['base_lr']} (×0.1 at {', '.join(map(str, s['steps']))}); held-out evaluation every "
         f"{b['eval_period']} iterations. ViSA decays 1 → 0 over iterations 0–{s['visa_end_iter']}; ATS samples "
         f"adaptively from iteration {s['ats_start_iter']}.{overrides}",
@@ -744,7 +763,7 @@ def write_summary(args, records: Sequence[Dict]) -> Dict:
     """Write the markdown, the figure and the JSON summary of ``records``; print the markdown."""
     md_path, png_path, json_path = summary_paths(args)
     summary = summarize(records)
-    invocations_file = Path(args.out) / "invocations.json"
+    invocations_file = records_dir(args) / "invocations.json"
     invocations = json.loads(invocations_file.read_text()) if invocations_file.is_file() else []
     summary["invocations"] = invocations
     with atomic_write(json_path) as f:
@@ -774,8 +793,9 @@ def run_all(args, argv: Sequence[str]) -> int:
             failed = run_in_process(args, data, todo)
     finally:
         if not args.skip_summary:
-            trained = sum(record_path(args.out, v, s).is_file()
-                          and record_path(args.out, v, s).stat().st_mtime >= started_at for v, s in todo)
+            folder = records_dir(args)
+            trained = sum(record_path(folder, v, s).is_file()
+                          and record_path(folder, v, s).stat().st_mtime >= started_at for v, s in todo)
             log_invocation(args, argv, time.perf_counter() - start, trained, len(todo) - trained)
     return failed
 
@@ -790,7 +810,7 @@ def main(argv=None) -> int:
         check_args(args)
         failed = 0 if args.summarize_only else run_all(args, argv)
         if not args.skip_summary:
-            write_summary(args, load_records(args.out, None if args.summarize_only else args))
+            write_summary(args, load_records(records_dir(args), None if args.summarize_only else args))
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/pseudo_quality.py --data /work/shared/data/coco_tiny_val2017 \
+    python benchmarks/pseudo_quality.py --data ../shared/data/coco_tiny_val2017 \
         --work outputs/pseudo_quality/val [--workers 2] [--max-masks 1000] [--end-id N] \
         [--out table.json] [-- extra engine options]
 

@@ -138,11 +138,22 @@ def test_summarize_and_markdown_on_hand_made_results():
     assert "AR@100 and AR@1000 both equal AR@50" in md
 
 
-def test_docs_flag_moves_markdown_and_figure(tmp_path):
+def test_docs_flag_moves_markdown_figure_and_run_records(tmp_path):
     args = ablate.parse_args(["--out", str(tmp_path), "--docs"])
     md, png, js = ablate.summary_paths(args)
+    records = REPO_ROOT / "docs" / "ablation_runs"
     assert (md, png, js) == (REPO_ROOT / "docs" / "ablation.md", REPO_ROOT / "docs" / "ablation_ar.png",
-                             tmp_path / "ablation.json")
+                             records / "ablation.json")
+    assert ablate.records_dir(args) == records
+    assert ablate.records_dir(ablate.parse_args(["--out", str(tmp_path)])) == tmp_path
+
+
+def test_budget_paths_inside_the_repository_are_relative(tmp_path):
+    args = ablate.parse_args(["--out", str(tmp_path)])
+    ablate.check_args(args)
+    assert ablate.budget_of(args)["config_file"] == "configs/tiny/unsam_tiny.yaml"
+    args.config_file = str(tmp_path / "mine.yaml")
+    assert ablate.budget_of(args)["config_file"] == str(tmp_path / "mine.yaml")
 
 
 # ---------------------------------------------------------------------------------------------
