@@ -135,6 +135,17 @@ def test_reassign_border_repairs_a_damaged_border():
     img, masks = synthetic_image()
     snap = Snapper(img, 900)
     disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    damaged = _damaged_disk(snap, disk)
+    colour = snap.colour_sums(0.5)[0]
+    fixed = snap.reassign_border(np.stack([damaged, disk]), colour)
+    err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
+    assert err(fixed[0]) < 0.25 * err(damaged)
+    assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum()  # a correct mask stays (nearly) as is
+
+
+def _damaged_disk(snap, disk):
+    """The disk's superpixel set with every third inner border superpixel removed and every
+    third outer one added."""
     touching = np.zeros(snap.k, bool)
     for a, b in snap.pairs:
         if disk[a] != disk[b]:
@@ -143,11 +154,51 @@ def test_reassign_border_repairs_a_damaged_border():
     damaged = disk.copy()
     damaged[inner[::3]] = False
     damaged[outer[::3]] = True
+    return damaged
+
+
+def test_polish_moves_a_damaged_border_back_onto_the_edges():
+    from unsam.pseudo.refine import Snapper
+
+    img, masks = synthetic_image()
+    snap = Snapper(img, 900)
+    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    damaged = _damaged_disk(snap, disk)
     colour = snap.colour_sums(0.5)[0]
-    fixed = snap.reassign_border(np.stack([damaged, disk]), colour)
     err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
-    assert err(fixed[0]) < 0.25 * err(damaged)
-    assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum()  # a correct mask stays (nearly) as is
+    for scale in (0.5, 1.0, 3.0):
+        fixed = snap.polish(np.stack([damaged, disk]), colour, 0.1, scale)
+        assert err(fixed[0]) < 0.25 * err(damaged), scale
+        assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum(), scale  # a correct mask stays
+    # the edge term alone (no colour term) also closes the gaps: cutting weak edges costs
+    assert err(snap.polish(damaged[None], colour, 0.0, 1.0)[0]) < 0.5 * err(damaged)
+
+
+def test_polish_stage_replaces_masks_by_better_scored_variants():
+    """After the polish no chosen mask scores below its original, no two are equal, and every
+    replaced row is reachable through ``replaced_by``."""
+    from unsam.pseudo import candidates as CA
+    from unsam.pseudo.refine import Snapper
+
+    img, masks = synthetic_image()
+    snap = Snapper(img, 900)
+    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    rect = snap.soft_to_nodes(masks["rect"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    whole = (0, 0, img.shape[1], img.shape[0])
+    cands = [CA.Candidate(m, whole, 0.5) for m in (_damaged_disk(snap, disk), _damaged_disk(snap, rect), rect)]
+    table, _ = CA.distinct_masks(cands, snap.sizes, 0.9 * snap.sizes.sum(), 0.9)
+    CA.score_masks(table, snap)
+    sel = CA.deduplicate(table, snap.sizes, 0.95, 10)
+    before = {row: table.score[row] for row in sel.chosen}
+    CA.polish(table, sel, snap, snap.colour_sums(0.5)[0], 0.1, (0.5, 1.0, 3.0), 0.9 * snap.sizes.sum())
+    keys = [table.key(table.nodes[row]) for row in sel.chosen]
+    assert len(set(keys)) == len(keys) == len(before)
+    for old, score in before.items():
+        new = sel.replaced_by.get(old, old)
+        assert new in sel.chosen and table.score[new] >= score
+        assert sel.support[new] == sel.support[old]
+    new_disk = table.nodes[sel.replaced_by[0]]  # row 0: the damaged disk
+    assert snap.sizes[new_disk != disk].sum() < snap.sizes[cands[0].nodes != disk].sum()
 
 
 # ------------------------------------------------------------------------------ engine

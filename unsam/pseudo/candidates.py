@@ -5,7 +5,7 @@
 this engine: one row per mask). :func:`select_annotations` runs the stages in order:
 
 ``distinct_masks`` (filter) → ``score_masks`` → ``add_colour_snaps`` (refine) →
-``deduplicate`` → ``rank`` → ``resolve_parents`` → ``annotation``
+``deduplicate`` → ``polish`` → ``rank`` → ``resolve_parents`` → ``annotation``
 
 — see :mod:`unsam.pseudo.classical` for what each one does and why.
 """
@@ -119,13 +119,18 @@ def distinct_masks(cands: Sequence[Candidate], sizes: np.ndarray, max_area: floa
     return masks, row_of
 
 
-def score_masks(masks: MaskTable, snapper: Snapper, start: int = 0) -> None:
-    """Boundary and selection score (boundary × (1 − coherence / 2) × fill) of rows ``start`` …,
-    appended to ``masks.boundary`` / ``masks.score``."""
-    nodes = masks.matrix(start)
+def selection_score(nodes: np.ndarray, coherence: np.ndarray, snapper: Snapper) -> Tuple[np.ndarray, np.ndarray]:
+    """(boundary, selection score = boundary × (1 − coherence / 2) × fill) of (M, K) bool
+    non-empty superpixel sets with their (M,) coherences."""
     boundary = snapper.boundary_strength(nodes)
-    fill = np.array(masks.area[start:]) / snapper.box_area(nodes)
-    score = boundary * (1.0 - COHERENCE_WEIGHT * np.array(masks.coherence[start:])) * fill
+    fill = (nodes @ snapper.sizes) / snapper.box_area(nodes)
+    return boundary, boundary * (1.0 - COHERENCE_WEIGHT * coherence) * fill
+
+
+def score_masks(masks: MaskTable, snapper: Snapper, start: int = 0) -> None:
+    """Boundary and selection score (:func:`selection_score`) of rows ``start`` …, appended to
+    ``masks.boundary`` / ``masks.score``."""
+    boundary, score = selection_score(masks.matrix(start), np.array(masks.coherence[start:]), snapper)
     if start:
         boundary, score = np.concatenate([masks.boundary, boundary]), np.concatenate([masks.score, score])
     masks.boundary, masks.score = boundary, score
@@ -182,6 +187,44 @@ def deduplicate(masks: MaskTable, sizes: np.ndarray, max_iou: float, max_masks: 
     return Selection(chosen[:n_chosen].tolist(), replaced_by, support)
 
 
+def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarray, unary_weight: float,
+           edge_scales: Sequence[float], max_area: float) -> None:
+    """Polish: each chosen mask is replaced by the best-scored of itself and its
+    :meth:`Snapper.polish` variants (one per edge scale in ``edge_scales``; ``colour``: (K, D)
+    colour sums), so kept masks end on image edges rather than where a hierarchy happened to
+    stop. A variant that equals a mask already in the table, or is too large, is not used. New
+    rows keep their original's source, coherence and votes; ``sel.replaced_by`` maps the
+    original to its variant (the parent walk follows it)."""
+    chosen = np.asarray(sel.chosen)
+    if not len(chosen) or not len(edge_scales):
+        return
+    base = masks.matrix()[chosen]
+    coherence = np.array(masks.coherence)[chosen]
+    best, best_score = base, masks.score[chosen]
+    for scale in edge_scales:
+        variant = snapper.polish(base, colour, unary_weight, scale)
+        score = selection_score(variant, coherence, snapper)[1]
+        better = score > best_score
+        best = np.where(better[:, None], variant, best)
+        best_score = np.where(better, score, best_score)
+    n_base = len(masks)
+    for pos in np.flatnonzero((best != base).any(1)).tolist():
+        nodes = best[pos]
+        key = masks.key(nodes)
+        area = float(snapper.sizes[nodes].sum())
+        if key in masks.rows or area > max_area:
+            continue
+        old = sel.chosen[pos]
+        new = masks.add(key, nodes, area, masks.coherence[old], masks.source[old])
+        sel.replaced_by[old] = new
+        sel.chosen[pos] = new
+    if len(masks) > n_base:
+        score_masks(masks, snapper, n_base)
+        olds = [old for old, new in sel.replaced_by.items() if new >= n_base]
+        sel.support = np.concatenate([sel.support, np.zeros(len(masks) - n_base)])
+        sel.support[[sel.replaced_by[o] for o in olds]] = sel.support[olds]
+
+
 def rank(masks: MaskTable, sel: Selection, band_discount: float) -> None:
     """Ranking score of the chosen masks (``sel.rank``) and ``sel.chosen`` sorted by it.
 
@@ -218,8 +261,9 @@ def resolve_parents(masks: MaskTable, sel: Selection, cands: Sequence[Candidate]
         ci = cands[masks.source[row]].parent
         while ci >= 0:
             other = row_of.get(ci)
+            while other in sel.replaced_by:  # dropped as a duplicate, then maybe polished
+                other = sel.replaced_by[other]
             if other is not None:
-                other = sel.replaced_by.get(other, other)
                 if (other in chosen and other != row and areas[other] > areas[row]
                         and sizes[nodes[row] & nodes[other]].sum() >= min_inside * areas[row]):
                     return other
@@ -284,7 +328,8 @@ def annotations(masks: MaskTable, sel: Selection, cands: Sequence[Candidate], pa
 def select_annotations(cands: Sequence[Candidate], snapper: Snapper, colour: Optional[np.ndarray],
                        cfg) -> List[Dict]:
     """Candidates → SA-1B annotations: filter, score, refine (``colour``: (K, D) colour sums for
-    the snapped variants; ``cfg.refine_top`` = 0: none), de-duplicate, rank, hierarchy."""
+    the snapped variants; ``cfg.refine_top`` = 0: none), de-duplicate, polish (none without
+    ``cfg.polish_edge_scales``), rank, hierarchy."""
     H, W = snapper.shape
     max_area = cfg.max_area_frac * H * W
     masks, row_of = distinct_masks(cands, snapper.sizes, max_area, cfg.min_inside_parent)
@@ -294,6 +339,8 @@ def select_annotations(cands: Sequence[Candidate], snapper: Snapper, colour: Opt
     if cfg.refine_top > 0:
         add_colour_snaps(masks, snapper, colour, cfg.refine_top, max_area)
     sel = deduplicate(masks, snapper.sizes, cfg.dedup_iou, cfg.max_masks)
+    if cfg.polish_edge_scales:
+        polish(masks, sel, snapper, colour, cfg.polish_weight, cfg.polish_edge_scales, max_area)
     rank(masks, sel, cfg.band_discount)
     parents = resolve_parents(masks, sel, cands, row_of, snapper.sizes, cfg.min_inside_parent)
     return annotations(masks, sel, cands, parents, snapper)

@@ -71,6 +71,12 @@ class EngineConfig:
                                  "snapshot as a candidate", CLASSICAL)
     all_merges: bool = _setting(True, "every merge is a candidate, not only threshold snapshots", CLASSICAL)
     refine_top: int = _setting(1500, "add a colour-snapped variant of this many best masks (0: off)", CLASSICAL)
+    polish_edge_scales: Tuple[float, ...] = _setting(
+        (0.5, 1.0, 3.0), "polish the kept masks: per mask, the best-scored of itself and one pass of "
+        "colour + edge ICM per edge scale (pair weight exp(-edge / scale)); none: pass the flag alone",
+        CLASSICAL)
+    polish_weight: float = _setting(0.1, "weight of the colour term of the polish (per pixel) against "
+                                    "the edge term (per border pixel)", CLASSICAL)
     selective: Tuple[str, ...] = _setting(
         ("features",), "selective-search-style complete hierarchies (similarity + size + fill) to "
         "add (none: pass the flag alone)", CLASSICAL, choices=("features", "colour"))
