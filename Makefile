@@ -35,7 +35,8 @@ bench: setup
 	$(PY) benchmarks/pseudo.py
 
 # the ViSA/ATS ablation (issue 19): 7 variants x 3 seeds x 800 iterations, hours on CPU, resumable
-# (finished runs are kept in outputs/ablation/runs); writes docs/ablation.md + docs/ablation_ar.png.
+# (finished runs are kept in docs/ablation_runs/runs, committed: the ablation takes several sessions);
+# writes docs/ablation.md + docs/ablation_ar.png.
 # More runs at once: ARGS="--jobs 2"
 ablation: setup
 	$(PY) benchmarks/ablate_visa_ats.py --docs $(ARGS)

@@ -201,6 +201,30 @@ def test_polish_stage_replaces_masks_by_better_scored_variants():
     assert snap.sizes[new_disk != disk].sum() < snap.sizes[cands[0].nodes != disk].sum()
 
 
+def test_straddling_separates_objects_from_background_fragments():
+    """An object's mask follows coarse superpixel borders (low straddling); a fragment of the
+    textured background cuts through them; the score term demotes it by at most 1/sqrt(floor)."""
+    from unsam.pseudo import candidates as CA
+    from unsam.pseudo.refine import Snapper
+
+    img, masks = synthetic_image()
+    h, w = img.shape[:2]
+    snap = Snapper(img, 900, coarse_segments=150)
+    yy, xx = np.mgrid[0:h, 0:w]
+    fragment = (yy > 200) & (yy < 230) & (xx > 170) & (xx < 200)  # background only
+    nodes = np.stack([snap.soft_to_nodes(m.astype(np.float32), (0, 0, w, h))
+                      for m in (masks["disk"], masks["rect"], fragment)])
+    disk, rect, frag = snap.straddling(nodes)
+    assert max(disk, rect) < 0.15 < 0.5 < frag
+    with_term = CA.selection_score(nodes, np.zeros(3), snap)[1]
+    without = CA.selection_score(nodes, np.zeros(3), Snapper(img, 900))[1]
+    ratio = with_term / without
+    assert np.all(ratio <= 1.0) and np.all(ratio >= np.sqrt(CA.STRADDLE_FLOOR) - 1e-9)
+    assert ratio[2] < ratio[0] and ratio[2] < ratio[1]
+    with pytest.raises(ValueError, match="coarse_segments"):
+        Snapper(img, 900).straddling(nodes)
+
+
 # ------------------------------------------------------------------------------ engine
 @pytest.fixture(scope="module")
 def synthetic_result():

@@ -39,17 +39,23 @@ Per image (:meth:`PseudoLabeler.__call__`):
 7. **polish**: each kept mask is replaced by the best-scored of itself and its polished
    variants — one pass of iterated conditional modes on a GrabCut-style energy on the superpixel
    graph (colour models of the mask and its ring, pair weights that make cutting along image
-   edges cheap; :meth:`Snapper.polish`), one variant per ``polish_edge_scales`` entry. Hierarchy
+   edges cheap; :meth:`Snapper.polish`), one variant per ``polish_edge_scales`` entry, twice
+   (``polish_rounds``: the second pass starts from the first's masks). Hierarchy
    masks are roughly right but stop where a greedy merge happened to stop; the polish moves
    their borders onto edges, which raises recall at the strict IoU thresholds — in ranking
    order → SA-1B JSON.
 
-Selection score: ``boundary × (1 − coherence / 2) × fill``. *boundary* (stored as
+Selection score: ``boundary × (1 − coherence / 2) × fill × straddle``. *boundary* (stored as
 ``stability_score``) is the mean image-edge strength along the mask border relative to the
 image's mean, squashed to [0, 1) (masks that end on edges); *coherence* (``feature_coherence``)
 is the length of the mean of the member features (1 = uniform region), which mildly demotes
 uniform stuff such as sky or walls; *fill* is the mask's share of its bounding box (compact
-shapes are more object-like; on COCO this term raised AR@100 by ~60 % and AR@1000 by ~10 %).
+shapes are more object-like; on COCO this term raised AR@100 by ~60 % and AR@1000 by ~10 %);
+*straddle* is ``sqrt(max(0.4, 1 − straddling))``, where *straddling* (Alexe et al.'s
+superpixel straddling, :meth:`Snapper.straddling`) measures how much the mask's border cuts
+through the superpixels of a coarser over-segmentation (``straddle_superpixels``, 700): masks
+that lie inside one coarse superpixel — mostly small texture fragments — give up their places
+among the ``max_masks`` to medium and large masks.
 Ranking score (stored as ``predicted_iou``, in [0, 1]): the selection score times
 ``sqrt(support / max support)``, where *support* counts the candidates (from all hierarchies,
 variants and regions) that were this mask or a near-duplicate dropped in its favour — masks
@@ -113,7 +119,7 @@ class PseudoLabeler:
 
     def _label(self, image: np.ndarray) -> List[Dict]:
         variants = self._feature_variants(image)
-        snapper = Snapper(image, self.cfg.n_superpixels)
+        snapper = Snapper(image, self.cfg.n_superpixels, self.cfg.straddle_superpixels)
         cands: List[Candidate] = []
         self._conquer_whole_image(variants, snapper, cands)
         for region in self._divide(variants[0], snapper):

@@ -57,6 +57,9 @@ class EngineConfig:
     band_discount: float = _setting(0.25, "γ of the size-band rank discount of the score (0: none)", CLASSICAL)
     n_superpixels: int = _setting(1800, "superpixels per image (the nodes that are merged)",
                                   flag="--superpixels")
+    straddle_superpixels: int = _setting(
+        700, "superpixels of the coarse over-segmentation whose straddling by a mask's border "
+        "demotes the mask in the selection score (0: no straddling term)", CLASSICAL)
     # more feature settings give more diverse candidates (selective search's
     # "diversification") at a linear cost
     variants: Tuple[Tuple[float, float], ...] = _setting(
@@ -75,6 +78,7 @@ class EngineConfig:
         (0.5, 1.0, 3.0), "polish the kept masks: per mask, the best-scored of itself and one pass of "
         "colour + edge ICM per edge scale (pair weight exp(-edge / scale)); none: pass the flag alone",
         CLASSICAL)
+    polish_rounds: int = _setting(2, "polish passes (each from the previous pass's masks)", CLASSICAL)
     polish_weight: float = _setting(0.1, "weight of the colour term of the polish (per pixel) against "
                                     "the edge term (per border pixel)", CLASSICAL)
     selective: Tuple[str, ...] = _setting(
