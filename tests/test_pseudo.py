@@ -166,12 +166,15 @@ def test_polish_moves_a_damaged_border_back_onto_the_edges():
     damaged = _damaged_disk(snap, disk)
     colour = snap.colour_sums(0.5)[0]
     err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
-    for scale in (0.5, 1.0, 3.0):
-        fixed = snap.polish(np.stack([damaged, disk]), colour, 0.1, scale)
+    scales = (0.5, 1.0, 3.0)
+    for scale, fixed in zip(scales, snap.polish(np.stack([damaged, disk]), colour, 0.1, scales)):
         assert err(fixed[0]) < 0.25 * err(damaged), scale
         assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum(), scale  # a correct mask stays
+    # one scale at a time gives the same masks
+    assert np.array_equal(snap.polish(damaged[None], colour, 0.1, (1.0,))[0][0],
+                          snap.polish(damaged[None], colour, 0.1, scales)[1][0])
     # the edge term alone (no colour term) also closes the gaps: cutting weak edges costs
-    assert err(snap.polish(damaged[None], colour, 0.0, 1.0)[0]) < 0.5 * err(damaged)
+    assert err(snap.polish(damaged[None], colour, 0.0, (1.0,))[0][0]) < 0.5 * err(damaged)
 
 
 def test_polish_stage_replaces_masks_by_better_scored_variants():

@@ -130,8 +130,9 @@ def selection_score(nodes: np.ndarray, coherence: np.ndarray, snapper: Snapper) 
     bool non-empty superpixel sets with their (M,) coherences; straddle =
     sqrt(max(STRADDLE_FLOOR, 1 − straddling)) when the snapper has a coarse over-segmentation,
     else 1."""
-    boundary = snapper.boundary_strength(nodes)
-    fill = (nodes @ snapper.sizes) / snapper.box_area(nodes)
+    xt = snapper.columns(nodes)
+    boundary = snapper.boundary_strength(nodes, xt)
+    fill = (snapper.sizes.astype(np.float32) @ xt) / snapper.box_area(nodes)
     score = boundary * (1.0 - COHERENCE_WEIGHT * coherence) * fill
     if snapper.has_coarse:
         score *= np.sqrt(np.maximum(STRADDLE_FLOOR, 1.0 - snapper.straddling(nodes)))
@@ -212,8 +213,7 @@ def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarra
     base = masks.matrix()[chosen]
     coherence = np.array(masks.coherence)[chosen]
     best, best_score = base, masks.score[chosen]
-    for scale in edge_scales:
-        variant = snapper.polish(base, colour, unary_weight, scale)
+    for variant in snapper.polish(base, colour, unary_weight, edge_scales):
         score = selection_score(variant, coherence, snapper)[1]
         better = score > best_score
         best = np.where(better[:, None], variant, best)

@@ -21,7 +21,7 @@ them and
 * pools full-resolution colour-distribution embeddings onto the superpixels
   (:meth:`colour_sums`) for the engine's colour-only hierarchy.
 """
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -170,6 +170,7 @@ class Snapper:
         edges = _relative_edges(grad2)
         self._image = image  # for :meth:`border_edges` at other smoothings
         self._colour_cache = {}  # colour_sums results by (bandwidth, n_features, seed)
+        self._polish_weights = {}  # _edge_weights results by edge scale
         self._lab = lab_img  # (H, W, 3) smoothed Lab (uint8 scale), for :meth:`colour_sums`
         # superpixel adjacency (4-neighbourhood) with, per adjacent pair, the length of the
         # shared border and the summed edge strength along it (for the boundary score)
@@ -280,12 +281,18 @@ class Snapper:
         bx1, by1 = int(self.x1[idx].max()), int(self.y1[idx].max())
         return nodes[self.labels[by0:by1, bx0:bx1]], (bx0, by0, bx1, by1)
 
-    def boundary_strength(self, nodes: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def columns(nodes: np.ndarray) -> np.ndarray:
+        """(M, K) bool superpixel sets → (K, M) float32, the operand of the graph measures
+        (computed once when several are taken of the same sets)."""
+        # transpose as bool (1 byte per entry) before widening: the strided copy is the cost
+        return np.ascontiguousarray(np.asarray(nodes, bool).T).astype(np.float32)
+
+    def boundary_strength(self, nodes: np.ndarray, xt: Optional[np.ndarray] = None) -> np.ndarray:
         """Mean relative edge strength along the border of superpixel sets (the image border
         does not count), squashed to [0, 1): high when a mask ends where the image has edges.
-        ``nodes``: (M, K) bool → (M,) float64."""
-        # transpose as bool (1 byte per entry) before widening: the strided copy is the cost
-        xt = np.ascontiguousarray(np.asarray(nodes, bool).T).astype(np.float32)  # (K, M)
+        ``nodes``: (M, K) bool (``xt``: their :meth:`columns` when at hand) → (M,) float64."""
+        xt = self.columns(nodes) if xt is None else xt  # (K, M)
         # per pair (a, b) of weight c the set's border gets c·(x_a + x_b − 2·x_a·x_b): a linear
         # term from the per-node totals and a quadratic one through the sparse adjacency
         length = self._node_len @ xt - ((self._adj_len @ xt) * xt).sum(0)
@@ -316,10 +323,16 @@ class Snapper:
         ``nodes``: (M, K) bool non-empty sets → (M,) float64. Needs ``coarse_segments`` > 0."""
         if not self.has_coarse:
             raise ValueError("straddling needs a Snapper built with coarse_segments > 0")
-        ov = self._coarse_overlap @ np.ascontiguousarray(np.asarray(nodes, bool).T).astype(np.float32)  # (C, M)
-        size = np.asarray(self._coarse_overlap.sum(1), np.float32)  # (C, 1)
-        cut = np.minimum(ov, size - ov).sum(0, dtype=np.float64)
-        return cut / (np.asarray(nodes, bool) @ self.sizes)
+        import scipy.sparse as sp
+
+        # sparse: a set meets few of the coarse superpixels (dense (M, C) products were the
+        # engine's largest memory traffic)
+        ov = sp.csr_matrix(np.asarray(nodes, bool), dtype=np.float32) @ self._coarse_overlap.T  # (M, C)
+        ov = ov.tocsr()
+        size = np.asarray(self._coarse_overlap.sum(1), np.float32).ravel()
+        rows = np.repeat(np.arange(ov.shape[0]), np.diff(ov.indptr))
+        cut = np.bincount(rows, np.minimum(ov.data, size[ov.indices] - ov.data), minlength=ov.shape[0])
+        return cut / np.bincount(rows, ov.data, minlength=ov.shape[0])
 
     def box_area(self, nodes: np.ndarray) -> np.ndarray:
         """Bounding-box area (pixels) of non-empty superpixel sets. ``nodes``: (M, K) bool →
@@ -352,9 +365,9 @@ class Snapper:
         return ((xt & ~(inner & (pref < 0))) | (ring & (pref > 0))).T
 
     def polish(self, nodes: np.ndarray, node_sums: np.ndarray, unary_weight: float,
-               edge_scale: float) -> np.ndarray:
+               edge_scales: Sequence[float]) -> List[np.ndarray]:
         """One synchronous pass of iterated conditional modes on a GrabCut-style energy, for
-        many masks at once.
+        many masks at once, per edge scale.
 
         ``nodes``: (M, K) bool masks; ``node_sums``: (K, D) summed embeddings per superpixel (the
         colour distributions of :meth:`colour_sums`). Per mask, a superpixel on its border (inside
@@ -364,32 +377,41 @@ class Snapper:
 
         where pref = unit embedding · (inside model − outside model) (the colour term of
         :meth:`reassign_border`) and the weight of an adjacent pair is its shared border length ×
-        exp(−e / ``edge_scale``), e its mean relative edge strength (1 = the image's mean): the
+        exp(−e / edge scale), e its mean relative edge strength (1 = the image's mean): the
         border moves to where the image has edges, cutting weak edges costs. A mask the pass
-        would empty is returned unchanged. Returns (M, K) bool."""
-        import scipy.sparse as sp
-
+        would empty is returned unchanged. Returns one (M, K) bool per entry of ``edge_scales``
+        (the colour term is computed once for all)."""
         x = np.ascontiguousarray(np.asarray(nodes, bool).T)  # (K, M)
         xf = x.astype(np.float32)
-        mean_edge = self.border_edge / np.maximum(self.border_len, 1.0)
-        w = (self.border_len * np.exp(-mean_edge / edge_scale)).astype(np.float32)
-        i, j = self.pairs[:, 0], self.pairs[:, 1]
-        adj_w = sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))),
-                              shape=(self.k, self.k))
-        touch_in = self._adj_bin @ xf > 0
-        touch_out = self._adj_bin @ (1.0 - xf) > 0
-        ring = touch_in & ~x
-        border = ring | (x & touch_out)
+        ring = (self._adj_bin @ xf > 0) & ~x
+        border = ring | (x & (self._adj_bin @ (1.0 - xf) > 0))
         unit = node_sums / np.maximum(np.linalg.norm(node_sums, axis=1, keepdims=True), 1e-9)
         m_in = xf.T @ node_sums
         m_out = ring.T.astype(np.float32) @ node_sums
         m_in /= np.maximum(np.linalg.norm(m_in, axis=1, keepdims=True), 1e-9)
         m_out /= np.maximum(np.linalg.norm(m_out, axis=1, keepdims=True), 1e-9)
-        pref = unit @ (m_in - m_out).T  # (K, M) > 0: looks like the inside
-        w_in = adj_w @ xf
-        w_out = np.asarray(adj_w.sum(1), np.float32) - w_in
-        inside = unary_weight * self.sizes[:, None] * pref + w_in - w_out > 0
-        out = np.where(border, inside, x)
-        emptied = ~out.any(0)
-        out[:, emptied] = x[:, emptied]
-        return out.T
+        colour_term = unary_weight * self.sizes[:, None] * (unit @ (m_in - m_out).T)  # (K, M) > 0: inside
+        outs = []
+        for scale in edge_scales:
+            adj_w, total_w = self._edge_weights(scale)
+            w_in = adj_w @ xf
+            inside = colour_term + 2.0 * w_in - total_w > 0  # w_in − w_out, w_out = total − w_in
+            out = np.where(border, inside, x)
+            emptied = ~out.any(0)
+            out[:, emptied] = x[:, emptied]
+            outs.append(out.T)
+        return outs
+
+    def _edge_weights(self, scale: float):
+        """Sparse symmetric (K, K) float32 pair weights border length × exp(−mean edge / scale)
+        of :meth:`polish`, and their (K, 1) row sums; cached per scale."""
+        if scale not in self._polish_weights:
+            import scipy.sparse as sp
+
+            mean_edge = self.border_edge / np.maximum(self.border_len, 1.0)
+            w = (self.border_len * np.exp(-mean_edge / scale)).astype(np.float32)
+            i, j = self.pairs[:, 0], self.pairs[:, 1]
+            adj_w = sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))),
+                                  shape=(self.k, self.k))
+            self._polish_weights[scale] = (adj_w, np.asarray(adj_w.sum(1), np.float32))
+        return self._polish_weights[scale]
