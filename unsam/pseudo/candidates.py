@@ -219,6 +219,7 @@ def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarra
         best = np.where(better[:, None], variant, best)
         best_score = np.where(better, score, best_score)
     n_base = len(masks)
+    olds = []
     for pos in np.flatnonzero((best != base).any(1)).tolist():
         nodes = best[pos]
         key = masks.key(nodes)
@@ -226,14 +227,11 @@ def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarra
         if key in masks.rows or area > max_area:
             continue
         old = sel.chosen[pos]
-        new = masks.add(key, nodes, area, masks.coherence[old], masks.source[old])
-        sel.replaced_by[old] = new
-        sel.chosen[pos] = new
-    if len(masks) > n_base:
+        sel.chosen[pos] = sel.replaced_by[old] = masks.add(key, nodes, area, masks.coherence[old], masks.source[old])
+        olds.append(old)
+    if olds:  # the new rows are n_base … in the order of olds
         score_masks(masks, snapper, n_base)
-        olds = [old for old, new in sel.replaced_by.items() if new >= n_base]
-        sel.support = np.concatenate([sel.support, np.zeros(len(masks) - n_base)])
-        sel.support[[sel.replaced_by[o] for o in olds]] = sel.support[olds]
+        sel.support = np.concatenate([sel.support, sel.support[olds]])
 
 
 def rank(masks: MaskTable, sel: Selection, band_discount: float) -> None:

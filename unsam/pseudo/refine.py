@@ -156,6 +156,8 @@ class Snapper:
         self.k = int(self.labels.max()) + 1
         self._coarse_overlap = self._overlap_with(superpixels(image, coarse_segments, lab_gradient)) \
             if coarse_segments > 0 else None
+        if self._coarse_overlap is not None:
+            self._coarse_sizes = np.asarray(self._coarse_overlap.sum(1), np.float32).ravel()
         flat = self.labels.ravel()
         self.sizes = np.bincount(flat, minlength=self.k).astype(np.float64)
         self.shape = self.labels.shape
@@ -188,16 +190,18 @@ class Snapper:
         self.border_edge = np.bincount(inv, weights=e, minlength=len(self.pairs))
         self._border_edges = {SMOOTH_SIGMA: self.border_edge}
         # the same as symmetric sparse (K, K) matrices and per-node totals (boundary_strength)
+        self._adj_len, self._adj_edge = self._pair_matrix(self.border_len), self._pair_matrix(self.border_edge)
+        self._adj_bin = self._pair_matrix(np.ones(len(self.pairs)))
+        self._node_len = np.asarray(self._adj_len.sum(1), np.float32).ravel()
+        self._node_edge = np.asarray(self._adj_edge.sum(1), np.float32).ravel()
+
+    def _pair_matrix(self, values: np.ndarray):
+        """Symmetric sparse (K, K) float32 matrix with ``values`` (E,) at each adjacent pair."""
         import scipy.sparse as sp
 
         i, j = self.pairs[:, 0], self.pairs[:, 1]
-        adj = lambda v: sp.csr_matrix((np.concatenate([v, v]).astype(np.float32),  # noqa: E731
-                                       (np.concatenate([i, j]), np.concatenate([j, i]))),
-                                      shape=(self.k, self.k))
-        self._adj_len, self._adj_edge = adj(self.border_len), adj(self.border_edge)
-        self._adj_bin = adj(np.ones(len(self.pairs)))
-        self._node_len = np.asarray(self._adj_len.sum(1), np.float32).ravel()
-        self._node_edge = np.asarray(self._adj_edge.sum(1), np.float32).ravel()
+        return sp.csr_matrix((np.concatenate([values, values]).astype(np.float32),
+                              (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(self.k, self.k))
 
     def border_edges(self, sigma: float) -> np.ndarray:
         """(E,) summed edge strength along each adjacent pair's shared border, on the edge map
@@ -329,9 +333,8 @@ class Snapper:
         # engine's largest memory traffic)
         ov = sp.csr_matrix(np.asarray(nodes, bool), dtype=np.float32) @ self._coarse_overlap.T  # (M, C)
         ov = ov.tocsr()
-        size = np.asarray(self._coarse_overlap.sum(1), np.float32).ravel()
         rows = np.repeat(np.arange(ov.shape[0]), np.diff(ov.indptr))
-        cut = np.bincount(rows, np.minimum(ov.data, size[ov.indices] - ov.data), minlength=ov.shape[0])
+        cut = np.bincount(rows, np.minimum(ov.data, self._coarse_sizes[ov.indices] - ov.data), minlength=ov.shape[0])
         return cut / np.bincount(rows, ov.data, minlength=ov.shape[0])
 
     def box_area(self, nodes: np.ndarray) -> np.ndarray:
@@ -353,16 +356,23 @@ class Snapper:
         outside, or outside and touching the mask) ends up inside when its own embedding is
         more similar to the inside model. Returns (M, K) bool."""
         xt = np.ascontiguousarray(np.asarray(nodes, bool).T)  # (K, M)
-        adj = self._adj_bin
-        ring = (adj @ xt.astype(np.float32) > 0) & ~xt  # outside, touching the mask
-        inner = xt & (adj @ (~xt).astype(np.float32) > 0)  # inside, touching the outside
+        ring, inner, pref = self._border_preference(xt, node_sums)
+        return ((xt & ~(inner & (pref < 0))) | (ring & (pref > 0))).T
+
+    def _border_preference(self, xt: np.ndarray, node_sums: np.ndarray):
+        """For (K, M) bool masks ``xt``: the ring (outside, touching the mask) and the inner
+        border (inside, touching the outside), both (K, M) bool, and pref (K, M): each
+        superpixel's unit embedding · (inside model − outside model), the models being the
+        normalised sums of ``node_sums`` over the mask and over its ring; > 0: looks like the inside."""
+        xf = xt.astype(np.float32)
+        ring = (self._adj_bin @ xf > 0) & ~xt
+        inner = xt & (self._adj_bin @ (1.0 - xf) > 0)
         unit = node_sums / np.maximum(np.linalg.norm(node_sums, axis=1, keepdims=True), 1e-9)
-        m_in = xt.T.astype(np.float32) @ node_sums
+        m_in = xf.T @ node_sums
         m_out = ring.T.astype(np.float32) @ node_sums
         m_in /= np.maximum(np.linalg.norm(m_in, axis=1, keepdims=True), 1e-9)
         m_out /= np.maximum(np.linalg.norm(m_out, axis=1, keepdims=True), 1e-9)
-        pref = unit @ (m_in - m_out).T  # (K, M) > 0: looks like the inside
-        return ((xt & ~(inner & (pref < 0))) | (ring & (pref > 0))).T
+        return ring, inner, unit @ (m_in - m_out).T
 
     def polish(self, nodes: np.ndarray, node_sums: np.ndarray, unary_weight: float,
                edge_scales: Sequence[float]) -> List[np.ndarray]:
@@ -383,14 +393,9 @@ class Snapper:
         (the colour term is computed once for all)."""
         x = np.ascontiguousarray(np.asarray(nodes, bool).T)  # (K, M)
         xf = x.astype(np.float32)
-        ring = (self._adj_bin @ xf > 0) & ~x
-        border = ring | (x & (self._adj_bin @ (1.0 - xf) > 0))
-        unit = node_sums / np.maximum(np.linalg.norm(node_sums, axis=1, keepdims=True), 1e-9)
-        m_in = xf.T @ node_sums
-        m_out = ring.T.astype(np.float32) @ node_sums
-        m_in /= np.maximum(np.linalg.norm(m_in, axis=1, keepdims=True), 1e-9)
-        m_out /= np.maximum(np.linalg.norm(m_out, axis=1, keepdims=True), 1e-9)
-        colour_term = unary_weight * self.sizes[:, None] * (unit @ (m_in - m_out).T)  # (K, M) > 0: inside
+        ring, inner, pref = self._border_preference(x, node_sums)
+        border = ring | inner
+        colour_term = unary_weight * self.sizes[:, None] * pref  # (K, M) > 0: inside
         outs = []
         for scale in edge_scales:
             adj_w, total_w = self._edge_weights(scale)
@@ -406,12 +411,7 @@ class Snapper:
         """Sparse symmetric (K, K) float32 pair weights border length × exp(−mean edge / scale)
         of :meth:`polish`, and their (K, 1) row sums; cached per scale."""
         if scale not in self._polish_weights:
-            import scipy.sparse as sp
-
             mean_edge = self.border_edge / np.maximum(self.border_len, 1.0)
-            w = (self.border_len * np.exp(-mean_edge / scale)).astype(np.float32)
-            i, j = self.pairs[:, 0], self.pairs[:, 1]
-            adj_w = sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))),
-                                  shape=(self.k, self.k))
+            adj_w = self._pair_matrix((self.border_len * np.exp(-mean_edge / scale)).astype(np.float32))
             self._polish_weights[scale] = (adj_w, np.asarray(adj_w.sum(1), np.float32))
         return self._polish_weights[scale]
