@@ -12,7 +12,10 @@ Data (``--data``): ``nested`` synthetic scenes (wholes, parts and sub-parts at l
 textured so that colour edges and objects disagree; held-out AR per level), ``shapes`` (the
 synthetic shapes of ``tests/test_learning.py``), or ``pseudo``: train on the SA-1B pseudo labels
 in ``--pseudo DIR`` and evaluate on the human masks of both shared COCO sets. The data are the
-same for every seed; the seed sets initialisation, data order and augmentation.
+same for every seed; the seed sets initialisation, data order and augmentation. A run repeats
+bit for bit on the same machine with the same ``--threads`` (default 1): a different thread count,
+or a CPU with other vector instructions, sums in another order and the run drifts apart like one
+of another seed. Each record notes its CPU, torch version and thread count.
 
 The default budget is that of ``tests/test_learning.py``: 800 iterations × batch 8 at 128 px, 1500
 training images, lr 0.0005 with a step at 80 %. Held-out AR@10/100/1000 is measured every
@@ -21,20 +24,23 @@ and adds 1-click mIoU. ViSA decays from iteration 0 to ``--visa-end`` × iters, 
 at ``--ats-start`` × iters.
 
 Each (variant, seed) run writes ``OUT/runs/<variant>_seed<k>.json`` when it finishes (with
-``--docs``: ``docs/ablation_runs/runs/``, committed, so that an ablation can be trained over several
-sessions); a rerun skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
+``--docs``: ``docs/ablation_runs/runs/``, or ``docs/ablation_runs_<data>/runs/`` for ``--data``
+other than ``nested``; committed, so that an ablation can be trained over several sessions); a rerun skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
 (tables: mean and min–max over seeds; per comparison, whether the difference of means exceeds
 the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100 against iteration) —
 is built from those files, also alone with ``--summarize-only``. ``--docs`` writes the markdown
-and the figure to ``docs/`` instead.
+and the figure to ``docs/`` instead (``docs/ablation_<data>.md`` for data other than ``nested``).
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import logging
 import os
+import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -119,8 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", default=str(REPO / "outputs" / "ablation"), help="working and result folder")
     p.add_argument("--docs", action="store_true", help="write the markdown and figure to docs/ instead of --out")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once, as subprocesses with OMP_NUM_THREADS = cores / jobs")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as subprocesses")
+    p.add_argument("--threads", type=int, default=1,
+                   help="numeric threads per run (default 1; results repeat only at the same count)")
     p.add_argument("--force", action="store_true", help="redo runs that have finished")
     p.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from OUT/runs")
     p.add_argument("--skip-summary", action="store_true", help=argparse.SUPPRESS)  # the --jobs children
@@ -143,7 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.pseudo = str(Path(args.pseudo).resolve())
     elif args.pseudo:
         raise UsageError(f"--pseudo is for --data pseudo, not --data {args.data}")
-    for name in ("iters", "batch", "image_size", "train_images", "val_images", "jobs"):
+    for name in ("iters", "batch", "image_size", "train_images", "val_images", "jobs", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     args.eval_period = args.eval_period or max(1, args.iters // 8)
@@ -154,6 +161,24 @@ def check_args(args: argparse.Namespace) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.variants = list(dict.fromkeys(args.variants))
     args.seeds = list(dict.fromkeys(args.seeds))
+    if args.jobs * args.threads > _cores():
+        logger.warning("--jobs %d x --threads %d exceeds the %d cores: runs will be slower (same results)",
+                       args.jobs, args.threads, _cores())
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_of(args) -> Dict:
+    """What a run's floating-point sums depend on besides its budget and seed."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "device": args.device}
 
 
 def _portable(path: Optional[str]) -> Optional[str]:
@@ -171,17 +196,25 @@ def budget_of(args) -> Dict:
     return budget
 
 
+def _docs_suffix(args) -> str:
+    """``--docs`` file names: ``ablation*`` for the nested scenes, ``ablation_<data>*`` for other data."""
+    return "" if (args.data or "nested") == "nested" else f"_{args.data}"
+
+
 def records_dir(args) -> Path:
     """Where finished runs (``runs/*.json``) and ``invocations.json`` are kept: ``OUT``, or with
-    ``--docs`` the committed ``docs/ablation_runs`` — the runs of one ablation take several
-    sessions of CPU time, and ``outputs/`` does not survive a fresh checkout."""
-    return REPO / "docs" / "ablation_runs" if args.docs else Path(args.out)
+    ``--docs`` the committed ``docs/ablation_runs`` (``docs/ablation_runs_<data>`` for data other
+    than the nested scenes) — the runs of one ablation take several sessions of CPU time, and
+    ``outputs/`` does not survive a fresh checkout."""
+    return REPO / "docs" / f"ablation_runs{_docs_suffix(args)}" if args.docs else Path(args.out)
 
 
 def summary_paths(args) -> Tuple[Path, Path, Path]:
     """Where the markdown, the figure and the JSON summary go."""
-    folder = REPO / "docs" if args.docs else Path(args.out)
-    return folder / "ablation.md", folder / "ablation_ar.png", records_dir(args) / "ablation.json"
+    if not args.docs:
+        return Path(args.out) / "ablation.md", Path(args.out) / "ablation_ar.png", Path(args.out) / "ablation.json"
+    name = f"ablation{_docs_suffix(args)}"
+    return REPO / "docs" / f"{name}.md", REPO / "docs" / f"{name}_ar.png", records_dir(args) / "ablation.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +428,7 @@ def train_one(args, data: Dict, variant: str, seed: int) -> Dict:
                      "visa_end_iter": cfg.UNSAM.VISA.END_ITER, "ats_start_iter": cfg.UNSAM.ATS.START_ITER,
                      "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
                      "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES},
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_of(args),
     }
 
 
@@ -438,25 +471,29 @@ def pending_runs(args) -> List[Tuple[str, int]]:
 # ---------------------------------------------------------------------------------------------
 def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
     """Train the runs one after the other in this process; return the number that failed."""
-    failed = 0
-    for variant, seed in tqdm(todo, desc="runs", unit="run", disable=None):
-        logger.info("%s seed %d: training %d iterations", variant, seed, args.iters)
-        try:
-            record = train_one(args, data, variant, seed)
-        except Exception:  # one failed run must not lose the others of a long ablation
-            logger.exception("%s seed %d failed", variant, seed)
-            failed += 1
-            continue
-        write_record(records_dir(args), record)
-        logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
-                    json.dumps(record["final"]))
+    failed, caller_threads = 0, torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for variant, seed in tqdm(todo, desc="runs", unit="run", disable=None):
+            logger.info("%s seed %d: training %d iterations", variant, seed, args.iters)
+            try:
+                record = train_one(args, data, variant, seed)
+            except Exception:  # one failed run must not lose the others of a long ablation
+                logger.exception("%s seed %d failed", variant, seed)
+                failed += 1
+                continue
+            write_record(records_dir(args), record)
+            logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
+                        json.dumps(record["final"]))
+    finally:
+        torch.set_num_threads(caller_threads)
     return failed
 
 
 def child_command(args, variant: str, seed: int) -> List[str]:
     """This script for one run, same budget, no summary."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variants", variant, "--seeds", str(seed),
-           "--out", args.out, "--skip-summary"] + (["--docs"] if args.docs else [])
+           "--out", args.out, "--threads", str(args.threads), "--skip-summary"] + (["--docs"] if args.docs else [])
     for key in BUDGET_KEYS:
         value = getattr(args, key)
         if key == "opts" or value in (None, False):
@@ -470,14 +507,13 @@ def child_command(args, variant: str, seed: int) -> List[str]:
 def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
     """Train up to ``--jobs`` runs at once, each a child process with its share of the cores and a
     log in ``OUT/logs``; return the number that failed."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = str(max(1, cores // args.jobs))
+    threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     logger.info("%d runs, %d at a time, %s threads each; logs in %s", len(todo), args.jobs, threads, logs)
     pending, running, failed = list(todo), {}, 0
-    with tqdm(total=len(todo), desc="runs", unit="run", disable=None) as bar:
+    with tqdm(total=len(todo), desc="runs", unit="run", disable=None) as bar, _stopping_children(running):
         while pending or running:
             while pending and len(running) < args.jobs:
                 variant, seed = pending.pop(0)
@@ -496,15 +532,29 @@ def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
     return failed
 
 
-def log_invocation(args, argv: Sequence[str], seconds: float, trained: int, not_finished: int) -> None:
+@contextlib.contextmanager
+def _stopping_children(running: Dict):
+    """Terminate the children still in ``running`` when the parent stops early."""
+    try:
+        yield
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+
+
+def log_invocation(args, argv: Sequence[str], seconds: float, trained: int, not_finished: int,
+                   stopped: Optional[str] = None) -> None:
     """Append this command and its wall time to ``invocations.json`` beside the run records (the
-    summary adds them up)."""
+    summary adds them up); ``stopped`` names what ended it early (a signal, Ctrl-C)."""
     path = records_dir(args) / "invocations.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries.append({"command": "python benchmarks/ablate_visa_ats.py " + shlex.join(argv), "seconds": seconds,
                     "runs_trained": trained, "runs_not_finished": not_finished,
                     "runs_requested": len(args.variants) * len(args.seeds),
-                    "started": datetime.datetime.fromtimestamp(time.time() - seconds).isoformat(timespec="seconds")})
+                    "started": datetime.datetime.fromtimestamp(time.time() - seconds).isoformat(timespec="seconds"),
+                    **({"stopped": stopped} if stopped else {})})
     with atomic_write(path) as f:
         json.dump(entries, f, indent=1)
 
@@ -622,10 +672,11 @@ def _md_commands(invocations: Sequence[Dict]) -> Tuple[List[str], float]:
     if not trained:
         return ["Generated from finished runs; the command that trained them is not recorded."], 0.0
     total = sum(i["seconds"] for i in trained)
-    if len(trained) == 1:
+    if len(trained) == 1 and "stopped" not in trained[0]:
         return [f"Generated by `{trained[0]['command']}`."], total
     return (["Generated by these commands (a resumed ablation), runs trained by each:", ""]
-            + [f"- `{i['command']}`: {i['runs_trained']} run(s), {_duration(i['seconds'])}" for i in trained]), total
+            + [f"- `{i['command']}`: {i['runs_trained']} run(s), {_duration(i['seconds'])}"
+               + (f" ({i['stopped']})" if "stopped" in i else "") for i in trained]), total
 
 
 def _md_header(summary: Dict, invocations: Sequence[Dict]) -> List[str]:
@@ -785,24 +836,29 @@ def run_all(args, argv: Sequence[str]) -> int:
     data = prepare_data(args)
     build_cfg(args, args.variants[0], args.seeds[0], data["eval"], Path(args.out))  # config errors now
     todo = pending_runs(args)
-    start, started_at, failed = time.perf_counter(), time.time(), 0
+    start, started_at, failed, stopped = time.perf_counter(), time.time(), 0, None
     try:
         if args.jobs > 1 and len(todo) > 1:
             failed = run_in_subprocesses(args, todo)
         else:
             failed = run_in_process(args, data, todo)
+    except (KeyboardInterrupt, SystemExit) as e:
+        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped (exit {e.code})"
+        raise
     finally:
         if not args.skip_summary:
             folder = records_dir(args)
             trained = sum(record_path(folder, v, s).is_file()
                           and record_path(folder, v, s).stat().st_mtime >= started_at for v, s in todo)
-            log_invocation(args, argv, time.perf_counter() - start, trained, len(todo) - trained)
+            log_invocation(args, argv, time.perf_counter() - start, trained, len(todo) - trained, stopped)
     return failed
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    # a terminated ablation (a session's end, `kill`) still logs what it trained: SIGTERM unwinds
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("detectron2", "fvcore", "unsam", "d2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -4,6 +4,10 @@ budget (per-run JSONs, resume, --jobs children, summary files, bad input) and th
 import importlib.util
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -146,6 +150,10 @@ def test_docs_flag_moves_markdown_figure_and_run_records(tmp_path):
                              records / "ablation.json")
     assert ablate.records_dir(args) == records
     assert ablate.records_dir(ablate.parse_args(["--out", str(tmp_path)])) == tmp_path
+    pseudo = ablate.parse_args(["--out", str(tmp_path), "--docs", "--data", "pseudo"])
+    assert ablate.summary_paths(pseudo)[:2] == (REPO_ROOT / "docs" / "ablation_pseudo.md",
+                                                REPO_ROOT / "docs" / "ablation_pseudo_ar.png")
+    assert ablate.records_dir(pseudo) == REPO_ROOT / "docs" / "ablation_runs_pseudo"
 
 
 def test_budget_paths_inside_the_repository_are_relative(tmp_path):
@@ -169,6 +177,7 @@ def test_benchmark_end_to_end_and_resume(tmp_path, caplog):
     assert [e["iter"] for e in record["evals"]] == [2, 4]
     assert set(record["final"]["nested_val"]) >= {"all", "L0", "L1"}
     assert not list((out / "work").rglob("*.pth"))  # checkpoints are removed once recorded
+    assert record["machine"]["threads"] == 1 and record["machine"]["torch"] and record["machine"]["cpu"]
     summary = json.loads((out / "ablation.json").read_text())
     assert summary["variants"] == ["plain", "visa"] and summary["seeds"] == [0, 1]
     assert "visa" in summary["comparisons"]
@@ -189,12 +198,41 @@ def test_benchmark_end_to_end_and_resume(tmp_path, caplog):
     assert (out / "ablation.md").read_text() == md
 
 
-def test_benchmark_jobs_run_children(tmp_path):
-    out = tmp_path / "out"
-    assert ablate.main(TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats", "--seeds", "0", "1",
-                              "--jobs", "2", "--out", str(out)]) == 0
+def _losses(out: Path, run: str) -> list:
+    rows = [json.loads(line) for line in (out / "work" / run / "metrics.json").read_text().splitlines()]
+    return [row["total_loss"] for row in rows if "total_loss" in row]
+
+
+def test_benchmark_jobs_run_children_that_repeat_an_in_process_run(tmp_path):
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    toy = TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats"]
+    assert ablate.main(toy + ["--seeds", "0", "1", "--jobs", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["ats_seed0.json", "ats_seed1.json"]
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["ats_seed0.log", "ats_seed1.log"]
+    # the same run in this process, at the same --threads: the same sums, bit for bit
+    assert ablate.main(toy + ["--seeds", "1", "--out", str(alone)]) == 0
+    assert _losses(alone, "ats_seed1")
+    assert _losses(alone, "ats_seed1") == _losses(out, "ats_seed1") != _losses(out, "ats_seed0")
+
+
+def test_terminated_ablation_logs_its_invocation(tmp_path):
+    out = tmp_path / "out"
+    argv = TOY + ["--iters", "100000", "--eval-period", "100000", "--variants", "plain", "--seeds", "0",
+                  "--out", str(out)]
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"), *argv],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.time() + 120
+    while "training 100000 iterations" not in (tmp_path / "log").read_text() and time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    (entry,) = json.loads((out / "invocations.json").read_text())
+    assert entry["stopped"] == f"stopped (exit {128 + signal.SIGTERM})"
+    assert (entry["runs_trained"], entry["runs_not_finished"]) == (0, 1)
+    lines = ablate._md_commands([dict(entry, runs_trained=1)])[0]  # as when it had finished a run
+    assert lines[-1].endswith(f"(stopped (exit {128 + signal.SIGTERM}))")
 
 
 @pytest.mark.parametrize("argv, message", [
