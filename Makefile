@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.unsam-setup-done
 PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: setup quickstart app test test-slow test-all bench ablation gpu-check clean-outputs
+.PHONY: setup quickstart app test test-slow test-all bench ablation ablation-pseudo gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -40,6 +40,15 @@ bench: setup
 # More runs at once: ARGS="--jobs 2"
 ablation: setup
 	$(PY) benchmarks/ablate_visa_ats.py --docs $(ARGS)
+
+# the same ablation trained on the pseudo labels (classical engine, default settings) of the shared train
+# photos, held-out AR on both shared sets' human masks: docs/ablation_pseudo.md, runs in
+# docs/ablation_runs_pseudo/runs (a run is redone when the labels' digest changed). Labels are written once.
+ABLATION_LABELS := outputs/ablation/pseudo_coco_tiny_train2017
+ablation-pseudo: setup
+	test -d $(ABLATION_LABELS) || { rm -rf $(ABLATION_LABELS).partial && $(PY) -m unsam.pseudo --workers 2 --output $(ABLATION_LABELS).partial \
+		--input $${UNSAM_SHARED:-../shared}/data/coco_tiny_train2017/images && mv $(ABLATION_LABELS).partial $(ABLATION_LABELS); }
+	$(PY) benchmarks/ablate_visa_ats.py --docs --pseudo $(ABLATION_LABELS) $(ARGS)
 
 # the CUDA path end to end (training + AMP, inference, prompts, pseudo labels, multi-GPU): one JSON of
 # figures, also in outputs/gpu_check.json; non-zero exit on any failure. CPU-sized: ARGS="--device cpu --quick"

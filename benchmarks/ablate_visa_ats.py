@@ -35,6 +35,8 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -190,10 +192,28 @@ def _portable(path: Optional[str]) -> Optional[str]:
 
 def budget_of(args) -> Dict:
     """The flags that define a run's result (see :data:`BUDGET_KEYS`), paths inside the repository
-    relative to it."""
+    relative to it; with ``--data pseudo`` also the labels' digest, so that runs on labels written
+    again by a changed engine are redone rather than mixed with the old ones."""
     budget = {k: getattr(args, k) for k in BUDGET_KEYS}
     budget["config_file"], budget["pseudo"] = _portable(args.config_file), _portable(args.pseudo)
+    if args.data == "pseudo":
+        budget["pseudo_sha256"] = pseudo_digest(args.pseudo)
     return budget
+
+
+@functools.lru_cache(maxsize=None)
+def pseudo_digest(folder: str) -> str:
+    """SHA-256 over the SA-1B JSON files of ``folder``: their paths inside it and their contents,
+    the image's ``file_name`` cut to its base name (the engine writes where the photos lay)."""
+    digest = hashlib.sha256()
+    for path in find_sa1b_files(folder):
+        try:
+            labels = json.loads(path.read_text())
+            labels["image"]["file_name"] = Path(labels["image"]["file_name"]).name
+        except (ValueError, KeyError, TypeError):
+            labels = path.read_text()  # not SA-1B: training will name it; the digest takes it as it is
+        digest.update(json.dumps([str(path.relative_to(folder)), labels], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _docs_suffix(args) -> str:

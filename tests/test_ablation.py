@@ -252,3 +252,35 @@ def test_pseudo_without_shared_data_is_an_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ablate, "shared_data_dir", lambda: None)
     assert ablate.main(TOY + ["--out", str(tmp_path / "out"), "--pseudo", str(tmp_path / "pseudo")]) == 2
     assert "error: shared data missing" in capsys.readouterr().err
+
+
+def test_pseudo_data_trains_on_labels_and_redoes_runs_when_they_change(tmp_path, shared_data, caplog):
+    labels, out = tmp_path / "pseudo", tmp_path / "out"
+    make_nested_scenes_dataset(labels, 4, size=64, seed=0)
+    argv = TOY + ["--iters", "2", "--eval-period", "2", "--variants", "plain", "--seeds", "0",
+                  "--out", str(out), "--pseudo", str(labels)]
+    assert ablate.main(argv) == 0
+    record = json.loads((out / "runs" / "plain_seed0.json").read_text())
+    assert set(record["final"]) == set(ablate.SHARED_SETS)  # held out: both shared sets' human masks
+    assert record["budget"]["pseudo_sha256"] == ablate.pseudo_digest(str(labels))
+
+    args = ablate.parse_args(argv)
+    ablate.check_args(args)
+    assert ablate.pending_runs(args) == []
+    ablate.pseudo_digest.cache_clear()
+    make_nested_scenes_dataset(labels, 4, size=64, seed=1)  # the labels written again, differently
+    with caplog.at_level("INFO", logger="ablate_visa_ats"):
+        assert ablate.pending_runs(args) == [("plain", 0)]
+    assert "plain seed 0: finished earlier with another budget, redone" in caplog.text
+
+
+def test_pseudo_digest_ignores_where_the_photos_lay(tmp_path):
+    for folder, photos in (("a", "/data/photos"), ("b", "/elsewhere/photos")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.json").write_text(json.dumps(
+            {"image": {"file_name": f"{photos}/x.jpg", "width": 4, "height": 4}, "annotations": []}))
+    assert ablate.pseudo_digest(str(tmp_path / "a")) == ablate.pseudo_digest(str(tmp_path / "b"))
+    (tmp_path / "b" / "x.json").write_text(json.dumps(
+        {"image": {"file_name": "/elsewhere/photos/y.jpg", "width": 4, "height": 4}, "annotations": []}))
+    ablate.pseudo_digest.cache_clear()
+    assert ablate.pseudo_digest(str(tmp_path / "a")) != ablate.pseudo_digest(str(tmp_path / "b"))
