@@ -284,3 +284,15 @@ def test_pseudo_digest_ignores_where_the_photos_lay(tmp_path):
         {"image": {"file_name": "/elsewhere/photos/y.jpg", "width": 4, "height": 4}, "annotations": []}))
     ablate.pseudo_digest.cache_clear()
     assert ablate.pseudo_digest(str(tmp_path / "a")) != ablate.pseudo_digest(str(tmp_path / "b"))
+
+
+def test_prompt_path_adds_one_click_miou_per_level(tmp_path):
+    out = tmp_path / "out"
+    assert ablate.main(TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats", "--seeds", "0",
+                              "--prompt", "--out", str(out)]) == 0
+    record = json.loads((out / "runs" / "ats_seed0.json").read_text())
+    assert record["budget"]["config_file"] == "configs/tiny/unsam_tiny_prompt.yaml"
+    for subset in ("all", "L0", "L1"):
+        metrics = record["final"]["nested_val"][subset]
+        assert 0.0 <= metrics["mIoU_max"] <= metrics["mIoU_oracle"] <= 1.0
+    assert "1-click mIoU (oracle)" in (out / "ablation.md").read_text()
