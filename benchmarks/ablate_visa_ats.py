@@ -667,7 +667,16 @@ def summarize(records: Sequence[Dict]) -> Dict:
             "seeds": sorted({r["seed"] for r in records}), "metrics": keys, "stats": stats,
             "comparisons": comparisons, "curves": {v: _curves(rs) for v, rs in groups.items()},
             "seconds": {v: {str(r["seed"]): r["seconds"] for r in rs} for v, rs in groups.items()},
-            "budget": first["budget"], "schedule": first["schedule"], "data": first["data"]}
+            "budget": first["budget"], "schedule": first["schedule"], "data": first["data"],
+            "machines": _machines(records)}
+
+
+def _machines(records: Sequence[Dict]) -> List[Dict]:
+    """The distinct machines the runs were trained on (``None``: not noted) and how many runs each."""
+    counts: Dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[json.dumps(r.get("machine"), sort_keys=True)] += 1
+    return [{"machine": json.loads(m), "runs": n} for m, n in counts.items()]
 
 
 def _pct(x: float) -> str:
@@ -720,8 +729,16 @@ def _md_header(summary: Dict, invocations: Sequence[Dict]) -> List[str]:
         f"- **Wall time**: {_duration(total) if total else 'not recorded'} for the whole ablation; "
         f"{len(run_seconds)} runs of {_duration(min(run_seconds))} to {_duration(max(run_seconds))} each "
         "(training + periodic evaluation; table at the end).",
+        f"- **Machine**: {_md_machines(summary.get('machines', []))}",
         f"- **Cells**: held-out metrics in percent, mean over seeds (min–max).{cap}", "",
     ]
+
+
+def _md_machines(machines: Sequence[Dict]) -> str:
+    parts = [f"{m['runs']} run(s) not noted (trained before the records noted it)" if m["machine"] is None else
+             f"{m['runs']} run(s) on {m['machine']['cpu']} ({m['machine']['device']}), torch {m['machine']['torch']}, "
+             f"{m['machine']['threads']} thread(s)" for m in machines]
+    return "; ".join(parts) + (". A run repeats bit for bit only on the same CPU and thread count." if parts else "")
 
 
 def _column(metric: str, detections_per_image: int) -> str:

@@ -116,8 +116,12 @@ def test_summarize_and_markdown_on_hand_made_results():
                + [_record("visa", s, v) for s, v in zip((0, 1, 2), (0.60, 0.61, 0.62))]
                + [_record("ats", s, v, curve=(c, 0))
                   for s, v, c in zip((0, 1, 2), (0.49, 0.55, 0.53), (0.0, 0.3, 0.6))])
+    machine = {"cpu": "Some CPU", "torch": "2.x", "threads": 1, "device": "cpu"}
+    for record in records[3:]:
+        record["machine"] = machine
     summary = ablate.summarize(records)
     assert summary["variants"] == ["plain", "visa", "ats"]
+    assert summary["machines"] == [{"machine": None, "runs": 3}, {"machine": machine, "runs": 6}]
     st = summary["stats"]["visa"]["nested_val/all/AR@100"]
     assert st["mean"] == pytest.approx(0.61) and (st["min"], st["max"]) == (0.60, 0.62)
     visa = summary["comparisons"]["visa"]
@@ -137,6 +141,8 @@ def test_summarize_and_markdown_on_hand_made_results():
            "nested_val all AR@100 (+10.0 > 2.0); within it on the other 2 metric(s)." in md
     assert "- +ATS vs plain: within the seed spread on all 4 metrics." in md
     assert "**Result**: 2 of 8 differences exceed the seed spread." in md
+    assert "- **Machine**: 3 run(s) not noted (trained before the records noted it); 6 run(s) on Some CPU " \
+           "(cpu), torch 2.x, 1 thread(s)." in md
     assert "| variant | seeds | AR@10 | AR@100 (= AR@50) | AR@1000 (= AR@50) |" in md
     assert "| +ViSA | 3 | 30.5 (30.0–31.0) | 61.0 (60.0–62.0) | 61.0 (60.0–62.0) |" in md
     assert "AR@100 and AR@1000 both equal AR@50" in md
