@@ -22,6 +22,7 @@ from .conftest import REPO_ROOT
 _spec = importlib.util.spec_from_file_location("ablate_visa_ats", REPO_ROOT / "benchmarks" / "ablate_visa_ats.py")
 ablate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablate)
+report = ablate.report
 
 @pytest.fixture(autouse=True)
 def _keep_logger_levels():
@@ -91,11 +92,11 @@ def test_nested_scenes_are_deterministic_per_seed(tmp_path):
 # the verdict, on hand-made results
 # ---------------------------------------------------------------------------------------------
 def test_exceeds_spread_rule():
-    assert ablate.exceeds_spread([0.60, 0.61, 0.62], [0.50, 0.52, 0.51]) is True  # Δ 0.10 > range 0.02
-    assert ablate.exceeds_spread([0.49, 0.55, 0.53], [0.50, 0.52, 0.51]) is False  # Δ 0.013 < range 0.06
+    assert report.exceeds_spread([0.60, 0.61, 0.62], [0.50, 0.52, 0.51]) is True  # Δ 0.10 > range 0.02
+    assert report.exceeds_spread([0.49, 0.55, 0.53], [0.50, 0.52, 0.51]) is False  # Δ 0.013 < range 0.06
     # ranges that do not overlap are not enough: Δ 0.75 < the wider range 1.0
-    assert ablate.exceeds_spread([0.0, 1.0], [1.2, 1.3]) is False
-    assert ablate.exceeds_spread([0.6], [0.5, 0.52]) is None  # one seed: no verdict
+    assert report.exceeds_spread([0.0, 1.0], [1.2, 1.3]) is False
+    assert report.exceeds_spread([0.6], [0.5, 0.52]) is None  # one seed: no verdict
 
 
 def _record(variant, seed, ar100, l1=0.3, curve=(0.1, 0.2)):
@@ -119,7 +120,7 @@ def test_summarize_and_markdown_on_hand_made_results():
     machine = {"cpu": "Some CPU", "torch": "2.x", "threads": 1, "device": "cpu"}
     for record in records[3:]:
         record["machine"] = machine
-    summary = ablate.summarize(records)
+    summary = report.summarize(records, list(ablate.VARIANTS))
     assert summary["variants"] == ["plain", "visa", "ats"]
     assert summary["machines"] == [{"machine": None, "runs": 3}, {"machine": machine, "runs": 6}]
     st = summary["stats"]["visa"]["nested_val/all/AR@100"]
@@ -134,9 +135,9 @@ def test_summarize_and_markdown_on_hand_made_results():
     assert curve["iters"] == [2, 4]
     assert curve["mean"][0] == pytest.approx(0.3) and (curve["min"][0], curve["max"][0]) == (0.0, 0.6)
 
-    md = ablate.render_markdown(summary, [], "fig.png")
+    md = report.render_markdown(summary, [], "fig.png")
     # AR@1000 repeats AR@100 (50 detections per image): in the tables, not compared twice
-    assert "nested_val/all/AR@1000" not in visa and ablate.redundant_ar(50) == {"AR@1000"}
+    assert "nested_val/all/AR@1000" not in visa and report.redundant_ar(50) == {"AR@1000"}
     assert "- +ViSA vs plain: exceeds the seed spread on nested_val all AR@10 (+5.0 > 1.0); " \
            "nested_val all AR@100 (+10.0 > 2.0); within it on the other 2 metric(s)." in md
     assert "- +ATS vs plain: within the seed spread on all 4 metrics." in md
@@ -237,7 +238,7 @@ def test_terminated_ablation_logs_its_invocation(tmp_path):
     (entry,) = json.loads((out / "invocations.json").read_text())
     assert entry["stopped"] == f"stopped (exit {128 + signal.SIGTERM})"
     assert (entry["runs_trained"], entry["runs_not_finished"]) == (0, 1)
-    lines = ablate._md_commands([dict(entry, runs_trained=1)])[0]  # as when it had finished a run
+    lines = report._md_commands([dict(entry, runs_trained=1)])[0]  # as when it had finished a run
     assert lines[-1].endswith(f"(stopped (exit {128 + signal.SIGTERM}))")
 
 
