@@ -70,6 +70,7 @@ from unsam.evaluation.whole_image import (  # noqa: E402
     ClassAgnosticEvaluator, coco_eval_agnostic, dataset_dicts_to_coco, load_coco_gt)
 from unsam.utils.arguments import ConfigError, load_config  # noqa: E402
 from unsam.utils.files import atomic_write  # noqa: E402
+from unsam.utils.threads import torch_threads  # noqa: E402
 
 from benchmarks import ablation_report as report  # noqa: E402
 from benchmarks.ablation_report import AR_KEYS  # noqa: E402
@@ -162,13 +163,10 @@ def check_args(args: argparse.Namespace) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.variants = list(dict.fromkeys(args.variants))
     args.seeds = list(dict.fromkeys(args.seeds))
-    if args.jobs * args.threads > _cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.jobs * args.threads > cores:
         logger.warning("--jobs %d x --threads %d exceeds the %d cores: runs will be slower (same results)",
-                       args.jobs, args.threads, _cores())
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                       args.jobs, args.threads, cores)
 
 
 def machine_of(args) -> Dict:
@@ -206,11 +204,12 @@ def pseudo_digest(folder: str) -> str:
     the image's ``file_name`` cut to its base name (the engine writes where the photos lay)."""
     digest = hashlib.sha256()
     for path in find_sa1b_files(folder):
+        text = path.read_text()
         try:
-            labels = json.loads(path.read_text())
+            labels = json.loads(text)
             labels["image"]["file_name"] = Path(labels["image"]["file_name"]).name
         except (ValueError, KeyError, TypeError):
-            labels = path.read_text()  # not SA-1B: training will name it; the digest takes it as it is
+            labels = text  # not SA-1B: training will name it; the digest takes it as it is
         digest.update(json.dumps([str(path.relative_to(folder)), labels], sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -490,9 +489,8 @@ def pending_runs(args) -> List[Tuple[str, int]]:
 # ---------------------------------------------------------------------------------------------
 def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
     """Train the runs one after the other in this process; return the number that failed."""
-    failed, caller_threads = 0, torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    failed = 0
+    with torch_threads(args.threads):
         for variant, seed in tqdm(todo, desc="runs", unit="run", disable=None):
             logger.info("%s seed %d: training %d iterations", variant, seed, args.iters)
             try:
@@ -504,8 +502,6 @@ def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
             write_record(records_dir(args), record)
             logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
                         json.dumps(record["final"]))
-    finally:
-        torch.set_num_threads(caller_threads)
     return failed
 
 
@@ -524,7 +520,7 @@ def child_command(args, variant: str, seed: int) -> List[str]:
 
 
 def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
-    """Train up to ``--jobs`` runs at once, each a child process with its share of the cores and a
+    """Train up to ``--jobs`` runs at once, each a child process with ``--threads`` threads and a
     log in ``OUT/logs``; return the number that failed."""
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)

@@ -226,15 +226,15 @@ def test_terminated_ablation_logs_its_invocation(tmp_path):
     out = tmp_path / "out"
     argv = TOY + ["--iters", "100000", "--eval-period", "100000", "--variants", "plain", "--seeds", "0",
                   "--out", str(out)]
-    log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"), *argv],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    deadline = time.time() + 120
-    while "training 100000 iterations" not in (tmp_path / "log").read_text() and time.time() < deadline:
-        assert proc.poll() is None, (tmp_path / "log").read_text()
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"), *argv],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        deadline = time.time() + 120
+        while "training 100000 iterations" not in (tmp_path / "log").read_text() and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "log").read_text()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     (entry,) = json.loads((out / "invocations.json").read_text())
     assert entry["stopped"] == f"stopped (exit {128 + signal.SIGTERM})"
     assert (entry["runs_trained"], entry["runs_not_finished"]) == (0, 1)

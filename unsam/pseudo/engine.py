@@ -19,6 +19,7 @@ random numbers except the random Fourier features, whose generators are seeded w
 import contextlib
 import glob
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 
 from ..utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
 from ..utils.images import read_rgb
+from ..utils.threads import torch_threads
 from .classical import PseudoLabeler
 from .config import EngineConfig
 
@@ -136,17 +138,6 @@ def _label(task: _Task, labeler) -> Tuple[int, str, Optional[str], int]:
         return task.image_id, task.path, f"{type(e).__name__}: {e}", 0
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run the block with ``n`` torch threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # thread-pool sizes that numeric libraries read once, when they are loaded: a worker process
 # starts its libraries with one thread each. single_threaded() already caps the threads a
 # labeler uses, but pools sized for the whole machine still cost: on 2 cores, 2 workers took
@@ -158,8 +149,6 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 @contextlib.contextmanager
 def _worker_environment():
     """``WORKER_ENV`` in ``os.environ`` while worker processes are spawned (they copy it)."""
-    import os
-
     before = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)
     try:
@@ -244,7 +233,7 @@ def _label_all(todo: List[_Task], cfg: EngineConfig, workers: int, labeler, summ
     try:
         with contextlib.ExitStack() as scope:
             if workers <= 1:
-                scope.enter_context(_torch_threads(LABELER_THREADS))
+                scope.enter_context(torch_threads(LABELER_THREADS))
                 labeler = labeler if labeler is not None else build_labeler(cfg)
                 results = (_label(t, labeler) for t in todo)
             else:
