@@ -469,10 +469,11 @@ def read_record(path: Path) -> Optional[Dict]:
 
 
 def pending_runs(args) -> List[Tuple[str, int]]:
-    """The requested (variant, seed) runs without a finished record of this budget."""
+    """The requested (variant, seed) runs without a finished record of this budget, seed by seed:
+    an ablation stopped part way has every variant at its first seeds, not some variants at all."""
     todo = []
-    for variant in args.variants:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for variant in args.variants:
             path = record_path(records_dir(args), variant, seed)
             record = read_record(path) if path.is_file() and not args.force else None
             if record is not None and record.get("budget") == budget_of(args):
