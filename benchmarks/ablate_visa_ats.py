@@ -641,8 +641,17 @@ def run_all(args, argv: Sequence[str]) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    # a terminated ablation (a session's end, `kill`) still logs what it trained: SIGTERM unwinds
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # a terminated ablation (a session's end, `kill`) still logs what it trained: SIGTERM unwinds;
+    # the caller's handler comes back on return (main is also called in process, by the tests)
+    caller_handler = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run_command(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, caller_handler)
+
+
+def run_command(args, argv: Sequence[str]) -> int:
+    """Check the arguments, train what is pending, write the summary; the exit status."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     for noisy in ("detectron2", "fvcore", "unsam", "d2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

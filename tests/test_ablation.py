@@ -261,6 +261,12 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     assert err.startswith("error: ") and message in err
 
 
+def test_main_gives_the_callers_sigterm_handler_back(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    assert ablate.main(["--out", str(tmp_path), "--iters", "0"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_pseudo_without_shared_data_is_an_error(tmp_path, capsys, monkeypatch):
     make_nested_scenes_dataset(tmp_path / "pseudo", 2, size=64, seed=0)
     monkeypatch.setattr(ablate, "shared_data_dir", lambda: None)
