@@ -171,7 +171,6 @@ def test_budget_paths_inside_the_repository_are_relative(tmp_path):
     assert ablate.budget_of(args)["config_file"] == str(tmp_path / "mine.yaml")
 
 
-
 def test_pending_runs_go_seed_by_seed(tmp_path):
     args = ablate.parse_args(["--out", str(tmp_path), "--variants", "plain", "visa", "--seeds", "0", "1"])
     ablate.check_args(args)

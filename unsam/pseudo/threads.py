@@ -22,6 +22,8 @@ import cv2
 import scipy.linalg  # noqa: F401  (maps scipy's OpenBLAS before the copies are listed)
 import torch
 
+from ..utils.threads import torch_threads
+
 # OpenBLAS entry-point prefixes / suffixes: numpy's and scipy's wheels rename the library's
 # symbols (scipy_openblas_…, 64-bit integer builds end in 64_), OpenCV's keeps the plain names
 _PREFIXES = ("scipy_openblas", "openblas")
@@ -62,17 +64,16 @@ def _openblas_controls() -> List[_Controls]:
 def single_threaded() -> Iterator[None]:
     """Run the block with one torch, OpenCV and OpenBLAS thread; restore the settings after."""
     blas = _openblas_controls()
-    before = (torch.get_num_threads(), cv2.getNumThreads(), [get() for get, _ in blas])
-    torch.set_num_threads(1)
+    before = (cv2.getNumThreads(), [get() for get, _ in blas])
     cv2.setNumThreads(1)
     for _, put in blas:
         put(1)
     try:
-        yield
+        with torch_threads(1):
+            yield
     finally:
-        torch.set_num_threads(before[0])
-        cv2.setNumThreads(before[1])
-        for (_, put), n in zip(blas, before[2]):
+        cv2.setNumThreads(before[0])
+        for (_, put), n in zip(blas, before[1]):
             put(n)
 
 
