@@ -33,10 +33,6 @@ Metrics are fractions in [0, 1]; ``seconds_per_image`` is predictor time (``set_
 ``predict``) per evaluated image.
 """
 import argparse
-import contextlib
-import copy
-import io
-import json
 import logging
 import os
 import sys
@@ -51,7 +47,9 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from ..data.prompts import farthest_interior_point, mask_to_box, next_click
-from .whole_image import write_metrics_json
+from ..utils.device import DeviceError, check_device
+from ..utils.files import OutputError
+from .whole_image import GroundTruthError, check_out_path, load_coco_gt, write_metrics_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +65,13 @@ class EvaluationInputError(ValueError):
 
 
 def _load_gt(gt) -> COCO:
-    """pycocotools COCO from a path or a COCO-format dict (quietly)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(gt, (str, os.PathLike)):
-            if not os.path.isfile(gt):
-                raise EvaluationInputError(f"ground-truth file '{gt}' not found")
-            try:
-                return COCO(str(gt))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise EvaluationInputError(f"ground-truth file '{gt}' is not COCO JSON: {e}") from None
-        coco = COCO()
-        coco.dataset = copy.deepcopy(gt)
-        coco.createIndex()
-        return coco
+    """pycocotools COCO from a path or a COCO-format dict, checked like every evaluator's ground
+    truth (:func:`unsam.evaluation.whole_image.check_coco_gt`: duplicate ids, no non-crowd
+    instance, undecodable masks); a dict too, since any caller of :func:`evaluate_prompts` may
+    hand one in."""
+    if isinstance(gt, (str, os.PathLike)) and not os.path.exists(gt):
+        raise EvaluationInputError(f"ground-truth file '{gt}' not found")
+    return load_coco_gt(gt, check=True)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -217,6 +209,8 @@ def evaluate_prompts(
     """
     if num_clicks < 1:
         raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+    if max_images is not None and int(max_images) < 1:
+        raise ValueError(f"max_images must be >= 1 (None: all images), got {max_images}")
     predictor = predictor_factory_or_predictor
     # a class has set_image/predict too, but is a factory
     if isinstance(predictor, type) or not (hasattr(predictor, "set_image") and hasattr(predictor, "predict")):
@@ -228,7 +222,7 @@ def evaluate_prompts(
     image_root = Path(image_root)
     images = coco.loadImgs(sorted(coco.getImgIds()))
     if max_images is not None:
-        images = images[: max(0, int(max_images))]
+        images = images[: int(max_images)]
 
     per_click = {"max": [], "oracle": []}  # per instance: list of K IoUs
     box_ious: List[float] = []
@@ -254,8 +248,10 @@ def evaluate_prompts(
                     box_ious.append(res["box"])
 
     n = len(per_click["max"])
-    if n == 0:
-        logger.warning("no non-crowd instance to evaluate: every metric is 0")
+    if n == 0:  # the ground truth has instances, but not on the first max_images images
+        source = gt_json if isinstance(gt_json, (str, os.PathLike)) else "the ground truth"
+        raise EvaluationInputError(f"{source}: no non-crowd, non-empty instance on the {len(images)} evaluated "
+                                   f"image(s): nothing to prompt")
 
     def mean(values) -> float:
         return float(np.mean(values)) if len(values) else 0.0
@@ -322,7 +318,8 @@ def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, devic
     device = device or _default_device()
     sam = segment_anything.sam_model_registry[model_type]()
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        from ..checkpoint import read_pickled_weights  # the one weights reader: no pickle code runs
+        state = read_pickled_weights(checkpoint, what="--sam-checkpoint")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         sam.load_state_dict(state)
@@ -379,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine-multimask", action="store_true",
                         help="keep multimask output after the first click")
     parser.add_argument("--no-box", action="store_true", help="skip the box-prompt evaluation")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images (N >= 1; default: all)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ... (last on the command line)")
@@ -395,7 +392,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.clicks < 1:
         print("error: --clicks must be >= 1", file=sys.stderr)
         return 2
+    if args.max_images is not None and args.max_images < 1:
+        print(f"error: --max-images must be >= 1 (omit it for all images), got {args.max_images}", file=sys.stderr)
+        return 2
     try:
+        if args.device:
+            check_device(args.device, "--device")
+        check_out_path(args.out)
         if args.backend == "sam":
             if not args.sam_checkpoint:
                 raise EvaluationInputError("--backend sam needs --sam-checkpoint")
@@ -403,17 +406,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             factory = lambda: build_unsam_predictor(args.config_file, args.opts, args.device, args.mode)  # noqa: E731
         # inputs are checked before the (possibly slow) model build
-        coco = _load_gt(args.gt)
+        _load_gt(args.gt)
         if not os.path.isdir(args.images):
             raise EvaluationInputError(f"image folder '{args.images}' not found")
-        metrics = evaluate_prompts(factory(), coco.dataset, args.images, num_clicks=args.clicks,
+        metrics = evaluate_prompts(factory(), args.gt, args.images, num_clicks=args.clicks,
                                    box=not args.no_box, max_images=args.max_images,
                                    refine_multimask=args.refine_multimask)
-    except (EvaluationInputError, ConfigError, WeightsError, FileNotFoundError) as e:
+        if args.out:
+            write_metrics_json(args.out, metrics)
+    except (EvaluationInputError, GroundTruthError, DeviceError, OutputError, ConfigError, WeightsError,
+            OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        write_metrics_json(args.out, metrics)
     print(format_metrics(metrics))
     return 0
 

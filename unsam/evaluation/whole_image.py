@@ -14,8 +14,17 @@ non-finite ``score`` or an RLE whose size differs from its GT image would otherw
 mis-ranked or scored as misses without a word, so they are a :class:`PredictionError` (the CLI:
 one ``error:`` line, exit status 2), as is an empty prediction list on the command line. An
 empty list passed to :func:`coco_eval_agnostic` is legitimate (a model that detects nothing
-yet) and gives zeros with a warning. In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it
-RLE-encodes each image's masks as it goes, so full-resolution masks are never accumulated.
+yet) and gives zeros with a warning. Uncompressed RLEs (``counts`` a list of ints, valid COCO) are
+compressed before pycocotools sees them.
+
+A ground-truth file is checked as well (:func:`check_coco_gt`): duplicate annotation ids (pycocotools
+keeps one of each, silently), no non-crowd annotation (nothing to recall: every metric would be 0)
+and undecodable segmentations are a :class:`GroundTruthError`, and a results list or a pseudo-label
+file or folder given as ``--gt`` is named as a likely swap of ``--gt`` and ``--pred``. ``--out``
+names the metrics file; a folder there is refused before any work (:func:`check_out_path`).
+
+In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it RLE-encodes each
+image's masks as it goes, so full-resolution masks are never accumulated.
 """
 import argparse
 import contextlib
@@ -27,10 +36,11 @@ import logging
 import math
 import os
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -41,7 +51,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from ..data.sa1b import mask_to_rle, validate_rle
-from ..utils.files import atomic_write
+from ..utils.files import OutputError, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +59,110 @@ MAX_DETS = (1, 10, 100, 1000)
 METRIC_KEYS = ("AR@1", "AR@10", "AR@100", "AR@1000", "AP", "AP50", "ARs@1000", "ARm@1000", "ARl@1000")
 
 
+SWAP_HINT = "did you swap --gt and --pred?"
+
+
 class PredictionError(ValueError):
     """Predictions that cannot be evaluated; the message counts them and names the first."""
+
+
+class GroundTruthError(ValueError):
+    """A ground truth that cannot give meaningful metrics; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- ground truth
+def read_gt_json(path) -> Dict:
+    """The JSON of a ground-truth file, refusing what is plainly not a COCO instances file.
+
+    The shapes of prediction inputs (a results list, a pseudo-label file or folder) get a hint
+    that ``--gt`` and ``--pred`` were swapped: that is the likely mistake, and pycocotools would
+    answer it with an ``AssertionError`` or a ``KeyError``.
+    """
+    if os.path.isdir(path):
+        raise GroundTruthError(f"ground truth '{path}' is a folder (of pseudo labels?), not a COCO instances "
+                               f"JSON file; {SWAP_HINT}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ground-truth file '{path}' not found")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise GroundTruthError(f"ground-truth file '{path}' is not JSON: {e}") from None
+    if isinstance(data, list):
+        raise GroundTruthError(f"ground-truth file '{path}' is a JSON list (COCO results?), not a COCO "
+                               f"instances dict; {SWAP_HINT}")
+    if isinstance(data, dict) and "image" in data and "images" not in data:
+        raise GroundTruthError(f"ground-truth file '{path}' is an SA-1B pseudo-label file, not a COCO "
+                               f"instances JSON; {SWAP_HINT}")
+    return data
+
+
+def _segmentation_problem(seg, size) -> Optional[str]:
+    """Why pycocotools cannot decode one GT segmentation (polygons or RLE), or None.
+
+    pycocotools raises ``IndexError`` for ``[]`` and mistakes a 4-number polygon for a box, so a
+    polygon needs at least 3 points (6 numbers); an RLE must cover its image exactly.
+    """
+    if isinstance(seg, dict):
+        try:
+            validate_rle(seg, size)
+        except ValueError as e:
+            return str(e)
+        return None
+    if not isinstance(seg, list) or not seg:
+        return f"segmentation {seg!r} is empty or not polygons/RLE"
+    for k, poly in enumerate(seg):
+        if (not isinstance(poly, list) or len(poly) < 6
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)):
+            return f"polygon {k} is not a list of at least 6 numbers (3 points)"
+    return None
+
+
+def _image_sizes(images, source: str) -> Dict:
+    """``{image id: (height, width)}``; refuses image records pycocotools cannot decode masks for."""
+    sizes = {}
+    for i, im in enumerate(images):
+        try:
+            sizes[im["id"]] = (int(im["height"]), int(im["width"]))
+        except (KeyError, TypeError, ValueError):
+            raise GroundTruthError(f"{source}: image record {i} needs 'id' and integer 'height' and 'width'") from None
+    return sizes
+
+
+def _check_unique_ids(annotations: List[Dict], source: str) -> None:
+    """pycocotools indexes annotations by id: a duplicate silently replaces the first one."""
+    counts = Counter(ann["id"] for ann in annotations)
+    duplicated = [(i, n) for i, n in counts.items() if n > 1]
+    if duplicated:
+        i, n = duplicated[0]
+        raise GroundTruthError(f"{source}: annotation id {i!r} occurs {n} times ({len(duplicated)} duplicated "
+                               f"id(s)); annotation ids must be unique")
+
+
+def check_coco_gt(data, source: str) -> None:
+    """Raise :class:`GroundTruthError`, naming ``source``, unless ``data`` is a COCO ground truth
+    that can give meaningful metrics (see the module docstring)."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise GroundTruthError(f"{source}: no 'images' list; not a COCO instances JSON")
+    sizes = _image_sizes(data["images"], source)
+    if "annotations" not in data:
+        raise GroundTruthError(f"{source}: no non-crowd annotations (no 'annotations' key): nothing to recall")
+    annotations = data["annotations"]
+    if not isinstance(annotations, list):
+        raise GroundTruthError(f"{source}: 'annotations' is not a list")
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "id" not in ann or "image_id" not in ann:
+            raise GroundTruthError(f"{source}: annotation {i} needs 'id' and 'image_id'")
+        problem = _segmentation_problem(ann.get("segmentation"), sizes.get(ann["image_id"]))
+        if problem:
+            raise GroundTruthError(f"{source}: annotation id {ann['id']!r}: {problem}")
+    _check_unique_ids(annotations, source)
+    if all(ann.get("iscrowd", 0) for ann in annotations):
+        raise GroundTruthError(f"{source}: no non-crowd annotations ({len(annotations)} annotation(s), all "
+                               f"iscrowd=1): nothing to recall")
+
+
+# ----------------------------------------------------------------------------- predictions
 
 
 def _prediction_problem(coco_gt: COCO, p) -> Optional[str]:
@@ -85,6 +197,14 @@ def check_predictions(coco_gt: COCO, predictions, source: str = "predictions") -
                               f"first: prediction {i}: {problem}")
 
 
+def _compressed_rle(rle: Dict) -> Dict:
+    """A compressed RLE for pycocotools' ``loadRes``, which cannot take list ``counts``."""
+    if isinstance(rle.get("counts"), list):
+        h, w = rle["size"]
+        return mask_utils.frPyObjects(rle, h, w)
+    return rle
+
+
 def _mean_valid(x: np.ndarray) -> float:
     x = x[x > -1]
     return float(x.mean()) if x.size else 0.0
@@ -108,7 +228,7 @@ def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None,
     category = coco_gt.getCatIds()[0] if coco_gt.getCatIds() else 1
     preds = []
     for p in predictions:
-        q = dict(p, category_id=category)
+        q = dict(p, category_id=category, segmentation=_compressed_rle(p["segmentation"]))
         q.pop("bbox", None)  # loadRes derives boxes from the RLE
         preds.append(q)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -132,17 +252,24 @@ def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None,
     return {k: metrics[k] for k in METRIC_KEYS}
 
 
-def load_coco_gt(gt) -> COCO:
-    """A pycocotools COCO object from a path or an already-built COCO dict (quietly)."""
+def load_coco_gt(gt, check: bool = False) -> COCO:
+    """A pycocotools COCO object from a path or an already-built COCO dict (quietly).
+
+    A file, which a user hands us, is always checked (:func:`check_coco_gt`); a dict only with
+    ``check``: the program builds those (e.g. per-level subsets that may lack non-crowd masks).
+    """
+    if isinstance(gt, (str, os.PathLike)):
+        data = read_gt_json(gt)
+        check_coco_gt(data, str(gt))
+    else:
+        if check:
+            check_coco_gt(gt, "ground truth")
+        data = copy.deepcopy(gt)
     with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(gt, (str, os.PathLike)):
-            if not os.path.isfile(gt):
-                raise FileNotFoundError(f"ground-truth file '{gt}' not found")
-            return COCO(str(gt))
         coco = COCO()
-        coco.dataset = copy.deepcopy(gt)
+        coco.dataset = data
         coco.createIndex()
-        return coco
+    return coco
 
 
 def evaluate_coco_json(gt, predictions: List[Dict], image_ids=None) -> Dict[str, float]:
@@ -157,22 +284,57 @@ def write_metrics_json(path, metrics: Dict[str, float]) -> None:
 
 
 def report_metrics(metrics: Dict[str, float], out: Optional[str] = None) -> None:
-    """What every evaluation CLI ends with: the metrics line on stdout, and ``--out`` if given."""
-    print(format_metrics(metrics))
+    """What every evaluation CLI ends with: ``--out`` if given, then the metrics line on stdout
+    (in that order, so a write that fails prints no table that looks like success)."""
     if out:
         write_metrics_json(out, metrics)
+    print(format_metrics(metrics))
+
+
+def check_out_path(out: Optional[str]) -> None:
+    """Refuse an ``--out`` that cannot be written as a file, before any (slow) evaluation.
+
+    ``--out`` names the metrics file itself: a folder is refused rather than guessing a file
+    name inside it, and so is a path under an existing file (no folder can be made there).
+    """
+    if not out:
+        return
+    if os.path.isdir(out):
+        raise OutputError(f"--out '{out}' is a folder; give the metrics file, e.g. "
+                          f"'{os.path.join(out, 'metrics.json')}'")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"--out '{out}' cannot be written: '{parent}' is a file, not a folder")
 
 
 def evaluation_cli(compute: Callable[[], Dict[str, float]], out: Optional[str] = None) -> int:
     """Run ``compute`` and report its metrics (exit status 0), or print its bad-input error as one
     ``error:`` line (exit status 2)."""
     try:
-        metrics = compute()
+        check_out_path(out)
+        report_metrics(compute(), out)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report_metrics(metrics, out)
     return 0
+
+
+def read_results_json(path) -> List[Dict]:
+    """The non-empty COCO results list of ``--pred``; a COCO ground truth there is named as a
+    likely swap of ``--gt`` and ``--pred``."""
+    try:
+        with open(path) as f:
+            predictions = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise PredictionError(f"{path}: not JSON: {e}") from None
+    if isinstance(predictions, dict) and "images" in predictions:
+        raise PredictionError(f"{path}: is a COCO ground truth (it has 'images'), not a list of COCO results; "
+                              f"{SWAP_HINT}")
+    if not isinstance(predictions, list) or not predictions:
+        raise PredictionError(f"{path}: expected a non-empty JSON list of COCO results")
+    return predictions
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
@@ -277,11 +439,7 @@ def main(argv=None) -> int:
 
     def compute() -> Dict[str, float]:
         coco_gt = load_coco_gt(args.gt)
-        with open(args.pred) as f:
-            predictions = json.load(f)
-        if not isinstance(predictions, list) or not predictions:
-            raise PredictionError(f"{args.pred}: expected a non-empty JSON list of COCO results")
-        return coco_eval_agnostic(coco_gt, predictions, source=args.pred)
+        return coco_eval_agnostic(coco_gt, read_results_json(args.pred), source=args.pred)
 
     return evaluation_cli(compute, args.out)
 
