@@ -1,7 +1,7 @@
 """Browser demo of UnSAM: segment everything, click to prompt, browse the pseudo-label hierarchy.
 
   python -m unsam.app [--config-file F] [--host 127.0.0.1] [--port 7860] [--max-side 1024]
-                      [--samples DIR|GLOB] [--opts MODEL.WEIGHTS W MODEL.DEVICE cpu ...]
+                      [--max-upload-mb 50] [--samples DIR|GLOB] [--opts MODEL.WEIGHTS W MODEL.DEVICE cpu ...]
 
 then open http://127.0.0.1:7860. Three tabs work on the uploaded (or sample) photo:
 
@@ -15,14 +15,17 @@ then open http://127.0.0.1:7860. Three tabs work on the uploaded (or sample) pho
   mask for its parts, *Up* for its parent; download the SA-1B JSON.
 
 Everything runs offline, on a GPU when there is one, else the CPU (``MODEL.DEVICE``): no
-``--share`` link, no analytics, no assets from the internet. The work per upload is bounded by
-``--max-side`` (photos are downscaled to it); an unreadable or oversized file gets one error
-message on the page. A bad config or weights file prints one ``error:`` line and exits 2.
+``--share`` link, no analytics, no assets from the internet. An upload larger than
+``--max-upload-mb`` is refused while it streams in; the work per upload is bounded by
+``--max-side`` (photos are downscaled to it); an unreadable or oversized photo gets one error
+message on the page, naming the file by its base name only, and its temporary copy is deleted.
+A bad config, weights file or option prints one ``error:`` line and exits 2.
 """
 import argparse
 import glob
 import html
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -33,8 +36,9 @@ import numpy as np
 
 import unsam  # noqa: F401  (compat before detectron2)
 
-from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hierarchy_candidates, load_photo,
-                          pick_mask, render_everything, render_hierarchy, render_prompt, write_pseudo_json)
+from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hierarchy_candidates, open_upload,
+                          pick_mask, public_message, render_everything, render_hierarchy, render_prompt,
+                          write_pseudo_json)
 from .checkpoint import WeightsError
 from .data.coco import shared_data_dir
 from .demo_io import IMAGE_EXTENSIONS
@@ -46,6 +50,9 @@ logger = logging.getLogger("unsam.app")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny" / "unsam_quickstart.yaml"
 MAX_SAMPLES = 6
+# the largest upload accepted by default: phone and camera JPEGs are 2-15 MB, so this takes any
+# photo and most large PNGs while bounding what one upload can make the server store
+DEFAULT_MAX_UPLOAD_MB = 50
 POSITIVE, NEGATIVE, BOX = "positive point", "negative point", "box (click two corners)"
 
 
@@ -62,6 +69,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-side", type=int, default=1024,
                         help="uploads are downscaled so their long side is at most this many pixels (default 1024): "
                              "it bounds the time and memory one upload costs")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                        help=f"uploads larger than this are refused before they are stored (default "
+                             f"{DEFAULT_MAX_UPLOAD_MB})")
     parser.add_argument("--samples", default=None, metavar="DIR|GLOB",
                         help=f"sample photos offered on the page (the first {MAX_SAMPLES}; default: the shared COCO "
                              "validation photos when present)")
@@ -82,16 +92,34 @@ def find_samples(spec: Optional[str]) -> List[str]:
     return sorted(p for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)[:MAX_SAMPLES]
 
 
+def shown_path(path: str) -> str:
+    """How the page names a server file: relative to the checkout when inside it, else by its
+    base name (the browser user has no business knowing the server's folders)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else Path(path).name
+
+
 def status_text(models: DemoModels, config_file: str) -> str:
     weights = models.cfg.MODEL.WEIGHTS
     if weights:
-        model = f"weights `{weights}`; prompts: **{models.prompt_mode}** mode"
+        model = f"weights `{shown_path(weights)}`; prompts: **{models.prompt_mode}** mode"
     else:
         model = ("**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free pseudo labels "
                  f"and *Prompt* answers are not meaningful ({models.prompt_mode} mode)")
-    path = Path(config_file).resolve()
-    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-    return f"Config `{shown}`, {model}, device {models.cfg.MODEL.DEVICE}."
+    return f"Config `{shown_path(config_file)}`, {model}, device {models.cfg.MODEL.DEVICE}."
+
+
+def read_upload(payload: dict, max_side: int) -> Photo:
+    """The photo of an upload or sample payload (Gradio's FileData), or a ``gr.Error`` the page
+    shows: one line naming the file by its base name. A refused upload's temporary copy in
+    Gradio's upload folder is deleted (Gradio would keep it until the server stops)."""
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    try:
+        return open_upload(payload["path"], max_side, name=payload.get("orig_name"), upload_dir=get_upload_folder())
+    except AppInputError as e:
+        raise gr.Error(html.escape(public_message(str(e))), print_exception=False) from None
 
 
 def _prompt_arrays(pstate):
@@ -286,10 +314,7 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
             """A new upload or sample. Gets the raw payload: the project's reader opens the file."""
             photo = None
             if payload:
-                try:
-                    photo = load_photo(payload["path"], max_side, name=payload.get("orig_name"))
-                except AppInputError as e:
-                    raise gr.Error(html.escape(str(e)), print_exception=False) from None
+                photo = read_upload(payload, max_side)
                 progress(0.2, desc="encoding the photo for prompts")
                 seconds = models.encode(photo)
             shown = None if photo is None else photo.image
@@ -311,6 +336,14 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
     return demo
 
 
+def launch_options(args: argparse.Namespace) -> dict:
+    """``Blocks.launch`` keywords: local only, no share link, and ``max_file_size`` so Gradio refuses
+    an oversized upload (HTTP 413) while it streams in, before it lands in its temp folder."""
+    return {"server_name": args.host, "server_port": args.port, "share": False, "show_error": True,
+            "inbrowser": False, "ssr_mode": False, "quiet": True,
+            "max_file_size": int(args.max_upload_mb * 1024 * 1024)}
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
@@ -318,6 +351,10 @@ def main(argv=None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     if args.max_side < 32:
         print(f"error: --max-side must be at least 32, got {args.max_side}", file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        print(f"error: --max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb:g}",
+              file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config_file, args.opts)
@@ -328,10 +365,10 @@ def main(argv=None) -> int:
     samples = find_samples(args.samples)
     download_dir = tempfile.mkdtemp(prefix="unsam-app-")
     demo = build_demo(models, args.config_file, args.max_side, samples, download_dir)
-    logger.info("serving on http://%s:%d (Ctrl+C stops)", args.host, args.port)
+    logger.info("serving on http://%s:%d (uploads up to %g MB; Ctrl+C stops)", args.host, args.port,
+                args.max_upload_mb)
     try:
-        demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
-                            inbrowser=False, ssr_mode=False, quiet=True)
+        demo.queue().launch(**launch_options(args))
     except OSError as e:  # port taken, address not available
         print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2

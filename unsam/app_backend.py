@@ -2,7 +2,8 @@
 
 * :func:`load_photo` reads an upload with the project's one image reader, refuses what it cannot
   read or what is too large with one :class:`AppInputError` line, and bounds the work per upload
-  by downscaling to ``max_side``.
+  by downscaling to ``max_side``; :func:`open_upload` also deletes a refused upload's temporary
+  copy. What the browser is told names files by their base name only (:func:`public_message`).
 * :class:`Segments` holds one image's masks as SA-1B annotations (COCO RLE, score, and for
   pseudo labels ``level`` / ``parent_id``), so a result stays small in memory however many masks
   it has; masks are decoded only for what is drawn.
@@ -15,6 +16,7 @@
 """
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -63,10 +65,29 @@ class Photo:
         return f"{self.image.shape[1]}×{self.image.shape[0]}"
 
 
+# the folders of an absolute path ("/srv/tmp/gradio/ab12/"), not preceded by a word, a dot, a
+# colon or a slash (so "w/o", "1/2", "./x" and URLs are left alone)
+_DIRECTORIES = re.compile(r"(?<![\w.:/])/(?:[^/\s'\"]*/)+")
+
+
+def public_message(text: str) -> str:
+    """``text`` with every absolute path cut to its base name.
+
+    Messages reach the browser user, who knows an upload by its own file name; the server's
+    folders (Gradio's temp folder, the checkout, the user running it) are none of their business."""
+    return _DIRECTORIES.sub("", text)
+
+
+def _base_name(name) -> str:
+    """The last component of ``name``, whichever separator the client used."""
+    return re.split(r"[\\/]", str(name))[-1]
+
+
 def load_photo(path, max_side: int, name: Optional[str] = None) -> Photo:
     """Read ``path`` (EXIF orientation, 16-bit scaled: :mod:`unsam.utils.images`) and shrink it so
-    that its long side is at most ``max_side``. Raises :class:`AppInputError`."""
-    label = name or Path(path).name
+    that its long side is at most ``max_side``. Raises :class:`AppInputError`, whose message names
+    the file by its base name (``name``, the upload's original name, when given)."""
+    label = _base_name(name) if name else Path(path).name
     try:
         with Image.open(path) as probe:  # the header only: refuse huge images before decoding
             width, height = probe.size
@@ -91,9 +112,50 @@ def load_photo(path, max_side: int, name: Optional[str] = None) -> Photo:
 
 
 def _reason(error: Exception, path, label: str) -> str:
-    """A reader error in one line, naming the upload as the user knows it (not its server path)."""
+    """A reader error in one line, naming the upload as the user knows it (not its server path,
+    in whatever spelling the reader used: as given, normalised or resolved)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text.replace(str(path), label)
+    spellings = {str(path), str(Path(path)), str(Path(path).absolute()), str(Path(path).resolve())}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, label)
+    return public_message(text)
+
+
+def open_upload(path, max_side: int, name: Optional[str] = None, upload_dir=None) -> Photo:
+    """:func:`load_photo`, and when it refuses the file, delete the file if it is a temporary copy
+    inside ``upload_dir`` (Gradio's upload folder): Gradio keeps every upload until the server
+    stops, and a refused one is of no use to anybody. Raises :class:`AppInputError`."""
+    try:
+        return load_photo(path, max_side, name=name)
+    except AppInputError:
+        if upload_dir is not None:
+            discard_upload(path, upload_dir)
+        raise
+
+
+def discard_upload(path, upload_dir) -> bool:
+    """Delete ``path`` and its folder when that is left empty, if ``path`` is a file inside
+    ``upload_dir``; anything else (a sample photo, a link, the folder itself) is never touched.
+    Returns whether it was deleted."""
+    root = Path(upload_dir).resolve()
+    target = Path(path)
+    if target.is_symlink() or not target.is_file():
+        return False
+    target = target.resolve()
+    if not target.is_relative_to(root):
+        return False
+    try:
+        target.unlink()
+    except OSError as e:
+        logger.warning("could not delete the refused upload %s: %s", target, e)
+        return False
+    if target.parent != root:
+        try:
+            target.parent.rmdir()  # Gradio's per-upload folder, when nothing else is in it
+        except OSError:
+            pass
+    logger.info("deleted the refused upload %s", target)
+    return True
 
 
 class Segments:

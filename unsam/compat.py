@@ -10,9 +10,23 @@ import collections.abc
 import importlib.util
 import sys
 import types
+import warnings
 
 import numpy as np
 from PIL import Image
+
+
+def silence_jit_script_notice() -> None:
+    """Hide torch's deprecation notice of ``torch.jit.script``, and nothing else.
+
+    torch (2.14 here) warns on every call; fvcore.nn (focal loss) and detectron2.modeling (box
+    regression) call it at import time, so every command importing them -- ``--help`` included --
+    printed two FutureWarnings the user can do nothing about. UnSAM never calls it itself."""
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                            module=r"torch\.jit\._script")
+
+
+silence_jit_script_notice()
 
 # numpy >= 1.24 removed the deprecated scalar aliases that detectron2 0.6 still uses.
 for _alias, _target in (("int", int), ("float", float), ("bool", bool), ("object", object), ("str", str)):

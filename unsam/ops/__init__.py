@@ -52,11 +52,46 @@ def _cflags() -> list:
     return flags
 
 
+def build_dir() -> Optional[Path]:
+    """The folder torch builds and caches the extension in (``TORCH_EXTENSIONS_DIR`` or its
+    default), or None when this torch lays its cache out differently."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(_EXTENSION_NAME, verbose=False))
+    except Exception:  # noqa: BLE001 - a private torch helper: unknown means "say nothing specific"
+        return None
+
+
+def is_cached(folder: Optional[Path]) -> bool:
+    """True when ``folder`` holds a build at least as new as the source (loading it takes ~0.1 s;
+    anything else means a compile of 20-40 s)."""
+    if folder is None:
+        return False
+    library = folder / f"{_EXTENSION_NAME}.so"
+    try:
+        return library.stat().st_mtime >= _SOURCE.stat().st_mtime
+    except OSError:
+        return False
+
+
+def _announce_compile() -> None:
+    """Say once that the first run compiles, so a 20-40 s silent pause does not look like a hang.
+
+    WARNING, not INFO: the CLIs differ in the level they log at, and Python's last-resort handler
+    prints warnings even where logging is not configured."""
+    folder = build_dir()
+    if not is_cached(folder):
+        logger.warning("compiling UnSAM's CPU kernels once (~20-40 s; cached in %s)",
+                       folder if folder is not None else "TORCH_EXTENSIONS_DIR")
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the extension; raises when it cannot be built."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" notice
     from torch.utils.cpp_extension import load
 
+    _announce_compile()
     return load(name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_cflags(), verbose=verbose)
 
 
