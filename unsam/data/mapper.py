@@ -19,7 +19,7 @@ Optional extras (training only):
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import get_event_storage
 
 from ..utils.images import UnsupportedImageError, open_image
 from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask
@@ -179,9 +180,40 @@ def decode_transformed_masks(segmentations: List, height: int, width: int, trans
     return out, np.array([k for k, *_ in pieces], dtype=np.int64), boxes
 
 
+class ClampedResizeTransform(T.ResizeTransform):
+    """A resize whose output side was raised from 0 to 1 px by :class:`AtLeastOnePixel`; the
+    mapper recognises the sample by this type (to name and count it), every other consumer sees
+    an ordinary ``ResizeTransform``."""
+
+
+class AtLeastOnePixel(T.Augmentation):
+    """A resize augmentation whose output sides are never below 1 px.
+
+    detectron2 rounds each scaled side to the nearest pixel: a 20000×20 strip fitted into a
+    1024 square has a 0.5-px short side, rounded to 0, and PIL's resize then raises — stopping
+    the whole run at the iteration that draws the image. Raising that side to 1 px keeps the
+    sample usable (LSJ pads it to the crop size, its masks survive as 1-px lines) instead of
+    replacing it.
+    """
+
+    def __init__(self, resize: T.Augmentation):
+        super().__init__()
+        self.resize = resize
+
+    def get_transform(self, image):
+        t = self.resize.get_transform(image)
+        if isinstance(t, T.ResizeTransform) and min(t.new_h, t.new_w) < 1:
+            return ClampedResizeTransform(t.h, t.w, max(t.new_h, 1), max(t.new_w, 1), t.interp)
+        return t
+
+    def __repr__(self):
+        return f"AtLeastOnePixel({self.resize!r})"
+
+
 def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
     augs = [
-        T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size, target_width=image_size),
+        AtLeastOnePixel(T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size,
+                                      target_width=image_size)),
         T.FixedSizeCrop(crop_size=(image_size, image_size)),
     ]
     if flip:
@@ -197,12 +229,18 @@ class UnSAMDatasetMapper:
                  visa_guidance: str = ""):
         """``visa_guidance``: "" (none) or the guidance feature backend ("classical")."""
         self.is_train = is_train
+        # a resize may round a thin image's short side to 0 px: every resize keeps >= 1 px
+        augmentations = [AtLeastOnePixel(a) if isinstance(a, (T.ResizeScale, T.ResizeShortestEdge, T.Resize))
+                         else a for a in augmentations]
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.max_instances = max_instances
         self.visa_guidance = visa_guidance
         self._guidance_features = None
         self.num_skipped = 0  # training images skipped by this mapper (in this loader worker)
+        # samples whose resize had a side raised from 0 to 1 px, and the images they came from
+        self.num_degenerate = 0
+        self.degenerate_images: Set[str] = set()
         if visa_guidance and visa_guidance != "classical":
             raise ValueError(
                 f"UNSAM.VISA.GUIDANCE.FEATURES={visa_guidance!r}: only 'classical' is supported in "
@@ -274,6 +312,24 @@ class UnSAMDatasetMapper:
             return None
         return image
 
+    def _note_degenerate(self, dataset_dict: Dict, shape: Tuple[int, int]) -> None:
+        """Count a sample whose resize kept a side at 1 px; name its image once (per loader
+        worker) and publish the count as ``data/degenerate_resizes`` where an EventStorage is
+        active in this process (``DATALOADER.NUM_WORKERS 0``; workers have only the log)."""
+        self.num_degenerate += 1
+        name = str(dataset_dict.get("file_name"))
+        if name not in self.degenerate_images:
+            self.degenerate_images.add(name)
+            logger.warning("image %s (%dx%d, width x height) is too thin for the resize: a side that rounds to "
+                           "0 px is kept at 1 px (%d such image(s) in this loader so far)",
+                           name, shape[1], shape[0], len(self.degenerate_images))
+        if self.is_train:
+            try:
+                storage = get_event_storage()
+            except AssertionError:  # no storage in this process (a loader worker)
+                return
+            storage.put_scalar("data/degenerate_resizes", self.num_degenerate, smoothing_hint=False)
+
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         # shallow: annotations are only read, and a deep copy of hundreds of RLE dicts per image
         # cost more than decoding them
@@ -283,6 +339,8 @@ class UnSAMDatasetMapper:
             return None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
+        if any(isinstance(t, ClampedResizeTransform) for t in transforms.transforms):
+            self._note_degenerate(dataset_dict, image.shape[:2])
         image = aug_input.image
         h, w = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

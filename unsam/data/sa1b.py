@@ -74,7 +74,9 @@ def rle_box(rle: Dict) -> Tuple[int, int, int, int]:
 def rle_area(rle: Dict) -> int:
     """Pixel count of one RLE (pycocotools' batched ``area`` overflows past 255 RLEs)."""
     counts = rle["counts"]
-    if isinstance(counts, str):
+    if isinstance(counts, list):  # uncompressed RLE, as COCO uses for crowds
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(counts, str):
         rle = {"size": rle["size"], "counts": counts.encode("ascii")}
     return int(mask_utils.area(rle))
 
@@ -241,14 +243,46 @@ def _resolve_image(json_path: Path, file_name: str) -> Optional[Path]:
     return None
 
 
+def _record_annotations(annotations: List[Dict]) -> Tuple[List[Dict], int]:
+    """A file's (validated) annotations as detectron2 annotation dicts, and how many were dropped
+    for an empty mask.
+
+    An empty mask trains nothing (the mapper drops it after augmentation anyway) but made an
+    image look labelled: a root of empty masks trained to the end with ``loss_mask`` 0. ``area``
+    is the mask's pixel count from its RLE (cheap: no decoding), whatever the file says.
+    """
+    out, empty = [], 0
+    for i, ann in enumerate(annotations):
+        area = rle_area(ann["segmentation"])
+        if area == 0:
+            empty += 1
+            continue
+        out.append({
+            "segmentation": ann["segmentation"],
+            "bbox": ann.get("bbox", [0, 0, 0, 0]),
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 0,
+            "iscrowd": 0,
+            "area": area,
+            "id": ann.get("id", i),
+            "level": int(ann.get("level", 0)),
+            "parent_id": int(ann.get("parent_id", -1)),
+            "predicted_iou": float(ann.get("predicted_iou", 1.0)),
+        })
+    return out, empty
+
+
 def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
     """Load every image of an SA-1B root as detectron2 dataset dicts (class-agnostic).
 
     Files that are corrupt, whose RLE size disagrees with the image, or whose image is missing
-    are logged by name, counted and skipped: a bad file never kills a run silently. A root
-    with no usable image raises :class:`DatasetError`.
+    are logged by name, counted and skipped: a bad file never kills a run silently. Empty masks
+    are dropped and counted; an image left without a mask is left out (``skip_empty``) or kept,
+    and the log says which, with the count. A root with no usable image raises
+    :class:`DatasetError`; whether a *training* set has any mask at all is the trainer's check
+    (:func:`unsam.engine.trainer.load_train_dicts`), across all its roots.
     """
-    dicts, skipped, empty = [], [], 0
+    dicts, skipped, unmasked, empty_masks = [], [], 0, 0
     files = find_sa1b_files(root)
     for json_path in files:
         try:
@@ -261,24 +295,12 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
         if img_path is None:
             skipped.append(f"{json_path}: image '{image.get('file_name')}' not found")
             continue
-        annotations = [
-            {
-                "segmentation": ann["segmentation"],
-                "bbox": ann.get("bbox", [0, 0, 0, 0]),
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": 0,
-                "iscrowd": 0,
-                "area": ann.get("area", 0),
-                "id": ann.get("id", i),
-                "level": int(ann.get("level", 0)),
-                "parent_id": int(ann.get("parent_id", -1)),
-                "predicted_iou": float(ann.get("predicted_iou", 1.0)),
-            }
-            for i, ann in enumerate(data["annotations"])
-        ]
-        if skip_empty and not annotations:
-            empty += 1
-            continue
+        annotations, empty = _record_annotations(data["annotations"])
+        empty_masks += empty
+        if not annotations:
+            unmasked += 1
+            if skip_empty:
+                continue
         dicts.append(
             {
                 "file_name": str(img_path),
@@ -292,12 +314,13 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
         logger.warning("skipped pseudo-label file: %s", msg)
     # a warning when files were skipped, so the count is seen next to the names above
     logger.log(logging.WARNING if skipped else logging.INFO,
-               "SA-1B root %s: %d images loaded, %d files skipped, %d without annotations left out",
-               root, len(dicts), len(skipped), empty)
+               "SA-1B root %s: %d images loaded, %d files skipped, %d empty masks dropped, "
+               "%d images without a mask %s", root, len(dicts), len(skipped), empty_masks, unmasked,
+               "left out (UNSAM.DATA.SKIP_EMPTY)" if skip_empty else "kept")
     if not dicts:
         reason = f"; first skipped: {skipped[0]}" if skipped else ""
         raise DatasetError(f"SA-1B root '{root}' has no usable image ({len(files)} JSON files, "
-                           f"{len(skipped)} skipped, {empty} without annotations{reason})")
+                           f"{len(skipped)} skipped, {unmasked} without a non-empty mask{reason})")
     return dicts
 
 
@@ -316,7 +339,9 @@ def register_sa1b(name: str, root, skip_empty: bool = False) -> None:
 def iter_roots_from_config(entries: Iterable[str]):
     """Parse ``UNSAM.DATA.SA1B_ROOTS`` entries of the form ``name:path`` (path may hold ':')."""
     for entry in entries:
-        name, sep, path = entry.partition(":")
-        if not sep or not name or not path:
-            raise ValueError(f"UNSAM.DATA.SA1B_ROOTS entry '{entry}' must be 'name:path'")
+        name, sep, path = str(entry).partition(":")
+        if not sep or not name.strip() or not path.strip():
+            # a DatasetError: train_net.py reports it as one "error:" line (a ValueError subclass)
+            raise DatasetError(f"UNSAM.DATA.SA1B_ROOTS entry '{entry}' must be 'name:path', "
+                               "e.g. \"('my_pseudo:/data/pseudo_labels',)\"")
         yield name, path

@@ -17,16 +17,17 @@ Differences from detectron2's defaults, and why:
 import copy
 import itertools
 import logging
+import math
 import os
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Set
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
 import torch
 
 import unsam.compat  # noqa: F401
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.engine import hooks as d2_hooks
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
@@ -40,12 +41,12 @@ from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, b
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
 from ..data.prompts import WHOLE_TASK
-from ..data.sa1b import iter_roots_from_config, register_sa1b
+from ..data.sa1b import DatasetError, iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
 from .checkpointer import TrainingCheckpointer
 from .hooks import ATSFeedbackHook, VisaBatchLoader, VisaScheduleHook
-from ..utils.arguments import load_config
+from ..utils.arguments import ConfigError, load_config
 from ..utils.dist import create_ddp_model
 
 logger = logging.getLogger("detectron2")
@@ -65,15 +66,19 @@ def register_datasets(cfg) -> None:
         register_sa1b(name, path, skip_empty=cfg.UNSAM.DATA.SKIP_EMPTY)
     for entry in cfg.UNSAM.DATA.COCO_SETS:
         if len(entry) != 3:
-            raise ValueError(f"UNSAM.DATA.COCO_SETS entry {entry} must be [name, json_file, image_root]")
+            raise ConfigError(f"UNSAM.DATA.COCO_SETS entry {list(entry)} must be [name, json_file, image_root]")
         register_coco_agnostic(*entry)
 
 
 def setup_config(args):
-    """Load the config named by ``args`` and run detectron2's ``default_setup`` (logs, seed)."""
+    """Load and check the config named by ``args``, run detectron2's ``default_setup`` (logs,
+    seed) and register the datasets; a nonsense value or unknown dataset is a
+    :class:`ConfigError` naming the key (``train_net.py``: one ``error:`` line, exit 2)."""
     cfg = load_config(args.config_file, args.opts, freeze=False)
+    training = not getattr(args, "eval_only", False)
+    validate_config(cfg, comm.get_world_size(), training=training)
     if cfg.MODEL.DEVICE == "cuda" and not torch.cuda.is_available():
-        raise ValueError("MODEL.DEVICE is 'cuda' but no GPU is visible; pass MODEL.DEVICE cpu")
+        raise ConfigError("MODEL.DEVICE is 'cuda' but no GPU is visible; pass MODEL.DEVICE cpu")
     if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
         # torch's CPU autocast would silently train in bf16; mixed precision is a CUDA feature here
         cfg.SOLVER.AMP.ENABLED = False
@@ -81,7 +86,195 @@ def setup_config(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="unsam")
     register_datasets(cfg)
+    if training:
+        check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
+    check_dataset_names("DATASETS.TEST", cfg.DATASETS.TEST)
     return cfg
+
+
+# ----------------------------------------------------------------------------- config checks
+# (predicate, what a valid value is) for the numeric keys whose nonsense values would otherwise
+# end in a traceback deep in model or loader code, or worse, a run that trains nothing
+def _finite(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (int, float)) and math.isfinite(v) and test(v)
+
+
+_POSITIVE = (_finite(lambda v: v > 0), "> 0")
+_NON_NEGATIVE = (_finite(lambda v: v >= 0), ">= 0 (and finite)")
+_AT_LEAST_ONE = (_finite(lambda v: v >= 1), ">= 1")
+_FRACTION = (_finite(lambda v: 0 <= v <= 1), "between 0 and 1")
+
+# checked for every run: they shape the model and the test-time input
+_MODEL_RULES: Sequence[Tuple[str, Tuple[Callable[[Any], bool], str]]] = (
+    ("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", _POSITIVE),
+    ("MODEL.MASK_FORMER.HIDDEN_DIM", _POSITIVE),
+    ("MODEL.MASK_FORMER.NHEADS", _POSITIVE),
+    ("MODEL.MASK_FORMER.DIM_FEEDFORWARD", _POSITIVE),
+    ("MODEL.MASK_FORMER.DEC_LAYERS", _AT_LEAST_ONE),
+    ("MODEL.MASK_FORMER.TEST.UPSAMPLE_CHUNK", _POSITIVE),
+    ("MODEL.SEM_SEG_HEAD.CONVS_DIM", _POSITIVE),
+    ("MODEL.SEM_SEG_HEAD.MASK_DIM", _POSITIVE),
+    ("MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", _NON_NEGATIVE),
+    ("MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", _POSITIVE),
+    ("MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS", _POSITIVE),
+    ("INPUT.MIN_SIZE_TEST", _POSITIVE),
+    ("INPUT.MAX_SIZE_TEST", _POSITIVE),
+    ("TEST.DETECTIONS_PER_IMAGE", _POSITIVE),
+    ("DATALOADER.NUM_WORKERS", _NON_NEGATIVE),
+)
+# checked when training
+_TRAIN_RULES: Sequence[Tuple[str, Tuple[Callable[[Any], bool], str]]] = (
+    ("SOLVER.IMS_PER_BATCH", _POSITIVE),
+    ("SOLVER.MAX_ITER", _POSITIVE),
+    ("SOLVER.BASE_LR", _NON_NEGATIVE),
+    ("SOLVER.BACKBONE_MULTIPLIER", _NON_NEGATIVE),
+    ("SOLVER.WEIGHT_DECAY", _NON_NEGATIVE),
+    ("SOLVER.WEIGHT_DECAY_NORM", _NON_NEGATIVE),
+    ("SOLVER.WEIGHT_DECAY_EMBED", _NON_NEGATIVE),
+    ("SOLVER.MOMENTUM", _NON_NEGATIVE),
+    ("SOLVER.WARMUP_ITERS", _NON_NEGATIVE),
+    ("SOLVER.WARMUP_FACTOR", _FRACTION),
+    ("SOLVER.CHECKPOINT_PERIOD", _POSITIVE),
+    ("TEST.EVAL_PERIOD", _NON_NEGATIVE),
+    ("INPUT.IMAGE_SIZE", _POSITIVE),
+    ("INPUT.MIN_SCALE", _POSITIVE),
+    ("INPUT.MAX_SCALE", _POSITIVE),
+    ("INPUT.MAX_INSTANCES_PER_IMAGE", _POSITIVE),
+    ("MODEL.MASK_FORMER.TRAIN_NUM_POINTS", _POSITIVE),
+    ("MODEL.MASK_FORMER.OVERSAMPLE_RATIO", _AT_LEAST_ONE),
+    ("MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO", _FRACTION),
+    ("MODEL.MASK_FORMER.CLASS_WEIGHT", _NON_NEGATIVE),
+    ("MODEL.MASK_FORMER.DICE_WEIGHT", _NON_NEGATIVE),
+    ("MODEL.MASK_FORMER.MASK_WEIGHT", _NON_NEGATIVE),
+    ("MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", _NON_NEGATIVE),
+)
+_OPTIMIZERS = ("ADAMW", "SGD")
+_SCHEDULERS = ("WarmupPolyLR", "WarmupMultiStepLR", "WarmupCosineLR")
+_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+
+
+def _value(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _divisible(cfg, key: str, by_key: str) -> Iterator[str]:
+    value, by = _value(cfg, key), _value(cfg, by_key)
+    if isinstance(by, int) and by > 0 and value % by:
+        yield f"{key} {value!r}: must be divisible by {by_key} {by!r}"
+
+
+def _choice(cfg, key: str, choices: Sequence[str], upper: bool = False) -> Iterator[str]:
+    value = _value(cfg, key)
+    if (str(value).upper() if upper else value) not in choices:
+        yield f"{key} {value!r}: must be one of {', '.join(choices)}"
+
+
+def _config_problems(cfg, world_size: int, training: bool) -> Iterator[str]:
+    """Every invalid value of ``cfg``, one sentence each naming the key and the value."""
+    rules = list(_MODEL_RULES) + (list(_TRAIN_RULES) if training else [])
+    for key, (valid, must) in rules:
+        if not valid(_value(cfg, key)):
+            yield f"{key} {_value(cfg, key)!r}: must be {must}"
+    # MultiheadAttention / MSDeformAttn split the width evenly over the heads
+    yield from _divisible(cfg, "MODEL.MASK_FORMER.HIDDEN_DIM", "MODEL.MASK_FORMER.NHEADS")
+    yield from _divisible(cfg, "MODEL.SEM_SEG_HEAD.CONVS_DIM", "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS")
+    if not training:
+        return
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if batch > 0 and batch % world_size:
+        yield (f"SOLVER.IMS_PER_BATCH {batch}: must be divisible by the {world_size} processes "
+               "(each takes an equal share of the batch)")
+    lo, hi = cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE
+    if math.isfinite(lo) and math.isfinite(hi) and 0 < hi < lo:
+        yield f"INPUT.MAX_SCALE {hi!r}: must be >= INPUT.MIN_SCALE {lo!r}"
+    if not cfg.DATASETS.TRAIN:
+        yield "DATASETS.TRAIN is empty: name at least one training set"
+    yield from _choice(cfg, "SOLVER.OPTIMIZER", _OPTIMIZERS, upper=True)
+    yield from _choice(cfg, "SOLVER.LR_SCHEDULER_NAME", _SCHEDULERS)
+    if not cfg.UNSAM.ATS.ENABLED:  # the ATS loader has its own sampler
+        yield from _choice(cfg, "DATALOADER.SAMPLER_TRAIN", _SAMPLERS)
+    visa = cfg.UNSAM.VISA
+    if visa.ENABLED and visa.GUIDANCE.ENABLED and visa.GUIDANCE.WEIGHT > 0:
+        yield from _choice(cfg, "UNSAM.VISA.GUIDANCE.FEATURES", ("classical",))
+
+
+def validate_config(cfg, world_size: int = 1, training: bool = True) -> None:
+    """Refuse nonsense numbers before any model or loader is built: :class:`ConfigError` with the
+    first problem (key and value), the others logged. ``training``: also the solver and
+    training-input keys (``--eval-only`` does not use them)."""
+    problems = list(_config_problems(cfg, world_size, training))
+    for extra in problems[1:]:
+        logger.error("config: %s", extra)
+    if problems:
+        more = f" (and {len(problems) - 1} more, logged)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+# ----------------------------------------------------------------------------- datasets
+def _our_dataset_names() -> List[str]:
+    """The registered sets UnSAM can train/evaluate on (built-in, SA1B_ROOTS, COCO_SETS)."""
+    return sorted(n for n in DatasetCatalog.list()
+                  if MetadataCatalog.get(n).get("evaluator_type", None) in ("sa1b", "coco_agnostic"))
+
+
+def check_dataset_names(key: str, names: Sequence[str]) -> None:
+    """:class:`ConfigError` naming the first of ``names`` (config ``key``) that is not registered,
+    with the names that are and how to add one — detectron2 would raise a KeyError deep in the
+    loader (or, for a test set, after the whole training run)."""
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            raise ConfigError(
+                f"{key}: dataset '{name}' is not registered; UnSAM's registered sets: "
+                f"{', '.join(_our_dataset_names()) or 'none'}. Add a pseudo-label folder with "
+                f"UNSAM.DATA.SA1B_ROOTS \"('{name}:/path/to/folder',)\" or a COCO-format set with "
+                "UNSAM.DATA.COCO_SETS")
+
+
+def _has_mask(record: Dict) -> bool:
+    """Whether a dataset dict holds a non-crowd annotation with pixels (SA-1B records carry the
+    RLE's own area; COCO the file's)."""
+    return any(not a.get("iscrowd", 0) and float(a.get("area", 1)) > 0 for a in record.get("annotations") or [])
+
+
+def _where(names: Sequence[str]) -> str:
+    """``'name' (root or json file)`` for each dataset name, for error messages."""
+    parts = []
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        place = meta.get("root", None) or meta.get("json_file", None)
+        parts.append(f"'{name}' ({place})" if place else f"'{name}'")
+    return ", ".join(parts)
+
+
+def load_train_dicts(cfg) -> List[Dict]:
+    """The dataset dicts of ``cfg.DATASETS.TRAIN``, checked before any iteration runs.
+
+    A training set in which no image has a non-empty mask trains nothing (``loss_mask`` 0 to
+    the end): :class:`DatasetError` naming the sets and their roots. Images without one are left
+    out (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) or kept as all-background targets; the log says
+    which, with the count.
+    """
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ConfigError("DATASETS.TRAIN is empty: name at least one training set")
+    check_dataset_names("DATASETS.TRAIN", names)
+    dicts = get_detection_dataset_dicts(names, filter_empty=False)
+    masked = [d for d in dicts if _has_mask(d)]
+    if not masked:
+        raise DatasetError(f"training set {_where(names)}: no image has a non-empty mask "
+                           f"({len(dicts)} images); nothing to train on")
+    unmasked = len(dicts) - len(masked)
+    if unmasked:
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            how, dicts = "left out (DATALOADER.FILTER_EMPTY_ANNOTATIONS True)", masked
+        else:
+            how = "kept as all-background targets (DATALOADER.FILTER_EMPTY_ANNOTATIONS False)"
+        logger.warning("%d of %d training images have no non-empty mask: %s", unmasked, unmasked + len(masked), how)
+    return dicts
 
 
 def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -124,7 +317,7 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     elif name == "SGD":
         optimizer = with_full_model_clipping(torch.optim.SGD)(params, base_lr, momentum=cfg.SOLVER.MOMENTUM)
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got '{cfg.SOLVER.OPTIMIZER}'")
+        raise ConfigError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got '{cfg.SOLVER.OPTIMIZER}'")
     if clip.ENABLED and not full_model_clip:
         from detectron2.solver.build import maybe_add_gradient_clipping
 
@@ -155,7 +348,7 @@ def ats_task_names(cfg) -> List[str]:
         return names
     dropped = [n for n in names if n != WHOLE_TASK]
     if WHOLE_TASK not in names:
-        raise ValueError(f"UNSAM.ATS.TASKS={names} has no 'whole' task and UNSAM.PROMPT.ENABLED is False: "
+        raise ConfigError(f"UNSAM.ATS.TASKS={names} has no 'whole' task and UNSAM.PROMPT.ENABLED is False: "
                          "nothing to train; add 'whole' or enable the prompt path")
     if dropped:
         logger.warning("ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); sampling 'whole' only",
@@ -169,10 +362,11 @@ def build_ats_loader(cfg, mapper=None):
     Batches are lists of ``IMS_PER_BATCH / world_size`` mapped dicts carrying ``ats_index`` /
     ``ats_task_id``. Seeded by ``cfg.SEED`` (a shared random seed when negative).
     """
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world != 0:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world} processes")
+    if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world != 0:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: must be > 0 and divisible by the "
+                          f"{world} processes")
+    dicts = load_train_dicts(cfg)
     per_rank = cfg.SOLVER.IMS_PER_BATCH // world
     ats_cfg = cfg.clone()
     ats_cfg.defrost()
@@ -226,7 +420,8 @@ class Trainer(DefaultTrainer):
         if cfg.UNSAM.ATS.ENABLED:
             loader = build_ats_loader(cfg)
         else:
-            loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True))
+            loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True),
+                                                  dataset=load_train_dicts(cfg))
         if cfg.UNSAM.VISA.ENABLED:
             loader = VisaBatchLoader(loader, VisaState.from_config(cfg))
         return loader
