@@ -9,9 +9,11 @@ Writes ``<name>.png``: the input with the prompts drawn and the best mask, then 
 granularity (``--multimask``: every output, left to right in output order, each titled with its
 score). Without prompts the image centre is clicked. A whole-image checkpoint (such as the public
 UnSAM ones) is prompted by selection among its queries (``UNSAM.PROMPT.MODE auto``, logged).
-A prompt outside the (first) image, points and labels of different lengths, a malformed box or
-weights of another model print one line on stderr and exit 2; in a folder, later images that are
-unreadable or that a prompt misses are skipped with a warning.
+A prompt outside the (first) image, points and labels of different lengths, a malformed box, an
+empty mask, a device this machine lacks or weights of another model print one line on stderr and
+exit 2; a box reaching past the border is clipped to the image (as SAM does; logged). In a folder,
+later images that are unreadable or that a prompt misses are skipped with a warning. ``--output``
+is a folder or, for one input, an image file name written exactly there in its extension's format.
 """
 import argparse
 import logging
@@ -25,11 +27,12 @@ from tqdm import tqdm
 
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
-from unsam.data.prompts import PromptError, mask_to_mask_input, parse_box, parse_labels, parse_points, validate_prompts
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, readable_images
+from unsam.data.prompts import (PromptError, mask_from_values, mask_to_mask_input, parse_box, parse_labels,
+                                 parse_points, validate_prompts)
+from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, plan_outputs, readable_images, write_image
 from unsam.predictor import PromptPredictor
 from unsam.utils.arguments import ConfigError, load_config
-from unsam.utils.files import atomic_write
+from unsam.utils.device import DeviceError, check_device
 from unsam.visualize import draw_masks, draw_prompts, draw_title
 
 logger = logging.getLogger("unsam.demo")
@@ -47,17 +50,22 @@ def get_parser() -> argparse.ArgumentParser:
     return demo_parser(__doc__, _add_options)
 
 
+# Pillow modes read as they are (values of any range); others (RGB, palette) go through greyscale
+_ONE_CHANNEL_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B")
+
+
 def _read_mask(path: str, hw) -> np.ndarray:
+    """``--mask-input`` file → H×W bool (:func:`unsam.data.prompts.mask_from_values`: a 0/1 label
+    map, a 0/255 or a 16-bit mask all work); one :class:`DemoInputError` line naming the file."""
     try:
         with Image.open(path) as img:
-            mask = np.asarray(img.convert("L")) > 127
-    except (OSError, ValueError) as e:
-        raise DemoInputError(f"cannot read mask input '{path}': {e}") from None
+            values = np.asarray(img if img.mode in _ONE_CHANNEL_MODES else img.convert("L"))
+        mask = mask_from_values(values)
+    except (OSError, ValueError) as e:  # PromptError is a ValueError
+        raise DemoInputError(f"mask input '{path}': {e}") from None
     if mask.shape != tuple(hw):
         raise DemoInputError(f"mask input '{path}' is {mask.shape[1]}x{mask.shape[0]}, "
                              f"the image is {hw[1]}x{hw[0]}")
-    if not mask.any():
-        raise DemoInputError(f"mask input '{path}' is empty")
     return mask
 
 
@@ -78,8 +86,9 @@ def parse_prompt_args(args):
 def run(args) -> None:
     points, labels, box = parse_prompt_args(args)  # malformed prompts fail before anything loads
     cfg = load_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE)
     paths = expand_inputs(args.input)
-    output_path(args.output, paths[0], len(paths))  # an unwritable output fails before the model loads
+    outputs = plan_outputs(args.output, paths)  # an unwritable output fails before the model loads
     skipped: List[str] = []
     (_, first), images = readable_images(paths, skipped)
     validate_prompts(points, labels, box, first.shape[:2])  # so do prompts that miss the first image
@@ -105,8 +114,7 @@ def run(args) -> None:
         order = list(range(len(masks))) if args.multimask else [best]
         panels = [draw_prompts(draw_masks(image, masks[best][None]), pts, lbl, bx)]
         panels += [draw_prompts(_panel(image, masks[i], f"g{i} IoU {scores[i]:.2f}"), pts, lbl, bx) for i in order]
-        with atomic_write(output_path(args.output, path, len(paths), ".png"), "wb") as f:
-            Image.fromarray(np.concatenate(panels, axis=1)).save(f, format="PNG")
+        write_image(outputs.image(path), np.concatenate(panels, axis=1))
         logger.info("%s: %d mask(s), best score %.2f (%s mode), %.2fs", path, len(order), scores[best],
                     predictor.mode, time.perf_counter() - start)
     if skipped:
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     try:
         run(args)
-    except (ConfigError, WeightsError, DemoInputError, PromptError) as e:
+    except (ConfigError, WeightsError, DemoInputError, PromptError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -211,8 +211,8 @@ def test_validate_prompts_accepts_and_normalises():
         (None, [1], None, "without points"),
         (None, None, [10, 10, 10, 20], "x1 > x0"),
         (None, None, [10, 20, 30, 5], "y1 > y0"),
-        (None, None, [0, 0, 101, 20], "outside"),
-        (None, None, [-1, 0, 10, 20], "outside"),
+        (None, None, [100, 0, 120, 20], "outside"),  # entirely outside; partly outside is clipped
+        (None, None, [-20, 0, 0, 20], "outside"),
     ],
 )
 def test_validate_prompts_rejects(points, labels, box, needle):

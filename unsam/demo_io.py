@@ -1,15 +1,21 @@
-"""Input/output helpers shared by the demos: expand inputs, read images, name and check outputs."""
+"""Input/output helpers shared by the demos: expand inputs, read images, name and check outputs.
+
+Everything a demo will write is decided by :func:`plan_outputs` before the model loads, so a
+run that would overwrite an input or write two results to one file stops at once, not midway.
+"""
 import argparse
 import itertools
 import glob
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
-from .utils.files import OutputError, ensure_writable_dir
+from .utils.files import OutputError, atomic_write, ensure_writable_dir
 from .utils.images import UnsupportedImageError
 from .utils.images import read_rgb as _read_rgb
 
@@ -74,20 +80,97 @@ def readable_images(paths: List[Path], skipped: List[str]
     return first, itertools.chain([first], images)
 
 
-def output_path(output: str, image_path: Path, n_inputs: int, suffix: str = ".png") -> Path:
-    """``output`` is a directory (or ends with '/') or, for one input, a file name.
+def is_image_file_name(output: str) -> bool:
+    """Whether ``--output`` names one image file (``out.jpg``) rather than a folder.
 
-    The folder is created and checked writable (:class:`DemoInputError` if not), so callers can
-    check it before loading a model.
+    An image extension decides, as a user expects from ``--output image_out.jpg``; a trailing
+    separator or an existing folder keeps it a folder (``results.png/`` is a folder name too).
     """
-    out = Path(output)
+    return (Path(output).suffix.lower() in IMAGE_EXTENSIONS and not output.endswith(("/", os.sep))
+            and not os.path.isdir(output))
+
+
+@dataclass(frozen=True)
+class DemoOutputs:
+    """Where a demo writes each input's results, decided and checked before any model loads.
+
+    One output file (``file``, the image written in the format its extension names, a JSON
+    beside it with the same stem) or a folder (``folder/<input stem>.png`` and ``.json``).
+    """
+
+    file: Optional[Path] = None
+    folder: Optional[Path] = None
+
+    def image(self, input_path: Path) -> Path:
+        return self.file if self.file is not None else self.folder / (input_path.stem + ".png")
+
+    def json(self, input_path: Path) -> Path:
+        return self.image(input_path).with_suffix(".json")
+
+
+def _check_no_input_overwritten(outputs: DemoOutputs, paths: List[Path]) -> None:
+    """An input is the user's: a result may never be written over one (``--input x.png --output x.png``,
+    or a folder given as both input and output)."""
+    inputs = {p.resolve(): p for p in paths}
+    for path in paths:
+        for target in (outputs.image(path), outputs.json(path)):
+            victim = inputs.get(target.resolve())
+            if victim is not None:
+                raise DemoInputError(f"output '{target}' would overwrite input '{victim}'; choose another --output")
+
+
+def _check_distinct_stems(paths: List[Path], folder: Path) -> None:
+    """Two inputs of one name (``a/x.jpg``, ``b/x.png``) would both write ``folder/x.png``:
+    the second would silently replace the first, so the run is refused (as the pseudo engine does)."""
+    seen = {}
+    for path in paths:
+        if path.stem in seen:
+            raise DemoInputError(f"inputs '{seen[path.stem]}' and '{path}' would both write "
+                                 f"'{folder / (path.stem + '.png')}'; rename one or run them separately")
+        seen[path.stem] = path
+
+
+def plan_outputs(output: str, paths: List[Path]) -> DemoOutputs:
+    """``--output`` and the expanded inputs → :class:`DemoOutputs`, or :class:`DemoInputError`.
+
+    An image file name takes exactly one input; a folder is created and proved writable. Two
+    inputs that would write the same file, or a result that would replace an input, are refused.
+    """
     try:
-        if n_inputs == 1 and out.suffix and not output.endswith(os.sep):
-            ensure_writable_dir(out.parent)
-            return out.with_suffix(suffix) if suffix != out.suffix else out
-        return ensure_writable_dir(out) / (image_path.stem + suffix)
+        if is_image_file_name(output):
+            if len(paths) != 1:
+                raise DemoInputError(f"--output '{output}' is one image file but there are {len(paths)} inputs; "
+                                     "give a folder")
+            ensure_writable_dir(Path(output).parent)
+            outputs = DemoOutputs(file=Path(output))
+        else:
+            outputs = DemoOutputs(folder=ensure_writable_dir(output))
+            _check_distinct_stems(paths, outputs.folder)
     except OutputError as e:
         raise DemoInputError(str(e)) from None
+    _check_no_input_overwritten(outputs, paths)
+    return outputs
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Write H×W×3 uint8 RGB ``image`` atomically, in the format ``path``'s extension names.
+
+    An encoder's refusal (e.g. a JPEG side over 65535 px) is a :class:`DemoInputError` naming
+    the file, and leaves no partial file behind.
+    """
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    try:
+        with atomic_write(path, "wb") as f:
+            Image.fromarray(image).save(f, format=fmt)
+    except (OSError, ValueError) as e:
+        raise DemoInputError(f"cannot write '{path}' as {fmt}: {e}") from None
+
+
+def check_unit_interval(value: float, option: str) -> float:
+    """``value`` if it lies in [0, 1], else :class:`DemoInputError` naming ``option``."""
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise DemoInputError(f"{option} {value:g} must be between 0 and 1")
+    return value
 
 
 def demo_parser(description: str, add_options) -> argparse.ArgumentParser:
@@ -99,7 +182,7 @@ def demo_parser(description: str, add_options) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
     parser.add_argument("--input", nargs="+", required=True, help="image files, globs or directories")
-    parser.add_argument("--output", required=True, help="output directory, or a file name when there is one input")
+    parser.add_argument("--output", required=True, help="output folder, or for one input an image file name (out.jpg: written there, as JPEG)")
     add_options(parser)
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu")

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 import unsam.compat  # noqa: F401
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from .checkpoint import load_weights, read_weights, require_parts
+from .modeling.prompt_encoder import MASK_INPUT_SIZE
 from .query_selection import QuerySelector
 from .utils.arguments import ConfigError
+from .utils.device import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def build_inference_model(cfg, checkpoint: Optional[Dict] = None, what: str = "w
     """
     import unsam.modeling  # noqa: F401  (fills detectron2's registries)
 
+    check_device(cfg.MODEL.DEVICE)  # a missing GPU: one DeviceError line, not a traceback from deep in torch
     model = build_model(cfg)
     model.eval()
     if checkpoint is None and cfg.MODEL.WEIGHTS:
@@ -79,8 +83,28 @@ def resolve_prompt_mode(cfg, checkpoint: Optional[Dict]) -> Tuple[str, str]:
 
 
 def check_rgb_image(image: np.ndarray) -> None:
+    """An H×W×3 uint8 array with pixels, else ValueError naming what was given."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError("image must be an H×W×3 uint8 RGB array")
+        raise ValueError("image must be an H×W×3 uint8 RGB array, got "
+                         + (f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__))
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels (H×W×3 shape {image.shape}): "
+                         "nothing to segment")
+
+
+def _at_least_one(h: float, w: float) -> Tuple[int, int]:
+    """Rounded resize target with no side below 1 px: a 20000×20 strip scaled to a 256 px longest
+    side would otherwise get a 0 px side, which no resize accepts."""
+    return max(1, int(h + 0.5)), max(1, int(w + 0.5))
+
+
+class _ResizeLongestSide(ResizeLongestSide):
+    """SAM's resize (image, points and boxes alike), keeping every side at least 1 px."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        scale = long_side_length / max(oldh, oldw)
+        return _at_least_one(oldh * scale, oldw * scale)
 
 
 class WholeImagePredictor:
@@ -99,9 +123,17 @@ class WholeImagePredictor:
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         h, w = image.shape[:2]
-        resized = self.resize.get_transform(image).apply_image(image)
+        resized = self._resize(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return self.model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+
+    def _resize(self, image: np.ndarray) -> T.Transform:
+        """detectron2's test-time resize with no side below 1 px (:func:`_at_least_one`); the
+        model returns masks at the original size whatever the resized one."""
+        tfm = self.resize.get_transform(image)
+        if isinstance(tfm, T.ResizeTransform) and min(tfm.new_h, tfm.new_w) < 1:
+            tfm = T.ResizeTransform(tfm.h, tfm.w, max(1, tfm.new_h), max(1, tfm.new_w), tfm.interp)
+        return tfm
 
 
 class PromptPredictor:
@@ -147,11 +179,9 @@ class PromptPredictor:
         what = "prompting by learned prompt head" if self.mode == "learned" else "prompting by query selection"
         self.model = build_inference_model(cfg, checkpoint, what,
                                            PROMPT_PARTS if self.mode == "learned" else ())
-        from segment_anything.utils.transforms import ResizeLongestSide
-
         self.image_size = int(cfg.INPUT.IMAGE_SIZE)
         self.num_granularities = int(cfg.UNSAM.PROMPT.NUM_GRANULARITIES)
-        self.transform = ResizeLongestSide(self.image_size)
+        self.transform = _ResizeLongestSide(self.image_size)
         self.input_format = cfg.INPUT.FORMAT
         self.mask_threshold = 0.0
         self.reset_image()
@@ -218,7 +248,12 @@ class PromptPredictor:
         pts = None if point_coords is None else torch.as_tensor(np.asarray(point_coords, np.float32))[None]
         lbl = None if point_labels is None else torch.as_tensor(np.asarray(point_labels, np.int64))[None]
         bx = None if box is None else torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4)
-        mi = None if mask_input is None else torch.as_tensor(np.asarray(mask_input, np.float32))[None]
+        mi = None if mask_input is None else torch.as_tensor(np.asarray(mask_input, np.float32))
+        if mi is not None and tuple(mi.shape) != (1, MASK_INPUT_SIZE, MASK_INPUT_SIZE):
+            raise ValueError(f"mask_input must be 1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits over the "
+                             f"padded square (a previous low_res_logits[i:i+1], or unsam.data.prompts."
+                             f"mask_to_mask_input(mask)), got shape {tuple(mi.shape)}")
+        mi = None if mi is None else mi[None]
         masks, iou, low, counts = self._predict(pts, lbl, bx, mi, multimask_output, return_logits)
         c = int(counts[0])
         return masks[0, :c].cpu().numpy(), iou[0, :c].cpu().numpy(), low[0, :c].cpu().numpy()
@@ -278,8 +313,10 @@ class PromptPredictor:
             prompts["boxes"] = self.transform.apply_boxes_torch(bx, self.original_size).to(dev)
         if mask_input is not None:
             mi = torch.as_tensor(mask_input, dtype=torch.float32)
-            if mi.dim() != 4 or mi.shape[1] != 1:
-                raise ValueError(f"mask_input must be B×1×256×256, got {tuple(mi.shape)}")
+            if mi.dim() != 4 or tuple(mi.shape[1:]) != (1, MASK_INPUT_SIZE, MASK_INPUT_SIZE):
+                # the model would resize any size silently, misreading a mask of the image's own frame
+                raise ValueError(f"mask_input must be B×1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits, "
+                                 f"got shape {tuple(mi.shape)}")
             prompts["mask_inputs"] = mi.to(dev)
         if not prompts:
             raise ValueError("give point_coords/point_labels, boxes and/or mask_input")

@@ -4,6 +4,12 @@
   python demo_whole_image.py --config-file configs/maskformer2_R50_bs16_50ep.yaml \
       --input img.jpg [more.jpg 'dir/*.jpg' folder/] --output out/ \
       [--save-json] [--confidence-threshold 0.5] --opts MODEL.WEIGHTS unsam_r50.pth MODEL.DEVICE cpu
+
+``--output`` is a folder (``<folder>/<input name>.png`` and ``.json``) or, for one input, an image
+file name written exactly there in the format its extension names (``out.jpg``: JPEG; the JSON
+goes beside it as ``out.json``). Inputs that would write the same output file, a result that
+would replace an input, a threshold outside [0, 1] or a device this machine lacks print one
+line on stderr and exit 2 before the model loads.
 """
 import argparse
 import json
@@ -12,15 +18,16 @@ import sys
 import time
 from typing import List
 
-from PIL import Image
 from tqdm import tqdm
 
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
 from unsam.data.sa1b import mask_to_rle
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, output_path, readable_images
+from unsam.demo_io import (DemoInputError, check_unit_interval, demo_parser, expand_inputs, plan_outputs,
+                           readable_images, write_image)
 from unsam.predictor import WholeImagePredictor
 from unsam.utils.arguments import ConfigError, load_config
+from unsam.utils.device import DeviceError, check_device
 from unsam.utils.files import atomic_write
 from unsam.visualize import draw_masks
 
@@ -39,10 +46,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    check_unit_interval(args.confidence_threshold, "--confidence-threshold")
     cfg = load_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE)
     paths = expand_inputs(args.input)
-    # the output folder and a first readable image are checked before the slow model load
-    output_path(args.output, paths[0], len(paths))
+    # the outputs and a first readable image are checked before the slow model load
+    outputs = plan_outputs(args.output, paths)
     skipped: List[str] = []
     _, images = readable_images(paths, skipped)
     predictor = WholeImagePredictor(cfg)
@@ -52,8 +61,7 @@ def run(args) -> None:
         keep = instances.scores >= args.confidence_threshold
         instances = instances[keep]
         masks = instances.pred_masks.numpy()
-        with atomic_write(output_path(args.output, path, len(paths), ".png"), "wb") as f:
-            Image.fromarray(draw_masks(image, masks)).save(f, format="PNG")
+        write_image(outputs.image(path), draw_masks(image, masks))
         if args.save_json:
             record = {
                 "image": {"file_name": path.name, "height": image.shape[0], "width": image.shape[1]},
@@ -63,7 +71,7 @@ def run(args) -> None:
                     for m, s, b in zip(masks, instances.scores.tolist(), instances.pred_boxes.tensor.tolist())
                 ],
             }
-            with atomic_write(output_path(args.output, path, len(paths), ".json")) as f:
+            with atomic_write(outputs.json(path)) as f:
                 json.dump(record, f)
         logger.info("%s: %d masks in %.2fs", path, len(instances), time.perf_counter() - start)
     if skipped:
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     try:
         run(args)
-    except (ConfigError, WeightsError, DemoInputError) as e:
+    except (ConfigError, WeightsError, DemoInputError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,12 +15,15 @@ Random samplers take a ``numpy.random.Generator`` or a ``torch.Generator`` (or a
 training data loaders stay reproducible whichever library seeds them. Masks may be numpy arrays or
 torch tensors; everything returned is numpy.
 """
+import logging
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 RngLike = Union[np.random.Generator, torch.Generator, int, None]
 
@@ -326,7 +329,7 @@ def validate_prompts(points, labels, box, image_hw: Tuple[int, int]):
 
     ``points``: N×2 ``(x, y)`` or None; ``labels``: N in {0, 1} or None (then every point is
     positive); ``box``: XYXY or None. Points must lie on a pixel (``0 <= x < W``, ``0 <= y < H``);
-    the box needs ``0 <= x0 < x1 <= W`` and ``0 <= y0 < y1 <= H``.
+    the box needs ``x0 < x1`` and ``y0 < y1`` and is clipped to the image (:func:`_clip_box`).
     Returns ``(points N×2 float32 | None, labels N int64 | None, box 4 float32 | None)``.
     """
     h, w = int(image_hw[0]), int(image_hw[1])
@@ -351,12 +354,45 @@ def validate_prompts(points, labels, box, image_hw: Tuple[int, int]):
             raise PromptError(f"labels must be 0 (negative) or 1 (positive), got {labels.tolist()}")
         labels = labels.astype(np.int64)
     if box is not None:
-        box = np.asarray(box, dtype=np.float32).reshape(-1)
-        if box.size != 4 or not np.isfinite(box).all():
-            raise PromptError(f"box must be 4 finite numbers x0,y0,x1,y1, got {box.tolist()}")
-        x0, y0, x1, y1 = box.tolist()
-        if x1 <= x0 or y1 <= y0:
-            raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 and y1 > y0")
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the {w}x{h} image")
+        box = _clip_box(box, h, w)
     return points, labels, box
+
+
+def _clip_box(box, h: int, w: int) -> np.ndarray:
+    """A user's XYXY box clipped to the h×w image (float32, 4), as SAM clips its boxes.
+
+    A box partly outside the image is a normal drag past the border: it is clipped and logged at
+    INFO. One malformed (x1 <= x0 or y1 <= y0) or with nothing inside the image raises PromptError.
+    """
+    box = np.asarray(box, dtype=np.float32).reshape(-1)
+    if box.size != 4 or not np.isfinite(box).all():
+        raise PromptError(f"box must be 4 finite numbers x0,y0,x1,y1, got {box.tolist()}")
+    x0, y0, x1, y1 = box.tolist()
+    if x1 <= x0 or y1 <= y0:
+        raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 and y1 > y0")
+    clipped = np.array([min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)],
+                       dtype=np.float32)
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the {w}x{h} image")
+    if not np.array_equal(clipped, box):
+        logger.info("box (%g, %g, %g, %g) reaches outside the %dx%d image: clipped to (%g, %g, %g, %g)",
+                    x0, y0, x1, y1, w, h, *clipped.tolist())
+    return clipped
+
+
+def mask_from_values(values) -> np.ndarray:
+    """A user's mask image as an H×W array of any range → H×W bool, foreground above half its maximum.
+
+    Mask files come as 0/1 (label maps), 0/255 (most editors), 0/65535 (16-bit) or soft masks;
+    splitting at half the maximum reads all of them as drawn. An all-zero (or non-positive, or
+    non-finite) mask raises :class:`PromptError`: it prompts for nothing.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise PromptError(f"a mask must be one channel (H×W), got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise PromptError("mask contains non-finite values")
+    peak = values.max() if values.size else 0.0
+    if not peak > 0:
+        raise PromptError("mask is empty (no nonzero pixel)")
+    return values > peak / 2
