@@ -1,0 +1,290 @@
+"""``IndexedDataset``: a map-style training dataset that holds only a root's index.
+
+Each process keeps the index memory-mapped (shared pages, ~100 bytes per image on disk) and
+reads the one record a sample needs (one ``pread`` for a tar member or TSV field, one file for a
+JSON source). No per-image Python object exists, so the dataset pickles to a few hundred bytes:
+a DataLoader worker started by ``spawn`` reopens the arrays lazily; one started by ``fork``
+shares the parent's mappings. Records are validated when read; a bad one raises
+:class:`unsam.data.sa1b.SA1BFormatError` naming the source and offset, for the caller (the
+training mapper) to warn, count and replace.
+"""
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import unsam.compat  # noqa: F401  (before detectron2)
+from detectron2.structures import BoxMode
+
+from ..sa1b import DatasetError, SA1BFormatError
+from .build import build_index, find_index, index_dir_for, read_current
+from .formats import KIND_JSON, KIND_TSV, decode_base64_image, parse_record
+
+MAX_OPEN_FILES = 64  # tar / TSV descriptors kept open per process (least recently used closed)
+
+
+def sample_indices(n: int, max_instances: Optional[int], rng=None) -> Sequence[int]:
+    """At most ``max_instances`` of ``range(n)``, uniformly without replacement, in file order
+    (parents stay before their parts). ``rng``: a ``numpy.random.Generator`` or a seed."""
+    if max_instances is None or n <= max_instances:
+        return range(n)
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    return np.sort(rng.choice(n, size=int(max_instances), replace=False)).tolist()
+
+
+def annotation_dict(ann: Dict, i: int) -> Dict:
+    """One SA-1B annotation as the detectron2 dict :func:`unsam.data.sa1b.load_sa1b_dicts` makes
+    (``i``: its position in the record, the id when it has none). Masks stay COCO RLE."""
+    return {
+        "segmentation": ann["segmentation"],
+        "bbox": ann.get("bbox", [0, 0, 0, 0]),
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": 0,
+        "iscrowd": 0,
+        "area": ann.get("area", 0),
+        "id": ann.get("id", i),
+        "level": int(ann.get("level", 0)),
+        "parent_id": int(ann.get("parent_id", -1)),
+        "predicted_iou": float(ann.get("predicted_iou", 1.0)),
+    }
+
+
+def _blob(path: str) -> np.ndarray:
+    return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """The images of one dataset root (JSON folders, SA-1B tars, TSV shards, mixed), by index.
+
+    ``IndexedDataset(root, cache_dir=None)`` opens the index built by
+    ``python -m unsam.data.index ROOT`` (or by ``build=True``: build / update it first, which
+    a distributed job should do on one rank only). ``skip_empty``: leave out images without
+    annotations. ``max_instances``: the cap ``dataset[i]`` applies (``record`` takes its own).
+
+    ``dataset[i]`` / ``record(i)``: a detectron2 dict ``{"file_name" (JSON sources) or
+    "image_bytes" (tar / TSV: the encoded image), "image_id", "height", "width", "annotations",
+    "record_name"}`` with annotations as :func:`unsam.data.sa1b.load_sa1b_dicts` gives them.
+    """
+
+    def __init__(self, root, cache_dir=None, *, build: bool = False, workers: Optional[int] = None,
+                 skip_empty: bool = False, max_instances: Optional[int] = None, progress: bool = True):
+        self.root = os.path.abspath(root)
+        self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
+        if build:
+            build_index(self.root, self.cache_dir, workers=workers, progress=progress)
+        index_dir = find_index(self.root, self.cache_dir)
+        if index_dir is None:
+            looked = index_dir_for(self.root, self.cache_dir)
+            option = f" --cache-dir {self.cache_dir}" if self.cache_dir else ""
+            raise DatasetError(f"dataset root '{self.root}' has no index (looked in {looked}): build it with "
+                               f"'python -m unsam.data.index {self.root}{option}'")
+        current = read_current(index_dir)
+        self.index_dir = str(index_dir / current["generation"])
+        self.skip_empty = skip_empty
+        self.max_instances = max_instances
+        self._closed_state()
+        self._open()
+        if len(self) == 0:
+            what = "non-empty image" if skip_empty and current["images"] else "usable image"
+            first = f"; first skipped: {current['first_skipped'][0]}" if current.get("first_skipped") else ""
+            raise DatasetError(f"dataset root '{self.root}' has no {what} ({current['images']} indexed, "
+                               f"{current['skipped']} skipped{first})")
+
+    # ------------------------------------------------------------------------------ state
+    def _closed_state(self) -> None:
+        self._rows = None
+        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def _open(self) -> None:
+        """Memory-map the arrays (nothing is read until used)."""
+        import json
+
+        d = self.index_dir
+        with open(os.path.join(d, "sources.json")) as f:
+            self._sources: List[Tuple[str, str]] = [(s["kind"], os.path.join(self.root, s["path"]))
+                                                    for s in json.load(f)]
+        self._keys = _blob(os.path.join(d, "keys.bin"))
+        self._keys_off = np.load(os.path.join(d, "keys_off.npy"), mmap_mode="r")
+        self._images = _blob(os.path.join(d, "images.bin"))
+        self._images_off = np.load(os.path.join(d, "images_off.npy"), mmap_mode="r")
+        self._order = np.load(os.path.join(d, "nonempty.npy"), mmap_mode="r") if self.skip_empty else None
+        self._rows = np.load(os.path.join(d, "rows.npy"), mmap_mode="r")
+
+    def __getstate__(self) -> Dict:
+        """Only where the index is: a worker reopens the memory maps (no array is pickled)."""
+        return {k: self.__dict__[k] for k in ("root", "cache_dir", "index_dir", "skip_empty", "max_instances")}
+
+    def __setstate__(self, state: Dict) -> None:
+        self.__dict__.update(state)
+        self._closed_state()
+
+    def close(self) -> None:
+        """Close the tar / TSV files this process has open."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _fd(self, source: int) -> int:
+        """An open descriptor of a tar / TSV source (``pread`` needs no shared file position,
+        so descriptors inherited by forked workers are never used: each process opens its own)."""
+        if self._pid != os.getpid():
+            self._fds = OrderedDict()
+            self._pid = os.getpid()
+        fd = self._fds.get(source)
+        if fd is None:
+            path = self._sources[source][1]
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise SA1BFormatError(f"{path}: cannot open ({e.strerror or e})") from None
+            self._fds[source] = fd
+            if len(self._fds) > MAX_OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(source)
+        return fd
+
+    # ------------------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        if self._rows is None:
+            self._open()
+        return len(self._order) if self._order is not None else len(self._rows)
+
+    def _row(self, i: int) -> int:
+        """Dataset position → row of the index."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
+        return int(self._order[i]) if self._order is not None else i
+
+    @staticmethod
+    def _string(blob: np.ndarray, offsets: np.ndarray, row: int) -> str:
+        return blob[offsets[row]:offsets[row + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def column(self, name: str) -> np.ndarray:
+        """One index column in dataset order, e.g. ``"height"``, ``"width"``, ``"masks"`` (a copy:
+        ``len(self)`` values, for aspect-ratio grouping or samplers)."""
+        if self._rows is None:
+            self._open()
+        values = self._rows[name]
+        return np.asarray(values[self._order] if self._order is not None else values)
+
+    def location(self, i: int) -> str:
+        """Where image ``i``'s record is, for messages: a path, or ``source: member (byte N)``."""
+        return self._where(self._row(i))
+
+    def _where(self, row: int) -> str:
+        r = self._rows[row]
+        kind, path = self._sources[int(r["source"])]
+        key = self._string(self._keys, self._keys_off, row)
+        if kind == KIND_JSON:
+            return os.path.join(path, key)
+        return f"{path}: {'line' if kind == KIND_TSV else 'member'} '{key}' (byte {int(r['record_offset'])})"
+
+    def _read(self, row: int, which: str) -> bytes:
+        """The bytes of a row's record or image field, from its tar / TSV (one ``pread``)."""
+        r = self._rows[row]
+        offset, size = int(r[f"{which}_offset"]), int(r[f"{which}_size"])
+        data = os.pread(self._fd(int(r["source"])), size, offset)
+        if len(data) != size:
+            raise SA1BFormatError(f"{self._where(row)}: {which} truncated ({len(data)} of {size} bytes at "
+                                  f"{offset}); the source changed since indexing? rebuild the index")
+        return data
+
+    def raw_record(self, i: int) -> Tuple[bytes, str]:
+        """``(JSON text, location)`` of image ``i``'s record, unparsed."""
+        row = self._row(i)
+        kind, path = self._sources[int(self._rows[row]["source"])]
+        where = self._where(row)
+        if kind != KIND_JSON:
+            return self._read(row, "record"), where
+        try:
+            with open(where, "rb") as f:
+                return f.read(), where
+        except OSError as e:
+            raise SA1BFormatError(f"{where}: unreadable ({e.strerror or e})") from None
+
+    def image_path(self, i: int) -> Optional[str]:
+        """The image file of a JSON-source image (None for tar / TSV: see :meth:`image_bytes`)."""
+        row = self._row(i)
+        kind, folder = self._sources[int(self._rows[row]["source"])]
+        if kind != KIND_JSON:
+            return None
+        stored = self._string(self._images, self._images_off, row)
+        return stored if os.path.isabs(stored) else os.path.join(folder, stored)
+
+    def image_bytes(self, i: int) -> bytes:
+        """The encoded image (JPEG / PNG bytes) of image ``i``: a tar member, a TSV field
+        (base64-decoded), or the file of a JSON source."""
+        row = self._row(i)
+        kind, _ = self._sources[int(self._rows[row]["source"])]
+        if kind == KIND_JSON:
+            path = self.image_path(i)
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise SA1BFormatError(f"{self._where(row)}: image '{path}' unreadable ({e.strerror or e})") from None
+        data = self._read(row, "image")
+        return decode_base64_image(data, self._where(row)) if kind == KIND_TSV else data
+
+    def record(self, i: int, max_instances: Optional[int] = None, rng=None, read_image: bool = True) -> Dict:
+        """Image ``i`` as a detectron2 dataset dict, read and validated from its one record.
+
+        ``max_instances``: keep at most this many annotations, drawn uniformly at random with
+        ``rng`` (a ``numpy.random.Generator`` or a seed) before any annotation dict is built; only
+        those are validated and no mask is decoded here. ``read_image``: for tar / TSV images,
+        put the encoded bytes in ``"image_bytes"`` (a second ``pread``).
+        Raises :class:`SA1BFormatError` naming the record for a bad or changed record.
+        """
+        row = self._row(i)
+        raw, where = self.raw_record(i)
+        data, selected = parse_record(raw, where, None if max_instances is None
+                                      else lambda n: sample_indices(n, max_instances, rng))
+        image = data["image"]
+        r = self._rows[row]
+        height, width = int(image["height"]), int(image["width"])
+        if (height, width) != (int(r["height"]), int(r["width"])):
+            raise SA1BFormatError(f"{where}: image is {height}x{width}, the index says {int(r['height'])}x"
+                                  f"{int(r['width'])}: the source changed since indexing; rebuild the index")
+        annotations = data["annotations"]
+        key = self._string(self._keys, self._keys_off, row)
+        out = {
+            "image_id": image.get("image_id", image.get("id", os.path.splitext(os.path.basename(key))[0])),
+            "height": height,
+            "width": width,
+            "annotations": [annotation_dict(annotations[k], k) for k in selected],
+            "record_name": where,
+        }
+        kind, _ = self._sources[int(r["source"])]
+        if kind == KIND_JSON:
+            path = self.image_path(i)
+            if not os.path.isfile(path):
+                raise SA1BFormatError(f"{where}: image '{path}' not found")
+            out["file_name"] = path
+        elif read_image:
+            out["image_bytes"] = self.image_bytes(i)
+        return out
+
+    def __getitem__(self, i: int) -> Dict:
+        """``record(i)`` with the dataset's ``max_instances``; the draw comes from numpy's global
+        generator, which detectron2 seeds per loader worker (reproducible runs)."""
+        rng = None
+        if self.max_instances is not None:
+            rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
+        return self.record(i, self.max_instances, rng)
+
+    def __repr__(self) -> str:
+        return f"IndexedDataset('{self.root}', {len(self)} images, index {self.index_dir})"
