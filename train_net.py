@@ -36,7 +36,21 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """detectron2's train loop logs any exception with its traceback before re-raising it; for a
+    user error (a full disk at a checkpoint save, a NaN loss) :func:`fail` says it in one line, so
+    the log keeps the message without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, USER_ERRORS + (FloatingPointError,)):
+            record.msg, record.args = f"{record.getMessage()} {type(error).__name__}: {error}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def main(args):
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_NoTracebackForUserErrors())
     try:
         return run(args)
     except USER_ERRORS as e:

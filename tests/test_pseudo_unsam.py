@@ -377,15 +377,20 @@ class _TrainerState:
     """A Python object in a checkpoint, as detectron2's trainer state can be."""
 
 
-def test_divide_weights_with_trainer_state_load(tmp_path, caplog):
-    """detectron2 training checkpoints pickle more than tensors: read with a warning."""
-    from unsam.pseudo.detector import read_detector_state_dict
+def test_divide_weights_with_trainer_state_load_only_when_trusted(tmp_path, caplog, monkeypatch):
+    """A Python object in a checkpoint could run code (issue 26): refused unless the user lists
+    the file in UNSAM_TRUSTED_WEIGHTS, then read with a warning."""
+    from unsam.pseudo.detector import DivideError, read_detector_state_dict
 
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"module.w": torch.ones(2)}, "trainer": _TrainerState()}, path)
+    monkeypatch.delenv("UNSAM_TRUSTED_WEIGHTS", raising=False)
+    with pytest.raises(DivideError, match="_TrainerState.*UNSAM_TRUSTED_WEIGHTS"):
+        read_detector_state_dict(str(path))
+    monkeypatch.setenv("UNSAM_TRUSTED_WEIGHTS", str(path))
     with caplog.at_level("WARNING"):
         state = read_detector_state_dict(str(path))
-    assert list(state) == ["w"] and "weights_only=False" in caplog.text
+    assert list(state) == ["w"] and "UNSAM_TRUSTED_WEIGHTS" in caplog.text
 
 
 def test_recipe_unsam_refine_snaps_to_superpixels(shared_data):

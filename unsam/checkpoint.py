@@ -7,6 +7,9 @@ URLs) and conversions, and adds:
 
 * one clear :class:`WeightsError` for a file that is missing, empty, truncated, not a checkpoint
   or unreachable, and for a checkpoint of which no tensor fits the model;
+* no code of the file runs while it is read (:func:`read_pickled_weights`, the one reader of
+  every weights file of the project): a pickle that calls anything besides the tensor / array
+  builders is refused (:class:`UnsafeWeightsError`) unless ``$UNSAM_TRUSTED_WEIGHTS`` names it;
 * a :class:`LoadReport` per load (tensors loaded / expected per top-level module, missing and
   wrongly-shaped names), logged as one summary line (the full lists at DEBUG level).
 
@@ -14,6 +17,8 @@ Callers decide what a partial load means: training accepts a backbone-only initi
 the predictors refuse a checkpoint without the whole-image tensors they use
 (:func:`require_parts`).
 """
+import importlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -123,7 +128,8 @@ class UnSAMCheckpointer(DetectionCheckpointer):
         return super().load(local_weights_path(path) if path else path, checkpointables)
 
     def _load_file(self, filename: str):
-        return read_checkpoint_file(filename, super()._load_file)
+        """Every format detectron2 reads, through :func:`read_checkpoint_file` (no pickle code runs)."""
+        return read_checkpoint_file(filename)
 
     def _load_model(self, checkpoint):
         state = checkpoint.get("model")
@@ -198,45 +204,202 @@ def _remove_download_lock(url: str) -> None:
             pass
 
 
-def read_checkpoint_file(filename: str, reader=None, what: str = "MODEL.WEIGHTS") -> Dict:
-    """Read a local checkpoint file with ``reader`` (default: detectron2's formats).
+def read_checkpoint_file(filename: str, what: str = "MODEL.WEIGHTS") -> Dict:
+    """A local checkpoint file (``.pth``, detectron2 / Caffe2 ``.pkl``, pycls ``.pyth``) →
+    detectron2's checkpoint dict (``{"model": state, ...}``, ``.pkl`` arrays left as numpy for
+    ``DetectionCheckpointer._load_model`` to convert and rename).
 
-    Files that ``torch.load(weights_only=True)`` refuses because they hold Python objects besides
-    tensors (older checkpoints) are read again with ``weights_only=False`` after a warning: only
-    load such files from sources you trust. Empty, truncated or foreign files raise
-    :class:`WeightsError`.
+    Read by :func:`read_pickled_weights`: a file that would run code is refused unless trusted.
+    Empty, truncated or foreign files raise :class:`WeightsError`.
     """
-    if reader is None:
-        reader = DetectionCheckpointer(torch.nn.Module())._load_file
+    data = read_pickled_weights(filename, what)
+    if not isinstance(data, dict):
+        raise WeightsError(f"{what} '{filename}' holds a {type(data).__name__}, not a state dict")
+    if filename.endswith(".pkl"):
+        return _detectron2_pkl_layout(data, filename, what)
+    if filename.endswith(".pyth"):
+        return _pycls_layout(data, filename, what)
+    return data if "model" in data else {"model": data}
+
+
+def read_pickled_weights(filename: str, what: str = "MODEL.WEIGHTS"):
+    """The object pickled in the local weights file ``filename``, read without running its code.
+
+    A pickle may call any Python function while it loads, so a weights file from the internet
+    could run anything. Only the builders that checkpoints need are allowed (tensors and
+    ``torch.load(weights_only=True)``'s plain types, numpy arrays, the objects listed in
+    :data:`_TORCH_SAFE_NAMES`); a file asking for anything else raises
+    :class:`UnsafeWeightsError` naming what it asked for, unless the user listed that very file
+    in ``$UNSAM_TRUSTED_WEIGHTS``: then it is unpickled in full after a warning.
+    """
     size = os.path.getsize(filename)
     if size == 0:
         raise WeightsError(f"{what} '{filename}' is empty (0 bytes): an interrupted download or save?")
     try:
-        data = reader(filename)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e):
-            raise WeightsError(f"{what} '{filename}' is not a checkpoint ({size} bytes): {_first_line(e)}") \
-                from None
-        logger.warning("%s '%s' holds Python objects besides tensors; reading it with "
-                       "weights_only=False (load only checkpoints you trust)", what, filename)
-        data = _read_unrestricted(filename, what)
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, AssertionError) as e:
+        return _read_restricted(filename)
+    except _ForeignGlobal as e:
+        if not is_trusted_weights(filename):
+            raise UnsafeWeightsError(
+                f"{what} '{filename}' would run code when read: it calls {e.name}, which weights do not "
+                f"need; refused (only if you trust this file, add its path to {TRUSTED_WEIGHTS_ENV})") from None
+        logger.warning("%s '%s' calls %s while it loads; reading it in full because %s lists it "
+                       "(this runs code from the file)", what, filename, e.name, TRUSTED_WEIGHTS_ENV)
+        return _read_unrestricted(filename, what)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            AssertionError, AttributeError, ImportError, IndexError, TypeError) as e:
         raise WeightsError(f"{what} '{filename}' is not a readable checkpoint ({size} bytes, "
                            f"truncated or another format?): {type(e).__name__}: {_first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{what} '{filename}' holds a {type(data).__name__}, not a state dict")
-    return data
 
 
-def _read_unrestricted(filename: str, what: str) -> Dict:
+TRUSTED_WEIGHTS_ENV = "UNSAM_TRUSTED_WEIGHTS"
+
+
+def is_trusted_weights(filename: str) -> bool:
+    """Whether ``$UNSAM_TRUSTED_WEIGHTS`` (paths joined by ``os.pathsep``) names ``filename``.
+
+    Per file, compared as resolved real paths: trusting one download must not open the door to
+    every file of a folder, and a symlink or ``..`` must not dodge or fake the match.
+    """
+    listed = os.environ.get(TRUSTED_WEIGHTS_ENV, "")
+    own = os.path.realpath(filename)
+    return any(os.path.realpath(os.path.expanduser(p.strip())) == own
+               for p in listed.split(os.pathsep) if p.strip())
+
+
+class UnsafeWeightsError(WeightsError):
+    """A weights file whose pickle calls something besides the array and tensor builders, i.e.
+    would run code when read; the message names the call and the opt-in."""
+
+
+class _ForeignGlobal(pickle.UnpicklingError):
+    """The restricted readers met a global outside the allow-list (``name``: module.qualname)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+# what a detectron2 / Caffe2 ``.pkl`` builds: numpy arrays and scalars (numpy 1 and 2 module
+# names; ``_frombuffer`` for pickle protocol 5, ``_codecs.encode`` for bytes in protocol 2)
+_PKL_SAFE_NAMES = frozenset({
+    "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer",
+    "_codecs.encode", "collections.OrderedDict",
+})
+# besides torch's own weights_only allow-list (tensors, OrderedDict, plain types): numpy arrays
+# in older checkpoints, the fvcore schedulers inside LR-scheduler states of detectron2 versions
+# that pickled the whole scheduler, and the argparse.Namespace of DINO's full checkpoints.
+# Building these runs no code of the file: they are created empty and given their attributes.
+_TORCH_SAFE_NAMES = _PKL_SAFE_NAMES - {"_codecs.encode", "collections.OrderedDict"} | {
+    f"fvcore.common.param_scheduler.{n}ParamScheduler" for n in (
+        "Constant", "Cosine", "Exponential", "Linear", "Composite", "MultiStep", "PolynomialDecay", "Step",
+        "StepWithFixedGamma")} | {"detectron2.solver.lr_scheduler.WarmupParamScheduler", "argparse.Namespace"}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that builds only the globals of :data:`_PKL_SAFE_NAMES`."""
+
+    def find_class(self, module: str, name: str):
+        if f"{module}.{name}" not in _PKL_SAFE_NAMES:
+            raise _ForeignGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _import_name(qualified: str):
+    module, _, name = qualified.rpartition(".")
+    if module.startswith("numpy.core.") and importlib.util.find_spec("numpy._core") is not None:
+        module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 moved them; old names stay in files
+    return getattr(importlib.import_module(module), name)
+
+
+def _torch_safe_globals() -> List:
+    """:data:`_TORCH_SAFE_NAMES` as ``torch.serialization.safe_globals`` entries (object, name
+    in the file), skipping modules this install lacks."""
+    entries = []
+    for qualified in sorted(_TORCH_SAFE_NAMES):
+        try:
+            entries.append((_import_name(qualified), qualified))
+        except (ImportError, AttributeError):
+            continue
+    return entries + _numpy_dtype_classes()
+
+
+def _numpy_dtype_classes() -> List:
+    """numpy >= 1.25 gives each dtype its own class (``numpy.dtypes.Float32DType``), which torch's
+    restricted unpickler must be told about to set a dtype's state."""
     try:
-        data = torch.load(filename, map_location="cpu", weights_only=False)
+        import numpy.dtypes as dtypes
+    except ImportError:
+        return []
+    return [c for c in vars(dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")]
+
+
+_TORCH_REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def _read_restricted(filename: str):
+    if filename.endswith(".pkl"):
+        with open(filename, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    try:
+        with torch.serialization.safe_globals(_torch_safe_globals()):
+            return torch.load(filename, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise
+        raise _ForeignGlobal(_refused_global(filename, str(e))) from None
+
+
+def _refused_global(filename: str, message: str) -> str:
+    """What ``torch.load(weights_only=True)`` refused in ``filename``: the file's globals outside
+    the allow-list when torch can list them, else the one its message names."""
+    try:
+        names = sorted(n for n in torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+                       if n not in _TORCH_SAFE_NAMES)
+    except Exception:  # noqa: BLE001 — only zip-format files can be listed
+        names = []
+    if names:
+        return ", ".join(names[:_NAMES_SHOWN]) + (" ..." if len(names) > _NAMES_SHOWN else "")
+    found = _TORCH_REFUSED.search(message)
+    if found:
+        name = found.group(1)
+        return name if "." in name else f"builtins.{name}"
+    return "an instruction torch refuses in weights (" + _first_line(
+        Exception(message.split("WeightsUnpickler error:")[-1])) + ")"
+
+
+def _read_unrestricted(filename: str, what: str):
+    """Full unpickling, for files the user trusts (see :func:`is_trusted_weights`) only."""
+    try:
+        if filename.endswith(".pkl"):
+            with open(filename, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        return torch.load(filename, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 — unpickling arbitrary files fails in arbitrary ways
         raise WeightsError(f"{what} '{filename}' is not a readable checkpoint: "
                            f"{type(e).__name__}: {_first_line(e)}") from None
-    if isinstance(data, dict) and "model" not in data:
-        data = {"model": data}
-    return data
+
+
+def _detectron2_pkl_layout(data: Dict, filename: str, what: str) -> Dict:
+    """A ``.pkl`` in detectron2's model-zoo layout as is; a Caffe2 / Detectron1 one (``blobs``
+    or a bare name → array dict) wrapped for detectron2's Caffe2 name matching."""
+    if "model" in data and "__author__" in data:
+        logger.info("%s '%s': reading a file from '%s'", what, filename, data["__author__"])
+        return data
+    blobs = data.get("blobs", data)
+    if not isinstance(blobs, dict):
+        raise WeightsError(f"{what} '{filename}': 'blobs' is a {type(blobs).__name__}, not a dict of arrays")
+    model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+    return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _pycls_layout(data: Dict, filename: str, what: str) -> Dict:
+    if not isinstance(data.get("model_state"), dict):
+        raise WeightsError(f"{what} '{filename}': a .pyth (pycls) checkpoint needs 'model_state'")
+    model = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+    return {"model": model, "__author__": "pycls", "matching_heuristics": True}
 
 
 def _first_line(e: Exception) -> str:

@@ -35,34 +35,47 @@ def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def load_dino_state_dict(path_or_url: str, map_location="cpu") -> Dict[str, torch.Tensor]:
-    """Read an official DINO checkpoint (file or URL) → backbone state dict.
+    """Read an official DINO checkpoint (file or URL) → backbone state dict (on ``map_location``).
 
     Accepts a bare state dict, or one wrapped in ``"teacher"`` (preferred), ``"student"``,
     ``"model"`` or ``"state_dict"``, with ``module.`` / ``backbone.`` prefixes; the DINO head
     (``head.*``) is dropped. Raises :class:`FeatureError` naming the file when it is missing or
     not a checkpoint.
     """
-    if "://" in str(path_or_url):
-        try:
-            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location=map_location,
-                                                      check_hash=False)
-        except Exception as e:  # network errors, bad archives
-            raise FeatureError(f"cannot download DINO weights from {path_or_url}: {e}") from e
-    else:
-        if not os.path.isfile(path_or_url):
-            raise FeatureError(f"DINO weights not found: {path_or_url}")
-        try:
-            ckpt = torch.load(path_or_url, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise FeatureError(f"{path_or_url}: not a readable PyTorch checkpoint ({e})") from e
+    from ..checkpoint import WeightsError, read_pickled_weights
+
+    local = _downloaded(path_or_url) if "://" in str(path_or_url) else str(path_or_url)
+    if not os.path.isfile(local):
+        raise FeatureError(f"DINO weights not found: {path_or_url}")
+    try:  # the project's one weights reader: a file that would run code is refused
+        ckpt = read_pickled_weights(local, what="--dino-weights")
+    except WeightsError as e:
+        raise FeatureError(str(e)) from None
     if not isinstance(ckpt, dict):
         raise FeatureError(f"{path_or_url}: expected a state dict, got {type(ckpt).__name__}")
     for key in ("teacher", "student", "model", "state_dict"):
         if key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
             break
-    state = _strip_prefixes({k: v for k, v in ckpt.items() if torch.is_tensor(v)})
+    state = _strip_prefixes({k: v.to(map_location) for k, v in ckpt.items() if torch.is_tensor(v)})
     return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def _downloaded(url: str) -> str:
+    """``url`` downloaded once into torch hub's checkpoint cache (where
+    ``torch.hub.load_state_dict_from_url`` keeps it); the local path. Downloaded here and read by
+    :func:`~unsam.checkpoint.read_pickled_weights`, since torch hub's loader unpickles in full."""
+    from urllib.parse import urlparse
+
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, cached, progress=False)
+        except Exception as e:  # noqa: BLE001 — network errors, bad URLs, HTTP errors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise FeatureError(f"cannot download DINO weights from {url}: {type(e).__name__}: {first}") from None
+    return cached
 
 
 def dino_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
