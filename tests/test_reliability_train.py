@@ -187,6 +187,17 @@ def test_unregistered_test_set_is_one_error(tmp_path, capsys):
     _one_error_line(capsys.readouterr().err, "DATASETS.TEST", "'nope_val'")
 
 
+def test_test_set_with_missing_files_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """Was: the whole run trained, then the final evaluation stopped on a FileNotFoundError
+    traceback (the built-in COCO val2017 set without $DETECTRON2_DATASETS/coco)."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    root = _shapes_root(tmp_path, n=1, size=32)
+    assert _cli(root, tmp_path / "out", "DATASETS.TEST", '("coco_2017_val_agnostic",)') == 2
+    _one_error_line(capsys.readouterr().err, "DATASETS.TEST", "'coco_2017_val_agnostic'",
+                    str(tmp_path / "datasets" / "coco" / "annotations" / "instances_val2017.json"))
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
 @pytest.mark.parametrize("entry", ["nocolon", ":/data/x", "name:"])
 def test_sa1b_root_entry_without_name_or_path_is_one_error(tmp_path, capsys, entry):
     """Was: a ValueError traceback."""

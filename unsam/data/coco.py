@@ -27,11 +27,11 @@ def load_coco_agnostic(json_file, image_root) -> List[Dict]:
     """COCO instances JSON → detectron2 dicts with every ``category_id`` set to 0.
 
     Crowd annotations keep ``iscrowd=1`` so that evaluation ignores them and training skips them.
-    A file without images raises :class:`~unsam.data.sa1b.DatasetError`.
+    A missing file, or one without images, raises :class:`~unsam.data.sa1b.DatasetError`.
     """
     json_file, image_root = Path(json_file), Path(image_root)
     if not json_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file '{json_file}' not found")
+        raise DatasetError(f"COCO annotation file '{json_file}' not found")
     coco = COCO(str(json_file))
     dicts = []
     for img_id in sorted(coco.getImgIds()):

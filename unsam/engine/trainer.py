@@ -86,9 +86,9 @@ def setup_config(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="unsam")
     register_datasets(cfg)
-    if training:
-        check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
-    check_dataset_names("DATASETS.TEST", cfg.DATASETS.TEST)
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN if training else ()), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        check_dataset_names(key, names)
+        check_dataset_files(key, names)
     return cfg
 
 
@@ -232,6 +232,21 @@ def check_dataset_names(key: str, names: Sequence[str]) -> None:
                 f"{', '.join(_our_dataset_names()) or 'none'}. Add a pseudo-label folder with "
                 f"UNSAM.DATA.SA1B_ROOTS \"('{name}:/path/to/folder',)\" or a COCO-format set with "
                 "UNSAM.DATA.COCO_SETS")
+
+
+def check_dataset_files(key: str, names: Sequence[str]) -> None:
+    """:class:`DatasetError` when a registered set's folder or annotation file is missing.
+
+    Registration is lazy, so a missing test set was found only by the evaluation after the last
+    iteration: hours of training, then a traceback. Checked at start instead.
+    """
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        for field in ("json_file", "image_root", "root"):
+            path = meta.get(field, None)
+            if path and not os.path.exists(path):
+                raise DatasetError(f"{key}: dataset '{name}' needs {field} '{path}', which does not exist "
+                                   "(set DETECTRON2_DATASETS, or name another set)")
 
 
 def _has_mask(record: Dict) -> bool:
