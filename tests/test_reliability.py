@@ -216,7 +216,7 @@ def test_pseudo_rerun_cleans_stale_temps_and_writes_0644(two_images, tmp_path):
     Image.fromarray(_gradient16()).save(two_images / "img_16bit.png")
     assert pseudo_main(["--input", str(two_images), "--output", str(out)] + SMALL_PSEUDO) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".img_7.json.other.tmp", "img_0.json", "img_1.json", "img_16bit.json"]
+    assert names == [".img_7.json.other.tmp", "img_0.json", "img_1.json", "img_16bit.json", "pseudo_settings.txt"]
     assert all((out / n).stat().st_mode & 0o777 == 0o666 & ~_umask() for n in names[1:])
     assert read_sa1b_json(out / "img_16bit.json")["annotations"]  # a real picture, not a white page
 

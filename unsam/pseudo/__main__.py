@@ -1,4 +1,9 @@
-"""``python -m unsam.pseudo --input DIR|GLOB --output DIR [options]`` — see :mod:`unsam.pseudo.engine`."""
+"""``python -m unsam.pseudo --input DIR|GLOB --output DIR [options]`` — see :mod:`unsam.pseudo.engine`.
+
+Bad input is refused with one line ``error: <what, naming the option / file>`` on stderr and exit
+status 2 (argparse's own errors included); SIGTERM / SIGINT stop the run with one ``stopped``
+line and status 128 + the signal number.
+"""
 import argparse
 import logging
 import sys
@@ -7,11 +12,25 @@ from typing import Optional
 import unsam  # noqa: F401  (compat before detectron2)
 
 from ..features import FeatureError, build_features
-from .config import EngineConfig, add_config_arguments, given_settings
+from .config import EngineConfig, SettingError, add_config_arguments, given_settings
 from .detector import DivideError
-from .engine import build_labeler, run
+from .engine import OutputWriteError, Stopped, build_labeler, check_run_options, run
 
 logger = logging.getLogger("unsam.pseudo")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the project's one ``error:`` line (exit status 2), not
+    the usage text plus ``prog: error:``."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _error(message) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def _shard(text: str):
@@ -27,7 +46,7 @@ def _shard(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The run options (input, output, sharding, workers) plus one option per
     :class:`EngineConfig` field (:func:`add_config_arguments`)."""
-    ap = argparse.ArgumentParser(prog="python -m unsam.pseudo",
+    ap = _OneLineParser(prog="python -m unsam.pseudo",
                                  description="Unsupervised divide-and-conquer pseudo labels (SA-1B JSON per image).")
     ap.add_argument("--input", required=True, help="image folder or glob pattern")
     ap.add_argument("--output", required=True, help="output folder (<stem>.json per image)")
@@ -66,35 +85,42 @@ def main(argv=None) -> int:
     if settings.get("recipe") == "unsam":
         problem = _unsam_backends(settings)
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
-    cfg = EngineConfig(**settings)
+            return _error(problem)
+    try:
+        check_run_options(args.shard, args.start_id, args.end_id, args.workers)
+        cfg = EngineConfig(**settings)
+    except SettingError as e:
+        return _error(e)
     labeler = None
     if cfg.recipe == "unsam":
         # fail fast on bad weights / config before any image or worker starts; reused below
         try:
             labeler = build_labeler(cfg)
         except (FeatureError, DivideError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _error(e)
     elif cfg.features == "dino":
         # fail fast on bad weights before any worker starts
         try:
             build_features("dino", cfg.resolution, cfg.device, cfg.dino_weights, cfg.dino_arch)
         except FeatureError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _error(e)
     try:
         s = run(args.input, args.output, cfg, shard=args.shard, start_id=args.start_id,
                 end_id=args.end_id, workers=args.workers, visualize=args.visualize,
                 progress=not args.quiet, labeler=labeler)
-    except (FileNotFoundError, ValueError, FeatureError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, FeatureError, OutputWriteError) as e:
+        return _error(e)
+    except Stopped as stop:
+        done = stop.summary.done if stop.summary else 0
+        print(f"stopped by {stop.name} after labelling {done} images; run the same command again "
+              f"to resume (finished images are skipped)", file=sys.stderr)
+        return 128 + stop.signum
     rate = s.done / s.seconds if s.seconds > 0 else 0.0
     print(f"{s.done} labelled, {s.skipped} already done, {s.failed} failed "
           f"({s.masks} masks, {s.seconds:.1f} s, {rate:.2f} img/s)"
-          + (f"; failures listed in {args.output}/failed.txt" if s.failed else ""))
+          + (f"; failures listed in {s.failures_file}" if s.failed else ""))
+    if s.earlier_failures:
+        logger.info("%d failures of earlier runs still listed in %s", s.earlier_failures, s.failures_file)
     return 1 if s.failed and not s.done and not s.skipped else 0
 
 

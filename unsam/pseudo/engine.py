@@ -9,17 +9,29 @@ divide → conquer → refine → JSON) and ``unsam``, the published UnSAM recip
 
 Output layout: ``<output>/<stem>.json`` (SA-1B format, written atomically), where ``<stem>`` is
 the image file name without extension. The ``image.file_name`` field holds the **absolute path**
-of the source image (images are not copied; the SA-1B reader accepts absolute paths).
+of the source image as the user named it (images are not copied; the SA-1B reader accepts
+absolute paths): a symbolic link is labelled under its own name and path, not its target's.
 ``image_id`` is the image's index in the sorted input list, so it does not depend on sharding.
-``failed.txt`` lists images that could not be processed (path, tab, reason); ``--visualize``
-writes ``<output>/vis/<stem>.jpg`` overlays. Runs are deterministic: the labelers draw no
-random numbers except the random Fourier features, whose generators are seeded with
-``EngineConfig.seed``; each labeler runs on one torch thread (see :func:`run`).
+``failed.txt`` (``failed.shard-<i>-of-<n>.txt`` for ``--shard i/n``, so shards sharing a folder
+never overwrite each other's) lists images that could not be processed (path, tab, reason); a
+run rewrites only the lines of its own images (see :func:`update_failures`). ``--visualize``
+writes ``<output>/vis/<stem>.jpg`` overlays. ``pseudo_settings.txt`` records the settings that
+decide the labels (:func:`check_settings`): a rerun into the folder with other settings is
+refused instead of mixing two kinds of labels. A write that fails (full disk, quota, read-only
+mount) stops the run (:class:`OutputWriteError`), and so do SIGTERM / SIGINT (:class:`Stopped`):
+the workers are terminated first, so nothing is written after the run returns. Runs are
+deterministic: the labelers draw no random numbers except the random Fourier features, whose
+generators are seeded with ``EngineConfig.seed``; each labeler runs on one torch thread (see
+:func:`run`).
 """
 import contextlib
+import errno
 import glob
+import json
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,19 +42,62 @@ import cv2
 import numpy as np
 import torch
 
-from ..utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
+from ..utils.files import atomic_write, create_once, ensure_writable_dir, remove_stale_temps
 from ..utils.images import read_rgb
 from ..utils.threads import torch_threads
 from .classical import PseudoLabeler
-from .config import EngineConfig
+from .config import EngineConfig, SettingError, label_settings, settings_differences
 
-__all__ = ["EngineConfig", "PseudoLabeler", "RunSummary", "build_labeler", "list_images", "read_image",
-           "run", "select"]
+__all__ = ["EngineConfig", "OutputWriteError", "PseudoLabeler", "RunSummary", "SettingsMismatch", "Stopped",
+           "build_labeler", "check_run_options", "check_settings", "failures_file", "list_images",
+           "read_image", "run", "select", "update_failures"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LABELER_THREADS = 1  # torch threads per labeler (see :func:`run`)
+SETTINGS_FILE = "pseudo_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+
+
+class OutputWriteError(Exception):
+    """An output file could not be written (full disk, quota, read-only mount): every later
+    image would fail the same way, so the run stops. The message is one line naming the file
+    and the reason. Not an OSError, so no per-image handler mistakes it for a bad image."""
+
+
+class SettingsMismatch(ValueError):
+    """The output folder holds labels made with other settings; the message names them."""
+
+
+class Stopped(BaseException):
+    """SIGTERM / SIGINT during :func:`run`. A BaseException, like KeyboardInterrupt, so the
+    per-image ``except Exception`` does not take it for one bad image. ``summary``: the run so
+    far (set by :func:`run`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.summary: Optional["RunSummary"] = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _write_error(path, e: OSError) -> OutputWriteError:
+    code = errno.errorcode.get(e.errno or 0)
+    reason = f"{e.strerror or e}" + (f" ({code})" if code else "")
+    return OutputWriteError(f"cannot write '{path}': {reason}; finished images are kept, "
+                            f"a rerun resumes")
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Turn an OSError while writing ``path`` into :class:`OutputWriteError`."""
+    try:
+        yield
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def read_image(path) -> np.ndarray:
@@ -52,10 +107,13 @@ def read_image(path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- batch runner
 def list_images(spec: str) -> List[Path]:
-    """``spec``: a folder (non-recursive, image extensions) or a glob pattern → sorted paths."""
+    """``spec``: a folder (non-recursive, image extensions) or a glob pattern → sorted absolute
+    paths (symbolic links not resolved)."""
     p = Path(spec)
     if p.is_dir():
-        files = [f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        # a dangling link is kept: it is then listed as a failure, not silently left out
+        files = [f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS
+                 and (f.is_file() or f.is_symlink())]
     else:
         files = [Path(f) for f in glob.glob(spec, recursive=True)
                  if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
@@ -63,7 +121,9 @@ def list_images(spec: str) -> List[Path]:
             raise FileNotFoundError(f"input not found: {spec}")
     if not files:
         raise FileNotFoundError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in/matching '{spec}'")
-    files = sorted({f.resolve() for f in files})
+    # absolute but not resolved: an image is named by the path the user gave, a symbolic link
+    # by its own name, not its target's (which may be a content hash in a store)
+    files = sorted({f.absolute() for f in files})
     stems: Dict[str, Path] = {}
     for f in files:
         if f.stem in stems:
@@ -124,18 +184,28 @@ def _label(task: _Task, labeler) -> Tuple[int, str, Optional[str], int]:
         anns = labeler(image)
         h, w = image.shape[:2]
         info = {"image_id": int(task.image_id), "width": int(w), "height": int(h),
-                "file_name": str(Path(task.path).resolve())}
+                "file_name": task.path}  # absolute, as the user named it (list_images)
         stem = Path(task.path).stem
         if task.visualize:
-            vis_dir = Path(task.out_dir) / "vis"
-            vis_dir.mkdir(parents=True, exist_ok=True)
-            ov = draw_overlay(image, anns)
-            cv2.imwrite(str(vis_dir / f"{stem}.jpg"), cv2.cvtColor(ov, cv2.COLOR_RGB2BGR))
-        write_sa1b_json(Path(task.out_dir) / f"{stem}.json", info, anns)
+            _write_overlay(Path(task.out_dir) / "vis" / f"{stem}.jpg", image, anns)
+        target = Path(task.out_dir) / f"{stem}.json"
+        with _writing(target):
+            write_sa1b_json(target, info, anns)
         return task.image_id, task.path, None, len(anns)
+    except OutputWriteError:
+        raise  # the output, not this image: stop the run
     except Exception as e:
         logger.debug("failure on %s:\n%s", task.path, traceback.format_exc())
         return task.image_id, task.path, f"{type(e).__name__}: {e}", 0
+
+
+def _write_overlay(path: Path, image: np.ndarray, anns: List[Dict]) -> None:
+    """The overlay as a JPEG, written atomically (``cv2.imwrite`` would fail silently)."""
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(draw_overlay(image, anns), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("overlay could not be encoded")
+    with _writing(path), atomic_write(path, "wb") as f:
+        f.write(jpeg.tobytes())
 
 
 # thread-pool sizes that numeric libraries read once, when they are loaded: a worker process
@@ -167,6 +237,9 @@ _WORKER: Dict = {}
 
 def _init_worker(cfg: EngineConfig) -> None:
     torch.set_num_threads(LABELER_THREADS)  # a worker process of our own: nothing to restore
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates the
+    # pool), so the workers do not die each with its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["labeler"] = build_labeler(cfg)
 
 
@@ -183,6 +256,23 @@ class RunSummary:
     masks: int = 0
     seconds: float = 0.0
     failures: List[Tuple[str, str]] = field(default_factory=list)
+    failures_file: Optional[Path] = None  # where this run's and earlier runs' failures are listed
+    earlier_failures: int = 0  # lines of earlier runs still listed there
+
+
+def check_run_options(shard=(0, 1), start_id: int = 0, end_id: Optional[int] = None,
+                      workers: int = 1) -> None:
+    """:class:`SettingError` for run options that select nothing meaningful (checked before
+    any image is read or weights are loaded)."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise SettingError(f"--shard {i}/{n}: need 0 <= i < n")
+    if workers < 1:
+        raise SettingError(f"--workers {workers}: must be >= 1")
+    if start_id < 0:
+        raise SettingError(f"--start-id {start_id}: must be >= 0")
+    if end_id is not None and end_id <= start_id:
+        raise SettingError(f"--end-id {end_id}: must be greater than --start-id {start_id}")
 
 
 def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start_id: int = 0,
@@ -194,11 +284,20 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     that built one to check its weights does not build it twice). Every labeler runs on
     ``LABELER_THREADS`` torch thread: outputs do not depend on the machine's core count or on
     ``workers``, and ``workers`` processes do not oversubscribe the cores; with ``workers`` ≤ 1
-    the caller's thread setting is restored afterwards."""
+    the caller's thread setting is restored afterwards.
+
+    Raises :class:`SettingsMismatch` (the folder holds labels of other settings),
+    :class:`OutputWriteError` (a write failed: the run stopped) and :class:`Stopped` (SIGTERM /
+    SIGINT, main thread only): in the last two cases the workers are gone and the failures so
+    far are listed before it returns."""
+    check_run_options(shard, start_id, end_id, workers)
     files = list_images(input_spec)
     out = ensure_writable_dir(output_dir)  # before any image is labelled
+    if visualize:
+        ensure_writable_dir(out / "vis")
+    check_settings(out, cfg)
     tasks = select(files, start_id, end_id, shard)
-    summary = RunSummary(total=len(tasks))
+    summary = RunSummary(total=len(tasks), failures_file=failures_file(out, shard))
     todo = []
     for image_id, path in tasks:
         if (out / f"{path.stem}.json").exists():
@@ -207,25 +306,133 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
             todo.append(_Task(image_id, str(path), str(out), visualize))
     logger.info("%d images selected, %d already done, %d to label", len(tasks), summary.skipped, len(todo))
     # half-written files of a killed run; only this run's names, other shards may be writing
-    stale = remove_stale_temps(out, {f"{Path(t.path).stem}.json" for t in todo}.__contains__)
+    ours = {f"{Path(t.path).stem}.json" for t in todo}.__contains__
+    stale = remove_stale_temps(out, ours)
     if stale:
         logger.info("removed %d temporary files of interrupted writes", stale)
+    selected = {str(path) for _, path in tasks}
     t0 = time.time()
-    _label_all(todo, cfg, workers, labeler, summary, progress)
-    summary.seconds = time.time() - t0
-    failed_path = out / "failed.txt"
-    if summary.failures:
-        with atomic_write(failed_path) as f:
-            f.write("".join(f"{p}\t{e}\n" for p, e in summary.failures))
-    elif failed_path.exists() and summary.done:
-        failed_path.unlink()  # earlier failures were retried successfully
+    with _stop_on_signals():
+        try:
+            _label_all(todo, cfg, workers, labeler, summary, progress)
+        except BaseException as stop:
+            summary.seconds = time.time() - t0
+            remove_stale_temps(out, ours)  # a terminated worker's unfinished write
+            with contextlib.suppress(OSError):  # best effort: the disk may be full
+                summary.earlier_failures = update_failures(summary.failures_file, out, selected,
+                                                           summary.failures)
+            if isinstance(stop, Stopped):
+                stop.summary = summary
+            raise
+        summary.seconds = time.time() - t0
+        with _writing(summary.failures_file):
+            summary.earlier_failures = update_failures(summary.failures_file, out, selected,
+                                                       summary.failures)
     return summary
+
+
+def failures_file(out: Path, shard=(0, 1)) -> Path:
+    """Where a run lists its failures: ``failed.txt``, or one file per shard, so that shards
+    sharing a folder (at the same time or one after the other) never overwrite each other's."""
+    i, n = shard
+    return out / ("failed.txt" if n == 1 else f"failed.shard-{i}-of-{n}.txt")
+
+
+def update_failures(path: Path, out: Path, selected, failures: List[Tuple[str, str]]) -> int:
+    """Rewrite the failure list ``path``: this run's ``failures`` (path, reason) replace the
+    lines of the same images, lines of images of this run's ``selected`` paths that now have a
+    label are dropped (retried successfully), every other line is kept (other images, or not
+    reached by an interrupted run). The file is removed when no line is left. Returns how many
+    lines of earlier runs were kept."""
+    new = {p for p, _ in failures}
+    kept = [line for line in _lines(path) if not _settled(line.split("\t", 1)[0], new, selected, out)]
+    # one line per image: a reason that spans lines is joined
+    lines = kept + [f"{p}\t{' '.join(str(e).split())}" for p, e in failures]
+    if lines:
+        with atomic_write(path) as f:
+            f.write("".join(line + "\n" for line in lines))
+    elif path.exists():
+        path.unlink()  # every listed failure was retried successfully
+    return len(kept)
+
+
+def _lines(path: Path) -> List[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _settled(image: str, new, selected, out: Path) -> bool:
+    """Whether the failure line of ``image`` is superseded: failed again in this run, or an
+    image of this run that has a label now."""
+    return image in new or (image in selected and (out / f"{Path(image).stem}.json").exists())
+
+
+def check_settings(out: Path, cfg: EngineConfig) -> None:
+    """Record ``cfg``'s :func:`~unsam.pseudo.config.label_settings` in ``out``, or check them
+    against the record there: finished images are skipped on a rerun, so a rerun with other
+    settings would silently mix two kinds of labels in one folder — refused
+    (:class:`SettingsMismatch`). A folder of labels from before the record existed gets one
+    warning and this run's settings."""
+    record = out / SETTINGS_FILE
+    current = label_settings(cfg)
+    if not record.exists():
+        if any(not p.name.startswith(".") for p in out.glob("*.json")):
+            logger.warning("%s holds labels but no %s (made before settings were recorded): "
+                           "recording this run's settings; labels made with other settings "
+                           "cannot be told apart", out, SETTINGS_FILE)
+        with _writing(record):
+            if create_once(record, json.dumps(current, indent=1, sort_keys=True) + "\n"):
+                return
+    diffs = settings_differences(_read_settings(record), current)
+    if diffs:
+        raise SettingsMismatch(
+            f"output folder '{out}' holds labels made with other settings ({', '.join(diffs)}; "
+            f"recorded in {record}): label into a new --output, or rerun with the recorded "
+            f"settings to resume")
+
+
+def _read_settings(record: Path) -> Dict:
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise SettingsMismatch(f"{record}: not a settings record of this engine ({e}); "
+                               f"label into a new --output") from None
+    if not isinstance(recorded, dict):
+        raise SettingsMismatch(f"{record}: not a settings record of this engine; label into a new --output")
+    return recorded
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGINT raise :class:`Stopped` (once; a repeat while stopping is ignored, so
+    the workers' termination is not cut short). Only in the main thread, where Python delivers
+    signals; the caller's handlers are restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def stop(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _label_all(todo: List[_Task], cfg: EngineConfig, workers: int, labeler, summary: RunSummary,
                progress: bool) -> None:
     """Label ``todo`` in this process (``workers`` ≤ 1) or a pool of ``workers`` processes,
-    counting the outcomes in ``summary``."""
+    counting the outcomes in ``summary``. On any exception (:class:`Stopped`,
+    :class:`OutputWriteError`) the pool is terminated, not drained: no worker writes after
+    this returns."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="pseudo-labels")
@@ -243,16 +450,24 @@ def _label_all(todo: List[_Task], cfg: EngineConfig, workers: int, labeler, summ
                     pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg,))
                 results = pool.imap(_label_in_worker, todo, chunksize=1)
             for _, path, err, n in results:
-                if err is None:
-                    summary.done += 1
-                    summary.masks += n
-                else:
-                    summary.failed += 1
-                    summary.failures.append((path, err))
-                    logger.warning("skipping %s: %s", path, err)
+                _count(summary, path, err, n)
                 bar.update(1)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
+
+
+def _count(summary: RunSummary, path: str, err: Optional[str], n: int) -> None:
+    if err is None:
+        summary.done += 1
+        summary.masks += n
+    else:
+        summary.failed += 1
+        summary.failures.append((path, err))
+        logger.warning("skipping %s: %s", path, err)

@@ -88,3 +88,33 @@ def ensure_writable_dir(path) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write to output folder '{path}': {e.strerror or e}") from None
     return path
+
+
+def create_once(path, text: str) -> bool:
+    """Write ``text`` to ``path`` unless ``path`` exists; True if this call wrote it.
+
+    For a record that several processes may try to create at once (shards starting together
+    into one folder): the text is written to a temporary file that is then hard-linked to
+    ``path``, which fails if another process got there first, so exactly one writer wins and
+    no reader sees a part. On a file system without hard links it falls back to a rename:
+    still atomic, but the last of two simultaneous writers wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        with open(staged, "x") as f:
+            f.write(text)
+        try:
+            os.link(staged, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system (some FUSE / SMB mounts)
+            if path.exists():
+                return False
+            os.replace(staged, path)
+            return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
