@@ -152,7 +152,8 @@ def test_public_unsam_pth_layout_loads_without_opt_in(tmp_path, monkeypatch, cap
     assert not caplog.text
     assert checkpoint["iteration"] == 199999
     assert checkpoint["scheduler"]["_multiplier"](0.7) == pytest.approx(scheduler._multiplier(0.7))
-    assert torch.equal(checkpoint["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    saved_state = checkpoint["optimizer"]["state"][0]
+    assert torch.equal(saved_state["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     loaded = torch.nn.Linear(3, 2)
     UnSAMCheckpointer(loaded).load(str(path))
     assert torch.equal(loaded.weight, model.weight)

@@ -109,7 +109,8 @@ class TrainingCheckpointer(UnSAMCheckpointer):
         """The file ``last_checkpoint`` names, then every other ``*.pth`` of ``save_dir`` by
         :func:`iteration_rank`, latest first (not by file time, which a copy rewrites)."""
         tagged = self.get_checkpoint_file()
-        others = sorted((p for p in self.get_all_checkpoint_files() if p != tagged), key=iteration_rank, reverse=True)
+        others = sorted((p for p in self.get_all_checkpoint_files() if p != tagged),
+                        key=iteration_rank, reverse=True)
         return ([tagged] if tagged else []) + others
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
