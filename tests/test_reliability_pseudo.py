@@ -291,3 +291,22 @@ def test_full_disk_when_listing_failures_is_one_line(images, tmp_path, capsys, m
     assert pseudo_main(["--input", str(images), "--output", str(out)] + SMALL_PSEUDO) == 2
     _one_error_line(capsys.readouterr().err, str(out / "failed.txt"), "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["img_0.json", "img_1.json", SETTINGS]
+
+
+def test_failed_write_in_a_worker_stops_the_run(tmp_path):
+    """The same with ``--workers 2``: the error comes from a worker process (here a real one: a
+    file-size limit makes every label write fail with EFBIG), the pool is terminated."""
+    import resource
+
+    def file_size_limit():  # in the child, before exec: inherited by its workers
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # the settings record fits
+
+    images = _images(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "unsam.pseudo", "--input", str(images), "--output", str(out),
+                           "--workers", "2"] + SMALL_PSEUDO, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          preexec_fn=file_size_limit, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    _one_error_line(proc.stderr, str(out / "img_"), "File too large")
+    assert sorted(p.name for p in out.iterdir()) == [SETTINGS]
