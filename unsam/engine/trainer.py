@@ -41,6 +41,7 @@ from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, b
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
 from ..data.prompts import WHOLE_TASK
+from ..data.samplers import ResumableTrainingSampler
 from ..data.sa1b import DatasetError, iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
@@ -396,6 +397,24 @@ def build_ats_loader(cfg, mapper=None):
     return loader
 
 
+def build_resumable_train_loader(cfg):
+    """detectron2's training loader over :func:`load_train_dicts`, with a resumable sampler.
+
+    With ``DATALOADER.SAMPLER_TRAIN`` ``TrainingSampler`` (the default) the stream is detectron2's,
+    index for index, but ``--resume`` continues it (``loader.train_sampler``, a checkpointable);
+    other samplers are detectron2's own and restart from their seed on a resume.
+    """
+    dicts = load_train_dicts(cfg)
+    sampler = None
+    if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+        sampler = ResumableTrainingSampler(len(dicts), cfg.SOLVER.IMS_PER_BATCH)
+    loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True), dataset=dicts,
+                                          sampler=sampler)
+    if sampler is not None:
+        loader.train_sampler = sampler
+    return loader
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with UnSAM's loaders/optimizer/evaluator and CPU-capable DDP."""
 
@@ -435,8 +454,7 @@ class Trainer(DefaultTrainer):
         if cfg.UNSAM.ATS.ENABLED:
             loader = build_ats_loader(cfg)
         else:
-            loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True),
-                                                  dataset=load_train_dicts(cfg))
+            loader = build_resumable_train_loader(cfg)
         if cfg.UNSAM.VISA.ENABLED:
             loader = VisaBatchLoader(loader, VisaState.from_config(cfg))
         return loader
@@ -444,6 +462,10 @@ class Trainer(DefaultTrainer):
     @property
     def ats_sampler(self) -> "AdaptiveTaskSampler | None":
         return getattr(self._trainer.data_loader, "ats_sampler", None)
+
+    @property
+    def train_sampler(self) -> "ResumableTrainingSampler | None":
+        return getattr(self._trainer.data_loader, "train_sampler", None)
 
     def build_hooks(self):
         """detectron2's hooks plus the ViSA / ATS hooks, placed before the checkpointer."""
@@ -459,6 +481,8 @@ class Trainer(DefaultTrainer):
             extra.append(ATSFeedbackHook(sampler, ats.SYNC_PERIOD, ats.DIFFICULTY, self.cfg.SOLVER.CHECKPOINT_PERIOD))
             # saved with every checkpoint and restored by --resume (fvcore loads checkpointables)
             self.checkpointer.checkpointables["ats_sampler"] = sampler
+        if self.train_sampler is not None:  # its seed: --resume continues the same data stream
+            self.checkpointer.checkpointables["train_sampler"] = self.train_sampler
         if extra:
             at = next((i for i, h in enumerate(ret) if isinstance(h, (d2_hooks.PeriodicCheckpointer,
                                                                        d2_hooks.EvalHook,
@@ -467,12 +491,13 @@ class Trainer(DefaultTrainer):
         return ret
 
     def resume_or_load(self, resume=True):
-        """detectron2's resume, then the ATS loader restarts from the restored sampler position.
+        """detectron2's resume, then the training loader continues the uninterrupted data stream.
 
         detectron2's ``SimpleTrainer`` creates the loader iterator in its constructor, before the
-        checkpoint is loaded; a prefetching iterator would already hold batches of the old stream.
-        A resume past the last iteration from any file but ``model_final.pth`` (lost to a kill
-        while it was written) writes it now: no step will run to write it.
+        checkpoint is loaded; a prefetching iterator would already hold batches of the old stream,
+        so it is made again once the sampler (ATS, or :class:`ResumableTrainingSampler`) is at
+        ``start_iter``. A resume past the last iteration from any file but ``model_final.pth``
+        (lost to a kill while it was written) writes it now: no step will run to write it.
         """
         super().resume_or_load(resume=resume)
         resumed = os.path.basename(self.checkpointer.resumed_from)
@@ -480,14 +505,13 @@ class Trainer(DefaultTrainer):
             logger.warning("training had finished but model_final.pth is missing or unreadable; "
                            "writing it from %s", resumed)
             self.checkpointer.save("model_final", iteration=self.start_iter - 1)
-        sampler = self.ats_sampler
-        if sampler is None:
+        sampler = self.ats_sampler or self.train_sampler
+        if sampler is None or (sampler.iteration == self.start_iter == 0):
             return
-        if sampler.iteration != self.start_iter:
-            if self.start_iter > 0:
-                logger.warning("ATS: the checkpoint has no sampler state; continuing the sampler from "
-                               "iteration %d (not the uninterrupted stream)", self.start_iter)
-            sampler.set_iteration(self.start_iter)
+        if sampler is self.ats_sampler and sampler.iteration != self.start_iter and self.start_iter > 0:
+            logger.warning("ATS: the checkpoint has no sampler state; continuing the sampler from "
+                           "iteration %d (not the uninterrupted stream)", self.start_iter)
+        sampler.set_iteration(self.start_iter)
         self._trainer._data_loader_iter = iter(self._trainer.data_loader)
 
     @classmethod
