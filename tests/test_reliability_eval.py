@@ -107,6 +107,14 @@ def test_degenerate_ground_truth_refused(tmp_path, capsys, evaluator, case, name
     assert not out.exists()
 
 
+def test_short_polygon_after_the_first_is_accepted_as_pycocotools_does(tmp_path):
+    """Real COCO files hold such polygons; pycocotools decodes them as empty, refusing the file would not."""
+    from unsam.evaluation.whole_image import _segmentation_problem
+
+    assert _segmentation_problem([[10, 10, 30, 10, 30, 30], [1, 2, 3, 4]], (64, 64)) is None
+    assert _segmentation_problem([[10, 10, 30, 10, 30, 30], ["x"]], (64, 64)) is not None
+
+
 def test_polygon_pycocotools_takes_for_a_box_refused(tmp_path, capsys):
     p = _setup(tmp_path, _degenerate("4-number polygon"))
     assert _run("whole_image", p, str(tmp_path / "m.json")) == 2

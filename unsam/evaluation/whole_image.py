@@ -100,8 +100,9 @@ def read_gt_json(path) -> Dict:
 def _segmentation_problem(seg, size) -> Optional[str]:
     """Why pycocotools cannot decode one GT segmentation (polygons or RLE), or None.
 
-    pycocotools raises ``IndexError`` for ``[]`` and mistakes a 4-number polygon for a box, so a
-    polygon needs at least 3 points (6 numbers); an RLE must cover its image exactly.
+    pycocotools raises ``IndexError`` for ``[]`` and fails on a first polygon of fewer than 6
+    numbers (it takes 4 for a box); it decodes shorter polygons after the first as empty, as the
+    official COCO evaluation does, so those are accepted. An RLE must cover its image exactly.
     """
     if isinstance(seg, dict):
         try:
@@ -112,9 +113,11 @@ def _segmentation_problem(seg, size) -> Optional[str]:
     if not isinstance(seg, list) or not seg:
         return f"segmentation {seg!r} is empty or not polygons/RLE"
     for k, poly in enumerate(seg):
-        if (not isinstance(poly, list) or len(poly) < 6
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)):
-            return f"polygon {k} is not a list of at least 6 numbers (3 points)"
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in poly):
+            return f"polygon {k} is not a list of numbers"
+    if len(seg[0]) < 6:
+        return "polygon 0 is not a list of at least 6 numbers (3 points)"
     return None
 
 
