@@ -5,7 +5,9 @@ Two recipes share it (:func:`run`: sharding, resume, ``failed.txt``, workers), c
 ``classical`` (:class:`unsam.pseudo.classical.PseudoLabeler`, the offline default: features →
 divide → conquer → refine → JSON) and ``unsam``, the published UnSAM recipe
 (:class:`unsam.pseudo.recipe.UnsamLabeler`: CutLER detector divide, DINO keys on each region's
-256-px crop, :func:`unsam.pseudo.conquer.iterative_merge`, NMS).
+256-px crop, :func:`unsam.pseudo.conquer.iterative_merge`, NMS). The runner itself
+(:func:`run_tasks`, :func:`record_settings`) takes any labeler: ``python -m unsam.selftrain``
+labels images with a trained model through it.
 
 Output layout: ``<output>/<stem>.json`` (SA-1B format, written atomically), where ``<stem>`` is
 the image file name without extension. The ``image.file_name`` field holds the **absolute path**
@@ -26,6 +28,7 @@ generators are seeded with ``EngineConfig.seed``; each labeler runs on one torch
 """
 import contextlib
 import errno
+import functools
 import glob
 import json
 import logging
@@ -36,7 +39,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -49,8 +52,8 @@ from .classical import PseudoLabeler
 from .config import EngineConfig, SettingError, label_settings, settings_differences
 
 __all__ = ["EngineConfig", "OutputWriteError", "PseudoLabeler", "RunSummary", "SettingsMismatch", "Stopped",
-           "build_labeler", "check_run_options", "check_settings", "failures_file", "list_images",
-           "read_image", "run", "select", "update_failures"]
+           "Task", "build_labeler", "check_run_options", "check_settings", "failures_file", "list_images",
+           "read_image", "record_settings", "run", "run_tasks", "select", "update_failures"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,16 +167,30 @@ def build_labeler(cfg: EngineConfig):
 
 
 @dataclass(frozen=True)
-class _Task:
+class Task:
+    """One image of a run: its ``image_id``, ``path`` (recorded as ``image.file_name``), the
+    output folder, and ``name``, the output's file stem (default: the image's stem)."""
     image_id: int
     path: str
     out_dir: str
-    visualize: bool
+    visualize: bool = False
+    name: str = ""
+
+    @property
+    def stem(self) -> str:
+        return self.name or Path(self.path).stem
 
 
-def _label(task: _Task, labeler) -> Tuple[int, str, Optional[str], int]:
+_Task = Task  # the name the runner had before other label makers (unsam.selftrain) shared it
+
+
+def _label(task: Task, labeler) -> Tuple[int, str, Optional[str], int]:
     """Label one image and write its JSON (and overlay). Returns (image_id, path, error or
-    None, n_masks)."""
+    None, n_masks).
+
+    ``labeler(image)`` gives the annotations; a labeler that needs to know which image it
+    labels (``unsam.selftrain`` merges each image's labels of the previous round) has a method
+    ``label_task(image, task)`` instead, which is called when present."""
     from ..data.sa1b import write_sa1b_json
 
     try:
@@ -181,11 +198,12 @@ def _label(task: _Task, labeler) -> Tuple[int, str, Optional[str], int]:
     except Exception as e:  # unreadable / truncated / not an image
         return task.image_id, task.path, f"unreadable image: {e}", 0
     try:
-        anns = labeler(image)
+        label_task = getattr(labeler, "label_task", None)
+        anns = label_task(image, task) if label_task is not None else labeler(image)
         h, w = image.shape[:2]
         info = {"image_id": int(task.image_id), "width": int(w), "height": int(h),
                 "file_name": task.path}  # absolute, as the user named it (list_images)
-        stem = Path(task.path).stem
+        stem = task.stem
         if task.visualize:
             _write_overlay(Path(task.out_dir) / "vis" / f"{stem}.jpg", image, anns)
         target = Path(task.out_dir) / f"{stem}.json"
@@ -235,15 +253,15 @@ def _worker_environment():
 _WORKER: Dict = {}
 
 
-def _init_worker(cfg: EngineConfig) -> None:
+def _init_worker(make_labeler: Callable) -> None:
     torch.set_num_threads(LABELER_THREADS)  # a worker process of our own: nothing to restore
     # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates the
     # pool), so the workers do not die each with its own KeyboardInterrupt traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER["labeler"] = build_labeler(cfg)
+    _WORKER["labeler"] = make_labeler()
 
 
-def _label_in_worker(task: _Task):
+def _label_in_worker(task: Task):
     return _label(task, _WORKER["labeler"])
 
 
@@ -296,25 +314,44 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     if visualize:
         ensure_writable_dir(out / "vis")
     check_settings(out, cfg)
-    tasks = select(files, start_id, end_id, shard)
-    summary = RunSummary(total=len(tasks), failures_file=failures_file(out, shard))
+    tasks = [Task(image_id, str(path), str(out), visualize)
+             for image_id, path in select(files, start_id, end_id, shard)]
+    return run_tasks(tasks, out, functools.partial(build_labeler, cfg), shard=shard, workers=workers,
+                     progress=progress, labeler=labeler)
+
+
+def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0, 1), workers: int = 1,
+              progress: bool = True, labeler=None,
+              failures: Sequence[Tuple[str, str]] = ()) -> RunSummary:
+    """The runner behind :func:`run`, for any label maker: label every task whose output
+    ``<out>/<task.stem>.json`` does not exist yet, and list the failures in
+    :func:`failures_file` ``(out, shard)`` (see :func:`update_failures`).
+
+    ``make_labeler()``: builds a labeler (see :func:`_label`); picklable, as worker processes
+    call it. ``labeler``: one already built, used when ``workers`` ≤ 1. ``failures``: (path,
+    reason) of selected inputs the caller could not even make a task of (counted as failed and
+    listed with the rest). ``out`` must exist and hold the caller's settings record already.
+    Raises as :func:`run`."""
+    summary = RunSummary(total=len(tasks) + len(failures), failures_file=failures_file(out, shard))
+    for path, err in failures:
+        _count(summary, path, err, 0)
     todo = []
-    for image_id, path in tasks:
-        if (out / f"{path.stem}.json").exists():
+    for task in tasks:
+        if (out / f"{task.stem}.json").exists():
             summary.skipped += 1  # finished earlier (files are written atomically)
         else:
-            todo.append(_Task(image_id, str(path), str(out), visualize))
-    logger.info("%d images selected, %d already done, %d to label", len(tasks), summary.skipped, len(todo))
+            todo.append(task)
+    logger.info("%d images selected, %d already done, %d to label", summary.total, summary.skipped, len(todo))
     # half-written files of a killed run; only this run's names, other shards may be writing
-    ours = {f"{Path(t.path).stem}.json" for t in todo}.__contains__
+    ours = {f"{t.stem}.json" for t in todo}.__contains__
     stale = remove_stale_temps(out, ours)
     if stale:
         logger.info("removed %d temporary files of interrupted writes", stale)
-    selected = {str(path) for _, path in tasks}
+    selected = {t.path for t in tasks} | {path for path, _ in failures}
     t0 = time.time()
     with _stop_on_signals():
         try:
-            _label_all(todo, cfg, workers, labeler, summary, progress)
+            _label_all(todo, make_labeler, workers, labeler, summary, progress)
         except BaseException as stop:
             summary.seconds = time.time() - t0
             remove_stale_temps(out, ours)  # a terminated worker's unfinished write
@@ -371,21 +408,27 @@ def _settled(image: str, new, selected, out: Path) -> bool:
 
 def check_settings(out: Path, cfg: EngineConfig) -> None:
     """Record ``cfg``'s :func:`~unsam.pseudo.config.label_settings` in ``out``, or check them
-    against the record there: finished images are skipped on a rerun, so a rerun with other
-    settings would silently mix two kinds of labels in one folder — refused
-    (:class:`SettingsMismatch`). A folder of labels from before the record existed gets one
-    warning and this run's settings."""
-    record = out / SETTINGS_FILE
-    current = label_settings(cfg)
+    against the record there (:func:`record_settings`, file ``pseudo_settings.txt``)."""
+    record_settings(out, SETTINGS_FILE, label_settings(cfg), settings_differences)
+
+
+def record_settings(out: Path, name: str, current: Dict,
+                    differences: Callable[[Dict, Dict], List[str]]) -> None:
+    """Record the settings ``current`` (JSON-ready) in ``out/name``, or check them against the
+    record there: finished images are skipped on a rerun, so a rerun with other settings would
+    silently mix two kinds of labels in one folder — refused (:class:`SettingsMismatch`, naming
+    ``differences(recorded, current)``: one ``--option OLD -> NEW`` each). A folder of labels
+    from before the record existed gets one warning and this run's settings."""
+    record = out / name
     if not record.exists():
         if any(not p.name.startswith(".") for p in out.glob("*.json")):
             logger.warning("%s holds labels but no %s (made before settings were recorded): "
                            "recording this run's settings; labels made with other settings "
-                           "cannot be told apart", out, SETTINGS_FILE)
+                           "cannot be told apart", out, name)
         with _writing(record):
             if create_once(record, json.dumps(current, indent=1, sort_keys=True) + "\n"):
                 return
-    diffs = settings_differences(_read_settings(record), current)
+    diffs = differences(_read_settings(record), current)
     if diffs:
         raise SettingsMismatch(
             f"output folder '{out}' holds labels made with other settings ({', '.join(diffs)}; "
@@ -427,7 +470,7 @@ def _stop_on_signals():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def _label_all(todo: List[_Task], cfg: EngineConfig, workers: int, labeler, summary: RunSummary,
+def _label_all(todo: List[Task], make_labeler: Callable, workers: int, labeler, summary: RunSummary,
                progress: bool) -> None:
     """Label ``todo`` in this process (``workers`` ≤ 1) or a pool of ``workers`` processes,
     counting the outcomes in ``summary``. On any exception (:class:`Stopped`,
@@ -441,13 +484,13 @@ def _label_all(todo: List[_Task], cfg: EngineConfig, workers: int, labeler, summ
         with contextlib.ExitStack() as scope:
             if workers <= 1:
                 scope.enter_context(torch_threads(LABELER_THREADS))
-                labeler = labeler if labeler is not None else build_labeler(cfg)
+                labeler = labeler if labeler is not None else make_labeler()
                 results = (_label(t, labeler) for t in todo)
             else:
                 import multiprocessing as mp
 
                 with _worker_environment():
-                    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg,))
+                    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(make_labeler,))
                 results = pool.imap(_label_in_worker, todo, chunksize=1)
             for _, path, err, n in results:
                 _count(summary, path, err, n)
