@@ -325,6 +325,7 @@ def test_record_validated_when_read(shapes, tmp_path):
     i = [ds.location(k) for k in range(len(ds))].index(str(path))
     with pytest.raises(SA1BFormatError, match=r"shapes_000_00003\.json: annotation 0: corrupt RLE"):
         ds.record(i)
+    assert len(ds.record(i, validate=False)["annotations"]) == len(doc["annotations"])  # caller checks RLEs
     doc["image"]["height"] = 40
     doc["annotations"] = []
     path.write_text(json.dumps(doc))
@@ -398,6 +399,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert index_main([str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "file"), "--quiet"]) == 2
     _one_error_line(capsys.readouterr().err, "file")
+    _shapes(tmp_path / "data", 1)
+    assert index_main([str(tmp_path / "data"), "--to-tsv", str(tmp_path / "data" / "tsv"), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "inside dataset root")
     with pytest.raises(SystemExit) as e:
         index_main([str(tmp_path), "--workers", "0"])
     assert e.value.code == 2

@@ -66,6 +66,12 @@ def main(argv=None) -> int:
         for root in args.roots:
             if not os.path.isdir(root):
                 raise DatasetError(f"dataset root '{root}' is not a folder")
+        if args.to_tsv:
+            out = os.path.realpath(args.to_tsv)
+            for root in args.roots:
+                if os.path.dirname(out) == os.path.realpath(root) or out == os.path.realpath(root):
+                    raise DatasetError(f"--to-tsv folder '{args.to_tsv}' is inside dataset root '{root}': its "
+                                       "shards would be indexed as part of that root (choose a folder outside it)")
         empty = []
         for root in args.roots:
             summary = build_index(root, args.cache_dir, workers=args.workers, rebuild=args.rebuild,
