@@ -322,7 +322,7 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
 
 def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0, 1), workers: int = 1,
               progress: bool = True, labeler=None,
-              failures: Sequence[Tuple[str, str]] = ()) -> RunSummary:
+              failures: Sequence[Tuple[str, str]] = (), desc: str = "pseudo-labels") -> RunSummary:
     """The runner behind :func:`run`, for any label maker: label every task whose output
     ``<out>/<task.stem>.json`` does not exist yet, and list the failures in
     :func:`failures_file` ``(out, shard)`` (see :func:`update_failures`).
@@ -330,7 +330,7 @@ def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0
     ``make_labeler()``: builds a labeler (see :func:`_label`); picklable, as worker processes
     call it. ``labeler``: one already built, used when ``workers`` ≤ 1. ``failures``: (path,
     reason) of selected inputs the caller could not even make a task of (counted as failed and
-    listed with the rest). ``out`` must exist and hold the caller's settings record already.
+    listed with the rest). ``desc``: the progress bar's name. ``out`` must exist and hold the caller's settings record already.
     Raises as :func:`run`."""
     summary = RunSummary(total=len(tasks) + len(failures), failures_file=failures_file(out, shard))
     for path, err in failures:
@@ -351,7 +351,7 @@ def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0
     t0 = time.time()
     with _stop_on_signals():
         try:
-            _label_all(todo, make_labeler, workers, labeler, summary, progress)
+            _label_all(todo, make_labeler, workers, labeler, summary, progress, desc)
         except BaseException as stop:
             summary.seconds = time.time() - t0
             remove_stale_temps(out, ours)  # a terminated worker's unfinished write
@@ -471,14 +471,14 @@ def _stop_on_signals():
 
 
 def _label_all(todo: List[Task], make_labeler: Callable, workers: int, labeler, summary: RunSummary,
-               progress: bool) -> None:
+               progress: bool, desc: str = "pseudo-labels") -> None:
     """Label ``todo`` in this process (``workers`` ≤ 1) or a pool of ``workers`` processes,
     counting the outcomes in ``summary``. On any exception (:class:`Stopped`,
     :class:`OutputWriteError`) the pool is terminated, not drained: no worker writes after
     this returns."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="pseudo-labels")
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=desc)
     pool = None
     try:
         with contextlib.ExitStack() as scope:
