@@ -4,7 +4,7 @@ every mask at full resolution before transforming (the mapper's previous path).
 
 Writes one synthetic SA-1B record — a 1500×2250 photo-like image with ``--masks`` nested RLE masks
 (roots split into parts, parts into sub-parts, as the pseudo-label engine writes them) — and maps
-it ``--repeat`` times with the training mapper of the public R50 config (LSJ at 1024, scale
+it ``--repeat`` times with the training mapper of the R50 LSJ config (LSJ at 1024, scale
 0.1–2.0, flip), in two child processes so that each one's peak RSS is its own:
 
 * ``mapper``: ``UnSAMDatasetMapper`` as shipped (each mask decoded alone, only what lands in the
@@ -111,7 +111,7 @@ def run_child(variant: str, record: str, repeat: int, threads: int) -> dict:
             return stack, kept, BitMasks(torch.from_numpy(stack)).get_bounding_boxes().tensor.numpy()
 
         mapper_module.decode_transformed_masks = decode_then_transform
-    cfg = load_config(str(REPO / "configs" / "unsam_only_sa-1b_R50.yaml"),
+    cfg = load_config(str(REPO / "configs" / "unsam_only_sa-1b_R50_lsj.yaml"),
                       ["MODEL.DEVICE", "cpu", "INPUT.MAX_INSTANCES_PER_IMAGE", "100000"])
     mapper = mapper_module.UnSAMDatasetMapper(cfg, is_train=True)
     record = load_sa1b_dicts(Path(record).parent)[0]

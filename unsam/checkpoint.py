@@ -90,15 +90,31 @@ class LoadReport:
         """Missing names that belong to the top-level modules ``parts``."""
         return [n for n in self.missing if _top_level(n) in parts]
 
+    @property
+    def backbone_only(self) -> bool:
+        """Every backbone tensor loaded and nothing else: a pretrained-backbone start (e.g. the
+        published recipe's DINO ResNet-50), whose heads are meant to start from random weights."""
+        return (self.expected.get("backbone", 0) > 0 and not self.wrong_shape
+                and self.loaded.get("backbone", 0) == self.expected["backbone"]
+                and self.num_loaded == self.loaded["backbone"])
+
     def summary(self) -> str:
         per_part = ", ".join(f"{p} {self.loaded[p]}/{n}" for p, n in self.expected.items())
         text = (f"MODEL.WEIGHTS '{self.path}': loaded {self.num_loaded}/{self.num_expected} tensors "
                 f"({per_part})")
+        if self.backbone_only:
+            others = [p for p in self.expected if p != "backbone"]
+            text += (f": a pretrained-backbone start, as intended; {', '.join(others)} keep their initial "
+                     "values (the heads train from random weights)")
         if self.wrong_shape:
             text += f"; {len(self.wrong_shape)} skipped for their shape, e.g. " + ", ".join(
                 f"{n} {tuple(c)} vs {tuple(m)}" for n, c, m in self.wrong_shape[:_NAMES_SHOWN])
         if self.unexpected:
-            text += f"; {len(self.unexpected)} checkpoint tensors unused"
+            counters = sum(n.endswith("num_batches_tracked") for n in self.unexpected)
+            if counters == len(self.unexpected):  # FrozenBN keeps no BatchNorm step counter
+                text += f"; {counters} BatchNorm num_batches_tracked counters not needed"
+            else:
+                text += f"; {len(self.unexpected)} checkpoint tensors unused"
         return text
 
 
@@ -136,7 +152,16 @@ class UnSAMCheckpointer(DetectionCheckpointer):
         if not isinstance(state, dict) or not state:
             raise WeightsError(f"MODEL.WEIGHTS '{self._source()}' holds no model tensors "
                                f"(top-level keys: {sorted(checkpoint)[:5]})")
-        incompatible = super()._load_model(checkpoint)
+        # detectron2's name matching of .pkl files (matching_heuristics) logs a table of every
+        # matched name (~70 lines for a ResNet-50) at INFO: the report's one line says the same
+        matching = logging.getLogger("detectron2.checkpoint.c2_model_loading")
+        level = matching.level
+        if not logger.isEnabledFor(logging.DEBUG):
+            matching.setLevel(logging.WARNING)
+        try:
+            incompatible = super()._load_model(checkpoint)
+        finally:
+            matching.setLevel(level)
         self.last_report = _report(self.model, incompatible, self._source())
         if self.last_report.num_loaded == 0:
             raise WeightsError(_fits_nothing_message(self.last_report))
@@ -182,8 +207,13 @@ def fetch_weights(url: str, what: str = "MODEL.WEIGHTS") -> str:
         return PathManager.get_local_path(url)
     except Exception as e:  # noqa: BLE001 — iopath raises bare Exceptions of many kinds for a bad URL
         _remove_download_lock(url)
-        raise WeightsError(f"{what} '{url}' could not be downloaded: "
-                           f"{type(e).__name__}: {_first_line(e)}") from None
+        name = url.rstrip("/").split("/")[-1] or "weights.pth"
+        # offline (CI, clusters without internet) the fix is a local copy, or no weights at all
+        hint = f"download it where there is internet and pass the local file ({what} /path/to/{name})"
+        if what == "MODEL.WEIGHTS":
+            hint += ', or MODEL.WEIGHTS "" to start from random weights'
+        raise WeightsError(f"{what} '{url}' could not be downloaded ({type(e).__name__}: {_first_line(e)}); "
+                           f"{hint}") from None
 
 
 def _remove_download_lock(url: str) -> None:

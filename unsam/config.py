@@ -96,6 +96,9 @@ def _add_swin_config(cfg: CN) -> None:
 def _add_input_config(cfg: CN) -> None:
     inp = cfg.INPUT
     inp.FORMAT = "RGB"
+    # training augmentation: "unsam_lsj" (large-scale jitter, below) or "unsam_crop" (the published
+    # UnSAM recipe: random flip + a fixed IMAGE_SIZE crop/pad, no rescaling; "sam_instance_tsv",
+    # the published mapper's name, is read as "unsam_crop")
     inp.DATASET_MAPPER_NAME = "unsam_lsj"
     inp.COLOR_AUG_SSD = False
     inp.SIZE_DIVISIBILITY = -1
@@ -106,8 +109,11 @@ def _add_input_config(cfg: CN) -> None:
     inp.MAX_SCALE = 2.0
     inp.MIN_SIZE_TEST = 1024
     inp.MAX_SIZE_TEST = 2048
-    # at most this many instances per training image (largest kept first)
+    # at most this many instances per training image, chosen by MAX_INSTANCES_SAMPLING: "largest"
+    # (by area, kept in file order) or "random" (the published rule: a uniformly random subset,
+    # drawn with NumPy's global generator before the augmentation, in drawn order)
     inp.MAX_INSTANCES_PER_IMAGE = 500
+    inp.MAX_INSTANCES_SAMPLING = "largest"
 
 
 def _add_solver_config(cfg: CN) -> None:
@@ -122,6 +128,10 @@ def _add_solver_config(cfg: CN) -> None:
     solver.CLIP_GRADIENTS.CLIP_VALUE = 0.01
     solver.CLIP_GRADIENTS.NORM_TYPE = 2.0
     solver.AMP.ENABLED = True
+    # drop-loss (published UnSAM/CutLER): a matched prediction whose soft IoU with its target on the
+    # sampled points is <= DROPLOSS_IOU_THRESH adds nothing to the mask and dice losses
+    solver.USE_DROP_LOSSES = False
+    solver.DROPLOSS_IOU_THRESH = 0.01
 
 
 def _add_data_config(cfg: CN) -> None:

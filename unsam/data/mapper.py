@@ -1,9 +1,20 @@
 """Turn a dataset dict into model input: read the image, augment, decode masks to tensors.
 
-Training uses large-scale jitter (LSJ): random scale in ``[INPUT.MIN_SCALE, INPUT.MAX_SCALE]`` of
-an ``INPUT.IMAGE_SIZE`` square, a fixed ``IMAGE_SIZE × IMAGE_SIZE`` crop (padded when smaller)
-and a horizontal flip. Test resizes the short side to ``INPUT.MIN_SIZE_TEST`` (long side at most
-``INPUT.MAX_SIZE_TEST``). Output dict::
+Training augmentation, by ``INPUT.DATASET_MAPPER_NAME``:
+
+* ``unsam_lsj``: large-scale jitter (LSJ): random scale in ``[INPUT.MIN_SCALE, INPUT.MAX_SCALE]``
+  of an ``INPUT.IMAGE_SIZE`` square, a fixed ``IMAGE_SIZE × IMAGE_SIZE`` crop (padded when
+  smaller) and a horizontal flip;
+* ``unsam_crop`` (alias ``sam_instance_tsv``, the published mapper's name): the published UnSAM
+  recipe — a random flip (``INPUT.RANDOM_FLIP``) then a fixed ``IMAGE_SIZE`` crop of the image at
+  its own resolution (padded when smaller), no rescaling.
+
+At most ``INPUT.MAX_INSTANCES_PER_IMAGE`` instances per training image: the largest
+(``INPUT.MAX_INSTANCES_SAMPLING "largest"``) or a uniformly random subset drawn as published
+(``"random"``, :meth:`UnSAMDatasetMapper._select_annotations`). Instances the crop leaves without a
+pixel are dropped; an image left with none is still returned, with no instances (every query is
+trained towards "no object"), as the published mapper does. Test resizes the short side to
+``INPUT.MIN_SIZE_TEST`` (long side at most ``INPUT.MAX_SIZE_TEST``). Output dict::
 
     {"image": uint8 3×H×W (INPUT.FORMAT), "height", "width" (original size), "file_name",
      "image_id", "instances": Instances(gt_masks BitMasks N×H×W, gt_classes int64 zeros,
@@ -32,6 +43,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
+from ..utils.arguments import ConfigError
 from ..utils.images import UnsupportedImageError, open_image
 from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask
 
@@ -210,6 +222,26 @@ class AtLeastOnePixel(T.Augmentation):
         return f"AtLeastOnePixel({self.resize!r})"
 
 
+# INPUT.DATASET_MAPPER_NAME values -> training augmentation
+LSJ_MAPPER = "unsam_lsj"
+CROP_MAPPERS = ("unsam_crop", "sam_instance_tsv")
+INSTANCE_SAMPLING = ("largest", "random")
+
+
+def build_crop_augmentation(image_size: int, flip: str = "horizontal") -> List:
+    """The published UnSAM training augmentation: a random flip (``flip``: "horizontal",
+    "vertical" or "none", as ``INPUT.RANDOM_FLIP``), then an ``image_size`` square crop of the
+    image at its own resolution, at a random offset, padded (image 128, masks 0) where the image is
+    smaller. No rescaling: SA-1B photos (~1500×2250) are seen at their native scale. Same order and
+    the same detectron2 augmentations as the published mapper, so a seeded NumPy draws the same
+    flip and crop."""
+    augs = []
+    if flip != "none":
+        augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
+    augs.append(T.FixedSizeCrop(crop_size=(image_size, image_size)))
+    return augs
+
+
 def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
     augs = [
         AtLeastOnePixel(T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size,
@@ -226,8 +258,14 @@ class UnSAMDatasetMapper:
 
     @configurable
     def __init__(self, is_train: bool, *, augmentations: List, image_format: str, max_instances: int,
-                 visa_guidance: str = ""):
-        """``visa_guidance``: "" (none) or the guidance feature backend ("classical")."""
+                 visa_guidance: str = "", max_instances_sampling: str = "largest"):
+        """``visa_guidance``: "" (none) or the guidance feature backend ("classical").
+        ``max_instances_sampling``: which instances the ``max_instances`` cap keeps, "largest" or
+        "random" (:meth:`_select_annotations`)."""
+        if max_instances_sampling not in INSTANCE_SAMPLING:
+            raise ConfigError(f"INPUT.MAX_INSTANCES_SAMPLING {max_instances_sampling!r}: must be one of "
+                              f"{', '.join(INSTANCE_SAMPLING)}")
+        self.max_instances_sampling = max_instances_sampling
         self.is_train = is_train
         # a resize may round a thin image's short side to 0 px: every resize keeps >= 1 px
         augmentations = [AtLeastOnePixel(a) if isinstance(a, (T.ResizeScale, T.ResizeShortestEdge, T.Resize))
@@ -252,8 +290,15 @@ class UnSAMDatasetMapper:
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         if is_train:
-            augs = build_lsj_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE,
-                                          flip=cfg.INPUT.RANDOM_FLIP != "none")
+            name = cfg.INPUT.DATASET_MAPPER_NAME
+            if name == LSJ_MAPPER:
+                augs = build_lsj_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE,
+                                              flip=cfg.INPUT.RANDOM_FLIP != "none")
+            elif name in CROP_MAPPERS:
+                augs = build_crop_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.RANDOM_FLIP)
+            else:
+                raise ConfigError(f"INPUT.DATASET_MAPPER_NAME {name!r}: must be one of "
+                                  f"{', '.join((LSJ_MAPPER,) + CROP_MAPPERS)}")
         else:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
         visa = cfg.UNSAM.VISA
@@ -264,6 +309,7 @@ class UnSAMDatasetMapper:
             "augmentations": augs,
             "image_format": cfg.INPUT.FORMAT,
             "max_instances": cfg.INPUT.MAX_INSTANCES_PER_IMAGE,
+            "max_instances_sampling": cfg.INPUT.MAX_INSTANCES_SAMPLING,
             "visa_guidance": guidance,
         }
 
@@ -284,7 +330,20 @@ class UnSAMDatasetMapper:
         return torch.from_numpy(np.ascontiguousarray(feats.transpose(2, 0, 1))).to(torch.float16)
 
     def _select_annotations(self, annotations: List[Dict]) -> List[Dict]:
-        """Non-crowd annotations, the largest ``max_instances`` first (keeps list order otherwise)."""
+        """The non-crowd annotations the model trains on, at most ``max_instances``.
+
+        "largest": the non-crowd annotations, the ``max_instances`` largest by area when there are
+        more, in list order. "random", the published rule: when the record holds more than
+        ``max_instances`` annotations, a uniformly random subset of that size drawn with NumPy's
+        global generator (``np.random.choice(n, k, replace=False)``, the same draw as the published
+        mapper's choice over the list), in drawn order; crowd annotations are dropped afterwards.
+        Called before the augmentation so that a seeded run draws what the published one draws.
+        """
+        if self.max_instances_sampling == "random":
+            if len(annotations) > self.max_instances:
+                chosen = np.random.choice(len(annotations), self.max_instances, replace=False)
+                annotations = [annotations[i] for i in chosen]
+            return [a for a in annotations if not a.get("iscrowd", 0)]
         anns = [a for a in annotations if not a.get("iscrowd", 0)]
         if len(anns) > self.max_instances:
             order = sorted(range(len(anns)), key=lambda i: -float(anns[i].get("area", 0)))
@@ -337,6 +396,9 @@ class UnSAMDatasetMapper:
         image = self.read_image(dataset_dict)
         if image is None:
             return None
+        annotations = dataset_dict.pop("annotations", None)
+        # the instance cap is drawn before the augmentation, in the published order of random draws
+        anns = self._select_annotations(annotations) if self.is_train and annotations is not None else None
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         if any(isinstance(t, ClampedResizeTransform) for t in transforms.transforms):
@@ -348,11 +410,9 @@ class UnSAMDatasetMapper:
         if self.is_train and self.visa_guidance:
             dataset_dict["visa_guidance"] = self.guidance_features(image)
 
-        annotations = dataset_dict.pop("annotations", None)
-        if not self.is_train or annotations is None:
+        if anns is None:  # test time, or a record without annotations
             return dataset_dict
 
-        anns = self._select_annotations(annotations)
         orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
         if anns:  # instances cropped away by LSJ are dropped
             stack, present, boxes = decode_transformed_masks([a["segmentation"] for a in anns], orig_h, orig_w,

@@ -2,8 +2,9 @@
 
 Differences from detectron2's defaults, and why:
 
-* AdamW with a backbone LR multiplier, no weight decay on norms/embeddings and full-model
-  gradient-norm clipping, as the public Mask2Former/UnSAM recipe.
+* AdamW with a backbone LR multiplier, no weight decay on norms / ``nn.Embedding`` modules / Swin's
+  position tables and full-model gradient-norm clipping: the published Mask2Former/UnSAM groups
+  (:func:`build_optimizer_for`).
 * ``WarmupPolyLR`` in addition to detectron2's schedules.
 * DDP on CPU (gloo) as well as GPU, and AMP only where it exists (CUDA).
 * Class-agnostic COCO evaluation for every test set.
@@ -57,7 +58,9 @@ _NORM_TYPES = (
     torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
     torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
 )
-_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "query_feat", "query_embed", "level_embed")
+# parameters (by their own name) that get SOLVER.WEIGHT_DECAY_EMBED besides nn.Embedding modules: Swin's
+# position tables. The published rule: a plain parameter such as the pixel decoder's level_embed is decayed.
+_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def register_datasets(cfg) -> None:
@@ -294,7 +297,18 @@ def load_train_dicts(cfg) -> List[Dict]:
 
 
 def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW/SGD with per-parameter groups (backbone multiplier, no decay on norms/embeddings)."""
+    """AdamW/SGD with one group per parameter, by the published Mask2Former/UnSAM rule
+    (``train_net.py``'s ``build_optimizer``), so a step changes every parameter as theirs does:
+
+    * learning rate ``BASE_LR``, times ``BACKBONE_MULTIPLIER`` when "backbone" is in the module's
+      name;
+    * weight decay ``WEIGHT_DECAY``, except: ``WEIGHT_DECAY_EMBED`` for Swin's position tables (by
+      parameter name), ``WEIGHT_DECAY_NORM`` for the parameters of norm modules, and
+      ``WEIGHT_DECAY_EMBED`` for ``nn.Embedding`` modules (the last rule that applies wins).
+      Learned queries and the decoder's level embedding are ``nn.Embedding`` (no decay); the pixel
+      decoder's ``level_embed`` is a plain parameter and is decayed, as published;
+    * a parameter shared by several modules is listed once, under its first module.
+    """
     base_lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
     params: List[Dict[str, Any]] = []
     seen: Set[torch.nn.parameter.Parameter] = set()
@@ -304,12 +318,14 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
                 continue
             seen.add(value)
             hyper = {"lr": base_lr, "weight_decay": wd}
-            if module_name.startswith("backbone") or ".backbone" in module_name:
+            if "backbone" in module_name:
                 hyper["lr"] = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
-            if any(k in f"{module_name}.{name}" for k in _EMBED_NAMES):
+            if any(k in name for k in _EMBED_NAMES):
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
             if isinstance(module, _NORM_TYPES):
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM
+            if isinstance(module, torch.nn.Embedding):
+                hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
             params.append({"params": [value], **hyper})
 
     clip = cfg.SOLVER.CLIP_GRADIENTS

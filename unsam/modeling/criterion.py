@@ -9,6 +9,12 @@ IoU head).
 Per-target ``mask_weights`` (float (N, H, W), same size as ``masks``, 1 = normal weight) scale
 the per-point BCE and dice terms; ViSA uses them to relax pseudo-mask boundaries. Targets
 without them follow the unweighted code path exactly.
+
+Drop-loss (``SOLVER.USE_DROP_LOSSES``, published with UnSAM after CutLER): pseudo masks are
+incomplete, so a prediction that overlaps its matched target hardly at all is more likely a real
+segment the labels miss than a mistake; its mask and dice losses are dropped when the soft IoU of
+the two on the sampled points is at most ``SOLVER.DROPLOSS_IOU_THRESH``. The class loss and the
+normaliser (number of target masks) are unchanged, as published.
 """
 from __future__ import annotations
 
@@ -31,12 +37,14 @@ __all__ = [
     "sigmoid_ce_loss",
     "calculate_uncertainty",
     "get_uncertain_point_coords_with_randomness",
+    "drop_loss_keep",
 ]
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
-              weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """inputs: (M, P) logits; targets, weights: (M, P). Sum over masks of 1 - soft dice, / num_masks."""
+              weights: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """inputs: (M, P) logits; targets, weights: (M, P); keep: (M,) 0/1 per mask (drop-loss).
+    Sum over masks of 1 - soft dice, / num_masks."""
     inputs = inputs.sigmoid()
     if weights is None:
         numerator = 2 * (inputs * targets).sum(-1)
@@ -45,16 +53,37 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
         numerator = 2 * (inputs * targets * weights).sum(-1)
         denominator = (inputs * weights).sum(-1) + (targets * weights).sum(-1)
     loss = 1 - (numerator + 1) / (denominator + 1)
+    if keep is not None:
+        loss = loss * keep
     return loss.sum() / num_masks
 
 
 def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
-                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """inputs: (M, P) logits; targets, weights: (M, P). Per-mask mean BCE summed, / num_masks."""
+                    weights: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """inputs: (M, P) logits; targets, weights: (M, P); keep: (M,) 0/1 per mask (drop-loss).
+    Per-mask mean BCE summed, / num_masks."""
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     if weights is not None:
         loss = loss * weights
-    return loss.mean(1).sum() / num_masks
+    loss = loss.mean(1)
+    if keep is not None:
+        loss = loss * keep
+    return loss.sum() / num_masks
+
+
+@torch.no_grad()
+def drop_loss_keep(point_logits: torch.Tensor, point_labels: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+    """(M,) 1.0 for the matched pairs whose losses count, 0.0 for those drop-loss leaves out.
+
+    The published rule: soft IoU of ``sigmoid(point_logits)`` with ``point_labels`` over the
+    sampled points (intersection / (sum of both - intersection)); a pair is left out when that IoU
+    is at most ``iou_thresh`` — so an undefined IoU (0/0: every probability underflowed to 0 on an
+    empty target) keeps its loss, as published. Computed without gradient: the choice is not trained.
+    """
+    probs = point_logits.sigmoid()
+    inter = (probs * point_labels).sum(-1)
+    iou = inter / (probs.sum(-1) + point_labels.sum(-1) - inter)
+    return (~(iou <= iou_thresh)).to(point_logits.dtype)
 
 
 def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
@@ -92,13 +121,15 @@ class SetCriterion(nn.Module):
     """Mask2Former's loss for UnSAM (class-agnostic: one foreground class + no-object)."""
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: Sequence[str], num_points: int, oversample_ratio: float, importance_sample_ratio: float):
+                 losses: Sequence[str], num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                 use_drop_losses: bool = False, droploss_iou_thresh: float = 0.01):
         """
         Args:
             num_classes: foreground classes (the no-object class has index num_classes).
             weight_dict: loss name -> weight (applied by the caller, e.g. the meta-architecture).
             eos_coef: cross-entropy weight of the no-object class.
             losses: subset of ("labels", "masks").
+            use_drop_losses, droploss_iou_thresh: drop-loss (module docstring), off by default.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -115,6 +146,8 @@ class SetCriterion(nn.Module):
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+        self.use_drop_losses = bool(use_drop_losses)
+        self.droploss_iou_thresh = float(droploss_iou_thresh)
 
     @staticmethod
     def _src_permutation_idx(indices: List[Tuple[torch.Tensor, torch.Tensor]]):
@@ -161,9 +194,11 @@ class SetCriterion(nn.Module):
             point_labels = torch.cat(labels)
             point_weights = torch.cat(weights) if use_weights else None
         point_logits = point_sample(src, coords).squeeze(1)  # (M, P)
+        keep = (drop_loss_keep(point_logits, point_labels, self.droploss_iou_thresh)
+                if self.use_drop_losses else None)
         return {
-            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks, point_weights),
-            "loss_dice": dice_loss(point_logits, point_labels, num_masks, point_weights),
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks, point_weights, keep),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks, point_weights, keep),
         }
 
     def get_loss(self, loss, outputs, targets, indices, num_masks):
@@ -207,7 +242,8 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
                 f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
-                f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}")
+                f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}"
+                + (f", drop_loss_iou_thresh={self.droploss_iou_thresh}" if self.use_drop_losses else ""))
 
 
 class PromptCriterion(nn.Module):

@@ -132,7 +132,9 @@ class UnSAM(nn.Module):
         criterion = SetCriterion(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher=matcher, weight_dict=weight_dict,
                                  eos_coef=mf.NO_OBJECT_WEIGHT, losses=["labels", "masks"],
                                  num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-                                 importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO)
+                                 importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+                                 use_drop_losses=cfg.SOLVER.USE_DROP_LOSSES,
+                                 droploss_iou_thresh=cfg.SOLVER.DROPLOSS_IOU_THRESH)
         prompt_args = {}
         pc = cfg.UNSAM.PROMPT
         if pc.ENABLED:
