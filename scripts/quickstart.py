@@ -73,10 +73,11 @@ def parse_args(argv=None):
 
 
 class Runner:
-    """Runs and records the commands of the loop."""
+    """Runs and records the commands of the loop; their output goes to ``output/log_name``."""
 
-    def __init__(self, output: Path):
+    def __init__(self, output: Path, log_name: str = "quickstart.log"):
         self.output = output
+        self.log = output / log_name
         self.commands: List[str] = []
         self.timings: Dict[str, float] = {}
 
@@ -86,13 +87,13 @@ class Runner:
         logger.info("[%s] %s", step, text)
         start = time.time()
         env = dict(os.environ, PYTHONWARNINGS="ignore")
-        with open(self.output / "quickstart.log", "a") as log:
+        with open(self.log, "a") as log:
             log.write(f"\n$ {text}\n")
             log.flush()
             proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.timings[step] = self.timings.get(step, 0.0) + time.time() - start
         if proc.returncode != 0:
-            raise SystemExit(f"error: step '{step}' failed (exit {proc.returncode}); see {self.output / 'quickstart.log'}")
+            raise SystemExit(f"error: step '{step}' failed (exit {proc.returncode}); see {self.log}")
 
 
 def read_metrics(path: Path) -> Optional[Dict[str, float]]:
@@ -109,6 +110,16 @@ def last_eval_metrics(metrics_json: Path, dataset: str) -> Optional[Dict[str, fl
         if found:
             return found
     return None
+
+
+def schedule_overrides(iters: Optional[int]) -> List[str]:
+    """Config overrides that train ``iters`` iterations with the quickstart config's schedule
+    scaled to them (LR steps, checkpoints, ViSA's fade-out, ATS's start); none for None."""
+    if not iters:
+        return []
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.8)},)",
+            "SOLVER.CHECKPOINT_PERIOD", str(max(1, iters // 4)),
+            "UNSAM.VISA.END_ITER", str(max(1, iters // 2)), "UNSAM.ATS.START_ITER", str(iters // 4)]
 
 
 def subset_range(n: Optional[int]) -> List[str]:
@@ -216,11 +227,7 @@ def main(argv=None) -> int:
     overrides = ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"quickstart_pseudo:{out / 'pseudo_train'}"]),
                  "UNSAM.DATA.COCO_SETS", json.dumps([["quickstart_val", str(args.gt), str(args.val_images)]]),
                  "DATASETS.TRAIN", '("quickstart_pseudo",)', "DATASETS.TEST", '("quickstart_val",)',
-                 "TEST.EVAL_PERIOD", "0"]
-    if args.iters:
-        overrides += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
-                      "SOLVER.CHECKPOINT_PERIOD", str(max(1, args.iters // 4)),
-                      "UNSAM.VISA.END_ITER", str(max(1, args.iters // 2)), "UNSAM.ATS.START_ITER", str(args.iters // 4)]
+                 "TEST.EVAL_PERIOD", "0", *schedule_overrides(args.iters)]
     weights = train_dir / "model_final.pth"
     if not weights.is_file():
         runner.run("train", [py, "train_net.py", "--config-file", CONFIG, "--resume", *overrides,

@@ -267,3 +267,32 @@ def test_labels_of_a_pseudo_folder_are_not_mixed(weights, shapes, tmp_path, caps
                     [annotation_from_mask(np.ones((4, 4), bool), 0)])
     assert selftrain_main(_argv(weights, shapes[1], out)) == 2
     _one_error_line(capsys.readouterr().err, "unsam.pseudo")
+
+
+@pytest.mark.slow
+def test_make_selftrain_cut_down(tmp_path, tiny_train, tiny_val):
+    """``scripts/selftrain.py`` end to end on 3 photos per set, 2 iterations per round (~3.5 min):
+    every figure of the report present, and a rerun trains nothing again."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "st"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(REPO / "scripts" / "selftrain.py"), "--output", str(out), "--iters", "2",
+           "--max-images", "3", "--workers", "1", "--shared", str(tiny_train.parent)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:] + (out / "selftrain.log").read_text()[-3000:]
+    report = (out / "REPORT.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "labels / model" not in line]
+    assert len(rows) == 7  # val: labels, round 1, round 2; train: the same + the round-1 labels
+    for row in rows:
+        values = [float(c) for c in [c.strip() for c in row.strip("|").split("|")][1:]]
+        assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in values)
+    assert report.count("Round 2 − round 1:") == 2
+    labels = sorted((out / "round1_labels").glob("*.json"))
+    assert len(labels) == 3 and all(read_sa1b_json(p)["annotations"] for p in labels)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
+    assert again.returncode == 0
+    assert "[train round" not in again.stderr and "[evaluate round" not in again.stderr
