@@ -169,7 +169,7 @@ def select_predictions(masks: np.ndarray, scores: np.ndarray, low: float = SCORE
 
 def predictions_to_annotations(instances, c: SelfTrainConfig) -> List[Dict]:
     """A predictor's ``Instances`` → the SA-1B annotations of the kept predictions."""
-    masks = instances.pred_masks.numpy().astype(bool)
+    masks = np.asarray(instances.pred_masks.numpy(), dtype=bool)  # no copy: the predictor's masks are bool
     scores = instances.scores.numpy()
     keep = select_predictions(masks, scores, c.score_low, c.score_high, c.dedup_iou, c.max_masks)
     return [annotation_from_mask(masks[i], k, predicted_iou=float(scores[i]), level=0, source=SOURCE)
