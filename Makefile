@@ -18,7 +18,8 @@ quickstart: setup
 
 # one self-training round on the shared photos, measured (issue 29): round 1 trained on the classical pseudo
 # labels, its predictions (merged with them) train round 2; AR of labels and both rounds on both shared sets'
-# human masks -> outputs/selftrain/REPORT.md (~30 min on 2 quiet cores; resumable). ARGS="--max-images 3 --iters 2": a cut-down run
+# human masks -> outputs/selftrain/REPORT.md (resumable; about half an hour on 2 quiet cores, estimated from the
+# quickstart's step times). ARGS="--max-images 3 --iters 2": a cut-down run
 selftrain: setup
 	$(PY) scripts/selftrain.py $(ARGS)
 
