@@ -4,7 +4,7 @@
 Five steps, each timed, each recorded with its error when it fails (the others still run):
 
   train      the public R50 config (configs/unsam_only_sa-1b_R50.yaml), AMP on (SOLVER.AMP.ENABLED),
-             LSJ 1024, 2 images/step, ViSA + ATS on, on synthetic SA-1B data written here (up to
+             its published fixed 1024 crop, 2 images/step, ViSA + ATS on, on synthetic SA-1B data (up to
              300 masks/image): losses finite, s/iteration, data s/iteration, peak GPU memory.
              Then the Swin-L config at 1 image/step: "fits": false (not a failure) on out-of-memory.
   inference  whole-image at 1024 px, 1000 detections, fp32 and AMP (autocast fp16): s/image and

@@ -205,8 +205,17 @@ def _published_layout_pkl(path: Path) -> dict:
     for name, value in torchvision.models.resnet50().state_dict().items():
         if name.startswith("fc."):  # DINO's backbone has no classifier
             continue
-        arrays[_torchvision_to_detectron2(name)] = (rng.standard_normal(tuple(value.shape)).astype(np.float32)
-                                                    if value.is_floating_point() else value.numpy())
+        shape = tuple(value.shape)
+        if not value.is_floating_point():  # num_batches_tracked
+            array = value.numpy()
+        elif name.endswith(("running_var", ".weight")) and len(shape) == 1:  # BN scale / variance > 0
+            array = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) == 1:  # BN shift / mean
+            array = 0.1 * rng.standard_normal(shape)
+        else:  # convolutions, He-scaled (finite float32 features; without real BN statistics res5 reaches
+            # ~5e4, near float16's limit: not for AMP training)
+            array = rng.standard_normal(shape) * math.sqrt(2.0 / np.prod(shape[1:]))
+        arrays[_torchvision_to_detectron2(name)] = np.asarray(array, dtype=value.numpy().dtype)
     with open(path, "wb") as f:
         pickle.dump({"model": arrays, "__author__": "torchvision", "matching_heuristics": True}, f)
     return arrays

@@ -153,11 +153,10 @@ class UnSAMCheckpointer(DetectionCheckpointer):
             raise WeightsError(f"MODEL.WEIGHTS '{self._source()}' holds no model tensors "
                                f"(top-level keys: {sorted(checkpoint)[:5]})")
         # detectron2's name matching of .pkl files (matching_heuristics) logs a table of every
-        # matched name (~70 lines for a ResNet-50) at INFO: the report's one line says the same
+        # matched name (~70 lines for a ResNet-50) at INFO: the report says the same in one line (its lists at DEBUG)
         matching = logging.getLogger("detectron2.checkpoint.c2_model_loading")
         level = matching.level
-        if not logger.isEnabledFor(logging.DEBUG):
-            matching.setLevel(logging.WARNING)
+        matching.setLevel(logging.WARNING)
         try:
             incompatible = super()._load_model(checkpoint)
         finally:
