@@ -369,7 +369,7 @@ def save_random_weights(plan: Dict, path: Path, prompt: bool) -> Path:
 
     from unsam.predictor import build_inference_model
 
-    opts = ["MODEL.DEVICE", "cpu", "UNSAM.PROMPT.ENABLED", str(prompt)] + plan["head"]
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "UNSAM.PROMPT.ENABLED", str(prompt)] + plan["head"]
     torch.manual_seed(0)
     model = build_inference_model(load_cfg(R50, opts))
     torch.save({"model": model.state_dict(), "iteration": 0}, path)

@@ -69,8 +69,8 @@ def train_argument_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(
         epilog=(
             "Examples:\n"
-            "  python train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml --num-gpus 8\n"
-            "  torchrun --nproc_per_node=8 train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml\n"
+            "  python train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml --num-gpus 4\n"
+            "  torchrun --nproc_per_node=4 train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml\n"
             "  python train_net.py --config-file configs/tiny/unsam_tiny.yaml --eval-only MODEL.WEIGHTS out/model_final.pth\n"
             "Trailing KEY VALUE pairs override config keys."
         )
