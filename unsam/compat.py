@@ -6,6 +6,7 @@ a set) and the CPU-only ``pb1-detectron2`` build has no compiled ``detectron2._C
 module before detectron2 makes it usable; ``import unsam`` does that. Nothing else in the project
 patches third-party code.
 """
+import bisect
 import collections.abc
 import importlib.util
 import sys
@@ -99,23 +100,77 @@ _install_pkg_resources_shim()
 _install_missing_c_extension()
 
 
-class _SampleableSet(set):
-    """A set that ``random.sample`` accepts: Python >= 3.11 wants a sequence."""
+class _FallbackCandidates(collections.abc.Sequence):
+    """``range(n)`` less the indices whose mapping failed: detectron2's retry pool, in O(failures)
+    memory.
 
-    def __getitem__(self, index):
-        return sorted(self)[index]
+    detectron2's ``MapDataset`` keeps ``set(range(len(dataset)))`` (~60 MB at a million images,
+    in every loader worker) and, since Python 3.11 wants a sequence for ``random.sample``, was
+    patched to sort the whole set on each retry. Failures are rare, so this keeps only the
+    sorted failed indices: the k-th candidate is found by bisection (O(log² failures)). The k-th
+    element is the k-th smallest, as the sorted set gave, so retries draw the same indices (for
+    pools of at most 21, ``random.sample`` lists the set instead, whose order after re-insertions
+    is the hash table's; here it is ascending).
+    """
 
+    def __init__(self, size: int):
+        self._size = int(size)
+        self._removed: list = []  # sorted
 
-collections.abc.Sequence.register(_SampleableSet)
+    def __len__(self) -> int:
+        return self._size - len(self._removed)
+
+    def __contains__(self, index) -> bool:
+        k = bisect.bisect_left(self._removed, index)
+        return 0 <= index < self._size and not (k < len(self._removed) and self._removed[k] == index)
+
+    def add(self, index: int) -> None:
+        k = bisect.bisect_left(self._removed, index)
+        if k < len(self._removed) and self._removed[k] == index:
+            del self._removed[k]
+
+    def discard(self, index: int) -> None:
+        k = bisect.bisect_left(self._removed, index)
+        if 0 <= index < self._size and not (k < len(self._removed) and self._removed[k] == index):
+            self._removed.insert(k, index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        n = len(self)
+        if not -n <= k < n:
+            raise IndexError(f"candidate {k} out of range for {n}")
+        k %= n
+        # the smallest x with k + 1 candidates in [0, x]: x - (removed <= x) + 1 grows with x
+        lo, hi = k, k + len(self._removed)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid + 1 - bisect.bisect_right(self._removed, mid) >= k + 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def __iter__(self):
+        removed = iter(self._removed + [self._size])
+        skip = next(removed)
+        for i in range(self._size):
+            if i == skip:
+                skip = next(removed)
+                continue
+            yield i
 
 
 def fix_map_dataset_retry() -> None:
-    """Let detectron2's ``MapDataset`` retry another image when the mapper returns ``None``.
+    """Let detectron2's ``MapDataset`` retry another image when the mapper returns ``None``, in
+    constant memory.
 
     Its retry draws the replacement with ``random.sample(set)``, a ``TypeError`` since Python
-    3.11, so skipping a bad training image crashed the loader instead. Called by
-    :mod:`unsam.data.mapper`, whose mapper skips bad images: patching at import time here would
-    import all of ``detectron2.data`` (~3 s) into every command. Idempotent.
+    3.11, so skipping a bad training image crashed the loader instead; and its pool of retry
+    candidates is ``set(range(N))``, built at start and copied into every loader worker. The pool
+    becomes a :class:`_FallbackCandidates` (the same draws). Called by :mod:`unsam.data.mapper`,
+    whose mapper skips bad images: patching at import time here would import all of
+    ``detectron2.data`` (~3 s) into every command. Idempotent.
     """
     from detectron2.data import common
 
@@ -124,8 +179,9 @@ def fix_map_dataset_retry() -> None:
     init = common.MapDataset.__init__
 
     def __init__(self, dataset, map_func):
-        init(self, dataset, map_func)
-        self._fallback_candidates = _SampleableSet(self._fallback_candidates)
+        init(self, (), map_func)  # detectron2's own set(range(len(dataset))) would be built, then dropped
+        self._dataset = dataset
+        self._fallback_candidates = _FallbackCandidates(len(dataset))
 
     common.MapDataset.__init__ = __init__
     common.MapDataset._unsam_sampleable_retry = True

@@ -17,7 +17,10 @@ stream: rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...``. The stream is
 there is no hidden generator state, the counters *are* the RNG state. Uniform blocks are
 consecutive slices of per-epoch permutations of all cells (every cell exactly once per epoch,
 across all ranks); adaptive blocks are drawn with replacement from ``p`` (a hard cell may repeat
-by design). Ranks therefore read disjoint positions of one stream and no position is duplicated
+by design). Sized for SA-1B (millions of images × tasks): a uniform item costs O(1) (the epoch's
+permutation is evaluated per position, never stored), an adaptive one O(log cells) (a sum tree
+the table keeps up to date), and the state is ~6 bytes per cell (float32 difficulty, seen flag,
+the tree): nothing per block is as large as the table. Ranks therefore read disjoint positions of one stream and no position is duplicated
 or dropped, provided every rank builds block ``b`` from the same table, which holds because the
 table only changes in :meth:`DifficultyTable.sync` (identical result on every rank) and ranks
 run in lockstep (same batch size, same loader prefetch depth).
@@ -170,6 +173,12 @@ def _all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # difficulty table
 # ---------------------------------------------------------------------------------------------
+# cells per leaf of the sampling tree: a draw descends log2(cells / LEAF_CELLS) levels, then
+# scans one leaf's cells; sums are kept per leaf, so memory for the tree is ~0.5 byte per cell
+LEAF_CELLS = 64
+_REBUILD_CHUNK = 1 << 20  # cells per step of a full rebuild (bounds its temporary memory)
+
+
 class DifficultyTable:
     """EMA of the difficulty of every (image, task) cell, consistent across ranks.
 
@@ -179,8 +188,15 @@ class DifficultyTable:
     is taken as is). All ranks apply the same records in the same order on CPU, so their tables
     stay bit-identical. Without ``torch.distributed`` :meth:`sync` applies the local records.
 
+    Sized for SA-1B: the state is 5 bytes per cell (float32 value, bool seen; 15 MB for 1 M images
+    × 3 tasks), and drawing from the adaptive distribution (:meth:`draw`) costs O(log cells) per
+    item: a sum tree over leaves of ``LEAF_CELLS`` cells (seen cells' weights and the number of
+    unseen cells per subtree, ~0.6 byte per cell) is updated for the cells a :meth:`sync` changes
+    and rebuilt only when the table was replaced or written to from outside (``values`` /
+    ``seen`` are plain tensors: their version counters tell).
+
     Attributes:
-        values: float64 tensor ``num_images × num_tasks``.
+        values: float32 tensor ``num_images × num_tasks``.
         seen: bool tensor, cells observed at least once.
         version: number of syncs that changed the table.
     """
@@ -193,15 +209,23 @@ class DifficultyTable:
         self.num_images = int(num_images)
         self.num_tasks = int(num_tasks)
         self.ema = float(ema)
-        self.values = torch.zeros(self.num_images, self.num_tasks, dtype=torch.float64)
+        self.values = torch.zeros(self.num_images, self.num_tasks, dtype=torch.float32)
         self.seen = torch.zeros(self.num_images, self.num_tasks, dtype=torch.bool)
         self.version = 0
         self._pending_cells: List[torch.Tensor] = []
         self._pending_values: List[torch.Tensor] = []
+        self._tree: Optional[Dict] = None  # the sampling tree (derived; not part of the state)
 
     @property
     def num_cells(self) -> int:
         return self.num_images * self.num_tasks
+
+    def state_bytes(self) -> int:
+        """Bytes this table holds: values, seen flags and the sampling tree (when built)."""
+        n = self.values.element_size() * self.values.numel() + self.seen.numel()
+        if self._tree is not None:
+            n += sum(a.nbytes for a in (self._tree["w"], self._tree["u"], self._tree["d"]))
+        return n
 
     def update(self, indices, tasks, difficulties) -> None:
         """Record this rank's observations (applied at the next :meth:`sync`).
@@ -247,25 +271,133 @@ class DifficultyTable:
             vals = _all_gather_varlen(vals)
         if cells.numel() == 0:
             return 0
+        tree_current = self._tree_is_current()
         uniq, inverse = torch.unique(cells, return_inverse=True)
         sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
         counts = torch.bincount(inverse, minlength=uniq.numel()).to(torch.float64)
         mean = sums / counts
         flat_v = self.values.view(-1)
         flat_s = self.seen.view(-1)
-        old = flat_v[uniq]
-        flat_v[uniq] = torch.where(flat_s[uniq], self.ema * old + (1.0 - self.ema) * mean, mean)
+        old = flat_v[uniq].to(torch.float64)
+        flat_v[uniq] = torch.where(flat_s[uniq], self.ema * old + (1.0 - self.ema) * mean, mean).to(flat_v.dtype)
         flat_s[uniq] = True
         self.version += 1
+        if tree_current:  # the tree follows: only the leaves of the changed cells are recomputed
+            self._refresh_leaves(np.unique(uniq.numpy() // LEAF_CELLS))
         return int(uniq.numel())
+
+    # ---- adaptive distribution ------------------------------------------------------------------
+    def _weights(self, cells: np.ndarray, alpha: float, eps: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(weight of each seen cell (0 where unseen), seen flags, clamped difficulty) of ``cells``."""
+        flat_v = self.values.view(-1).numpy()
+        flat_s = self.seen.view(-1).numpy()
+        seen = flat_s[cells]
+        d = np.maximum(flat_v[cells].astype(np.float64), 0.0)
+        w = np.where(seen, np.power(d + eps, alpha), 0.0)
+        return w, seen, np.where(seen, d, 0.0)
+
+    def _tree_key(self, alpha: float, eps: float):
+        return (id(self.values), self.values._version, id(self.seen), self.seen._version, alpha, eps)
+
+    def _tree_is_current(self) -> bool:
+        t = self._tree
+        return t is not None and t["key"] == self._tree_key(t["alpha"], t["eps"])
+
+    def _build_tree(self, alpha: float, eps: float) -> None:
+        """The sum tree for ``(alpha, eps)``, from scratch (O(cells), in chunks)."""
+        m = self.num_cells
+        leaves = -(-m // LEAF_CELLS)
+        size = 1 << max(0, (leaves - 1).bit_length())  # leaves of a complete binary tree
+        w = np.zeros(2 * size, np.float64)  # seen cells' weight sum per node
+        u = np.zeros(2 * size, np.int64)  # unseen cells per node
+        d = np.zeros(leaves, np.float64)  # seen cells' (clamped) difficulty sum per leaf
+        self._tree = {"alpha": alpha, "eps": eps, "size": size, "w": w, "u": u, "d": d}
+        step = _REBUILD_CHUNK - _REBUILD_CHUNK % LEAF_CELLS
+        for start in range(0, leaves * LEAF_CELLS, step):
+            self._refresh_leaves(np.arange(start // LEAF_CELLS, min(leaves, (start + step) // LEAF_CELLS)),
+                                 propagate=False)
+        node = size // 2
+        while node >= 1:  # every internal level at once: parents of [node, 2 * node)
+            parents = np.arange(node, 2 * node)
+            w[parents] = w[2 * parents] + w[2 * parents + 1]
+            u[parents] = u[2 * parents] + u[2 * parents + 1]
+            node //= 2
+        self._tree["key"] = self._tree_key(alpha, eps)
+
+    def _refresh_leaves(self, leaves: np.ndarray, propagate: bool = True) -> None:
+        """Recompute the sums of ``leaves`` from their cells (exact: no drift from increments),
+        then of their ancestors."""
+        t = self._tree
+        m, size = self.num_cells, t["size"]
+        cells = leaves[:, None] * LEAF_CELLS + np.arange(LEAF_CELLS)[None]
+        inside = cells < m
+        wc, seen, d = self._weights(np.minimum(cells, m - 1), t["alpha"], t["eps"])
+        t["w"][size + leaves] = np.where(inside, wc, 0.0).sum(1)
+        t["u"][size + leaves] = (inside & ~seen).sum(1)
+        t["d"][leaves] = np.where(inside, d, 0.0).sum(1)
+        if propagate:
+            nodes = np.unique((size + leaves) // 2)
+            while len(nodes) and nodes[0] >= 1:
+                t["w"][nodes] = t["w"][2 * nodes] + t["w"][2 * nodes + 1]
+                t["u"][nodes] = t["u"][2 * nodes] + t["u"][2 * nodes + 1]
+                if nodes[0] == 1:
+                    break
+                nodes = np.unique(nodes // 2)
+            t["key"] = self._tree_key(t["alpha"], t["eps"])
+
+    def _unseen_weight(self, alpha: float, eps: float) -> float:
+        """Weight of an unseen cell: that of the mean difficulty of the seen cells."""
+        t = self._tree
+        seen = self.num_cells - int(t["u"][1])
+        mean = float(t["d"].sum()) / seen if seen else 0.0
+        return float(np.power(mean + eps, alpha))
+
+    def draw(self, u: np.ndarray, alpha: float, beta: float, eps: float) -> np.ndarray:
+        """Cells (flattened ``image * num_tasks + task``) for uniform numbers ``u`` in [0, 1),
+        distributed as :meth:`probabilities`: ``u < beta`` picks a cell uniformly, the rest are
+        inverse-CDF draws from the weights, by descending the sum tree (O(log cells) each)."""
+        if not self._tree_is_current() or (self._tree["alpha"], self._tree["eps"]) != (alpha, eps):
+            self._build_tree(alpha, eps)
+        t = self._tree
+        m, size, w_tree, u_tree = self.num_cells, t["size"], t["w"], t["u"]
+        u = np.asarray(u, np.float64)
+        w_u = self._unseen_weight(alpha, eps)
+        total = float(w_tree[1]) + int(u_tree[1]) * w_u
+        if not np.isfinite(total) or total <= 0:  # no usable weight: uniform, as probabilities()
+            return np.minimum((u * m).astype(np.int64), m - 1)
+        out = np.empty(len(u), np.int64)
+        uniform = u < beta
+        out[uniform] = np.minimum((u[uniform] / beta * m).astype(np.int64), m - 1)
+        pick = ~uniform
+        if pick.any():
+            r = (u[pick] - beta) / (1.0 - beta) * total
+            node = np.ones(len(r), np.int64)
+            while node[0] < size:  # all items sit at the same depth
+                left = 2 * node
+                lw = w_tree[left] + u_tree[left] * w_u
+                rw = w_tree[left + 1] + u_tree[left + 1] * w_u
+                right = ((r >= lw) & (rw > 0)) | (lw <= 0)
+                r = np.where(right, np.maximum(r - lw, 0.0), r)
+                node = left + right
+            cells = (node - size)[:, None] * LEAF_CELLS + np.arange(LEAF_CELLS)[None]
+            inside = cells < m
+            wc, seen, _ = self._weights(np.minimum(cells, m - 1), alpha, eps)
+            wc = np.where(inside, np.where(seen, wc, w_u), 0.0)
+            cum = np.cumsum(wc, axis=1)
+            k = (cum <= r[:, None]).sum(1)  # the first cell whose cumulative weight exceeds r
+            last = LEAF_CELLS - 1 - np.argmax((wc > 0)[:, ::-1], axis=1)  # rounding: r past the leaf
+            k = np.minimum(k, last)
+            out[pick] = cells[np.arange(len(k)), k]
+        return out
 
     def probabilities(self, alpha: float, beta: float, eps: float) -> torch.Tensor:
         """Adaptive target distribution over all cells (flattened ``image * num_tasks + task``).
 
         Unseen cells count as the mean difficulty of the seen ones (as "average" until measured:
         neither starved nor flooded). Returns float64 tensor of length ``num_cells`` summing to 1.
+        O(cells): for inspection and tests; :meth:`draw` samples without it.
         """
-        d = self.values.view(-1).clamp(min=0.0)
+        d = self.values.view(-1).to(torch.float64).clamp(min=0.0)
         seen = self.seen.view(-1)
         if bool(seen.any()) and not bool(seen.all()):
             d = torch.where(seen, d, d[seen].mean())
@@ -288,7 +420,7 @@ class DifficultyTable:
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        values = torch.as_tensor(state["values"], dtype=torch.float64)
+        values = torch.as_tensor(state["values"]).to(torch.float32)  # float64 in older checkpoints
         if tuple(values.shape) != (self.num_images, self.num_tasks):
             raise ValueError(
                 f"ATS difficulty table in checkpoint is {tuple(values.shape)}, this run needs "
@@ -298,6 +430,7 @@ class DifficultyTable:
         self.seen = torch.as_tensor(state["seen"], dtype=torch.bool).clone()
         self.version = int(state.get("version", 0))
         self._pending_cells, self._pending_values = [], []
+        self._tree = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +438,47 @@ class DifficultyTable:
 # ---------------------------------------------------------------------------------------------
 _UNIFORM_STREAM, _ADAPTIVE_STREAM = 0, 1
 _MAX_CACHED_BLOCKS = 256
+
+
+class _EpochPermutation:
+    """A pseudo-random permutation of ``range(m)`` evaluated at any position in O(1), no table.
+
+    The uniform phase visits every cell once per epoch; a ``torch.randperm(m)`` of all cells cost
+    O(m) time (~0.1 s at 3 M cells, in the batch that starts an epoch) and 8 bytes per cell.
+    Here: a 6-round balanced Feistel network on ``2h`` bits (``2**2h >= m``; round function:
+    the splitmix64 finaliser of the right half and a round key from ``(seed, epoch)``), made a
+    permutation of ``range(m)`` by cycle walking (re-apply while the result is ``>= m``; fewer
+    than 4 times on average, since ``2**2h < 4 m``).
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, m: int, seed: int, stream: int, epoch: int):
+        self.m = int(m)
+        bits = max(2, (self.m - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.SeedSequence([seed, stream, epoch]).generate_state(self.ROUNDS, dtype=np.uint64)
+
+    @staticmethod
+    def _mix(x: np.ndarray) -> np.ndarray:
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (self._mix(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        x = self._encrypt(np.asarray(positions, np.uint64))
+        out = x >= self.m
+        while out.any():  # cycle walking
+            x[out] = self._encrypt(x[out])
+            out = x >= self.m
+        return x.astype(np.int64)
 
 
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
@@ -321,7 +495,8 @@ class AdaptiveTaskSampler(Sampler):
     Args:
         table: the :class:`DifficultyTable` (shared with the feedback hook).
         task_space: a :class:`TaskSpace` or the number of tasks (its ``len`` must match the table).
-        start_iter: iterations ``< start_iter`` sample uniformly (per-epoch permutations).
+        start_iter: iterations ``< start_iter`` sample uniformly (per-epoch permutations of all
+            cells, evaluated per position: :class:`_EpochPermutation`).
         alpha, beta, eps: adaptive distribution ``(1-beta) * norm((d+eps)^alpha) + beta / M``.
         block_size: items per rank per block; the distribution is re-read once per block.
         seed: shared seed; ``None`` draws one on rank 0 and broadcasts it.
@@ -378,7 +553,7 @@ class AdaptiveTaskSampler(Sampler):
         self._uniform_offset = 0  # items of the uniform (epoch-permutation) stream used so far
         self._blocks: Dict[int, torch.Tensor] = {}  # global block contents (cells), by index
         self._rank_items: Dict[int, List[int]] = {}  # this rank's slice of each cached block
-        self._perm_cache: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+        self._permutation: Optional[_EpochPermutation] = None  # the current uniform epoch's
         self._reset_token = 0
         self._warned_cache = False
 
@@ -473,7 +648,7 @@ class AdaptiveTaskSampler(Sampler):
         self._iteration = int(state["iteration"])
         self._next_block = int(state["next_block"])
         self._uniform_offset = int(state["uniform_offset"])
-        self._perm_cache = (-1, None)
+        self._permutation = None
         self._blocks, self._rank_items = {}, {}
         same_layout = (
             int(state["world_size"]) == self.world_size
@@ -513,27 +688,25 @@ class AdaptiveTaskSampler(Sampler):
         return items
 
     def _generate_block(self) -> torch.Tensor:
+        """The next block's cells: O(1) per item in the uniform phase, O(log cells) adaptive."""
         n = self.block_size * self.world_size
         m = self.num_cells
         if not self.adaptive:
             out = []
             while n > 0:
                 epoch, start = divmod(self._uniform_offset, m)
-                if self._perm_cache[0] != epoch:
-                    g = _generator(self.seed, _UNIFORM_STREAM, epoch)
-                    perm = torch.randperm(m, generator=g)
-                    self._perm_cache = (epoch, perm)
+                if self._permutation is None or self._permutation.epoch != epoch:
+                    self._permutation = _EpochPermutation(m, self.seed, _UNIFORM_STREAM, epoch)
+                    self._permutation.epoch = epoch
                 take = min(n, m - start)
-                out.append(self._perm_cache[1][start : start + take])
+                out.append(self._permutation(np.arange(start, start + take)))
                 self._uniform_offset += take
                 n -= take
-            return torch.cat(out)
-        p = self.table.probabilities(self.alpha, self.beta, self.eps)
-        cdf = torch.cumsum(p, dim=0)
+            return torch.from_numpy(np.concatenate(out))
         g = _generator(self.seed, _ADAPTIVE_STREAM, self._next_block)
         u = torch.rand(n, dtype=torch.float64, generator=g)
-        # inverse-CDF sampling: exact for any number of cells (torch.multinomial caps at 2^24)
-        return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=m - 1)
+        # inverse-CDF sampling through the table's sum tree (no per-block table-sized arrays)
+        return torch.from_numpy(self.table.draw(u.numpy(), self.alpha, self.beta, self.eps))
 
     def _evict(self) -> None:
         first = self._consumed // self.block_size
@@ -559,6 +732,10 @@ class AdaptiveTaskSampler(Sampler):
 # ---------------------------------------------------------------------------------------------
 class TaskMapDataset(Dataset):
     """Map-style dataset indexed by the sampler's ``(image_index, task_id)`` pairs.
+
+    ``dataset_dicts``: any map-style dataset of dataset dicts — in training the compact
+    :class:`unsam.data.training.TrainingRecords` (the dataset index; no per-image Python object
+    copied into the loader workers), or a list.
 
     The dataset dict handed to ``mapper`` is a shallow copy with ``ats_index``, ``ats_task_id``,
     ``ats_task`` (name) and ``ats_level`` (-1: any) added; the mapper prepares the sample for that

@@ -29,6 +29,7 @@ Optional extras (training only):
 * ``ats_index`` / ``ats_task_id`` / ``ats_task`` / ``ats_level`` pass through unchanged when the
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
+import io
 import logging
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -45,7 +46,8 @@ from detectron2.utils.events import get_event_storage
 
 from ..utils.arguments import ConfigError
 from ..utils.images import UnsupportedImageError, open_image
-from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask
+from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask, validate_rle
+from .training import note_replaced
 
 logger = logging.getLogger(__name__)
 # the mapper returns None for a bad training image: detectron2's loader must retry another
@@ -58,8 +60,11 @@ VISA_GUIDANCE_RESOLUTION = 256
 
 
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    """COCO polygon list or RLE → H×W bool mask."""
+    """COCO polygon list or RLE → H×W bool mask. An RLE whose runs do not cover H×W exactly is
+    a ``ValueError`` (pycocotools would decode it into uninitialised or foreign memory): the
+    training reader leaves that check to the masks that are decoded."""
     if isinstance(segmentation, dict):
+        validate_rle(segmentation, (height, width))
         return rle_to_mask(segmentation)
     from pycocotools import mask as mask_utils
 
@@ -275,7 +280,7 @@ class UnSAMDatasetMapper:
         self.max_instances = max_instances
         self.visa_guidance = visa_guidance
         self._guidance_features = None
-        self.num_skipped = 0  # training images skipped by this mapper (in this loader worker)
+        self.num_skipped = 0  # training samples replaced by this mapper (in this loader worker)
         # samples whose resize had a side raised from 0 to 1 px, and the images they came from
         self.num_degenerate = 0
         self.degenerate_images: Set[str] = set()
@@ -354,22 +359,45 @@ class UnSAMDatasetMapper:
     def read_image(self, dataset_dict: Dict) -> Optional[np.ndarray]:
         """The record's image in ``INPUT.FORMAT``; ``None`` (a warning) for a bad training image.
 
-        A training image that cannot be read, or whose size differs from its annotation file, is
-        skipped (detectron2's loaders then draw another one) instead of stopping the run; at test
-        time it is a :class:`~unsam.data.sa1b.DatasetError`, as leaving it out would change the
-        metrics.
+        The image is the file ``file_name``, or — a record read from an SA-1B tar or a TSV shard
+        through the dataset index — the encoded bytes ``image_bytes`` (taken out of the dict: the
+        model input does not carry them). A training image that cannot be read, or whose size
+        differs from its annotation file, is skipped (detectron2's loaders then draw another one)
+        instead of stopping the run; at test time it is a :class:`~unsam.data.sa1b.DatasetError`,
+        as leaving it out would change the metrics.
         """
+        data = dataset_dict.pop("image_bytes", None)
         try:
-            image = utils.convert_PIL_to_numpy(open_image(dataset_dict["file_name"]), self.image_format)
+            source = io.BytesIO(data) if data is not None else dataset_dict["file_name"]
+            image = utils.convert_PIL_to_numpy(open_image(source), self.image_format)
             utils.check_image_size(dataset_dict, image)
         except (OSError, UnsupportedImageError, utils.SizeMismatchError) as e:
             if not self.is_train:
-                raise DatasetError(f"test image {dataset_dict['file_name']}: {e}") from None
-            self.num_skipped += 1
-            logger.warning("skipping training image %s (%d skipped by this loader so far): %s",
-                           dataset_dict["file_name"], self.num_skipped, e)
-            return None
+                raise DatasetError(f"test image {self._name(dataset_dict)}: {e}") from None
+            return self._skip(dataset_dict, e)
         return image
+
+    @staticmethod
+    def _name(dataset_dict: Dict) -> str:
+        """The image or record a message names: its file, else where its record is."""
+        return str(dataset_dict.get("file_name") or dataset_dict.get("record_name"))
+
+    def _skip(self, dataset_dict: Dict, reason) -> None:
+        """Name and count a training sample that cannot be used; ``None`` for the loader, which
+        then maps another image (detectron2's ``MapDataset`` and the ATS ``TaskMapDataset``
+        retry with their own seeded generators, so a run replaces it the same way every time).
+        The count is ``data/replaced_samples`` in the metrics (:func:`unsam.data.training.note_replaced`)."""
+        self.num_skipped += 1
+        logger.warning("skipping training image %s (%d skipped by this loader so far; another image is drawn "
+                       "instead): %s", self._name(dataset_dict), self.num_skipped, reason)
+        note_replaced(self.num_skipped)
+        return None
+
+    def _report(self, mapped: Dict) -> Dict:
+        """``mapped``, carrying this loader worker's count of replaced samples when it has one."""
+        if self.num_skipped:
+            note_replaced(self.num_skipped, mapped)
+        return mapped
 
     def _note_degenerate(self, dataset_dict: Dict, shape: Tuple[int, int]) -> None:
         """Count a sample whose resize kept a side at 1 px; name its image once (per loader
@@ -393,6 +421,10 @@ class UnSAMDatasetMapper:
         # shallow: annotations are only read, and a deep copy of hundreds of RLE dicts per image
         # cost more than decoding them
         dataset_dict = dict(dataset_dict)
+        if "record_error" in dataset_dict:  # a record the training reader could not read
+            if not self.is_train:
+                raise DatasetError(dataset_dict["record_error"])
+            return self._skip(dataset_dict, dataset_dict["record_error"])
         image = self.read_image(dataset_dict)
         if image is None:
             return None
@@ -411,12 +443,15 @@ class UnSAMDatasetMapper:
             dataset_dict["visa_guidance"] = self.guidance_features(image)
 
         if anns is None:  # test time, or a record without annotations
-            return dataset_dict
+            return self._report(dataset_dict)
 
         orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
         if anns:  # instances cropped away by LSJ are dropped
-            stack, present, boxes = decode_transformed_masks([a["segmentation"] for a in anns], orig_h, orig_w,
-                                                             transforms)
+            try:  # RLE runs are checked here, where they are decoded (not when the record is read)
+                stack, present, boxes = decode_transformed_masks([a["segmentation"] for a in anns], orig_h,
+                                                                 orig_w, transforms)
+            except ValueError as e:
+                return self._skip(dataset_dict, f"corrupt annotation mask ({e})")
             mask_tensor, kept = torch.from_numpy(stack), [anns[i] for i in present]
         else:
             mask_tensor, kept, boxes = torch.zeros((0, h, w), dtype=torch.bool), [], np.zeros((0, 4), np.float32)
@@ -432,4 +467,4 @@ class UnSAMDatasetMapper:
             [index_of.get(a.get("parent_id", -1), -1) for a in kept], dtype=torch.int64
         )
         dataset_dict["instances"] = instances
-        return dataset_dict
+        return self._report(dataset_dict)

@@ -28,7 +28,7 @@ import torch
 
 import unsam.compat  # noqa: F401
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import hooks as d2_hooks
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
@@ -42,7 +42,10 @@ from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, b
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
 from ..data.prompts import WHOLE_TASK
+from ..data.index import IndexedDataset
 from ..data.samplers import ResumableTrainingSampler
+from ..data.training import (ReplacedSampleMeter, TrainingRecords, _has_mask, open_training_index,
+                             serialized_list)
 from ..data.sa1b import DatasetError, iter_roots_from_config, register_sa1b
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
@@ -253,12 +256,6 @@ def check_dataset_files(key: str, names: Sequence[str]) -> None:
                                    "(set DETECTRON2_DATASETS, or name another set)")
 
 
-def _has_mask(record: Dict) -> bool:
-    """Whether a dataset dict holds a non-crowd annotation with pixels (SA-1B records carry the
-    RLE's own area; COCO the file's)."""
-    return any(not a.get("iscrowd", 0) and float(a.get("area", 1)) > 0 for a in record.get("annotations") or [])
-
-
 def _where(names: Sequence[str]) -> str:
     """``'name' (root or json file)`` for each dataset name, for error messages."""
     parts = []
@@ -269,8 +266,15 @@ def _where(names: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def load_train_dicts(cfg) -> List[Dict]:
-    """The dataset dicts of ``cfg.DATASETS.TRAIN``, checked before any iteration runs.
+def load_train_dicts(cfg) -> TrainingRecords:
+    """The training images of ``cfg.DATASETS.TRAIN``, as one dataset, checked before any
+    iteration runs.
+
+    SA-1B style roots (registered with ``index_root``: every ``UNSAM.DATA.SA1B_ROOTS`` entry) are
+    read through their dataset index, built or updated on rank 0 first (:mod:`unsam.data.training`):
+    no record is read here, the checks below use the index's counts, and each sample reads its
+    one record in the loader. Other sets (COCO-format) are loaded as lists and held serialized.
+    Sets of both kinds mix, in the order named.
 
     A training set in which no image has a non-empty mask trains nothing (``loss_mask`` 0 to
     the end): :class:`DatasetError` naming the sets and their roots. Images without one are left
@@ -281,19 +285,51 @@ def load_train_dicts(cfg) -> List[Dict]:
     if not names:
         raise ConfigError("DATASETS.TRAIN is empty: name at least one training set")
     check_dataset_names("DATASETS.TRAIN", names)
-    dicts = get_detection_dataset_dicts(names, filter_empty=False)
-    masked = [d for d in dicts if _has_mask(d)]
-    if not masked:
+    filter_empty = bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    loaded = []  # (name, all images, images with a mask, the dataset to train on)
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        root = meta.get("index_root", None)
+        if root:
+            index = open_training_index(root, cfg.OUTPUT_DIR)
+            info = index.summary
+            skip_empty = filter_empty or meta.get("skip_empty", False)
+            logger.log(logging.WARNING if info["skipped"] else logging.INFO,
+                       "SA-1B root %s (index %s): %d images, %d records not indexed%s, %d empty masks dropped, "
+                       "%d images without a mask %s", root, os.path.dirname(index.index_dir), info["images"],
+                       info["skipped"], f" (first: {info['first_skipped'][0]})" if info["skipped"] else "",
+                       info["empty_masks"], info["images"] - info["labelled"],
+                       "left out" if skip_empty else "kept")
+            if meta.get("skip_empty", False) and not info["labelled"]:
+                raise DatasetError(f"SA-1B root '{root}' has no usable image ({info['images']} indexed, none with "
+                                   "a non-empty mask; UNSAM.DATA.SKIP_EMPTY leaves those out)")
+            images = info["labelled"] if meta.get("skip_empty", False) else info["images"]
+            dataset = index
+            if skip_empty and info["labelled"] < info["images"] and info["labelled"]:
+                dataset = IndexedDataset(index.root, index.cache_dir, skip_empty=True)
+            loaded.append((name, images, info["labelled"], dataset))
+            continue
+        dicts = DatasetCatalog.get(name)
+        if not isinstance(dicts, list):
+            raise DatasetError(f"training set '{name}': its registered loader returned a {type(dicts).__name__}, "
+                               "not a list of dataset dicts; register SA-1B style folders with "
+                               "UNSAM.DATA.SA1B_ROOTS (read through the dataset index)")
+        if not dicts:
+            raise DatasetError(f"training set {_where([name])} is empty")
+        masked = [d for d in dicts if _has_mask(d)]
+        loaded.append((name, len(dicts), len(masked), serialized_list(masked if filter_empty else dicts)))
+    total, labelled = sum(n for _, n, _, _ in loaded), sum(m for _, _, m, _ in loaded)
+    if not labelled:
         raise DatasetError(f"training set {_where(names)}: no image has a non-empty mask "
-                           f"({len(dicts)} images); nothing to train on")
-    unmasked = len(dicts) - len(masked)
+                           f"({total} images); nothing to train on")
+    unmasked = total - labelled
     if unmasked:
-        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-            how, dicts = "left out (DATALOADER.FILTER_EMPTY_ANNOTATIONS True)", masked
+        if filter_empty:
+            how = "left out (DATALOADER.FILTER_EMPTY_ANNOTATIONS True)"
         else:
             how = "kept as all-background targets (DATALOADER.FILTER_EMPTY_ANNOTATIONS False)"
-        logger.warning("%d of %d training images have no non-empty mask: %s", unmasked, unmasked + len(masked), how)
-    return dicts
+        logger.warning("%d of %d training images have no non-empty mask: %s", unmasked, total, how)
+    return TrainingRecords([(name, dataset) for name, _, _, dataset in loaded])
 
 
 def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -398,17 +434,17 @@ def build_ats_loader(cfg, mapper=None):
     if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world != 0:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: must be > 0 and divisible by the "
                           f"{world} processes")
-    dicts = load_train_dicts(cfg)
+    dataset = load_train_dicts(cfg)
     per_rank = cfg.SOLVER.IMS_PER_BATCH // world
     ats_cfg = cfg.clone()
     ats_cfg.defrost()
     ats_cfg.UNSAM.ATS.TASKS = ats_task_names(cfg)
-    sampler = build_ats_sampler(ats_cfg, len(dicts), items_per_iteration=per_rank)
+    sampler = build_ats_sampler(ats_cfg, len(dataset), items_per_iteration=per_rank)
     mapper = mapper if mapper is not None else UnSAMDatasetMapper(cfg, is_train=True)
-    loader = build_ats_train_loader(TaskMapDataset(dicts, mapper, sampler.task_space), sampler, per_rank,
+    loader = build_ats_train_loader(TaskMapDataset(dataset, mapper, sampler.task_space), sampler, per_rank,
                                     cfg.DATALOADER.NUM_WORKERS)
     loader.ats_sampler = sampler
-    logger.info("ATS: %d images x %d tasks, adaptive from iteration %d", len(dicts), len(sampler.task_space),
+    logger.info("ATS: %d images x %d tasks, adaptive from iteration %d", len(dataset), len(sampler.task_space),
                 sampler.start_iter)
     return loader
 
@@ -418,13 +454,14 @@ def build_resumable_train_loader(cfg):
 
     With ``DATALOADER.SAMPLER_TRAIN`` ``TrainingSampler`` (the default) the stream is detectron2's,
     index for index, but ``--resume`` continues it (``loader.train_sampler``, a checkpointable);
-    other samplers are detectron2's own and restart from their seed on a resume.
+    other samplers are detectron2's own and restart from their seed on a resume. The dataset is
+    handed to detectron2 as a map-style dataset (not a list), which it wraps without copying.
     """
-    dicts = load_train_dicts(cfg)
+    dataset = load_train_dicts(cfg)
     sampler = None
     if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-        sampler = ResumableTrainingSampler(len(dicts), cfg.SOLVER.IMS_PER_BATCH)
-    loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True), dataset=dicts,
+        sampler = ResumableTrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH)
+    loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True), dataset=dataset,
                                           sampler=sampler)
     if sampler is not None:
         loader.train_sampler = sampler
@@ -466,11 +503,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader, or the ATS loader (``UNSAM.ATS.ENABLED``); wrapped for ViSA."""
+        """detectron2's loader, or the ATS loader (``UNSAM.ATS.ENABLED``); wrapped for ViSA, and
+        for the count of replaced samples that loader workers report (``data/replaced_samples``)."""
         if cfg.UNSAM.ATS.ENABLED:
             loader = build_ats_loader(cfg)
         else:
             loader = build_resumable_train_loader(cfg)
+        loader = ReplacedSampleMeter(loader)
         if cfg.UNSAM.VISA.ENABLED:
             loader = VisaBatchLoader(loader, VisaState.from_config(cfg))
         return loader

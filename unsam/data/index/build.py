@@ -6,13 +6,13 @@ data are read-only)::
     CURRENT                 JSON: the generation in use, image / source / skip counts
     chunks/<id>.npz         one finished task (a tar, a TSV, or ≤ ~1000 JSON files of a folder)
     index-<time>-<token>/   one merged generation:
-        rows.npy            N × ROW_DTYPE (48 bytes: source, height, width, masks, record and
-                            image byte ranges), opened with mmap_mode='r'
+        rows.npy            N × ROW_DTYPE (52 bytes: source, height, width, masks, record and
+                            image byte ranges, empty masks), opened with mmap_mode='r'
         keys.bin            uint8 blob: per row its file / member / TSV name (UTF-8)
         keys_off.npy        (N + 1,) int64 offsets into keys.bin
         images.bin          uint8 blob: per row the image path of ``json`` rows ("" otherwise)
         images_off.npy      (N + 1,) int64 offsets into images.bin
-        nonempty.npy        int64 rows with at least one mask (for skip_empty readers)
+        nonempty.npy        int64 rows with at least one non-empty mask (for skip_empty readers)
         sources.json        [{kind, path, lineidx, images, skipped}] — row ``source`` indexes it
         skipped.txt         every record left out, one reason per line
 
@@ -49,7 +49,7 @@ from .formats import KIND_JSON, KIND_TAR, KIND_TSV, KINDS, ROW_DTYPE, Chunk, ind
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the ``empty`` column (empty masks per image); older indexes are rebuilt
 INDEX_FOLDER = ".unsam_index"
 CURRENT = "CURRENT"  # not *.json: load_sa1b_dicts would take a root-level JSON for a record
 CHUNK_FILES = 1000  # JSON files per chunk, on average
@@ -217,6 +217,8 @@ class BuildSummary:
     index_seconds: float = 0.0
     workers: int = 1
     slow: int = 0  # records whose header needed a full JSON parse
+    labelled: int = 0  # images with at least one non-empty mask
+    empty_masks: int = 0  # annotations without a pixel (dropped by the trainer)
     index_bytes: int = 0
     up_to_date: bool = False
 
@@ -282,6 +284,7 @@ def build_index(root, cache_dir=None, workers: Optional[int] = None, rebuild: bo
     if (not todo and current and current.get("chunks") == all_ids and current.get("version") == INDEX_VERSION
             and (index_dir / current["generation"]).is_dir()):
         summary.__dict__.update(images=current["images"], sources=current["kinds"], skipped=current["skipped"],
+                                labelled=current["labelled"], empty_masks=current["empty_masks"],
                                 first_skipped=current["first_skipped"], up_to_date=True,
                                 seconds=time.perf_counter() - start, index_bytes=_folder_bytes(index_dir))
         logger.info("%s", summary.line())
@@ -311,6 +314,7 @@ def build_index(root, cache_dir=None, workers: Optional[int] = None, rebuild: bo
 
     generation = _merge(root, index_dir, chunks_dir, plans, summary)
     current = {"version": INDEX_VERSION, "generation": generation, "root": root, "images": summary.images,
+               "labelled": summary.labelled, "empty_masks": summary.empty_masks,
                "kinds": summary.sources, "skipped": summary.skipped, "first_skipped": summary.first_skipped,
                "chunks": all_ids, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     previous = read_current(index_dir)["generation"] if (index_dir / CURRENT).is_file() else None
@@ -361,7 +365,9 @@ def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan]
             kinds[plan.kind] += 1
             sources.append({"kind": plan.kind, "path": plan.path, "lineidx": plan.lineidx, "images": count,
                             "skipped": skip})
-    np.save(out / "nonempty.npy", np.flatnonzero(rows["masks"] > 0).astype(np.int64))
+    nonempty = np.flatnonzero(rows["masks"] > rows["empty"]).astype(np.int64)
+    np.save(out / "nonempty.npy", nonempty)
+    summary.labelled, summary.empty_masks = len(nonempty), int(rows["empty"].sum(dtype=np.int64))
     rows.flush()
     keys_off.flush()
     images_off.flush()

@@ -18,8 +18,8 @@ import torch
 import unsam.compat  # noqa: F401  (before detectron2)
 from detectron2.structures import BoxMode
 
-from ..sa1b import DatasetError, SA1BFormatError
-from .build import build_index, find_index, index_dir_for, read_current
+from ..sa1b import DatasetError, SA1BFormatError, _record_annotations
+from .build import INDEX_VERSION, build_index, find_index, index_dir_for, read_current
 from .formats import KIND_JSON, KIND_TSV, decode_base64_image, parse_record
 
 MAX_OPEN_FILES = 64  # tar / TSV descriptors kept open per process (least recently used closed)
@@ -82,7 +82,15 @@ class IndexedDataset(torch.utils.data.Dataset):
             raise DatasetError(f"dataset root '{self.root}' has no index (looked in {looked}): build it with "
                                f"'python -m unsam.data.index {self.root}{option}'")
         current = read_current(index_dir)
+        if current.get("version") != INDEX_VERSION:
+            raise DatasetError(f"the index of '{self.root}' ({index_dir}) was built by another version of UnSAM "
+                               f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it with "
+                               f"'python -m unsam.data.index {self.root}"
+                               f"{' --cache-dir ' + self.cache_dir if self.cache_dir else ''}'")
         self.index_dir = str(index_dir / current["generation"])
+        # images, labelled (with a non-empty mask), empty_masks, skipped, kinds: the build's counts
+        self.summary = {k: current[k] for k in ("images", "labelled", "empty_masks", "skipped", "first_skipped",
+                                                "kinds")}
         self.skip_empty = skip_empty
         self.max_instances = max_instances
         self._closed_state()
@@ -116,7 +124,8 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> Dict:
         """Only where the index is: a worker reopens the memory maps (no array is pickled)."""
-        return {k: self.__dict__[k] for k in ("root", "cache_dir", "index_dir", "skip_empty", "max_instances")}
+        return {k: self.__dict__[k] for k in ("root", "cache_dir", "index_dir", "skip_empty", "max_instances",
+                                              "summary")}
 
     def __setstate__(self, state: Dict) -> None:
         self.__dict__.update(state)
@@ -241,20 +250,27 @@ class IndexedDataset(torch.utils.data.Dataset):
         return decode_base64_image(data, self._where(row)) if kind == KIND_TSV else data
 
     def record(self, i: int, max_instances: Optional[int] = None, rng=None, read_image: bool = True,
-               validate: bool = True) -> Dict:
+               validate: bool = True, check_runs: bool = True) -> Dict:
         """Image ``i`` as a detectron2 dataset dict, read and validated from its one record.
 
         ``max_instances``: keep at most this many annotations, drawn uniformly at random with
         ``rng`` (a ``numpy.random.Generator`` or a seed) before any annotation dict is built; only
         those are validated and no mask is decoded here. ``read_image``: for tar / TSV images,
-        put the encoded bytes in ``"image_bytes"`` (a second ``pread``). ``validate=False``: skip
-        the per-annotation RLE check (~0.1 ms each; for a caller that checks RLEs itself).
+        put the encoded bytes in ``"image_bytes"`` (a second ``pread``).
+
+        Validated (the default), the annotations are exactly the dicts
+        :func:`unsam.data.sa1b.load_sa1b_dicts` makes of the record (``area`` counted from the RLE,
+        empty masks dropped; the same function builds both). ``check_runs=False``: the run lengths
+        of each RLE are not checked (~0.15 ms per SA-1B mask; the training mapper checks those of
+        the masks it decodes), everything else is. ``validate=False``: no check at all, and the
+        annotations are as the file has them (its ``area``, empty masks kept) — pycocotools is
+        not safe on unchecked RLEs; for a caller that checks RLEs itself.
         Raises :class:`SA1BFormatError` naming the record for a bad or changed record.
         """
         row = self._row(i)
         raw, where = self.raw_record(i)
         data, selected = parse_record(raw, where, None if max_instances is None
-                                      else lambda n: sample_indices(n, max_instances, rng), validate)
+                                      else lambda n: sample_indices(n, max_instances, rng), validate, check_runs)
         image = data["image"]
         r = self._rows[row]
         height, width = int(image["height"]), int(image["width"])
@@ -267,7 +283,8 @@ class IndexedDataset(torch.utils.data.Dataset):
             "image_id": image.get("image_id", image.get("id", os.path.splitext(os.path.basename(key))[0])),
             "height": height,
             "width": width,
-            "annotations": [annotation_dict(annotations[k], k) for k in selected],
+            "annotations": (_record_annotations(annotations, selected)[0] if validate
+                            else [annotation_dict(annotations[k], k) for k in selected]),
             "record_name": where,
         }
         kind, _ = self._sources[int(r["source"])]

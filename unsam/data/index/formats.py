@@ -27,7 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..sa1b import IMAGE_EXTENSIONS, SA1BFormatError, _annotation_problem, _resolve_image
+from ..sa1b import (IMAGE_EXTENSIONS, SA1BFormatError, _annotation_problem, _resolve_image, _run_lengths,
+                    annotation_shape_problem)
 
 KIND_JSON, KIND_TAR, KIND_TSV = "json", "tar", "tsv"
 KINDS = (KIND_JSON, KIND_TAR, KIND_TSV)
@@ -35,16 +36,22 @@ KINDS = (KIND_JSON, KIND_TAR, KIND_TSV)
 # One row per image (48 bytes). ``record_*``: where the annotation JSON is (a tar member's data, a
 # TSV line's JSON field; for ``json`` sources offset 0 and the file's size). ``image_*``: the tar
 # member's data or the TSV line's base64 field (0, 0 for ``json`` sources: their image is a path,
-# kept in the index's string table). ``masks``: number of annotations.
+# kept in the index's string table). ``masks``: number of annotations; ``empty``: how many of them
+# have an empty RLE (no pixel) — the trainer drops those, so an image is "labelled" when
+# masks > empty, and that is known without reading any record (52 bytes per row).
 ROW_DTYPE = np.dtype([
     ("source", "<i4"), ("height", "<i4"), ("width", "<i4"), ("masks", "<i4"),
     ("record_offset", "<i8"), ("record_size", "<i8"), ("image_offset", "<i8"), ("image_size", "<i8"),
+    ("empty", "<i4"),
 ])
 
 # the fast path: a flat image object at the very start of the text (SA-1B's and our own layout)
 _HEADER = re.compile(rb'\A\s*\{\s*"image"\s*:\s*(\{[^{}]*\})')
 _SEGMENTATION = b'"segmentation"'
 _ANNOTATIONS = b'"annotations"'
+# compressed RLE strings short enough to be one value (an empty mask: a single run of zeros)
+_SHORT_COUNTS = re.compile(rb'"counts"\s*:\s*"([0-o]{1,13})"')
+_LIST_COUNTS = re.compile(rb'"counts"\s*:\s*\[([^\]]*)\]')
 _TSV_FIRST_READ = 1 << 18  # bytes read at a TSV line start to find its JSON field (grown as needed)
 
 
@@ -100,13 +107,41 @@ def scan_record(raw: bytes) -> Tuple[Dict, int, int, int, bool]:
     return data["image"], height, width, len(data["annotations"]), False
 
 
+def count_empty_masks(raw: bytes) -> int:
+    """How many annotations of one SA-1B JSON text have an empty RLE, without parsing the JSON.
+
+    An RLE without a pixel is one run of zeros: a compressed ``counts`` string of one value (at
+    most 13 characters), or a list with no non-zero odd entry. Only those short strings are
+    decoded; every longer string holds several values, i.e. some pixels (in any encoder's output).
+    One regular-expression pass over the text: indexing stays a scan, not a parse.
+    """
+    empty = 0
+    for counts in _SHORT_COUNTS.findall(raw):
+        try:
+            runs = _run_lengths(counts)
+        except ValueError:  # corrupt: the record fails, named, when read
+            continue
+        empty += not runs[1::2].any()
+    if b"[" in raw:
+        for counts in _LIST_COUNTS.findall(raw):
+            try:
+                runs = [int(v) for v in counts.split(b",") if v.strip()]
+            except ValueError:
+                continue
+            empty += not any(runs[1::2])
+    return empty
+
+
 def parse_record(raw: bytes, where: str, choose: Optional[Callable[[int], Sequence[int]]] = None,
-                 validate: bool = True) -> Tuple[Dict, Sequence[int]]:
+                 validate: bool = True, check_runs: bool = True) -> Tuple[Dict, Sequence[int]]:
     """Parse one SA-1B JSON text and validate it as :func:`unsam.data.sa1b.read_sa1b_json` does;
     returns ``(data, selected)``. ``choose(n)`` picks which of the n annotations are used (all when
     None); only those are validated — a training sample checks what it uses, and no RLE is
     decoded (the RLE check computes run lengths: ~0.1 ms per annotation, most of the cost of a
     record; ``validate=False`` skips it for a caller that checks the RLEs itself).
+    ``check_runs=False``: every chosen annotation gets the checks that decode no run lengths
+    (:func:`unsam.data.sa1b.annotation_shape_problem`: structure, size, numbers, a string pycocotools
+    can parse safely); the training mapper checks the runs of the masks it decodes.
     Raises :class:`SA1BFormatError` whose message starts with ``where``."""
     try:
         data = json.loads(raw)
@@ -122,8 +157,9 @@ def parse_record(raw: bytes, where: str, choose: Optional[Callable[[int], Sequen
     if not isinstance(annotations, list):
         raise SA1BFormatError(f"{where}: 'annotations' is not a list")
     selected = range(len(annotations)) if choose is None else choose(len(annotations))
+    check = _annotation_problem if check_runs else annotation_shape_problem
     for i in selected if validate else ():
-        problem = _annotation_problem(annotations[i], height, width)
+        problem = check(annotations[i], height, width)
         if problem:
             raise SA1BFormatError(f"{where}: annotation {i}: {problem}")
     return data, selected
@@ -152,8 +188,8 @@ class Chunk:
         self.retry = False
 
     def add(self, key: str, image: str, height: int, width: int, masks: int, fast: bool,
-            record: Tuple[int, int] = (0, 0), image_at: Tuple[int, int] = (0, 0)) -> None:
-        self.rows.append((0, height, width, masks) + tuple(record) + tuple(image_at))
+            record: Tuple[int, int] = (0, 0), image_at: Tuple[int, int] = (0, 0), empty: int = 0) -> None:
+        self.rows.append((0, height, width, masks) + tuple(record) + tuple(image_at) + (empty,))
         self.keys.append(key)
         self.images.append(image)
         self.slow += not fast
@@ -192,7 +228,7 @@ def index_json_files(root: str, folder: str, names: List[str]) -> Chunk:
             stored = os.path.relpath(image_path, folder_path)
         else:
             stored = os.path.abspath(image_path)
-        chunk.add(name, stored, height, width, masks, fast, (0, len(raw)))
+        chunk.add(name, stored, height, width, masks, fast, (0, len(raw)), empty=count_empty_masks(raw))
     return chunk
 
 
@@ -250,7 +286,8 @@ def index_tar(root: str, rel: str) -> Chunk:
             if found is None:
                 chunk.skipped.append(f"{where}: no image member '{stem}.*' in the tar")
                 continue
-            chunk.add(member.name, "", height, width, masks, fast, (member.offset_data, member.size), found)
+            chunk.add(member.name, "", height, width, masks, fast, (member.offset_data, member.size), found,
+                      empty=count_empty_masks(raw))
     finally:
         os.close(fd)
     return chunk
@@ -346,7 +383,7 @@ def index_tsv(root: str, rel: str, lineidx_rel: Optional[str]) -> Chunk:
                 chunk.skipped.append(f"{where} ('{name}'): empty image field")
                 continue
             chunk.add(name, "", height, width, masks, fast, (offset + first + 1, second - first - 1),
-                      (image_start, end - image_start))
+                      (image_start, end - image_start), empty=count_empty_masks(head[first + 1:second]))
     finally:
         os.close(fd)
     return chunk
