@@ -1,5 +1,6 @@
 """Shared pytest fixtures: locate the shared sample data, keep CPU tests deterministic."""
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -61,6 +62,27 @@ def tiny_val(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def tiny_train(shared_data) -> Path:
     return shared_data / "coco_tiny_train2017"
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_of_the_test():
+    """Command lines run in process (train_net's ``cli``, the demos, ``logging.basicConfig``) bind
+    log handlers to this test's captured streams; left in place, a later test's logging writes to
+    a closed capture ("--- Logging error ---" and a traceback on stderr, which the one-error-line
+    checks see). Every handler a test added is removed after it, and detectron2's memoised
+    ``setup_logger`` forgets its calls so a later run sets its handlers up again."""
+    from detectron2.utils.logger import setup_logger
+
+    def handlers():
+        loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(v, logging.Logger)]
+        return {lg: lg.handlers[:] for lg in loggers}
+
+    saved = handlers()
+    yield
+    for lg, now in handlers().items():
+        lg.handlers[:] = [h for h in now if h in saved.get(lg, ())]
+    setup_logger.cache_clear()
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,6 @@ from unsam.data.synthetic import make_shapes_dataset
 from unsam.data.training import TrainingRecords
 
 from .test_reliability import TINY, _one_error_line
-from .test_reliability_train import _drop_run_log_handlers  # noqa: F401  (autouse: in-process runs' log handlers)
 
 
 def _tar_root(src: Path, out: Path) -> Path:
@@ -185,9 +184,11 @@ def _same_size_garbage(path: Path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path, workers):
     """Corrupt JSON, a missing image, a tar cut short after indexing (read-only root with its
-    index): each is named in the log, counted in data/replaced_samples, and training completes."""
+    index): each is named in the log, counted in data/replaced_samples (from a loader worker too),
+    and training completes."""
     json_root = make_shapes_dataset(tmp_path / "j", 6, size=64, seed=2)
     tar_src = make_shapes_dataset(tmp_path / "t_src", 4, size=64, seed=3)
     tar_root = _tar_root(tar_src, tmp_path / "t")
@@ -206,7 +207,8 @@ def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path)
     out = tmp_path / "out"
     try:
         # 10 images, 5 iterations of 2: the sampler's first epoch draws every image
-        assert _cli(out, {"bad_json": json_root, "bad_tar": tar_root}, "SOLVER.MAX_ITER", "5") == 0
+        assert _cli(out, {"bad_json": json_root, "bad_tar": tar_root}, "SOLVER.MAX_ITER", "5",
+                    "DATALOADER.NUM_WORKERS", str(workers)) == 0
     finally:
         os.chmod(tar_root, stat.S_IRWXU)
     assert (out / "model_final.pth").is_file()
@@ -217,7 +219,8 @@ def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path)
     assert any(f"{tar}: member '{last.name}'" in line and "truncated" in line for line in named), named
     assert all("another image is drawn instead" in line for line in named)
     replaced = max(m.get("data/replaced_samples", 0) for m in _metrics(out))
-    assert replaced >= 3 and replaced == len(named)
+    # a worker may have named samples it mapped ahead of the last iteration, not yet reported
+    assert replaced >= 3 and (replaced == len(named) if workers == 0 else replaced <= len(named))
     assert "using its index as built" in log  # the read-only root was not re-indexed
 
 

@@ -19,22 +19,6 @@ from .test_reliability import TINY, _one_error_line, _shapes_root
 STRIP_W, STRIP_H = 20000, 20
 
 
-@pytest.fixture(autouse=True)
-def _drop_run_log_handlers():
-    """Each in-process run adds detectron2 log handlers on this test's captured stdout (and log
-    file); left in place, the next test's run writes to the closed capture ("--- Logging error
-    ---" and a traceback on stderr, which the one-error-line checks would see)."""
-    from detectron2.utils.logger import setup_logger
-
-    loggers = [logging.getLogger(n) for n in ("unsam", "detectron2", "fvcore", "d2")]
-    before = {lg.name: list(lg.handlers) for lg in loggers}
-    yield
-    for lg in loggers:
-        for handler in [h for h in lg.handlers if h not in before[lg.name]]:
-            lg.removeHandler(handler)
-    setup_logger.cache_clear()
-
-
 def _cli(root, out, *extra: str) -> int:
     """``train_net.py`` in this process on SA-1B root ``root`` (dataset ``probe``); the exit status."""
     from train_net import cli

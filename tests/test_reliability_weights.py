@@ -24,22 +24,6 @@ from unsam.data.synthetic import make_shapes_dataset
 from .test_reliability import TINY, _checkpointer, _demo_main, _one_error_line
 
 
-@pytest.fixture(autouse=True)
-def _own_log_handlers():
-    """The command lines run here bind log handlers to this test's captured streams
-    (``logging.basicConfig``, detectron2's ``setup_logger``); drop them afterwards, or the next
-    test's logging writes to a closed stream."""
-    def handlers():
-        loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
-                                           if isinstance(v, logging.Logger)]
-        return {lg: lg.handlers[:] for lg in loggers}
-
-    saved = handlers()
-    yield
-    for lg, now in handlers().items():
-        lg.handlers[:] = [h for h in now if h in saved.get(lg, ())]
-
-
 class _RunsCode:
     """What a malicious weights file holds: unpickling it calls ``exec`` (here: creates a file)."""
 
