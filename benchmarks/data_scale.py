@@ -21,6 +21,26 @@ figures, not for anything that decodes images.
 
     python benchmarks/data_scale.py                         # N = 10 000, all formats, 1 worker
     python benchmarks/data_scale.py --n 10000 100000 --formats json tar --workers 1 2
+
+Training figures (issue 27, the trainer on the index):
+
+* ``--training``: per root, in a fresh process, the tiny config's ``Trainer`` on the root
+  (``UNSAM.DATA.SA1B_ROOTS``, index already built): seconds from process launch and from
+  ``Trainer(cfg)`` to the first training batch, then ``--samples`` more samples drawn through the
+  loader with ``--loader-workers`` workers: RSS of the training process and of each loader
+  worker at the first batch and after them (``/proc``), and the index's resident pages. The
+  placeholder images then have each record's own size (640×480 / 640×424, one flat JPEG each:
+  the mapper checks sizes), and ``--masks 2`` keeps a 1 M-image root to a few GB.
+* ``--mapper``: the training mapper at SA-1B size (one 1500×2250 record with 500 nested masks,
+  ``benchmarks/data.py``'s), today's list path (``load_sa1b_dicts`` once, then the mapper) against
+  the index path (one record read per sample, then the mapper), same seeds, one thread,
+  interleaved; outputs compared.
+* ``--ats N``: the adaptive task sampler at N images × 3 tasks: state bytes per cell, time per
+  batch (4 items per rank, a 256-item block drawn every 64 batches, the table synced every batch),
+  against drawing a block the previous way (the full distribution and its cumulative sum).
+
+    python benchmarks/data_scale.py --n 10000 1000000 --formats tar --masks 2 --training
+    python benchmarks/data_scale.py --n 0 --mapper --ats 1000000
 """
 from __future__ import annotations
 
@@ -57,7 +77,18 @@ def parse_args(argv=None):
                    "(default: <work>/pool, made by the pseudo-label engine on two shared photos)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic roots")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--reuse", action="store_true", help="keep a root (and its index) left by --keep instead of "
+                   "writing it again")
+    p.add_argument("--training", action="store_true", help="also: start-up to the first batch, RSS per process")
+    p.add_argument("--loader-workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of --training")
+    p.add_argument("--samples", type=int, default=2000, help="samples drawn for --training's RSS growth")
+    p.add_argument("--mapper", action="store_true", help="also: mapper s/sample at SA-1B size, list vs index path")
+    p.add_argument("--mapper-samples", type=int, default=5, help="samples per path for --mapper")
+    p.add_argument("--ats", type=int, default=0, metavar="N", help="also: ATS cost per batch at N images x 3 tasks")
     p.add_argument("--child", nargs=2, metavar=("ROOT", "TOUCH"), help=argparse.SUPPRESS)
+    p.add_argument("--train-child", nargs=4, metavar=("ROOT", "WORKERS", "SAMPLES", "LAUNCHED"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--mapper-child", nargs=2, metavar=("FOLDER", "SAMPLES"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -87,12 +118,18 @@ def make_pool(pool: Path) -> list:
     return pools
 
 
-def placeholder_jpeg() -> bytes:
+def placeholder_jpeg(height: int = 48, width: int = 64) -> bytes:
+    """A small JPEG: 64×48 (the index figures), or a flat one of a record's own size (training)."""
     import numpy as np
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray((np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)).save(buf, "JPEG")
+    if (height, width) == (48, 64):
+        image = (np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
+    else:
+        image = np.full((height, width, 3), 120, np.uint8)
+        image[: height // 2, : width // 2] = (200, 60, 40)
+    Image.fromarray(image).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -110,16 +147,23 @@ def records(n: int, pools: list, masks: int, seed: int = 0):
         yield k, name, '{"image": %s, "annotations": [%s]}' % (head, anns)
 
 
-def write_root(root: Path, fmt: str, n: int, pools: list, masks: int, per_source: int) -> None:
+def write_root(root: Path, fmt: str, n: int, pools: list, masks: int, per_source: int,
+               real_size: bool = False) -> None:
+    """``real_size``: each record's placeholder image has the record's size (else one 64×48)."""
     import base64
 
-    image = placeholder_jpeg()
-    image_b64 = base64.b64encode(image)
+    from tqdm import tqdm
+
+    sized = {(h, w): placeholder_jpeg(h, w) if real_size else placeholder_jpeg() for h, w, _ in pools}
+    sized_b64 = {k: base64.b64encode(v) for k, v in sized.items()}
     root.mkdir(parents=True)
     sink = None
     offsets: list = []
     position = 0
-    for k, name, text in records(n, pools, masks):
+    for k, name, text in tqdm(records(n, pools, masks), total=n, desc=f"write {root.name}", unit="img",
+                              mininterval=10, disable=n < 100000):
+        height, width, _ = pools[k % len(pools)]
+        image, image_b64 = sized[(height, width)], sized_b64[(height, width)]
         part = k // per_source
         if k % per_source == 0:
             if sink is not None:
@@ -160,9 +204,9 @@ def folder_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------ memory (child)
-def rss() -> dict:
+def rss(pid="self") -> dict:
     fields = {}
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
                 key, value = line.split(":")
@@ -170,10 +214,10 @@ def rss() -> dict:
     return fields
 
 
-def mapped_rss(folder: str) -> int:
-    """Resident bytes of this process's memory maps of files under ``folder`` (the index)."""
+def mapped_rss(folder: str, pid="self") -> int:
+    """Resident bytes of a process's memory maps of files under ``folder`` (the index)."""
     total, inside = 0, False
-    with open("/proc/self/smaps") as f:
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             parts = line.split()
             if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
@@ -235,11 +279,239 @@ def child(root: str, touch: int) -> None:
     }))
 
 
+# ------------------------------------------------------------------------------ training (child)
+def child_pids() -> list:
+    """This process's children (the loader workers), from /proc."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def train_child(root: str, workers: int, samples: int, launched: float) -> None:
+    """The tiny config's Trainer on ``root`` (index built): seconds to the first batch, RSS."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    import unsam  # noqa: F401
+    from unsam.engine.trainer import Trainer, register_datasets
+    from unsam.utils.arguments import load_config
+
+    out = tempfile.mkdtemp(prefix="data_scale_train_")
+    cfg = load_config(str(REPO / "configs" / "tiny" / "unsam_tiny.yaml"), [
+        "UNSAM.DATA.SA1B_ROOTS", json.dumps([f"bench:{root}"]), "DATASETS.TRAIN", "('bench',)",
+        "DATASETS.TEST", "()", "INPUT.IMAGE_SIZE", "64", "DATALOADER.NUM_WORKERS", str(workers),
+        "SOLVER.IMS_PER_BATCH", "2", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out, "SEED", "1"])
+    register_datasets(cfg)
+    imported = time.time()
+    base = rss()
+    t0 = time.time()
+    trainer = Trainer(cfg)  # model, optimizer, loader (the index's up-to-date check on rank 0)
+    built = time.time()
+    batches = trainer._trainer._data_loader_iter
+    drawn = len(next(batches))
+    first = time.time()
+    at_first = {"main": rss(), **{str(p): rss(p) for p in child_pids()}}
+    while drawn < samples + 2:
+        drawn += len(next(batches))
+    done = time.time()
+    after = {"main": rss(), **{str(p): rss(p) for p in child_pids()}}
+    index = os.path.join(os.path.abspath(root), ".unsam_index")
+    for pid in after:  # the index's resident pages in each process (file-backed, shared by all)
+        after[pid]["index_maps"] = mapped_rss(index, "self" if pid == "main" else pid)
+    print(json.dumps({
+        "launch_to_first_batch_s": first - launched, "imports_s": imported - launched,
+        "trainer_s": built - t0, "first_batch_s": first - built, "trainer_to_first_batch_s": first - t0,
+        "samples": drawn - 2, "samples_s": done - first, "base_rss": base, "at_first": at_first, "after": after,
+        "index_mapped_main": mapped_rss(index),
+        "workers": workers,
+    }))
+
+
+# ------------------------------------------------------------------------------ mapper (child)
+def mapper_child(folder: str, samples: int) -> None:
+    """Seconds per sample of the training mapper on one SA-1B-size record: the list path (dicts
+    loaded once) against the index path (the record read per sample), interleaved, same seeds."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    import unsam  # noqa: F401
+    from unsam.data.index import IndexedDataset
+    from unsam.data.mapper import UnSAMDatasetMapper
+    from unsam.data.sa1b import load_sa1b_dicts
+    from unsam.data.training import TrainingRecords
+    from unsam.utils.arguments import load_config
+
+    def digest(out):
+        inst = out["instances"]
+        parts = [out["image"].numpy().tobytes(), np.packbits(inst.gt_masks.tensor.numpy()).tobytes(),
+                 inst.gt_boxes.tensor.numpy().tobytes(), inst.gt_levels.numpy().tobytes(),
+                 inst.gt_parents.numpy().tobytes()]
+        return hashlib.sha1(b"".join(parts)).hexdigest()
+
+    t0 = time.perf_counter()
+    old = load_sa1b_dicts(folder)[0]
+    load_s = time.perf_counter() - t0
+    roots = {"json": folder, "tar": os.path.join(os.path.dirname(folder), "tar")}
+    records = {k: TrainingRecords([(k, IndexedDataset(r, build=True, progress=False))]) for k, r in roots.items()}
+    results = {"list_load_s": load_s}
+    for config in ("unsam_only_sa-1b_R50_lsj.yaml", "unsam_only_sa-1b_R50.yaml"):
+        cfg = load_config(str(REPO / "configs" / config), ["MODEL.DEVICE", "cpu"])
+        mapper = UnSAMDatasetMapper(cfg, is_train=True)
+        times = {"list": [], "json": [], "tar": []}
+        same = True
+        for k in range(samples):
+            hashes = []
+            for path in times:
+                np.random.seed(k)
+                torch.manual_seed(k)
+                t0 = time.perf_counter()
+                out = mapper(dict(old)) if path == "list" else mapper(records[path][0])
+                times[path].append(time.perf_counter() - t0)
+                hashes.append(digest(out))
+            same &= len(set(hashes)) == 1
+        results[config] = {"s_per_sample": {p: sum(t) / len(t) for p, t in times.items()}, "identical": same,
+                           "instances": int(len(out["instances"])), "mapper": cfg.INPUT.DATASET_MAPPER_NAME,
+                           "sampling": cfg.INPUT.MAX_INSTANCES_SAMPLING}
+    print(json.dumps(results))
+
+
+def mapper_figures(work: Path, samples: int) -> dict:
+    """The SA-1B-size record of ``benchmarks/data.py`` as a JSON folder and a tar; the child's figures."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from data import HEIGHT, WIDTH, make_record
+
+    folder = work / "mapper" / "json"
+    if not (folder / "sa_1.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        make_record(folder, 500)
+        tar_dir = work / "mapper" / "tar"
+        tar_dir.mkdir(exist_ok=True)
+        with tarfile.open(tar_dir / "sa_000000.tar", "w") as tf:
+            tf.add(folder / "sa_1.jpg", arcname="sa_1.jpg")
+            tf.add(folder / "sa_1.json", arcname="sa_1.json")
+    out = subprocess.run([sys.executable, __file__, "--mapper-child", str(folder), str(samples)], check=True,
+                         capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"mapper at SA-1B size ({HEIGHT}x{WIDTH}, 500 masks, 1 thread, {samples} samples per path, interleaved; "
+          f"list path loads the record once: {res['list_load_s']:.2f} s):")
+    for config in ("unsam_only_sa-1b_R50_lsj.yaml", "unsam_only_sa-1b_R50.yaml"):
+        r = res[config]
+        t = r["s_per_sample"]
+        print(f"  {config} ({r['mapper']}, {r['sampling']}, {r['instances']} instances): list {t['list']:.3f} s/sample, "
+              f"index JSON {t['json']:.3f} (x{t['json'] / t['list']:.2f}), index tar {t['tar']:.3f} "
+              f"(x{t['tar'] / t['list']:.2f}); identical outputs: {r['identical']}", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------ ATS
+def ats_figures(n_images: int, tasks: int = 3, batch: int = 4, iterations: int = 2000) -> dict:
+    """ATS at ``n_images`` × ``tasks``: per-batch draw and sync times, state bytes per cell, and
+    what a block cost the previous way (the full distribution, its cumulative sum)."""
+    import numpy as np
+    import torch
+
+    import unsam  # noqa: F401
+    from unsam.data.ats import AdaptiveTaskSampler, DifficultyTable
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    res = {"images": n_images, "tasks": tasks, "batch": batch}
+    for phase in ("uniform", "adaptive"):
+        t0 = time.perf_counter()
+        table = DifficultyTable(n_images, tasks, ema=0.9)
+        res["table_s"] = time.perf_counter() - t0
+        seen = rng.choice(table.num_cells, table.num_cells // 10, replace=False)  # 10 % of cells measured
+        table.update(seen // tasks, seen % tasks, rng.random(len(seen)))
+        table.sync()
+        sampler = AdaptiveTaskSampler(table, tasks, start_iter=0 if phase == "adaptive" else 10 ** 9,
+                                      block_size=256, seed=0, items_per_iteration=batch)
+        stream = iter(sampler)
+        t0 = time.perf_counter()
+        next(stream)  # the adaptive phase's first draw builds the sum tree
+        res[f"{phase}_first_draw_s"] = time.perf_counter() - t0
+        draws, syncs = [], []
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            items = [next(stream) for _ in range(batch)]
+            t1 = time.perf_counter()
+            table.update([a for a, _ in items], [t for _, t in items], rng.random(batch))
+            table.sync()
+            sampler.set_iteration(i + 1)
+            t2 = time.perf_counter()
+            draws.append(t1 - t0)
+            syncs.append(t2 - t1)
+        res[phase] = {"draw_ms_mean": 1e3 * float(np.mean(draws)), "draw_ms_max": 1e3 * float(np.max(draws)),
+                      "sync_ms_mean": 1e3 * float(np.mean(syncs)), "sync_ms_max": 1e3 * float(np.max(syncs))}
+    res["state_bytes_per_cell"] = table.state_bytes() / table.num_cells
+    # the previous per-block work: the whole distribution and its cumulative sum, then a search
+    t0 = time.perf_counter()
+    for _ in range(3):
+        p = table.probabilities(sampler.alpha, sampler.beta, sampler.eps)
+        cdf = torch.cumsum(p, dim=0)
+        torch.searchsorted(cdf, torch.rand(256, dtype=torch.float64) * cdf[-1], right=True)
+    res["previous_block_ms"] = 1e3 * (time.perf_counter() - t0) / 3
+    t0 = time.perf_counter()
+    torch.randperm(table.num_cells)
+    res["previous_epoch_permutation_ms"] = 1e3 * (time.perf_counter() - t0)
+    u, a = res["uniform"], res["adaptive"]
+    print(f"ATS at {n_images} images x {tasks} tasks ({table.num_cells} cells), batch {batch}, block 256, "
+          f"synced every batch, 1 thread: state {res['state_bytes_per_cell']:.1f} B per cell; "
+          f"draw per batch uniform {u['draw_ms_mean']:.3f} ms (max {u['draw_ms_max']:.2f}), adaptive "
+          f"{a['draw_ms_mean']:.3f} ms (max {a['draw_ms_max']:.2f}; first draw builds the tree: "
+          f"{res['adaptive_first_draw_s'] * 1e3:.0f} ms); sync {a['sync_ms_mean']:.2f} ms (max {a['sync_ms_max']:.2f}); "
+          f"previous way: {res['previous_block_ms']:.0f} ms per 256-item block + {res['previous_epoch_permutation_ms']:.0f} "
+          f"ms per uniform epoch", flush=True)
+    return res
+
+
+def train_figures(root: Path, workers: int, samples: int) -> dict:
+    launched = time.time()
+    out = subprocess.run([sys.executable, __file__, "--train-child", str(root), str(workers), str(samples),
+                          repr(launched)], check=True, capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    mb = 1e6
+    workers_first = {k: v for k, v in res["at_first"].items() if k != "main"}
+    growth = [(res["after"][k]["VmRSS"] - v["VmRSS"]) / mb for k, v in workers_first.items() if k in res["after"]]
+    print(f"  training: launch -> first batch {res['launch_to_first_batch_s']:.1f} s (imports "
+          f"{res['imports_s']:.1f} s, Trainer() {res['trainer_s']:.1f} s, first batch {res['first_batch_s']:.1f} s); "
+          f"RSS main {res['at_first']['main']['VmRSS'] / mb:.0f} MB at the first batch (anon "
+          f"{res['at_first']['main']['RssAnon'] / mb:.0f}, file {res['at_first']['main']['RssFile'] / mb:.0f}; index "
+          f"maps {res['index_mapped_main'] / mb:.1f} MB), {res['after']['main']['VmRSS'] / mb:.0f} MB after "
+          f"{res['samples']} samples ({res['samples_s']:.0f} s); {len(workers_first)} loader workers: "
+          + ", ".join(f"{v['VmRSS'] / mb:.0f} MB" for v in workers_first.values())
+          + f" at the first batch, growth {', '.join(f'{g:+.1f} MB' for g in growth)} over the samples; index pages "
+          + ", ".join(f"{v['index_maps'] / mb:.2f}" for v in res["after"].values()) + " MB (main, workers)", flush=True)
+    res["worker_growth_mb"] = growth
+    return res
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         child(args.child[0], int(args.child[1]))
+        return 0
+    if args.train_child:
+        train_child(args.train_child[0], int(args.train_child[1]), int(args.train_child[2]),
+                    float(args.train_child[3]))
+        return 0
+    if args.mapper_child:
+        mapper_child(args.mapper_child[0], int(args.mapper_child[1]))
         return 0
     import logging
 
@@ -250,16 +522,22 @@ def main(argv=None) -> int:
     pool_dir = Path(args.pool) if args.pool else work / "pool"
     pools = make_pool(pool_dir)
     print(f"records: {args.masks} annotations each, resampled from {sum(len(t) for _, _, t in pools)} real pseudo "
-          f"masks of {len(pools)} shared photos; images: one 64x48 placeholder JPEG; "
+          f"masks of {len(pools)} shared photos; images: "
+          f"{'a flat placeholder JPEG of the record size' if args.training else 'one 64x48 placeholder JPEG'}; "
           f"{args.per_source} images per folder / tar / TSV shard; {os.cpu_count()} CPUs (shared with other jobs)")
     results = []
-    for n in args.n:
+    if args.mapper:
+        results.append({"mapper": mapper_figures(work, args.mapper_samples)})
+    if args.ats:
+        results.append({"ats": ats_figures(args.ats)})
+    for n in (n for n in args.n if n > 0):
         for fmt in args.formats:
             root = work / f"{fmt}_{n}"
-            if root.exists():
-                shutil.rmtree(root)
             t0 = time.perf_counter()
-            write_root(root, fmt, n, pools, args.masks, args.per_source)
+            if not (args.reuse and root.exists()):
+                if root.exists():
+                    shutil.rmtree(root)
+                write_root(root, fmt, n, pools, args.masks, args.per_source, real_size=args.training)
             made = time.perf_counter() - t0
             data_bytes = folder_bytes(root)
             for workers in args.workers:
@@ -289,6 +567,9 @@ def main(argv=None) -> int:
                       f"record() {mem['records_per_s']:.0f}/s ({mem['records_per_s_max50']:.0f}/s with "
                       f"max_instances=50, {mem['records_per_s_unvalidated']:.0f}/s unvalidated); "
                       f"pickled {mem['pickled_bytes']} B", flush=True)
+            if args.training:
+                results.append({"n": n, "format": fmt, "training": train_figures(root, args.loader_workers,
+                                                                                 args.samples)})
             if not args.keep:
                 shutil.rmtree(root)
     if args.json:

@@ -8,6 +8,7 @@ shares the parent's mappings. Records are validated when read; a bad one raises
 :class:`unsam.data.sa1b.SA1BFormatError` naming the source and offset, for the caller (the
 training mapper) to warn, count and replace.
 """
+import mmap
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,8 +53,24 @@ def annotation_dict(ann: Dict, i: int) -> Dict:
     }
 
 
+def _random_access(array: np.ndarray) -> np.ndarray:
+    """Tell the kernel a memory-mapped index array is read at random (no read-ahead). Samples
+    read their rows with ``pread`` (:meth:`IndexedDataset._items`); the maps serve bulk reads."""
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:  # advice only
+            pass
+    return array
+
+
 def _blob(path: str) -> np.ndarray:
-    return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+    return _random_access(np.memmap(path, np.uint8, "r")) if os.path.getsize(path) else np.zeros(0, np.uint8)
+
+
+def _array(path: str) -> np.ndarray:
+    return _random_access(np.load(path, mmap_mode="r"))
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -106,9 +123,16 @@ class IndexedDataset(torch.utils.data.Dataset):
         self._rows = None
         self._fds: "OrderedDict[int, int]" = OrderedDict()
         self._pid = os.getpid()
+        self._index_fds: Dict[str, int] = {}
 
     def _open(self) -> None:
-        """Memory-map the arrays (nothing is read until used)."""
+        """Memory-map the arrays (nothing is read until used).
+
+        A sample reads its row, offsets and names with ``pread`` (:meth:`_items`), not through
+        the maps: a page fault on a mapped file maps the cached pages around it too (64 KB), so
+        2000 random samples made a loader worker's RSS grow by the whole index of a million
+        images (66 MB, file-backed). Read with ``pread`` the index costs no resident memory per
+        process; the maps are for bulk reads (:meth:`column`)."""
         import json
 
         d = self.index_dir
@@ -116,11 +140,17 @@ class IndexedDataset(torch.utils.data.Dataset):
             self._sources: List[Tuple[str, str]] = [(s["kind"], os.path.join(self.root, s["path"]))
                                                     for s in json.load(f)]
         self._keys = _blob(os.path.join(d, "keys.bin"))
-        self._keys_off = np.load(os.path.join(d, "keys_off.npy"), mmap_mode="r")
+        self._keys_off = _array(os.path.join(d, "keys_off.npy"))
         self._images = _blob(os.path.join(d, "images.bin"))
-        self._images_off = np.load(os.path.join(d, "images_off.npy"), mmap_mode="r")
-        self._order = np.load(os.path.join(d, "nonempty.npy"), mmap_mode="r") if self.skip_empty else None
-        self._rows = np.load(os.path.join(d, "rows.npy"), mmap_mode="r")
+        self._images_off = _array(os.path.join(d, "images_off.npy"))
+        self._order = _array(os.path.join(d, "nonempty.npy")) if self.skip_empty else None
+        self._rows = _array(os.path.join(d, "rows.npy"))
+        # opened now, while this generation exists (a later build may delete it; open files and
+        # maps stay readable); pread needs no file position, so forked workers share them
+        for array in (self._keys, self._keys_off, self._images, self._images_off, self._order, self._rows):
+            name = getattr(array, "filename", None)
+            if name is not None and name not in self._index_fds:
+                self._index_fds[name] = os.open(name, os.O_RDONLY)
 
     def __getstate__(self) -> Dict:
         """Only where the index is: a worker reopens the memory maps (no array is pickled)."""
@@ -132,11 +162,14 @@ class IndexedDataset(torch.utils.data.Dataset):
         self._closed_state()
 
     def close(self) -> None:
-        """Close the tar / TSV files this process has open."""
+        """Close the tar / TSV / index files this process has open."""
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
         self._fds.clear()
+        for fd in self._index_fds.values():  # this process's copies (a forked worker has its own)
+            os.close(fd)
+        self._index_fds.clear()
 
     def __del__(self):
         try:
@@ -164,6 +197,22 @@ class IndexedDataset(torch.utils.data.Dataset):
             self._fds.move_to_end(source)
         return fd
 
+    def _items(self, array: np.ndarray, i: int, count: int = 1) -> np.ndarray:
+        """``array[i:i + count]`` of a memory-mapped index array, read with one ``pread`` from its
+        file (opened by :meth:`_open`; again after :meth:`close`)."""
+        fd = self._index_fds.get(array.filename)
+        if fd is None:
+            fd = self._index_fds[array.filename] = os.open(array.filename, os.O_RDONLY)
+        size = array.dtype.itemsize
+        data = os.pread(fd, size * count, array.offset + i * size)
+        if len(data) != size * count:
+            raise SA1BFormatError(f"index file {array.filename} is cut short; rebuild the index of {self.root}")
+        return np.frombuffer(data, array.dtype)
+
+    def _row_at(self, row: int):
+        """Row ``row`` of the index (a numpy record: ``r["source"]``, ``r["height"]``, ...)."""
+        return self._items(self._rows, row)[0]
+
     # ------------------------------------------------------------------------------ access
     def __len__(self) -> int:
         if self._rows is None:
@@ -176,11 +225,14 @@ class IndexedDataset(torch.utils.data.Dataset):
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} images")
         i %= n
-        return int(self._order[i]) if self._order is not None else i
+        return int(self._items(self._order, i)[0]) if self._order is not None else i
 
-    @staticmethod
-    def _string(blob: np.ndarray, offsets: np.ndarray, row: int) -> str:
-        return blob[offsets[row]:offsets[row + 1]].tobytes().decode("utf-8", "surrogateescape")
+    def _string(self, blob: np.ndarray, offsets: np.ndarray, row: int) -> str:
+        """Row ``row``'s string of a string table (``keys`` / ``images`` and their offsets)."""
+        lo, hi = (int(v) for v in self._items(offsets, row, 2))
+        if hi <= lo:
+            return ""
+        return self._items(blob, lo, hi - lo).tobytes().decode("utf-8", "surrogateescape")
 
     def column(self, name: str) -> np.ndarray:
         """One index column in dataset order, e.g. ``"height"``, ``"width"``, ``"masks"`` (a copy:
@@ -195,7 +247,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         return self._where(self._row(i))
 
     def _where(self, row: int) -> str:
-        r = self._rows[row]
+        r = self._row_at(row)
         kind, path = self._sources[int(r["source"])]
         key = self._string(self._keys, self._keys_off, row)
         if kind == KIND_JSON:
@@ -204,7 +256,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def _read(self, row: int, which: str) -> bytes:
         """The bytes of a row's record or image field, from its tar / TSV (one ``pread``)."""
-        r = self._rows[row]
+        r = self._row_at(row)
         offset, size = int(r[f"{which}_offset"]), int(r[f"{which}_size"])
         data = os.pread(self._fd(int(r["source"])), size, offset)
         if len(data) != size:
@@ -215,7 +267,7 @@ class IndexedDataset(torch.utils.data.Dataset):
     def raw_record(self, i: int) -> Tuple[bytes, str]:
         """``(JSON text, location)`` of image ``i``'s record, unparsed."""
         row = self._row(i)
-        kind, path = self._sources[int(self._rows[row]["source"])]
+        kind, path = self._sources[int(self._row_at(row)["source"])]
         where = self._where(row)
         if kind != KIND_JSON:
             return self._read(row, "record"), where
@@ -228,7 +280,7 @@ class IndexedDataset(torch.utils.data.Dataset):
     def image_path(self, i: int) -> Optional[str]:
         """The image file of a JSON-source image (None for tar / TSV: see :meth:`image_bytes`)."""
         row = self._row(i)
-        kind, folder = self._sources[int(self._rows[row]["source"])]
+        kind, folder = self._sources[int(self._row_at(row)["source"])]
         if kind != KIND_JSON:
             return None
         stored = self._string(self._images, self._images_off, row)
@@ -238,7 +290,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         """The encoded image (JPEG / PNG bytes) of image ``i``: a tar member, a TSV field
         (base64-decoded), or the file of a JSON source."""
         row = self._row(i)
-        kind, _ = self._sources[int(self._rows[row]["source"])]
+        kind, _ = self._sources[int(self._row_at(row)["source"])]
         if kind == KIND_JSON:
             path = self.image_path(i)
             try:
@@ -272,7 +324,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         data, selected = parse_record(raw, where, None if max_instances is None
                                       else lambda n: sample_indices(n, max_instances, rng), validate, check_runs)
         image = data["image"]
-        r = self._rows[row]
+        r = self._row_at(row)
         height, width = int(image["height"]), int(image["width"])
         if (height, width) != (int(r["height"]), int(r["width"])):
             raise SA1BFormatError(f"{where}: image is {height}x{width}, the index says {int(r['height'])}x"
