@@ -344,3 +344,26 @@ def test_ats_draws_follow_the_target_with_unseen_cells():
     counts = np.bincount(draws, minlength=270)
     assert stats.chisquare(counts, target * len(draws)).pvalue > 1e-3
     assert stats.chisquare(counts).pvalue < 1e-12  # not uniform: the check can fail
+
+
+def test_empty_masks_counted_at_indexing_as_the_loader_drops_them():
+    """The index counts masks without a pixel from the JSON text (no parse): the same count as the
+    RLE areas give, escaped backslashes and uncompressed counts included."""
+    from unsam.data.index.formats import count_empty_masks
+    from unsam.data.sa1b import mask_to_rle, rle_area
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        h, w = int(rng.integers(1, 300)), int(rng.choice([1, 7, 640, 2250]))
+        anns = []
+        for _ in range(int(rng.integers(0, 6))):
+            mask = np.zeros((h, w), bool)
+            if rng.random() < 0.5:
+                y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+                mask[y:y + 3, x:x + 2] = True
+            anns.append({"segmentation": mask_to_rle(mask)})
+        if rng.random() < 0.2:  # COCO's uncompressed form
+            anns.append({"segmentation": {"size": [h, w], "counts": [h * w] if rng.random() < 0.5 else [1, h * w - 1]}})
+        raw = json.dumps({"image": {"height": h, "width": w}, "annotations": anns}).encode()
+        expected = sum(rle_area(a["segmentation"]) == 0 for a in anns)
+        assert count_empty_masks(raw) == expected, (h, w, [a["segmentation"]["counts"] for a in anns])

@@ -49,8 +49,9 @@ ROW_DTYPE = np.dtype([
 _HEADER = re.compile(rb'\A\s*\{\s*"image"\s*:\s*(\{[^{}]*\})')
 _SEGMENTATION = b'"segmentation"'
 _ANNOTATIONS = b'"annotations"'
-# compressed RLE strings short enough to be one value (an empty mask: a single run of zeros)
-_SHORT_COUNTS = re.compile(rb'"counts"\s*:\s*"([0-o]{1,13})"')
+# compressed RLE strings short enough to be one value (an empty mask: a single run of zeros); at
+# most 13 characters, 26 in the JSON text when each is an escaped backslash
+_SHORT_COUNTS = re.compile(rb'"counts"\s*:\s*"([0-o]{1,26})"')
 _LIST_COUNTS = re.compile(rb'"counts"\s*:\s*\[([^\]]*)\]')
 _TSV_FIRST_READ = 1 << 18  # bytes read at a TSV line start to find its JSON field (grown as needed)
 
@@ -118,6 +119,8 @@ def count_empty_masks(raw: bytes) -> int:
     empty = 0
     for counts in _SHORT_COUNTS.findall(raw):
         try:
+            if b"\\" in counts:  # JSON escapes: '\\' is one character of the RLE alphabet
+                counts = json.loads(b'"' + counts + b'"').encode("ascii")
             runs = _run_lengths(counts)
         except ValueError:  # corrupt: the record fails, named, when read
             continue
