@@ -367,3 +367,32 @@ def test_empty_masks_counted_at_indexing_as_the_loader_drops_them():
         raw = json.dumps({"image": {"height": h, "width": w}, "annotations": anns}).encode()
         expected = sum(rle_area(a["segmentation"]) == 0 for a in anns)
         assert count_empty_masks(raw) == expected, (h, w, [a["segmentation"]["counts"] for a in anns])
+
+
+def test_concurrent_builds_of_one_root_all_succeed(tmp_path):
+    """Jobs started together on one root (the ablation's parallel runs, two trainings) build its
+    index one at a time: none deletes the other's files; all open the same index."""
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "root"
+    for j in range(8):  # 8 chunks: builds long enough to overlap
+        make_shapes_dataset(root / f"s{j}", 40, size=16, seed=j)
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from unsam.data.index import IndexedDataset; "
+            f"open({str(tmp_path)!r} + '/ready.' + sys.argv[1], 'w').close(); "
+            f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(go)!r}), True)]; "
+            f"d = IndexedDataset({str(root)!r}, build=True, progress=False); print(len(d))")
+    for trial in range(2):
+        procs = [subprocess.Popen([sys.executable, "-c", code, f"{trial}{k}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                 for k in range(3)]
+        while len(list(tmp_path.glob(f"ready.{trial}*"))) < 3:  # all imported: start them together
+            time.sleep(0.05)
+        go.touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+        go.unlink()
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        assert {out.strip() for out, _ in outs} == {"320"}
+        shutil.rmtree(root / ".unsam_index")

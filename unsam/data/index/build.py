@@ -25,6 +25,7 @@ file added to a folder re-indexes one chunk, not the rest of the folder. A new g
 becomes visible when ``CURRENT`` is replaced (atomically), so readers never see half an index;
 the previous generation is kept for readers that still have it open.
 """
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -41,6 +42,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised
+    fcntl = None
 
 from ...utils.files import OutputError, atomic_write, ensure_writable_dir, remove_stale_temps
 from ..sa1b import DatasetError
@@ -238,6 +244,28 @@ class BuildSummary:
         return text + f"; index {self.index_dir} ({self.index_bytes / 1e6:.1f} MB)"
 
 
+@contextlib.contextmanager
+def _build_lock(index_dir: Path):
+    """One builder per index folder at a time (``flock`` on ``index_dir/LOCK``).
+
+    Two processes building one root at once (two jobs started on the same data, the ablation's
+    parallel runs) deleted each other's temporary chunk files as stale and each other's fresh
+    generation as old; the second builder now waits and then finds the index up to date."""
+    if fcntl is None:
+        yield
+        return
+    with open(index_dir / "LOCK", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that is building the index in %s", index_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -264,6 +292,13 @@ def build_index(root, cache_dir=None, workers: Optional[int] = None, rebuild: bo
     except OutputError as e:
         hint = "" if cache_dir is not None else " (data on a read-only mount? pass a cache folder: --cache-dir)"
         raise OutputError(f"cannot write the index of '{root}': {e}{hint}") from None
+    with _build_lock(index_dir):
+        return _build_locked(root, index_dir, workers, rebuild, progress, chunk_files, start)
+
+
+def _build_locked(root: str, index_dir: Path, workers: Optional[int], rebuild: bool, progress: bool,
+                  chunk_files: int, start: float) -> BuildSummary:
+    """:func:`build_index` once this process holds the folder's build lock."""
     chunks_dir = index_dir / "chunks"
     chunks_dir.mkdir(exist_ok=True)
     remove_stale_temps(chunks_dir, lambda name: name.endswith(".npz"))

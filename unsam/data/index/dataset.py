@@ -98,7 +98,20 @@ class IndexedDataset(torch.utils.data.Dataset):
             option = f" --cache-dir {self.cache_dir}" if self.cache_dir else ""
             raise DatasetError(f"dataset root '{self.root}' has no index (looked in {looked}): build it with "
                                f"'python -m unsam.data.index {self.root}{option}'")
-        current = read_current(index_dir)
+        self.skip_empty = skip_empty
+        self.max_instances = max_instances
+        for attempt in range(3):  # a build may replace the generation between reading CURRENT and opening it
+            current = read_current(index_dir)
+            self.index_dir = str(index_dir / current["generation"])
+            self._closed_state()
+            try:
+                if current.get("version") == INDEX_VERSION:
+                    self._open()
+                break
+            except FileNotFoundError:
+                self.close()
+                if attempt == 2:
+                    raise
         if current.get("version") != INDEX_VERSION:
             raise DatasetError(f"the index of '{self.root}' ({index_dir}) was built by another version of UnSAM "
                                f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it with "
@@ -108,10 +121,6 @@ class IndexedDataset(torch.utils.data.Dataset):
         # images, labelled (with a non-empty mask), empty_masks, skipped, kinds: the build's counts
         self.summary = {k: current[k] for k in ("images", "labelled", "empty_masks", "skipped", "first_skipped",
                                                 "kinds")}
-        self.skip_empty = skip_empty
-        self.max_instances = max_instances
-        self._closed_state()
-        self._open()
         if len(self) == 0:
             what = "non-empty image" if skip_empty and current["images"] else "usable image"
             first = f"; first skipped: {current['first_skipped'][0]}" if current.get("first_skipped") else ""
