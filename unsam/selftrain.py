@@ -79,6 +79,7 @@ from .data.merge import MergeInputError, index_by_stem, mask_ious, merge_annotat
 from .data.sa1b import SA1BFormatError, _resolve_image, annotation_from_mask, find_sa1b_files, mask_to_rle, read_sa1b_json
 from .pseudo.engine import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options, list_images,
                             record_settings, run_tasks, select)
+from .utils.files import by_stem
 
 logger = logging.getLogger("unsam.selftrain")
 
@@ -242,12 +243,8 @@ def plan_tasks(spec: str, out: Path, shard=(0, 1), start_id: int = 0, end_id: Op
     if not labels:
         files = list_images(spec)
         return [Task(k, str(path), str(out), visualize) for k, path in select(files, start_id, end_id, shard)], []
-    stems: Dict[str, Path] = {}
-    for f in labels:
-        if f.stem in stems:
-            raise SelfTrainError(f"--input: two label files of one name '{f.stem}' ({stems[f.stem]} and {f}): "
-                                 f"outputs are named after them")
-        stems[f.stem] = f
+    by_stem(labels, lambda stem, first, second: SelfTrainError(
+        f"--input: two label files of one name '{stem}' ({first} and {second}): outputs are named after them"))
     tasks, failures = [], []
     for k, label in select(labels, start_id, end_id, shard):
         try:
@@ -438,14 +435,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (SelfTrainError, SettingsMismatch, OutputError, OutputWriteError, FileNotFoundError, ValueError) as e:
         return error(e)
     except Stopped as stop:
-        done = stop.summary.done if stop.summary else 0
-        print(f"stopped by {stop.name} after labelling {done} images; run the same command again to resume "
-              f"(finished images are skipped)", file=sys.stderr)
-        return 128 + stop.signum
-    rate = s.done / s.seconds if s.seconds > 0 else 0.0
-    print(f"{s.done} labelled, {s.skipped} already done, {s.failed} failed ({s.masks} masks, "
-          f"{s.seconds:.1f} s, {rate:.2f} img/s)" + (f"; failures listed in {s.failures_file}" if s.failed else ""))
-    return 1 if s.failed and not s.done and not s.skipped else 0
+        print(stop.message, file=sys.stderr)
+        return stop.exit_status
+    print(s.line())
+    return s.exit_status
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from pycocotools import mask as mask_utils
 
 import unsam  # noqa: F401  (compat before detectron2)
 
-from ..utils.files import OutputError, atomic_write, ensure_writable_dir, remove_stale_temps
+from ..utils.files import OutputError, atomic_write, by_stem, ensure_writable_dir, remove_stale_temps
 from .sa1b import DatasetError, SA1BFormatError, _resolve_image, find_sa1b_files, read_sa1b_json, write_sa1b_json
 
 logger = logging.getLogger(__name__)
@@ -134,13 +134,8 @@ def index_by_stem(root, option: str) -> Dict[str, Path]:
     if not files:
         raise MergeInputError(f"{option} '{root}' holds no SA-1B JSON file (<name>.json, directly or "
                               f"one folder down)")
-    index: Dict[str, Path] = {}
-    for f in files:
-        if f.stem in index:
-            raise MergeInputError(f"{option}: two label files of one name '{f.stem}' ({index[f.stem]} and "
-                                  f"{f}): images are matched by file name")
-        index[f.stem] = f
-    return index
+    return by_stem(files, lambda stem, first, second: MergeInputError(
+        f"{option}: two label files of one name '{stem}' ({first} and {second}): images are matched by file name"))
 
 
 def check_max_iou(value: float, option: str = "--max-iou") -> float:

@@ -111,17 +111,12 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, FeatureError, OutputWriteError) as e:
         return _error(e)
     except Stopped as stop:
-        done = stop.summary.done if stop.summary else 0
-        print(f"stopped by {stop.name} after labelling {done} images; run the same command again "
-              f"to resume (finished images are skipped)", file=sys.stderr)
-        return 128 + stop.signum
-    rate = s.done / s.seconds if s.seconds > 0 else 0.0
-    print(f"{s.done} labelled, {s.skipped} already done, {s.failed} failed "
-          f"({s.masks} masks, {s.seconds:.1f} s, {rate:.2f} img/s)"
-          + (f"; failures listed in {s.failures_file}" if s.failed else ""))
+        print(stop.message, file=sys.stderr)
+        return stop.exit_status
+    print(s.line())
     if s.earlier_failures:
         logger.info("%d failures of earlier runs still listed in %s", s.earlier_failures, s.failures_file)
-    return 1 if s.failed and not s.done and not s.skipped else 0
+    return s.exit_status
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..utils.files import atomic_write, create_once, ensure_writable_dir, remove_stale_temps
+from ..utils.files import atomic_write, by_stem, create_once, ensure_writable_dir, remove_stale_temps
 from ..utils.images import read_rgb
 from ..utils.threads import torch_threads
 from .classical import PseudoLabeler
@@ -85,6 +85,17 @@ class Stopped(BaseException):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+    @property
+    def message(self) -> str:
+        """The line a command prints when it stops: what was done and that a rerun resumes."""
+        done = self.summary.done if self.summary else 0
+        return (f"stopped by {self.name} after labelling {done} images; run the same command again to resume "
+                f"(finished images are skipped)")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention for a process ended by a signal
 
 
 def _write_error(path, e: OSError) -> OutputWriteError:
@@ -127,12 +138,8 @@ def list_images(spec: str) -> List[Path]:
     # absolute but not resolved: an image is named by the path the user gave, a symbolic link
     # by its own name, not its target's (which may be a content hash in a store)
     files = sorted({f.absolute() for f in files})
-    stems: Dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems:
-            raise ValueError(f"two input images share the output name '{f.stem}.json': "
-                             f"{stems[f.stem]} and {f}")
-        stems[f.stem] = f
+    by_stem(files, lambda stem, first, second: ValueError(
+        f"two input images share the output name '{stem}.json': {first} and {second}"))
     return files
 
 
@@ -276,6 +283,18 @@ class RunSummary:
     failures: List[Tuple[str, str]] = field(default_factory=list)
     failures_file: Optional[Path] = None  # where this run's and earlier runs' failures are listed
     earlier_failures: int = 0  # lines of earlier runs still listed there
+
+    def line(self) -> str:
+        """The summary line a command prints at the end of a run."""
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.done} labelled, {self.skipped} already done, {self.failed} failed ({self.masks} masks, "
+                f"{self.seconds:.1f} s, {rate:.2f} img/s)"
+                + (f"; failures listed in {self.failures_file}" if self.failed else ""))
+
+    @property
+    def exit_status(self) -> int:
+        """1 when the run labelled nothing because every image it tried failed, else 0."""
+        return 1 if self.failed and not self.done and not self.skipped else 0
 
 
 def check_run_options(shard=(0, 1), start_id: int = 0, end_id: Optional[int] = None,

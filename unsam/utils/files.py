@@ -11,7 +11,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, IO
+from typing import IO, Callable, Dict, Iterable, Iterator
 
 TEMP_SUFFIX = ".tmp"
 
@@ -118,3 +118,17 @@ def create_once(path, text: str) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged)
+
+
+def by_stem(files: Iterable[Path], clash: Callable[[str, Path, Path], Exception]) -> Dict[str, Path]:
+    """``{file stem: file}``; two files of one stem raise ``clash(stem, first, second)``.
+
+    Outputs are named, and label files matched, by stem: two inputs of one stem would write or
+    match the same thing, so every caller refuses them with its own message.
+    """
+    stems: Dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise clash(f.stem, stems[f.stem], f)
+        stems[f.stem] = f
+    return stems
