@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    "(default: <work>/pool, made by the pseudo-label engine on two shared photos)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic roots")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--reuse", action="store_true", help="keep a root (and its index) left by --keep instead of "
-                   "writing it again")
+    p.add_argument("--reuse", action="store_true", help="keep a root left by --keep instead of writing it again "
+                   "(its index is brought up to date, not rebuilt)")
     p.add_argument("--training", action="store_true", help="also: start-up to the first batch, RSS per process")
     p.add_argument("--loader-workers", type=int, default=2, help="DATALOADER.NUM_WORKERS of --training")
     p.add_argument("--samples", type=int, default=2000, help="samples drawn for --training's RSS growth")
@@ -547,7 +547,8 @@ def main(argv=None) -> int:
             made = time.perf_counter() - t0
             data_bytes = folder_bytes(root)
             for workers in args.workers:
-                summary = build_index(root, workers=workers, rebuild=True, progress=False)
+                # --reuse: bring the kept index up to date (the start-up check's cost), no rebuild
+                summary = build_index(root, workers=workers, rebuild=not args.reuse, progress=False)
                 assert summary.images == n and summary.skipped == 0, summary.line()
                 index_dir = Path(summary.index_dir)
                 generation = index_dir / json.loads((index_dir / "CURRENT").read_text())["generation"]
@@ -555,7 +556,7 @@ def main(argv=None) -> int:
                                      check=True, capture_output=True, text=True, cwd=REPO,
                                      env={**os.environ, "DATA_SCALE_POOL": str(pool_dir)})
                 mem = json.loads(out.stdout.strip().splitlines()[-1])
-                rate = n / summary.index_seconds
+                rate = n / summary.index_seconds if summary.index_seconds else float("nan")
                 result = {"n": n, "format": fmt, "workers": workers, "data_bytes": data_bytes, "write_s": made,
                           "build_s": summary.seconds, "index_s": summary.index_seconds, "images_per_s": rate,
                           "images_per_s_per_worker": rate / workers, "slow_path": summary.slow,
@@ -563,8 +564,10 @@ def main(argv=None) -> int:
                           **mem}
                 results.append(result)
                 print(f"N={n:>8} {fmt:4} workers={workers}: data {data_bytes / 1e9:.2f} GB (written in {made:.0f} s); "
-                      f"build {summary.seconds:.1f} s = {rate:.0f} img/s ({rate / workers:.0f} per worker, "
-                      f"{summary.slow} slow-path records); index {result['index_bytes'] / n:.0f} B/img on disk "
+                      + (f"index up to date (checked in {summary.seconds:.1f} s); index" if summary.up_to_date else
+                         f"build {summary.seconds:.1f} s = {rate:.0f} img/s ({rate / workers:.0f} per worker, "
+                         f"{summary.slow} slow-path records); index")
+                      + f" {result['index_bytes'] / n:.0f} B/img on disk "
                       f"(+ chunks {result['chunk_bytes'] / n:.0f} B/img); open {mem['open_s'] * 1e3:.1f} ms, "
                       f"RSS +{mem['rss_open_bytes'] / n:.0f} B/img after open, +{mem['rss_touch_bytes'] / 1e6:.1f} MB "
                       f"({mem['rss_touch_bytes'] / n:.0f} B/img; anon {mem['anon_touch_bytes'] / 1e6:.1f} MB, "

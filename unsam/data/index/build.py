@@ -112,9 +112,14 @@ def _sig(entry: os.DirEntry) -> Tuple[str, int, int]:
     return entry.name, st.st_size, st.st_mtime_ns
 
 
+_DIGIT_RUNS = re.compile(r"(\d+)")
+_SOURCE_FILES = (".json", ".tar", ".tsv", ".lineidx")  # what plan_sources looks at (images are not sorted)
+
+
 def natural_key(name: str):
     """Sort key that orders ``train-2`` before ``train-10`` (numbers by value)."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+    # split() with a group alternates text and digit runs: the odd parts are the numbers
+    return [(0, int(t), "") if k % 2 else (1, 0, t) for k, t in enumerate(_DIGIT_RUNS.split(name))]
 
 
 def plan_sources(root: str, chunk_files: int = CHUNK_FILES) -> List[SourcePlan]:
@@ -125,8 +130,11 @@ def plan_sources(root: str, chunk_files: int = CHUNK_FILES) -> List[SourcePlan]:
                             key=natural_key)
     plans: List[SourcePlan] = []
     for folder in folders:
+        # only the files a source is made of are sorted (not the images): a million-image folder
+        # is checked for changes at every training start
         entries = sorted((e for e in os.scandir(os.path.join(root, folder))
-                          if not e.name.startswith(".") and e.is_file()), key=lambda e: natural_key(e.name))
+                          if e.name.endswith(_SOURCE_FILES) and not e.name.startswith(".") and e.is_file()),
+                         key=lambda e: natural_key(e.name))
         by_name = {e.name: e for e in entries}
         jsons = [_sig(e) for e in entries if e.name.endswith(".json")]
         if jsons:
