@@ -417,7 +417,8 @@ def mapper_figures(work: Path, samples: int) -> dict:
     for config in ("unsam_only_sa-1b_R50_lsj.yaml", "unsam_only_sa-1b_R50.yaml"):
         r = res[config]
         t = r["s_per_sample"]
-        print(f"  {config} ({r['mapper']}, {r['sampling']}, {r['instances']} instances): list {t['list']:.3f} s/sample, "
+        print(f"  {config} ({r['mapper']}, {r['sampling']}, {r['instances']} instances): "
+              f"list {t['list']:.3f} s/sample, "
               f"index JSON {t['json']:.3f} (x{t['json'] / t['list']:.2f}), index tar {t['tar']:.3f} "
               f"(x{t['tar'] / t['list']:.2f}); identical outputs: {r['identical']}", flush=True)
     return res
@@ -478,8 +479,9 @@ def ats_figures(n_images: int, tasks: int = 3, batch: int = 4, iterations: int =
           f"synced every batch, 1 thread: state {res['state_bytes_per_cell']:.1f} B per cell; "
           f"draw per batch uniform {u['draw_ms_mean']:.3f} ms (max {u['draw_ms_max']:.2f}), adaptive "
           f"{a['draw_ms_mean']:.3f} ms (max {a['draw_ms_max']:.2f}; first draw builds the tree: "
-          f"{res['adaptive_first_draw_s'] * 1e3:.0f} ms); sync {a['sync_ms_mean']:.2f} ms (max {a['sync_ms_max']:.2f}); "
-          f"previous way: {res['previous_block_ms']:.0f} ms per 256-item block + {res['previous_epoch_permutation_ms']:.0f} "
+          f"{res['adaptive_first_draw_s'] * 1e3:.0f} ms); sync {a['sync_ms_mean']:.2f} ms "
+          f"(max {a['sync_ms_max']:.2f}); previous way: {res['previous_block_ms']:.0f} ms per 256-item block + "
+          f"{res['previous_epoch_permutation_ms']:.0f} "
           f"ms per uniform epoch", flush=True)
     return res
 

@@ -17,13 +17,15 @@ stream: rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...``. The stream is
 there is no hidden generator state, the counters *are* the RNG state. Uniform blocks are
 consecutive slices of per-epoch permutations of all cells (every cell exactly once per epoch,
 across all ranks); adaptive blocks are drawn with replacement from ``p`` (a hard cell may repeat
-by design). Sized for SA-1B (millions of images × tasks): a uniform item costs O(1) (the epoch's
-permutation is evaluated per position, never stored), an adaptive one O(log cells) (a sum tree
-the table keeps up to date), and the state is ~6 bytes per cell (float32 difficulty, seen flag,
-the tree): nothing per block is as large as the table. Ranks therefore read disjoint positions of one stream and no position is duplicated
+by design). Ranks therefore read disjoint positions of one stream and no position is duplicated
 or dropped, provided every rank builds block ``b`` from the same table, which holds because the
 table only changes in :meth:`DifficultyTable.sync` (identical result on every rank) and ranks
 run in lockstep (same batch size, same loader prefetch depth).
+
+Sized for SA-1B (millions of images × tasks): a uniform item costs O(1) (the epoch's
+permutation is evaluated per position, never stored), an adaptive one O(log cells) (a sum tree
+the table keeps up to date), and the state is ~6 bytes per cell (float32 difficulty, seen flag,
+the tree): nothing per block is as large as the table.
 
 Integration contract (what the trainer hook does)
 -------------------------------------------------
