@@ -75,6 +75,7 @@ import numpy as np
 
 import unsam  # noqa: F401  (compat before detectron2)
 
+from .utils.cli import OneLineArgumentParser
 from .data.merge import MergeInputError, index_by_stem, mask_ious, merge_annotations, plain_differences
 from .data.sa1b import SA1BFormatError, _resolve_image, annotation_from_mask, find_sa1b_files, mask_to_rle, read_sa1b_json
 from .pseudo.engine import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options, list_images,
@@ -340,12 +341,6 @@ def run(input_spec: str, output_dir, c: SelfTrainConfig, shard=(0, 1), start_id:
 
 
 # --------------------------------------------------------------------------------------- CLI
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _shard(text: str):
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -355,7 +350,7 @@ def _shard(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="python -m unsam.selftrain",
+    ap = OneLineArgumentParser(prog="python -m unsam.selftrain",
                         description="A model's whole-image predictions as the next round's SA-1B labels.")
     ap.add_argument("--config-file", required=True, help="the model's config")
     ap.add_argument("--weights", required=True, help="the trained model (path or URL)")

@@ -59,6 +59,7 @@ from pycocotools import mask as mask_utils
 
 import unsam  # noqa: F401  (compat before detectron2)
 
+from ..utils.cli import OneLineArgumentParser
 from ..utils.files import OutputError, atomic_write, by_stem, ensure_writable_dir, remove_stale_temps
 from .sa1b import DatasetError, SA1BFormatError, _resolve_image, find_sa1b_files, read_sa1b_json, write_sa1b_json
 
@@ -316,14 +317,8 @@ def _write_lists(out: Path, summary: MergeSummary, human: Dict[str, Path], pseud
 
 
 # --------------------------------------------------------------------------------------- CLI
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _OneLineParser(prog="python -m unsam.data.merge",
+    ap = OneLineArgumentParser(prog="python -m unsam.data.merge",
                         description="UnSAM+: every human mask plus the pseudo masks that overlap none of them.")
     ap.add_argument("--human", required=True, help="SA-1B root with the human masks (released JSONs + images)")
     ap.add_argument("--pseudo", required=True, help="pseudo-label root (python -m unsam.pseudo output)")

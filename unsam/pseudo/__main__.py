@@ -11,21 +11,13 @@ from typing import Optional
 
 import unsam  # noqa: F401  (compat before detectron2)
 
+from ..utils.cli import OneLineArgumentParser
 from ..features import FeatureError, build_features
 from .config import EngineConfig, SettingError, add_config_arguments, given_settings
 from .detector import DivideError
 from .engine import OutputWriteError, Stopped, build_labeler, check_run_options, run
 
 logger = logging.getLogger("unsam.pseudo")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is the project's one ``error:`` line (exit status 2), not
-    the usage text plus ``prog: error:``."""
-
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _error(message) -> int:
@@ -46,7 +38,7 @@ def _shard(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The run options (input, output, sharding, workers) plus one option per
     :class:`EngineConfig` field (:func:`add_config_arguments`)."""
-    ap = _OneLineParser(prog="python -m unsam.pseudo",
+    ap = OneLineArgumentParser(prog="python -m unsam.pseudo",
                                  description="Unsupervised divide-and-conquer pseudo labels (SA-1B JSON per image).")
     ap.add_argument("--input", required=True, help="image folder or glob pattern")
     ap.add_argument("--output", required=True, help="output folder (<stem>.json per image)")
