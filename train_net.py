@@ -20,7 +20,7 @@ from unsam.data.sa1b import DatasetError
 from unsam.engine.checkpointer import CheckpointError
 from unsam.engine.trainer import Trainer, setup_config, write_eval_metrics
 from unsam.predictor import WHOLE_IMAGE_PARTS
-from unsam.utils.arguments import ConfigError, load_config, train_argument_parser
+from unsam.config.loading import ConfigError, load_config, train_argument_parser
 from unsam.utils.dist import launch
 
 logger = logging.getLogger("unsam")

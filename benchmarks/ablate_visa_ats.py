@@ -68,7 +68,7 @@ from unsam.data.synthetic import make_nested_scenes_dataset, make_shapes_dataset
 from unsam.engine.trainer import Trainer  # noqa: E402
 from unsam.evaluation.whole_image import (  # noqa: E402
     ClassAgnosticEvaluator, coco_eval_agnostic, dataset_dicts_to_coco, load_coco_gt)
-from unsam.utils.arguments import ConfigError, load_config  # noqa: E402
+from unsam.config.loading import ConfigError, load_config  # noqa: E402
 from unsam.utils.files import atomic_write  # noqa: E402
 from unsam.utils.threads import torch_threads  # noqa: E402
 

@@ -98,7 +98,7 @@ def run_child(variant: str, record: str, repeat: int, threads: int) -> dict:
 
     from unsam.data import mapper as mapper_module
     from unsam.data.sa1b import load_sa1b_dicts
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     torch.set_num_threads(threads)
     if variant == "reference":

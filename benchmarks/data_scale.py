@@ -304,7 +304,7 @@ def train_child(root: str, workers: int, samples: int, launched: float) -> None:
     torch.set_num_threads(1)
     import unsam  # noqa: F401
     from unsam.engine.trainer import Trainer, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     out = tempfile.mkdtemp(prefix="data_scale_train_")
     cfg = load_config(str(REPO / "configs" / "tiny" / "unsam_tiny.yaml"), [
@@ -352,7 +352,7 @@ def mapper_child(folder: str, samples: int) -> None:
     from unsam.data.mapper import UnSAMDatasetMapper
     from unsam.data.sa1b import load_sa1b_dicts
     from unsam.data.training import TrainingRecords
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     def digest(out):
         inst = out["instances"]

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     import unsam  # noqa: F401
     from unsam.predictor import PromptPredictor
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

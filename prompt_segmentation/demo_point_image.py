@@ -31,7 +31,7 @@ from unsam.data.prompts import (PromptError, mask_from_values, mask_to_mask_inpu
                                  parse_points, validate_prompts)
 from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, plan_outputs, readable_images, write_image
 from unsam.predictor import PromptPredictor
-from unsam.utils.arguments import ConfigError, load_config
+from unsam.config.loading import ConfigError, load_config
 from unsam.utils.device import DeviceError, check_device
 from unsam.visualize import draw_masks, draw_prompts, draw_title
 

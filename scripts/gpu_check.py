@@ -239,7 +239,7 @@ def is_oom(e: BaseException) -> bool:
 
 
 def load_cfg(config_file: Path, opts: List[str]):
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     return load_config(str(config_file), opts)
 

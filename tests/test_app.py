@@ -103,7 +103,7 @@ def test_hierarchy_browser_and_everything_view():
 
 def test_clicks_reuse_the_image_encoding(monkeypatch):
     from unsam.app_backend import DemoModels
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     models = DemoModels(load_config(TINY_PROMPT, ["MODEL.DEVICE", "cpu"]), max_side=256)
     assert models.whole is None and models.prompt_mode == "learned"  # no weights: Everything = pseudo labels

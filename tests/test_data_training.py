@@ -104,7 +104,7 @@ def test_each_format_trains_through_the_index(roots, tmp_path, fmt):
     assert f"SA-1B root {root} (index {root / '.unsam_index'}): 5 images, 0 records not indexed, 1 empty masks" in log
     # what the loader read: the index's records (encoded image bytes for tar / TSV), no list
     from unsam.engine.trainer import load_train_dicts, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     cfg = load_config(TINY, ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"fmt_{fmt}:{root}"]),
                              "DATASETS.TRAIN", f"('fmt_{fmt}',)", "OUTPUT_DIR", str(out)])
@@ -117,7 +117,7 @@ def test_each_format_trains_through_the_index(roots, tmp_path, fmt):
 def test_mixed_sets_concatenate_in_order(roots, tmp_path, tiny_train):
     """Indexed roots of two formats and a COCO-format list, one training set."""
     from unsam.engine.trainer import load_train_dicts, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     tar, tsv = tmp_path / "tar", tmp_path / "tsv"
     shutil.copytree(roots["tar"], tar, ignore=shutil.ignore_patterns(".unsam_index"))

@@ -18,7 +18,7 @@ def _tiny_checkpoint(path):
     import unsam.modeling  # noqa: F401
     from detectron2.modeling import build_model
 
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     model = build_model(load_config(TINY, ["MODEL.DEVICE", "cpu"]))
     torch.save({"model": model.state_dict()}, path)

@@ -15,7 +15,7 @@ from unsam.data.sa1b import (
     annotation_from_mask, load_sa1b_dicts, mask_to_rle, read_sa1b_json, rle_to_mask, write_sa1b_json,
 )
 from unsam.evaluation.whole_image import evaluate_coco_json, main as eval_main
-from unsam.utils.arguments import ConfigError, load_config
+from unsam.config.loading import ConfigError, load_config
 
 from .conftest import REPO_ROOT
 

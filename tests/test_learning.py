@@ -58,7 +58,7 @@ def test_training_on_shapes_learns(tmp_path):
 
     from unsam.evaluation.prompt import evaluate_prompts
     from unsam.predictor import PromptPredictor
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     cfg = load_config(TINY, ["INPUT.IMAGE_SIZE", "128", "MODEL.DEVICE", "cpu", "UNSAM.PROMPT.MODE", "auto",
                              "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth")])

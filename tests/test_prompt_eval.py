@@ -223,7 +223,7 @@ def test_unsam_backend_modes_and_bad_weights(tmp_path, capsys, caplog):
     from detectron2.modeling import build_model
 
     import unsam.modeling  # noqa: F401
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "unsam_tiny.yaml")
     opts = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128"]

@@ -341,7 +341,7 @@ def test_prompt_training_learns_one_click_segmentation(tmp_path):
     from unsam.engine.trainer import Trainer
     from unsam.evaluation.prompt import evaluate_prompts
     from unsam.predictor import PromptPredictor
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     iters = int(os.environ.get("UNSAM_PROMPT_LEARN_ITERS", "800"))
     train_root = make_shapes_dataset(tmp_path / "train", 1500, size=128, seed=11)  # many: no memorising

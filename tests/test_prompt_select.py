@@ -111,7 +111,7 @@ def test_predictors_refuse_a_checkpoint_without_whole_image_tensors(tmp_path):
 
 
 def test_unknown_prompt_mode_is_a_config_error(public_format_ckpt):
-    from unsam.utils.arguments import ConfigError
+    from unsam.config.loading import ConfigError
 
     with pytest.raises(ConfigError, match="UNSAM.PROMPT.MODE"):
         _select_predictor(public_format_ckpt, "UNSAM.PROMPT.MODE", "guess")

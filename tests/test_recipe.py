@@ -34,7 +34,7 @@ from unsam.engine.trainer import build_optimizer_for, build_scheduler_for
 from unsam.modeling.criterion import (calculate_uncertainty, dice_loss, drop_loss_keep,
                                       get_uncertain_point_coords_with_randomness, sigmoid_ce_loss)
 from unsam.modeling.matcher import point_sample
-from unsam.utils.arguments import load_config
+from unsam.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 R50 = REPO / "configs" / "unsam_only_sa-1b_R50.yaml"

@@ -15,7 +15,7 @@ from PIL import Image
 
 import unsam  # noqa: F401
 from unsam.data.prompts import PromptError, mask_from_values, validate_prompts
-from unsam.utils.arguments import load_config
+from unsam.config.loading import load_config
 from unsam.utils.device import DeviceError
 
 from .test_prompt_model import FAST, TINY_PROMPT

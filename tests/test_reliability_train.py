@@ -127,7 +127,7 @@ def test_images_without_a_mask_are_counted_and_handled_per_config(tmp_path, filt
     from detectron2.data import DatasetCatalog
 
     from unsam.engine.trainer import load_train_dicts, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     root = _shapes_root(tmp_path, n=2, size=32)
     _write_image(root, "blank_masks", np.zeros((32, 32, 3), np.uint8), [np.zeros((32, 32), bool)] * 3)
@@ -225,7 +225,7 @@ def test_nonsense_number_is_one_error(tmp_path, capsys, key, value):
 
 def test_batch_not_divisible_by_processes_is_refused():
     from unsam.engine.trainer import validate_config
-    from unsam.utils.arguments import ConfigError, load_config
+    from unsam.config.loading import ConfigError, load_config
 
     cfg = load_config(TINY, ["SOLVER.IMS_PER_BATCH", "3"])
     validate_config(cfg, world_size=1)

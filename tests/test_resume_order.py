@@ -69,7 +69,7 @@ def _train_and_record(root: str, out_dir: str, max_iter: int, resume: bool, tag:
     from detectron2.utils import comm
 
     from unsam.engine.trainer import Trainer, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     class RecordingTrainer(Trainer):
         @classmethod

@@ -31,7 +31,7 @@ def weights(tmp_path_factory):
     import unsam.modeling  # noqa: F401
     from detectron2.modeling import build_model
 
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     torch.manual_seed(0)
     model = build_model(load_config(str(TINY), ["MODEL.DEVICE", "cpu"]))
@@ -55,7 +55,7 @@ def raw(weights, shapes):
     """The predictor's own output per photo: (masks N×H×W bool, float scores), on one thread
     as the runner labels."""
     from unsam.predictor import WholeImagePredictor
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     predictor = WholeImagePredictor(load_config(str(TINY), ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]))
     out = {}
@@ -117,7 +117,7 @@ def test_band_and_dedup_hold_and_the_trainer_loads_the_labels(weights, shapes, r
     from detectron2.data import DatasetCatalog
 
     from unsam.engine.trainer import load_train_dicts, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     cfg = load_config(str(TINY), ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"selftrain_round2:{out}"]),
                                   "DATASETS.TRAIN", '("selftrain_round2",)', "DATASETS.TEST", "()"])

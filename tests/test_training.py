@@ -50,7 +50,7 @@ def _train_two_iters_and_dump(out_dir: str):
     from detectron2.utils import comm
 
     from unsam.engine.trainer import Trainer, register_datasets
-    from unsam.utils.arguments import load_config
+    from unsam.config.loading import load_config
 
     cfg = load_config(TINY, FAST + ["DATASETS.TRAIN", '("coco_tiny_train_agnostic",)', "DATASETS.TEST", "()",
                                     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",

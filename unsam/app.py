@@ -42,7 +42,7 @@ from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hie
 from .checkpoint import WeightsError
 from .data.coco import shared_data_dir
 from .demo_io import IMAGE_EXTENSIONS
-from .utils.arguments import ConfigError, load_config
+from .config.loading import ConfigError, load_config
 from .visualize import draw_prompts
 
 logger = logging.getLogger("unsam.app")

@@ -16,12 +16,11 @@ import numpy as np
 from PIL import Image
 
 from .utils.files import OutputError, atomic_write, ensure_writable_dir
-from .utils.images import UnsupportedImageError
+from .utils.images import IMAGE_EXTENSIONS, UnsupportedImageError
 from .utils.images import read_rgb as _read_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class DemoInputError(ValueError):

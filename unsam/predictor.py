@@ -21,7 +21,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from .checkpoint import load_weights, read_weights, require_parts
 from .modeling.prompt_encoder import MASK_INPUT_SIZE
 from .query_selection import QuerySelector
-from .utils.arguments import ConfigError
+from .config.loading import ConfigError
 from .utils.device import check_device
 
 logger = logging.getLogger(__name__)

@@ -138,7 +138,7 @@ def check_config(c: SelfTrainConfig) -> None:
 
 def build_cfg(c: SelfTrainConfig):
     """The model config: ``--config-file``, ``--opts``, then the weights and device."""
-    from .utils.arguments import load_config
+    from .config.loading import load_config
 
     opts = list(c.opts) + ["MODEL.WEIGHTS", c.weights] + (["MODEL.DEVICE", c.device] if c.device else [])
     return load_config(c.config_file, opts)
@@ -391,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import WeightsError
     from .pseudo.config import SettingError
     from .pseudo.engine import OutputWriteError, SettingsMismatch, Stopped
-    from .utils.arguments import ConfigError
+    from .config.loading import ConfigError
     from .utils.device import DeviceError, check_device
     from .utils.files import OutputError
 

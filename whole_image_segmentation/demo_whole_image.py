@@ -26,7 +26,7 @@ from unsam.data.sa1b import mask_to_rle
 from unsam.demo_io import (DemoInputError, check_unit_interval, demo_parser, expand_inputs, plan_outputs,
                            readable_images, write_image)
 from unsam.predictor import WholeImagePredictor
-from unsam.utils.arguments import ConfigError, load_config
+from unsam.config.loading import ConfigError, load_config
 from unsam.utils.device import DeviceError, check_device
 from unsam.utils.files import atomic_write
 from unsam.visualize import draw_masks

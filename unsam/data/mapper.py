@@ -44,7 +44,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..utils.arguments import ConfigError
+from ..config.loading import ConfigError
 from ..utils.images import UnsupportedImageError, open_image
 from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask, validate_rle
 from .training import note_replaced

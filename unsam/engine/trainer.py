@@ -51,7 +51,7 @@ from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
 from .checkpointer import TrainingCheckpointer
 from .hooks import ATSFeedbackHook, VisaBatchLoader, VisaScheduleHook
-from ..utils.arguments import ConfigError, load_config
+from ..config.loading import ConfigError, load_config
 from ..utils.dist import create_ddp_model
 
 logger = logging.getLogger("detectron2")

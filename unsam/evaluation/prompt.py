@@ -340,7 +340,7 @@ def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), 
     """``unsam.predictor.PromptPredictor`` from a config (``MODEL.WEIGHTS`` names the checkpoint);
     ``mode`` (auto / learned / select) overrides ``UNSAM.PROMPT.MODE``."""
     from ..predictor import PromptPredictor
-    from ..utils.arguments import load_config
+    from ..config.loading import load_config
 
     if not config_file:
         raise EvaluationInputError("--backend unsam needs --config-file")
@@ -387,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     from ..checkpoint import WeightsError
-    from ..utils.arguments import ConfigError
+    from ..config.loading import ConfigError
 
     if args.clicks < 1:
         print("error: --clicks must be >= 1", file=sys.stderr)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..utils.files import atomic_write, by_stem, create_once, ensure_writable_dir, remove_stale_temps
-from ..utils.images import read_rgb
+from ..utils.images import IMAGE_EXTENSIONS, read_rgb
 from ..utils.threads import torch_threads
 from .classical import PseudoLabeler
 from .config import EngineConfig, SettingError, label_settings, settings_differences
@@ -57,7 +57,6 @@ __all__ = ["EngineConfig", "OutputWriteError", "PseudoLabeler", "RunSummary", "S
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LABELER_THREADS = 1  # torch threads per labeler (see :func:`run`)
 SETTINGS_FILE = "pseudo_settings.txt"  # not *.json: the dataset readers take every *.json for a label
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+# The image files every UnSAM path reads (engine input, SA-1B image beside its JSON, SA-1B tars,
+# demos, the app): one list, so a file the engine labels is one the loader can find.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 # shift from 16 to 8 bits: keep the high byte, as Pillow does for 16-bit RGB
 _SHIFT_16_TO_8 = 8
 

@@ -13,7 +13,7 @@ import yaml
 import unsam.compat  # noqa: F401
 from detectron2.engine import default_argument_parser
 
-from ..config import get_unsam_cfg
+from . import get_unsam_cfg
 
 
 class ConfigError(ValueError):
