@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
 from unsam.checkpoint import UnSAMCheckpointer, WeightsError, check_weights_path, require_parts
-from unsam.data.sa1b import DatasetError
+from unsam.io.sa1b import DatasetError
 from unsam.engine.checkpointer import CheckpointError
 from unsam.engine.trainer import Trainer, setup_config, write_eval_metrics
 from unsam.predictor import WHOLE_IMAGE_PARTS

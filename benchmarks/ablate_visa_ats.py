@@ -63,7 +63,8 @@ from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from unsam.data.coco import register_builtin_datasets, shared_data_dir  # noqa: E402
-from unsam.data.sa1b import DatasetError, find_sa1b_files, register_sa1b  # noqa: E402
+from unsam.data.sa1b import register_sa1b  # noqa: E402
+from unsam.io.sa1b import DatasetError, find_sa1b_files  # noqa: E402
 from unsam.data.synthetic import make_nested_scenes_dataset, make_shapes_dataset  # noqa: E402
 from unsam.engine.trainer import Trainer  # noqa: E402
 from unsam.evaluation.whole_image import (  # noqa: E402

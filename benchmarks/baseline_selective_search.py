@@ -35,7 +35,7 @@ import unsam  # noqa: E402,F401
 import cv2  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from unsam.data.sa1b import write_sa1b_json  # noqa: E402
+from unsam.io.sa1b import write_sa1b_json  # noqa: E402
 from unsam.pseudo.engine import list_images, read_image, select  # noqa: E402
 
 logger = logging.getLogger("baseline_selective_search")

@@ -53,7 +53,7 @@ def make_record(folder: Path, num_masks: int) -> Path:
     import cv2
     import numpy as np
 
-    from unsam.data.sa1b import annotation_from_mask, write_sa1b_json
+    from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)

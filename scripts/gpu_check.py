@@ -118,7 +118,7 @@ def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks:
     import numpy as np
     from PIL import Image
 
-    from unsam.data.sa1b import annotation_from_mask, write_sa1b_json
+    from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
     from unsam.data.synthetic import draw_random_shape
 
     root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import unsam  # noqa: E402,F401
 from unsam.data.coco import shared_data_dir  # noqa: E402
-from unsam.data.sa1b import rle_to_mask  # noqa: E402
+from unsam.io.sa1b import rle_to_mask  # noqa: E402
 from unsam.utils.files import atomic_write  # noqa: E402
 from unsam.utils.images import read_rgb  # noqa: E402
 from unsam.visualize import draw_masks, draw_title  # noqa: E402

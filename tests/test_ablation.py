@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from unsam.data.sa1b import load_sa1b_dicts, rle_to_mask
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import rle_to_mask
 from unsam.data.synthetic import make_nested_scenes_dataset
 
 from .conftest import REPO_ROOT

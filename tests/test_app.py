@@ -20,7 +20,7 @@ from PIL import Image
 from unsam import app_backend
 from unsam.app_backend import (AppInputError, Segments, hierarchy_candidates, load_photo, pick_mask, render_everything,
                                render_hierarchy)
-from unsam.data.sa1b import mask_to_rle
+from unsam.io.sa1b import mask_to_rle
 from unsam.visualize import draw_masks
 
 from .conftest import REPO_ROOT

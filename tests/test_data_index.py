@@ -16,7 +16,8 @@ from unsam.data.index import IndexedDataset, build_index, write_tsv_shards
 from unsam.data.index import build as index_build
 from unsam.data.index.__main__ import main as index_main
 from unsam.data.index.formats import scan_record
-from unsam.data.sa1b import SA1BFormatError, load_sa1b_dicts
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import SA1BFormatError
 from unsam.data.synthetic import make_shapes_dataset
 
 from .test_reliability import _one_error_line

@@ -18,7 +18,8 @@ from scipy import stats
 
 import unsam  # noqa: F401
 from unsam.data.index import IndexedDataset, build_index, write_tsv_shards
-from unsam.data.sa1b import annotation_from_mask, load_sa1b_dicts, write_sa1b_json
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
 from unsam.data.training import TrainingRecords
 
@@ -350,7 +351,7 @@ def test_empty_masks_counted_at_indexing_as_the_loader_drops_them():
     """The index counts masks without a pixel from the JSON text (no parse): the same count as the
     RLE areas give, escaped backslashes and uncompressed counts included."""
     from unsam.data.index.formats import count_empty_masks
-    from unsam.data.sa1b import mask_to_rle, rle_area
+    from unsam.io.sa1b import mask_to_rle, rle_area
 
     rng = np.random.default_rng(0)
     for trial in range(60):

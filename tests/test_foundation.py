@@ -11,8 +11,13 @@ from scipy import ndimage
 from unsam.config import get_unsam_cfg
 from unsam.data.coco import load_coco_agnostic
 from unsam.data.mapper import UnSAMDatasetMapper, decode_segmentation
-from unsam.data.sa1b import (
-    annotation_from_mask, load_sa1b_dicts, mask_to_rle, read_sa1b_json, rle_to_mask, write_sa1b_json,
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import (
+    annotation_from_mask,
+    mask_to_rle,
+    read_sa1b_json,
+    rle_to_mask,
+    write_sa1b_json,
 )
 from unsam.evaluation.whole_image import evaluate_coco_json, main as eval_main
 from unsam.config.loading import ConfigError, load_config

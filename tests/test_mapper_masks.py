@@ -10,7 +10,7 @@ from detectron2.structures import BitMasks
 
 from unsam.data.mapper import (build_lsj_augmentation, decode_segmentation, decode_transformed_masks,
                                rle_columns, transform_masks)
-from unsam.data.sa1b import mask_to_rle
+from unsam.io.sa1b import mask_to_rle
 
 
 def _masks(rng, h, w):

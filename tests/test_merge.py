@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from unsam.data.merge import main as merge_main, merge_annotations
-from unsam.data.sa1b import annotation_from_mask, load_sa1b_dicts, read_sa1b_json, rle_to_mask, write_sa1b_json
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
 
 from .test_reliability import _one_error_line

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from unsam.data.prompts import farthest_interior_point, mask_to_box, mask_to_mask_input
-from unsam.data.sa1b import mask_to_rle
+from unsam.io.sa1b import mask_to_rle
 from unsam.evaluation import prompt as prompt_eval
 from unsam.evaluation.prompt import build_sam_predictor, evaluate_prompts, main
 

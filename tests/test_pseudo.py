@@ -10,7 +10,7 @@ import unsam  # noqa: F401
 import cv2
 import torch
 
-from unsam.data.sa1b import read_sa1b_json, rle_to_mask
+from unsam.io.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo import engine as E
 from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.conquer import merge_hierarchy, merge_selective
@@ -385,7 +385,7 @@ def test_shard_and_input_errors(tmp_path):
 
 
 def test_evaluate_cli(image_dir, tmp_path):
-    from unsam.data.sa1b import mask_to_rle
+    from unsam.io.sa1b import mask_to_rle
     from unsam.pseudo.evaluate import main as eval_main
 
     out = tmp_path / "pl"

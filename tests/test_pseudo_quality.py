@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import unsam  # noqa: F401
-from unsam.data.sa1b import rle_to_mask
+from unsam.io.sa1b import rle_to_mask
 from unsam.pseudo.conquer import merge_boundary
 from unsam.pseudo.engine import EngineConfig, PseudoLabeler, read_image
 from unsam.pseudo.refine import MIN_SEGMENT_PIXELS, Snapper, superpixels

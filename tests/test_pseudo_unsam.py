@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import unsam  # noqa: F401
 from unsam.data.coco import shared_data_dir
-from unsam.data.sa1b import read_sa1b_json, rle_to_mask
+from unsam.io.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.conquer import iterative_merge
 from unsam.pseudo.engine import EngineConfig, build_labeler, run

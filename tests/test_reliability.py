@@ -17,8 +17,15 @@ import torch
 from PIL import Image
 
 import unsam  # noqa: F401
-from unsam.data.sa1b import (DatasetError, SA1BFormatError, load_sa1b_dicts, mask_to_rle, read_sa1b_json,
-                             validate_rle, write_sa1b_json)
+from unsam.data.sa1b import load_sa1b_dicts
+from unsam.io.sa1b import (
+    DatasetError,
+    SA1BFormatError,
+    mask_to_rle,
+    read_sa1b_json,
+    validate_rle,
+    write_sa1b_json,
+)
 from unsam.data.synthetic import make_shapes_dataset
 from unsam.utils.files import OutputError, ensure_writable_dir, remove_stale_temps
 from unsam.utils.images import UnsupportedImageError, read_rgb

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unsam.data.sa1b import mask_to_rle
+from unsam.io.sa1b import mask_to_rle
 from unsam.evaluation import prompt as prompt_eval
 from unsam.evaluation import whole_image
 from unsam.pseudo import evaluate as pseudo_eval

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import unsam  # noqa: F401
-from unsam.data.sa1b import read_sa1b_json
+from unsam.io.sa1b import read_sa1b_json
 from unsam.pseudo import engine
 from unsam.pseudo.__main__ import main as pseudo_main
 
@@ -271,7 +271,7 @@ def _disk_full(only=None):
 
 def test_full_disk_stops_the_run_with_one_line(images, tmp_path, capsys, monkeypatch):
     """Was: every image listed as failed, then a traceback from writing failed.txt."""
-    from unsam.data import sa1b
+    from unsam.io import sa1b
 
     labelled = []
     real_label = engine._label

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import unsam  # noqa: F401
-from unsam.data.sa1b import annotation_from_mask, write_sa1b_json
+from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 
 from .test_reliability import TINY, _one_error_line, _shapes_root
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import unsam  # noqa: F401
-from unsam.data.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
+from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
 from unsam.selftrain import main as selftrain_main
 from unsam.utils.images import read_rgb

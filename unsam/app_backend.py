@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.sa1b import mask_to_rle, rle_to_mask, write_sa1b_json
+from .io.sa1b import mask_to_rle, rle_to_mask, write_sa1b_json
 from .pseudo.engine import EngineConfig, build_labeler
 from .utils.images import UnsupportedImageError, read_rgb
 from .visualize import distinct_colors, draw_masks, draw_outline, draw_prompts, line_width

@@ -8,6 +8,8 @@ patches third-party code.
 """
 import bisect
 import collections.abc
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -54,6 +56,63 @@ def _install_pkg_resources_shim() -> None:
     sys.modules["pkg_resources"] = shim
 
 
+class _MissingCExtension(types.ModuleType):
+    """Stands in for ``detectron2._C``: any op raises a clear error when called."""
+
+    # environment reports (collect_env) ask for these; answer instead of failing
+    def get_compiler_version(self):
+        return "not compiled (detectron2 installed without its C++ extension)"
+
+    get_cuda_version = get_compiler_version
+
+    def has_cuda(self):
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError(
+                f"detectron2._C.{name} is unavailable: this detectron2 was installed without "
+                "its C++/CUDA extension. Install a compiled detectron2 to use this op."
+            )
+
+        return _unavailable
+
+
+class _CExtensionLoader(importlib.abc.Loader):
+    """Loads the real ``detectron2._C`` (``real``, None when there is no file) or, when it is
+    absent or fails to load, a :class:`_MissingCExtension`."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def create_module(self, spec):
+        if self.real is not None:
+            try:
+                return self.real.create_module(spec)
+            except ImportError:
+                pass
+        return _MissingCExtension(spec.name)
+
+    def exec_module(self, module):
+        if not isinstance(module, _MissingCExtension):
+            self.real.exec_module(module)
+
+
+class _CExtensionFinder(importlib.abc.MetaPathFinder):
+    """Answers the import of ``detectron2._C`` (see :func:`_install_missing_c_extension`)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "detectron2._C":
+            return None
+        real = importlib.machinery.PathFinder.find_spec(fullname, path)
+        loader = _CExtensionLoader(real.loader if real is not None else None)
+        origin = real.origin if real is not None else None
+        return importlib.util.spec_from_loader(fullname, loader, origin=origin)
+
+
 def _install_missing_c_extension() -> None:
     """Register a placeholder ``detectron2._C`` when the compiled extension is absent.
 
@@ -61,39 +120,15 @@ def _install_missing_c_extension() -> None:
     (deformable conv, rotated boxes, the C++ COCOeval): deformable attention has a pure-PyTorch
     path and COCO evaluation uses pycocotools. Calling any op of the placeholder raises a clear
     error instead of an AttributeError deep inside detectron2.
+
+    The decision is made when detectron2 imports ``_C`` (an import hook), not here: importing
+    detectron2 now would load torch (~1.3 s) into every ``import unsam``, the detectron2-free
+    parts (:mod:`unsam.io`, the pseudo-label workers) included.
     """
-    spec = importlib.util.find_spec("detectron2")
-    if spec is None or "detectron2._C" in sys.modules:
+    if "detectron2._C" in sys.modules:
         return
-    try:
-        importlib.import_module("detectron2._C")
-        return
-    except ImportError:
-        pass
-
-    class _MissingCExtension(types.ModuleType):
-        # environment reports (collect_env) ask for these; answer instead of failing
-        def get_compiler_version(self):
-            return "not compiled (detectron2 installed without its C++ extension)"
-
-        get_cuda_version = get_compiler_version
-
-        def has_cuda(self):
-            return False
-
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def _unavailable(*args, **kwargs):
-                raise RuntimeError(
-                    f"detectron2._C.{name} is unavailable: this detectron2 was installed without "
-                    "its C++/CUDA extension. Install a compiled detectron2 to use this op."
-                )
-
-            return _unavailable
-
-    sys.modules["detectron2._C"] = _MissingCExtension("detectron2._C")
+    if not any(isinstance(f, _CExtensionFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CExtensionFinder())
 
 
 _install_pkg_resources_shim()

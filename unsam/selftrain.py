@@ -77,7 +77,14 @@ import unsam  # noqa: F401  (compat before detectron2)
 
 from .utils.cli import OneLineArgumentParser
 from .data.merge import MergeInputError, index_by_stem, mask_ious, merge_annotations, plain_differences
-from .data.sa1b import SA1BFormatError, _resolve_image, annotation_from_mask, find_sa1b_files, mask_to_rle, read_sa1b_json
+from .io.sa1b import (
+    SA1BFormatError,
+    _resolve_image,
+    annotation_from_mask,
+    find_sa1b_files,
+    mask_to_rle,
+    read_sa1b_json,
+)
 from .pseudo.engine import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options, list_images,
                             record_settings, run_tasks, select)
 from .utils.files import by_stem

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
-from unsam.data.sa1b import mask_to_rle
+from unsam.io.sa1b import mask_to_rle
 from unsam.demo_io import (DemoInputError, check_unit_interval, demo_parser, expand_inputs, plan_outputs,
                            readable_images, write_image)
 from unsam.predictor import WholeImagePredictor

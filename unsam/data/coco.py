@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .sa1b import DatasetError, register_sa1b
+from ..io.sa1b import DatasetError
+from .sa1b import register_sa1b
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def load_coco_agnostic(json_file, image_root) -> List[Dict]:
     """COCO instances JSON → detectron2 dicts with every ``category_id`` set to 0.
 
     Crowd annotations keep ``iscrowd=1`` so that evaluation ignores them and training skips them.
-    A missing file, or one without images, raises :class:`~unsam.data.sa1b.DatasetError`.
+    A missing file, or one without images, raises :class:`~unsam.io.sa1b.DatasetError`.
     """
     json_file, image_root = Path(json_file), Path(image_root)
     if not json_file.is_file():

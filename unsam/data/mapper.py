@@ -46,7 +46,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..config.loading import ConfigError
 from ..utils.images import UnsupportedImageError, open_image
-from .sa1b import DatasetError, rle_box, rle_runs, rle_to_mask, validate_rle
+from ..io.sa1b import DatasetError, rle_box, rle_runs, rle_to_mask, validate_rle
 from .training import note_replaced
 
 logger = logging.getLogger(__name__)

@@ -61,7 +61,14 @@ import unsam  # noqa: F401  (compat before detectron2)
 
 from ..utils.cli import OneLineArgumentParser
 from ..utils.files import OutputError, atomic_write, by_stem, ensure_writable_dir, remove_stale_temps
-from .sa1b import DatasetError, SA1BFormatError, _resolve_image, find_sa1b_files, read_sa1b_json, write_sa1b_json
+from ..io.sa1b import (
+    DatasetError,
+    SA1BFormatError,
+    _resolve_image,
+    find_sa1b_files,
+    read_sa1b_json,
+    write_sa1b_json,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .sa1b import annotation_from_mask, write_sa1b_json
+from ..io.sa1b import annotation_from_mask, write_sa1b_json
 
 
 def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:

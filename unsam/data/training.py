@@ -26,7 +26,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..utils.files import OutputError
 from .index import IndexedDataset, build_index, find_index
-from .sa1b import DatasetError, SA1BFormatError
+from ..io.sa1b import DatasetError, SA1BFormatError
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ from ..data.index import IndexedDataset
 from ..data.samplers import ResumableTrainingSampler
 from ..data.training import (ReplacedSampleMeter, TrainingRecords, _has_mask, open_training_index,
                              serialized_list)
-from ..data.sa1b import DatasetError, iter_roots_from_config, register_sa1b
+from ..data.sa1b import iter_roots_from_config, register_sa1b
+from ..io.sa1b import DatasetError
 from ..evaluation.whole_image import ClassAgnosticEvaluator
 from ..modeling.visa import VisaState
 from .checkpointer import TrainingCheckpointer

@@ -50,7 +50,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-from ..data.sa1b import mask_to_rle, validate_rle
+from ..io.sa1b import mask_to_rle, validate_rle
 from ..utils.files import OutputError, atomic_write
 
 logger = logging.getLogger(__name__)

@@ -154,7 +154,7 @@ def select(files: Sequence[Path], start_id: int = 0, end_id: Optional[int] = Non
 
 def draw_overlay(image: np.ndarray, anns: List[Dict], max_masks: int = 50) -> np.ndarray:
     """The top ``max_masks`` masks blended with the photo and outlined (:func:`unsam.visualize.draw_masks`)."""
-    from ..data.sa1b import rle_to_mask
+    from ..io.sa1b import rle_to_mask
     from ..visualize import draw_masks
 
     masks = [rle_to_mask(a["segmentation"]) for a in anns[:max_masks]]
@@ -197,7 +197,7 @@ def _label(task: Task, labeler) -> Tuple[int, str, Optional[str], int]:
     ``labeler(image)`` gives the annotations; a labeler that needs to know which image it
     labels (``unsam.selftrain`` merges each image's labels of the previous round) has a method
     ``label_task(image, task)`` instead, which is called when present."""
-    from ..data.sa1b import write_sa1b_json
+    from ..io.sa1b import write_sa1b_json
 
     try:
         image = read_image(task.path)

@@ -61,7 +61,7 @@ def _prediction_files(pred_dir) -> List[Path]:
 
 def load_predictions(gt_images: List[Dict], pred_dir) -> Tuple[List[Dict], List[int], List[str]]:
     """→ (COCO results, matched GT image ids, unmatched prediction files)."""
-    from ..data.sa1b import read_sa1b_json
+    from ..io.sa1b import read_sa1b_json
 
     by_stem = {Path(im["file_name"]).stem: im for im in gt_images}
     results, matched, unmatched = [], [], []

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from ..sa1b import DatasetError, SA1BFormatError
+    from ...io.sa1b import DatasetError, SA1BFormatError
     from .build import build_index
     from .dataset import IndexedDataset
     from .tsv import write_tsv_shards

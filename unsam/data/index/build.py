@@ -49,7 +49,7 @@ except ImportError:  # not POSIX: builds are not serialised
     fcntl = None
 
 from ...utils.files import OutputError, atomic_write, ensure_writable_dir, remove_stale_temps
-from ..sa1b import DatasetError
+from ...io.sa1b import DatasetError
 from .formats import KIND_JSON, KIND_TAR, KIND_TSV, KINDS, ROW_DTYPE, Chunk, index_json_files, index_tar, \
     index_tsv
 

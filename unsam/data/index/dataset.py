@@ -5,7 +5,7 @@ reads the one record a sample needs (one ``pread`` for a tar member or TSV field
 JSON source). No per-image Python object exists, so the dataset pickles to a few hundred bytes:
 a DataLoader worker started by ``spawn`` reopens the arrays lazily; one started by ``fork``
 shares the parent's mappings. Records are validated when read; a bad one raises
-:class:`unsam.data.sa1b.SA1BFormatError` naming the source and offset, for the caller (the
+:class:`unsam.io.sa1b.SA1BFormatError` naming the source and offset, for the caller (the
 training mapper) to warn, count and replace.
 """
 import mmap
@@ -19,7 +19,8 @@ import torch
 import unsam.compat  # noqa: F401  (before detectron2)
 from detectron2.structures import BoxMode
 
-from ..sa1b import DatasetError, SA1BFormatError, _record_annotations
+from ...io.sa1b import DatasetError, SA1BFormatError
+from ..sa1b import _record_annotations
 from .build import INDEX_VERSION, build_index, find_index, index_dir_for, read_current
 from .formats import KIND_JSON, KIND_TSV, decode_base64_image, parse_record
 

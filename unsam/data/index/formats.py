@@ -27,8 +27,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..sa1b import (IMAGE_EXTENSIONS, SA1BFormatError, _annotation_problem, _resolve_image, _run_lengths,
-                    annotation_shape_problem)
+from ...io.sa1b import (
+    SA1BFormatError,
+    _annotation_problem,
+    _resolve_image,
+    _run_lengths,
+    annotation_shape_problem,
+)
+from ...utils.images import IMAGE_EXTENSIONS
 
 KIND_JSON, KIND_TAR, KIND_TSV = "json", "tar", "tsv"
 KINDS = (KIND_JSON, KIND_TAR, KIND_TSV)
@@ -137,13 +143,13 @@ def count_empty_masks(raw: bytes) -> int:
 
 def parse_record(raw: bytes, where: str, choose: Optional[Callable[[int], Sequence[int]]] = None,
                  validate: bool = True, check_runs: bool = True) -> Tuple[Dict, Sequence[int]]:
-    """Parse one SA-1B JSON text and validate it as :func:`unsam.data.sa1b.read_sa1b_json` does;
+    """Parse one SA-1B JSON text and validate it as :func:`unsam.io.sa1b.read_sa1b_json` does;
     returns ``(data, selected)``. ``choose(n)`` picks which of the n annotations are used (all when
     None); only those are validated — a training sample checks what it uses, and no RLE is
     decoded (the RLE check computes run lengths: ~0.1 ms per annotation, most of the cost of a
     record; ``validate=False`` skips it for a caller that checks the RLEs itself).
     ``check_runs=False``: every chosen annotation gets the checks that decode no run lengths
-    (:func:`unsam.data.sa1b.annotation_shape_problem`: structure, size, numbers, a string pycocotools
+    (:func:`unsam.io.sa1b.annotation_shape_problem`: structure, size, numbers, a string pycocotools
     can parse safely); the training mapper checks the runs of the masks it decodes.
     Raises :class:`SA1BFormatError` whose message starts with ``where``."""
     try:

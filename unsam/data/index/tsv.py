@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
-from ..sa1b import SA1BFormatError
+from ...io.sa1b import SA1BFormatError
 from .dataset import IndexedDataset
 from .formats import parse_record
 
