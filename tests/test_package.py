@@ -25,8 +25,9 @@ def test_sa1b_format_imports_no_detectron2():
 
 
 def test_pseudo_worker_path_imports_no_detectron2():
-    """The classical recipe's worker path: the runner, the labeler and the format helpers."""
-    held = _imported("import unsam.pseudo.engine, unsam.pseudo.classical, unsam.io.sa1b")
+    """A spawned labelling worker imports the pseudo package (every recipe, the runner) and the
+    format; detectron2 comes only when the detector divide is built."""
+    held = _imported("import unsam.pseudo, unsam.pseudo.__main__, unsam.io.sa1b")
     assert not {m for m in held if m.startswith("detectron2")}
 
 

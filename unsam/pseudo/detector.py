@@ -1,8 +1,9 @@
 """Divide with the CutLER detector: UnSAM's published divide stage.
 
 The detector is stock detectron2 — ``GeneralizedRCNN`` with ``CascadeROIHeads``, one class,
-class-agnostic box regression, masks on — built from ``configs/divide/cutler_cascade_R50_FPN.yaml``.
-Its state_dict has exactly the names and shapes of CutLER's public ``cutler_cascade_final.pth``
+class-agnostic box regression, masks on — built from the packaged config
+``divide/cutler_cascade_R50_FPN.yaml`` (:func:`unsam.configs.get_config_file`). Its state_dict
+has exactly the names and shapes of CutLER's public ``cutler_cascade_final.pth``
 (``../shared/reference/cutler_cascade_r50_fpn_state_dict.json``), so that checkpoint loads
 unchanged. Every instance scoring above ``score_thresh`` (0.1, as published; detectron2
 keeps ``score > threshold``) is a divided region.
@@ -13,7 +14,6 @@ pasted back at the input size with threshold 0.5.
 """
 import logging
 import os
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -21,12 +21,11 @@ import torch
 
 import unsam  # noqa: F401  (compat before detectron2)
 
-from ..checkpoint import WeightsError, read_weights
+from ..configs import get_config_file
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIVIDE_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "divide"
-                            / "cutler_cascade_R50_FPN.yaml")
+DEFAULT_DIVIDE_CONFIG = get_config_file("divide/cutler_cascade_R50_FPN.yaml")
 
 
 class DivideError(RuntimeError):
@@ -71,6 +70,8 @@ def read_detector_state_dict(path_or_url: str) -> Dict[str, torch.Tensor]:
     """Model weights of a detectron2 checkpoint (``{"model": state_dict, ...}`` or a bare
     state dict; a ``module.`` prefix is dropped). ``path_or_url``: a file or an http(s) URL
     (downloaded once into detectron2's cache). Raises :class:`DivideError` naming the file."""
+    from ..checkpoint import WeightsError, read_weights  # detectron2: not for every import
+
     try:
         ckpt = read_weights(str(path_or_url), what="--divide-weights")
     except WeightsError as e:
