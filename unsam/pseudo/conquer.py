@@ -14,14 +14,17 @@ returns the distinct groups of weight ≥ ``min_weight`` as :class:`Segment` rec
 index of their parent segment (-1: none), i.e. a forest that the engine turns into ``level`` /
 ``parent_id``. :func:`merge_hierarchy` is the same on a patch grid, and :func:`merge_selective`
 a selective-search-style alternative (similarity + size + fill, one complete hierarchy) used to
-diversify the candidates.
+diversify the candidates, :func:`merge_boundary` a contour-based one (weakest border first).
+These three share one :class:`MergeTree` (heap, stale entries, unions, merge record) and differ
+in their pair costs and stopping rules.
 
 :func:`iterative_merge` is the published UnSAM rule (``--recipe unsam``): raw patch features,
-summed on merge, one array of kept groups per threshold.
+summed on merge, one array of kept groups per threshold; its :class:`_GridMerge` keeps the
+published tie order and so stays apart from the tree.
 """
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -74,10 +77,114 @@ def merge_hierarchy(feats: np.ndarray, region: np.ndarray = None,
     if region is None:
         region = np.ones((h, w), bool)
     graph = RegionGraph(feats.reshape(-1, c), np.ones(h * w), grid_pairs(h, w))
-    segs = merge_graph(graph, region.ravel(), thresholds, float(min_patches), pair_unions=pair_unions)
+    segs = merge_graph(graph, region.ravel(), thresholds, float(min_patches),
+                       pair_unions=pair_unions)
     for s in segs:
         s.mask = s.mask.reshape(h, w)
     return segs
+
+
+# ------------------------------------------------------------------------------- the merge tree
+class MergeTree:
+    """The book-keeping of a greedy pairwise merge, shared by :class:`GreedyMerger`,
+    :func:`merge_selective` and :func:`merge_boundary`: a heap of candidate pairs, the check
+    that drops stale entries, the union of two groups' members and adjacency, and the record of
+    the merges.
+
+    The engine supplies what differs: the costs of the initial pairs (:meth:`start`); the cost
+    of a merged group's pairs, ``pair_costs(g, others)`` → one cost per neighbour in ``others``
+    (ascending ids); the update of its own per-group data, ``absorb(g, a, b)`` (groups ``a``
+    and ``b`` have just become ``g``; called before ``g``'s pairs are costed); and the stopping
+    rule, the ``bound`` of :meth:`merge_while`.
+
+    The cheapest pair is merged first, ties going to the lower ids: heap entries are (cost, a,
+    b, version of a, version of b) with a < b, and an entry is stale once either group has
+    merged since it was pushed. Group ids: the nodes are 0..n-1, and a merged group gets a new
+    id n, n+1, … in merge order, or with ``keep_larger`` keeps the id of its part with more
+    nodes (the lower id on a tie), so that a group's id is one of its nodes. Either way
+    :attr:`state` numbers the groups as the first scheme does: every merge makes a new state,
+    so a state names one exact set of nodes; :attr:`merges` records (state a, state b, merged
+    state) in merge order and :attr:`parent` maps a merged-away state to the one it went into.
+    Only ``active`` nodes (default: all) take part.
+    """
+
+    def __init__(self, n: int, pair_costs: Callable[[int, List[int]], Iterable[float]],
+                 absorb: Callable[[int, int, int], None], *, active: Optional[np.ndarray] = None,
+                 keep_larger: bool = False):
+        self.n, self.pair_costs, self.absorb, self.keep_larger = n, pair_costs, absorb, keep_larger
+        nodes = range(n) if active is None else np.flatnonzero(active).tolist()
+        self.members: Dict[int, List[int]] = {i: [i] for i in nodes}  # ascending, kept in place
+        self.neighbours: Dict[int, set] = {i: set() for i in nodes}
+        # lists, not arrays: indexed once per heap entry, and numpy scalars are slower
+        self.alive = [False] * n
+        for i in self.members:
+            self.alive[i] = True
+        self.version = [0] * n
+        self.state = list(range(n))  # id -> its current state
+        self.merges: List[Tuple[int, int, int]] = []
+        self.parent: Dict[int, int] = {}
+        self.heap: List[Tuple[float, int, int, int, int]] = []
+
+    def link(self, pairs: Iterable[Tuple[int, int]]) -> None:
+        """Make the node pairs adjacent (distinct active nodes)."""
+        for a, b in pairs:
+            self.neighbours[a].add(b)
+            self.neighbours[b].add(a)
+
+    def start(self, entries: Iterable[Tuple[float, int, int]]) -> None:
+        """The initial candidates, (cost, a, b) each, in one heapify."""
+        self.heap = [self._entry(cost, a, b) for cost, a, b in entries]
+        heapq.heapify(self.heap)
+
+    def _entry(self, cost: float, a: int, b: int) -> Tuple[float, int, int, int, int]:
+        v = self.version
+        return (cost, a, b, v[a], v[b]) if a < b else (cost, b, a, v[b], v[a])
+
+    def merge_while(self, bound: Optional[float] = None) -> None:
+        """Merge the cheapest live pair while the cheapest entry costs ≤ ``bound`` (None: until
+        no pair is left). The bound is tested on the heap's top before its staleness, as a NaN
+        cost would stop the merging either way."""
+        heap, alive, version = self.heap, self.alive, self.version
+        while heap and (bound is None or heap[0][0] <= bound):
+            _, a, b, va, vb = heapq.heappop(heap)
+            if alive[a] and alive[b] and version[a] == va and version[b] == vb:
+                self.join(a, b)
+
+    def join(self, a: int, b: int) -> int:
+        """Merge live groups ``a`` and ``b``, record it, let the engine absorb it and push the
+        merged group's pairs. Returns the merged group's id."""
+        members, neighbours = self.members, self.neighbours
+        if self.keep_larger:
+            if len(members[a]) < len(members[b]):
+                a, b = b, a
+            g = a
+            members[a].extend(members.pop(b))  # in place: the snapshots list groups in id order
+        else:
+            g = len(self.alive)
+            self.alive.append(True)
+            self.version.append(0)
+            self.state.append(g)
+            members[g] = members.pop(a) + members.pop(b)
+        self.alive[a] = self.alive[b] = False
+        self.alive[g] = True
+        self.version[g] += 1
+        joined = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
+        for x in joined:
+            nx = neighbours[x]
+            nx.discard(a)
+            nx.discard(b)
+            nx.add(g)
+        neighbours[g] = joined
+        merged = self.n + len(self.merges)
+        self.merges.append((self.state[a], self.state[b], merged))
+        self.parent[self.state[a]] = self.parent[self.state[b]] = merged
+        self.state[g] = merged
+        self.absorb(g, a, b)
+        others = sorted(joined)
+        if others:
+            for x, cost in zip(others, self.pair_costs(g, others)):
+                heapq.heappush(self.heap, self._entry(cost, g, x))
+        return g
 
 
 # ------------------------------------------------------------------- threshold-hierarchy merging
@@ -134,10 +241,12 @@ class _Group:
 class GreedyMerger:
     """Greedy merging of adjacent groups on a :class:`RegionGraph`, most similar pair first.
 
-    Every ``active`` node starts as its own group (group id = node index; a merged group keeps
-    the id of its larger part). :meth:`merge_down_to` merges while the best pair's cosine
-    similarity is ≥ a threshold and logs every merge in :attr:`log`; :meth:`snapshot` and
-    :meth:`pair_unions` read the current grouping.
+    Every ``active`` node starts as its own group; a :class:`MergeTree` with ``keep_larger``
+    does the book-keeping (group id = a node index: a merged group keeps the id of its larger
+    part). The pair cost is the negated cosine similarity of the groups' summed features.
+    :meth:`merge_down_to` merges while the best pair's similarity is ≥ a threshold and logs
+    every merge in :attr:`log`; :meth:`snapshot` and :meth:`pair_unions` read the current
+    grouping.
     """
 
     def __init__(self, graph: RegionGraph, active: Optional[np.ndarray] = None):
@@ -145,87 +254,69 @@ class GreedyMerger:
         self.inside = np.ones(n, bool) if active is None else np.asarray(active, bool)
         self.sums = graph.sums.astype(np.float64) * self.inside[:, None]
         self.weight = np.where(self.inside, graph.weight, 0).astype(np.float64)
-        self.owner = np.arange(n)
-        self.members = {int(i): [int(i)] for i in np.flatnonzero(self.inside)}
-        self.neighbours = {i: set() for i in self.members}
-        self.state = list(range(n))  # current state of each group; merges number on from n
-        self.version = [0] * n  # a list: indexed once per heap entry, numpy scalars are slower
         self.log: List[Merge] = []
+        self._threshold = 0.0  # of the merges under way, for the log
         pairs = np.asarray(graph.pairs, np.int64).reshape(-1, 2)
-        pairs = pairs[self.inside[pairs[:, 0]] & self.inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
+        pairs = pairs[self.inside[pairs[:, 0]] & self.inside[pairs[:, 1]]
+                      & (pairs[:, 0] != pairs[:, 1])]
         pairs = np.unique(np.sort(pairs, 1), axis=0) if len(pairs) else pairs
+        # the initial similarities add _EPS to each norm, the later ones to their product: the
+        # two formulas give different last bits, and the labels depend on them
         norms = np.linalg.norm(self.sums, axis=1) + _EPS
         sims = (np.einsum("ij,ij->i", self.sums[pairs[:, 0]], self.sums[pairs[:, 1]])
                 / (norms[pairs[:, 0]] * norms[pairs[:, 1]]))
-        # entries (-similarity, a, b, version of a, version of b) with a < b; an entry is stale
-        # once either group has changed since it was pushed
-        self.heap = [(-float(s), int(a), int(b), 0, 0) for s, (a, b) in zip(sims, pairs)]
-        heapq.heapify(self.heap)
-        for a, b in pairs.tolist():
-            self.neighbours[a].add(b)
-            self.neighbours[b].add(a)
-        self.gnorm = np.linalg.norm(self.sums, axis=1)  # |sum| per group, kept up to date on merges
+        self.tree = MergeTree(n, self._pair_costs, self._absorb, active=self.inside,
+                              keep_larger=True)
+        self.tree.link(pairs.tolist())
+        self.tree.start([(-float(s), int(a), int(b)) for s, (a, b) in zip(sims, pairs)])
+        self.gnorm = np.linalg.norm(self.sums, axis=1)  # |sum| per group, kept up to date
 
     def merge_down_to(self, threshold: float) -> None:
         """Merge the most similar adjacent pair while its similarity is ≥ ``threshold``."""
-        heap, members, version = self.heap, self.members, self.version
-        while heap and -heap[0][0] >= threshold:
-            _, a, b, va, vb = heapq.heappop(heap)
-            if a not in members or b not in members or version[a] != va or version[b] != vb:
-                continue  # stale entry
-            if len(members[a]) < len(members[b]):
-                a, b = b, a  # merge the smaller group into the larger one
-            self._merge(a, b, threshold)
+        self._threshold = threshold
+        self.tree.merge_while(-threshold)
 
-    def _merge(self, a: int, b: int, threshold: float) -> None:
-        """Merge group ``b`` into group ``a`` and push ``a``'s pairs with its neighbours."""
-        sums, weight, neighbours = self.sums, self.weight, self.neighbours
-        self.owner[self.members[b]] = a
-        self.members[a].extend(self.members.pop(b))
-        sums[a] += sums[b]
-        self.gnorm[a] = np.sqrt(sums[a] @ sums[a])
-        weight[a] += weight[b]
-        nb = neighbours.pop(b)
-        for x in nb:
-            neighbours[x].discard(b)
-        nb.discard(a)
-        neighbours[a].discard(b)
-        neighbours[a] |= nb
-        for x in nb:
-            neighbours[x].add(a)
-        self.version[a] += 1
-        merged = GroupState(len(self.state) + len(self.log), float(weight[a]),
-                            float(np.linalg.norm(sums[a]) / weight[a]))
-        self.log.append(Merge(threshold, self.state[a], self.state[b], merged))
-        self.state[a] = merged.state
-        others = sorted(neighbours[a])
-        if others:
-            sims = sums[others] @ sums[a] / (self.gnorm[others] * self.gnorm[a] + _EPS)
-            for x, s in zip(others, sims):
-                heapq.heappush(self.heap, (-float(s), a, x, self.version[a], self.version[x]) if a < x
-                               else (-float(s), x, a, self.version[x], self.version[a]))
+    def _absorb(self, g: int, a: int, b: int) -> None:
+        """Group ``b`` has merged into group ``a`` (= ``g``): sum their data, log the merge."""
+        sums, weight = self.sums, self.weight
+        sums[g] += sums[b]
+        self.gnorm[g] = np.sqrt(sums[g] @ sums[g])
+        weight[g] += weight[b]
+        state_a, state_b, merged = self.tree.merges[-1]
+        self.log.append(Merge(self._threshold, state_a, state_b,
+                              GroupState(merged, float(weight[g]),
+                                         float(np.linalg.norm(sums[g]) / weight[g]))))
+
+    def _pair_costs(self, g: int, others: List[int]) -> List[float]:
+        sims = self.sums[others] @ self.sums[g] / (self.gnorm[others] * self.gnorm[g] + _EPS)
+        return [-float(s) for s in sims]
 
     def snapshot(self, threshold: float) -> Snapshot:
         """The current grouping, labelled ``threshold``."""
-        groups = {g: GroupState(self.state[g], float(self.weight[g]),
-                                float(np.linalg.norm(self.sums[g]) / max(self.weight[g], _EPS)))
-                  for g in self.members}
-        return Snapshot(threshold, self.owner.copy(), groups)
+        tree, sums, weight = self.tree, self.sums, self.weight
+        owner = np.arange(len(self.inside))
+        for g, nodes in tree.members.items():
+            owner[nodes] = g
+        groups = {g: GroupState(tree.state[g], float(weight[g]),
+                                float(np.linalg.norm(sums[g]) / max(weight[g], _EPS)))
+                  for g in tree.members}
+        return Snapshot(threshold, owner, groups)
 
     def pair_unions(self, snapshot: int, min_weight: float) -> List[PairUnion]:
         """Every two adjacent current groups of weight ≥ ``min_weight``, as unions."""
         sums, weight, out = self.sums, self.weight, []
-        for a in sorted(self.members):
+        for a in sorted(self.tree.members):
             if weight[a] < min_weight:
                 continue
-            for b in sorted(self.neighbours[a]):
+            for b in sorted(self.tree.neighbours[a]):
                 if b > a and weight[b] >= min_weight:
                     coh = float(np.linalg.norm(sums[a] + sums[b]) / (weight[a] + weight[b]))
                     out.append(PairUnion(snapshot, a, b, coh))
         return out
 
 
-def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray, min_weight: float) -> List[_Group]:
+def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray,
+                    min_weight: float) -> List[_Group]:
     """The distinct groups of weight ≥ ``min_weight`` over all snapshots (fine to coarse), each
     with the group containing it at the first later snapshot where that group is another one."""
     groups: Dict[int, _Group] = {}
@@ -283,7 +374,8 @@ def union_groups(unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], ins
         if halves in seen:
             continue
         seen.add(halves)
-        group = _Group(("union",) + halves, ((snap.owner == u.a) | (snap.owner == u.b)) & inside, u.coherence)
+        mask = ((snap.owner == u.a) | (snap.owner == u.b)) & inside
+        group = _Group(("union",) + halves, mask, u.coherence)
         fa, fb = np.flatnonzero(snap.owner == u.a)[0], np.flatnonzero(snap.owner == u.b)[0]
         for later in snapshots[u.snapshot + 1:]:
             if later.owner[fa] == later.owner[fb]:
@@ -296,12 +388,13 @@ def union_groups(unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], ins
 
 
 def as_segments(groups: Sequence[_Group], node_weight: np.ndarray) -> List[Segment]:
-    """Groups → segments ordered from coarse to fine (by weight, stable), so parents come first."""
+    """Groups → segments ordered from coarse to fine (by weight, stable): parents come first."""
     weight = np.asarray(node_weight, np.float64)
     sizes = [float(weight[g.mask].sum()) for g in groups]
     order = sorted(range(len(groups)), key=lambda i: (-sizes[i], i))
     index = {groups[i].key: j for j, i in enumerate(order)}
-    return [Segment(mask=groups[i].mask, parent=index[groups[i].parent] if groups[i].parent is not None else -1,
+    return [Segment(mask=groups[i].mask,
+                    parent=index[groups[i].parent] if groups[i].parent is not None else -1,
                     coherence=groups[i].coherence) for i in order]
 
 
@@ -359,6 +452,7 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
     """
     n = node_sums.shape[0]
     total = float(np.sum(node_weight))
+    # per group id of the :class:`MergeTree` (nodes, then one per merge)
     sums = np.zeros((2 * n, node_sums.shape[1]))
     sums[:n] = node_sums
     norm = np.zeros(2 * n)
@@ -367,50 +461,40 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
     weight[:n] = node_weight
     box = np.zeros((2 * n, 4))
     box[:n] = boxes
+    kept: List[Tuple[int, List[int], float]] = []
 
-    def similarity(a: int, others: np.ndarray) -> np.ndarray:
+    def similarity(a: int, others: List[int]) -> List[float]:
+        others = np.asarray(others, np.int64)
         colour = sums[others] @ sums[a] / (norm[others] * norm[a])
         joint = weight[a] + weight[others]
         bw = np.maximum(box[a, 2], box[others, 2]) - np.minimum(box[a, 0], box[others, 0])
         bh = np.maximum(box[a, 3], box[others, 3]) - np.minimum(box[a, 1], box[others, 1])
-        return colour + (1.0 - joint / total) + (1.0 - (bw * bh - joint) / total)
+        return (colour + (1.0 - joint / total) + (1.0 - (bw * bh - joint) / total)).tolist()
 
-    neighbours = {i: set() for i in range(n)}
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    for a, b in pairs.tolist():
-        if a != b:
-            neighbours[a].add(b)
-            neighbours[b].add(a)
-    heap = []
-    for a in range(n):
-        others = np.array(sorted(x for x in neighbours[a] if x > a), np.int64)
-        if len(others):
-            heap += [(-s, a, b) for s, b in zip(similarity(a, others).tolist(), others.tolist())]
-    heapq.heapify(heap)
-    tree = _MergeTree(n)
-    for a, b in tree.live_pairs(heap):
-        new = tree.join(a, b)
+    def absorb(new: int, a: int, b: int) -> None:
         sums[new] = sums[a] + sums[b]
         norm[new] = np.sqrt(sums[new] @ sums[new]) + 1e-12
         weight[new] = weight[a] + weight[b]
         box[new] = (min(box[a, 0], box[b, 0]), min(box[a, 1], box[b, 1]),
                     max(box[a, 2], box[b, 2]), max(box[a, 3], box[b, 3]))
-        nb = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
-        for x in nb:
-            neighbours[x] -= {a, b}
-            neighbours[x].add(new)
-        neighbours[new] = nb
         if weight[new] >= min_weight:
-            tree.groups.append((new, tree.members[new], float(norm[new] / weight[new])))
-        if nb:
-            others = np.array(sorted(nb), np.int64)
-            for s, x in zip(similarity(new, others).tolist(), others.tolist()):
-                heapq.heappush(heap, (-s, x, new))
-    return tree.segments()
+            kept.append((new, tree.members[new], float(norm[new] / weight[new])))
+
+    tree = MergeTree(n, lambda g, others: [-s for s in similarity(g, others)], absorb)
+    tree.link((a, b) for a, b in np.asarray(pairs, np.int64).reshape(-1, 2).tolist() if a != b)
+    entries = []
+    for a in range(n):
+        others = sorted(x for x in tree.neighbours[a] if x > a)
+        if others:
+            entries += [(-s, a, b) for s, b in zip(similarity(a, others), others)]
+    tree.start(entries)
+    tree.merge_while()
+    return _segments_coarse_to_fine(kept, tree.parent, n)
 
 
 def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.ndarray,
-                   node_weight: np.ndarray, min_weight: float = 4.0, size_power: float = 0.5) -> List[Segment]:
+                   node_weight: np.ndarray, min_weight: float = 4.0,
+                   size_power: float = 0.5) -> List[Segment]:
     """Contour-based complete hierarchy on a region adjacency graph (an ultrametric contour map,
     as in gPb-UCM / MCG, on the engine's own edge map instead of a learned one).
 
@@ -429,24 +513,17 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
     by the group ids.
     """
     n = len(node_weight)
-    weight = np.zeros(2 * n)
+    weight = np.zeros(2 * n)  # per group id of the :class:`MergeTree`
     weight[:n] = node_weight
     total = float(np.sum(node_weight)) or 1.0
     # per group: neighbour -> [border length, summed edge strength]
     borders: List[Optional[Dict[int, List[float]]]] = [dict() for _ in range(n)] + [None] * n
-    heap = []
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    for (a, b), length, edge in zip(pairs.tolist(), np.asarray(border_len).tolist(),
-                                    np.asarray(border_edge).tolist()):
-        if a == b or length <= 0:
-            continue
-        borders[a][b] = borders[b][a] = [length, edge]
-        cost = edge / length * ((weight[a] + weight[b]) / total) ** size_power
-        heap.append((cost, min(a, b), max(a, b)))
-    heapq.heapify(heap)
-    tree = _MergeTree(n)
-    for a, b in tree.live_pairs(heap):
-        new = tree.join(a, b)
+    kept: List[Tuple[int, List[int], float]] = []
+
+    def cost(a: int, b: int, length: float, edge: float) -> float:
+        return edge / length * ((weight[a] + weight[b]) / total) ** size_power
+
+    def absorb(new: int, a: int, b: int) -> None:
         weight[new] = weight[a] + weight[b]
         joined: Dict[int, List[float]] = {}
         for side in (a, b):
@@ -462,52 +539,28 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
             borders[side] = None
         borders[new] = joined
         for x in sorted(joined):
-            length, edge = joined[x]
             borders[x][new] = joined[x]
-            heapq.heappush(heap, (edge / length * ((weight[x] + weight[new]) / total) ** size_power, x, new))
         if weight[new] >= min_weight:
             # no features here: coherence is neutral (mid-scale) for the selection score
-            tree.groups.append((new, tree.members[new], BOUNDARY_COHERENCE))
-    return tree.segments()
+            kept.append((new, tree.members[new], BOUNDARY_COHERENCE))
+
+    tree = MergeTree(n, lambda g, others: [cost(x, g, *borders[g][x]) for x in others], absorb)
+    entries = []
+    for (a, b), length, edge in zip(np.asarray(pairs, np.int64).reshape(-1, 2).tolist(),
+                                    np.asarray(border_len).tolist(),
+                                    np.asarray(border_edge).tolist()):
+        if a == b or length <= 0:
+            continue
+        borders[a][b] = borders[b][a] = [length, edge]
+        entries.append((cost(a, b, length, edge), a, b))
+    tree.link((a, b) for _, a, b in entries)
+    tree.start(entries)
+    tree.merge_while()
+    return _segments_coarse_to_fine(kept, tree.parent, n)
 
 
-class _MergeTree:
-    """Book-keeping of a greedy pairwise merge: ids 0..n-1 are the nodes, n, n+1, … the groups
-    in merge order; ``groups`` collects (group id, member nodes, coherence) of the kept ones."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.alive = np.zeros(2 * n, bool)
-        self.alive[:n] = True
-        self.members: Dict[int, List[int]] = {i: [i] for i in range(n)}
-        self.groups: List[Tuple[int, List[int], float]] = []
-        self.parent_of: Dict[int, int] = {}
-        self.next_id = n
-
-    def live_pairs(self, heap: list):
-        """Pop (cost, a, b) entries off ``heap`` (which the caller keeps pushing to) and yield
-        (a, b) while both are unmerged; stale entries (one side merged already) are dropped."""
-        while heap:
-            _, a, b = heapq.heappop(heap)
-            if self.alive[a] and self.alive[b]:
-                yield a, b
-
-    def join(self, a: int, b: int) -> int:
-        """Merge live ``a`` and ``b`` into a new group; returns its id."""
-        new = self.next_id
-        self.next_id += 1
-        self.alive[a] = self.alive[b] = False
-        self.alive[new] = True
-        self.parent_of[a] = self.parent_of[b] = new
-        self.members[new] = self.members.pop(a) + self.members.pop(b)
-        return new
-
-    def segments(self) -> List[Segment]:
-        return _segments_coarse_to_fine(self.groups, self.parent_of, self.n)
-
-
-def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]], parent_of: Dict[int, int],
-                             n: int) -> List[Segment]:
+def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]],
+                             parent_of: Dict[int, int], n: int) -> List[Segment]:
     """Merged groups (id, member nodes, coherence) in creation order → segments, parents first:
     the last merges are the coarsest, so creation order is reversed."""
     index = {g: j for j, (g, _, _) in enumerate(reversed(groups))}
@@ -555,14 +608,26 @@ def iterative_merge(features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     levels = []
     for t in thresholds:
         merge.merge_down_to(t)
-        levels.append(_listed_groups(merge.live, merge.counts, merge.members, min_patches, merge.grid))
+        levels.append(_listed_groups(merge.live, merge.counts, merge.members, min_patches,
+                                     merge.grid))
     return levels
 
 
 class _GridMerge:
     """State of :func:`iterative_merge`: groups by id (patches 0..h·w-1, then one id per merge),
     their summed features, sizes, unit mean features, members and neighbour sets, the live pairs
-    in birth order and a heap of (-similarity, birth number, a, b)."""
+    in birth order and a heap of (-similarity, birth number, a, b).
+
+    Deliberately not a :class:`MergeTree`: parity with the published code fixes its tie order,
+    and that order is not the tree's. The published loop takes the first maximum of a pair dict
+    in insertion order, so among equal similarities the oldest pair wins (the heap key carries a
+    birth number, where the tree's carries the group ids: a pair (x, new group) born late can
+    have a lower x than an older pair). Pairs born together are born in the iteration order of
+    the published neighbour sets, so those sets must be built by its exact sequence of
+    ``union`` / ``difference`` / ``discard`` / ``add`` calls (the tree pops, unions and pushes in
+    sorted order instead). It also keeps the live pairs in birth order (their order is the
+    published listing order) and computes similarities in float32 torch. Carrying all this in
+    the tree would slow the other three engines and gain them nothing."""
 
     def __init__(self, feats: torch.Tensor):
         h, w, c = feats.shape
@@ -589,7 +654,8 @@ class _GridMerge:
         self._add_pair(a, b)
 
     def _add_pair(self, a: int, b: int) -> None:
-        heapq.heappush(self.heap, (-torch.dot(self.units[a], self.units[b]).item(), self.born, a, b))
+        sim = torch.dot(self.units[a], self.units[b]).item()
+        heapq.heappush(self.heap, (-sim, self.born, a, b))
         self.live[(a, b)] = None
         self.born += 1
 
