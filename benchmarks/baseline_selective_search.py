@@ -35,8 +35,8 @@ import unsam  # noqa: E402,F401
 import cv2  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from unsam.io.sa1b import write_sa1b_json  # noqa: E402
-from unsam.pseudo.engine import list_images, read_image, select  # noqa: E402
+from unsam.io.sa1b import annotation_from_mask, write_sa1b_json  # noqa: E402
+from unsam.pseudo.runner import list_images, read_image, select  # noqa: E402
 
 logger = logging.getLogger("baseline_selective_search")
 
@@ -287,14 +287,8 @@ def propose(image: np.ndarray, rng: np.random.Generator, scales: Sequence[int] =
             continue
         kept_rles.append(rle)
         kept_areas.append(area)
-        ys, xs = np.nonzero(m)
-        anns.append({
-            "id": len(anns), "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-            "area": int(m.sum()), "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)],
-            # higher = better for COCO ranking: invert the (lower-is-better) rank value
-            "predicted_iou": float(1.0 / (1.0 + value)), "stability_score": 1.0,
-            "point_coords": [[float(xs.mean()), float(ys.mean())]], "crop_box": [0, 0, w, h],
-        })
+        # higher = better for COCO ranking: invert the (lower-is-better) rank value
+        anns.append(annotation_from_mask(m, len(anns), predicted_iou=float(1.0 / (1.0 + value))))
         if len(anns) >= max_masks:
             break
     return anns

@@ -25,9 +25,10 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads({threads})
 import unsam
-from unsam.pseudo.engine import EngineConfig, PseudoLabeler, list_images, read_image
-cfg = EngineConfig(features={backend!r}, dino_weights={weights!r})
-labeler = PseudoLabeler(cfg)
+from unsam.pseudo.classical import ClassicalLabeler, ClassicalSettings
+from unsam.pseudo.runner import list_images, read_image
+cfg = ClassicalSettings(features={backend!r}, dino_weights={weights!r})
+labeler = ClassicalLabeler(cfg)
 files = list_images({input!r})[:{num}]
 times, masks = [], []
 for i, f in enumerate(files):

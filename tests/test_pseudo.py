@@ -11,8 +11,9 @@ import cv2
 import torch
 
 from unsam.io.sa1b import read_sa1b_json, rle_to_mask
-from unsam.pseudo import engine as E
+from unsam.pseudo import runner
 from unsam.pseudo.__main__ import main as pseudo_main
+from unsam.pseudo.classical import ClassicalLabeler, ClassicalSettings
 from unsam.pseudo.conquer import merge_hierarchy, merge_selective
 from unsam.pseudo.divide import maskcut, ncut_vector
 from unsam.pseudo.features import ClassicalFeatures, DinoFeatures, FeatureError
@@ -109,45 +110,45 @@ def test_merge_selective_complete_nested_hierarchy():
 
 
 def test_snapper_boundary_and_box_match_direct_computation():
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, _ = synthetic_image()
-    snap = Snapper(img, 900)
+    graph = SuperpixelGraph(img, 900)
     rng = np.random.default_rng(0)
-    nodes = rng.random((20, snap.k)) < 0.2
+    nodes = rng.random((20, graph.k)) < 0.2
     nodes[0] = True  # the whole image: no border inside the image
-    got = snap.boundary_strength(nodes)
+    got = graph.boundary_strength(nodes)
     assert got[0] == 0.0
     for m, g in zip(nodes[1:], got[1:]):
-        cut = m[snap.pairs[:, 0]] != m[snap.pairs[:, 1]]
-        mean = snap.border_edge[cut].sum() / snap.border_len[cut].sum()
+        cut = m[graph.pairs[:, 0]] != m[graph.pairs[:, 1]]
+        mean = graph.border_edge[cut].sum() / graph.border_len[cut].sum()
         assert g == pytest.approx(1.0 - np.exp(-mean / 2.0), rel=1e-4)
-    for m, a in zip(nodes, snap.box_area(nodes)):
-        _, (x0, y0, x1, y1) = snap.nodes_to_mask(m)
+    for m, a in zip(nodes, graph.box_area(nodes)):
+        _, (x0, y0, x1, y1) = graph.nodes_to_mask(m)
         assert a == (x1 - x0) * (y1 - y0)
 
 
 def test_reassign_border_repairs_a_damaged_border():
     """A disk mask that lost some border superpixels and gained some background ones is snapped
     back by the colour models."""
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, masks = synthetic_image()
-    snap = Snapper(img, 900)
-    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
-    damaged = _damaged_disk(snap, disk)
-    colour = snap.colour_sums(0.5)[0]
-    fixed = snap.reassign_border(np.stack([damaged, disk]), colour)
-    err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
+    graph = SuperpixelGraph(img, 900)
+    disk = graph.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    damaged = _damaged_disk(graph, disk)
+    colour = graph.colour_sums(0.5)[0]
+    fixed = graph.reassign_border(np.stack([damaged, disk]), colour)
+    err = lambda m: graph.sizes[m != disk].sum()  # noqa: E731
     assert err(fixed[0]) < 0.25 * err(damaged)
-    assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum()  # a correct mask stays (nearly) as is
+    assert err(fixed[1]) <= 0.02 * graph.sizes[disk].sum()  # a correct mask stays (nearly) as is
 
 
-def _damaged_disk(snap, disk):
+def _damaged_disk(graph, disk):
     """The disk's superpixel set with every third inner border superpixel removed and every
     third outer one added."""
-    touching = np.zeros(snap.k, bool)
-    for a, b in snap.pairs:
+    touching = np.zeros(graph.k, bool)
+    for a, b in graph.pairs:
         if disk[a] != disk[b]:
             touching[a] = touching[b] = True
     inner, outer = np.flatnonzero(touching & disk), np.flatnonzero(touching & ~disk)
@@ -158,42 +159,42 @@ def _damaged_disk(snap, disk):
 
 
 def test_polish_moves_a_damaged_border_back_onto_the_edges():
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, masks = synthetic_image()
-    snap = Snapper(img, 900)
-    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
-    damaged = _damaged_disk(snap, disk)
-    colour = snap.colour_sums(0.5)[0]
-    err = lambda m: snap.sizes[m != disk].sum()  # noqa: E731
+    graph = SuperpixelGraph(img, 900)
+    disk = graph.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    damaged = _damaged_disk(graph, disk)
+    colour = graph.colour_sums(0.5)[0]
+    err = lambda m: graph.sizes[m != disk].sum()  # noqa: E731
     scales = (0.5, 1.0, 3.0)
-    for scale, fixed in zip(scales, snap.polish(np.stack([damaged, disk]), colour, 0.1, scales)):
+    for scale, fixed in zip(scales, graph.polish(np.stack([damaged, disk]), colour, 0.1, scales)):
         assert err(fixed[0]) < 0.25 * err(damaged), scale
-        assert err(fixed[1]) <= 0.02 * snap.sizes[disk].sum(), scale  # a correct mask stays
+        assert err(fixed[1]) <= 0.02 * graph.sizes[disk].sum(), scale  # a correct mask stays
     # one scale at a time gives the same masks
-    assert np.array_equal(snap.polish(damaged[None], colour, 0.1, (1.0,))[0][0],
-                          snap.polish(damaged[None], colour, 0.1, scales)[1][0])
+    assert np.array_equal(graph.polish(damaged[None], colour, 0.1, (1.0,))[0][0],
+                          graph.polish(damaged[None], colour, 0.1, scales)[1][0])
     # the edge term alone (no colour term) also closes the gaps: cutting weak edges costs
-    assert err(snap.polish(damaged[None], colour, 0.0, (1.0,))[0][0]) < 0.5 * err(damaged)
+    assert err(graph.polish(damaged[None], colour, 0.0, (1.0,))[0][0]) < 0.5 * err(damaged)
 
 
 def test_polish_stage_replaces_masks_by_better_scored_variants():
     """After the polish no chosen mask scores below its original, no two are equal, and every
     replaced row is reachable through ``replaced_by``."""
     from unsam.pseudo import candidates as CA
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, masks = synthetic_image()
-    snap = Snapper(img, 900)
-    disk = snap.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
-    rect = snap.soft_to_nodes(masks["rect"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    graph = SuperpixelGraph(img, 900)
+    disk = graph.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
+    rect = graph.soft_to_nodes(masks["rect"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
     whole = (0, 0, img.shape[1], img.shape[0])
-    cands = [CA.Candidate(m, whole, 0.5) for m in (_damaged_disk(snap, disk), _damaged_disk(snap, rect), rect)]
-    table, _ = CA.distinct_masks(cands, snap.sizes, 0.9 * snap.sizes.sum(), 0.9)
-    CA.score_masks(table, snap)
-    sel = CA.deduplicate(table, snap.sizes, 0.95, 10)
+    cands = [CA.Candidate(m, whole, 0.5) for m in (_damaged_disk(graph, disk), _damaged_disk(graph, rect), rect)]
+    table, _ = CA.distinct_masks(cands, graph.sizes, 0.9 * graph.sizes.sum(), 0.9)
+    CA.score_masks(table, graph)
+    sel = CA.deduplicate(table, graph.sizes, 0.95, 10)
     before = {row: table.score[row] for row in sel.chosen}
-    CA.polish(table, sel, snap, snap.colour_sums(0.5)[0], 0.1, (0.5, 1.0, 3.0), 0.9 * snap.sizes.sum())
+    CA.polish(table, sel, graph, graph.colour_sums(0.5)[0], 0.1, (0.5, 1.0, 3.0), 0.9 * graph.sizes.sum())
     keys = [table.key(table.nodes[row]) for row in sel.chosen]
     assert len(set(keys)) == len(keys) == len(before)
     for old, score in before.items():
@@ -201,38 +202,38 @@ def test_polish_stage_replaces_masks_by_better_scored_variants():
         assert new in sel.chosen and table.score[new] >= score
         assert sel.support[new] == sel.support[old]
     new_disk = table.nodes[sel.replaced_by[0]]  # row 0: the damaged disk
-    assert snap.sizes[new_disk != disk].sum() < snap.sizes[cands[0].nodes != disk].sum()
+    assert graph.sizes[new_disk != disk].sum() < graph.sizes[cands[0].nodes != disk].sum()
 
 
 def test_straddling_separates_objects_from_background_fragments():
     """An object's mask follows coarse superpixel borders (low straddling); a fragment of the
     textured background cuts through them; the score term demotes it by at most 1/sqrt(floor)."""
     from unsam.pseudo import candidates as CA
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, masks = synthetic_image()
     h, w = img.shape[:2]
-    snap = Snapper(img, 900, coarse_segments=150)
+    graph = SuperpixelGraph(img, 900, coarse_segments=150)
     yy, xx = np.mgrid[0:h, 0:w]
     fragment = (yy > 200) & (yy < 230) & (xx > 170) & (xx < 200)  # background only
-    nodes = np.stack([snap.soft_to_nodes(m.astype(np.float32), (0, 0, w, h))
+    nodes = np.stack([graph.soft_to_nodes(m.astype(np.float32), (0, 0, w, h))
                       for m in (masks["disk"], masks["rect"], fragment)])
-    disk, rect, frag = snap.straddling(nodes)
+    disk, rect, frag = graph.straddling(nodes)
     assert max(disk, rect) < 0.15 < 0.5 < frag
-    with_term = CA.selection_score(nodes, np.zeros(3), snap)[1]
-    without = CA.selection_score(nodes, np.zeros(3), Snapper(img, 900))[1]
+    with_term = CA.selection_score(nodes, np.zeros(3), graph)[1]
+    without = CA.selection_score(nodes, np.zeros(3), SuperpixelGraph(img, 900))[1]
     ratio = with_term / without
     assert np.all(ratio <= 1.0) and np.all(ratio >= np.sqrt(CA.STRADDLE_FLOOR) - 1e-9)
     assert ratio[2] < ratio[0] and ratio[2] < ratio[1]
     with pytest.raises(ValueError, match="coarse_segments"):
-        Snapper(img, 900).straddling(nodes)
+        SuperpixelGraph(img, 900).straddling(nodes)
 
 
 # ------------------------------------------------------------------------------ engine
 @pytest.fixture(scope="module")
 def synthetic_result():
     img, masks = synthetic_image()
-    anns = E.PseudoLabeler(E.EngineConfig(**SMALL))(img)
+    anns = ClassicalLabeler(ClassicalSettings(**SMALL))(img)
     return img, masks, anns
 
 
@@ -252,7 +253,7 @@ def test_engine_annotation_format(synthetic_result):
     h, w = img.shape[:2]
     ids = {a["id"] for a in anns}
     assert ids == set(range(len(anns)))
-    assert len(anns) <= E.EngineConfig().max_masks
+    assert len(anns) <= ClassicalSettings().max_masks
     by_id = {a["id"]: a for a in anns}
     for a in anns:
         m = rle_to_mask(a["segmentation"])
@@ -277,9 +278,9 @@ def test_engine_annotation_format(synthetic_result):
 
 def test_engine_deterministic():
     img, _ = synthetic_image(seed=3, h=120, w=160)
-    cfg = E.EngineConfig(**SMALL)
-    a1 = E.PseudoLabeler(cfg)(img)
-    a2 = E.PseudoLabeler(cfg)(img)
+    cfg = ClassicalSettings(**SMALL)
+    a1 = ClassicalLabeler(cfg)(img)
+    a2 = ClassicalLabeler(cfg)(img)
     assert json.dumps(a1) == json.dumps(a2)
 
 
@@ -317,7 +318,7 @@ def test_resume_after_kill_equals_uninterrupted(image_dir, tmp_path):
     assert pseudo_main(["--input", str(image_dir), "--output", str(resumed), "--end-id", "2"] + SMALL_ARGS) == 0
     (resumed / ".img_2.json.abc.tmp").write_text('{"image": {"image_id"')
     before = (resumed / "img_0.json").stat().st_mtime_ns
-    s = E.run(str(image_dir), str(resumed), E.EngineConfig(resolution=128, crop_resolution=96), progress=False)
+    s = runner.run(str(image_dir), str(resumed), ClassicalSettings(resolution=128, crop_resolution=96), progress=False)
     assert (s.skipped, s.done, s.failed) == (2, 2, 0)
     assert (resumed / "img_0.json").stat().st_mtime_ns == before  # not recomputed
     assert _files(ref) == _files(resumed)
@@ -337,35 +338,49 @@ def test_run_leaves_the_callers_threads_and_rng_alone(image_dir, tmp_path):
 
         np.random.seed(123)
         rng = np.random.get_state()[1].copy()
-        s = E.run(str(image_dir), str(tmp_path / "o"), E.EngineConfig(), progress=False, labeler=labeler)
-        assert s.done == 4 and seen == [E.LABELER_THREADS] * 4
+        s = runner.run(str(image_dir), str(tmp_path / "o"), ClassicalSettings(), progress=False, labeler=labeler)
+        assert s.done == 4 and seen == [runner.LABELER_THREADS] * 4
         assert torch.get_num_threads() == 2
         assert np.array_equal(np.random.get_state()[1], rng)
     finally:
         torch.set_num_threads(threads)
 
 
-def test_every_engine_setting_has_an_option():
-    """The CLI is generated from EngineConfig: every field has an option, no option given gives
-    the defaults, and each option reaches its field."""
+def test_every_recipe_setting_has_an_option():
+    """The CLI is generated from the recipes' settings classes: every field of every recipe
+    has an option, no option given gives the defaults, each option reaches its field, and an
+    option of another recipe is refused."""
     import dataclasses
 
     from unsam.pseudo.__main__ import build_parser
-    from unsam.pseudo.config import given_settings
+    from unsam.pseudo.config import SettingError, given_settings
+    from unsam.pseudo.labelers import RECIPES, get_recipe, make_settings, settings_classes
 
     base = ["--input", "x", "--output", "y"]
     parser = build_parser()
-    assert given_settings(parser.parse_args(base)) == {}
+    assert given_settings(parser.parse_args(base), settings_classes()) == {}
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    fields = dataclasses.fields(E.EngineConfig)
-    assert {f.name for f in fields} <= set(flags)
-    args = base + ["--variants", "0.3,0.2", "--colour-bandwidths", "--no-pair-unions", "--refine",
+    for recipe in RECIPES.values():
+        assert {f.name for f in dataclasses.fields(recipe.settings)} <= set(flags), recipe.name
+    args = base + ["--variants", "0.3,0.2", "--colour-bandwidths", "--no-pair-unions",
                    "--thresholds", "0.7", "0.2", "--superpixels", "300", "--max-area-frac", "0.5",
                    "--dino-weights", "w.pth", "--selective", "colour", "features"]
-    cfg = E.EngineConfig(**given_settings(parser.parse_args(args)))
-    assert (cfg.variants, cfg.colour_bandwidths, cfg.pair_unions, cfg.refine) == (((0.3, 0.2),), (), False, True)
+    cfg = make_settings(get_recipe("classical"),
+                        given_settings(parser.parse_args(args), settings_classes()))
+    assert type(cfg) is ClassicalSettings
+    assert (cfg.variants, cfg.colour_bandwidths, cfg.pair_unions) == (((0.3, 0.2),), (), False)
     assert (cfg.thresholds, cfg.n_superpixels, cfg.max_area_frac) == ((0.7, 0.2), 300, 0.5)
     assert (cfg.dino_weights, cfg.selective, cfg.all_merges) == ("w.pth", ("colour", "features"), True)
+    unsam = make_settings(get_recipe("unsam"), given_settings(
+        parser.parse_args(base + ["--refine", "--superpixels", "300"]), settings_classes()))
+    assert (unsam.refine, unsam.n_superpixels, unsam.divide) == (True, 300, "maskcut")
+    with pytest.raises(SettingError, match="--refine is a setting of recipe unsam"):
+        make_settings(get_recipe("classical"),
+                      given_settings(parser.parse_args(base + ["--refine"]), settings_classes()))
+    with pytest.raises(SettingError, match="--max-masks is a setting of recipe classical"):
+        make_settings(get_recipe("unsam"),
+                      given_settings(parser.parse_args(base + ["--max-masks", "3"]),
+                                     settings_classes()))
 
 
 def test_unreadable_image_listed_in_failed(image_dir, tmp_path, capsys):
@@ -498,17 +513,17 @@ def test_classical_features_shape_colour_and_texture():
 def test_colour_sums_compare_colour_distributions():
     """Full-resolution colour embedding pooled on superpixels: same-colour superpixels are
     near-identical, superpixels of different colours are not."""
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     img, masks = synthetic_image()
-    snap = Snapper(img, 900)
-    sums, weight = snap.colour_sums(0.5)
-    assert sums.shape == (snap.k, 64) and weight.shape == (snap.k,)
-    np.testing.assert_allclose(weight, snap.sizes)
+    graph = SuperpixelGraph(img, 900)
+    sums, weight = graph.colour_sums(0.5)
+    assert sums.shape == (graph.k, 64) and weight.shape == (graph.k,)
+    np.testing.assert_allclose(weight, graph.sizes)
     unit = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     # coherence |mean| <= 1, with equality only for a single-colour-bin superpixel
     assert (np.linalg.norm(sums, axis=1) <= weight * (1 + 1e-6)).all()
-    inside = lambda m: np.flatnonzero(np.bincount(snap.labels.ravel(), weights=m.ravel(), minlength=snap.k) > 0.95 * snap.sizes)
+    inside = lambda m: np.flatnonzero(np.bincount(graph.labels.ravel(), weights=m.ravel(), minlength=graph.k) > 0.95 * graph.sizes)
     disk, rect = inside(masks["disk"]), inside(masks["rect"])
     assert len(disk) >= 2 and len(rect) >= 2
     assert unit[disk[0]] @ unit[disk[1]] > 0.9
@@ -525,7 +540,7 @@ def test_engine_colour_hierarchy_adds_small_objects():
     best = {}
     for bws in ((), (0.5,)):
         # the other whole-image colour steps off, so only the colour hierarchy differs
-        anns = E.PseudoLabeler(E.EngineConfig(**SMALL, colour_bandwidths=bws, selective=(),
+        anns = ClassicalLabeler(ClassicalSettings(**SMALL, colour_bandwidths=bws, selective=(),
                                               refine_top=0))(img)
         best[bws] = max(_iou(rle_to_mask(a["segmentation"]), small) for a in anns)
     assert best[(0.5,)] >= 0.6, best

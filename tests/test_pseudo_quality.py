@@ -14,8 +14,9 @@ import pytest
 import unsam  # noqa: F401
 from unsam.io.sa1b import rle_to_mask
 from unsam.pseudo.conquer import merge_boundary
-from unsam.pseudo.engine import EngineConfig, PseudoLabeler, read_image
-from unsam.pseudo.refine import MIN_SEGMENT_PIXELS, Snapper, superpixels
+from unsam.pseudo.classical import ClassicalLabeler, ClassicalSettings
+from unsam.pseudo.runner import read_image
+from unsam.pseudo.refine import MIN_SEGMENT_PIXELS, SuperpixelGraph, superpixels
 from unsam.pseudo.threads import single_threaded, thread_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,9 @@ import hashlib, json, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 import unsam
-from unsam.pseudo.engine import EngineConfig, PseudoLabeler
+from unsam.pseudo.classical import ClassicalLabeler, ClassicalSettings
 image = np.load({image!r})
-anns = PseudoLabeler(EngineConfig(**{cfg!r}))(image)
+anns = ClassicalLabeler(ClassicalSettings(**{cfg!r}))(image)
 print(len(anns), hashlib.sha256(json.dumps(anns).encode()).hexdigest())
 """
 
@@ -80,7 +81,7 @@ def test_superpixels_connected_and_not_tiny(tiny_val):
 
 def test_no_pinholes_in_masks(tiny_val):
     """No mask of a small photo has an enclosed hole of a few pixels."""
-    anns = PseudoLabeler(EngineConfig(**SMALL))(_small_photo(tiny_val))
+    anns = ClassicalLabeler(ClassicalSettings(**SMALL))(_small_photo(tiny_val))
     assert len(anns) > 50
     for a in anns:
         m = rle_to_mask(a["segmentation"]).astype(np.uint8)
@@ -111,9 +112,9 @@ def test_merge_boundary_follows_contours():
         assert (s.mask <= segs[s.parent].mask).all()
 
 
-def test_border_edges_at_the_default_sigma_are_the_snappers(tiny_val):
-    snapper = Snapper(_small_photo(tiny_val), 900)
-    assert snapper.border_edges(1.0) is snapper.border_edge
-    wide = snapper.border_edges(3.0)
-    assert wide.shape == snapper.border_edge.shape and np.isfinite(wide).all()
-    assert not np.allclose(wide, snapper.border_edge)
+def test_border_edges_at_the_default_sigma_are_the_graphs(tiny_val):
+    graph = SuperpixelGraph(_small_photo(tiny_val), 900)
+    assert graph.border_edges(1.0) is graph.border_edge
+    wide = graph.border_edges(3.0)
+    assert wide.shape == graph.border_edge.shape and np.isfinite(wide).all()
+    assert not np.allclose(wide, graph.border_edge)

@@ -22,7 +22,9 @@ from unsam.data.coco import shared_data_dir
 from unsam.io.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.conquer import iterative_merge
-from unsam.pseudo.engine import EngineConfig, build_labeler, run
+from unsam.pseudo.labelers import build_labeler
+from unsam.pseudo.recipe import UnsamSettings
+from unsam.pseudo.runner import run
 from unsam.pseudo.features import build_features
 from unsam.pseudo.recipe import nms_by_area, resize_group
 
@@ -304,9 +306,9 @@ def test_recipe_unsam_end_to_end(shared_data, tmp_path, dino_weights, detector_w
     args = ["--recipe", "unsam", "--input", str(photos), "--divide-config", small_divide_config,
             "--divide-weights", detector_weights, "--dino-weights", dino_weights,
             "--conquer-size", "64", "--quiet"]
-    cfg = EngineConfig(recipe="unsam", features="dino", dino_weights=dino_weights,
-                       divide="detector", divide_config=small_divide_config,
-                       divide_weights=detector_weights, conquer_size=64)
+    cfg = UnsamSettings(features="dino", dino_weights=dino_weights, divide="detector",
+                        divide_config=small_divide_config, divide_weights=detector_weights,
+                        conquer_size=64)
     labeler = build_labeler(cfg)
     first = tmp_path / "first"
     summary = run(str(photos), str(first), cfg, progress=False, labeler=labeler)
@@ -399,17 +401,17 @@ def test_recipe_unsam_refine_snaps_to_superpixels(shared_data):
     superpixel's majority stays as it was."""
     import cv2
 
-    from unsam.pseudo.engine import read_image
+    from unsam.pseudo.runner import read_image
     from unsam.pseudo.recipe import UnsamLabeler
-    from unsam.pseudo.refine import Snapper
+    from unsam.pseudo.refine import SuperpixelGraph
 
     path = sorted((shared_data / "coco_tiny_val2017" / "images").glob("*.jpg"))[0]
     image = cv2.resize(read_image(path), (320, 240), interpolation=cv2.INTER_AREA)
-    cfg = EngineConfig(recipe="unsam", divide="maskcut", conquer_size=96, n_superpixels=300)
+    cfg = UnsamSettings(divide="maskcut", conquer_size=96, n_superpixels=300)
     raw = UnsamLabeler(cfg)(image)
-    refined = UnsamLabeler(EngineConfig(**{**cfg.__dict__, "refine": True}))(image)
+    refined = UnsamLabeler(UnsamSettings(**{**cfg.__dict__, "refine": True}))(image)
     assert len(raw) == len(refined) and any(a["level"] == 1 for a in refined)
-    labels = Snapper(image, 300).labels
+    labels = SuperpixelGraph(image, 300).labels
     snapped = 0
     for a, b in zip(raw, refined):
         assert (a["level"], a["parent_id"]) == (b["level"], b["parent_id"])

@@ -57,7 +57,7 @@ def _gradient16(h=48, w=64) -> np.ndarray:
 def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
     """Was: clipped at 255 (most pixels white) and labelled as if valid."""
     from unsam.data.mapper import UnSAMDatasetMapper
-    from unsam.pseudo.engine import read_image
+    from unsam.pseudo.runner import read_image
 
     grey16 = _gradient16()
     Image.fromarray(grey16).save(tmp_path / "g16.png")
@@ -192,10 +192,10 @@ def two_images(tmp_path) -> Path:
 
 def test_pseudo_bad_output_refused_before_labelling(two_images, tmp_path, capsys, monkeypatch):
     """Was: a traceback after every image had been computed."""
-    from unsam.pseudo import engine
+    from unsam.pseudo import runner
     from unsam.pseudo.__main__ import main as pseudo_main
 
-    monkeypatch.setattr(engine, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
+    monkeypatch.setattr(runner, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
     (tmp_path / "taken").write_text("a file")
     assert pseudo_main(["--input", str(two_images), "--output", str(tmp_path / "taken")] + SMALL_PSEUDO) == 2
     _one_error_line(capsys.readouterr().err, "taken")

@@ -2,6 +2,7 @@
 shards' folders, other settings, symbolic links, a signal, out-of-range numbers, a full disk —
 is named and refused or survived, never a traceback, never silently mixed or lost."""
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -17,8 +18,9 @@ from PIL import Image
 
 import unsam  # noqa: F401
 from unsam.io.sa1b import read_sa1b_json
-from unsam.pseudo import engine
+from unsam.pseudo import runner
 from unsam.pseudo.__main__ import main as pseudo_main
+from unsam.pseudo.labelers import RECIPES
 
 from .conftest import REPO_ROOT
 from .test_reliability import SMALL_PSEUDO, _one_error_line
@@ -122,12 +124,14 @@ def test_unreadable_settings_record_is_one_error(images, tmp_path, capsys):
 
 
 def test_recorded_weight_paths_do_not_depend_on_the_working_folder(tmp_path, monkeypatch):
-    from unsam.pseudo.config import EngineConfig, label_settings
+    from unsam.pseudo.classical import ClassicalSettings
 
+    record = RECIPES["classical"].record
     monkeypatch.chdir(tmp_path)
-    relative = label_settings(EngineConfig(dino_weights="w/dino.pth"))
-    assert relative == label_settings(EngineConfig(dino_weights=str(tmp_path / "w" / "dino.pth")))
-    assert label_settings(EngineConfig(dino_weights="https://x/dino.pth"))["dino_weights"] == "https://x/dino.pth"
+    relative = record(ClassicalSettings(dino_weights="w/dino.pth"))
+    assert relative == record(ClassicalSettings(dino_weights=str(tmp_path / "w" / "dino.pth")))
+    url = "https://x/dino.pth"
+    assert record(ClassicalSettings(dino_weights=url))["dino_weights"] == url
 
 
 # ------------------------------------------------------------------ 3. symbolic links
@@ -198,7 +202,9 @@ def test_sigint_stops_an_in_process_run_and_keeps_its_failures(images, tmp_path,
         time.sleep(1)  # the handler runs here
         return []
 
-    monkeypatch.setattr(engine, "build_labeler", lambda cfg: labeler_then_ctrl_c)
+    classical = RECIPES["classical"]
+    monkeypatch.setitem(RECIPES, "classical",
+                        dataclasses.replace(classical, labeler=lambda cfg: labeler_then_ctrl_c))
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
     try:
@@ -233,13 +239,28 @@ def test_sigint_stops_an_in_process_run_and_keeps_its_failures(images, tmp_path,
     (["--variants", "0,0.5"], "BANDWIDTH"),
     (["--superpixels", "0"], "--superpixels 0"),
     (["--polish-rounds", "-1"], "--polish-rounds -1"),
-    (["--conquer-size", "0"], "--conquer-size 0"),
 ])
 def test_out_of_range_number_is_one_error_line(images, tmp_path, capsys, monkeypatch, argv, named):
     """Was (most): accepted, e.g. --max-masks 0 wrote empty labels, --start-id 5 --end-id 2 exit 0."""
-    monkeypatch.setattr(engine, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
+    monkeypatch.setattr(runner, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
     out = tmp_path / "out"
     assert _main(["--input", str(images), "--output", str(out)] + SMALL_PSEUDO + argv) == 2
+    _one_error_line(capsys.readouterr().err, named)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--recipe", "unsam", "--conquer-size", "0"], "--conquer-size 0"),
+    (["--recipe", "unsam", "--divide-score", "2"], "--divide-score 2"),
+    # a setting of another recipe would be silently ignored: refused, naming its recipe
+    (["--conquer-size", "64"], "--conquer-size is a setting of recipe unsam"),
+    (["--recipe", "unsam", "--max-masks", "5"], "--max-masks is a setting of recipe classical"),
+])
+def test_recipe_setting_problem_is_one_error_line(images, tmp_path, capsys, monkeypatch, argv,
+                                                  named):
+    monkeypatch.setattr(runner, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
+    out = tmp_path / "out"
+    assert _main(["--input", str(images), "--output", str(out), "--quiet"] + argv) == 2
     _one_error_line(capsys.readouterr().err, named)
     assert not out.exists()
 
@@ -256,7 +277,7 @@ def test_usage_error_is_one_line(images, tmp_path, capsys):
 def _disk_full(only=None):
     """``atomic_write`` on a full disk (for the file ``only``, or every file): the first byte,
     then ENOSPC."""
-    real = engine.atomic_write
+    real = runner.atomic_write
 
     @contextlib.contextmanager
     def writer(path, mode="w"):
@@ -274,8 +295,8 @@ def test_full_disk_stops_the_run_with_one_line(images, tmp_path, capsys, monkeyp
     from unsam.io import sa1b
 
     labelled = []
-    real_label = engine._label
-    monkeypatch.setattr(engine, "_label", lambda task, lab: labelled.append(task.path) or real_label(task, lab))
+    real_label = runner._label
+    monkeypatch.setattr(runner, "_label", lambda task, lab: labelled.append(task.path) or real_label(task, lab))
     monkeypatch.setattr(sa1b, "atomic_write", _disk_full())  # every label write
     out = tmp_path / "out"
     assert pseudo_main(["--input", str(images), "--output", str(out)] + SMALL_PSEUDO) == 2
@@ -287,7 +308,7 @@ def test_full_disk_stops_the_run_with_one_line(images, tmp_path, capsys, monkeyp
 def test_full_disk_when_listing_failures_is_one_line(images, tmp_path, capsys, monkeypatch):
     (images / "img_2.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
-    monkeypatch.setattr(engine, "atomic_write", _disk_full(out / "failed.txt"))
+    monkeypatch.setattr(runner, "atomic_write", _disk_full(out / "failed.txt"))
     assert pseudo_main(["--input", str(images), "--output", str(out)] + SMALL_PSEUDO) == 2
     _one_error_line(capsys.readouterr().err, str(out / "failed.txt"), "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["img_0.json", "img_1.json", SETTINGS]

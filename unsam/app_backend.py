@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from .io.sa1b import mask_to_rle, rle_to_mask, write_sa1b_json
-from .pseudo.engine import EngineConfig, build_labeler
+from .pseudo.classical import ClassicalSettings
+from .pseudo.labelers import build_labeler
 from .utils.images import UnsupportedImageError, read_rgb
 from .visualize import distinct_colors, draw_masks, draw_outline, draw_prompts, line_width
 
@@ -222,7 +223,7 @@ class DemoModels:
     pseudo-label engine's (classical recipe by default).
     """
 
-    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[EngineConfig] = None):
+    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[ClassicalSettings] = None):
         from .predictor import PromptPredictor, WholeImagePredictor
 
         cfg = cfg.clone()
@@ -234,7 +235,7 @@ class DemoModels:
         self.has_weights = bool(cfg.MODEL.WEIGHTS)
         if not self.has_weights:
             torch.manual_seed(0)  # a random model, but the same one every start: reproducible pages
-        self.engine_cfg = engine_cfg or EngineConfig()
+        self.engine_cfg = engine_cfg or ClassicalSettings()
         self.labeler = build_labeler(self.engine_cfg)
         # with no weights the whole-image model would be random: "everything" uses the engine
         self.whole = WholeImagePredictor(cfg) if self.has_weights else None

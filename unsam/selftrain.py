@@ -48,7 +48,7 @@ old label at IoU 0.5 is an object the old labels missed; one that does is a seco
 old label). The rule is :func:`unsam.data.merge.merge_annotations`, as for UnSAM+. An image
 without previous labels gets the model's labels alone.
 
-**Running** is the pseudo-label runner's (:func:`unsam.pseudo.engine.run_tasks`): ``--shard
+**Running** is the pseudo-label runner's (:func:`unsam.pseudo.runner.run_tasks`): ``--shard
 i/n`` labels the images ``k % n == i`` of the sorted list, outputs are written atomically and a
 rerun skips finished images, failures go to ``failed.txt`` (``failed.shard-i-of-n.txt``),
 SIGTERM / Ctrl-C stop the workers first, a failed write stops the run with one line.
@@ -85,8 +85,8 @@ from .io.sa1b import (
     mask_to_rle,
     read_sa1b_json,
 )
-from .pseudo.engine import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options, list_images,
-                            record_settings, run_tasks, select)
+from .pseudo.runner import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options,
+                            list_images, record_settings, run_tasks, select)
 from .utils.files import by_stem
 
 logger = logging.getLogger("unsam.selftrain")
@@ -187,7 +187,7 @@ def predictions_to_annotations(instances, c: SelfTrainConfig) -> List[Dict]:
 
 class SelfTrainLabeler:
     """``labeler.label_task(image, task)`` → the image's labels (merged with its previous
-    ones with ``--previous``), for :func:`unsam.pseudo.engine.run_tasks`."""
+    ones with ``--previous``), for :func:`unsam.pseudo.runner.run_tasks`."""
 
     def __init__(self, c: SelfTrainConfig):
         from .predictor import WholeImagePredictor
@@ -327,7 +327,7 @@ def run(input_spec: str, output_dir, c: SelfTrainConfig, shard=(0, 1), start_id:
         labeler: Optional[SelfTrainLabeler] = None) -> RunSummary:
     """Label every selected image that has no output yet with the model's kept predictions.
     ``labeler``: one already built for ``c`` (used when ``workers`` ≤ 1). Raises
-    :class:`SelfTrainError` and what :func:`unsam.pseudo.engine.run` raises."""
+    :class:`SelfTrainError` and what :func:`unsam.pseudo.runner.run` raises."""
     from .utils.files import ensure_writable_dir
 
     check_run_options(shard, start_id, end_id, workers)
@@ -397,7 +397,7 @@ def config_from_args(args) -> SelfTrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import WeightsError
     from .pseudo.config import SettingError
-    from .pseudo.engine import OutputWriteError, SettingsMismatch, Stopped
+    from .pseudo.runner import OutputWriteError, SettingsMismatch, Stopped
     from .config.loading import ConfigError
     from .utils.device import DeviceError, check_device
     from .utils.files import OutputError

@@ -170,7 +170,7 @@ def check_output(output: Path, roots: Sequence[Tuple[str, Path]]) -> None:
 
 def plain_differences(recorded: Dict, current: Dict) -> List[str]:
     """``--key OLD -> NEW`` for every recorded setting that differs (a missing one counts as
-    null): :func:`unsam.pseudo.engine.record_settings`'s rule for a flat record."""
+    null): :func:`unsam.pseudo.runner.record_settings`'s rule for a flat record."""
     out = []
     for key in sorted(set(recorded) | set(current)):
         if recorded.get(key) != current.get(key):
@@ -258,11 +258,11 @@ def _counts_of_output(name: str, target: Path, pseudo_json: Optional[Path]) -> I
 def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progress: bool = True) -> MergeSummary:
     """Merge every image of ``human_root`` with its pseudo labels of ``pseudo_root`` into
     ``output`` (see the module docstring). Raises :class:`MergeInputError`, ``OutputError``,
-    :class:`unsam.pseudo.engine.SettingsMismatch`, and :class:`unsam.pseudo.engine.Stopped`
+    :class:`unsam.pseudo.runner.SettingsMismatch`, and :class:`unsam.pseudo.runner.Stopped`
     on SIGTERM / SIGINT (the files of finished images are kept; the lists are written)."""
     from tqdm import tqdm
 
-    from ..pseudo.engine import _stop_on_signals, _writing, record_settings
+    from ..pseudo.runner import _stop_on_signals, _writing, record_settings
 
     check_max_iou(max_iou)
     human_root, pseudo_root, output = Path(human_root), Path(pseudo_root), Path(output)
@@ -302,7 +302,7 @@ def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progr
 def _write_lists(out: Path, summary: MergeSummary, human: Dict[str, Path], pseudo: Dict[str, Path]) -> None:
     """``merge_counts.csv``, ``merge_unmatched.txt`` and ``merge_failed.txt`` of the images
     seen so far (the last two removed when empty)."""
-    from ..pseudo.engine import _writing
+    from ..pseudo.runner import _writing
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..pseudo.engine import OutputWriteError, SettingsMismatch, Stopped
+    from ..pseudo.runner import OutputWriteError, SettingsMismatch, Stopped
 
     try:
         args = build_parser().parse_args(argv)

@@ -204,25 +204,60 @@ def annotation_shape_problem(ann, height: int, width: int) -> Optional[str]:
     return _annotation_problem(ann, height, width) or "corrupt RLE counts (the last value is cut off)"
 
 
-def annotation_from_mask(mask: np.ndarray, ann_id: int, **extra) -> Dict:
-    """Build one SA-1B annotation (RLE, area, XYWH bbox) from an H×W bool mask."""
-    rle = mask_to_rle(mask)
-    ys, xs = np.nonzero(mask)
-    if len(xs):
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+def annotation_from_mask(mask: np.ndarray, ann_id: int, box: Optional[Tuple[int, ...]] = None,
+                         image_size: Optional[Tuple[int, int]] = None, *,
+                         predicted_iou: float = 1.0, stability_score: float = 1.0,
+                         feature_coherence: Optional[float] = None,
+                         crop_box: Optional[Tuple[int, ...]] = None, **extra) -> Dict:
+    """One SA-1B annotation record; every writer of pseudo labels builds its records here.
+
+    ``mask``: an H×W bool mask of the whole image, or — given ``box`` = (x0, y0, x1, y1) and
+    ``image_size`` = (H, W) — the mask local to that pixel box (x1 / y1 exclusive; only the box
+    is looked at). The record holds, in this order: ``id``, ``segmentation`` (COCO RLE of the
+    whole image), ``area``, ``bbox`` (tight XYWH; zeros for an empty mask), ``predicted_iou``,
+    ``stability_score``, ``feature_coherence`` (only when given), ``point_coords`` (one point
+    well inside the mask: the maximum of its distance transform, the first in row-major order
+    on a tie — as SA-1B's point lies on its mask, which a centroid need not; [[0, 0]] for an
+    empty mask), ``crop_box`` (XYWH of ``crop_box`` given as (x0, y0, x1, y1); default: the
+    whole image), then the ``extra`` fields (``level``, ``parent_id`` …) in the order given.
+    Numbers are stored as given (rounding is the caller's).
+    """
+    import cv2
+
+    mask = np.asarray(mask, bool)
+    if box is None:
+        (H, W), (x0, y0) = mask.shape, (0, 0)
+        rle = mask_to_rle(mask)
     else:
-        bbox = [0, 0, 0, 0]
-    h, w = mask.shape
+        (H, W), (x0, y0, x1, y1) = image_size, box
+        full = np.zeros((H, W), np.uint8, order="F")  # pycocotools wants Fortran order
+        full[y0:y1, x0:x1] = mask
+        rle = {"size": [H, W], "counts": mask_utils.encode(full)["counts"].decode("ascii")}
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows):
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        bbox = [x0 + c0, y0 + r0, c1 - c0, r1 - r0]
+        # on the tight box with one pixel of margin, the image border counts as outside: the
+        # same point as on any larger box around the mask
+        tight = np.pad(mask[r0:r1, c0:c1], 1).astype(np.uint8)
+        dist = cv2.distanceTransform(tight, cv2.DIST_L2, 3)
+        py, px = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        point = [[float(x0 + c0 + px - 1), float(y0 + r0 + py - 1)]]
+    else:
+        bbox, point = [0, 0, 0, 0], [[0.0, 0.0]]
+    cx0, cy0, cx1, cy1 = crop_box if crop_box is not None else (0, 0, W, H)
     ann = {
         "id": int(ann_id),
         "segmentation": rle,
-        "area": int(mask.sum()),
+        "area": int(np.count_nonzero(mask)),
         "bbox": bbox,
-        "predicted_iou": 1.0,
-        "stability_score": 1.0,
-        "point_coords": [[float(xs.mean()), float(ys.mean())]] if len(xs) else [[0.0, 0.0]],
-        "crop_box": [0, 0, int(w), int(h)],
+        "predicted_iou": predicted_iou,
+        "stability_score": stability_score,
     }
+    if feature_coherence is not None:
+        ann["feature_coherence"] = feature_coherence
+    ann["point_coords"] = point
+    ann["crop_box"] = [int(cx0), int(cy0), int(cx1 - cx0), int(cy1 - cy0)]
     ann.update(extra)
     return ann
 

@@ -5,18 +5,17 @@
 this engine: one row per mask). :func:`select_annotations` runs the stages in order:
 
 ``distinct_masks`` (filter) → ``score_masks`` → ``add_colour_snaps`` (refine) →
-``deduplicate`` → ``polish`` → ``rank`` → ``resolve_parents`` → ``annotation``
+``deduplicate`` → ``polish`` → ``rank`` → ``resolve_parents`` → ``annotations``
 
 — see :mod:`unsam.pseudo.classical` for what each one does and why.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from .refine import Snapper
+from ..io.sa1b import annotation_from_mask
+from .refine import SuperpixelGraph
 
 Box = Tuple[int, int, int, int]  # pixels (x0, y0, x1, y1), x1 / y1 exclusive
 
@@ -61,7 +60,7 @@ class MaskTable:
     coherence: List[float] = field(default_factory=list)
     source: List[int] = field(default_factory=list)  # the candidate the row stands for
     support: List[int] = field(default_factory=list)  # candidates that gave this exact mask
-    boundary: Optional[np.ndarray] = None  # (M,) :meth:`Snapper.boundary_strength`
+    boundary: Optional[np.ndarray] = None  # (M,) :meth:`SuperpixelGraph.boundary_strength`
     score: Optional[np.ndarray] = None  # (M,) selection score
     rows: Dict[bytes, int] = field(default_factory=dict)  # superpixel set -> row
     _matrix: Optional[np.ndarray] = None  # the rows stacked so far
@@ -125,47 +124,47 @@ def distinct_masks(cands: Sequence[Candidate], sizes: np.ndarray, max_area: floa
     return masks, row_of
 
 
-def selection_score(nodes: np.ndarray, coherence: np.ndarray, snapper: Snapper) -> Tuple[np.ndarray, np.ndarray]:
+def selection_score(nodes: np.ndarray, coherence: np.ndarray, graph: SuperpixelGraph) -> Tuple[np.ndarray, np.ndarray]:
     """(boundary, selection score = boundary × (1 − coherence / 2) × fill × straddle) of (M, K)
     bool non-empty superpixel sets with their (M,) coherences; straddle =
-    sqrt(max(STRADDLE_FLOOR, 1 − straddling)) when the snapper has a coarse over-segmentation,
+    sqrt(max(STRADDLE_FLOOR, 1 − straddling)) when the graph has a coarse over-segmentation,
     else 1."""
-    xt = snapper.columns(nodes)
-    boundary = snapper.boundary_strength(nodes, xt)
-    fill = (snapper.sizes.astype(np.float32) @ xt) / snapper.box_area(nodes)
+    xt = graph.columns(nodes)
+    boundary = graph.boundary_strength(nodes, xt)
+    fill = (graph.sizes.astype(np.float32) @ xt) / graph.box_area(nodes)
     score = boundary * (1.0 - COHERENCE_WEIGHT * coherence) * fill
-    if snapper.has_coarse:
-        score *= np.sqrt(np.maximum(STRADDLE_FLOOR, 1.0 - snapper.straddling(nodes)))
+    if graph.has_coarse:
+        score *= np.sqrt(np.maximum(STRADDLE_FLOOR, 1.0 - graph.straddling(nodes)))
     return boundary, score
 
 
-def score_masks(masks: MaskTable, snapper: Snapper, start: int = 0) -> None:
+def score_masks(masks: MaskTable, graph: SuperpixelGraph, start: int = 0) -> None:
     """Boundary and selection score (:func:`selection_score`) of rows ``start`` …, appended to
     ``masks.boundary`` / ``masks.score``."""
-    boundary, score = selection_score(masks.matrix(start), np.array(masks.coherence[start:]), snapper)
+    boundary, score = selection_score(masks.matrix(start), np.array(masks.coherence[start:]), graph)
     if start:
         boundary, score = np.concatenate([masks.boundary, boundary]), np.concatenate([masks.score, score])
     masks.boundary, masks.score = boundary, score
 
 
-def add_colour_snaps(masks: MaskTable, snapper: Snapper, colour: np.ndarray, top: int,
+def add_colour_snaps(masks: MaskTable, graph: SuperpixelGraph, colour: np.ndarray, top: int,
                      max_area: float) -> None:
     """Refine: the ``top`` best-scored masks get a colour-snapped variant (border superpixels
     re-assigned to the better-fitting of the inside / outside colour models, ``colour``: (K, D)
     sums) as an extra row next to the original; a variant equal to a row votes for it."""
     best = np.argsort(-masks.score, kind="stable")[:top]
     n_base = len(masks)
-    for row, nodes in zip(best.tolist(), snapper.reassign_border(masks.matrix()[best], colour)):
+    for row, nodes in zip(best.tolist(), graph.reassign_border(masks.matrix()[best], colour)):
         key = masks.key(nodes)
         if key in masks.rows:
             masks.support[masks.rows[key]] += 1
             continue
-        area = float(snapper.sizes[nodes].sum())
+        area = float(graph.sizes[nodes].sum())
         if area == 0 or area > max_area:
             continue
         masks.add(key, nodes, area, masks.coherence[row], masks.source[row])
     if len(masks) > n_base:
-        score_masks(masks, snapper, n_base)
+        score_masks(masks, graph, n_base)
 
 
 def deduplicate(masks: MaskTable, sizes: np.ndarray, max_iou: float, max_masks: int) -> Selection:
@@ -199,10 +198,10 @@ def deduplicate(masks: MaskTable, sizes: np.ndarray, max_iou: float, max_masks: 
     return Selection(chosen[:n_chosen].tolist(), replaced_by, support)
 
 
-def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarray, unary_weight: float,
+def polish(masks: MaskTable, sel: Selection, graph: SuperpixelGraph, colour: np.ndarray, unary_weight: float,
            edge_scales: Sequence[float], max_area: float) -> None:
     """Polish: each chosen mask is replaced by the best-scored of itself and its
-    :meth:`Snapper.polish` variants (one per edge scale in ``edge_scales``; ``colour``: (K, D)
+    :meth:`SuperpixelGraph.polish` variants (one per edge scale in ``edge_scales``; ``colour``: (K, D)
     colour sums), so kept masks end on image edges rather than where a hierarchy happened to
     stop. A variant that equals a mask already in the table, or is too large, is not used. New
     rows keep their original's source, coherence and votes; ``sel.replaced_by`` maps the
@@ -213,8 +212,8 @@ def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarra
     base = masks.matrix()[chosen]
     coherence = np.array(masks.coherence)[chosen]
     best, best_score = base, masks.score[chosen]
-    for variant in snapper.polish(base, colour, unary_weight, edge_scales):
-        score = selection_score(variant, coherence, snapper)[1]
+    for variant in graph.polish(base, colour, unary_weight, edge_scales):
+        score = selection_score(variant, coherence, graph)[1]
         better = score > best_score
         best = np.where(better[:, None], variant, best)
         best_score = np.where(better, score, best_score)
@@ -223,14 +222,14 @@ def polish(masks: MaskTable, sel: Selection, snapper: Snapper, colour: np.ndarra
     for pos in np.flatnonzero((best != base).any(1)).tolist():
         nodes = best[pos]
         key = masks.key(nodes)
-        area = float(snapper.sizes[nodes].sum())
+        area = float(graph.sizes[nodes].sum())
         if key in masks.rows or area > max_area:
             continue
         old = sel.chosen[pos]
         sel.chosen[pos] = sel.replaced_by[old] = masks.add(key, nodes, area, masks.coherence[old], masks.source[old])
         olds.append(old)
     if olds:  # the new rows are n_base … in the order of olds
-        score_masks(masks, snapper, n_base)
+        score_masks(masks, graph, n_base)
         sel.support = np.concatenate([sel.support, sel.support[olds]])
 
 
@@ -294,62 +293,40 @@ def depths(parents: Dict[int, int]) -> Dict[int, int]:
     return out
 
 
-def placed_mask(local: np.ndarray, box: Box, shape: Tuple[int, int]) -> Tuple[Dict, List[List[float]]]:
-    """A bool mask local to its pixel ``box`` in an image of ``shape`` (H, W) → (its COCO RLE in
-    the whole image, SA-1B ``point_coords``: one point well inside it, the maximum of its
-    distance transform)."""
-    x0, y0, x1, y1 = box
-    H, W = shape
-    full = np.zeros((H, W), np.uint8, order="F")  # pycocotools wants Fortran order
-    full[y0:y1, x0:x1] = local
-    rle = {"size": [H, W], "counts": mask_utils.encode(full)["counts"].decode("ascii")}
-    dist = cv2.distanceTransform(np.pad(local, 1).astype(np.uint8), cv2.DIST_L2, 3)
-    py, px = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return rle, [[float(x0 + px - 1), float(y0 + py - 1)]]
-
-
 def annotations(masks: MaskTable, sel: Selection, cands: Sequence[Candidate], parents: Dict[int, int],
-                snapper: Snapper) -> List[Dict]:
+                graph: SuperpixelGraph) -> List[Dict]:
     """SA-1B annotation dicts of the chosen rows, ids in ranking order."""
     new_id = {row: n for n, row in enumerate(sel.chosen)}
     level = depths(parents)
     out = []
     for row in sel.chosen:
-        local, (x0, y0, x1, y1) = snapper.nodes_to_mask(masks.nodes[row])
-        rle, point = placed_mask(local, (x0, y0, x1, y1), snapper.shape)
-        bx0, by0, bx1, by1 = cands[masks.source[row]].box
-        out.append({
-            "id": new_id[row],
-            "segmentation": rle,
-            "area": int(masks.area[row]),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "predicted_iou": round(float(sel.rank[row]), 6),
-            "stability_score": round(float(masks.boundary[row]), 6),
-            "feature_coherence": round(float(masks.coherence[row]), 6),
-            "point_coords": point,
-            "crop_box": [int(bx0), int(by0), int(bx1 - bx0), int(by1 - by0)],
-            "level": level[row],
-            "parent_id": new_id[parents[row]] if parents[row] >= 0 else -1,
-        })
+        local, box = graph.nodes_to_mask(masks.nodes[row])
+        out.append(annotation_from_mask(
+            local, new_id[row], box, graph.shape,
+            predicted_iou=round(float(sel.rank[row]), 6),
+            stability_score=round(float(masks.boundary[row]), 6),
+            feature_coherence=round(float(masks.coherence[row]), 6),
+            crop_box=cands[masks.source[row]].box, level=level[row],
+            parent_id=new_id[parents[row]] if parents[row] >= 0 else -1))
     return out
 
 
-def select_annotations(cands: Sequence[Candidate], snapper: Snapper, colour: Optional[np.ndarray],
+def select_annotations(cands: Sequence[Candidate], graph: SuperpixelGraph, colour: Optional[np.ndarray],
                        cfg) -> List[Dict]:
     """Candidates → SA-1B annotations: filter, score, refine (``colour``: (K, D) colour sums for
     the snapped variants; ``cfg.refine_top`` = 0: none), de-duplicate, polish (none without
     ``cfg.polish_edge_scales``), rank, hierarchy."""
-    H, W = snapper.shape
+    H, W = graph.shape
     max_area = cfg.max_area_frac * H * W
-    masks, row_of = distinct_masks(cands, snapper.sizes, max_area, cfg.min_inside_parent)
+    masks, row_of = distinct_masks(cands, graph.sizes, max_area, cfg.min_inside_parent)
     if not len(masks):
         return []
-    score_masks(masks, snapper)
+    score_masks(masks, graph)
     if cfg.refine_top > 0:
-        add_colour_snaps(masks, snapper, colour, cfg.refine_top, max_area)
-    sel = deduplicate(masks, snapper.sizes, cfg.dedup_iou, cfg.max_masks)
+        add_colour_snaps(masks, graph, colour, cfg.refine_top, max_area)
+    sel = deduplicate(masks, graph.sizes, cfg.dedup_iou, cfg.max_masks)
     for _ in range(cfg.polish_rounds if cfg.polish_edge_scales else 0):
-        polish(masks, sel, snapper, colour, cfg.polish_weight, cfg.polish_edge_scales, max_area)
+        polish(masks, sel, graph, colour, cfg.polish_weight, cfg.polish_edge_scales, max_area)
     rank(masks, sel, cfg.band_discount)
-    parents = resolve_parents(masks, sel, cands, row_of, snapper.sizes, cfg.min_inside_parent)
-    return annotations(masks, sel, cands, parents, snapper)
+    parents = resolve_parents(masks, sel, cands, row_of, graph.sizes, cfg.min_inside_parent)
+    return annotations(masks, sel, cands, parents, graph)

@@ -1,9 +1,10 @@
-"""Recipe ``classical``, the offline default: one image → SA-1B annotations (:class:`PseudoLabeler`).
+"""Recipe ``classical``, the offline default: one image → SA-1B annotations
+(:class:`ClassicalLabeler`, settings :class:`ClassicalSettings`).
 
-Per image (:meth:`PseudoLabeler.__call__`):
+Per image (:meth:`ClassicalLabeler.__call__`):
 
 1. **features**: patch features of the whole image (:mod:`unsam.features`) and superpixels
-   (:class:`unsam.pseudo.refine.Snapper`);
+   (:class:`unsam.pseudo.refine.SuperpixelGraph`);
 2. **divide**: MaskCut gives ``n_divide`` regions on the patch grid; each is refined by snapping
    to superpixels (dropped if the snapped/raw IoU < ``min_refine_iou``); the whole image is the
    root region;
@@ -17,7 +18,7 @@ Per image (:meth:`PseudoLabeler.__call__`):
    in the design: masks then follow image edges at pixel level (on COCO the grid-then-snap
    variant was clearly worse); :func:`unsam.pseudo.conquer.merge_hierarchy` is the patch-grid
    form of the same merging. The whole image is also conquered once per ``colour_bandwidths``
-   entry on full-resolution colour distributions of the superpixels (:meth:`Snapper.colour_sums`,
+   entry on full-resolution colour distributions of the superpixels (:meth:`SuperpixelGraph.colour_sums`,
    smallest group ``colour_min_pixels``): the feature grid's cells are too coarse for small
    objects, and this colour-only hierarchy (selective search's colour similarity) supplies them.
    Finally one complete selective-search-style hierarchy per ``selective`` entry (similarity +
@@ -30,7 +31,7 @@ Per image (:meth:`PseudoLabeler.__call__`):
    the image and conquered masks less than ``min_inside_parent`` (90 %) inside their divided
    region are dropped;
 5. **refine**: the ``refine_top`` best masks (by selection score) also get a colour-snapped
-   variant (:meth:`Snapper.reassign_border`: border superpixels re-assigned to the better-fitting
+   variant (:meth:`SuperpixelGraph.reassign_border`: border superpixels re-assigned to the better-fitting
    of the inside / outside colour models), an extra candidate next to the original (on the first
    20 COCO sample images: AR@1000 0.153 → 0.159). Snapping by the patch features or twice by
    colour added a little more on 40 images but nothing on all 80, at ~10 % more time;
@@ -39,7 +40,7 @@ Per image (:meth:`PseudoLabeler.__call__`):
 7. **polish**: each kept mask is replaced by the best-scored of itself and its polished
    variants — one pass of iterated conditional modes on a GrabCut-style energy on the superpixel
    graph (colour models of the mask and its ring, pair weights that make cutting along image
-   edges cheap; :meth:`Snapper.polish`), one variant per ``polish_edge_scales`` entry, twice
+   edges cheap; :meth:`SuperpixelGraph.polish`), one variant per ``polish_edge_scales`` entry, twice
    (``polish_rounds``: the second pass starts from the first's masks). Hierarchy
    masks are roughly right but stop where a greedy merge happened to stop; the polish moves
    their borders onto edges, which raises recall at the strict IoU thresholds — in ranking
@@ -52,7 +53,7 @@ is the length of the mean of the member features (1 = uniform region), which mil
 uniform stuff such as sky or walls; *fill* is the mask's share of its bounding box (compact
 shapes are more object-like; on COCO this term raised AR@100 by ~60 % and AR@1000 by ~10 %);
 *straddle* is ``sqrt(max(0.4, 1 − straddling))``, where *straddling* (Alexe et al.'s
-superpixel straddling, :meth:`Snapper.straddling`) measures how much the mask's border cuts
+superpixel straddling, :meth:`SuperpixelGraph.straddling`) measures how much the mask's border cuts
 through the superpixels of a coarser over-segmentation (``straddle_superpixels``, 700): masks
 that lie inside one coarse superpixel — mostly small texture fragments — give up their places
 among the ``max_masks`` to medium and large masks.
@@ -74,10 +75,11 @@ import numpy as np
 
 from ..features import ClassicalFeatures, DenseFeatures, build_features
 from .candidates import Box, Candidate, add_segments, select_annotations
-from .config import EngineConfig
+from .config import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, SHARE, DivideConquerSettings,
+                     Range, setting)
 from .conquer import RegionGraph, merge_boundary, merge_graph, merge_selective
 from .divide import maskcut
-from .refine import Snapper
+from .refine import SuperpixelGraph
 from .threads import single_threaded
 
 # a divided region's crop reaches this share of its box size plus a few pixels beyond the box,
@@ -93,6 +95,61 @@ DEFAULT_COLOUR_BANDWIDTH = 0.5
 
 
 @dataclass
+class ClassicalSettings(DivideConquerSettings):
+    """The settings of recipe ``classical`` (``python -m unsam.pseudo`` options, the settings
+    record of its output folders): the features, divide and conquer of
+    :class:`~unsam.pseudo.config.DivideConquerSettings` and these."""
+    crop_resolution: int = setting(320, "long side of a divided region's crop", valid=AT_LEAST_1)
+    # = the trainer's per-image instance cap; pass 1000 to measure AR@1000
+    max_masks: int = setting(500, "masks kept per image, best first", valid=AT_LEAST_1)
+    max_area_frac: float = setting(0.9, "drop masks covering more than this share of the image",
+                                   valid=Range(0, 1, lo_open=True))
+    min_refine_iou: float = setting(0.5, "drop a divided mask whose superpixel-snapped / raw IoU "
+                                    "is below this", valid=SHARE)
+    dedup_iou: float = setting(0.8, "drop a mask whose IoU with a better-scored one exceeds this",
+                               valid=SHARE)
+    band_discount: float = setting(0.25, "γ of the size-band rank discount of the score (0: none)",
+                                   valid=NON_NEGATIVE)
+    straddle_superpixels: int = setting(
+        700, "superpixels of the coarse over-segmentation whose straddling by a mask's border "
+        "demotes the mask in the selection score (0: no straddling term)", valid=NON_NEGATIVE)
+    # more feature settings give more diverse candidates (selective search's
+    # "diversification") at a linear cost
+    variants: Tuple[Tuple[float, float], ...] = setting(
+        ((0.55, 0.25), (0.4, 0.5), (0.8, 0.1)),
+        "classical features: one whole-image hierarchy per BANDWIDTH,POSITION_WEIGHT pair",
+        valid=(Range(0, lo_open=True, name="BANDWIDTH"), Range(0, name="POSITION_WEIGHT")))
+    colour_bandwidths: Tuple[float, ...] = setting(
+        (0.5,), "RBF bandwidths of the full-resolution colour hierarchies on the superpixels "
+        "(small objects), one hierarchy each; none: pass the flag alone", valid=POSITIVE)
+    colour_min_pixels: int = setting(100, "smallest group of the colour and selective "
+                                     "hierarchies, in pixels", valid=NON_NEGATIVE)
+    pair_unions: bool = setting(True, "add the union of every two adjacent groups of each merge "
+                                "snapshot as a candidate")
+    all_merges: bool = setting(True, "every merge is a candidate, not only threshold snapshots")
+    refine_top: int = setting(1500, "add a colour-snapped variant of this many best masks "
+                              "(0: off)", valid=NON_NEGATIVE)
+    polish_edge_scales: Tuple[float, ...] = setting(
+        (0.5, 1.0, 3.0), "polish the kept masks: per mask, the best-scored of itself and one pass "
+        "of colour + edge ICM per edge scale (pair weight exp(-edge / scale)); none: pass the "
+        "flag alone", valid=POSITIVE)
+    polish_rounds: int = setting(2, "polish passes (each from the previous pass's masks)",
+                                 valid=NON_NEGATIVE)
+    polish_weight: float = setting(0.1, "weight of the colour term of the polish (per pixel) "
+                                   "against the edge term (per border pixel)", valid=NON_NEGATIVE)
+    selective: Tuple[str, ...] = setting(
+        ("features",), "selective-search-style complete hierarchies (similarity + size + fill) "
+        "to add (none: pass the flag alone)", choices=("features", "colour"))
+    boundary: Tuple[Tuple[float, float], ...] = setting(
+        ((1.0, 0.5), (1.0, 1.0), (3.0, 0.5)), "contour (UCM-style) hierarchies on the superpixel "
+        "graph, weakest shared border first: one per SIGMA,SIZE_POWER pair (Gaussian σ of the "
+        "edge map, exponent of the size term; none: pass the flag alone)",
+        valid=(Range(0, lo_open=True, name="SIGMA"), Range(0, name="SIZE_POWER")))
+    seed: int = setting(0, "seed of the random Fourier features of the colour embedding",
+                        valid=SEED)
+
+
+@dataclass
 class DividedRegion:
     """A MaskCut region snapped to superpixels."""
 
@@ -101,10 +158,11 @@ class DividedRegion:
     crop: Box  # the region's box plus margin, clipped to the image
 
 
-class PseudoLabeler:
-    """Turns one RGB image into a list of SA-1B annotations (no human labels)."""
+class ClassicalLabeler:
+    """Recipe ``classical``: turns one RGB image into a list of SA-1B annotations (no human
+    labels). ``features`` replaces the backend built from ``cfg`` (tests, benchmarks)."""
 
-    def __init__(self, cfg: EngineConfig, features: Optional[DenseFeatures] = None):
+    def __init__(self, cfg: ClassicalSettings, features: Optional[DenseFeatures] = None):
         self.cfg = cfg
         self.features = features or build_features(cfg.features, cfg.resolution, cfg.device,
                                                     cfg.dino_weights, cfg.dino_arch)
@@ -119,13 +177,13 @@ class PseudoLabeler:
 
     def _label(self, image: np.ndarray) -> List[Dict]:
         variants = self._feature_variants(image)
-        snapper = Snapper(image, self.cfg.n_superpixels, self.cfg.straddle_superpixels)
+        graph = SuperpixelGraph(image, self.cfg.n_superpixels, self.cfg.straddle_superpixels)
         cands: List[Candidate] = []
-        self._conquer_whole_image(variants, snapper, cands)
-        for region in self._divide(variants[0], snapper):
-            self._conquer_region(image, region, snapper, cands)
-        colour = self._colour_model(snapper) if self.cfg.refine_top > 0 or self.cfg.polish_edge_scales else None
-        return select_annotations(cands, snapper, colour, self.cfg)
+        self._conquer_whole_image(variants, graph, cands)
+        for region in self._divide(variants[0], graph):
+            self._conquer_region(image, region, graph, cands)
+        colour = self._colour_model(graph) if self.cfg.refine_top > 0 or self.cfg.polish_edge_scales else None
+        return select_annotations(cands, graph, colour, self.cfg)
 
     # -- 1. features ---------------------------------------------------------------------
     def _feature_variants(self, image: np.ndarray, resolution: Optional[int] = None,
@@ -137,25 +195,25 @@ class PseudoLabeler:
             return [self.features(image, resolution, bandwidth=bw, position_weight=pw) for bw, pw in variants]
         return [self.features(image, resolution)]
 
-    def _colour_model(self, snapper: Snapper) -> np.ndarray:
+    def _colour_model(self, graph: SuperpixelGraph) -> np.ndarray:
         """(K, 64) colour-distribution sums at the first colour bandwidth, for the colour
         selective hierarchy and the colour snap."""
         bw = self.cfg.colour_bandwidths[0] if self.cfg.colour_bandwidths else DEFAULT_COLOUR_BANDWIDTH
-        return snapper.colour_sums(bw, seed=self.cfg.seed)[0]
+        return graph.colour_sums(bw, seed=self.cfg.seed)[0]
 
     # -- 2. divide -----------------------------------------------------------------------
-    def _divide(self, feats: np.ndarray, snapper: Snapper) -> List[DividedRegion]:
+    def _divide(self, feats: np.ndarray, graph: SuperpixelGraph) -> List[DividedRegion]:
         """MaskCut regions of the whole image's features, snapped to superpixels; a region
         whose snapped / raw IoU is below ``min_refine_iou`` is dropped."""
-        H, W = snapper.shape
+        H, W = graph.shape
         regions = []
         for grid_mask in maskcut(feats, self.cfg.n_divide, self.cfg.tau, min_patches=self.cfg.min_patches):
             soft, sbox = _grid_to_pixels(grid_mask, (0, 0, W, H))
             raw = soft > MAJORITY
-            nodes = snapper.soft_to_nodes(soft, sbox)
+            nodes = graph.soft_to_nodes(soft, sbox)
             if not nodes.any() or not raw.any():
                 continue
-            local, (x0, y0, x1, y1) = snapper.nodes_to_mask(nodes)
+            local, (x0, y0, x1, y1) = graph.nodes_to_mask(nodes)
             if _box_iou(local, (x0, y0, x1, y1), raw, sbox) < self.cfg.min_refine_iou:
                 continue
             mx = int(CROP_MARGIN * (x1 - x0)) + CROP_MARGIN_PX
@@ -165,49 +223,49 @@ class PseudoLabeler:
         return regions
 
     # -- 3. conquer ----------------------------------------------------------------------
-    def _conquer_whole_image(self, variants: List[np.ndarray], snapper: Snapper,
+    def _conquer_whole_image(self, variants: List[np.ndarray], graph: SuperpixelGraph,
                              cands: List[Candidate]) -> None:
         """The root region's hierarchies: one per feature variant, one per colour bandwidth,
         one per selective-search kind, one contour hierarchy per ``boundary`` (edge-map σ, size power) pair."""
         cfg = self.cfg
-        H, W = snapper.shape
+        H, W = graph.shape
         whole = (0, 0, W, H)
-        everything = np.ones(snapper.k, bool)
+        everything = np.ones(graph.k, bool)
         for feats in variants:
-            self._conquer(feats, whole, everything, snapper, cands)
+            self._conquer(feats, whole, everything, graph, cands)
         # colour-only hierarchies from full-resolution colour statistics: the feature grid's
         # cells (~100 px² each at the default resolution) are too coarse for small objects
         for i, bw in enumerate(cfg.colour_bandwidths):
-            sums, weight = snapper.colour_sums(bw, seed=cfg.seed + i)
-            add_segments(cands, merge_graph(RegionGraph(sums, weight, snapper.pairs), everything,
+            sums, weight = graph.colour_sums(bw, seed=cfg.seed + i)
+            add_segments(cands, merge_graph(RegionGraph(sums, weight, graph.pairs), everything,
                                             cfg.thresholds, float(cfg.colour_min_pixels),
                                             pair_unions=cfg.pair_unions, all_merges=cfg.all_merges), whole)
-        boxes = np.stack([snapper.x0, snapper.y0, snapper.x1, snapper.y1], 1)
+        boxes = np.stack([graph.x0, graph.y0, graph.x1, graph.y1], 1)
         for kind in cfg.selective:
             if kind == "features":
-                sums = snapper.node_sums(variants[0], whole)[0]
+                sums = graph.node_sums(variants[0], whole)[0]
             elif kind == "colour":
-                sums = self._colour_model(snapper)
+                sums = self._colour_model(graph)
             else:
                 raise ValueError(f"unknown selective hierarchy '{kind}' (features | colour)")
-            add_segments(cands, merge_selective(sums, snapper.sizes, snapper.pairs, boxes,
+            add_segments(cands, merge_selective(sums, graph.sizes, graph.pairs, boxes,
                                                 float(cfg.colour_min_pixels)), whole)
         for sigma, size_power in cfg.boundary:
-            add_segments(cands, merge_boundary(snapper.pairs, snapper.border_len, snapper.border_edges(sigma),
-                                               snapper.sizes, float(cfg.colour_min_pixels), size_power), whole)
+            add_segments(cands, merge_boundary(graph.pairs, graph.border_len, graph.border_edges(sigma),
+                                               graph.sizes, float(cfg.colour_min_pixels), size_power), whole)
 
-    def _conquer_region(self, image: np.ndarray, region: DividedRegion, snapper: Snapper,
+    def _conquer_region(self, image: np.ndarray, region: DividedRegion, graph: SuperpixelGraph,
                         cands: List[Candidate]) -> None:
         """A divided region is a candidate itself, then is conquered on a zoomed-in crop with
         one feature setting (the variants' diversity is spent on the whole image)."""
-        H, W = snapper.shape
+        H, W = graph.shape
         index = len(cands)
         cands.append(Candidate(region.nodes, (0, 0, W, H), region.coherence))
         x0, y0, x1, y1 = region.crop
         feats = self._feature_variants(image[y0:y1, x0:x1], self.cfg.crop_resolution, first_only=True)[0]
-        self._conquer(feats, region.crop, region.nodes, snapper, cands, parent=index, region=index)
+        self._conquer(feats, region.crop, region.nodes, graph, cands, parent=index, region=index)
 
-    def _conquer(self, feats: np.ndarray, box: Box, active: np.ndarray, snapper: Snapper,
+    def _conquer(self, feats: np.ndarray, box: Box, active: np.ndarray, graph: SuperpixelGraph,
                  cands: List[Candidate], parent: int = -1, region: int = -1) -> None:
         """Conquer one region on the superpixel graph and append its candidates to ``cands``.
 
@@ -215,12 +273,12 @@ class PseudoLabeler:
         of the region; ``parent``: candidate index for top-level groups (-1: none); ``region``:
         candidate index of the divided region the groups come from (-1: the whole image).
         """
-        sums, weight, cell_area = snapper.node_sums(feats, box)
+        sums, weight, cell_area = graph.node_sums(feats, box)
         # a superpixel belongs to the crop when most of it lies inside the box
-        active = active & (weight > MAJORITY * snapper.sizes)
+        active = active & (weight > MAJORITY * graph.sizes)
         if not active.any():
             return
-        segments = merge_graph(RegionGraph(sums, weight, snapper.pairs), active, self.cfg.thresholds,
+        segments = merge_graph(RegionGraph(sums, weight, graph.pairs), active, self.cfg.thresholds,
                                self.cfg.min_patches * cell_area, pair_unions=self.cfg.pair_unions,
                                all_merges=self.cfg.all_merges)
         add_segments(cands, segments, box, parent, region)

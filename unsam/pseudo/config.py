@@ -1,16 +1,25 @@
-"""The pseudo-label engine's settings, declared once: :class:`EngineConfig`.
+"""Settings of the pseudo-label recipes, declared as dataclass fields; the options and the
+settings record of ``python -m unsam.pseudo`` are made from them.
 
-Every field carries its command-line help in its metadata; :func:`add_config_arguments` makes
-``python -m unsam.pseudo``'s options from the fields (``--n-divide`` for ``n_divide``; the
-field's ``flag`` metadata where the option has another name), so every setting is reachable
-from the command line and a default lives in one place. :func:`given_settings` returns only the
-settings given on the command line (the parser's defaults are suppressed), so the CLI can tell
-"not given" from "given the default" (``--recipe unsam`` picks its features / divide that way).
+Each recipe owns a settings dataclass (:class:`~unsam.pseudo.classical.ClassicalSettings`,
+:class:`~unsam.pseudo.recipe.UnsamSettings`, see :mod:`unsam.pseudo.labelers`); the settings
+several recipes have are declared once, in the bases here (:class:`FeatureSettings`,
+:class:`DivideConquerSettings`), and shared by inheritance. A field made by :func:`setting`
+carries its command-line help; :func:`add_settings_arguments` makes one option per field
+(``--n-divide`` for ``n_divide``; the field's ``flag`` metadata where the option has another
+name), so every setting is reachable from the command line and a default lives in one place.
+:func:`given_settings` returns only the settings given on the command line (the parser's
+defaults are suppressed), so the CLI can tell "not given" from "given the default" (``--recipe
+unsam`` picks its features / divide that way).
 
-A field's ``valid`` metadata (a :class:`Range`, or one per number of a pair) is checked when an
-:class:`EngineConfig` is made, so a value that cannot mean anything (``--max-masks 0``, a NaN, a
+A field's ``valid`` metadata (a :class:`Range`, or one per number of a pair) is checked when a
+:class:`Settings` is made, so a value that cannot mean anything (``--max-masks 0``, a NaN, a
 negative seed) is refused with a :class:`SettingError` naming the option before any image is
 read, not discovered per image as a stream of "failed" lines.
+
+:func:`label_settings` is what an output folder records (``pseudo_settings.txt``, see
+:func:`unsam.pseudo.runner.check_settings`) and :func:`settings_differences` compares a record
+with a run's settings.
 """
 import argparse
 import dataclasses
@@ -18,13 +27,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, get_type_hints
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, get_type_hints
 
 from .conquer import DEFAULT_THRESHOLDS
 
 FEATURES = "features"
-CLASSICAL = "classical recipe"
-UNSAM = "recipe unsam"
 
 
 class SettingError(ValueError):
@@ -60,106 +67,58 @@ COSINE = Range(-1, 1)
 SEED = Range(0, 2 ** 32 - 1)
 
 
-def _setting(default, help: str, group: Optional[str] = None, flag: Optional[str] = None,
-             choices: Optional[Tuple] = None, nargs: str = "*", valid=None):
-    """A field with its CLI help, argument group, option name (default: from the field name),
-    allowed values (``choices``, or ``valid``: a :class:`Range` for a number or for each number
-    of a tuple, a tuple of ranges for each pair of a tuple of pairs) and, for a tuple, how many
-    values it takes."""
+def setting(default, help: str, group: Optional[str] = None, flag: Optional[str] = None,
+            choices: Optional[Tuple] = None, nargs: str = "*", valid=None):
+    """A settings field with its CLI help, argument group (default: the recipes that have it),
+    option name (default: from the field name), allowed values (``choices``, or ``valid``: a
+    :class:`Range` for a number or for each number of a tuple, a tuple of ranges for each pair
+    of a tuple of pairs) and, for a tuple, how many values it takes."""
     return field(default=default, metadata=dict(help=help, group=group, flag=flag, choices=choices,
                                                  nargs=nargs, valid=valid))
 
 
 @dataclass
-class EngineConfig:
-    recipe: str = _setting(
-        "classical", "classical: the offline engine; unsam: the published UnSAM recipe (CutLER "
-        "detector divide, DINO keys on each region's crop)", choices=("classical", "unsam"))
-    features: str = _setting(
-        "classical", "feature backend (recipe unsam: dino when --dino-weights is given)",
-        FEATURES, choices=("classical", "dino"))
-    dino_weights: Optional[str] = _setting(None, "DINO checkpoint path or URL (dino backend)", FEATURES)
-    dino_arch: str = _setting("vit_base_patch8_224", "vit_base_patch8_224 | vit_small_patch8_224 | "
-                              "vit_base_patch16_224", FEATURES)
-    device: str = _setting("cpu", "torch device of the dino backend and the divide detector", FEATURES)
-    resolution: int = _setting(480, "long side (pixels) of the whole-image feature grid's input", FEATURES,
-                               valid=AT_LEAST_1)
-    crop_resolution: int = _setting(320, "long side of a divided region's crop", CLASSICAL,
-                                    valid=AT_LEAST_1)
-    n_divide: int = _setting(3, "MaskCut masks per image", CLASSICAL, valid=AT_LEAST_1)
-    tau: float = _setting(0.15, "MaskCut affinity threshold", CLASSICAL, valid=COSINE)
-    thresholds: Tuple[float, ...] = _setting(DEFAULT_THRESHOLDS, "merge thresholds, visited fine to coarse",
-                                             nargs="+", valid=COSINE)
-    min_patches: int = _setting(4, "smallest reported group, in feature-grid cells", valid=AT_LEAST_1)
-    # = the trainer's per-image instance cap; pass 1000 to measure AR@1000
-    max_masks: int = _setting(500, "masks kept per image, best first", CLASSICAL, valid=AT_LEAST_1)
-    max_area_frac: float = _setting(0.9, "drop masks covering more than this share of the image", CLASSICAL,
-                                   valid=Range(0, 1, lo_open=True))
-    min_refine_iou: float = _setting(0.5, "drop a divided mask whose superpixel-snapped / raw IoU is "
-                                     "below this", CLASSICAL, valid=SHARE)
-    min_inside_parent: float = _setting(0.9, "a conquered mask must lie this much inside its divided "
-                                        "region; a parent must hold this much of its child", valid=SHARE)
-    dedup_iou: float = _setting(0.8, "drop a mask whose IoU with a better-scored one exceeds this", CLASSICAL,
-                               valid=SHARE)
-    band_discount: float = _setting(0.25, "γ of the size-band rank discount of the score (0: none)", CLASSICAL,
-                                   valid=NON_NEGATIVE)
-    n_superpixels: int = _setting(1800, "superpixels per image (the nodes that are merged)",
-                                  flag="--superpixels", valid=AT_LEAST_1)
-    straddle_superpixels: int = _setting(
-        700, "superpixels of the coarse over-segmentation whose straddling by a mask's border "
-        "demotes the mask in the selection score (0: no straddling term)", CLASSICAL, valid=NON_NEGATIVE)
-    # more feature settings give more diverse candidates (selective search's
-    # "diversification") at a linear cost
-    variants: Tuple[Tuple[float, float], ...] = _setting(
-        ((0.55, 0.25), (0.4, 0.5), (0.8, 0.1)),
-        "classical features: one whole-image hierarchy per BANDWIDTH,POSITION_WEIGHT pair", CLASSICAL,
-        valid=(Range(0, lo_open=True, name="BANDWIDTH"), Range(0, name="POSITION_WEIGHT")))
-    colour_bandwidths: Tuple[float, ...] = _setting(
-        (0.5,), "RBF bandwidths of the full-resolution colour hierarchies on the superpixels "
-        "(small objects), one hierarchy each; none: pass the flag alone", CLASSICAL, valid=POSITIVE)
-    colour_min_pixels: int = _setting(100, "smallest group of the colour and selective hierarchies, "
-                                      "in pixels", CLASSICAL, valid=NON_NEGATIVE)
-    pair_unions: bool = _setting(True, "add the union of every two adjacent groups of each merge "
-                                 "snapshot as a candidate", CLASSICAL)
-    all_merges: bool = _setting(True, "every merge is a candidate, not only threshold snapshots", CLASSICAL)
-    refine_top: int = _setting(1500, "add a colour-snapped variant of this many best masks (0: off)", CLASSICAL,
-                          valid=NON_NEGATIVE)
-    polish_edge_scales: Tuple[float, ...] = _setting(
-        (0.5, 1.0, 3.0), "polish the kept masks: per mask, the best-scored of itself and one pass of "
-        "colour + edge ICM per edge scale (pair weight exp(-edge / scale)); none: pass the flag alone",
-        CLASSICAL, valid=POSITIVE)
-    polish_rounds: int = _setting(2, "polish passes (each from the previous pass's masks)", CLASSICAL,
-                                valid=NON_NEGATIVE)
-    polish_weight: float = _setting(0.1, "weight of the colour term of the polish (per pixel) against "
-                                    "the edge term (per border pixel)", CLASSICAL, valid=NON_NEGATIVE)
-    selective: Tuple[str, ...] = _setting(
-        ("features",), "selective-search-style complete hierarchies (similarity + size + fill) to "
-        "add (none: pass the flag alone)", CLASSICAL, choices=("features", "colour"))
-    boundary: Tuple[Tuple[float, float], ...] = _setting(
-        ((1.0, 0.5), (1.0, 1.0), (3.0, 0.5)), "contour (UCM-style) hierarchies on the superpixel "
-        "graph, weakest shared border first: one per SIGMA,SIZE_POWER pair (Gaussian σ of the edge "
-        "map, exponent of the size term; none: pass the flag alone)", CLASSICAL,
-        valid=(Range(0, lo_open=True, name="SIGMA"), Range(0, name="SIZE_POWER")))
-    seed: int = _setting(0, "seed of the random Fourier features of the colour embedding",
-                         valid=SEED)
-    # recipe "unsam" only
-    divide: str = _setting(
-        "detector", "detector (default when --divide-weights is given) or MaskCut on the whole image "
-        "(not the published divide)", UNSAM, choices=("detector", "maskcut"))
-    divide_config: Optional[str] = _setting(
-        None, "detectron2 config of the detector (default: configs/divide/cutler_cascade_R50_FPN.yaml)", UNSAM)
-    divide_weights: Optional[str] = _setting(
-        None, "detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)", UNSAM)
-    divide_score: float = _setting(
-        0.1, "detector instances scoring above this are divided regions (detectron2 keeps score > "
-        "threshold)", UNSAM, valid=SHARE)
-    conquer_size: int = _setting(256, "each region's crop is resized to this square before the features", UNSAM,
-                             valid=AT_LEAST_1)
-    refine: bool = _setting(False, "snap masks to superpixels (the engine's unsupervised refinement; "
-                            "the published CascadePSP was trained with human masks)", UNSAM)
+class Settings:
+    """Base of a recipe's settings: the ``valid`` ranges of its fields are checked when one is
+    made (:class:`SettingError`). Fields are made with :func:`setting`; types ``int``,
+    ``float``, ``str``, ``bool``, ``Optional[str]``, ``Tuple[X, ...]`` (X: a number, ``str``
+    or ``Tuple[float, float]``)."""
 
     def __post_init__(self):
         check_ranges(self)
+
+
+@dataclass
+class FeatureSettings(Settings):
+    """The dense-feature backend (:func:`unsam.features.build_features`)."""
+    features: str = setting(
+        "classical", "feature backend (recipe unsam: dino when --dino-weights is given)",
+        FEATURES, choices=("classical", "dino"))
+    dino_weights: Optional[str] = setting(None, "DINO checkpoint path or URL (dino backend)",
+                                          FEATURES)
+    dino_arch: str = setting("vit_base_patch8_224", "vit_base_patch8_224 | vit_small_patch8_224 | "
+                             "vit_base_patch16_224", FEATURES)
+    device: str = setting("cpu", "torch device of the dino backend and the divide detector",
+                          FEATURES)
+    resolution: int = setting(480, "long side (pixels) of the whole-image feature grid's input",
+                              FEATURES, valid=AT_LEAST_1)
+
+
+@dataclass
+class DivideConquerSettings(FeatureSettings):
+    """What the two divide-and-conquer recipes of this package share: the MaskCut divide, the
+    merge thresholds of the conquer, the superpixels."""
+    n_divide: int = setting(3, "MaskCut masks per image", valid=AT_LEAST_1)
+    tau: float = setting(0.15, "MaskCut affinity threshold", valid=COSINE)
+    thresholds: Tuple[float, ...] = setting(DEFAULT_THRESHOLDS, "merge thresholds, visited fine "
+                                            "to coarse", nargs="+", valid=COSINE)
+    min_patches: int = setting(4, "smallest reported group, in feature-grid cells",
+                               valid=AT_LEAST_1)
+    min_inside_parent: float = setting(0.9, "a conquered mask must lie this much inside its "
+                                       "divided region; a parent must hold this much of its child",
+                                       valid=SHARE)
+    n_superpixels: int = setting(1800, "superpixels per image (the nodes that are merged)",
+                                 flag="--superpixels", valid=AT_LEAST_1)
 
 
 def option_name(f: dataclasses.Field) -> str:
@@ -179,11 +138,11 @@ def _range_problem(value, valid) -> Optional[str]:
     return None
 
 
-def check_ranges(cfg: "EngineConfig") -> None:
+def check_ranges(settings: Settings) -> None:
     """:class:`SettingError` naming the first setting outside its ``valid`` range."""
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(settings):
         valid = f.metadata.get("valid")
-        value = getattr(cfg, f.name)
+        value = getattr(settings, f.name)
         if valid is None or value is None:
             continue
         problem = _range_problem(value, valid)
@@ -213,37 +172,79 @@ def _argument_kwargs(hint, nargs: str) -> Dict[str, Any]:
 
 def _show(default) -> str:
     if isinstance(default, tuple):
-        return " ".join(",".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in default) or "none"
+        return " ".join(",".join(map(str, x)) if isinstance(x, tuple) else str(x)
+                        for x in default) or "none"
     return str(default)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per :class:`EngineConfig` field, in argument groups; not-given options are
-    absent from the parsed namespace (see :func:`given_settings`)."""
-    hints = get_type_hints(EngineConfig)
-    groups: Dict[Optional[str], Any] = {None: parser}
-    for f in dataclasses.fields(EngineConfig):
+def _options(recipes: Mapping[str, Type[Settings]]):
+    """``{field name: (field, type hint, [recipe names])}`` over the settings of ``recipes``
+    (recipe name → settings class). Two recipes may share a setting only with one definition
+    (by inheritance, or an equal one): a ``ValueError`` names the other."""
+    out: Dict[str, Tuple[dataclasses.Field, Any, List[str]]] = {}
+    flags: Dict[str, str] = {}  # option -> field name
+    for name, settings in recipes.items():
+        hints = get_type_hints(settings)
+        for f in dataclasses.fields(settings):
+            flag = option_name(f)
+            if f.name == RECIPE:
+                raise ValueError(f"recipe {name}: a setting may not be called '{RECIPE}'")
+            seen = out.get(flags.get(flag, f.name))
+            if seen is not None:
+                same = (seen[0].name, seen[1], seen[0].default, dict(seen[0].metadata)) == (
+                    f.name, hints[f.name], f.default, dict(f.metadata))
+                if not same:
+                    raise ValueError(f"setting {flag} of recipe {name} differs from the one of "
+                                     f"recipe {seen[2][0]}: share the field or rename the option")
+                seen[2].append(name)
+                continue
+            out[f.name] = (f, hints[f.name], [name])
+            flags[flag] = f.name
+    return out
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser,
+                           recipes: Mapping[str, Type[Settings]]) -> None:
+    """One option per setting of the ``recipes`` (recipe name → settings class), in argument
+    groups: the field's ``group``, else the recipes that have the setting. Options not given
+    are absent from the parsed namespace (see :func:`given_settings`)."""
+    groups: Dict[str, Any] = {}
+    for f, hint, owners in _options(recipes).values():
         meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(meta["group"])
-        flag = option_name(f)
-        kwargs = _argument_kwargs(hints[f.name], meta["nargs"])
+        title = meta["group"] or ("recipe " if len(owners) == 1 else "recipes ") + ", ".join(owners)
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        kwargs = _argument_kwargs(hint, meta["nargs"])
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         elif meta["flag"] and "action" not in kwargs:
             kwargs["metavar"] = meta["flag"].lstrip("-").replace("-", "_").upper()
-        groups[meta["group"]].add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                           help=f"{meta['help']} (default: {_show(f.default)})", **kwargs)
+        groups[title].add_argument(option_name(f), dest=f.name, default=argparse.SUPPRESS,
+                                   help=f"{meta['help']} (default: {_show(f.default)})", **kwargs)
 
 
-def given_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """The :class:`EngineConfig` fields given on the command line, lists made tuples."""
+def given_settings(args: argparse.Namespace,
+                   recipes: Mapping[str, Type[Settings]]) -> Dict[str, Any]:
+    """The settings of the ``recipes`` given on the command line, lists made tuples."""
     out = {}
-    for f in dataclasses.fields(EngineConfig):
-        if hasattr(args, f.name):
-            value = getattr(args, f.name)
-            out[f.name] = tuple(value) if isinstance(value, list) else value
+    for name in _options(recipes):
+        if hasattr(args, name):
+            value = getattr(args, name)
+            out[name] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def foreign_settings(given: Mapping[str, Any], recipe: str,
+                     recipes: Mapping[str, Type[Settings]]) -> Optional[str]:
+    """Why ``given`` (:func:`given_settings`) does not fit recipe ``recipe``: the first option
+    it has that is a setting of other recipes only; None when all fit."""
+    options = _options(recipes)
+    for name in given:
+        f, _, owners = options[name]
+        if recipe not in owners:
+            return (f"{option_name(f)} is a setting of recipe {', '.join(owners)}, not of "
+                    f"--recipe {recipe}")
+    return None
 
 
 # ---------------------------------------------------------------- settings recorded per output
@@ -251,6 +252,29 @@ def given_settings(args: argparse.Namespace) -> Dict[str, Any]:
 RUN_ONLY = ("device",)
 # fields naming a file: recorded as an absolute path, so a rerun from another folder matches
 PATH_FIELDS = ("dino_weights", "divide_weights", "divide_config")
+# what the record of every recipe holds besides its settings
+RECIPE = "recipe"
+DEFAULT_RECIPE = "classical"  # of a record from before the recipe was recorded
+# Before the recipes had settings of their own, one flat settings class held the settings of
+# both built-in recipes and the record listed all of them. The records of the built-in
+# recipes still list, at these values (the flat class's defaults), the settings the recipe
+# does not have, so a record stays byte-identical across that change: folders labelled
+# before it resume, and older engines resume newer folders. Never compared (they do not
+# decide the labels); frozen here, not taken from the other recipe's defaults, so that a
+# changed default there does not change this recipe's records.
+FLAT_RECORD: Dict[str, Any] = {
+    "all_merges": True, "band_discount": 0.25, "boundary": [[1.0, 0.5], [1.0, 1.0], [3.0, 0.5]],
+    "colour_bandwidths": [0.5], "colour_min_pixels": 100, "conquer_size": 256,
+    "crop_resolution": 320, "dedup_iou": 0.8, "dino_arch": "vit_base_patch8_224",
+    "dino_weights": None, "divide": "detector", "divide_config": None, "divide_score": 0.1,
+    "divide_weights": None, "features": "classical", "max_area_frac": 0.9, "max_masks": 500,
+    "min_inside_parent": 0.9, "min_patches": 4, "min_refine_iou": 0.5, "n_divide": 3,
+    "n_superpixels": 1800, "pair_unions": True, "polish_edge_scales": [0.5, 1.0, 3.0],
+    "polish_rounds": 2, "polish_weight": 0.1, "refine": False, "refine_top": 1500,
+    "resolution": 480, "seed": 0, "selective": ["features"], "straddle_superpixels": 700,
+    "tau": 0.15, "thresholds": [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    "variants": [[0.55, 0.25], [0.4, 0.5], [0.8, 0.1]],
+}
 
 
 def _absolute(value: Optional[str]) -> Optional[str]:
@@ -259,24 +283,37 @@ def _absolute(value: Optional[str]) -> Optional[str]:
     return os.path.abspath(os.path.expanduser(value))
 
 
-def label_settings(cfg: EngineConfig) -> Dict[str, Any]:
-    """The settings that decide an image's labels, JSON-ready (tuples as lists): every
-    :class:`EngineConfig` field but ``RUN_ONLY``; what an output folder records."""
+def _own_settings(settings: Settings) -> Dict[str, Any]:
     out = {}
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(settings):
         if f.name in RUN_ONLY:
             continue
-        value = getattr(cfg, f.name)
+        value = getattr(settings, f.name)
         out[f.name] = _absolute(value) if f.name in PATH_FIELDS else value
+    return out
+
+
+def label_settings(recipe: str, settings: Settings, flat_record: bool = False) -> Dict[str, Any]:
+    """What an output folder records, JSON-ready (tuples as lists): ``recipe`` and every field
+    of ``settings`` but ``RUN_ONLY``; ``flat_record``: also the :data:`FLAT_RECORD` entries
+    the settings lack (the built-in recipes)."""
+    out = {**FLAT_RECORD} if flat_record else {}
+    out.update({RECIPE: recipe, **_own_settings(settings)})
     return json.loads(json.dumps(out))
 
 
-def settings_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """``--option OLD -> NEW`` for every setting that differs. A setting the record lacks (an
-    older engine, before the setting existed) counts as its default."""
-    defaults = label_settings(EngineConfig())
+def settings_differences(recorded: Dict[str, Any], current: Dict[str, Any],
+                         settings: Type[Settings]) -> List[str]:
+    """``--option OLD -> NEW`` for ``--recipe`` and every setting of the class ``settings``
+    that differs between the record ``recorded`` and the :func:`label_settings` ``current``.
+    A setting the record lacks (an older engine, before the setting existed) counts as its
+    default; entries of the record that are no settings of ``settings`` are not compared."""
+    defaults = json.loads(json.dumps(_own_settings(settings())))
     diffs = []
-    for f in dataclasses.fields(EngineConfig):
+    old = recorded.get(RECIPE, DEFAULT_RECIPE)
+    if old != current[RECIPE]:
+        diffs.append(f"--recipe {_compact(old)} -> {_compact(current[RECIPE])}")
+    for f in dataclasses.fields(settings):
         if f.name not in current:
             continue
         old = recorded.get(f.name, defaults[f.name])

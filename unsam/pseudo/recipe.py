@@ -1,4 +1,5 @@
-"""The published UnSAM pseudo-label recipe (``python -m unsam.pseudo --recipe unsam``).
+"""The published UnSAM pseudo-label recipe (``python -m unsam.pseudo --recipe unsam``):
+:class:`UnsamLabeler`, settings :class:`UnsamSettings`.
 
 Learned from frank-xwang/UnSAM ``divide_and_conquer/divide_conquer.py`` and
 ``iterative_merging.py``; our own code. Per image:
@@ -21,7 +22,7 @@ Learned from frank-xwang/UnSAM ``divide_and_conquer/divide_conquer.py`` and
    region's score and ``merge_threshold`` = the threshold at which the group was listed;
 3. **refine** — the published recipe runs CascadePSP, a refiner trained with human masks, so
    not ours to use. ``refine=True`` snaps every mask to superpixels (the engine's own
-   unsupervised refinement, :class:`unsam.pseudo.refine.Snapper`: a mask becomes the union
+   unsupervised refinement, :class:`unsam.pseudo.refine.SuperpixelGraph`: a mask becomes the union
    of the superpixels it covers more than half of; one that covers no superpixel's majority
    stays as it was); off by default.
 
@@ -38,18 +39,60 @@ Deliberate differences from the published script, all small:
 - divided masks that come out empty are dropped (they cannot be cropped or written).
 """
 import logging
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from ..features import DenseFeatures, build_features
-from .candidates import placed_mask
+from ..io.sa1b import annotation_from_mask
+from .config import AT_LEAST_1, SHARE, DivideConquerSettings, SettingError, setting
 from .conquer import iterative_merge
 from .divide import maskcut
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UnsamSettings(DivideConquerSettings):
+    """The settings of recipe ``unsam``: the features, MaskCut divide (without detector
+    weights) and conquer of :class:`~unsam.pseudo.config.DivideConquerSettings` and these."""
+    divide: str = setting(
+        "detector", "detector (default when --divide-weights is given) or MaskCut on the whole "
+        "image (not the published divide)", choices=("detector", "maskcut"))
+    divide_config: Optional[str] = setting(
+        None, "detectron2 config of the detector (default: "
+        "configs/divide/cutler_cascade_R50_FPN.yaml)")
+    divide_weights: Optional[str] = setting(
+        None, "detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)")
+    divide_score: float = setting(
+        0.1, "detector instances scoring above this are divided regions (detectron2 keeps score "
+        "> threshold)", valid=SHARE)
+    conquer_size: int = setting(256, "each region's crop is resized to this square before the "
+                                "features", valid=AT_LEAST_1)
+    refine: bool = setting(False, "snap masks to superpixels (the engine's unsupervised "
+                           "refinement; the published CascadePSP was trained with human masks)")
+
+
+def complete_settings(given: Dict[str, Any]) -> None:
+    """The features / divide not given on the command line follow the weights that are
+    (warning when that is not the published recipe); :class:`SettingError` for a detector
+    divide without weights. ``given``: :func:`unsam.pseudo.config.given_settings`, completed
+    in place."""
+    if "features" not in given:
+        given["features"] = "dino" if given.get("dino_weights") else "classical"
+        if given["features"] == "classical":
+            logger.warning("recipe unsam without --dino-weights: conquering on classical "
+                           "features, not the published DINO keys")
+    if "divide" not in given:
+        given["divide"] = "detector" if given.get("divide_weights") else "maskcut"
+        if given["divide"] == "maskcut":
+            logger.warning("recipe unsam without --divide-weights: dividing with MaskCut on "
+                           "the whole image, not the published CutLER detector")
+    elif given["divide"] == "detector" and not given.get("divide_weights"):
+        raise SettingError("--divide detector needs --divide-weights PATH|URL")
 
 
 def resize_group(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -83,17 +126,16 @@ def nms_by_area(masks: List[np.ndarray], iou_thresh: float = 0.9, neighbours: in
 class UnsamLabeler:
     """Turns one RGB image into SA-1B annotations with the published recipe.
 
-    ``cfg``: :class:`unsam.pseudo.engine.EngineConfig` (fields ``divide``, ``divide_config``,
-    ``divide_weights``, ``divide_score``, ``conquer_size``, ``thresholds``, ``min_patches``,
-    ``min_inside_parent``, ``refine``, ``features`` …). ``features`` / ``divider`` replace the
-    backends built from ``cfg`` (tests, benchmarks).
+    ``cfg``: :class:`UnsamSettings`. ``features`` / ``divider`` replace the backends built from
+    ``cfg`` (tests, benchmarks).
     """
 
     nms_iou = 0.9
     nms_neighbours = 4
     batch = 8  # crops per forward pass of the features backend
 
-    def __init__(self, cfg, features: Optional[DenseFeatures] = None, divider=None):
+    def __init__(self, cfg: UnsamSettings, features: Optional[DenseFeatures] = None,
+                 divider=None):
         self.cfg = cfg
         self.features = features or build_features(cfg.features, cfg.resolution, cfg.device,
                                                    cfg.dino_weights, cfg.dino_arch)
@@ -156,46 +198,31 @@ class UnsamLabeler:
             regions.append(((x0, y0, x1, y1), m[y0:y1, x0:x1], float(sc)))
         crops = [image[y0:y1, x0:x1] for (x0, y0, x1, y1), _, _ in regions]
         conquered = self.conquer(crops, [r[1] for r in regions])
-        snapper = None
+        graph = None
         if self.cfg.refine:
-            from .refine import Snapper
+            from .refine import SuperpixelGraph
 
-            snapper = Snapper(image, self.cfg.n_superpixels)
+            graph = SuperpixelGraph(image, self.cfg.n_superpixels)
         anns: List[Dict] = []
         for box, local, sc in regions:
             self._append(anns, local, box, (H, W), sc, level=0, parent=-1, crop_box=(0, 0, W, H),
-                         snapper=snapper)
+                         graph=graph)
         for rid, ((box, _, sc), parts) in enumerate(zip(regions, conquered)):
             for local, t in parts:
                 self._append(anns, local, box, (H, W), sc, level=1, parent=rid, crop_box=box,
-                             snapper=snapper, merge_threshold=t)
+                             graph=graph, merge_threshold=t)
         return anns
 
     @staticmethod
     def _append(anns: List[Dict], local: np.ndarray, box, shape, score: float, level: int,
-                parent: int, crop_box, snapper=None, **extra) -> None:
+                parent: int, crop_box, graph=None, **extra) -> None:
         """Append one annotation for the mask ``local`` (bool, placed at pixel ``box`` =
-        (x0, y0, x1, y1)) in an image of ``shape`` = (H, W); ``snapper`` refines it first."""
-        if snapper is not None:
-            nodes = snapper.soft_to_nodes(local.astype(np.float32), box)
+        (x0, y0, x1, y1)) in an image of ``shape`` = (H, W); ``graph`` snaps it to
+        superpixels first."""
+        if graph is not None:
+            nodes = graph.soft_to_nodes(local.astype(np.float32), box)
             if nodes.any():
-                local, box = snapper.nodes_to_mask(nodes)
-        x0, y0 = box[:2]
-        rle, point = placed_mask(local, box, shape)
-        ys, xs = np.nonzero(local)
-        bx0, by0, bx1, by1 = crop_box
-        ann = {
-            "id": len(anns),
-            "segmentation": rle,
-            "area": int(len(ys)),
-            "bbox": [x0 + int(xs.min()), y0 + int(ys.min()),
-                     int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1],
-            "predicted_iou": round(float(score), 6),
-            "stability_score": 1.0,
-            "point_coords": point,
-            "crop_box": [int(bx0), int(by0), int(bx1 - bx0), int(by1 - by0)],
-            "level": level,
-            "parent_id": parent,
-        }
-        ann.update(extra)
-        anns.append(ann)
+                local, box = graph.nodes_to_mask(nodes)
+        anns.append(annotation_from_mask(local, len(anns), box, shape,
+                                         predicted_iou=round(float(score), 6), crop_box=crop_box,
+                                         level=level, parent_id=parent, **extra))

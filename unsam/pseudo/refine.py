@@ -2,11 +2,13 @@
 
 The image is over-segmented once into compact *superpixels* by a marker-controlled watershed
 (OpenCV) seeded on a regular grid, each seed moved to the weakest gradient of its neighbourhood
-so seeds avoid edges; superpixel borders therefore follow image edges. :class:`Snapper` holds
-them and
+so seeds avoid edges; superpixel borders therefore follow image edges. :class:`SuperpixelGraph`
+holds them as a graph (adjacency, shared border lengths and edge strengths) that every stage of
+the classical recipe works on, and
 
 * snaps a coarse soft mask (e.g. a bilinearly upsampled patch-grid mask) to them: the refined
-  mask is the union of superpixels whose mean soft value is > 0.5 (:meth:`Snapper.soft_to_nodes`;
+  mask is the union of superpixels whose mean soft value is > 0.5
+  (:meth:`SuperpixelGraph.soft_to_nodes`;
   the engine drops masks > 90 % of the image or whose refined/raw IoU is < 0.5);
 * provides the superpixel adjacency graph and pools patch features onto it, so the conquer
   step merges superpixels and its masks are snapped by construction;
@@ -37,9 +39,9 @@ SMOOTH_SIGMA = 1.0
 SEED_RADIUS = 2
 # smallest superpixel grid step (px): finer grids cost more than they follow edges better
 MIN_STEP = 4
-# colour quantisation levels per Lab channel for :meth:`Snapper.colour_sums`: at most 16³
-# feature evaluations instead of one per pixel; each bin is represented by the mean colour of
-# its pixels (not its centre), which keeps the quantisation error small
+# colour quantisation levels per Lab channel for :meth:`SuperpixelGraph.colour_sums`: at
+# most 16³ feature evaluations instead of one per pixel; each bin is represented by the mean
+# colour of its pixels (not its centre), which keeps the quantisation error small
 COLOUR_LEVELS = 16
 # a superpixel smaller than this share of a grid cell (step²) is absorbed by a neighbour: a
 # seed that the neighbouring floods starve stays a region of a pixel or two, which no merge
@@ -145,8 +147,9 @@ def absorb_small_segments(labels: np.ndarray, min_size: float) -> np.ndarray:
     return labels
 
 
-class Snapper:
-    """Holds the superpixels of one image; snaps many soft masks to them."""
+class SuperpixelGraph:
+    """The superpixels of one image as a graph: the nodes every stage of the classical recipe
+    merges (conquer), scores (boundary, straddling, fill) and snaps masks to (refine, polish)."""
 
     def __init__(self, image: np.ndarray, n_segments: int = 2500, coarse_segments: int = 0):
         """``coarse_segments``: superpixels of the coarse over-segmentation that
@@ -326,7 +329,7 @@ class Snapper:
         follows coarse superpixel borders, about 1 for a mask inside one coarse superpixel.
         ``nodes``: (M, K) bool non-empty sets → (M,) float64. Needs ``coarse_segments`` > 0."""
         if not self.has_coarse:
-            raise ValueError("straddling needs a Snapper built with coarse_segments > 0")
+            raise ValueError("straddling needs a SuperpixelGraph built with coarse_segments > 0")
         import scipy.sparse as sp
 
         # sparse: a set meets few of the coarse superpixels (dense (M, C) products were the

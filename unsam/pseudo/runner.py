@@ -1,11 +1,8 @@
 """The batch runner behind ``python -m unsam.pseudo``: images in, one SA-1B JSON per image out.
 
-Two recipes share it (:func:`run`: sharding, resume, ``failed.txt``, workers), chosen by
-``EngineConfig.recipe`` (:mod:`unsam.pseudo.config`, the one declaration of every setting):
-``classical`` (:class:`unsam.pseudo.classical.PseudoLabeler`, the offline default: features →
-divide → conquer → refine → JSON) and ``unsam``, the published UnSAM recipe
-(:class:`unsam.pseudo.recipe.UnsamLabeler`: CutLER detector divide, DINO keys on each region's
-256-px crop, :func:`unsam.pseudo.conquer.iterative_merge`, NMS). The runner itself
+Every recipe (:mod:`unsam.pseudo.labelers`: ``classical``, the offline default, and ``unsam``,
+the published UnSAM recipe) shares it: :func:`run` takes a recipe's settings, builds its
+labeler and does the sharding, resume, ``failed.txt`` and worker processes. The runner itself
 (:func:`run_tasks`, :func:`record_settings`) takes any labeler: ``python -m unsam.selftrain``
 labels images with a trained model through it.
 
@@ -22,9 +19,9 @@ decide the labels (:func:`check_settings`): a rerun into the folder with other s
 refused instead of mixing two kinds of labels. A write that fails (full disk, quota, read-only
 mount) stops the run (:class:`OutputWriteError`), and so do SIGTERM / SIGINT (:class:`Stopped`):
 the workers are terminated first, so nothing is written after the run returns. Runs are
-deterministic: the labelers draw no random numbers except the random Fourier features, whose
-generators are seeded with ``EngineConfig.seed``; each labeler runs on one torch thread (see
-:func:`run`).
+deterministic: the built-in labelers draw no random numbers except the random Fourier features,
+whose generators are seeded with the ``seed`` setting; each labeler runs on one torch thread
+(see :func:`run`).
 """
 import contextlib
 import errno
@@ -48,12 +45,12 @@ import torch
 from ..utils.files import atomic_write, by_stem, create_once, ensure_writable_dir, remove_stale_temps
 from ..utils.images import IMAGE_EXTENSIONS, read_rgb
 from ..utils.threads import torch_threads
-from .classical import PseudoLabeler
-from .config import EngineConfig, SettingError, label_settings, settings_differences
+from .config import SettingError, settings_differences
+from .labelers import recipe_of
 
-__all__ = ["EngineConfig", "OutputWriteError", "PseudoLabeler", "RunSummary", "SettingsMismatch", "Stopped",
-           "Task", "build_labeler", "check_run_options", "check_settings", "failures_file", "list_images",
-           "read_image", "record_settings", "run", "run_tasks", "select", "update_failures"]
+__all__ = ["OutputWriteError", "RunSummary", "SettingsMismatch", "Stopped", "Task",
+           "check_run_options", "check_settings", "failures_file", "list_images", "read_image",
+           "record_settings", "run", "run_tasks", "select", "update_failures"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +158,6 @@ def draw_overlay(image: np.ndarray, anns: List[Dict], max_masks: int = 50) -> np
     return draw_masks(image, np.array(masks, dtype=bool).reshape(-1, *image.shape[:2]))
 
 
-def build_labeler(cfg: EngineConfig):
-    """The per-image labeler of ``cfg.recipe``: ``__call__(image H×W×3 uint8 RGB) -> annotations``."""
-    if cfg.recipe == "classical":
-        return PseudoLabeler(cfg)
-    if cfg.recipe == "unsam":
-        from .recipe import UnsamLabeler
-
-        return UnsamLabeler(cfg)
-    raise ValueError(f"unknown recipe '{cfg.recipe}' (classical | unsam)")
-
-
 @dataclass(frozen=True)
 class Task:
     """One image of a run: its ``image_id``, ``path`` (recorded as ``image.file_name``), the
@@ -185,9 +171,6 @@ class Task:
     @property
     def stem(self) -> str:
         return self.name or Path(self.path).stem
-
-
-_Task = Task  # the name the runner had before other label makers (unsam.selftrain) shared it
 
 
 def _label(task: Task, labeler) -> Tuple[int, str, Optional[str], int]:
@@ -311,13 +294,14 @@ def check_run_options(shard=(0, 1), start_id: int = 0, end_id: Optional[int] = N
         raise SettingError(f"--end-id {end_id}: must be greater than --start-id {start_id}")
 
 
-def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start_id: int = 0,
+def run(input_spec: str, output_dir: str, settings, shard=(0, 1), start_id: int = 0,
         end_id: Optional[int] = None, workers: int = 1, visualize: bool = False,
         progress: bool = True, labeler=None) -> RunSummary:
-    """Label every selected image that has no output yet. Returns a :class:`RunSummary`.
+    """Label every selected image that has no output yet with the recipe whose settings
+    ``settings`` are (:func:`unsam.pseudo.labelers.recipe_of`). Returns a :class:`RunSummary`.
 
-    ``labeler``: an already built labeler for ``cfg`` (used when ``workers`` ≤ 1, so a caller
-    that built one to check its weights does not build it twice). Every labeler runs on
+    ``labeler``: an already built labeler for ``settings`` (used when ``workers`` ≤ 1, so a
+    caller that built one to check its weights does not build it twice). Every labeler runs on
     ``LABELER_THREADS`` torch thread: outputs do not depend on the machine's core count or on
     ``workers``, and ``workers`` processes do not oversubscribe the cores; with ``workers`` ≤ 1
     the caller's thread setting is restored afterwards.
@@ -331,11 +315,14 @@ def run(input_spec: str, output_dir: str, cfg: EngineConfig, shard=(0, 1), start
     out = ensure_writable_dir(output_dir)  # before any image is labelled
     if visualize:
         ensure_writable_dir(out / "vis")
-    check_settings(out, cfg)
+    recipe = recipe_of(settings)
+    check_settings(out, settings)
     tasks = [Task(image_id, str(path), str(out), visualize)
              for image_id, path in select(files, start_id, end_id, shard)]
-    return run_tasks(tasks, out, functools.partial(build_labeler, cfg), shard=shard, workers=workers,
-                     progress=progress, labeler=labeler)
+    # the recipe's labeler itself, not a registry lookup: a worker process has only the
+    # recipes registered on import
+    return run_tasks(tasks, out, functools.partial(recipe.labeler, settings), shard=shard,
+                     workers=workers, progress=progress, labeler=labeler)
 
 
 def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0, 1), workers: int = 1,
@@ -424,10 +411,12 @@ def _settled(image: str, new, selected, out: Path) -> bool:
     return image in new or (image in selected and (out / f"{Path(image).stem}.json").exists())
 
 
-def check_settings(out: Path, cfg: EngineConfig) -> None:
-    """Record ``cfg``'s :func:`~unsam.pseudo.config.label_settings` in ``out``, or check them
-    against the record there (:func:`record_settings`, file ``pseudo_settings.txt``)."""
-    record_settings(out, SETTINGS_FILE, label_settings(cfg), settings_differences)
+def check_settings(out: Path, settings) -> None:
+    """Record a recipe's ``settings`` (:meth:`unsam.pseudo.labelers.Recipe.record`) in ``out``,
+    or check them against the record there (:func:`record_settings`, file
+    ``pseudo_settings.txt``)."""
+    differences = functools.partial(settings_differences, settings=type(settings))
+    record_settings(out, SETTINGS_FILE, recipe_of(settings).record(settings), differences)
 
 
 def record_settings(out: Path, name: str, current: Dict,
