@@ -12,6 +12,8 @@ import logging
 import sys
 
 import unsam  # noqa: F401  (detectron2 compatibility layer first)
+import unsam.modeling  # noqa: F401  (fills detectron2's registries)
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
@@ -61,7 +63,7 @@ def run(args):
     cfg = setup_config(args)
     check_weights_path(cfg.MODEL.WEIGHTS)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        model = build_model(cfg)  # the inference model: Trainer.build_model is the training one
         checkpointer = UnSAMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if checkpointer.last_report is None:

@@ -23,7 +23,7 @@ def _spy(monkeypatch, module, name, seen):
 def test_matching_costs_leave_autocast(monkeypatch):
     seen = []
     _spy(monkeypatch, matcher_module, "batch_sigmoid_ce_cost", seen)
-    _spy(monkeypatch, matcher_module, "batch_dice_cost", seen)  # the prompt criterion imports it at call time
+    _spy(monkeypatch, matcher_module, "batch_dice_cost", seen)  # batch_mask_cost reads both globals
     masks = torch.zeros(3, 32, 32, dtype=torch.bool)
     masks[0, :10], masks[1, 10:20], masks[2, 20:] = True, True, True
     outputs = {"pred_logits": torch.randn(1, 5, 2), "pred_masks": torch.randn(1, 5, 8, 8)}

@@ -15,6 +15,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import BitMasks, Instances
 
 from unsam.config import get_unsam_cfg
+from unsam.engine.train_model import build_train_model
 from unsam.modeling import masks_to_boxes, ms_deform_attn_core_pytorch
 from unsam.modeling.criterion import SetCriterion
 from unsam.modeling.matcher import HungarianMatcher
@@ -57,8 +58,9 @@ def _synthetic_sample(h=128, w=160, n=3, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny_model():
+    """The training model (in eval mode it is the inference model's path)."""
     torch.manual_seed(0)
-    return build_model(_cfg())
+    return build_train_model(_cfg())
 
 
 # ------------------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ def _ellipses_sample(seed, h=128, w=128):
 @pytest.mark.slow
 def test_tiny_model_loss_goes_down():
     torch.manual_seed(0)
-    model = build_model(_cfg()).train()
+    model = build_train_model(_cfg()).train()
     data = [_ellipses_sample(i) for i in range(8)]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.05)
     history = []

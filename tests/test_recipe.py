@@ -30,6 +30,7 @@ from detectron2.structures import BitMasks, Instances
 from unsam.checkpoint import WeightsError, read_weights
 from unsam.config import get_unsam_cfg
 from unsam.data.mapper import UnSAMDatasetMapper
+from unsam.engine.train_model import build_train_model
 from unsam.engine.trainer import build_optimizer_for, build_scheduler_for
 from unsam.modeling.criterion import (calculate_uncertainty, dice_loss, drop_loss_keep,
                                       get_uncertain_point_coords_with_randomness, sigmoid_ce_loss)
@@ -380,7 +381,7 @@ def test_crop_that_empties_an_image_keeps_it_with_no_instances(tmp_path):
             empty = out
     assert 0 in sizes
     assert tuple(empty["instances"].gt_masks.tensor.shape) == (0, 32, 32)
-    model = build_model(load_config(str(TINY), ["MODEL.DEVICE", "cpu"]))
+    model = build_train_model(load_config(str(TINY), ["MODEL.DEVICE", "cpu"]))
     model.train()
     losses = model([empty])
     assert all(torch.isfinite(v) for v in losses.values())
@@ -480,7 +481,7 @@ def _tiny_float64_grads(seed=0):
     float32: the deformable attention casts its input to float32.)"""
     cfg = load_config(str(TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"])
     torch.manual_seed(seed)
-    model = build_model(cfg).train()
+    model = build_train_model(cfg).train()
     batch = []
     g = torch.Generator().manual_seed(seed)
     for i in range(2):

@@ -6,15 +6,15 @@ import torch
 
 import unsam  # noqa: F401
 from unsam.config import get_unsam_cfg
-from unsam.modeling.visa import (
-    VisaState,
+from unsam.data.visa_transforms import (
     allowed_depth,
     boundary_band_weights,
+    boundary_weights,
+    curriculum_keep,
     parent_indices,
     select_targets_by_level,
-    semantic_guidance_loss,
-    visa_weight,
 )
+from unsam.modeling.visa import VisaState, semantic_guidance_loss, visa_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ def test_visa_state_disabled_is_a_no_op():
     for it in (0, 10, 10_000):
         w = state.weights(it)
         assert (w.curriculum, w.boundary, w.guidance) == (0.0, 0.0, 0.0) and not w.active
-        assert state.target_keep(LEVELS, None, it).all()
-        assert state.mask_weights(masks, it) is None
+        assert curriculum_keep(state, LEVELS, None, it).all()
+        assert boundary_weights(state, masks, it) is None
         assert state.guidance_loss(torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), it) is None
 
 
@@ -208,13 +208,13 @@ def test_visa_state_weights_follow_schedule():
     assert state.weights(0).guidance == pytest.approx(2.0)
     assert not state.weights(30).active
     parents = parent_indices(IDS, PARENT_IDS)
-    assert state.target_keep(LEVELS, parents, 0).tolist() == [1, 1, 0, 0, 0, 0]
-    assert state.target_keep(LEVELS, parents, 30).all()
+    assert curriculum_keep(state, LEVELS, parents, 0).tolist() == [1, 1, 0, 0, 0, 0]
+    assert curriculum_keep(state, LEVELS, parents, 30).all()
     masks = torch.zeros(1, 12, 12, dtype=torch.bool)
     masks[0, 3:9, 3:9] = True
-    mw = state.mask_weights(masks, 0)
+    mw = boundary_weights(state, masks, 0)
     assert mw.min().item() == pytest.approx(0.2)  # MIN_WEIGHT at full strength
-    assert state.mask_weights(masks, 30) is None
+    assert boundary_weights(state, masks, 30) is None
     feats = _regions()
     mf = torch.randn(2, 8, 16, 16)
     g = state.guidance_loss(mf, feats, 25, torch.Generator().manual_seed(0))
@@ -228,14 +228,14 @@ def test_visa_state_switches_parts_off_individually():
     w = state.weights(15)
     assert w.boundary == 0 and w.curriculum == 0
     assert w.guidance == pytest.approx(2.0 * (1 + math.cos(math.pi / 4)) / 2)
-    assert state.mask_weights(torch.ones(1, 4, 4, dtype=torch.bool), 0) is None
+    assert boundary_weights(state, torch.ones(1, 4, 4, dtype=torch.bool), 0) is None
     with pytest.raises(ValueError):
         VisaState.from_config(_cfg(GUIDANCE__LOSS="l1"))
 
 
 def test_boundary_band_cpu_morphology_equals_max_pool_band():
     """The CPU (OpenCV) band and the max-pool band used on GPUs mark the same pixels, borders included."""
-    from unsam.modeling.visa import _band_cpu, _square_max
+    from unsam.data.visa_transforms import _band_cpu, _square_max
 
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand((6, 40, 50), generator=gen) > 0.6

@@ -15,15 +15,11 @@ from detectron2.utils.env import seed_all_rng
 
 from unsam.config import get_unsam_cfg
 from unsam.data.mapper import UnSAMDatasetMapper
-from unsam.engine.hooks import ATSFeedbackHook, VisaBatchLoader, per_image_difficulty
+from unsam.data.visa_transforms import VisaBatchLoader, apply_visa, apply_visa_to_instances
+from unsam.engine.hooks import ATSFeedbackHook, per_image_difficulty
+from unsam.engine.train_model import build_train_model, guidance_loss_from_outputs
 from unsam.engine.trainer import Trainer
-from unsam.modeling.visa import (
-    VisaState,
-    apply_visa,
-    apply_visa_to_instances,
-    guidance_loss_from_outputs,
-    semantic_guidance_loss,
-)
+from unsam.modeling.visa import VisaState, semantic_guidance_loss
 
 from .conftest import registered_shapes
 
@@ -320,12 +316,9 @@ def test_ats_feedback_hook_falls_back_to_batch_loss():
 
 
 def test_guidance_loss_on_real_mask_features_backpropagates(shapes, tmp_path):
-    """What the meta-architecture's 4-line hook does: the loss reaches the pixel decoder."""
-    import unsam.modeling  # noqa: F401
-    from detectron2.modeling import build_model
-
+    """What the training model's guidance step does: the loss reaches the pixel decoder."""
     cfg = _cfg(tmp_path, "UNSAM.VISA.ENABLED", True)
-    model = build_model(cfg)
+    model = build_train_model(cfg)
     model.train()
     mapper = UnSAMDatasetMapper(cfg, is_train=True)
     batch = [mapper(dict(r)) for r in DatasetCatalog.get("itest_shapes")[:2]]
@@ -339,13 +332,15 @@ def test_guidance_loss_on_real_mask_features_backpropagates(shapes, tmp_path):
 
 
 def test_model_owns_visa_and_needs_the_iteration(shapes, tmp_path):
-    """The model builds its ViSA schedule from the config; with guidance on, a training forward
-    without the iteration (no VisaScheduleHook) is an error, not a silently missing loss."""
+    """The training model builds its ViSA schedule from the config; with guidance on, a training
+    forward without the iteration (no VisaScheduleHook) is an error, not a silently missing loss.
+    The inference model knows nothing of ViSA."""
     import unsam.modeling  # noqa: F401
     from detectron2.modeling import build_model
 
     cfg = _cfg(tmp_path, "UNSAM.VISA.ENABLED", True)
-    model = build_model(cfg)
+    assert not hasattr(build_model(cfg), "visa")
+    model = build_train_model(cfg)
     model.train()
     assert model.visa.uses_guidance and model.visa.end_iter == cfg.UNSAM.VISA.END_ITER
     batch = [UnSAMDatasetMapper(cfg, is_train=True)(dict(r)) for r in DatasetCatalog.get("itest_shapes")[:2]]
@@ -355,6 +350,6 @@ def test_model_owns_visa_and_needs_the_iteration(shapes, tmp_path):
     assert model(batch)["loss_visa_guidance"] > 0
     model.set_visa_iteration(cfg.UNSAM.VISA.END_ITER)  # schedule over: the plain losses
     assert "loss_visa_guidance" not in model(batch)
-    plain = build_model(_cfg(tmp_path))  # ViSA off: no iteration needed
+    plain = build_train_model(_cfg(tmp_path))  # ViSA off: no iteration needed
     plain.train()
     assert not plain.visa.uses_guidance and "loss_visa_guidance" not in plain(batch)

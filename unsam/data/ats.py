@@ -63,7 +63,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Dataset, Sampler, get_worker_info
 
-from .prompts import PROMPT_TASKS, WHOLE_TASK
+from ..tasks import PROMPT_TASKS, WHOLE_TASK
+from ..utils.dist import all_gather_varlen, is_initialized, rank_and_world, shared_random_seed
 
 logger = logging.getLogger(__name__)
 
@@ -122,54 +123,6 @@ class TaskSpace:
 
     def index(self, name: str, level: int = -1) -> int:
         return self.tasks.index((name, level))
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-# ---------------------------------------------------------------------------------------------
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world() -> Tuple[int, int]:
-    if _dist_on():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo (CPU training, tests) moves CPU tensors
-    if _dist_on() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _shared_random_seed() -> int:
-    """A random seed, identical on every rank (rank 0's, broadcast)."""
-    seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
-    if _dist_on() and dist.get_world_size() > 1:
-        t = torch.tensor([seed], dtype=torch.int64, device=_comm_device())
-        dist.broadcast(t, src=0)
-        seed = int(t.item())
-    return seed
-
-
-def _all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of any length from every rank, in rank order (CPU result)."""
-    device = _comm_device()
-    world = dist.get_world_size()
-    n = torch.tensor([t.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes_l = [int(s.item()) for s in sizes]
-    longest = max(sizes_l)
-    if longest == 0:
-        return t.new_zeros(0)
-    padded = torch.zeros(longest, dtype=t.dtype, device=device)
-    padded[: t.numel()] = t.to(device)
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s].cpu() for o, s in zip(out, sizes_l)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +221,9 @@ class DifficultyTable:
         cells = torch.cat(self._pending_cells + [torch.zeros(0, dtype=torch.int64)])
         vals = torch.cat(self._pending_values + [torch.zeros(0, dtype=torch.float64)])
         self._pending_cells, self._pending_values = [], []
-        if _dist_on() and dist.get_world_size() > 1:
-            cells = _all_gather_varlen(cells)
-            vals = _all_gather_varlen(vals)
+        if is_initialized() and dist.get_world_size() > 1:
+            cells = all_gather_varlen(cells)
+            vals = all_gather_varlen(vals)
         if cells.numel() == 0:
             return 0
         tree_current = self._tree_is_current()
@@ -533,7 +486,7 @@ class AdaptiveTaskSampler(Sampler):
             raise ValueError(f"UNSAM.ATS.ALPHA and EPS must be >= 0, got {alpha}, {eps}")
         if block_size <= 0:
             raise ValueError(f"UNSAM.ATS.BLOCK_SIZE must be > 0, got {block_size}")
-        d_rank, d_world = _world()
+        d_rank, d_world = rank_and_world()
         self.rank = d_rank if rank is None else int(rank)
         self.world_size = d_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
@@ -544,7 +497,7 @@ class AdaptiveTaskSampler(Sampler):
         self.start_iter = int(start_iter)
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.block_size = int(block_size)
-        self.seed = _shared_random_seed() if seed is None else int(seed)
+        self.seed = shared_random_seed() if seed is None else int(seed)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         self.items_per_iteration = None if items_per_iteration is None else int(items_per_iteration)

@@ -11,32 +11,27 @@ Conventions (those of ``segment_anything.SamPredictor``):
   is ``L`` and zero-padded at the bottom/right, i.e. the frame of SAM's 1024² padded input
   downsampled 4×; positive logits are foreground.
 
-Random samplers take a ``numpy.random.Generator`` or a ``torch.Generator`` (or an int seed) so that
-training data loaders stay reproducible whichever library seeds them. Masks may be numpy arrays or
-torch tensors; everything returned is numpy.
+User-input and evaluation helpers take numpy arrays or torch tensors and return numpy. The
+training-time samplers (:func:`sample_points`, :func:`sample_boxes`, :func:`sample_mask_prompts`,
+:func:`nested_targets`) are torch, batched over prompts, and run on the masks' device with the
+``torch.Generator`` they are given (on that device): the training model samples its prompts
+without copying masks to the host and without the global RNG.
 """
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
-
-RngLike = Union[np.random.Generator, torch.Generator, int, None]
 
 # Log-odds of the soft masks used as mask prompts are clipped to ±LOGIT_CLIP: a hard 0/1 mask has
 # no finite logit, and SAM's own low-res logits live in a range of this order.
 _EPS = 1e-3
 LOGIT_CLIP = float(math.log((1 - _EPS) / _EPS))
-
-
-# The training tasks, named once for the model, the ATS sampler and the trainer: "whole" is
-# whole-image segmentation, the others train the prompt path with that prompt type.
-WHOLE_TASK = "whole"
-PROMPT_TASKS = ("point", "box", "mask")
 
 
 class PromptError(ValueError):
@@ -55,35 +50,6 @@ def _as_bool_mask(mask) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"expected an H×W mask, got shape {mask.shape}")
     return mask.astype(bool, copy=False)
-
-
-def _as_rng(rng: RngLike):
-    if rng is None or isinstance(rng, (int, np.integer)):
-        return np.random.default_rng(rng)
-    if isinstance(rng, (np.random.Generator, torch.Generator)):
-        return rng
-    raise TypeError(f"rng must be a numpy Generator, a torch Generator or an int seed, got {type(rng)}")
-
-
-def _randint(rng, high: int) -> int:
-    """One integer uniform in [0, high)."""
-    if isinstance(rng, torch.Generator):
-        return int(torch.randint(high, (1,), generator=rng).item())
-    return int(rng.integers(0, high))
-
-
-def _uniform(rng, n: int) -> np.ndarray:
-    """``n`` floats uniform in [0, 1)."""
-    if isinstance(rng, torch.Generator):
-        return torch.rand(n, generator=rng, dtype=torch.float64).numpy()
-    return rng.random(n)
-
-
-def _normal(rng, n: int) -> np.ndarray:
-    """``n`` standard normal floats."""
-    if isinstance(rng, torch.Generator):
-        return torch.randn(n, generator=rng, dtype=torch.float64).numpy()
-    return rng.standard_normal(n)
 
 
 def _distance_to_boundary(mask: np.ndarray) -> np.ndarray:
@@ -153,42 +119,7 @@ def next_click(pred, gt) -> Optional[Tuple[Tuple[int, int], int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# training-time samplers
-
-
-def sample_point(mask, rng: RngLike = None) -> np.ndarray:
-    """A point ``[x, y]`` (float32, shape 2) drawn uniformly from the pixels of a non-empty mask."""
-    mask = _as_bool_mask(mask)
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        raise ValueError("cannot sample a point in an empty mask")
-    k = _randint(_as_rng(rng), xs.size)
-    return np.array([xs[k], ys[k]], dtype=np.float32)
-
-
-def sample_box(mask, rng: RngLike = None, jitter: float = 0.1, max_noise: Optional[float] = 20.0) -> np.ndarray:
-    """A noisy ``XYXY`` box (float32, shape 4) around a non-empty H×W mask.
-
-    Each coordinate of the tight box moves by Gaussian noise whose std is ``jitter`` times the box
-    width (x) or height (y), capped at ``max_noise`` pixels (SAM's recipe: 10 %, at most 20 px);
-    the result is clipped to the image and never collapses below one pixel per side.
-    """
-    mask = _as_bool_mask(mask)
-    h, w = mask.shape
-    tight = mask_to_box(mask).astype(np.float64)
-    bw, bh = tight[2] - tight[0], tight[3] - tight[1]
-    std = jitter * np.array([bw, bh, bw, bh])
-    if max_noise is not None:
-        std = np.minimum(std, max_noise)
-    box = tight + _normal(_as_rng(rng), 4) * std
-    box[[0, 2]] = np.clip(box[[0, 2]], 0, w)
-    box[[1, 3]] = np.clip(box[[1, 3]], 0, h)
-    # noise larger than the box can swap/collapse its sides: keep the tight extent on that axis
-    if box[2] - box[0] < 1:
-        box[[0, 2]] = tight[[0, 2]]
-    if box[3] - box[1] < 1:
-        box[[1, 3]] = tight[[1, 3]]
-    return box.astype(np.float32)
+# mask prompts (shared by user input and training)
 
 
 def _low_res_shape(h: int, w: int, low_res: int) -> Tuple[int, int]:
@@ -233,59 +164,210 @@ def mask_to_mask_input(mask, low_res: int = 256) -> np.ndarray:
     return _signed_logits(_low_res_binary(soft), soft)[None]
 
 
-def sample_mask_prompt(mask, rng: RngLike = None, low_res: int = 256, max_radius: int = 3) -> np.ndarray:
-    """A noisy low-res mask prompt (1×L×L float32 logits) made from a GT H×W mask.
+# ----------------------------------------------------------------------------------------------
+# training-time samplers: torch, batched over prompts, on the masks' device
+#
+# The rules are those of SAM's training prompts: a point uniform over a mask's pixels, the
+# mask's tight box with Gaussian corner noise, a degraded low-res copy of the mask. Every random
+# number comes from the ``generator`` argument, which must live on the masks' device.
 
-    At low resolution the mask is eroded, dilated or left as is (radius 1..``max_radius`` px), then
-    its confidence is blurred (sigma 0.5..2 px): soft near the edges, saturated inside, imitating
-    the imperfect previous prediction a mask prompt usually is. Padding outside the image stays
-    confidently background.
+
+def sample_points(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One point per mask, uniform over its pixels.
+
+    Args:
+        masks: n×H×W bool, none of them empty.
+    Returns:
+        n×2 float32 ``(x, y)``: integer pixel coordinates (the pixel ``mask[y, x]``).
     """
-    mask = _as_bool_mask(mask)
-    rng = _as_rng(rng)
-    soft, (nh, nw) = _soft_low_res(mask, low_res)
-    binary = _low_res_binary(soft).astype(np.uint8)
-    op, radius = _randint(rng, 3), 1 + _randint(rng, max(1, max_radius))
-    if op and max_radius > 0:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-        morphed = (cv2.erode if op == 1 else cv2.dilate)(binary, kernel)
-        # eroding a thin object can wipe it out; a prompt of nothing would teach nothing
-        if morphed.any() or not binary.any():
-            binary = morphed
-    sigma = 0.5 + 1.5 * float(_uniform(rng, 1)[0])
-    blurred = cv2.GaussianBlur(binary.astype(np.float32), (0, 0), sigma)
-    logits = _signed_logits(binary.astype(bool), blurred)
-    logits[nh:, :] = -LOGIT_CLIP
-    logits[:, nw:] = -LOGIT_CLIP
-    return logits[None]
+    n, h, w = masks.shape
+    # uniform weights over the mask's pixels: no host round trip to list them
+    flat = torch.multinomial(masks.reshape(n, h * w).float(), 1, generator=generator)[:, 0]
+    return torch.stack([flat % w, torch.div(flat, w, rounding_mode="floor")], 1).float()
 
 
-def nested_targets(point, masks, levels: Optional[Sequence[float]] = None) -> List[int]:
-    """Indices of the masks that contain ``point``, sorted coarse → fine.
+def nested_targets(points: torch.Tensor, masks: torch.Tensor, levels: Optional[torch.Tensor] = None,
+                   max_targets: Optional[int] = None) -> List[torch.Tensor]:
+    """For each point, the indices of the masks containing it, sorted coarse → fine.
 
-    ``point``: ``(x, y)``; ``masks``: N×H×W (np/torch) or a sequence of H×W masks; ``levels``:
-    N hierarchy levels (smaller = coarser, as the pseudo-label hierarchy numbers them) or ``None``.
-    Order: by level, then by decreasing area, then by index. A point outside the image → ``[]``.
+    Args:
+        points: n×2 ``(x, y)`` pixel coordinates (floored to the pixel they fall in).
+        masks: N×H×W bool.
+        levels: N hierarchy levels (smaller = coarser, as the pseudo-label hierarchy numbers
+            them) or ``None`` (all equal).
+        max_targets: keep at most this many (the coarsest), or ``None`` for all.
+    Returns:
+        n int64 index tensors on ``masks.device``, ordered by level, then by decreasing area,
+        then by index; empty for a point outside the image. One host sync (the n counts).
     """
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu().numpy()
-    n = len(masks)
-    if levels is not None and len(levels) != n:
-        raise ValueError(f"{len(levels)} levels for {n} masks")
+    n_masks, h, w = masks.shape
+    if levels is not None and len(levels) != n_masks:
+        raise ValueError(f"{len(levels)} levels for {n_masks} masks")
+    x, y = points[:, 0].floor().long(), points[:, 1].floor().long()
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    contains = masks[:, y.clamp(0, h - 1), x.clamp(0, w - 1)].T & inside[:, None]  # n×N
+    # two stable sorts give the (level, -area, index) order: area (descending) first, then level
+    by_area = torch.sort(masks.flatten(1).sum(1), descending=True, stable=True).indices
+    lv = levels.to(masks.device, torch.float64) if levels is not None else \
+        torch.zeros(n_masks, dtype=torch.float64, device=masks.device)
+    key = torch.where(contains[:, by_area], lv[by_area][None], torch.inf)
+    order = by_area[torch.sort(key, dim=1, stable=True).indices]
+    counts = contains.sum(1)
+    if max_targets is not None:
+        counts = counts.clamp(max=max_targets)
+    return [order[i, :c] for i, c in enumerate(counts.tolist())]
+
+
+def sample_boxes(masks: torch.Tensor, generator: torch.Generator, jitter: float = 0.1,
+                 max_noise: Optional[float] = 20.0) -> torch.Tensor:
+    """A noisy ``XYXY`` box around each non-empty mask (n×H×W bool) → n×4 float32.
+
+    Each coordinate of the tight box (exclusive ends, :func:`mask_to_box`) moves by Gaussian
+    noise whose std is ``jitter`` times the box width (x) or height (y), capped at ``max_noise``
+    pixels (SAM's recipe: 10 %, at most 20 px); the result is clipped to the image and never
+    collapses below one pixel per side (that axis keeps its tight extent).
+    """
+    n, h, w = masks.shape
+    cols, rows = masks.any(1), masks.any(2)  # n×W, n×H
+    # argmax returns the first maximal index: the first / (flipped) last occupied column or row
+    x0, x1 = cols.byte().argmax(1), w - cols.flip(1).byte().argmax(1)
+    y0, y1 = rows.byte().argmax(1), h - rows.flip(1).byte().argmax(1)
+    tight = torch.stack([x0, y0, x1, y1], 1).double()
+    bw, bh = tight[:, 2] - tight[:, 0], tight[:, 3] - tight[:, 1]
+    std = jitter * torch.stack([bw, bh, bw, bh], 1)
+    if max_noise is not None:
+        std = std.clamp(max=max_noise)
+    noise = torch.randn((n, 4), generator=generator, dtype=torch.float64, device=masks.device)
+    box = tight + noise * std
+    box[:, 0::2] = box[:, 0::2].clamp(0, w)
+    box[:, 1::2] = box[:, 1::2].clamp(0, h)
+    # noise larger than the box can swap/collapse its sides: keep the tight extent on that axis
+    narrow_x = (box[:, 2] - box[:, 0] < 1)[:, None]
+    narrow_y = (box[:, 3] - box[:, 1] < 1)[:, None]
+    box[:, 0::2] = torch.where(narrow_x, tight[:, 0::2], box[:, 0::2])
+    box[:, 1::2] = torch.where(narrow_y, tight[:, 1::2], box[:, 1::2])
+    return box.float()
+
+
+def _resize_matrix(src: int, dst: int, area: bool, device) -> torch.Tensor:
+    """dst×src float32 weights of OpenCV's ``INTER_AREA`` resize along one axis.
+
+    ``area``: OpenCV's true area averaging, used when neither axis is enlarged; otherwise its
+    area-flavoured linear interpolation (enlarging by an integer factor repeats pixels).
+    """
+    scale = src / dst
+    m = np.zeros((dst, src), np.float64)
+    for d in range(dst):
+        if area:
+            lo, hi = d * scale, min(d * scale + scale, src)
+            cell = min(scale, src - d * scale)
+            for s in range(int(math.floor(lo)), int(math.ceil(hi))):
+                m[d, s] = (min(hi, s + 1) - max(lo, s)) / cell
+        else:
+            s = int(math.floor(d * scale))
+            f = (d + 1) - (s + 1) / scale
+            f = 0.0 if f <= 0 else f - math.floor(f)
+            if s >= src - 1:
+                s, f = src - 1, 0.0
+            m[d, s] += 1 - f
+            m[d, min(s + 1, src - 1)] += f
+    return torch.from_numpy(m).to(device, torch.float32)
+
+
+def _ellipse(radius: int, device) -> torch.Tensor:
+    """OpenCV's ``MORPH_ELLIPSE`` structuring element of size (2r+1)², float32 0/1."""
+    k = 2 * radius + 1
+    out = torch.zeros((k, k), dtype=torch.float32)
+    for i in range(k):
+        dy = i - radius
+        dx = int(round(radius * math.sqrt((radius * radius - dy * dy) / (radius * radius))))
+        out[i, max(radius - dx, 0):min(radius + dx + 1, k)] = 1
+    return out.to(device)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, half: int) -> torch.Tensor:
+    """n×(2·half+1) Gaussian kernels (OpenCV's ``GaussianBlur`` for float images with
+    ``ksize=(0, 0)``: size ``round(8σ + 1) | 1``, normalised), zero outside each own size."""
+    x = torch.arange(-half, half + 1, dtype=torch.float64, device=sigma.device)
+    size = torch.round(sigma * 8 + 1).long() | 1
+    k = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = torch.where(x[None].abs() <= (size[:, None] - 1) // 2, k, torch.zeros_like(k))
+    return (k / k.sum(1, keepdim=True)).float()
+
+
+def mask_prompts_from(masks: torch.Tensor, op: torch.Tensor, radius: torch.Tensor,
+                      sigma: torch.Tensor, low_res: int = 256, max_radius: int = 3,
+                      max_sigma: float = 2.0) -> torch.Tensor:
+    """The mask prompts of :func:`sample_mask_prompts` for given draws (deterministic).
+
+    Args:
+        masks: n×H×W bool.
+        op: n int64, 0 keep, 1 erode, 2 dilate; radius: n int64 in 1..``max_radius`` (that
+            morphology's radius); sigma: n float64 in (0, ``max_sigma``], std of the confidence
+            blur in low-res pixels. (The bounds size the kernels without reading the draws
+            back to the host.)
+    Returns:
+        n×1×L×L float32 logits.
+    """
+    n, h, w = masks.shape
+    dev = masks.device
     if n == 0:
-        return []
-    x, y = int(math.floor(float(point[0]))), int(math.floor(float(point[1])))
-    h, w = np.asarray(masks[0]).shape[-2:]
-    if not (0 <= x < w and 0 <= y < h):
-        return []
-    keys = []
-    for i in range(n):
-        m = _as_bool_mask(masks[i])
-        if m[y, x]:
-            level = float(levels[i]) if levels is not None else 0.0
-            keys.append((level, -int(m.sum()), i))
-    return [i for _, _, i in sorted(keys)]
+        return torch.zeros((0, 1, low_res, low_res), dtype=torch.float32, device=dev)
+    nh, nw = _low_res_shape(h, w, low_res)
+    area = nh <= h and nw <= w
+    ry, rx = _resize_matrix(h, nh, area, dev), _resize_matrix(w, nw, area, dev)
+    soft = torch.zeros((n, low_res, low_res), dtype=torch.float32, device=dev)
+    soft[:, :nh, :nw] = torch.einsum("ah,nhw,bw->nab", ry, masks.float(), rx)
+    # hard low-res mask; an object thinner than a low-res pixel keeps its strongest pixels
+    peak = soft.flatten(1).max(1).values[:, None, None]
+    binary = soft > 0.5
+    weak = ~binary.flatten(1).any(1)[:, None, None] & (peak > 0)
+    binary = torch.where(weak, soft >= 0.5 * peak, binary)
+    x = binary.float()[:, None]
+    morphed = binary.clone()
+    for r in range(1, max_radius + 1):
+        kernel = _ellipse(r, dev)[None, None]
+        dilated = F.conv2d(x, kernel, padding=r)[:, 0] > 0.5
+        # outside the image counts as foreground for erosion (OpenCV's default border)
+        eroded = ~(F.conv2d(1 - x, kernel, padding=r)[:, 0] > 0.5)
+        pick = (radius == r)[:, None, None]
+        morphed = torch.where(pick & (op == 1)[:, None, None], eroded, morphed)
+        morphed = torch.where(pick & (op == 2)[:, None, None], dilated, morphed)
+    # eroding a thin object can wipe it out; a prompt of nothing would teach nothing
+    wiped = (~morphed.flatten(1).any(1) & binary.flatten(1).any(1))[:, None, None]
+    binary = torch.where(wiped, binary, morphed)
+    half = (int(round(max_sigma * 8 + 1)) | 1) // 2
+    kernels = _gaussian_kernels(sigma.to(dev, torch.float64), half)  # n×K
+    blurred = binary.float()[None]  # 1×n×L×L: one group per prompt
+    blurred = F.conv2d(F.pad(blurred, (half, half, 0, 0), mode="reflect"), kernels[:, None, None],
+                       groups=n)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, half, half), mode="reflect"),
+                       kernels[:, None, :, None], groups=n)[0]
+    p = blurred.clamp(_EPS, 1 - _EPS)
+    magnitude = torch.log(p / (1 - p)).abs().clamp(min=0.1)
+    logits = torch.where(binary, magnitude, -magnitude)
+    logits[:, nh:, :] = -LOGIT_CLIP
+    logits[:, :, nw:] = -LOGIT_CLIP
+    return logits[:, None]
 
+
+def sample_mask_prompts(masks: torch.Tensor, generator: torch.Generator, low_res: int = 256,
+                        max_radius: int = 3) -> torch.Tensor:
+    """A noisy low-res mask prompt per GT mask: n×H×W bool → n×1×L×L float32 logits.
+
+    The mask is area-resized so its longest side is ``L`` (bottom/right padding), then at low
+    resolution eroded, dilated or left as is (each 1/3; radius 1..``max_radius`` px), then its
+    confidence is blurred (sigma uniform in 0.5..2 px): soft near the edges, saturated inside,
+    imitating the imperfect previous prediction a mask prompt usually is. Padding outside the
+    image stays confidently background.
+    """
+    n, dev = masks.shape[0], masks.device
+    op = torch.randint(0, 3, (n,), generator=generator, device=dev)
+    if max_radius <= 0:
+        op = torch.zeros_like(op)
+    radius = 1 + torch.randint(0, max(1, max_radius), (n,), generator=generator, device=dev)
+    sigma = 0.5 + 1.5 * torch.rand((n,), generator=generator, dtype=torch.float64, device=dev)
+    return mask_prompts_from(masks, op, radius, sigma, low_res, max(1, max_radius))
 
 # ----------------------------------------------------------------------------------------------
 # user input (demo command line)

@@ -1,19 +1,20 @@
 """Training hooks for UnSAM's two training aids: the ViSA schedule and the ATS difficulty feedback.
 
-Both act in the main process around the model, so the model needs (almost) no knowledge of them:
+Both act in the main process around the training model
+(:class:`~unsam.engine.train_model.UnSAMTrain`):
 
-* :class:`VisaBatchLoader` wraps the training loader: every batch goes through
-  :func:`unsam.modeling.visa.apply_visa` (granularity curriculum + boundary-band
-  ``gt_mask_weights``) at the iteration that :class:`VisaScheduleHook` sets right before the
-  batch is drawn. The hook also gives the (unwrapped) model the iteration
-  (``UnSAM.set_visa_iteration``): the model owns its ViSA schedule (``UnSAM.visa``, from the
-  config) and reads its semantic-guidance weight at that iteration.
+* :class:`VisaScheduleHook` publishes the iteration before every step to ViSA's two consumers:
+  the training loader's :class:`~unsam.data.visa_transforms.VisaBatchLoader` (granularity
+  curriculum + boundary-band ``gt_mask_weights`` of the next batch) and the (unwrapped) training
+  model (``UnSAMTrain.set_visa_iteration``), which owns ViSA's schedule (``UnSAMTrain.visa``, from
+  the config) and reads its semantic-guidance weight at that iteration.
 * :class:`ATSFeedbackHook` measures a per-sample difficulty of every training step and feeds the
   :class:`~unsam.data.ats.AdaptiveTaskSampler`'s difficulty table (``update`` → ``sync`` every
   ``SYNC_PERIOD`` → ``set_iteration``). It observes the model through PyTorch module hooks, not
   through model code: a forward *pre*-hook on the model records the batch's ``ats_index`` /
   ``ats_task_id``, a forward hook on ``model.criterion`` sees the predictions and the targets and
-  scores each image (see :func:`per_image_difficulty`). Models without a ``criterion`` fall back
+  scores each image (see :func:`per_image_difficulty`: the matcher's mask costs and assignment,
+  :mod:`unsam.modeling.matcher`). Models without a ``criterion`` fall back
   to the batch's total loss, assigned to every sample of the batch.
 
 Register both before detectron2's ``PeriodicCheckpointer`` (``Trainer.build_hooks`` does) so a
@@ -25,22 +26,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import unsam.compat  # noqa: F401
 from detectron2.engine import HookBase
 
-from ..modeling.visa import VisaState, apply_visa
+from ..data.visa_transforms import VisaBatchLoader
+from ..modeling.matcher import batch_mask_cost, hungarian_match
+from ..utils.dist import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "VisaBatchLoader",
     "VisaScheduleHook",
     "ATSFeedbackHook",
     "per_image_difficulty",
     "per_prompt_difficulty",
-    "unwrap_model",
 ]
 
 # predictions / targets are compared on at most this grid (per side): difficulty is a ranking
@@ -48,48 +48,15 @@ __all__ = [
 _DIFFICULTY_MAX_SIDE = 64
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 # ---------------------------------------------------------------------------------------------
 # ViSA
 # ---------------------------------------------------------------------------------------------
-class VisaBatchLoader:
-    """Iterable over training batches with ViSA's target pre-processing applied.
-
-    ``apply_visa(batch, visa_state, self.iteration)`` runs lazily when a batch is drawn (in the
-    trainer's ``run_step``, main process), so ``iteration`` must be set before each step
-    (:class:`VisaScheduleHook` does). Other attributes (e.g. ``ats_sampler``) are those of the
-    wrapped loader.
-    """
-
-    def __init__(self, loader, visa_state: VisaState):
-        self.loader = loader
-        self.visa_state = visa_state
-        self.iteration = 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield apply_visa(batch, self.visa_state, self.iteration)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        # only reached for attributes not found on the wrapper itself
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
 class VisaScheduleHook(HookBase):
     """Advances ViSA's two consumers to the current iteration and logs the schedule.
 
     Before every step: ``batch_loader.iteration = it`` (curriculum + boundary weights of the next
-    batch) and ``model.set_visa_iteration(it)`` on the unwrapped model (semantic guidance inside
-    the model's forward, with the model's own ``visa`` schedule). After the step the three part
+    batch) and ``model.set_visa_iteration(it)`` on the unwrapped training model (semantic
+    guidance inside its forward, with its own ``visa`` schedule). After the step the three part
     weights go to the event storage as ``visa/curriculum``, ``visa/boundary``, ``visa/guidance``.
     """
 
@@ -136,9 +103,10 @@ def _coarse_logits(pred_masks: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, i
 def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss") -> List[Optional[float]]:
     """Difficulty of each image of a batch from the final prediction and the criterion targets.
 
-    Every target is matched one-to-one to a query (Hungarian, cost = sigmoid BCE + dice as in the
-    criterion, without the class term) on a coarse grid (at most 64 px per side, the padded
-    batch's field of view on both sides).
+    Every target is matched one-to-one to a query on a coarse grid (at most 64 px per side, the
+    padded batch's field of view on both sides) with the matcher's mask cost and assignment
+    (:func:`~unsam.modeling.matcher.batch_mask_cost`: sigmoid BCE + dice, without the class
+    term; :func:`~unsam.modeling.matcher.hungarian_match`).
 
     Args:
         outputs: the criterion's ``outputs`` (``pred_masks`` B×Q×h×w logits).
@@ -147,8 +115,6 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
     Returns:
         B values; ``None`` for an image without targets (nothing to measure).
     """
-    from scipy.optimize import linear_sum_assignment
-
     if kind not in ("loss", "iou"):
         raise ValueError(f"UNSAM.ATS.DIFFICULTY must be 'loss' or 'iou', got {kind!r}")
     pred, size = _coarse_logits(outputs["pred_masks"])  # B×Q×h×w
@@ -162,14 +128,8 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
                 continue
             tgt = (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # N×P
             logits = pred[b].flatten(1)  # Q×P
-            p = logits.sigmoid()
-            npix = logits.shape[1]
-            # pairwise BCE via two matmuls: BCE(x, t) = softplus(-x) t + softplus(x) (1 - t)
-            pos, neg = F.softplus(-logits), F.softplus(logits)
-            bce = (pos @ tgt.T + neg @ (1 - tgt).T) / npix  # Q×N
-            dice = 1 - (2 * p @ tgt.T + 1) / (p.sum(1, keepdim=True) + tgt.sum(1)[None] + 1)
-            cost = (bce + dice).cpu().numpy()
-            rows, cols = linear_sum_assignment(cost)
+            cost = batch_mask_cost(logits, tgt).cpu()  # Q×N
+            rows, cols = hungarian_match(cost)
             if kind == "loss":
                 out.append(float(cost[rows, cols].mean()))
             else:
@@ -205,10 +165,7 @@ def per_prompt_difficulty(outputs: Dict, targets: List[torch.Tensor], kind: str 
                 continue
             t = (_coarse(tgt.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # T×P
             if kind == "loss":
-                p = logits.sigmoid()
-                bce = (F.softplus(-logits) @ t.T + F.softplus(logits) @ (1 - t).T) / logits.shape[1]  # K×T
-                dice = 1 - (2 * p @ t.T + 1) / (p.sum(1, keepdim=True) + t.sum(1)[None] + 1)
-                out.append(float((bce + dice).min()))
+                out.append(float(batch_mask_cost(logits, t).min()))  # K×T: the matcher's cost
             else:
                 hard = (logits > 0).float()
                 inter = hard @ t.T

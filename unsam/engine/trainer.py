@@ -12,8 +12,12 @@ Differences from detectron2's defaults, and why:
   sampler in the main process (:func:`build_ats_loader`), fed by :class:`ATSFeedbackHook`; the
   sampler is a checkpointable (``"ats_sampler"``), so ``--resume`` continues its exact stream.
 * ``UNSAM.VISA.ENABLED``: batches pass through ViSA's curriculum / boundary weighting
-  (:class:`VisaBatchLoader`) at the iteration :class:`VisaScheduleHook` publishes.
+  (:class:`~unsam.data.visa_transforms.VisaBatchLoader`) at the iteration
+  :class:`VisaScheduleHook` publishes.
   With both off, loader, hooks and resume are detectron2's, unchanged.
+* The model it trains is the training model (:func:`~unsam.engine.train_model.build_train_model`:
+  :class:`~unsam.engine.train_model.UnSAMTrain` around the inference ``UnSAM``); evaluation during
+  training runs it in eval mode, which is the inference model's path.
 """
 import copy
 import itertools
@@ -41,7 +45,6 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, build_ats_train_loader
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
 from ..data.mapper import UnSAMDatasetMapper
-from ..data.prompts import WHOLE_TASK
 from ..data.index import IndexedDataset
 from ..data.samplers import ResumableTrainingSampler
 from ..data.training import (ReplacedSampleMeter, TrainingRecords, _has_mask, open_training_index,
@@ -49,9 +52,12 @@ from ..data.training import (ReplacedSampleMeter, TrainingRecords, _has_mask, op
 from ..data.sa1b import iter_roots_from_config, register_sa1b
 from ..io.sa1b import DatasetError
 from ..evaluation.whole_image import ClassAgnosticEvaluator
+from ..data.visa_transforms import VisaBatchLoader
 from ..modeling.visa import VisaState
+from ..tasks import WHOLE_TASK
 from .checkpointer import TrainingCheckpointer
-from .hooks import ATSFeedbackHook, VisaBatchLoader, VisaScheduleHook
+from .hooks import ATSFeedbackHook, VisaScheduleHook
+from .train_model import build_train_model
 from ..config.loading import ConfigError, load_config
 from ..utils.dist import create_ddp_model
 
@@ -490,9 +496,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        import unsam.modeling  # noqa: F401  (fills detectron2's registries)
-
-        return super().build_model(cfg)
+        """The training model (:func:`~unsam.engine.train_model.build_train_model`); inference
+        code builds the architecture itself (``detectron2.modeling.build_model``)."""
+        model = build_train_model(cfg)
+        logger.info("Model:\n%s", model)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

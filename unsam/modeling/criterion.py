@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .matcher import point_sample, point_sample_chunked
+from .matcher import batch_mask_cost, hungarian_match, point_sample, point_sample_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +275,6 @@ class PromptCriterion(nn.Module):
     @torch.no_grad()
     def match(self, pred: torch.Tensor, targets: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """pred (N, K, h, w) logits; targets: N tensors (T_i, H, W) → per prompt (output idx, target idx)."""
-        from scipy.optimize import linear_sum_assignment
-
-        from .matcher import batch_dice_cost, batch_sigmoid_ce_cost
-
         out = []
         coords = torch.rand(1, max(64, self.num_points // 4), 2, device=pred.device)
         for i, tgt in enumerate(targets):
@@ -289,10 +285,8 @@ class PromptCriterion(nn.Module):
             with torch.autocast(pred.device.type, enabled=False):  # float16 costs overflow (matcher.py)
                 p = point_sample(pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)).squeeze(1)  # (K, P)
                 t = point_sample_chunked(tgt, coords, p.dtype)  # (T, P)
-                cost = (batch_sigmoid_ce_cost(p, t) + batch_dice_cost(p, t)).cpu()
-            cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
-            r, c = linear_sum_assignment(cost.numpy())
-            out.append((torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)))
+                cost = batch_mask_cost(p, t)
+            out.append(hungarian_match(cost))
         return out
 
     def _mask_losses(self, pred: torch.Tensor, targets: List[torch.Tensor], indices, num_masks: float):

@@ -1,6 +1,9 @@
 """Hungarian matching between predicted and target masks, with costs estimated on sampled points.
 
-Also hosts :func:`point_sample`, the bilinear point reader shared with the criterion.
+Also hosts what the other matchers of the package share: :func:`point_sample` (the bilinear
+point reader of the criterion), the pairwise mask costs (:func:`batch_sigmoid_ce_cost`,
+:func:`batch_dice_cost`, :func:`batch_mask_cost`) and the assignment itself
+(:func:`hungarian_match`) — used by the prompt criterion and the ATS difficulty hook too.
 """
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-__all__ = ["point_sample", "point_sample_chunked", "batch_sigmoid_ce_cost", "batch_dice_cost", "HungarianMatcher"]
+__all__ = [
+    "point_sample",
+    "point_sample_chunked",
+    "batch_sigmoid_ce_cost",
+    "batch_dice_cost",
+    "batch_mask_cost",
+    "hungarian_match",
+    "HungarianMatcher",
+]
 
 
 def point_sample(inputs: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -63,6 +74,27 @@ def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     return (pos @ targets.t() + neg @ (1 - targets).t()) / p
 
 
+def batch_mask_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """inputs: (Q, P) logits; targets: (N, P) in [0, 1] -> (Q, N) BCE + dice, unweighted.
+
+    The mask part of the matching cost where both terms weigh 1 (prompt matching, ATS)."""
+    return batch_sigmoid_ce_cost(inputs, targets) + batch_dice_cost(inputs, targets)
+
+
+def hungarian_match(cost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-cost one-to-one assignment of a (Q, N) cost matrix.
+
+    Returns (row indices, column indices), int64 on CPU, each of length min(Q, N). Non-finite
+    costs are replaced by +-1e6 first: ``linear_sum_assignment`` raises on NaN/inf, and a
+    non-finite loss guard reports the cause better than a traceback from scipy here.
+    """
+    cost = cost.detach().cpu()
+    if not torch.isfinite(cost).all():
+        cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
+    i, j = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets minimising
     ``cost_class * (-p(class)) + cost_mask * BCE + cost_dice * dice``, the mask costs evaluated on
@@ -106,12 +138,7 @@ class HungarianMatcher(nn.Module):
                 cost = (self.cost_mask * batch_sigmoid_ce_cost(out_pts, tgt_pts)
                         + self.cost_class * cost_class
                         + self.cost_dice * batch_dice_cost(out_pts, tgt_pts))
-            cost = cost.reshape(nq, -1).cpu()
-            if not torch.isfinite(cost).all():
-                # linear_sum_assignment raises on NaN/inf; a non-finite loss guard reports the cause
-                cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
-            i, j = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+            indices.append(hungarian_match(cost.reshape(nq, -1)))
         return indices
 
     def extra_repr(self) -> str:

@@ -1,37 +1,28 @@
-"""ViSA — visual-guided semantic augmentation.
+"""ViSA — visual-guided semantic augmentation: its schedule and its semantic guidance loss.
 
 Early in training, pseudo labels are most trustworthy at the level of *semantic regions* (whole
 objects, coherent stuff) and least trustworthy at fine parts and exact boundaries. ViSA steers the
 model toward regions first and releases it later, with three parts that share one schedule
 (:func:`visa_weight`: 1 before ``START_ITER``, decaying to 0 at ``END_ITER``):
 
-1. **Granularity curriculum** (:func:`allowed_depth`, :func:`select_targets_by_level`): only the
-   coarse levels of the pseudo-label hierarchy are used as targets early on (a part only when its
-   parent is also kept); the allowed depth grows as the weight decays.
-2. **Boundary-relaxed mask loss** (:func:`boundary_band_weights`): pixels in a thin band around a
-   pseudo-mask boundary get a reduced weight in the mask BCE/dice terms. The criterion takes them
-   as the optional per-target ``mask_weights`` (N×H×W).
-3. **Semantic guidance loss** (:func:`semantic_guidance_loss`): the cosine affinities of the
+1. **Granularity curriculum** and 2. **boundary-relaxed mask loss**: transforms of the training
+   targets, in :mod:`unsam.data.visa_transforms` (next to the mapper; they run on the batch in the
+   main process).
+3. **Semantic guidance loss** (:func:`semantic_guidance_loss`, here): the cosine affinities of the
    pixel decoder's mask features at sampled points are pulled toward the affinities of
-   self-supervised guidance features (DINO or the classical backend of ``unsam.pseudo``).
+   self-supervised guidance features (DINO or the classical backend of ``unsam.pseudo``). The
+   training model (:class:`unsam.engine.train_model.UnSAMTrain`) adds it to its losses.
 
-:class:`VisaState` turns the ``UNSAM.VISA.*`` config into these pieces for a given iteration.
-With ``UNSAM.VISA.ENABLED = False`` (or after ``END_ITER``) every weight is 0, the curriculum
-keeps every target, :meth:`VisaState.mask_weights` returns ``None`` and
-:meth:`VisaState.guidance_loss` returns ``None`` — the caller then runs exactly the plain path.
-
-Hierarchy convention (as written by the pseudo-label engine into SA-1B JSON): ``level`` 0 is the
-coarsest granularity and a part's level is larger than its parent's; ``parent_id`` is the
-annotation id of the enclosing region, -1 for a root. :func:`parent_indices` maps ids to row
-indices of the target list.
+:class:`VisaState` holds the ``UNSAM.VISA.*`` config and gives each part's weight at an
+iteration (:meth:`VisaState.weights`). With ``UNSAM.VISA.ENABLED = False`` (or after
+``END_ITER``) every weight is 0 and every part is a no-op (the guidance loss is ``None``) — the
+caller then runs exactly the plain path.
 """
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,16 +30,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "visa_weight",
-    "allowed_depth",
-    "parent_indices",
-    "select_targets_by_level",
-    "boundary_band_weights",
     "semantic_guidance_loss",
     "VisaWeights",
     "VisaState",
-    "apply_visa",
-    "apply_visa_to_instances",
-    "guidance_loss_from_outputs",
 ]
 
 
@@ -75,144 +59,6 @@ def visa_weight(iteration: int, start: int, end: int, decay: str = "linear") -> 
     if decay == "linear":
         return 1.0 - t
     return 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-# ---------------------------------------------------------------------------------------------
-# granularity curriculum
-# ---------------------------------------------------------------------------------------------
-def allowed_depth(weight: float, max_level: int, min_depth: int = 0) -> int:
-    """Deepest hierarchy level allowed as a target when the schedule weight is ``weight``.
-
-    The range ``[min_depth, max_level]`` is released in equal steps of the weight: weight 1 allows
-    only ``min_depth``; each further ``1 / (max_level - min_depth + 1)`` of decay adds one level;
-    weight 0 allows everything (``max_level``).
-    """
-    if max_level <= min_depth:
-        return max(max_level, min_depth)
-    w = min(max(float(weight), 0.0), 1.0)
-    steps = max_level - min_depth + 1
-    return min(max_level, min_depth + int(math.floor((1.0 - w) * steps)))
-
-
-def parent_indices(ids: Sequence[int], parent_ids: Sequence[int]) -> torch.Tensor:
-    """Map annotation ``parent_id`` values to row indices of the same target list.
-
-    Args:
-        ids: annotation id of each of the N targets.
-        parent_ids: ``parent_id`` of each target (-1: root).
-    Returns:
-        LongTensor N: index of the parent row, -1 for roots and for parents that are not in the
-        list (e.g. dropped by cropping), which then count as roots.
-    """
-    row = {int(i): r for r, i in enumerate(ids)}
-    return torch.tensor([row.get(int(p), -1) if int(p) >= 0 else -1 for p in parent_ids],
-                        dtype=torch.long)
-
-
-def select_targets_by_level(
-    levels: torch.Tensor,
-    parents: Optional[torch.Tensor],
-    weight: float,
-    max_level: Optional[int] = None,
-    min_depth: int = 0,
-) -> torch.Tensor:
-    """Keep mask of the granularity curriculum.
-
-    A target is kept when its level is at most :func:`allowed_depth` and (when ``parents`` is
-    given) its parent is kept too, so parts never enter before the region that contains them.
-    If that keeps nothing (an image whose coarse regions were cropped away) the coarsest level
-    present is kept, so no image loses all its targets.
-
-    Args:
-        levels: LongTensor N, hierarchy level per target (0 = coarsest).
-        parents: LongTensor N of parent row indices (-1 = root), see :func:`parent_indices`;
-            ``None`` to use levels only.
-        weight: ViSA schedule weight in [0, 1]; 0 keeps every target.
-        max_level: deepest level of the hierarchy; ``None`` or < 0: the deepest level present.
-        min_depth: levels ``<= min_depth`` are always allowed.
-    Returns:
-        BoolTensor N (on ``levels.device``).
-    """
-    levels = torch.as_tensor(levels, dtype=torch.long)
-    n = levels.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.bool, device=levels.device)
-    if max_level is None or max_level < 0:
-        max_level = int(levels.max())
-    depth = allowed_depth(weight, max_level, min_depth)
-    keep = levels <= depth
-    if parents is not None:
-        parents = torch.as_tensor(parents, dtype=torch.long, device=levels.device)
-        if parents.shape != levels.shape:
-            raise ValueError(
-                f"parents shape {tuple(parents.shape)} != levels {tuple(levels.shape)}"
-            )
-        has_parent = (parents >= 0) & (parents < n)
-        safe = parents.clamp(0, n - 1)
-        # propagate "parent dropped" down the tree; keep only shrinks, so this ends within n rounds
-        # even for a malformed (cyclic) parent list
-        for _ in range(n):
-            new_keep = keep & (~has_parent | keep[safe])
-            if torch.equal(new_keep, keep):
-                break
-            keep = new_keep
-    if not bool(keep.any()):
-        keep = levels == levels.min()
-    return keep
-
-
-# ---------------------------------------------------------------------------------------------
-# boundary-relaxed mask loss
-# ---------------------------------------------------------------------------------------------
-def _square_max(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Max over a (2r+1)×(2r+1) window of N×1×H×W, as two 1-D passes (2k work instead of k²).
-
-    max_pool pads with -inf, so pixels outside the image never count as the opposite label.
-    """
-    k = 2 * r + 1
-    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, r))
-    return F.max_pool2d(x, (k, 1), stride=1, padding=(r, 0))
-
-
-def _band_cpu(masks: np.ndarray, r: int) -> np.ndarray:
-    """The boundary band of N×H×W bool masks with OpenCV's uint8 morphology: ~10× faster than
-    max-pooling float maps on CPU. OpenCV's default border never counts as the opposite label."""
-    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
-    band = np.empty(masks.shape, bool)
-    for i, m in enumerate(masks.astype(np.uint8)):
-        band[i] = cv2.dilate(m, kernel) != cv2.erode(m, kernel)
-    return band
-
-
-def boundary_band_weights(
-    masks: torch.Tensor, width: int, min_weight: float, strength: float
-) -> torch.Tensor:
-    """Per-pixel loss weights that relax a band around each mask boundary.
-
-    A pixel is in the band when a pixel of the opposite label lies within Chebyshev distance
-    ``width`` (so ``width=1`` marks the inner and the outer one-pixel ring of a mask). The image
-    border is not a boundary: a mask touching it is not relaxed there.
-
-    Args:
-        masks: BoolTensor N×H×W.
-        width: band half-width in pixels (0 disables).
-        min_weight: weight of band pixels at full strength.
-        strength: in [0, 1], band weight is ``lerp(1, min_weight, strength)``.
-    Returns:
-        FloatTensor N×H×W (float32, on ``masks.device``), 1 outside the band.
-    """
-    if masks.dim() != 3:
-        raise ValueError(f"masks must be N×H×W, got shape {tuple(masks.shape)}")
-    weights = torch.ones(masks.shape, dtype=torch.float32, device=masks.device)
-    if width <= 0 or strength <= 0 or masks.numel() == 0:
-        return weights
-    if masks.device.type == "cpu":
-        band = torch.from_numpy(_band_cpu(masks.numpy(), int(width)))
-    else:
-        m = masks.to(torch.float32).unsqueeze(1)
-        band = (_square_max(m, int(width)) != -_square_max(-m, int(width))).squeeze(1)
-    band_weight = 1.0 + float(strength) * (float(min_weight) - 1.0)
-    return torch.where(band, torch.full_like(weights, band_weight), weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,16 +173,15 @@ class VisaWeights:
 class VisaState:
     """The ``UNSAM.VISA.*`` config as per-iteration operations.
 
-    Typical use (model / hook side)::
+    Typical use::
 
         visa = VisaState.from_config(cfg)
         w = visa.weights(it)                                   # VisaWeights
-        keep = visa.target_keep(levels, parents, it)           # BoolTensor N, filter targets
-        mw = visa.mask_weights(gt_masks, it)                   # None or N×H×W → criterion
         lg = visa.guidance_loss(mask_features, guidance, it)   # None or weighted 0-dim loss
+        # target side: unsam.data.visa_transforms.curriculum_keep / boundary_weights (visa, ...)
 
-    Every method is a no-op (all-True keep mask, ``None``) when the corresponding weight is 0,
-    so a disabled ViSA leaves the training path untouched.
+    Every part is a no-op (all-True keep mask, ``None``) when its weight is 0, so a disabled
+    ViSA leaves the training path untouched.
     """
 
     def __init__(
@@ -401,8 +246,8 @@ class VisaState:
 
     @property
     def uses_guidance(self) -> bool:
-        """Whether the semantic guidance loss is on at some iteration (the model then needs
-        the training iteration, see ``UnSAM.set_visa_iteration``)."""
+        """Whether the semantic guidance loss is on at some iteration (the training model then
+        needs the iteration, see ``UnSAMTrain.set_visa_iteration``)."""
         return self.enabled and self.guidance_enabled and self.guidance_weight > 0
 
     def schedule(self, iteration: int) -> float:
@@ -418,24 +263,6 @@ class VisaState:
             boundary=s if (self.boundary_enabled and self.boundary_width > 0) else 0.0,
             guidance=s * self.guidance_weight if self.guidance_enabled else 0.0,
         )
-
-    def target_keep(
-        self, levels: torch.Tensor, parents: Optional[torch.Tensor], iteration: int
-    ) -> torch.Tensor:
-        """BoolTensor N: targets to train on at ``iteration`` (all True when inactive)."""
-        levels = torch.as_tensor(levels, dtype=torch.long)
-        w = self.weights(iteration).curriculum
-        if w <= 0:
-            return torch.ones(levels.shape, dtype=torch.bool, device=levels.device)
-        max_level = self.max_level if self.max_level >= 0 else None
-        return select_targets_by_level(levels, parents, w, max_level, self.min_depth)
-
-    def mask_weights(self, masks: torch.Tensor, iteration: int) -> Optional[torch.Tensor]:
-        """N×H×W float weights for the criterion's ``mask_weights``, or ``None`` when inactive."""
-        w = self.weights(iteration).boundary
-        if w <= 0:
-            return None
-        return boundary_band_weights(masks, self.boundary_width, self.boundary_min_weight, w)
 
     def guidance_loss(
         self,
@@ -459,131 +286,3 @@ class VisaState:
             valid=valid,
         )
         return loss * w
-
-
-# ---------------------------------------------------------------------------------------------
-# integration: batch pre-processing (trainer side) and the guidance loss (model side)
-# ---------------------------------------------------------------------------------------------
-def apply_visa_to_instances(instances, visa_state: "VisaState", iteration: int):
-    """Granularity curriculum + boundary weights for one image's training ``Instances``.
-
-    Args:
-        instances: detectron2 ``Instances`` with ``gt_masks`` (BitMasks N×H×W) and optionally
-            ``gt_levels`` / ``gt_parents`` (LongTensor N, parent = row index or -1), as written by
-            :class:`unsam.data.mapper.UnSAMDatasetMapper`.
-        visa_state: the :class:`VisaState`.
-        iteration: current training iteration.
-    Returns:
-        ``instances`` itself when no part is active; else a new ``Instances`` holding the kept
-        targets (``gt_parents`` re-indexed into the kept list) and, when the boundary part is
-        active, ``gt_mask_weights`` float32 K×H×W (what the criterion takes as ``mask_weights``).
-    """
-    w = visa_state.weights(iteration)
-    if w.curriculum <= 0 and w.boundary <= 0:
-        return instances
-    out = instances
-    if w.curriculum > 0 and instances.has("gt_levels") and len(instances) > 0:
-        parents = instances.gt_parents if instances.has("gt_parents") else None
-        keep = visa_state.target_keep(instances.gt_levels, parents, iteration)
-        if not bool(keep.all()):
-            out = instances[keep]
-            if parents is not None:
-                # row indices shift when rows are dropped; a dropped parent becomes -1 (root)
-                new_row = torch.full((len(instances),), -1, dtype=torch.long, device=keep.device)
-                new_row[keep] = torch.arange(int(keep.sum()), device=keep.device)
-                old = parents[keep]
-                out.gt_parents = torch.where(old >= 0, new_row[old.clamp(min=0)], old)
-    if w.boundary > 0:
-        masks = out.gt_masks.tensor if hasattr(out.gt_masks, "tensor") else out.gt_masks
-        weights = visa_state.mask_weights(masks.bool(), iteration)
-        if weights is not None:
-            if out is instances:  # never modify the caller's object in place
-                out = _copy_instances(instances)
-            out.gt_mask_weights = weights
-    return out
-
-
-def _copy_instances(instances):
-    """Shallow copy of a detectron2 ``Instances`` (same field tensors, new field dict)."""
-    new = type(instances)(instances.image_size)
-    for k, v in instances.get_fields().items():
-        new.set(k, v)
-    return new
-
-
-def apply_visa(batched_inputs, visa_state: "VisaState", iteration: int):
-    """ViSA pre-processing of a training batch (main process, right before the model forward).
-
-    Args:
-        batched_inputs: list of dataset dicts (``instances`` as produced by the mapper).
-        visa_state: the :class:`VisaState`.
-        iteration: current training iteration.
-    Returns:
-        the **same list object** when ViSA's curriculum and boundary parts are inactive at
-        ``iteration`` (so a disabled ViSA leaves the batch untouched, bit for bit); otherwise a
-        new list of shallow-copied dicts whose ``instances`` went through
-        :func:`apply_visa_to_instances`.
-    """
-    w = visa_state.weights(iteration)
-    if w.curriculum <= 0 and w.boundary <= 0:
-        return batched_inputs
-    out = []
-    for x in batched_inputs:
-        if "instances" in x:
-            x = dict(x)
-            x["instances"] = apply_visa_to_instances(x["instances"], visa_state, iteration)
-        out.append(x)
-    return out
-
-
-def guidance_loss_from_outputs(
-    mask_features: torch.Tensor,
-    batched_inputs,
-    visa_state: Optional["VisaState"],
-    iteration: int,
-    images=None,
-) -> Optional[torch.Tensor]:
-    """ViSA semantic guidance loss for a training batch, or ``None`` when it does not apply.
-
-    Args:
-        mask_features: B×C×h×w pixel-decoder mask features of the *padded* batch.
-        batched_inputs: the B input dicts; each needs ``visa_guidance`` (float D×h'×w' features
-            of its augmented, unpadded image, see ``unsam.data.mapper``). Images without it are
-            skipped.
-        visa_state: the :class:`VisaState` (``None``: ViSA off).
-        iteration: current training iteration (sets the schedule weight and seeds the point
-            sampling, so the loss never consumes the global RNG and a resumed run samples the
-            same points).
-        images: the model's ``ImageList`` (padded B×3×Hp×Wp tensor + ``image_sizes``); the
-            padding is cropped from ``mask_features`` so both maps cover the same field of view.
-            ``None``: the batch has no padding.
-    Returns:
-        schedule-weighted 0-dim loss (mean over the images that carry guidance), or ``None``
-        when ViSA or its guidance part is inactive at ``iteration`` or no image has guidance.
-    """
-    if visa_state is None or visa_state.weights(iteration).guidance <= 0:
-        return None
-    fh, fw = mask_features.shape[-2:]
-    if images is not None:
-        pad_h, pad_w = images.tensor.shape[-2:]
-    losses = []
-    generator = torch.Generator(device=mask_features.device)
-    generator.manual_seed(1_000_003 + int(iteration))
-    for i, x in enumerate(batched_inputs):
-        guide = x.get("visa_guidance") if isinstance(x, dict) else None
-        if guide is None:
-            continue
-        feat = mask_features[i : i + 1]
-        if images is not None:
-            h, w = (int(v) for v in images.image_sizes[i])
-            # the features sit at a fixed stride of the padded tensor: keep the unpadded part
-            vh = min(fh, max(1, -(-h * fh // int(pad_h))))
-            vw = min(fw, max(1, -(-w * fw // int(pad_w))))
-            feat = feat[..., :vh, :vw]
-        guide = torch.as_tensor(guide).to(device=feat.device, dtype=feat.dtype).unsqueeze(0)
-        loss = visa_state.guidance_loss(feat, guide, iteration, generator=generator)
-        if loss is not None:
-            losses.append(loss)
-    if not losses:
-        return None
-    return torch.stack(losses).mean()

@@ -7,12 +7,17 @@ machine — so multi-process training also runs (and is tested) on a laptop.
 * Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) the current process joins the
   group from the environment; ``--num-gpus`` is ignored.
 * Otherwise ``num_gpus > 1`` spawns that many local processes (one per GPU, or CPU workers).
+
+Also the one home of the collective helpers the training code shares (the ATS difficulty table,
+the training model's loss normalisers): every one of them works without a process group (then
+it acts on this process alone) and on gloo (CPU) as on NCCL (CUDA).
 """
 import logging
 import os
 from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -99,3 +104,75 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     for buf in model.buffers():  # broadcast_buffers=False skips them even at init: random ones
         dist.broadcast(buf.data, src=0)  # (SAM's positional-encoding matrix) would differ per rank
     return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (or the model itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives that also run without a process group
+# ---------------------------------------------------------------------------------------------
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) without one."""
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device() -> torch.device:
+    """Where tensors of a collective must live: NCCL only moves CUDA tensors, gloo (CPU
+    training, tests) CPU tensors."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shared_random_seed() -> int:
+    """A random seed, identical on every rank (rank 0's, broadcast)."""
+    seed = int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    if is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([seed], dtype=torch.int64, device=comm_device())
+        dist.broadcast(t, src=0)
+        seed = int(t.item())
+    return seed
+
+
+def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank, in rank order (CPU result).
+
+    Needs a process group (a collective: call on every rank)."""
+    device = comm_device()
+    world = dist.get_world_size()
+    n = torch.tensor([t.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s.item()) for s in sizes]
+    longest = max(sizes_l)
+    if longest == 0:
+        return t.new_zeros(0)
+    padded = torch.zeros(longest, dtype=t.dtype, device=device)
+    padded[: t.numel()] = t.to(device)
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s].cpu() for o, s in zip(out, sizes_l)])
+
+
+def mean_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    """``values`` averaged over the processes of the default group (themselves without one).
+
+    One float64 all_reduce on ``device`` (the model's: NCCL needs CUDA tensors); a collective
+    when a group exists, so every rank must call it the same number of times."""
+    t = torch.as_tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
