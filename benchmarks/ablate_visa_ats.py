@@ -338,7 +338,7 @@ def prompt_metrics(cfg, weights: Path, eval_names: Sequence[str]) -> Dict:
     cfg.defrost()
     cfg.MODEL.WEIGHTS, cfg.UNSAM.PROMPT.MODE = str(weights), "learned"
     cfg.freeze()
-    predictor = PromptPredictor(cfg)
+    predictor = PromptPredictor.from_config(cfg)
     metrics = {}
     for name in eval_names:
         metrics[name] = {}

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "UNSAM.PROMPT.MODE", mode,
                                              "INPUT.IMAGE_SIZE", str(s), *args.opts])
-        predictor = PromptPredictor(cfg)
+        predictor = PromptPredictor.from_config(cfg)
         with torch.no_grad():
             set_image_s = _median_time(lambda: predictor.set_image(image), args.repeat)
             point_s = _median_time(lambda: predictor.predict(*point, multimask_output=True), args.repeat)

@@ -94,7 +94,7 @@ def run(args) -> None:
     validate_prompts(points, labels, box, first.shape[:2])  # so do prompts that miss the first image
     if args.mask_input:
         _read_mask(args.mask_input, first.shape[:2])
-    predictor = PromptPredictor(cfg)
+    predictor = PromptPredictor.from_config(cfg)
     for path, image in tqdm(images, total=len(paths), desc="segment", unit="img"):
         try:
             pts, lbl, bx = validate_prompts(points, labels, box, image.shape[:2])

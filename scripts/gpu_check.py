@@ -411,7 +411,7 @@ def step_inference(plan: Dict, work: Path, image_path: Path, weights: Path) -> D
     cfg = load_cfg(R50, infer_opts(plan, device, weights))
     res["queries"] = int(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES)
     _free()
-    predictor = WholeImagePredictor(cfg)
+    predictor = WholeImagePredictor.from_config(cfg)
     res["weights_gpu_gb"] = _gb(torch.cuda.memory_allocated()) if device == "cuda" else None
     runs = plan["timed_runs"]
 
@@ -508,7 +508,7 @@ def step_prompt(plan: Dict, image_path: Path, whole: Path, prompt: Path) -> Dict
     def one(mode: str, weights: Path) -> Dict:
         cfg = load_cfg(R50, infer_opts(plan, device, weights, ["UNSAM.PROMPT.MODE", mode]))
         _free()
-        predictor = PromptPredictor(cfg)
+        predictor = PromptPredictor.from_config(cfg)
         out: Dict = {"ok": True, "mode": predictor.mode, "weights": weights.name}
         if predictor.mode != mode:
             raise CheckFailed(f"asked for prompt mode {mode}, the predictor ran {predictor.mode}")

@@ -62,7 +62,7 @@ def test_training_on_shapes_learns(tmp_path):
 
     cfg = load_config(TINY, ["INPUT.IMAGE_SIZE", "128", "MODEL.DEVICE", "cpu", "UNSAM.PROMPT.MODE", "auto",
                              "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth")])
-    predictor = PromptPredictor(cfg)
+    predictor = PromptPredictor.from_config(cfg)
     assert predictor.mode == "select"  # a whole-image checkpoint: auto selects among its queries
     prompts = evaluate_prompts(predictor, coco_from_sa1b(val), val, box=True)
     print(f"select mode on the whole-image model: {prompts}")

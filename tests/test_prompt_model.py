@@ -204,7 +204,7 @@ def prompt_predictor():
     torch.manual_seed(0)
     cfg = _cfg()
     cfg.freeze()
-    return PromptPredictor(cfg)
+    return PromptPredictor.from_config(cfg)
 
 
 def test_predictor_matches_sam_predictor_conventions(prompt_predictor):
@@ -361,7 +361,8 @@ def test_prompt_training_learns_one_click_segmentation(tmp_path):
     trainer.train()
     train_s = time.perf_counter() - start
     eval_cfg = load_config(str(TINY_PROMPT), opts + ["MODEL.WEIGHTS", str(out / "model_final.pth")])
-    metrics = evaluate_prompts(PromptPredictor(eval_cfg), coco_from_sa1b(val_root), val_root, box=True)
+    predictor = PromptPredictor.from_config(eval_cfg)
+    metrics = evaluate_prompts(predictor, coco_from_sa1b(val_root), val_root, box=True)
     print(f"\nprompt learning: {iters} iters in {train_s:.0f}s; {metrics}")
     assert metrics["num_instances"] > 40
     assert metrics["mIoU_oracle"] >= 0.7, metrics

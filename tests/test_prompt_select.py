@@ -65,7 +65,7 @@ def two_shapes():
 def _select_predictor(ckpt, *opts):
     cfg = _cfg(TINY, "MODEL.WEIGHTS", str(ckpt), *opts)
     cfg.freeze()
-    return PromptPredictor(cfg)
+    return PromptPredictor.from_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def test_predictors_refuse_a_checkpoint_without_whole_image_tensors(tmp_path):
     cfg = _cfg(TINY, "MODEL.WEIGHTS", str(path))
     for cls in (PromptPredictor, WholeImagePredictor):
         with pytest.raises(WeightsError, match="sem_seg_head"):
-            cls(cfg)
+            cls.from_config(cfg)
 
 
 def test_unknown_prompt_mode_is_a_config_error(public_format_ckpt):

@@ -103,7 +103,7 @@ def test_predictors_refuse_missing_gpu():
     cfg = load_config(TINY, ["MODEL.DEVICE", MISSING_GPU])
     for predictor in (WholeImagePredictor, PromptPredictor):
         with pytest.raises(DeviceError, match="MODEL.DEVICE"):
-            predictor(cfg)
+            predictor.from_config(cfg)
 
 
 # ----------------------------------------------------------------------------- 4. output file name
@@ -193,7 +193,8 @@ def prompt_predictor(request):
     from unsam.predictor import PromptPredictor
 
     torch.manual_seed(0)
-    return PromptPredictor(load_config(str(TINY_PROMPT), [*FAST, "UNSAM.PROMPT.MODE", request.param]))
+    cfg = load_config(str(TINY_PROMPT), [*FAST, "UNSAM.PROMPT.MODE", request.param])
+    return PromptPredictor.from_config(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def whole_predictor():
     from unsam.predictor import WholeImagePredictor
 
     torch.manual_seed(0)
-    return WholeImagePredictor(load_config(TINY, ["MODEL.DEVICE", "cpu"]))
+    return WholeImagePredictor.from_config(load_config(TINY, ["MODEL.DEVICE", "cpu"]))
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (1, 64, 64), (256, 256), (2, 256, 256), (1, 256, 128)])

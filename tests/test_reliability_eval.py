@@ -240,3 +240,64 @@ def test_prompt_evaluator_still_scores_a_valid_ground_truth(tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics["num_instances"] == 1 and metrics["num_images"] == 1
     assert 0.0 <= metrics["mIoU_max"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- one image reader
+class _Recorder:
+    """A predictor that keeps the image it is given and answers with an empty mask."""
+
+    def set_image(self, image):
+        self.image = image.copy()
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
+                multimask_output=True):
+        h, w = self.image.shape[:2]
+        n = 3 if multimask_output else 1
+        return np.zeros((n, h, w), bool), np.zeros(n, np.float32), np.zeros((n, 256, 256), np.float32)
+
+
+def test_prompt_and_whole_image_evaluation_see_the_same_pixels(tmp_path):
+    """Was: the prompt evaluator read with raw PIL, so a phone photo stored sideways with an EXIF
+    Orientation tag was scored unrotated (and its size refused against the annotations), while
+    the whole-image evaluator's mapper applied the tag."""
+    from unsam.config.loading import load_config
+    from unsam.data.mapper import UnSAMDatasetMapper
+    from unsam.utils.images import read_rgb
+
+    stored = np.random.default_rng(0).integers(0, 255, (W, H, 3), dtype=np.uint8)  # sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown rotated 90° clockwise, H×W as the annotations
+    path = tmp_path / "images" / "img_0.png"
+    path.parent.mkdir()
+    Image.fromarray(stored).save(path, exif=exif)
+    shown = np.rot90(stored, k=-1)
+    assert shown.shape[:2] == (H, W)
+    recorder = _Recorder()
+    gt = _gt_dict(_mask())
+    prompt_eval.evaluate_prompts(recorder, gt, path.parent, box=False)
+    np.testing.assert_array_equal(recorder.image, shown)
+    mapper = UnSAMDatasetMapper(load_config(TINY), is_train=False)
+    whole = mapper.read_image({"file_name": str(path), "height": H, "width": W})
+    np.testing.assert_array_equal(recorder.image, whole)
+    np.testing.assert_array_equal(recorder.image, read_rgb(path))
+
+
+def test_prompt_evaluation_reads_16_bit_images_as_every_path_does(tmp_path):
+    from unsam.utils.images import read_rgb
+
+    gray = np.random.default_rng(1).integers(0, 65535, (H, W), dtype=np.uint16)
+    path = tmp_path / "images" / "img_0.png"
+    path.parent.mkdir()
+    Image.fromarray(gray).save(path)
+    recorder = _Recorder()
+    prompt_eval.evaluate_prompts(recorder, _gt_dict(_mask()), path.parent, box=False)
+    np.testing.assert_array_equal(recorder.image, read_rgb(path))
+    np.testing.assert_array_equal(recorder.image[..., 0], (gray >> 8).astype(np.uint8))
+
+
+def test_one_format_metrics_for_every_evaluator():
+    """Was: two format_metrics (whole-image: only its nine keys in percent; prompt: mIoU*)."""
+    assert prompt_eval.format_metrics is whole_image.format_metrics
+    line = whole_image.format_metrics({"AR@100": 0.4567, "mIoU_max@2": 0.5, "AP50": 1.0,
+                                       "num_images": 40, "seconds_per_image": 0.1234})
+    assert line == "AR@100 45.7  mIoU_max@2 50.0  AP50 100.0  num_images 40  seconds_per_image 0.123"

@@ -57,7 +57,8 @@ def raw(weights, shapes):
     from unsam.predictor import WholeImagePredictor
     from unsam.config.loading import load_config
 
-    predictor = WholeImagePredictor(load_config(str(TINY), ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]))
+    cfg = load_config(str(TINY), ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"])
+    predictor = WholeImagePredictor.from_config(cfg)
     out = {}
     with torch_threads(1):
         for p in sorted(shapes[1].glob("*.png")):

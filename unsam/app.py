@@ -1,9 +1,12 @@
 """Browser demo of UnSAM: segment everything, click to prompt, browse the pseudo-label hierarchy.
 
   python -m unsam.app [--config-file F] [--host 127.0.0.1] [--port 7860] [--max-side 1024]
-                      [--max-upload-mb 50] [--samples DIR|GLOB] [--opts MODEL.WEIGHTS W MODEL.DEVICE cpu ...]
+                      [--max-upload-mb 50] [--samples DIR|GLOB]
+                      [--opts MODEL.WEIGHTS W MODEL.DEVICE cpu ...]
 
-then open http://127.0.0.1:7860. Three tabs work on the uploaded (or sample) photo:
+then open http://127.0.0.1:7860. Three tabs work on the uploaded (or sample) photo. Sample
+photos: ``--samples`` (a folder or a glob), else the shared COCO validation photos when
+``$UNSAM_SHARED`` is set (``$UNSAM_SHARED/data/coco_tiny_val2017/images``), else none.
 
 * **Everything** — whole-image masks as a coloured overlay, with a score threshold and a
   mask-count limit. With no ``MODEL.WEIGHTS`` the model would be random, so this tab runs the
@@ -40,15 +43,17 @@ from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hie
                           pick_mask, public_message, render_everything, render_hierarchy, render_prompt,
                           write_pseudo_json)
 from .checkpoint import WeightsError
-from .data.coco import shared_data_dir
 from .demo_io import IMAGE_EXTENSIONS
 from .config.loading import ConfigError, load_config
+from .configs import get_config_file
 from .visualize import draw_prompts
 
 logger = logging.getLogger("unsam.app")
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "tiny" / "unsam_quickstart.yaml"
+# the quickstart's tiny promptable model, shipped inside the package (unsam/configs)
+DEFAULT_CONFIG = get_config_file("tiny/unsam_quickstart.yaml")
+# the sample photos offered when $UNSAM_SHARED is set and --samples is not given
+SHARED_SAMPLES = ("data", "coco_tiny_val2017", "images")
 MAX_SAMPLES = 6
 # the largest upload accepted by default: phone and camera JPEGs are 2-15 MB, so this takes any
 # photo and most large PNGs while bounding what one upload can make the server store
@@ -61,8 +66,8 @@ def get_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), metavar="FILE",
                         help="model config (default: the quickstart's tiny promptable model, "
-                             "configs/tiny/unsam_quickstart.yaml; the public UnSAM R50 checkpoint needs "
-                             "configs/unsam_only_sa-1b_R50.yaml)")
+                             "tiny/unsam_quickstart.yaml of the package's configs; the public UnSAM "
+                             "R50 checkpoint needs configs/unsam_only_sa-1b_R50.yaml)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for your network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -73,30 +78,45 @@ def get_parser() -> argparse.ArgumentParser:
                         help=f"uploads larger than this are refused before they are stored (default "
                              f"{DEFAULT_MAX_UPLOAD_MB})")
     parser.add_argument("--samples", default=None, metavar="DIR|GLOB",
-                        help=f"sample photos offered on the page (the first {MAX_SAMPLES}; default: the shared COCO "
-                             "validation photos when present)")
+                        help=f"sample photos offered on the page (the first {MAX_SAMPLES}; default: "
+                             "$UNSAM_SHARED/data/coco_tiny_val2017/images when UNSAM_SHARED is set, "
+                             "else none)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu "
                              "(last: takes everything after it)")
     return parser
 
 
+def default_samples() -> Optional[str]:
+    """The sample folder when ``--samples`` is not given: the shared COCO validation photos
+    under ``$UNSAM_SHARED`` when that is set and holds them, else None (no samples)."""
+    shared = os.environ.get("UNSAM_SHARED")
+    if not shared:
+        return None
+    folder = Path(shared).joinpath(*SHARED_SAMPLES)
+    if not folder.is_dir():
+        logger.warning("no sample photos: %s is not a folder (UNSAM_SHARED)", folder)
+        return None
+    return str(folder)
+
+
 def find_samples(spec: Optional[str]) -> List[str]:
-    """Up to :data:`MAX_SAMPLES` image paths from a folder or glob (default: the shared photos)."""
+    """Up to :data:`MAX_SAMPLES` image paths from a folder or glob (None: :func:`default_samples`)."""
     if spec is None:
-        shared = shared_data_dir()
-        if shared is None:
+        spec = default_samples()
+        if spec is None:
             return []
-        spec = str(shared / "coco_tiny_val2017" / "images")
     pattern = os.path.join(spec, "*") if os.path.isdir(spec) else spec
     return sorted(p for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)[:MAX_SAMPLES]
 
 
 def shown_path(path: str) -> str:
-    """How the page names a server file: relative to the checkout when inside it, else by its
-    base name (the browser user has no business knowing the server's folders)."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else Path(path).name
+    """How the page names a server file: relative to the working folder when inside it (e.g.
+    ``configs/tiny/unsam_tiny.yaml`` in a checkout), else by its base name (the browser user has
+    no business knowing the server's folders)."""
+    absolute = Path(os.path.abspath(path))
+    cwd = Path.cwd()
+    return str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else absolute.name
 
 
 def status_text(models: DemoModels, config_file: str) -> str:

@@ -221,10 +221,16 @@ class DemoModels:
     are never larger, and upsampling them would only cost time) and its detections at
     :data:`MAX_SHOWN_MASKS` (full-size masks are what costs memory). ``engine_cfg``: the
     pseudo-label engine's (classical recipe by default).
+
+    One network serves both tabs: ``MODEL.WEIGHTS`` is read once, the prompt mode resolved by it
+    (:func:`unsam.predictor.build_prompt_model`), and ``whole`` and ``prompter`` share the one
+    model (whole-image outputs do not depend on the prompt path), in every prompt mode. With no
+    weights the model is random, drawn from a fixed seed on a forked generator, so every start
+    shows the same page and the process's own random state is left alone.
     """
 
-    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[ClassicalSettings] = None):
-        from .predictor import PromptPredictor, WholeImagePredictor
+    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[EngineConfig] = None):
+        from .predictor import PromptPredictor, WholeImagePredictor, build_prompt_model
 
         cfg = cfg.clone()
         cfg.defrost()
@@ -233,13 +239,14 @@ class DemoModels:
         cfg.freeze()
         self.cfg = cfg
         self.has_weights = bool(cfg.MODEL.WEIGHTS)
-        if not self.has_weights:
-            torch.manual_seed(0)  # a random model, but the same one every start: reproducible pages
-        self.engine_cfg = engine_cfg or ClassicalSettings()
+        self.engine_cfg = engine_cfg or EngineConfig()
         self.labeler = build_labeler(self.engine_cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # only a random model draws from it (no MODEL.WEIGHTS)
+            self.model, prompt_cfg = build_prompt_model(cfg)
         # with no weights the whole-image model would be random: "everything" uses the engine
-        self.whole = WholeImagePredictor(cfg) if self.has_weights else None
-        self.prompter = PromptPredictor(cfg)
+        self.whole = WholeImagePredictor(self.model, cfg) if self.has_weights else None
+        self.prompter = PromptPredictor(self.model, prompt_cfg)
         self._whole_lock = threading.Lock()
         self._engine_lock = threading.Lock()
         self._prompt_lock = threading.Lock()

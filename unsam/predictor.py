@@ -1,10 +1,15 @@
-"""Inference wrappers built like detectron2's ``DefaultPredictor``.
+"""Inference wrappers in segment-anything's pattern: a predictor takes a built model.
 
-``WholeImagePredictor(cfg)(image)`` segments everything in one H×W×3 uint8 RGB image and returns
-detectron2 ``Instances`` (``pred_masks`` bool N×H×W, ``scores`` N, ``pred_boxes`` N×4) sorted by
-score. ``PromptPredictor(cfg)`` answers point / box / mask prompts with the interface of
-``segment_anything.SamPredictor`` (``set_image`` once, then ``predict`` / ``predict_batch``).
-Weights come from ``cfg.MODEL.WEIGHTS`` (local path or URL; empty = random init).
+``WholeImagePredictor(model, cfg)(image)`` segments everything in one H×W×3 uint8 RGB image and
+returns detectron2 ``Instances`` (``pred_masks`` bool N×H×W, ``scores`` N, ``pred_boxes`` N×4)
+sorted by score. ``PromptPredictor(model, cfg)`` answers point / box / mask prompts with the
+interface of ``segment_anything.SamPredictor`` (``set_image`` once, then ``predict`` /
+``predict_batch``). One model may serve both (the browser demo does).
+
+``from_config(cfg)`` on either class builds the model of ``cfg`` and loads ``cfg.MODEL.WEIGHTS``
+(local path or URL; empty = random init), as ``sam_model_registry[...](checkpoint)`` +
+``SamPredictor(sam)`` do; :func:`build_inference_model` and :func:`build_prompt_model` are the
+builders, for code that shares one network between predictors.
 """
 import logging
 from typing import Dict, Optional, Tuple
@@ -82,6 +87,49 @@ def resolve_prompt_mode(cfg, checkpoint: Optional[Dict]) -> Tuple[str, str]:
                       "whole-image queries")
 
 
+def build_prompt_model(cfg, checkpoint: Optional[Dict] = None):
+    """The model :class:`PromptPredictor` needs, and ``cfg`` with its prompt mode resolved.
+
+    Reads ``MODEL.WEIGHTS`` unless ``checkpoint`` (:func:`unsam.checkpoint.read_weights`) is
+    given, resolves ``UNSAM.PROMPT.MODE`` (:func:`resolve_prompt_mode`, logged) and builds the
+    model with the prompt path only in ``learned`` mode. Returns ``(model, cfg)``: a model in
+    eval mode and a frozen copy of ``cfg`` whose ``UNSAM.PROMPT.MODE`` is ``learned`` or
+    ``select`` and ``UNSAM.PROMPT.ENABLED`` says whether the model has the prompt path. The
+    model's whole-image outputs are those of :func:`build_inference_model`'s (the prompt path
+    takes no part in them), so a :class:`WholeImagePredictor` may share it.
+    """
+    if checkpoint is None and cfg.MODEL.WEIGHTS:
+        checkpoint = read_weights(cfg.MODEL.WEIGHTS)
+    mode, reason = resolve_prompt_mode(cfg, checkpoint)
+    logger.info("prompt mode '%s': %s", mode, reason)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.UNSAM.PROMPT.ENABLED = mode == "learned"
+    cfg.UNSAM.PROMPT.MODE = mode
+    cfg.freeze()
+    learned = mode == "learned"
+    what = "prompting by learned prompt head" if learned else "prompting by query selection"
+    model = build_inference_model(cfg, checkpoint, what, PROMPT_PARTS if learned else ())
+    return model, cfg
+
+
+def model_prompt_mode(model: torch.nn.Module, mode: str) -> str:
+    """``mode`` (``UNSAM.PROMPT.MODE``) for ``model`` → "learned" | "select".
+
+    ``auto`` is ``learned`` when the model has the prompt path, ``select`` otherwise; ``learned``
+    on a model without it is a ValueError.
+    """
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"UNSAM.PROMPT.MODE must be one of {PROMPT_MODES}, got {mode!r}")
+    enabled = bool(getattr(model, "prompt_enabled", False))
+    if mode == "auto":
+        return "learned" if enabled else "select"
+    if mode == "learned" and not enabled:
+        raise ValueError("prompt mode 'learned' needs a model with the prompt path (built with "
+                         "UNSAM.PROMPT.ENABLED True); use mode 'select' for a whole-image model")
+    return mode
+
+
 def check_rgb_image(image: np.ndarray) -> None:
     """An H×W×3 uint8 array with pixels, else ValueError naming what was given."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -108,24 +156,41 @@ class _ResizeLongestSide(ResizeLongestSide):
 
 
 class WholeImagePredictor:
-    """Segment everything in an image: ``instances = predictor(image)``."""
+    """Segment everything in an image: ``instances = predictor(image)``.
 
-    def __init__(self, cfg):
+    ``model``: an UnSAM model in eval mode (:func:`build_inference_model`, or the model of a
+    :class:`PromptPredictor`: the whole-image outputs do not depend on the prompt path);
+    ``cfg``: its config, for the test-time resize (``INPUT.MIN_SIZE_TEST`` /
+    ``INPUT.MAX_SIZE_TEST``) and ``INPUT.FORMAT``. The number of masks and their scoring are the
+    model's own (``TEST.DETECTIONS_PER_IMAGE`` of the config it was built with).
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg):
+        self.model = model
         self.cfg = cfg.clone()
-        self.model = build_inference_model(self.cfg)
         self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray):
-        """``image``: H×W×3 uint8 RGB. Returns ``Instances`` at the original image size."""
+    @classmethod
+    def from_config(cls, cfg) -> "WholeImagePredictor":
+        """Build the model of ``cfg`` and load ``cfg.MODEL.WEIGHTS`` (empty: random weights)."""
+        return cls(build_inference_model(cfg), cfg)
+
+    def prepare(self, image: np.ndarray) -> Dict[str, object]:
+        """``image`` (H×W×3 uint8 RGB) → the model's input dict: ``image`` 3×h×w uint8 tensor
+        resized and in ``INPUT.FORMAT``, ``height`` H and ``width`` W (the output size)."""
         check_rgb_image(image)
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         h, w = image.shape[:2]
         resized = self._resize(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return self.model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+        return {"image": tensor, "height": h, "width": w}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray):
+        """``image``: H×W×3 uint8 RGB. Returns ``Instances`` at the original image size."""
+        return self.model([self.prepare(image)])[0]["instances"].to("cpu")
 
     def _resize(self, image: np.ndarray) -> T.Transform:
         """detectron2's test-time resize with no side below 1 px (:func:`_at_least_one`); the
@@ -139,16 +204,19 @@ class WholeImagePredictor:
 class PromptPredictor:
     """Promptable segmentation with the ``segment_anything.SamPredictor`` interface::
 
-        predictor = PromptPredictor(cfg)          # loads cfg.MODEL.WEIGHTS
-        predictor.set_image(image)                # H×W×3 uint8 RGB: the image is encoded once
-        masks, iou_predictions, low_res_logits = predictor.predict(point_coords=..., point_labels=...)
+        predictor = PromptPredictor.from_config(cfg)   # builds, loads cfg.MODEL.WEIGHTS
+        # or PromptPredictor(model, cfg) for a model already built (build_prompt_model)
+        predictor.set_image(image)         # H×W×3 uint8 RGB: the image is encoded once
+        masks, iou_predictions, low_res_logits = predictor.predict(point_coords=...,
+                                                                   point_labels=...)
 
     Frames and conventions are SAM's: the image is resized so that its longest side is
     ``INPUT.IMAGE_SIZE`` (``segment_anything``'s ``ResizeLongestSide``) and zero-padded
     (bottom/right) to a square; prompts are in pixels of the original image (points (x, y), boxes
     XYXY); ``mask_input`` / ``low_res_logits`` are 256×256 logits over the padded square.
 
-    Two modes (``UNSAM.PROMPT.MODE``, resolved once in ``__init__``, logged, kept in ``mode``):
+    Two modes (``UNSAM.PROMPT.MODE`` of ``cfg``, resolved once in ``__init__``, logged, kept
+    in ``mode``):
 
     * ``learned``: the prompt encoder's K granularity queries run through the decoder;
       ``set_image`` runs backbone + pixel decoder. ``multimask_output=True`` returns the K
@@ -160,31 +228,40 @@ class PromptPredictor:
       ``iou_predictions`` is the selection score (0 for an output that does not satisfy the
       prompt, given only when no query does). :meth:`predict_batch` pads to K with empty masks
       of score 0.
-    * ``auto`` (default): ``learned`` when ``MODEL.WEIGHTS`` holds prompt-path tensors, else
-      ``select``.
+    * ``auto`` (default): :meth:`from_config` resolves it by the checkpoint, ``learned`` when
+      ``MODEL.WEIGHTS`` holds prompt-path tensors, else ``select`` (:func:`resolve_prompt_mode`);
+      for a model handed in, ``learned`` when it has the prompt path, else ``select``.
 
     Differences from SAM: K outputs instead of SAM's 3; SAM has a dedicated single-mask token.
     """
 
-    def __init__(self, cfg):
-        checkpoint = read_weights(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else None
-        self.mode, reason = resolve_prompt_mode(cfg, checkpoint)
-        logger.info("prompt mode '%s': %s", self.mode, reason)
+    def __init__(self, model: torch.nn.Module, cfg):
+        """``model``: an UnSAM model in eval mode (:func:`build_prompt_model`); ``cfg``: its
+        config (``INPUT.IMAGE_SIZE``, ``INPUT.FORMAT``, ``UNSAM.PROMPT.MODE`` /
+        ``NUM_GRANULARITIES``). The model is used, never changed: other predictors may share it."""
+        self.model = model
+        self.mode = model_prompt_mode(model, cfg.UNSAM.PROMPT.MODE)
+        if cfg.UNSAM.PROMPT.MODE == "auto":
+            logger.info("prompt mode '%s': the model %s the prompt path", self.mode,
+                        "has" if self.mode == "learned" else "does not have")
         cfg = cfg.clone()
         cfg.defrost()
-        cfg.UNSAM.PROMPT.ENABLED = self.mode == "learned"
+        cfg.UNSAM.PROMPT.ENABLED = bool(getattr(model, "prompt_enabled", False))
         cfg.UNSAM.PROMPT.MODE = self.mode
         cfg.freeze()
         self.cfg = cfg
-        what = "prompting by learned prompt head" if self.mode == "learned" else "prompting by query selection"
-        self.model = build_inference_model(cfg, checkpoint, what,
-                                           PROMPT_PARTS if self.mode == "learned" else ())
         self.image_size = int(cfg.INPUT.IMAGE_SIZE)
         self.num_granularities = int(cfg.UNSAM.PROMPT.NUM_GRANULARITIES)
         self.transform = _ResizeLongestSide(self.image_size)
         self.input_format = cfg.INPUT.FORMAT
         self.mask_threshold = 0.0
         self.reset_image()
+
+    @classmethod
+    def from_config(cls, cfg) -> "PromptPredictor":
+        """Read ``cfg.MODEL.WEIGHTS``, resolve the prompt mode by it and build the model that
+        mode needs (:func:`build_prompt_model`)."""
+        return cls(*build_prompt_model(cfg))
 
     @property
     def device(self) -> torch.device:

@@ -193,7 +193,7 @@ class SelfTrainLabeler:
         from .predictor import WholeImagePredictor
 
         self.c = c
-        self.predictor = WholeImagePredictor(build_cfg(c))
+        self.predictor = WholeImagePredictor.from_config(build_cfg(c))
         self.previous = index_by_stem(c.previous, "--previous") if c.previous else None
 
     def __call__(self, image: np.ndarray) -> List[Dict]:

@@ -54,7 +54,7 @@ def run(args) -> None:
     outputs = plan_outputs(args.output, paths)
     skipped: List[str] = []
     _, images = readable_images(paths, skipped)
-    predictor = WholeImagePredictor(cfg)
+    predictor = WholeImagePredictor.from_config(cfg)
     for path, image in tqdm(images, total=len(paths), desc="segment", unit="img"):
         start = time.perf_counter()
         instances = predictor(image)

@@ -42,14 +42,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from ..data.prompts import farthest_interior_point, mask_to_box, next_click
 from ..utils.device import DeviceError, check_device
 from ..utils.files import OutputError
-from .whole_image import GroundTruthError, check_out_path, load_coco_gt, write_metrics_json
+from ..utils.images import UnsupportedImageError, read_rgb
+from .whole_image import (GroundTruthError, check_out_path, format_metrics, load_coco_gt,
+                          write_metrics_json)
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +76,14 @@ def _load_gt(gt) -> COCO:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """H×W×3 uint8 RGB."""
+    """H×W×3 uint8 RGB, read by the project's one reader (:func:`unsam.utils.images.read_rgb`:
+    EXIF orientation applied, 16-bit scaled to 8), as the whole-image evaluator's mapper and the
+    demos read it, so both evaluations see the same pixels of a photo."""
     if not path.is_file():
         raise EvaluationInputError(f"image '{path}' not found")
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
+        return read_rgb(path)
+    except (OSError, UnsupportedImageError) as e:
         raise EvaluationInputError(f"cannot read image '{path}': {e}") from None
 
 
@@ -274,14 +276,6 @@ def evaluate_prompts(
     return metrics
 
 
-def format_metrics(metrics: Dict[str, float]) -> str:
-    """One line: mIoU values in percent, counts and timing as they are."""
-    parts = []
-    for k, v in metrics.items():
-        parts.append(f"{k} {100 * v:.1f}" if k.startswith("mIoU") else f"{k} {v:.3g}")
-    return "  ".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # backends
 
@@ -349,7 +343,7 @@ def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), 
     if mode:
         cfg.UNSAM.PROMPT.MODE = mode
     cfg.freeze()
-    return PromptPredictor(cfg)
+    return PromptPredictor.from_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -340,9 +340,21 @@ def read_results_json(path) -> List[Dict]:
     return predictions
 
 
+# what format_metrics shows in percent: the quality fractions of every evaluator of the project
+PERCENT_PREFIXES = ("AR", "AP", "mIoU")
+
+
 def format_metrics(metrics: Dict[str, float]) -> str:
-    """One log line: AR/AP keys as percentages, any extra key (counts, seconds) as is."""
-    return "  ".join(f"{k} {100 * v:.1f}" if k in METRIC_KEYS else f"{k} {v:.3g}" for k, v in metrics.items())
+    """The one metrics line of every evaluator (whole-image, prompt, pseudo labels, trainer).
+
+    ``key value`` pairs two spaces apart, in the dict's order. A quality fraction, a key that
+    starts with ``AR``, ``AP`` or ``mIoU`` (:data:`METRIC_KEYS`, the prompt evaluator's
+    ``mIoU_max`` / ``mIoU_oracle`` / ``mIoU_box`` and their ``@k``), is shown in percent with
+    one decimal (0.4567 → ``45.7``); any other key (counts, seconds) with three significant
+    digits (``num_images 40``, ``seconds_per_image 0.123``). ``--out`` files keep fractions.
+    """
+    return "  ".join(f"{k} {100 * v:.1f}" if k.startswith(PERCENT_PREFIXES) else f"{k} {v:.3g}"
+                     for k, v in metrics.items())
 
 
 def dataset_dicts_to_coco(dicts: List[Dict]) -> Dict:
