@@ -229,7 +229,7 @@ class DemoModels:
     shows the same page and the process's own random state is left alone.
     """
 
-    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[EngineConfig] = None):
+    def __init__(self, cfg, max_side: int = 1024, engine_cfg: Optional[ClassicalSettings] = None):
         from .predictor import PromptPredictor, WholeImagePredictor, build_prompt_model
 
         cfg = cfg.clone()
@@ -239,7 +239,7 @@ class DemoModels:
         cfg.freeze()
         self.cfg = cfg
         self.has_weights = bool(cfg.MODEL.WEIGHTS)
-        self.engine_cfg = engine_cfg or EngineConfig()
+        self.engine_cfg = engine_cfg or ClassicalSettings()
         self.labeler = build_labeler(self.engine_cfg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # only a random model draws from it (no MODEL.WEIGHTS)

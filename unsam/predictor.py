@@ -429,7 +429,9 @@ class PromptPredictor:
             points = labels = accept = None
             if "points" in prompts:
                 # pixel centres, in the padded input's frame
+                # pixels stay on the CPU (the click check reads them there); the selector's on the device
                 points = self.transform.apply_coords_torch(prompts["pixels"][i] + 0.5, self.original_size)
+                points = points.to(self.device)
                 labels = prompts["labels"][i]
                 accept = self._click_check(prompts["pixels"][i], labels)
             order, score, ok = sel.rank(points, labels, prompts["boxes"][i] if "boxes" in prompts else None,
