@@ -4,6 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.unsam-setup-done
 PYTEST := OMP_NUM_THREADS=2 $(PY) -m pytest
+# the shared sample data (photos, COCO subsets): the library reads only $UNSAM_SHARED; make points it
+# at ../shared beside the checkout unless it is set
+REPO_DIR := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
+UNSAM_SHARED ?= $(abspath $(REPO_DIR)../shared)
+export UNSAM_SHARED
 
 .PHONY: setup quickstart selftrain app test test-slow test-all bench ablation ablation-pseudo gpu-check clean-outputs
 
@@ -54,7 +59,7 @@ ablation: setup
 ABLATION_LABELS := outputs/ablation/pseudo_coco_tiny_train2017
 ablation-pseudo: setup
 	test -d $(ABLATION_LABELS) || { rm -rf $(ABLATION_LABELS).partial && $(PY) -m unsam.pseudo --workers 2 --output $(ABLATION_LABELS).partial \
-		--input $${UNSAM_SHARED:-../shared}/data/coco_tiny_train2017/images && mv $(ABLATION_LABELS).partial $(ABLATION_LABELS); }
+		--input $(UNSAM_SHARED)/data/coco_tiny_train2017/images && mv $(ABLATION_LABELS).partial $(ABLATION_LABELS); }
 	$(PY) benchmarks/ablate_visa_ats.py --docs --pseudo $(ABLATION_LABELS) $(ARGS)
 
 # the CUDA path end to end (training + AMP, inference, prompts, pseudo labels, multi-GPU): one JSON of

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import unsam  # noqa: E402,F401
-from unsam.data.coco import shared_data_dir  # noqa: E402
+from unsam.data import coco  # noqa: E402
 from unsam.io.sa1b import rle_to_mask  # noqa: E402
 from unsam.utils.files import atomic_write  # noqa: E402
 from unsam.utils.images import read_rgb  # noqa: E402
@@ -41,6 +41,12 @@ from unsam.visualize import draw_masks, draw_title  # noqa: E402
 logger = logging.getLogger("unsam.quickstart")
 CONFIG = "configs/tiny/unsam_quickstart.yaml"
 TOP_MASKS = 30  # masks per panel of the side-by-side comparison: enough to read, few enough to see
+
+
+def shared_data_dir() -> Optional[Path]:
+    """The shared sample data: ``$UNSAM_SHARED/data``, else ``../shared/data`` beside the checkout
+    (a script may look there; the library reads only ``$UNSAM_SHARED``)."""
+    return coco.shared_data_dir(os.environ.get("UNSAM_SHARED") or REPO.parent / "shared")
 
 
 def parse_args(argv=None):

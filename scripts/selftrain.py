@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import unsam  # noqa: E402,F401
-from quickstart import CONFIG, Runner, last_eval_metrics, read_metrics, schedule_overrides, subset_gt  # noqa: E402
-from unsam.data.coco import shared_data_dir  # noqa: E402
+from quickstart import (  # noqa: E402
+    CONFIG, Runner, last_eval_metrics, read_metrics, schedule_overrides, shared_data_dir, subset_gt)
 from unsam.selftrain import DEDUP_IOU, MAX_IOU_WITH_PREVIOUS, SCORE_HIGH, SCORE_LOW  # noqa: E402
 
 logger = logging.getLogger("unsam.selftrain.script")

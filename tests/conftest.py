@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import unsam  # noqa: F401  (installs the detectron2 compatibility layer first)
-from unsam.data.coco import shared_data_dir
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The one place the tests find the shared sample data beside the checkout: the library reads only
+# $UNSAM_SHARED (subprocesses the tests start inherit it).
+os.environ.setdefault("UNSAM_SHARED", str(REPO_ROOT.parent / "shared"))
+
+import unsam  # noqa: E402,F401  (installs the detectron2 compatibility layer first)
+from unsam.data.coco import shared_data_dir  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -47,7 +50,8 @@ def coco_from_sa1b(root) -> dict:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``$UNSAM_SHARED/data`` or ``../shared/data``; tests needing it skip when it is absent."""
+    """``$UNSAM_SHARED/data`` (default ``../shared/data``); tests needing it skip when it is
+    absent."""
     path = shared_data_dir()
     if path is None:
         pytest.skip("shared sample data not found (set UNSAM_SHARED)")

@@ -4,8 +4,10 @@ Built-in names (registered by :func:`register_builtin_datasets`):
 
 * ``coco_2017_val_agnostic`` – ``$DETECTRON2_DATASETS/coco/val2017`` with
   ``coco/annotations/instances_val2017.json`` (``DETECTRON2_DATASETS`` defaults to ``./datasets``).
-* ``coco_tiny_val_agnostic`` / ``coco_tiny_train_agnostic`` – the shared sample subsets found
-  at ``$UNSAM_SHARED/data`` or ``../shared/data`` beside the repository.
+* ``coco_tiny_val_agnostic`` / ``coco_tiny_train_agnostic`` – the shared sample subsets in
+  ``$UNSAM_SHARED/data``, registered when ``UNSAM_SHARED`` names a folder that holds them (the
+  library looks nowhere else; ``make``, the scripts and the tests default it to ``../shared``
+  beside the checkout).
 * ``sa1b_pseudo_train`` – SA-1B style pseudo labels at ``$DETECTRON2_DATASETS/sa1b_pseudo``.
 """
 import logging
@@ -77,15 +79,18 @@ def register_coco_agnostic(name: str, json_file, image_root) -> None:
     )
 
 
-def shared_data_dir() -> Optional[Path]:
-    """The shared sample data folder: ``$UNSAM_SHARED/data`` or ``../shared/data`` by the repo."""
-    env = os.environ.get("UNSAM_SHARED")
-    candidates = [Path(env) / "data"] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+def shared_data_dir(shared=None) -> Optional[Path]:
+    """The shared sample data folder ``<shared>/data``; ``shared`` defaults to ``$UNSAM_SHARED``.
+
+    None when neither is given or the folder does not exist: the library never guesses a path
+    outside the package (scripts and tests pass ``../shared`` beside the checkout themselves).
+    """
+    if shared is None:
+        shared = os.environ.get("UNSAM_SHARED") or None
+    if shared is None:
+        return None
+    folder = Path(shared) / "data"
+    return folder if folder.is_dir() else None
 
 
 def register_builtin_datasets() -> None:
