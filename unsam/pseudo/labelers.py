@@ -118,7 +118,7 @@ def build_labeler(settings) -> Labeler:
     return recipe_of(settings).labeler(settings)
 
 
-# ------------------------------------------------------------------------ the recipes, one line each
+# ---------------------------------------------------------------- the recipes, one line each
 register_recipe(Recipe("classical", ClassicalSettings, ClassicalLabeler,
                        "the offline engine (default)", flat_record=True))
 register_recipe(Recipe("unsam", UnsamSettings, UnsamLabeler,
