@@ -80,7 +80,8 @@ def test_predictors_take_a_model_and_share_it(weights, image):
 
 
 def test_prompt_mode_of_a_model_handed_in(weights):
-    whole_model = build_inference_model(load_config(TINY, [*FAST, "MODEL.WEIGHTS", weights["whole"]]))
+    cfg = load_config(TINY, [*FAST, "MODEL.WEIGHTS", weights["whole"]])
+    whole_model = build_inference_model(cfg)
     assert not whole_model.prompt_enabled
     assert PromptPredictor(whole_model, load_config(TINY, FAST)).mode == "select"  # auto
     with pytest.raises(ValueError, match="prompt path"):

@@ -152,6 +152,32 @@ def test_page_names_config_and_weights_without_server_folders(tmp_path):
     assert "`configs/tiny/unsam_tiny.yaml`" in text  # a file of the checkout: its project path
 
 
+def test_sample_photos_are_an_option_not_a_path_beside_the_checkout(tmp_path, monkeypatch):
+    """Was: the app looked for ../shared/data beside the checkout (outside the package)."""
+    for i in range(8):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    monkeypatch.delenv("UNSAM_SHARED", raising=False)
+    assert app.find_samples(None) == []  # no option, no $UNSAM_SHARED: no samples
+    chosen = app.find_samples(str(tmp_path))
+    assert len(chosen) == app.MAX_SAMPLES and all(p.endswith(".png") for p in chosen)
+    assert app.find_samples(str(tmp_path / "p1.*")) == [str(tmp_path / "p1.png")]
+    shared = tmp_path / "shared"
+    photos = shared.joinpath(*app.SHARED_SAMPLES)
+    photos.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photos / "a.jpg")
+    monkeypatch.setenv("UNSAM_SHARED", str(shared))
+    assert app.find_samples(None) == [str(photos / "a.jpg")]
+    monkeypatch.setenv("UNSAM_SHARED", str(tmp_path / "missing"))
+    assert app.find_samples(None) == []
+
+
+def test_default_config_ships_with_the_package():
+    package = Path(app.__file__).resolve().parent
+    assert Path(app.DEFAULT_CONFIG).resolve().is_relative_to(package)
+    assert Path(app.DEFAULT_CONFIG).is_file()
+
+
 # ----------------------------------------------------------------------------- 3. import warnings
 @pytest.mark.parametrize("command", [["-m", "unsam.pseudo", "--help"], ["train_net.py", "--help"],
                                      ["-m", "unsam.app", "--help"]], ids=["pseudo", "train_net", "app"])

@@ -99,7 +99,8 @@ class UnsamAutomaticMaskGenerator:
         idx = torch.nonzero(keep).flatten()
         if self.box_nms_thresh is not None and len(idx):
             boxes = data["boxes"][idx].float()
-            kept = batched_nms(boxes, data["scores"][idx], torch.zeros(len(idx)), self.box_nms_thresh)
+            categories = torch.zeros(len(idx))
+            kept = batched_nms(boxes, data["scores"][idx], categories, self.box_nms_thresh)
             idx = idx[kept.sort().values]  # NMS returns them by score; keep the model's order
         h, w = image.shape[:2]
         records = []
@@ -157,7 +158,8 @@ class UnsamAutomaticMaskGenerator:
         rles: List[Dict[str, Any]] = []
         chunk = model.upsample_chunk
         for s in range(0, k, chunk):
-            logits = torch.einsum("qc,chw->qhw", embeds[query_idx[s:s + chunk]].float(), feats.float())
+            rows = embeds[query_idx[s:s + chunk]].float()
+            logits = torch.einsum("qc,chw->qhw", rows, feats.float())
             valid = logits[:, :vh, :vw]
             fg = (valid > 0).flatten(1)
             mask_scores[s:s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
