@@ -318,7 +318,8 @@ def test_resume_after_kill_equals_uninterrupted(image_dir, tmp_path):
     assert pseudo_main(["--input", str(image_dir), "--output", str(resumed), "--end-id", "2"] + SMALL_ARGS) == 0
     (resumed / ".img_2.json.abc.tmp").write_text('{"image": {"image_id"')
     before = (resumed / "img_0.json").stat().st_mtime_ns
-    s = runner.run(str(image_dir), str(resumed), ClassicalSettings(resolution=128, crop_resolution=96), progress=False)
+    s = runner.run(str(image_dir), str(resumed), ClassicalSettings(resolution=128, crop_resolution=96),
+                   progress=False)
     assert (s.skipped, s.done, s.failed) == (2, 2, 0)
     assert (resumed / "img_0.json").stat().st_mtime_ns == before  # not recomputed
     assert _files(ref) == _files(resumed)
@@ -338,7 +339,8 @@ def test_run_leaves_the_callers_threads_and_rng_alone(image_dir, tmp_path):
 
         np.random.seed(123)
         rng = np.random.get_state()[1].copy()
-        s = runner.run(str(image_dir), str(tmp_path / "o"), ClassicalSettings(), progress=False, labeler=labeler)
+        s = runner.run(str(image_dir), str(tmp_path / "o"), ClassicalSettings(), progress=False,
+                       labeler=labeler)
         assert s.done == 4 and seen == [runner.LABELER_THREADS] * 4
         assert torch.get_num_threads() == 2
         assert np.array_equal(np.random.get_state()[1], rng)

@@ -201,8 +201,8 @@ def deduplicate(masks: MaskTable, sizes: np.ndarray, max_iou: float, max_masks: 
 def polish(masks: MaskTable, sel: Selection, graph: SuperpixelGraph, colour: np.ndarray, unary_weight: float,
            edge_scales: Sequence[float], max_area: float) -> None:
     """Polish: each chosen mask is replaced by the best-scored of itself and its
-    :meth:`SuperpixelGraph.polish` variants (one per edge scale in ``edge_scales``; ``colour``: (K, D)
-    colour sums), so kept masks end on image edges rather than where a hierarchy happened to
+    :meth:`SuperpixelGraph.polish` variants (one per edge scale in ``edge_scales``; ``colour``:
+    (K, D) colour sums), so kept masks end on image edges rather than where a hierarchy happened to
     stop. A variant that equals a mask already in the table, or is too large, is not used. New
     rows keep their original's source, coherence and votes; ``sel.replaced_by`` maps the
     original to its variant (the parent walk follows it)."""

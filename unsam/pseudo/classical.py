@@ -18,8 +18,8 @@ Per image (:meth:`ClassicalLabeler.__call__`):
    in the design: masks then follow image edges at pixel level (on COCO the grid-then-snap
    variant was clearly worse); :func:`unsam.pseudo.conquer.merge_hierarchy` is the patch-grid
    form of the same merging. The whole image is also conquered once per ``colour_bandwidths``
-   entry on full-resolution colour distributions of the superpixels (:meth:`SuperpixelGraph.colour_sums`,
-   smallest group ``colour_min_pixels``): the feature grid's cells are too coarse for small
+   entry on full-resolution colour distributions of the superpixels
+   (:meth:`SuperpixelGraph.colour_sums`, smallest group ``colour_min_pixels``): the feature grid's cells are too coarse for small
    objects, and this colour-only hierarchy (selective search's colour similarity) supplies them.
    Finally one complete selective-search-style hierarchy per ``selective`` entry (similarity +
    size + fill, :func:`unsam.pseudo.conquer.merge_selective`) adds balanced, compact groupings,
@@ -31,8 +31,8 @@ Per image (:meth:`ClassicalLabeler.__call__`):
    the image and conquered masks less than ``min_inside_parent`` (90 %) inside their divided
    region are dropped;
 5. **refine**: the ``refine_top`` best masks (by selection score) also get a colour-snapped
-   variant (:meth:`SuperpixelGraph.reassign_border`: border superpixels re-assigned to the better-fitting
-   of the inside / outside colour models), an extra candidate next to the original (on the first
+   variant (:meth:`SuperpixelGraph.reassign_border`: border superpixels re-assigned to the
+   better-fitting of the inside / outside colour models), an extra candidate next to the original (on the first
    20 COCO sample images: AR@1000 0.153 → 0.159). Snapping by the patch features or twice by
    colour added a little more on 40 images but nothing on all 80, at ~10 % more time;
 6. near-duplicates (IoU > ``dedup_iou`` = 0.8) are dropped, best selection score first, and at
