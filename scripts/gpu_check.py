@@ -656,7 +656,7 @@ def _dist_main(spec: Dict) -> None:
 
     from detectron2.utils import comm
 
-    from unsam.engine.hooks import unwrap_model
+    from unsam.utils.dist import unwrap_model
     from unsam.engine.trainer import Trainer, setup_config
 
     cfg = setup_config(train_args(Path(spec["config"]), spec["opts"]))
@@ -764,7 +764,7 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
     per_iter = list(zip(*[r["tasks"] for r in ranks]))
     res["tasks_per_iteration"] = [list(t) for t in per_iter]
     # iterations where the ranks' batches mixed whole-image and prompt tasks differently: the
-    # case in which a per-task collective would deadlock (meta_arch._mean_over_ranks)
+    # case in which a per-task collective would deadlock (unsam.utils.dist.mean_over_ranks)
     kinds = [[tuple(sorted({"whole" if t == "whole" else "prompt" for t in r})) for r in it] for it in per_iter]
     res["iterations_with_different_task_mix"] = sum(len(set(k)) > 1 for k in kinds)
     if result["world_size"] != nproc:

@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from unsam.config import get_unsam_cfg
+from unsam.engine.train_model import build_train_model
 from unsam.modeling.criterion import PromptCriterion
 from unsam.modeling.prompt_encoder import block_diagonal_allowed
 
@@ -67,7 +68,7 @@ def _sample(h=128, w=128, seed=0, nested=True):
 @pytest.fixture(scope="module")
 def prompt_model():
     torch.manual_seed(0)
-    return build_model(_cfg())
+    return build_train_model(_cfg())
 
 
 # ------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_point_prompts_target_nested_masks(prompt_model):
     model = prompt_model
     x = _sample(seed=3)
     tgt = model.prepare_targets([x["instances"]], model.preprocess_image([x]))[0]
-    prompts, targets = model.sample_prompts(tgt, "point", np.random.default_rng(0))
+    prompts, targets = model.sample_prompts(tgt, "point", torch.Generator().manual_seed(0))
     assert prompts["points"].shape == (4, 1, 2) and prompts["labels"].shape == (4, 1)
     masks = tgt["masks"]
     for (px, py), t in zip(prompts["points"][:, 0].long().tolist(), targets):
@@ -120,9 +121,9 @@ def test_point_prompts_target_nested_masks(prompt_model):
         assert all(bool(m[py, px]) for m in t)
         if len(t) == 2:  # coarse (level 0) first, then the part
             assert t[0].sum() > t[1].sum()
-    box_prompts, box_targets = model.sample_prompts(tgt, "box", np.random.default_rng(0))
+    box_prompts, box_targets = model.sample_prompts(tgt, "box", torch.Generator().manual_seed(0))
     assert box_prompts["boxes"].shape == (4, 4) and all(len(t) == 1 for t in box_targets)
-    mask_prompts, _ = model.sample_prompts(tgt, "mask", np.random.default_rng(0))
+    mask_prompts, _ = model.sample_prompts(tgt, "mask", torch.Generator().manual_seed(0))
     assert mask_prompts["mask_inputs"].shape == (4, 1, 256, 256)
 
 
