@@ -9,7 +9,6 @@ or simply :func:`get_unsam_cfg`. Key names follow Mask2Former (``MODEL.MASK_FORM
 ``MODEL.SEM_SEG_HEAD.*``, ``MODEL.SWIN.*``, LSJ ``INPUT.*``) so public configs merge unchanged;
 everything UnSAM-specific lives under ``UNSAM.*``.
 """
-import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -205,8 +204,9 @@ def add_unsam_config(cfg: CN) -> None:
     _add_ats_config(cfg)
     _add_prompt_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "UnSAM"
-    # detectron2 defaults to "cuda"; a CPU-only machine should work without an override
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    # detectron2 defaults to "cuda"; "auto" runs on a CPU-only machine without an override and
+    # keeps the defaults the same on every machine: load_config resolves it (cuda if visible)
+    cfg.MODEL.DEVICE = "auto"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     # Mask2Former's ResNet options (public configs carry them): "basic" stem, no multi-grid

@@ -13,6 +13,7 @@ import yaml
 import unsam.compat  # noqa: F401
 from detectron2.engine import default_argument_parser
 
+from ..utils.device import resolve_device
 from . import get_unsam_cfg
 
 
@@ -35,7 +36,12 @@ def _yaml_error(config_file: str, err: "yaml.YAMLError") -> str:
 
 
 def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), freeze: bool = True):
-    """detectron2 defaults + UnSAM keys, then ``config_file`` (with ``_BASE_``), then ``opts``."""
+    """detectron2 defaults + UnSAM keys, then ``config_file`` (with ``_BASE_``), then ``opts``.
+
+    ``MODEL.DEVICE`` "auto" (the default) becomes the device this machine runs on: "cuda" when
+    a GPU is visible, else "cpu" (:func:`unsam.utils.device.resolve_device`), so every consumer
+    of the loaded config sees a device torch accepts.
+    """
     cfg = get_unsam_cfg()
     if config_file:
         if not os.path.isfile(config_file):
@@ -59,6 +65,7 @@ def load_config(config_file: Optional[str] = None, opts: Sequence[str] = (), fre
         raise ConfigError(f"unknown config key '{key or e}' on the command line") from None
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"invalid command-line override: {e}") from None
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     if freeze:
         cfg.freeze()
     return cfg

@@ -1,5 +1,8 @@
 """Checking a device name a user gave (``MODEL.DEVICE``, ``--device``) before anything runs on it.
 
+``MODEL.DEVICE`` defaults to "auto" (the same default on every machine);
+:func:`resolve_device` turns it into "cuda" or "cpu" when the config is loaded.
+
 torch accepts ``torch.device("cuda")`` on a machine without a GPU and fails later, deep inside a
 model, with a traceback; entry points call :func:`check_device` first and turn
 :class:`DeviceError` into one ``error:`` line and exit status 2.
@@ -13,6 +16,15 @@ _DEVICE = re.compile(r"^(cpu|cuda|mps)(:(\d+))?$")
 
 class DeviceError(ValueError):
     """A device name that is malformed or names hardware this machine does not have."""
+
+
+def resolve_device(device: str) -> str:
+    """``device`` as torch takes it: "auto" is "cuda" when a GPU is visible, else "cpu"; any other
+    name is returned as given (stripped), for :func:`check_device` to judge."""
+    name = str(device).strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def check_device(device: str, what: str = "MODEL.DEVICE") -> str:
