@@ -106,8 +106,8 @@ class UnSAMTrain(UnSAM):
             raise ValueError(f"UNSAM.PROMPT.TASK_RATIO must be in [0, 1], got {prompt_task_ratio}")
         weights = [float(w) for w in prompt_type_weights]
         if len(weights) != len(PROMPT_TASKS) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"UNSAM.PROMPT.TYPE_WEIGHTS must be 3 non-negative weights (point, box, "
-                             f"mask) with a positive sum, got {list(prompt_type_weights)}")
+            raise ValueError(f"UNSAM.PROMPT.TYPE_WEIGHTS must be 3 non-negative weights (point, "
+                             f"box, mask) with a positive sum, got {list(prompt_type_weights)}")
         self.prompt_task_ratio = float(prompt_task_ratio)
         self.prompts_per_image = int(prompts_per_image)
         self.box_jitter = float(box_jitter)
@@ -325,7 +325,8 @@ class UnSAMTrain(UnSAM):
         if whole:
             outputs = self.decode(self._select(encoded, whole))
             outputs["batch_index"] = whole  # for the ATS hook: which batch element is which
-            raw = self.criterion(outputs, [targets[i] for i in whole], num_masks=max(num_masks, 1.0))
+            raw = self.criterion(outputs, [targets[i] for i in whole],
+                                 num_masks=max(num_masks, 1.0))
             losses.update({k: v * self.criterion.weight_dict[k] for k, v in raw.items()
                            if k in self.criterion.weight_dict})
         preds, ious, auxes, prompt_targets, batch_index = [], [], [], [], []

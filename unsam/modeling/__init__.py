@@ -1,7 +1,11 @@
 """UnSAM whole-image model. Importing this package fills detectron2's registries:
 ``META_ARCH_REGISTRY["UnSAM"]``, ``BACKBONE_REGISTRY["D2SwinTransformer"]``,
 ``SEM_SEG_HEADS_REGISTRY["MaskFormerHead" / "MSDeformAttnPixelDecoder"]`` and
-``TRANSFORMER_DECODER_REGISTRY["MultiScaleMaskedTransformerDecoder"]``."""
+``TRANSFORMER_DECODER_REGISTRY["MultiScaleMaskedTransformerDecoder"]``.
+
+The model here is the inference model; what only training needs is in
+:class:`unsam.engine.train_model.UnSAMTrain`. Nothing here imports ``unsam.data`` or
+``unsam.engine``."""
 import unsam.compat  # noqa: F401  (before detectron2)
 
 from . import backbone  # noqa: F401

@@ -34,7 +34,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from .criterion import SetCriterion
 from .mask_postprocess import binarize_upsampled, permute_rows_
 from .matcher import HungarianMatcher
-from .prompt_encoder import MASK_INPUT_SIZE, UnSAMPromptEncoder
+from .prompt_encoder import UnSAMPromptEncoder
 from .transformer_decoder import MLP
 
 logger = logging.getLogger(__name__)
