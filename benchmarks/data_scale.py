@@ -101,7 +101,11 @@ def make_pool(pool: Path) -> list:
 
         photos = pool / "photos"
         photos.mkdir(parents=True, exist_ok=True)
-        images = Path(shared_data_dir()) / "coco_tiny_val2017" / "images"
+        shared = shared_data_dir(os.environ.get("UNSAM_SHARED") or REPO.parent / "shared")
+        if shared is None:
+            raise SystemExit("error: the shared photos are missing: set UNSAM_SHARED to the folder "
+                             "holding data/coco_tiny_val2017")
+        images = shared / "coco_tiny_val2017" / "images"
         for name in SHARED_PHOTOS:
             shutil.copy(images / name, photos / name)
         print(f"making real pseudo labels for {len(SHARED_PHOTOS)} shared photos into {pool} ...", flush=True)

@@ -64,7 +64,7 @@ class UnsamSettings(DivideConquerSettings):
         "image (not the published divide)", choices=("detector", "maskcut"))
     divide_config: Optional[str] = setting(
         None, "detectron2 config of the detector (default: "
-        "configs/divide/cutler_cascade_R50_FPN.yaml)")
+        "divide/cutler_cascade_R50_FPN.yaml of the packaged configs, unsam/configs/)")
     divide_weights: Optional[str] = setting(
         None, "detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)")
     divide_score: float = setting(
