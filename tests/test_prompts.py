@@ -182,6 +182,14 @@ def test_sample_mask_prompts_is_noisy_version():
     assert np.array_equal(again, prompts)
 
 
+def test_sample_mask_prompts_ignore_autocast():
+    """The training step runs under AMP: the prompt rule stays float32."""
+    m = _t(*[rect(300, 300, 40, 30, 250, 200)] * 3)
+    plain = sample_mask_prompts(m, _gen(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(sample_mask_prompts(m, _gen(4)), plain)
+
+
 def test_sample_mask_prompts_thin_mask_not_erased():
     m = rect(1000, 1000, 100, 100, 900, 106)  # 1.5 px tall at low res
     assert (sample_mask_prompts(_t(*[m] * 10), _gen(5)).flatten(1) > 0).any(1).all()

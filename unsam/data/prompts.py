@@ -313,6 +313,15 @@ def mask_prompts_from(masks: torch.Tensor, op: torch.Tensor, radius: torch.Tenso
     dev = masks.device
     if n == 0:
         return torch.zeros((0, 1, low_res, low_res), dtype=torch.float32, device=dev)
+    # float32 even inside the training step's AMP region: half-precision resize weights and
+    # blur would move soft values across the 0.5 threshold and change the prompt's rule
+    with torch.autocast(dev.type, enabled=False):
+        return _mask_prompts(masks, op, radius, sigma, low_res, max_radius, max_sigma)
+
+
+def _mask_prompts(masks, op, radius, sigma, low_res, max_radius, max_sigma) -> torch.Tensor:
+    n, h, w = masks.shape
+    dev = masks.device
     nh, nw = _low_res_shape(h, w, low_res)
     area = nh <= h and nw <= w
     ry, rx = _resize_matrix(h, nh, area, dev), _resize_matrix(w, nw, area, dev)
