@@ -183,9 +183,11 @@ def machine_of(args) -> Dict:
 
 def _portable(path: Optional[str]) -> Optional[str]:
     """``path`` relative to the repository when it lies inside it (records are committed)."""
-    if path is None or not Path(path).resolve().is_relative_to(REPO):
+    if path is None:
         return path
-    return str(Path(path).resolve().relative_to(REPO))
+    # abspath, not resolve: configs/ is a link to unsam/configs/, and records name the path typed
+    full = Path(os.path.abspath(path))
+    return str(full.relative_to(REPO)) if full.is_relative_to(REPO) else path
 
 
 def budget_of(args) -> Dict:
