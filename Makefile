@@ -10,7 +10,7 @@ REPO_DIR := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 UNSAM_SHARED ?= $(abspath $(REPO_DIR)../shared)
 export UNSAM_SHARED
 
-.PHONY: setup quickstart selftrain app test test-slow test-all bench ablation ablation-pseudo gpu-check clean-outputs
+.PHONY: setup quickstart selftrain app test test-slow test-all lint format bench ablation ablation-pseudo gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -35,6 +35,15 @@ app: setup
 
 test: setup
 	$(PYTEST) -q --durations=10
+
+# the lint and format gate CI runs (ruff, settings in pyproject.toml); `make format` rewrites
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-slow: setup
 	$(PYTEST) -q -m slow

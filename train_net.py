@@ -8,21 +8,23 @@
 
 Trailing KEY VALUE pairs override config keys. CPU runs use the gloo backend.
 """
+
 import logging
 import sys
 
-import unsam  # noqa: F401  (detectron2 compatibility layer first)
-import unsam.modeling  # noqa: F401  (fills detectron2's registries)
+import unsam.compat  # noqa: F401  (detectron2 compatibility layer first)
+
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
+import unsam.modeling  # noqa: F401  (fills detectron2's registries)
 from unsam.checkpoint import UnSAMCheckpointer, WeightsError, check_weights_path, require_parts
-from unsam.io.sa1b import DatasetError
+from unsam.config.loading import ConfigError, load_config, train_argument_parser
 from unsam.engine.checkpointer import CheckpointError
 from unsam.engine.trainer import Trainer, setup_config, write_eval_metrics
+from unsam.io.sa1b import DatasetError
 from unsam.predictor import WHOLE_IMAGE_PARTS
-from unsam.config.loading import ConfigError, load_config, train_argument_parser
 from unsam.utils.dist import launch
 
 logger = logging.getLogger("unsam")
@@ -78,7 +80,11 @@ def run(args):
     try:
         return trainer.train()
     except FloatingPointError as e:
-        last = trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
+        last = (
+            trainer.checkpointer.get_checkpoint_file()
+            if trainer.checkpointer.has_checkpoint()
+            else None
+        )
         fail(f"training stopped, {e}. Last good checkpoint: {last or 'none saved yet'}")
 
 
@@ -92,8 +98,15 @@ def cli(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            device=cfg.MODEL.DEVICE,
+        )
     except ProcessExitedException as e:
         if e.exit_code != 2:
             raise

@@ -31,6 +31,7 @@ the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100 aga
 is built from those files, also alone with ``--summarize-only``. ``--docs`` writes the markdown
 and the figure to ``docs/`` instead (``docs/ablation_<data>.md`` for data other than ``nested``).
 """
+
 import argparse
 import contextlib
 import copy
@@ -54,50 +55,96 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import unsam.compat  # noqa: E402,F401  (detectron2 compatibility layer first)
 
-import unsam  # noqa: E402,F401  (detectron2 compatibility layer first)
+import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.engine import HookBase  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-
-from unsam.data.coco import register_builtin_datasets, shared_data_dir  # noqa: E402
-from unsam.data.sa1b import register_sa1b  # noqa: E402
-from unsam.io.sa1b import DatasetError, find_sa1b_files  # noqa: E402
-from unsam.data.synthetic import make_nested_scenes_dataset, make_shapes_dataset  # noqa: E402
-from unsam.engine.trainer import Trainer  # noqa: E402
-from unsam.evaluation.whole_image import (  # noqa: E402
-    ClassAgnosticEvaluator, coco_eval_agnostic, dataset_dicts_to_coco, load_coco_gt)
-from unsam.config.loading import ConfigError, load_config  # noqa: E402
-from unsam.utils.files import atomic_write  # noqa: E402
-from unsam.utils.threads import torch_threads  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from benchmarks import ablation_report as report  # noqa: E402
 from benchmarks.ablation_report import AR_KEYS  # noqa: E402
+from unsam.config.loading import ConfigError, load_config  # noqa: E402
+from unsam.data.coco import register_builtin_datasets, shared_data_dir  # noqa: E402
+from unsam.data.sa1b import register_sa1b  # noqa: E402
+from unsam.data.synthetic import make_nested_scenes_dataset, make_shapes_dataset  # noqa: E402
+from unsam.engine.trainer import Trainer  # noqa: E402
+from unsam.evaluation.whole_image import (  # noqa: E402
+    ClassAgnosticEvaluator,
+    coco_eval_agnostic,
+    dataset_dicts_to_coco,
+    load_coco_gt,
+)
+from unsam.io.sa1b import DatasetError, find_sa1b_files  # noqa: E402
+from unsam.utils.files import atomic_write  # noqa: E402
+from unsam.utils.threads import torch_threads  # noqa: E402
 
 logger = logging.getLogger("ablate_visa_ats")
 
 _VISA = "UNSAM.VISA."
-VARIANTS = OrderedDict([
-    ("plain", ("plain", {})),
-    ("visa", ("+ViSA", {_VISA + "ENABLED": True})),
-    ("ats", ("+ATS", {"UNSAM.ATS.ENABLED": True})),
-    ("visa_ats", ("+ViSA+ATS", {_VISA + "ENABLED": True, "UNSAM.ATS.ENABLED": True})),
-    ("visa_curriculum", ("+ViSA curriculum only", {_VISA + "ENABLED": True, _VISA + "BOUNDARY.ENABLED": False,
-                                                   _VISA + "GUIDANCE.ENABLED": False})),
-    ("visa_boundary", ("+ViSA boundary only", {_VISA + "ENABLED": True, _VISA + "CURRICULUM.ENABLED": False,
-                                               _VISA + "GUIDANCE.ENABLED": False})),
-    ("visa_guidance", ("+ViSA guidance only", {_VISA + "ENABLED": True, _VISA + "CURRICULUM.ENABLED": False,
-                                               _VISA + "BOUNDARY.ENABLED": False})),
-])
+VARIANTS = OrderedDict(
+    [
+        ("plain", ("plain", {})),
+        ("visa", ("+ViSA", {_VISA + "ENABLED": True})),
+        ("ats", ("+ATS", {"UNSAM.ATS.ENABLED": True})),
+        ("visa_ats", ("+ViSA+ATS", {_VISA + "ENABLED": True, "UNSAM.ATS.ENABLED": True})),
+        (
+            "visa_curriculum",
+            (
+                "+ViSA curriculum only",
+                {
+                    _VISA + "ENABLED": True,
+                    _VISA + "BOUNDARY.ENABLED": False,
+                    _VISA + "GUIDANCE.ENABLED": False,
+                },
+            ),
+        ),
+        (
+            "visa_boundary",
+            (
+                "+ViSA boundary only",
+                {
+                    _VISA + "ENABLED": True,
+                    _VISA + "CURRICULUM.ENABLED": False,
+                    _VISA + "GUIDANCE.ENABLED": False,
+                },
+            ),
+        ),
+        (
+            "visa_guidance",
+            (
+                "+ViSA guidance only",
+                {
+                    _VISA + "ENABLED": True,
+                    _VISA + "CURRICULUM.ENABLED": False,
+                    _VISA + "BOUNDARY.ENABLED": False,
+                },
+            ),
+        ),
+    ]
+)
 PROMPT_KEYS = ("mIoU_max", "mIoU_oracle")
 SHARED_SETS = ("coco_tiny_val_agnostic", "coco_tiny_train_agnostic")
 TRAIN_NAME = "ablation_train"
 TRAIN_DATA_SEED, VAL_DATA_SEED = 11, 12  # as tests/test_learning.py
 # the flags that change results: a finished run is reused only when all of them match
-BUDGET_KEYS = ("data", "pseudo", "config_file", "device", "iters", "batch", "image_size", "train_images",
-               "val_images", "eval_period", "visa_end", "ats_start", "prompt", "opts")
+BUDGET_KEYS = (
+    "data",
+    "pseudo",
+    "config_file",
+    "device",
+    "iters",
+    "batch",
+    "image_size",
+    "train_images",
+    "val_images",
+    "eval_period",
+    "visa_end",
+    "ats_start",
+    "prompt",
+    "opts",
+)
 
 
 class UsageError(ValueError):
@@ -108,33 +155,75 @@ class UsageError(ValueError):
 # command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("nested", "shapes", "pseudo"),
-                   help="training / held-out data (default: pseudo with --pseudo, else nested)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        choices=("nested", "shapes", "pseudo"),
+        help="training / held-out data (default: pseudo with --pseudo, else nested)",
+    )
     p.add_argument("--pseudo", help="folder of SA-1B pseudo labels to train on (--data pseudo)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
-                   help=f"variants to run, of: {', '.join(VARIANTS)} (default: all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants to run, of: {', '.join(VARIANTS)} (default: all)",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)"
+    )
     p.add_argument("--iters", type=int, default=800, help="training iterations per run")
     p.add_argument("--batch", type=int, default=8, help="images per iteration")
-    p.add_argument("--image-size", type=int, default=128, help="training crop / test short side (px)")
+    p.add_argument(
+        "--image-size", type=int, default=128, help="training crop / test short side (px)"
+    )
     p.add_argument("--train-images", type=int, default=1500, help="generated training images")
     p.add_argument("--val-images", type=int, default=48, help="generated held-out images")
-    p.add_argument("--eval-period", type=int, help="held-out evaluation every N iterations (default: iters / 8)")
-    p.add_argument("--visa-end", type=float, default=0.5, help="ViSA END_ITER as a share of --iters")
-    p.add_argument("--ats-start", type=float, default=0.25, help="ATS START_ITER as a share of --iters")
-    p.add_argument("--prompt", action="store_true", help="train the prompt path too; report 1-click mIoU")
-    p.add_argument("--config-file", help="default: configs/tiny/unsam_tiny.yaml (_prompt.yaml with --prompt)")
+    p.add_argument(
+        "--eval-period",
+        type=int,
+        help="held-out evaluation every N iterations (default: iters / 8)",
+    )
+    p.add_argument(
+        "--visa-end", type=float, default=0.5, help="ViSA END_ITER as a share of --iters"
+    )
+    p.add_argument(
+        "--ats-start", type=float, default=0.25, help="ATS START_ITER as a share of --iters"
+    )
+    p.add_argument(
+        "--prompt", action="store_true", help="train the prompt path too; report 1-click mIoU"
+    )
+    p.add_argument(
+        "--config-file", help="default: configs/tiny/unsam_tiny.yaml (_prompt.yaml with --prompt)"
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--out", default=str(REPO / "outputs" / "ablation"), help="working and result folder")
-    p.add_argument("--docs", action="store_true", help="write the markdown and figure to docs/ instead of --out")
+    p.add_argument(
+        "--out", default=str(REPO / "outputs" / "ablation"), help="working and result folder"
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="write the markdown and figure to docs/ instead of --out",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as subprocesses")
-    p.add_argument("--threads", type=int, default=1,
-                   help="numeric threads per run (default 1; results repeat only at the same count)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="numeric threads per run (default 1; results repeat only at the same count)",
+    )
     p.add_argument("--force", action="store_true", help="redo runs that have finished")
-    p.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from OUT/runs")
-    p.add_argument("--skip-summary", action="store_true", help=argparse.SUPPRESS)  # the --jobs children
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides (last)")
+    p.add_argument(
+        "--summarize-only", action="store_true", help="only rebuild the summary from OUT/runs"
+    )
+    p.add_argument(
+        "--skip-summary", action="store_true", help=argparse.SUPPRESS
+    )  # the --jobs children
+    p.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides (last)"
+    )
     return p.parse_args(argv)
 
 
@@ -158,24 +247,37 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     args.eval_period = args.eval_period or max(1, args.iters // 8)
     if args.config_file is None:
-        args.config_file = str(REPO / "configs" / "tiny" / ("unsam_tiny_prompt.yaml" if args.prompt
-                                                            else "unsam_tiny.yaml"))
+        args.config_file = str(
+            REPO
+            / "configs"
+            / "tiny"
+            / ("unsam_tiny_prompt.yaml" if args.prompt else "unsam_tiny.yaml")
+        )
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.variants = list(dict.fromkeys(args.variants))
     args.seeds = list(dict.fromkeys(args.seeds))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     if args.jobs * args.threads > cores:
-        logger.warning("--jobs %d x --threads %d exceeds the %d cores: runs will be slower (same results)",
-                       args.jobs, args.threads, cores)
+        logger.warning(
+            "--jobs %d x --threads %d exceeds the %d cores: runs will be slower (same results)",
+            args.jobs,
+            args.threads,
+            cores,
+        )
 
 
 def machine_of(args) -> Dict:
     """What a run's floating-point sums depend on besides its budget and seed."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "device": args.device}
@@ -233,9 +335,17 @@ def records_dir(args) -> Path:
 def summary_paths(args) -> Tuple[Path, Path, Path]:
     """Where the markdown, the figure and the JSON summary go."""
     if not args.docs:
-        return Path(args.out) / "ablation.md", Path(args.out) / "ablation_ar.png", Path(args.out) / "ablation.json"
+        return (
+            Path(args.out) / "ablation.md",
+            Path(args.out) / "ablation_ar.png",
+            Path(args.out) / "ablation.json",
+        )
     name = f"ablation{_docs_suffix(args)}"
-    return REPO / "docs" / f"{name}.md", REPO / "docs" / f"{name}_ar.png", records_dir(args) / "ablation.json"
+    return (
+        REPO / "docs" / f"{name}.md",
+        REPO / "docs" / f"{name}_ar.png",
+        records_dir(args) / "ablation.json",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,23 +376,33 @@ def prepare_data(args) -> Dict:
         if not count:
             raise UsageError(f"--pseudo folder '{args.pseudo}' holds no SA-1B JSON file")
         if shared_data_dir() is None:
-            raise UsageError("shared data missing: the COCO sets for held-out evaluation were not found "
-                             "(set UNSAM_SHARED to the folder holding data/)")
+            raise UsageError(
+                "shared data missing: the COCO sets for held-out evaluation were not found "
+                "(set UNSAM_SHARED to the folder holding data/)"
+            )
         register_sa1b(TRAIN_NAME, args.pseudo)
-        return {"eval": list(SHARED_SETS),
-                "description": f"SA-1B pseudo labels in `{_portable(args.pseudo)}` ({count} images); held-out: the human "
-                               f"masks of the shared COCO sets {', '.join(f'`{s}`' for s in SHARED_SETS)}"}
+        return {
+            "eval": list(SHARED_SETS),
+            "description": f"SA-1B pseudo labels in `{_portable(args.pseudo)}` ({count} images); held-out: the human "
+            f"masks of the shared COCO sets {', '.join(f'`{s}`' for s in SHARED_SETS)}",
+        }
     out = Path(args.out)
     train = _generated(out, args.data, "train", args.train_images, args.image_size, TRAIN_DATA_SEED)
     val = _generated(out, args.data, "val", args.val_images, args.image_size, VAL_DATA_SEED)
     val_name = f"{args.data}_val"
     register_sa1b(TRAIN_NAME, train)
     register_sa1b(val_name, val)
-    kind = ("nested synthetic scenes (levels 0/1/2)" if args.data == "nested" else "synthetic shapes (levels 0/1)")
-    return {"eval": [val_name],
-            "description": f"{kind}, {args.image_size} px: {args.train_images} training images (data seed "
-                          f"{TRAIN_DATA_SEED}), held-out `{val_name}` {args.val_images} images (data seed "
-                          f"{VAL_DATA_SEED})"}
+    kind = (
+        "nested synthetic scenes (levels 0/1/2)"
+        if args.data == "nested"
+        else "synthetic shapes (levels 0/1)"
+    )
+    return {
+        "eval": [val_name],
+        "description": f"{kind}, {args.image_size} px: {args.train_images} training images (data seed "
+        f"{TRAIN_DATA_SEED}), held-out `{val_name}` {args.val_images} images (data seed "
+        f"{VAL_DATA_SEED})",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +426,10 @@ def ground_truth_subsets(dataset_name: str) -> Dict:
             subsets = {"all": load_coco_gt(dataset_dicts_to_coco(dicts))}
             levels = sorted({a["level"] for d in dicts for a in d["annotations"] if "level" in a})
             for level in levels if len(levels) > 1 else []:
-                only = [dict(d, annotations=[a for a in d["annotations"] if a.get("level") == level])
-                        for d in dicts]
+                only = [
+                    dict(d, annotations=[a for a in d["annotations"] if a.get("level") == level])
+                    for d in dicts
+                ]
                 subsets[f"L{level}"] = load_coco_gt(dataset_dicts_to_coco(only))
             _GT_CACHE[key] = subsets
     return _GT_CACHE[key]
@@ -322,8 +444,13 @@ class LevelEvaluator(ClassAgnosticEvaluator):
 
     def evaluate(self):
         image_ids = sorted(set(self._image_ids)) or None
-        return OrderedDict((subset, {k: coco_eval_agnostic(coco, self._predictions, image_ids)[k] for k in AR_KEYS})
-                           for subset, coco in ground_truth_subsets(self.dataset_name).items())
+        return OrderedDict(
+            (
+                subset,
+                {k: coco_eval_agnostic(coco, self._predictions, image_ids)[k] for k in AR_KEYS},
+            )
+            for subset, coco in ground_truth_subsets(self.dataset_name).items()
+        )
 
 
 def _image_root(dataset_name: str) -> str:
@@ -364,9 +491,13 @@ def eval_history(storage, eval_names: Sequence[str], max_iter: int) -> List[Dict
             continue
         dataset, subset, metric = parts if len(parts) == 3 else (eval_names[0], *parts)
         for value, iteration in history.values():
-            by_iter[min(iteration + 1, max_iter)][dataset].setdefault(subset, {})[metric] = float(value)
-    return [{"iter": it, "metrics": {name: dict(subsets) for name, subsets in by_iter[it].items()}}
-            for it in sorted(by_iter)]
+            by_iter[min(iteration + 1, max_iter)][dataset].setdefault(subset, {})[metric] = float(
+                value
+            )
+    return [
+        {"iter": it, "metrics": {name: dict(subsets) for name, subsets in by_iter[it].items()}}
+        for it in sorted(by_iter)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +519,14 @@ class ProgressHook(HookBase):
         self.bar = None
 
     def before_train(self):
-        self.bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=self.description,
-                        unit="it", disable=None, leave=False)
+        self.bar = tqdm(
+            total=self.trainer.max_iter,
+            initial=self.trainer.start_iter,
+            desc=self.description,
+            unit="it",
+            disable=None,
+            leave=False,
+        )
 
     def after_step(self):
         self.bar.update(1)
@@ -402,15 +539,48 @@ def build_cfg(args, variant: str, seed: int, eval_names: Sequence[str], run_dir:
     """The tiny config at the ablation's budget, with the variant's aids on; ``--opts`` last."""
     it = args.iters
     opts = [
-        "MODEL.DEVICE", args.device, "SEED", seed, "OUTPUT_DIR", str(run_dir),
-        "DATASETS.TRAIN", (TRAIN_NAME,), "DATASETS.TEST", tuple(eval_names),
-        "SOLVER.IMS_PER_BATCH", args.batch, "SOLVER.MAX_ITER", it, "SOLVER.BASE_LR", 0.0005,
-        "SOLVER.STEPS", (max(1, int(0.8 * it)),), "SOLVER.CHECKPOINT_PERIOD", it + 1,
-        "INPUT.IMAGE_SIZE", args.image_size, "INPUT.MIN_SCALE", 0.75, "INPUT.MAX_SCALE", 1.25,
-        "INPUT.MIN_SIZE_TEST", args.image_size, "INPUT.MAX_SIZE_TEST", 2 * args.image_size,
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 512, "TEST.EVAL_PERIOD", args.eval_period,
-        "UNSAM.VISA.START_ITER", 0, "UNSAM.VISA.END_ITER", max(1, int(args.visa_end * it)),
-        "UNSAM.ATS.START_ITER", int(args.ats_start * it), "UNSAM.ATS.BLOCK_SIZE", max(args.batch, 16),
+        "MODEL.DEVICE",
+        args.device,
+        "SEED",
+        seed,
+        "OUTPUT_DIR",
+        str(run_dir),
+        "DATASETS.TRAIN",
+        (TRAIN_NAME,),
+        "DATASETS.TEST",
+        tuple(eval_names),
+        "SOLVER.IMS_PER_BATCH",
+        args.batch,
+        "SOLVER.MAX_ITER",
+        it,
+        "SOLVER.BASE_LR",
+        0.0005,
+        "SOLVER.STEPS",
+        (max(1, int(0.8 * it)),),
+        "SOLVER.CHECKPOINT_PERIOD",
+        it + 1,
+        "INPUT.IMAGE_SIZE",
+        args.image_size,
+        "INPUT.MIN_SCALE",
+        0.75,
+        "INPUT.MAX_SCALE",
+        1.25,
+        "INPUT.MIN_SIZE_TEST",
+        args.image_size,
+        "INPUT.MAX_SIZE_TEST",
+        2 * args.image_size,
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+        512,
+        "TEST.EVAL_PERIOD",
+        args.eval_period,
+        "UNSAM.VISA.START_ITER",
+        0,
+        "UNSAM.VISA.END_ITER",
+        max(1, int(args.visa_end * it)),
+        "UNSAM.ATS.START_ITER",
+        int(args.ats_start * it),
+        "UNSAM.ATS.BLOCK_SIZE",
+        max(args.batch, 16),
     ]
     # without the prompt path ATS has the whole-image task alone (else it warns and drops the others)
     opts += ["UNSAM.PROMPT.ENABLED", True] if args.prompt else ["UNSAM.ATS.TASKS", ["whole"]]
@@ -440,16 +610,29 @@ def train_one(args, data: Dict, variant: str, seed: int) -> Dict:
             for subset, values in subsets.items():
                 final[name][subset].update(values)
     seconds = time.perf_counter() - start
-    for checkpoint in run_dir.glob("*.pth"):  # ~100 MB each; the record holds what the summary needs
+    for checkpoint in run_dir.glob(
+        "*.pth"
+    ):  # ~100 MB each; the record holds what the summary needs
         checkpoint.unlink()
     return {
-        "variant": variant, "label": VARIANTS[variant][0], "seed": seed, "budget": budget_of(args),
-        "data": data["description"], "seconds": seconds, "evals": evals, "final": final,
-        "schedule": {"base_lr": cfg.SOLVER.BASE_LR, "steps": list(cfg.SOLVER.STEPS),
-                     "visa_end_iter": cfg.UNSAM.VISA.END_ITER, "ats_start_iter": cfg.UNSAM.ATS.START_ITER,
-                     "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-                     "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES},
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_of(args),
+        "variant": variant,
+        "label": VARIANTS[variant][0],
+        "seed": seed,
+        "budget": budget_of(args),
+        "data": data["description"],
+        "seconds": seconds,
+        "evals": evals,
+        "final": final,
+        "schedule": {
+            "base_lr": cfg.SOLVER.BASE_LR,
+            "steps": list(cfg.SOLVER.STEPS),
+            "visa_end_iter": cfg.UNSAM.VISA.END_ITER,
+            "ats_start_iter": cfg.UNSAM.ATS.START_ITER,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+        },
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_of(args),
     }
 
 
@@ -483,7 +666,9 @@ def pending_runs(args) -> List[Tuple[str, int]]:
                 logger.info("%s seed %d: finished earlier (%s), skipped", variant, seed, path.name)
                 continue
             if record is not None:
-                logger.info("%s seed %d: finished earlier with another budget, redone", variant, seed)
+                logger.info(
+                    "%s seed %d: finished earlier with another budget, redone", variant, seed
+                )
             todo.append((variant, seed))
     return todo
 
@@ -504,15 +689,31 @@ def run_in_process(args, data: Dict, todo: Sequence[Tuple[str, int]]) -> int:
                 failed += 1
                 continue
             write_record(records_dir(args), record)
-            logger.info("%s seed %d: done in %.0f s; final %s", variant, seed, record["seconds"],
-                        json.dumps(record["final"]))
+            logger.info(
+                "%s seed %d: done in %.0f s; final %s",
+                variant,
+                seed,
+                record["seconds"],
+                json.dumps(record["final"]),
+            )
     return failed
 
 
 def child_command(args, variant: str, seed: int) -> List[str]:
     """This script for one run, same budget, no summary."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--variants", variant, "--seeds", str(seed),
-           "--out", args.out, "--threads", str(args.threads), "--skip-summary"] + (["--docs"] if args.docs else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--variants",
+        variant,
+        "--seeds",
+        str(seed),
+        "--out",
+        args.out,
+        "--threads",
+        str(args.threads),
+        "--skip-summary",
+    ] + (["--docs"] if args.docs else [])
     for key in BUDGET_KEYS:
         value = getattr(args, key)
         if key == "opts" or value in (None, False):
@@ -530,15 +731,25 @@ def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     logs = Path(args.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    logger.info("%d runs, %d at a time, %s threads each; logs in %s", len(todo), args.jobs, threads, logs)
+    logger.info(
+        "%d runs, %d at a time, %s threads each; logs in %s", len(todo), args.jobs, threads, logs
+    )
     pending, running, failed = list(todo), {}, 0
-    with tqdm(total=len(todo), desc="runs", unit="run", disable=None) as bar, _stopping_children(running):
+    with (
+        tqdm(total=len(todo), desc="runs", unit="run", disable=None) as bar,
+        _stopping_children(running),
+    ):
         while pending or running:
             while pending and len(running) < args.jobs:
                 variant, seed = pending.pop(0)
                 log = open(logs / f"{run_name(variant, seed)}.log", "w")
-                proc = subprocess.Popen(child_command(args, variant, seed), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=REPO)
+                proc = subprocess.Popen(
+                    child_command(args, variant, seed),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=REPO,
+                )
                 running[proc] = (variant, seed, log)
             time.sleep(0.5)
             for proc in [p for p in running if p.poll() is not None]:
@@ -546,7 +757,13 @@ def run_in_subprocesses(args, todo: Sequence[Tuple[str, int]]) -> int:
                 log.close()
                 if proc.returncode != 0:
                     failed += 1
-                    logger.error("%s seed %d failed (exit %d): see %s", variant, seed, proc.returncode, log.name)
+                    logger.error(
+                        "%s seed %d failed (exit %d): see %s",
+                        variant,
+                        seed,
+                        proc.returncode,
+                        log.name,
+                    )
                 bar.update(1)
     return failed
 
@@ -563,17 +780,31 @@ def _stopping_children(running: Dict):
             proc.wait()
 
 
-def log_invocation(args, argv: Sequence[str], seconds: float, trained: int, not_finished: int,
-                   stopped: Optional[str] = None) -> None:
+def log_invocation(
+    args,
+    argv: Sequence[str],
+    seconds: float,
+    trained: int,
+    not_finished: int,
+    stopped: Optional[str] = None,
+) -> None:
     """Append this command and its wall time to ``invocations.json`` beside the run records (the
     summary adds them up); ``stopped`` names what ended it early (a signal, Ctrl-C)."""
     path = records_dir(args) / "invocations.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
-    entries.append({"command": "python benchmarks/ablate_visa_ats.py " + shlex.join(argv), "seconds": seconds,
-                    "runs_trained": trained, "runs_not_finished": not_finished,
-                    "runs_requested": len(args.variants) * len(args.seeds),
-                    "started": datetime.datetime.fromtimestamp(time.time() - seconds).isoformat(timespec="seconds"),
-                    **({"stopped": stopped} if stopped else {})})
+    entries.append(
+        {
+            "command": "python benchmarks/ablate_visa_ats.py " + shlex.join(argv),
+            "seconds": seconds,
+            "runs_trained": trained,
+            "runs_not_finished": not_finished,
+            "runs_requested": len(args.variants) * len(args.seeds),
+            "started": datetime.datetime.fromtimestamp(time.time() - seconds).isoformat(
+                timespec="seconds"
+            ),
+            **({"stopped": stopped} if stopped else {}),
+        }
+    )
     with atomic_write(path) as f:
         json.dump(entries, f, indent=1)
 
@@ -586,14 +817,21 @@ def load_records(out, args=None) -> List[Dict]:
     :class:`UsageError` when they mix budgets."""
     records = [r for r in map(read_record, sorted((Path(out) / "runs").glob("*.json"))) if r]
     if args is not None:
-        records = [r for r in records if r["variant"] in args.variants and r["seed"] in args.seeds
-                   and r["budget"] == budget_of(args)]
+        records = [
+            r
+            for r in records
+            if r["variant"] in args.variants
+            and r["seed"] in args.seeds
+            and r["budget"] == budget_of(args)
+        ]
     if not records:
         raise UsageError(f"no finished run in {Path(out) / 'runs'} to summarize")
     budgets = {json.dumps(r["budget"], sort_keys=True) for r in records}
     if len(budgets) > 1:
-        raise UsageError(f"the runs in {Path(out) / 'runs'} have {len(budgets)} different budgets; rerun the "
-                         "training command (it summarizes its own runs) or remove the stale ones")
+        raise UsageError(
+            f"the runs in {Path(out) / 'runs'} have {len(budgets)} different budgets; rerun the "
+            "training command (it summarizes its own runs) or remove the stale ones"
+        )
     return records
 
 
@@ -621,7 +859,9 @@ def write_summary(args, records: Sequence[Dict]) -> Dict:
 def run_all(args, argv: Sequence[str]) -> int:
     """Train the pending runs (in process or in ``--jobs`` children); return the number that failed."""
     data = prepare_data(args)
-    build_cfg(args, args.variants[0], args.seeds[0], data["eval"], Path(args.out))  # config errors now
+    build_cfg(
+        args, args.variants[0], args.seeds[0], data["eval"], Path(args.out)
+    )  # config errors now
     todo = pending_runs(args)
     start, started_at, failed, stopped = time.perf_counter(), time.time(), 0, None
     try:
@@ -635,9 +875,14 @@ def run_all(args, argv: Sequence[str]) -> int:
     finally:
         if not args.skip_summary:
             folder = records_dir(args)
-            trained = sum(record_path(folder, v, s).is_file()
-                          and record_path(folder, v, s).stat().st_mtime >= started_at for v, s in todo)
-            log_invocation(args, argv, time.perf_counter() - start, trained, len(todo) - trained, stopped)
+            trained = sum(
+                record_path(folder, v, s).is_file()
+                and record_path(folder, v, s).stat().st_mtime >= started_at
+                for v, s in todo
+            )
+            log_invocation(
+                args, argv, time.perf_counter() - start, trained, len(todo) - trained, stopped
+            )
     return failed
 
 
@@ -662,7 +907,9 @@ def run_command(args, argv: Sequence[str]) -> int:
         check_args(args)
         failed = 0 if args.summarize_only else run_all(args, argv)
         if not args.skip_summary:
-            write_summary(args, load_records(records_dir(args), None if args.summarize_only else args))
+            write_summary(
+                args, load_records(records_dir(args), None if args.summarize_only else args)
+            )
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ and prints AR/AP when ``--gt`` is given::
     python benchmarks/baseline_selective_search.py --input IMAGES --output DIR \
         [--gt instances.json] [--out metrics.json] [--end-id N] [--workers 2]
 """
+
 import argparse
 import heapq
 import logging
@@ -31,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import unsam  # noqa: E402,F401
+import unsam.compat  # noqa: E402,F401
+
 import cv2  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
@@ -51,12 +53,14 @@ def felzenszwalb_edges(image: np.ndarray, sigma: float = 0.8):
         img = cv2.GaussianBlur(img, (0, 0), sigma)
     idx = np.arange(h * w).reshape(h, w)
     a_list, b_list, w_list = [], [], []
-    for (dy, dx) in ((0, 1), (1, 0), (1, 1), (1, -1)):
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
         ys0, ys1 = 0, h - dy
         xs0, xs1 = max(0, -dx), w - max(0, dx)
         a = idx[ys0:ys1, xs0:xs1]
-        b = idx[ys0 + dy:ys1 + dy, xs0 + dx:xs1 + dx]
-        d = np.sqrt(((img[ys0:ys1, xs0:xs1] - img[ys0 + dy:ys1 + dy, xs0 + dx:xs1 + dx]) ** 2).sum(-1))
+        b = idx[ys0 + dy : ys1 + dy, xs0 + dx : xs1 + dx]
+        d = np.sqrt(
+            ((img[ys0:ys1, xs0:xs1] - img[ys0 + dy : ys1 + dy, xs0 + dx : xs1 + dx]) ** 2).sum(-1)
+        )
         a_list.append(a.ravel())
         b_list.append(b.ravel())
         w_list.append(d.ravel())
@@ -119,8 +123,11 @@ def _compiled():
             src, lib = Path(tmp) / "felz.c", Path(tmp) / "felz.so"
             src.write_text(_C_SOURCE)
             try:
-                subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                    check=True,
+                    capture_output=True,
+                )
                 _C_LIB = ctypes.CDLL(str(lib))
             except (subprocess.CalledProcessError, OSError) as e:
                 logger.warning("C compiler failed (%s); using the slow Python Felzenszwalb", e)
@@ -143,8 +150,18 @@ def felzenszwalb(n_pixels: int, edges, k: float, min_size: int = 50) -> np.ndarr
         size = np.empty(n_pixels, np.int64)
         th = np.empty(n_pixels, np.float64)
         ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
-        lib.felz(ctypes.c_int64(n_pixels), ctypes.c_int64(len(a)), ptr(a), ptr(b), ptr(wt),
-                 ctypes.c_double(k), ctypes.c_int64(min_size), ptr(parent), ptr(size), ptr(th))
+        lib.felz(
+            ctypes.c_int64(n_pixels),
+            ctypes.c_int64(len(a)),
+            ptr(a),
+            ptr(b),
+            ptr(wt),
+            ctypes.c_double(k),
+            ctypes.c_int64(min_size),
+            ptr(parent),
+            ptr(size),
+            ptr(th),
+        )
         _, labels = np.unique(parent, return_inverse=True)
         return labels
     return _felzenszwalb_python(n_pixels, edges, k, min_size)
@@ -199,10 +216,14 @@ def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> List[Tuple[L
         np.add.at(hist, (flat_lab, ch * 25 + bins[..., ch].ravel()), 1.0)
     hist /= np.maximum(hist.sum(1, keepdims=True), 1)
     ys, xs = np.mgrid[0:h, 0:w]
-    x0 = np.full(n, w, np.int64); y0 = np.full(n, h, np.int64)
-    x1 = np.zeros(n, np.int64); y1 = np.zeros(n, np.int64)
-    np.minimum.at(x0, flat_lab, xs.ravel()); np.minimum.at(y0, flat_lab, ys.ravel())
-    np.maximum.at(x1, flat_lab, xs.ravel()); np.maximum.at(y1, flat_lab, ys.ravel())
+    x0 = np.full(n, w, np.int64)
+    y0 = np.full(n, h, np.int64)
+    x1 = np.zeros(n, np.int64)
+    y1 = np.zeros(n, np.int64)
+    np.minimum.at(x0, flat_lab, xs.ravel())
+    np.minimum.at(y0, flat_lab, ys.ravel())
+    np.maximum.at(x1, flat_lab, xs.ravel())
+    np.maximum.at(y1, flat_lab, ys.ravel())
     # adjacency
     pairs = set()
     for la, lb in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
@@ -211,7 +232,9 @@ def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> List[Tuple[L
         pairs.update(map(tuple, np.unique(p, axis=0).tolist()))
     regions: Dict[int, dict] = {}
     for i in range(n):
-        regions[i] = dict(size=sizes[i], hist=hist[i], box=[x0[i], y0[i], x1[i], y1[i]], members=[i])
+        regions[i] = dict(
+            size=sizes[i], hist=hist[i], box=[x0[i], y0[i], x1[i], y1[i]], members=[i]
+        )
     neighbours: Dict[int, set] = {i: set() for i in range(n)}
     for a, b in pairs:
         neighbours[a].add(b)
@@ -221,8 +244,9 @@ def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> List[Tuple[L
         ra, rb = regions[a], regions[b]
         colour = np.minimum(ra["hist"], rb["hist"]).sum()
         size = 1.0 - (ra["size"] + rb["size"]) / im_size
-        bx = (max(ra["box"][2], rb["box"][2]) - min(ra["box"][0], rb["box"][0]) + 1) * \
-             (max(ra["box"][3], rb["box"][3]) - min(ra["box"][1], rb["box"][1]) + 1)
+        bx = (max(ra["box"][2], rb["box"][2]) - min(ra["box"][0], rb["box"][0]) + 1) * (
+            max(ra["box"][3], rb["box"][3]) - min(ra["box"][1], rb["box"][1]) + 1
+        )
         fill = 1.0 - (bx - ra["size"] - rb["size"]) / im_size
         return colour + size + fill
 
@@ -239,10 +263,17 @@ def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> List[Tuple[L
             continue
         ra, rb = regions[a], regions[b]
         s = ra["size"] + rb["size"]
-        regions[nxt] = dict(size=s, hist=(ra["hist"] * ra["size"] + rb["hist"] * rb["size"]) / s,
-                            box=[min(ra["box"][0], rb["box"][0]), min(ra["box"][1], rb["box"][1]),
-                                 max(ra["box"][2], rb["box"][2]), max(ra["box"][3], rb["box"][3])],
-                            members=ra["members"] + rb["members"])
+        regions[nxt] = dict(
+            size=s,
+            hist=(ra["hist"] * ra["size"] + rb["hist"] * rb["size"]) / s,
+            box=[
+                min(ra["box"][0], rb["box"][0]),
+                min(ra["box"][1], rb["box"][1]),
+                max(ra["box"][2], rb["box"][2]),
+                max(ra["box"][3], rb["box"][3]),
+            ],
+            members=ra["members"] + rb["members"],
+        )
         alive -= {a, b}
         nb = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
         for x in nb:
@@ -259,8 +290,13 @@ def hierarchical_grouping(image: np.ndarray, labels: np.ndarray) -> List[Tuple[L
     return [(members, total - i) for i, members in enumerate(created)]
 
 
-def propose(image: np.ndarray, rng: np.random.Generator, scales: Sequence[int] = SCALES,
-            max_masks: int = 1000, dedup_iou: float = 0.9) -> List[dict]:
+def propose(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    scales: Sequence[int] = SCALES,
+    max_masks: int = 1000,
+    dedup_iou: float = 0.9,
+) -> List[dict]:
     """Selective-search mask proposals for one RGB image → SA-1B annotations (best first)."""
     h, w = image.shape[:2]
     edges = felzenszwalb_edges(image, 0.8)
@@ -283,7 +319,11 @@ def propose(image: np.ndarray, rng: np.random.Generator, scales: Sequence[int] =
         # IoU <= min(area)/max(area): only masks of similar area can be duplicates
         near = [j for j, a in enumerate(kept_areas) if min(a, area) > dedup_iou * max(a, area)]
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        if near and np.max(mask_utils.iou([rle], [kept_rles[j] for j in near], [0] * len(near))) > dedup_iou:
+        if (
+            near
+            and np.max(mask_utils.iou([rle], [kept_rles[j] for j in near], [0] * len(near)))
+            > dedup_iou
+        ):
             continue
         kept_rles.append(rle)
         kept_areas.append(area)
@@ -299,8 +339,16 @@ def _propose_file(task) -> None:
     image_id, path, target, seed, max_masks = task
     image = read_image(path)
     anns = propose(image, np.random.default_rng(seed + image_id), max_masks=max_masks)
-    write_sa1b_json(target, {"image_id": image_id, "width": image.shape[1], "height": image.shape[0],
-                             "file_name": str(path)}, anns)
+    write_sa1b_json(
+        target,
+        {
+            "image_id": image_id,
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "file_name": str(path),
+        },
+        anns,
+    )
 
 
 def main(argv=None) -> int:
@@ -321,14 +369,17 @@ def main(argv=None) -> int:
 
     i, n = (int(x) for x in args.shard.split("/"))
     out = Path(args.output)
-    tasks = [(image_id, path, out / f"{path.stem}.json", args.seed, args.max_masks)
-             for image_id, path in select(list_images(args.input), args.start_id, args.end_id, (i, n))
-             if not (out / f"{path.stem}.json").exists()]  # finished images are skipped (resume)
+    tasks = [
+        (image_id, path, out / f"{path.stem}.json", args.seed, args.max_masks)
+        for image_id, path in select(list_images(args.input), args.start_id, args.end_id, (i, n))
+        if not (out / f"{path.stem}.json").exists()
+    ]  # finished images are skipped (resume)
     t0 = time.time()
     if args.workers > 1:
         # one thread per worker: the workers already fill the cores
-        with multiprocessing.get_context("spawn").Pool(args.workers, initializer=cv2.setNumThreads,
-                                                       initargs=(1,)) as pool:
+        with multiprocessing.get_context("spawn").Pool(
+            args.workers, initializer=cv2.setNumThreads, initargs=(1,)
+        ) as pool:
             for _ in tqdm(pool.imap_unordered(_propose_file, tasks), total=len(tasks), unit="img"):
                 pass
     else:

@@ -17,6 +17,7 @@ is compared). Run it with nothing else heavy on the machine.
     python benchmarks/data.py                 # 500 masks, 5 samples
     python benchmarks/data.py --masks 200 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,16 @@ HEIGHT, WIDTH = 1500, 2250
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--masks", type=int, default=500, help="pseudo masks in the record")
-    p.add_argument("--repeat", type=int, default=5, help="samples mapped per variant (different augmentations)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (loader workers use one each)")
+    p.add_argument(
+        "--repeat", type=int, default=5, help="samples mapped per variant (different augmentations)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (loader workers use one each)"
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--child", choices=("mapper", "reference"), help=argparse.SUPPRESS)
     p.add_argument("--record", help=argparse.SUPPRESS)
@@ -90,29 +97,38 @@ def make_record(folder: Path, num_masks: int) -> Path:
 
 def run_child(variant: str, record: str, repeat: int, threads: int) -> dict:
     """Map the record ``repeat`` times; seconds per sample, peak RSS, a hash of every output."""
+    import unsam.compat  # noqa: F401
+
     import numpy as np
     import torch
-
-    import unsam  # noqa: F401
     from detectron2.structures import BitMasks
 
+    from unsam.config.loading import load_config
     from unsam.data import mapper as mapper_module
     from unsam.data.sa1b import load_sa1b_dicts
-    from unsam.config.loading import load_config
 
     torch.set_num_threads(threads)
     if variant == "reference":
+
         def decode_then_transform(segmentations, height, width, transforms):
             # the mapper's previous path: full-resolution decode, transform, drop empties, boxes
-            stack = np.stack([mapper_module.decode_segmentation(s, height, width) for s in segmentations])
+            stack = np.stack(
+                [mapper_module.decode_segmentation(s, height, width) for s in segmentations]
+            )
             stack = mapper_module.transform_masks(transforms, stack)
             kept = np.flatnonzero(stack.any(axis=(1, 2)))
             stack = stack[kept]
-            return stack, kept, BitMasks(torch.from_numpy(stack)).get_bounding_boxes().tensor.numpy()
+            return (
+                stack,
+                kept,
+                BitMasks(torch.from_numpy(stack)).get_bounding_boxes().tensor.numpy(),
+            )
 
         mapper_module.decode_transformed_masks = decode_then_transform
-    cfg = load_config(str(REPO / "configs" / "unsam_only_sa-1b_R50_lsj.yaml"),
-                      ["MODEL.DEVICE", "cpu", "INPUT.MAX_INSTANCES_PER_IMAGE", "100000"])
+    cfg = load_config(
+        str(REPO / "configs" / "unsam_only_sa-1b_R50_lsj.yaml"),
+        ["MODEL.DEVICE", "cpu", "INPUT.MAX_INSTANCES_PER_IMAGE", "100000"],
+    )
     mapper = mapper_module.UnSAMDatasetMapper(cfg, is_train=True)
     record = load_sa1b_dicts(Path(record).parent)[0]
     times, hashes, kept = [], [], []
@@ -122,12 +138,18 @@ def run_child(variant: str, record: str, repeat: int, threads: int) -> dict:
         out = mapper(record)
         times.append(time.perf_counter() - start)
         masks = out["instances"].gt_masks.tensor.numpy()
-        hashes.append(hashlib.sha1(np.packbits(masks).tobytes() + str(masks.shape).encode()).hexdigest())
+        hashes.append(
+            hashlib.sha1(np.packbits(masks).tobytes() + str(masks.shape).encode()).hexdigest()
+        )
         kept.append(int(masks.shape[0]))
     scale = 1 if sys.platform == "darwin" else 1024
-    return {"seconds_per_sample": sum(times) / len(times), "first_s": times[0],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9,
-            "masks_kept": kept, "hashes": hashes}
+    return {
+        "seconds_per_sample": sum(times) / len(times),
+        "first_s": times[0],
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9,
+        "masks_kept": kept,
+        "hashes": hashes,
+    }
 
 
 def main(argv=None) -> int:
@@ -135,13 +157,32 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(run_child(args.child, args.record, args.repeat, args.threads)))
         return 0
-    results = {"image": f"{HEIGHT}x{WIDTH}", "masks": args.masks, "samples": args.repeat, "threads": args.threads}
+    results = {
+        "image": f"{HEIGHT}x{WIDTH}",
+        "masks": args.masks,
+        "samples": args.repeat,
+        "threads": args.threads,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         record = make_record(Path(tmp), args.masks)
         for variant in ("mapper", "reference"):
-            res = subprocess.run([sys.executable, __file__, "--child", variant, "--record", str(record),
-                                  "--repeat", str(args.repeat), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    "--record",
+                    str(record),
+                    "--repeat",
+                    str(args.repeat),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONWARNINGS="ignore"),
+            )
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
                 return 1
@@ -151,9 +192,13 @@ def main(argv=None) -> int:
     results["speedup"] = ref["seconds_per_sample"] / mapper["seconds_per_sample"]
     for variant in ("mapper", "reference"):
         r = results[variant]
-        print(f"{variant:>10}: {r['seconds_per_sample']:.3f} s/sample, peak RSS {r['peak_rss_gb']:.2f} GB, "
-              f"masks kept per sample {r['masks_kept']}")
-    print(f"speed-up {results['speedup']:.1f}x (target >= 5x), identical outputs: {results['identical_outputs']}")
+        print(
+            f"{variant:>10}: {r['seconds_per_sample']:.3f} s/sample, peak RSS {r['peak_rss_gb']:.2f} GB, "
+            f"masks kept per sample {r['masks_kept']}"
+        )
+    print(
+        f"speed-up {results['speedup']:.1f}x (target >= 5x), identical outputs: {results['identical_outputs']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if results["identical_outputs"] else 1

@@ -14,6 +14,7 @@ encodes one random 1024-px image once, then times, after one warm-up call each: 
     python benchmarks/prompt.py                 # 1024x1024 input, 2 threads, both modes
     python benchmarks/prompt.py --modes select --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,21 @@ if str(REPO) not in sys.path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", default=str(REPO / "configs" / "unsam_only_sa-1b_R50.yaml"))
     p.add_argument("--size", type=int, default=1024, help="image side and INPUT.IMAGE_SIZE")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--batch", type=int, default=16, help="prompts in the batched measurement")
-    p.add_argument("--modes", nargs="+", choices=tuple(LIMITS), default=list(LIMITS), help="prompt modes to time")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=tuple(LIMITS),
+        default=list(LIMITS),
+        help="prompt modes to time",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config KEY VALUE pairs")
     return p.parse_args(argv)
@@ -57,12 +66,13 @@ def _median_time(fn, repeat: int) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import unsam.compat  # noqa: F401
+
     import numpy as np
     import torch
 
-    import unsam  # noqa: F401
-    from unsam.predictor import PromptPredictor
     from unsam.config.loading import load_config
+    from unsam.predictor import PromptPredictor
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -75,13 +85,29 @@ def main(argv=None) -> int:
     results, ok = {}, True
     for mode in args.modes:
         torch.manual_seed(0)
-        cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "UNSAM.PROMPT.MODE", mode,
-                                             "INPUT.IMAGE_SIZE", str(s), *args.opts])
+        cfg = load_config(
+            args.config_file,
+            [
+                "MODEL.DEVICE",
+                "cpu",
+                "MODEL.WEIGHTS",
+                "",
+                "UNSAM.PROMPT.MODE",
+                mode,
+                "INPUT.IMAGE_SIZE",
+                str(s),
+                *args.opts,
+            ],
+        )
         predictor = PromptPredictor.from_config(cfg)
         with torch.no_grad():
             set_image_s = _median_time(lambda: predictor.set_image(image), args.repeat)
-            point_s = _median_time(lambda: predictor.predict(*point, multimask_output=True), args.repeat)
-            box_s = _median_time(lambda: predictor.predict(box=box, multimask_output=False), args.repeat)
+            point_s = _median_time(
+                lambda: predictor.predict(*point, multimask_output=True), args.repeat
+            )
+            box_s = _median_time(
+                lambda: predictor.predict(box=box, multimask_output=False), args.repeat
+            )
             batch_s = _median_time(lambda: predictor.predict_batch(pts, lbl), args.repeat)
         res = {
             "image_size": s,
@@ -99,8 +125,10 @@ def main(argv=None) -> int:
         for k, v in res.items():
             print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
         passed = res["point_over_set_image"] < LIMITS[mode]
-        print(f"single point / set_image = {100 * res['point_over_set_image']:.1f}% "
-              f"({'OK' if passed else 'FAIL'}: must be < {100 * LIMITS[mode]:.0f}% in {mode} mode)")
+        print(
+            f"single point / set_image = {100 * res['point_over_set_image']:.1f}% "
+            f"({'OK' if passed else 'FAIL'}: must be < {100 * LIMITS[mode]:.0f}% in {mode} mode)"
+        )
         results[mode] = res
         ok &= passed
     if args.json:

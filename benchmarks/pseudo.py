@@ -10,6 +10,7 @@ at the default engine settings; the first image is a warm-up and is not timed. T
 backend is skipped when no ``--dino-weights`` is given (there is no offline default for it).
 Timings are wall-clock on whatever the machine is doing: on a shared box they are inflated.
 """
+
 import argparse
 import json
 import os
@@ -61,17 +62,25 @@ def main(argv=None) -> int:
         if backend == "dino" and not args.dino_weights:
             print("dino: skipped (no --dino-weights)")
             continue
-        code = _CHILD.format(root=str(ROOT), threads=args.threads, backend=backend,
-                             weights=args.dino_weights, input=args.input, num=args.num + 1)
+        code = _CHILD.format(
+            root=str(ROOT),
+            threads=args.threads,
+            backend=backend,
+            weights=args.dino_weights,
+            input=args.input,
+            num=args.num + 1,
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{backend}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             return 1
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(res)
-        print(f"{backend}: {res['seconds_per_image']:.2f} s/image (max {res['max_seconds']:.2f}), "
-              f"{res['masks_per_image']:.0f} masks/image, peak RSS {res['peak_rss_mb']:.0f} MB "
-              f"over {res['images']} images, {args.threads} threads")
+        print(
+            f"{backend}: {res['seconds_per_image']:.2f} s/image (max {res['max_seconds']:.2f}), "
+            f"{res['masks_per_image']:.0f} masks/image, peak RSS {res['peak_rss_mb']:.0f} MB "
+            f"over {res['images']} images, {args.threads} threads"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

@@ -15,6 +15,7 @@ over), scores both with :func:`unsam.pseudo.evaluate.evaluate_dir` (class-agnost
 instances one class) and prints AR@10/100/1000 and AP with the engine / baseline ratio, and the
 wall-clock seconds per image of each run (on a shared machine these are inflated).
 """
+
 import argparse
 import json
 import os
@@ -46,7 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--end-id", type=int, default=None, help="only the first N photos")
     ap.add_argument("--fresh", action="store_true", help="delete earlier outputs in --work first")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
-    ap.add_argument("engine_args", nargs="*", help="extra options for python -m unsam.pseudo (after --)")
+    ap.add_argument(
+        "engine_args", nargs="*", help="extra options for python -m unsam.pseudo (after --)"
+    )
     args = ap.parse_args(argv)
     data, work = Path(args.data), Path(args.work)
     images, gt = data / "images", data / "instances.json"
@@ -58,34 +61,83 @@ def main(argv=None) -> int:
     limit = ["--end-id", str(args.end_id)] if args.end_id is not None else []
     n_images = len([p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")])
     n_images = min(n_images, args.end_id) if args.end_id is not None else n_images
-    todo = {name: n_images - len(list(d.glob("*.json"))) if d.exists() else n_images
-            for name, d in (("engine", engine_dir), ("baseline", base_dir))}
+    todo = {
+        name: n_images - len(list(d.glob("*.json"))) if d.exists() else n_images
+        for name, d in (("engine", engine_dir), ("baseline", base_dir))
+    }
     seconds = {}
-    seconds["engine"] = _run([sys.executable, "-m", "unsam.pseudo", "--input", str(images), "--output",
-                              str(engine_dir), "--workers", str(args.workers), "--max-masks",
-                              str(args.max_masks), "--quiet"] + limit + args.engine_args, env)
-    seconds["baseline"] = _run([sys.executable, str(ROOT / "benchmarks" / "baseline_selective_search.py"),
-                                "--input", str(images), "--output", str(base_dir), "--workers",
-                                str(args.workers), "--max-masks", str(args.max_masks)] + limit, env)
+    seconds["engine"] = _run(
+        [
+            sys.executable,
+            "-m",
+            "unsam.pseudo",
+            "--input",
+            str(images),
+            "--output",
+            str(engine_dir),
+            "--workers",
+            str(args.workers),
+            "--max-masks",
+            str(args.max_masks),
+            "--quiet",
+        ]
+        + limit
+        + args.engine_args,
+        env,
+    )
+    seconds["baseline"] = _run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "baseline_selective_search.py"),
+            "--input",
+            str(images),
+            "--output",
+            str(base_dir),
+            "--workers",
+            str(args.workers),
+            "--max-masks",
+            str(args.max_masks),
+        ]
+        + limit,
+        env,
+    )
     from unsam.pseudo.evaluate import evaluate_dir
 
-    metrics = {name: evaluate_dir(gt, d) for name, d in (("engine", engine_dir), ("baseline", base_dir))}
-    print(f"\n{data.name}: {int(metrics['engine']['num_images'])} photos, at most {args.max_masks} masks each")
+    metrics = {
+        name: evaluate_dir(gt, d) for name, d in (("engine", engine_dir), ("baseline", base_dir))
+    }
+    print(
+        f"\n{data.name}: {int(metrics['engine']['num_images'])} photos, at most {args.max_masks} masks each"
+    )
     print(f"{'':10s}" + "".join(f"{k:>9s}" for k in KEYS) + f"{'s/image':>10s}")
     for name in ("engine", "baseline"):
         rate = seconds[name] / todo[name] if todo[name] else float("nan")
         print(f"{name:10s}" + "".join(f"{metrics[name][k]:9.3f}" for k in KEYS) + f"{rate:10.2f}")
-    ratio = {k: metrics["engine"][k] / metrics["baseline"][k] if metrics["baseline"][k] else float("nan")
-             for k in KEYS}
+    ratio = {
+        k: metrics["engine"][k] / metrics["baseline"][k] if metrics["baseline"][k] else float("nan")
+        for k in KEYS
+    }
     print(f"{'ratio':10s}" + "".join(f"{ratio[k]:9.2f}" for k in KEYS))
-    print(f"(s/image: wall clock with {args.workers} workers over the photos labelled in this call; "
-          "nan when all were already done)")
+    print(
+        f"(s/image: wall clock with {args.workers} workers over the photos labelled in this call; "
+        "nan when all were already done)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"data": str(data), "metrics": metrics, "ratio": ratio,
-                                              "seconds_per_image": {k: seconds[k] / todo[k] if todo[k] else None
-                                                                    for k in seconds},
-                                              "workers": args.workers}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "data": str(data),
+                    "metrics": metrics,
+                    "ratio": ratio,
+                    "seconds_per_image": {
+                        k: seconds[k] / todo[k] if todo[k] else None for k in seconds
+                    },
+                    "workers": args.workers,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

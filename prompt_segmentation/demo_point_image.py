@@ -15,23 +15,39 @@ exit 2; a box reaching past the border is clipped to the image (as SAM does; log
 later images that are unreadable or that a prompt misses are skipped with a warning. ``--output``
 is a folder or, for one input, an image file name written exactly there in its extension's format.
 """
+
 import argparse
 import logging
 import sys
 import time
 from typing import List
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
-from unsam.data.prompts import (PromptError, mask_from_values, mask_to_mask_input, parse_box, parse_labels,
-                                 parse_points, validate_prompts)
-from unsam.demo_io import DemoInputError, demo_parser, expand_inputs, plan_outputs, readable_images, write_image
-from unsam.predictor import PromptPredictor
 from unsam.config.loading import ConfigError, load_config
+from unsam.data.prompts import (
+    PromptError,
+    mask_from_values,
+    mask_to_mask_input,
+    parse_box,
+    parse_labels,
+    parse_points,
+    validate_prompts,
+)
+from unsam.demo_io import (
+    DemoInputError,
+    demo_parser,
+    expand_inputs,
+    plan_outputs,
+    readable_images,
+    write_image,
+)
+from unsam.predictor import PromptPredictor
 from unsam.utils.device import DeviceError, check_device
 from unsam.visualize import draw_masks, draw_prompts, draw_title
 
@@ -40,10 +56,16 @@ logger = logging.getLogger("unsam.demo")
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", help='point prompts "x,y;x,y" in image pixels')
-    parser.add_argument("--labels", help="labels of --points, e.g. 1,0 (1 positive, 0 negative; default all 1)")
+    parser.add_argument(
+        "--labels", help="labels of --points, e.g. 1,0 (1 positive, 0 negative; default all 1)"
+    )
     parser.add_argument("--box", help="box prompt x0,y0,x1,y1 in image pixels")
-    parser.add_argument("--mask-input", metavar="PNG", help="mask prompt: a binary mask image of the input's size")
-    parser.add_argument("--multimask", action="store_true", help="show every granularity, not only the best")
+    parser.add_argument(
+        "--mask-input", metavar="PNG", help="mask prompt: a binary mask image of the input's size"
+    )
+    parser.add_argument(
+        "--multimask", action="store_true", help="show every granularity, not only the best"
+    )
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,8 +86,9 @@ def _read_mask(path: str, hw) -> np.ndarray:
     except (OSError, ValueError) as e:  # PromptError is a ValueError
         raise DemoInputError(f"mask input '{path}': {e}") from None
     if mask.shape != tuple(hw):
-        raise DemoInputError(f"mask input '{path}' is {mask.shape[1]}x{mask.shape[0]}, "
-                             f"the image is {hw[1]}x{hw[0]}")
+        raise DemoInputError(
+            f"mask input '{path}' is {mask.shape[1]}x{mask.shape[0]}, the image is {hw[1]}x{hw[0]}"
+        )
     return mask
 
 
@@ -91,14 +114,20 @@ def run(args) -> None:
     outputs = plan_outputs(args.output, paths)  # an unwritable output fails before the model loads
     skipped: List[str] = []
     (_, first), images = readable_images(paths, skipped)
-    validate_prompts(points, labels, box, first.shape[:2])  # so do prompts that miss the first image
+    validate_prompts(
+        points, labels, box, first.shape[:2]
+    )  # so do prompts that miss the first image
     if args.mask_input:
         _read_mask(args.mask_input, first.shape[:2])
     predictor = PromptPredictor.from_config(cfg)
     for path, image in tqdm(images, total=len(paths), desc="segment", unit="img"):
         try:
             pts, lbl, bx = validate_prompts(points, labels, box, image.shape[:2])
-            mask_input = mask_to_mask_input(_read_mask(args.mask_input, image.shape[:2])) if args.mask_input else None
+            mask_input = (
+                mask_to_mask_input(_read_mask(args.mask_input, image.shape[:2]))
+                if args.mask_input
+                else None
+            )
         except (PromptError, DemoInputError) as e:  # another image of a folder, of another size
             skipped.append(str(path))
             logger.warning("skipping %s: %s", path, e)
@@ -108,15 +137,25 @@ def run(args) -> None:
             pts, lbl = np.array([[w // 2, h // 2]], np.float32), np.ones(1, np.int64)
         start = time.perf_counter()
         predictor.set_image(image)
-        masks, scores, _ = predictor.predict(point_coords=pts, point_labels=lbl, box=bx, mask_input=mask_input,
-                                             multimask_output=True)
+        masks, scores, _ = predictor.predict(
+            point_coords=pts, point_labels=lbl, box=bx, mask_input=mask_input, multimask_output=True
+        )
         best = int(np.argmax(scores))
         order = list(range(len(masks))) if args.multimask else [best]
         panels = [draw_prompts(draw_masks(image, masks[best][None]), pts, lbl, bx)]
-        panels += [draw_prompts(_panel(image, masks[i], f"g{i} IoU {scores[i]:.2f}"), pts, lbl, bx) for i in order]
+        panels += [
+            draw_prompts(_panel(image, masks[i], f"g{i} IoU {scores[i]:.2f}"), pts, lbl, bx)
+            for i in order
+        ]
         write_image(outputs.image(path), np.concatenate(panels, axis=1))
-        logger.info("%s: %d mask(s), best score %.2f (%s mode), %.2fs", path, len(order), scores[best],
-                    predictor.mode, time.perf_counter() - start)
+        logger.info(
+            "%s: %d mask(s), best score %.2f (%s mode), %.2fs",
+            path,
+            len(order),
+            scores[best],
+            predictor.mode,
+            time.perf_counter() - start,
+        )
     if skipped:
         logger.warning("%d of %d inputs skipped: %s", len(skipped), len(paths), ", ".join(skipped))
 

@@ -4,6 +4,7 @@
 declares a direct URL dependency that PyPI packages may not have). Usage:
 ``python scripts/fetch_sdist.py pb1-detectron2 0.6 DEST_DIR`` → prints the downloaded path.
 """
+
 import hashlib
 import os
 import re
@@ -17,7 +18,10 @@ def main(name: str, version: str, dest: str) -> None:
     page_url = urljoin(index, name + "/")
     with urllib.request.urlopen(page_url, timeout=60) as r:
         page = r.read().decode()
-    pattern = re.compile(r'href="([^"]*?%s-%s\.tar\.gz)(?:#sha256=([0-9a-f]+))?"' % (re.escape(name), re.escape(version)))
+    pattern = re.compile(
+        r'href="([^"]*?%s-%s\.tar\.gz)(?:#sha256=([0-9a-f]+))?"'
+        % (re.escape(name), re.escape(version))
+    )
     match = pattern.search(page)
     if match is None:
         sys.exit(f"error: {name}=={version} sdist not found at {page_url}")

@@ -30,6 +30,7 @@ every step passed, 1 when any failed.
   python scripts/gpu_check.py --device cpu --quick  # CI-sized check on the CPU
   python scripts/gpu_check.py --steps train,inference --out gpu.json --keep --work-dir /tmp/gc
 """
+
 import argparse
 import contextlib
 import gc
@@ -64,17 +65,46 @@ LOGIT_TOL = 1e-3
 
 # --quick: the public configs shrunk to CPU size (same files and code paths; a ResNet-18 trunk, a
 # 64-d head, 20 queries, 3 decoder layers, 1 encoder layer; Swin with 2 blocks per stage)
-QUICK_HEAD = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-              "MODEL.SEM_SEG_HEAD.CONVS_DIM", "64", "MODEL.SEM_SEG_HEAD.MASK_DIM", "64",
-              "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-              "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", "4",
-              "MODEL.SEM_SEG_HEAD.TRANSFORMER_DIM_FEEDFORWARD", "128",
-              "MODEL.MASK_FORMER.HIDDEN_DIM", "64", "MODEL.MASK_FORMER.NHEADS", "4",
-              "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "128", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "20",
-              "MODEL.MASK_FORMER.DEC_LAYERS", "3", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-              "MODEL.MASK_FORMER.TEST.UPSAMPLE_CHUNK", "16", "UNSAM.PROMPT.PROMPTS_PER_IMAGE", "4"]
-QUICK_SWIN = ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-              "MODEL.SWIN.NUM_HEADS", "[1, 2, 4, 8]"]
+QUICK_HEAD = [
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+    "64",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM",
+    "64",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+    "1",
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+    "4",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_DIM_FEEDFORWARD",
+    "128",
+    "MODEL.MASK_FORMER.HIDDEN_DIM",
+    "64",
+    "MODEL.MASK_FORMER.NHEADS",
+    "4",
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+    "128",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+    "20",
+    "MODEL.MASK_FORMER.DEC_LAYERS",
+    "3",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "MODEL.MASK_FORMER.TEST.UPSAMPLE_CHUNK",
+    "16",
+    "UNSAM.PROMPT.PROMPTS_PER_IMAGE",
+    "4",
+]
+QUICK_SWIN = [
+    "MODEL.SWIN.EMBED_DIM",
+    "32",
+    "MODEL.SWIN.DEPTHS",
+    "[2, 2, 2, 2]",
+    "MODEL.SWIN.NUM_HEADS",
+    "[1, 2, 4, 8]",
+]
 
 
 class CheckFailed(RuntimeError):
@@ -86,16 +116,50 @@ def make_plan(device: str, quick: bool, iters: Optional[int]) -> Dict:
     """Every size the steps use, for the full (GPU) check or --quick."""
     if quick:
         plan = dict(
-            n_images=4, height=96, width=128, max_masks=20, image_size=64, test_size=64, max_test=128,
-            detections=20, train_iters=2, ats_start=1, block=2, timed_runs=1, warmup=0, clicks=3,
-            pseudo_images=1, dist_iters=5, dist_ims_per_rank=1, head=list(QUICK_HEAD),
-            swin=list(QUICK_SWIN), workers=0, dist_timeout=300,
+            n_images=4,
+            height=96,
+            width=128,
+            max_masks=20,
+            image_size=64,
+            test_size=64,
+            max_test=128,
+            detections=20,
+            train_iters=2,
+            ats_start=1,
+            block=2,
+            timed_runs=1,
+            warmup=0,
+            clicks=3,
+            pseudo_images=1,
+            dist_iters=5,
+            dist_ims_per_rank=1,
+            head=list(QUICK_HEAD),
+            swin=list(QUICK_SWIN),
+            workers=0,
+            dist_timeout=300,
         )
     else:
         plan = dict(
-            n_images=8, height=1024, width=1365, max_masks=300, image_size=1024, test_size=1024, max_test=2048,
-            detections=1000, train_iters=30, ats_start=10, block=8, timed_runs=3, warmup=1, clicks=20,
-            pseudo_images=3, dist_iters=5, dist_ims_per_rank=2, head=[], swin=[], workers=4,
+            n_images=8,
+            height=1024,
+            width=1365,
+            max_masks=300,
+            image_size=1024,
+            test_size=1024,
+            max_test=2048,
+            detections=1000,
+            train_iters=30,
+            ats_start=10,
+            block=8,
+            timed_runs=3,
+            warmup=1,
+            clicks=20,
+            pseudo_images=3,
+            dist_iters=5,
+            dist_ims_per_rank=2,
+            head=[],
+            swin=[],
+            workers=4,
             dist_timeout=900,
         )
     if iters is not None:
@@ -111,15 +175,17 @@ def make_plan(device: str, quick: bool, iters: Optional[int]) -> Dict:
 _SHAPE_STYLE = dict(min_aspect=0.4, max_vertices=7, min_radius=0.5)
 
 
-def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks: int, seed: int = 0) -> Dict:
+def write_synthetic_sa1b(
+    root: Path, n: int, height: int, width: int, max_masks: int, seed: int = 0
+) -> Dict:
     """``n`` images with SA-1B JSONs holding up to ``max_masks`` nested masks each (the first image
     exactly ``max_masks``): level-0 objects, level-1 parts inside them, level-2 parts of parts,
     each part clipped to its parent (``parent_id``). Returns counts."""
     import numpy as np
     from PIL import Image
 
-    from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
     from unsam.data.synthetic import draw_random_shape
+    from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -128,7 +194,11 @@ def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks:
     for i in range(n):
         target = max_masks if i == 0 else int(rng.integers(max(max_masks // 2, 1), max_masks + 1))
         xx = np.arange(width, dtype=np.float32)[None, :, None] / width
-        image = rng.uniform(60, 200, 3) + rng.uniform(-40, 40, 3) * xx + rng.normal(0, 8, (height, width, 3))
+        image = (
+            rng.uniform(60, 200, 3)
+            + rng.uniform(-40, 40, 3) * xx
+            + rng.normal(0, 8, (height, width, 3))
+        )
         anns: List[Dict] = []
         parents: List[tuple] = []  # (mask, level, ann id, box, pixel coords) of levels 0 and 1
         n0 = max(1, target // 10)
@@ -138,35 +208,55 @@ def write_synthetic_sa1b(root: Path, n: int, height: int, width: int, max_masks:
             mask = np.zeros((height, width), np.uint8)
             if len(anns) < n0 or not parents:
                 level, parent = 0, -1
-                draw_random_shape(rng, mask, rng.uniform(0, width), rng.uniform(0, height),
-                                  max(rng.uniform(0.04, 0.3) * side, 2.0), **_SHAPE_STYLE)
+                draw_random_shape(
+                    rng,
+                    mask,
+                    rng.uniform(0, width),
+                    rng.uniform(0, height),
+                    max(rng.uniform(0.04, 0.3) * side, 2.0),
+                    **_SHAPE_STYLE,
+                )
             else:
-                pmask, plevel, parent, (y0, y1, x0, x1), (ys, xs) = parents[int(rng.integers(0, len(parents)))]
+                pmask, plevel, parent, (y0, y1, x0, x1), (ys, xs) = parents[
+                    int(rng.integers(0, len(parents)))
+                ]
                 j = int(rng.integers(0, len(xs)))
                 r = math.sqrt(len(xs) / math.pi) * rng.uniform(0.2, 0.7)
                 sub = np.ascontiguousarray(mask[y0:y1, x0:x1])
-                draw_random_shape(rng, sub, xs[j] - x0, ys[j] - y0, max(r, 2.0), **_SHAPE_STYLE)  # in the parent's box
+                draw_random_shape(
+                    rng, sub, xs[j] - x0, ys[j] - y0, max(r, 2.0), **_SHAPE_STYLE
+                )  # in the parent's box
                 mask[y0:y1, x0:x1] = sub & pmask[y0:y1, x0:x1]
                 level = plevel + 1
-            ann = annotation_from_mask(mask.astype(bool), ann_id=len(anns), level=level, parent_id=parent)
+            ann = annotation_from_mask(
+                mask.astype(bool), ann_id=len(anns), level=level, parent_id=parent
+            )
             if ann["area"] < 16:
                 continue
             anns.append(ann)
             bx, by, bw, bh = ann["bbox"]
             box = (by, by + bh, bx, bx + bw)
-            region = mask[box[0]:box[1], box[2]:box[3]].astype(bool)
-            patch = image[box[0]:box[1], box[2]:box[3]]
+            region = mask[box[0] : box[1], box[2] : box[3]].astype(bool)
+            patch = image[box[0] : box[1], box[2] : box[3]]
             patch[region] = 0.7 * rng.uniform(0, 255, 3) + 0.3 * patch[region]
             if level < 2:
                 ys, xs = np.nonzero(region)
                 parents.append((mask, level, ann["id"], box, (ys + box[0], xs + box[2])))
         name = f"synthetic_{i:04d}"
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / f"{name}.jpg", quality=92)
-        write_sa1b_json(root / f"{name}.json", {"image_id": i + 1, "width": width, "height": height,
-                                               "file_name": f"{name}.jpg"}, anns)
+        write_sa1b_json(
+            root / f"{name}.json",
+            {"image_id": i + 1, "width": width, "height": height, "file_name": f"{name}.jpg"},
+            anns,
+        )
         counts.append(len(anns))
-    return {"images": n, "height": height, "width": width, "masks_per_image": counts,
-            "max_masks": max(counts)}
+    return {
+        "images": n,
+        "height": height,
+        "width": width,
+        "masks_per_image": counts,
+        "max_masks": max(counts),
+    }
 
 
 def load_rgb(path: Path):
@@ -185,7 +275,7 @@ def _sync(device: str) -> None:
 
 
 def _gb(n: int) -> float:
-    return round(n / 2 ** 30, 3)
+    return round(n / 2**30, 3)
 
 
 def _reset_peak(device: str) -> None:
@@ -228,8 +318,12 @@ def _stats(times: List[float], warmup: int = 0) -> Dict:
     import numpy as np
 
     steady = times[warmup:] if len(times) > warmup else times
-    return {"first_s": round(times[0], 4), "mean_s": round(float(np.mean(steady)), 4),
-            "median_s": round(float(np.median(steady)), 4), "n": len(steady)}
+    return {
+        "first_s": round(times[0], 4),
+        "mean_s": round(float(np.mean(steady)), 4),
+        "median_s": round(float(np.median(steady)), 4),
+        "n": len(steady),
+    }
 
 
 def is_oom(e: BaseException) -> bool:
@@ -246,8 +340,16 @@ def load_cfg(config_file: Path, opts: List[str]):
 
 def train_args(config_file: Path, opts: List[str]) -> argparse.Namespace:
     """What train_net.py's parser gives ``setup_config`` (detectron2's default_setup reads it)."""
-    return argparse.Namespace(config_file=str(config_file), opts=list(opts), eval_only=False, resume=False,
-                              num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
+    return argparse.Namespace(
+        config_file=str(config_file),
+        opts=list(opts),
+        eval_only=False,
+        resume=False,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+    )
 
 
 # ---------------------------------------------------------------------------------- train step
@@ -272,27 +374,67 @@ def _train_hook_cls():
             _sync(self.device)
             self.times.append(time.perf_counter() - self.t0)
             latest = self.trainer.storage.latest()
-            self.losses.append({k: float(v) for k, (v, _) in latest.items()
-                                if k == "total_loss" or k.startswith("loss")})
+            self.losses.append(
+                {
+                    k: float(v)
+                    for k, (v, _) in latest.items()
+                    if k == "total_loss" or k.startswith("loss")
+                }
+            )
             if "data_time" in latest:
                 self.data_times.append(float(latest["data_time"][0]))
 
     return StepProbe
 
 
-def train_opts(plan: Dict, data_name: str, data_root: Path, out_dir: Path, ims: int, iters: int,
-               extra: List[str] = ()) -> List[str]:
+def train_opts(
+    plan: Dict,
+    data_name: str,
+    data_root: Path,
+    out_dir: Path,
+    ims: int,
+    iters: int,
+    extra: List[str] = (),
+) -> List[str]:
     opts = [
-        "MODEL.DEVICE", plan["device"], "MODEL.WEIGHTS", "",
-        "UNSAM.DATA.SA1B_ROOTS", json.dumps([f"{data_name}:{data_root}"]),
-        "DATASETS.TRAIN", f'("{data_name}",)', "DATASETS.TEST", "()",
-        "SOLVER.IMS_PER_BATCH", str(ims), "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({iters * 2},)", "SOLVER.CHECKPOINT_PERIOD", str(iters * 10),
-        "INPUT.IMAGE_SIZE", str(plan["image_size"]),
-        "UNSAM.VISA.ENABLED", "True", "UNSAM.VISA.START_ITER", "0", "UNSAM.VISA.END_ITER", str(iters),
-        "UNSAM.ATS.ENABLED", "True", "UNSAM.ATS.START_ITER", str(plan["ats_start"]),
-        "UNSAM.ATS.BLOCK_SIZE", str(plan["block"]),
-        "DATALOADER.NUM_WORKERS", str(plan["workers"]), "SEED", "1", "OUTPUT_DIR", str(out_dir),
+        "MODEL.DEVICE",
+        plan["device"],
+        "MODEL.WEIGHTS",
+        "",
+        "UNSAM.DATA.SA1B_ROOTS",
+        json.dumps([f"{data_name}:{data_root}"]),
+        "DATASETS.TRAIN",
+        f'("{data_name}",)',
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        str(ims),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        f"({iters * 2},)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(iters * 10),
+        "INPUT.IMAGE_SIZE",
+        str(plan["image_size"]),
+        "UNSAM.VISA.ENABLED",
+        "True",
+        "UNSAM.VISA.START_ITER",
+        "0",
+        "UNSAM.VISA.END_ITER",
+        str(iters),
+        "UNSAM.ATS.ENABLED",
+        "True",
+        "UNSAM.ATS.START_ITER",
+        str(plan["ats_start"]),
+        "UNSAM.ATS.BLOCK_SIZE",
+        str(plan["block"]),
+        "DATALOADER.NUM_WORKERS",
+        str(plan["workers"]),
+        "SEED",
+        "1",
+        "OUTPUT_DIR",
+        str(out_dir),
     ]
     return opts + list(plan["head"]) + list(extra)
 
@@ -306,10 +448,15 @@ def train_one(plan: Dict, config_file: Path, opts: List[str]) -> Dict:
     device = plan["device"]
     res: Dict = {"config": str(config_file.relative_to(REPO)), "ok": True}
     cfg = setup_config(train_args(config_file, opts))
-    res.update(amp=bool(cfg.SOLVER.AMP.ENABLED), ims_per_batch=int(cfg.SOLVER.IMS_PER_BATCH),
-               image_size=int(cfg.INPUT.IMAGE_SIZE), iterations=int(cfg.SOLVER.MAX_ITER),
-               visa=bool(cfg.UNSAM.VISA.ENABLED), ats=bool(cfg.UNSAM.ATS.ENABLED),
-               queries=int(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES))
+    res.update(
+        amp=bool(cfg.SOLVER.AMP.ENABLED),
+        ims_per_batch=int(cfg.SOLVER.IMS_PER_BATCH),
+        image_size=int(cfg.INPUT.IMAGE_SIZE),
+        iterations=int(cfg.SOLVER.MAX_ITER),
+        visa=bool(cfg.UNSAM.VISA.ENABLED),
+        ats=bool(cfg.UNSAM.ATS.ENABLED),
+        queries=int(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES),
+    )
     if device == "cuda" and not cfg.SOLVER.AMP.ENABLED:
         raise CheckFailed("SOLVER.AMP.ENABLED is off on CUDA: the check is meant to train with AMP")
     _free()
@@ -337,12 +484,16 @@ def train_one(plan: Dict, config_file: Path, opts: List[str]) -> Dict:
         res["s_per_iter_mean"] = round(float(np.mean(steady)), 4)
         res["first_iter_s"] = round(probe.times[0], 3)
     if probe.data_times:
-        res["data_s_per_iter"] = round(float(np.median(probe.data_times[warm:] or probe.data_times)), 4)
+        res["data_s_per_iter"] = round(
+            float(np.median(probe.data_times[warm:] or probe.data_times)), 4
+        )
     if probe.losses:
         res["total_loss_first"] = round(probe.losses[0].get("total_loss", float("nan")), 4)
         res["total_loss_last"] = round(probe.losses[-1].get("total_loss", float("nan")), 4)
         res["loss_terms"] = len(probe.losses[-1])
-    bad = [(i, k, v) for i, d in enumerate(probe.losses) for k, v in d.items() if not math.isfinite(v)]
+    bad = [
+        (i, k, v) for i, d in enumerate(probe.losses) for k, v in d.items() if not math.isfinite(v)
+    ]
     if len(probe.times) != res["iterations"]:
         raise CheckFailed(f"ran {len(probe.times)} of {res['iterations']} iterations")
     if bad:
@@ -356,7 +507,9 @@ def step_train(plan: Dict, work: Path, data_root: Path) -> Dict:
     iters = plan["train_iters"]
     r50 = train_opts(plan, "gpu_check_train", data_root, work / "train_r50", 2, iters)
     out["r50"] = guarded("train.r50", lambda: train_one(plan, R50, r50))
-    swin = train_opts(plan, "gpu_check_train", data_root, work / "train_swinL", 1, iters, plan["swin"])
+    swin = train_opts(
+        plan, "gpu_check_train", data_root, work / "train_swinL", 1, iters, plan["swin"]
+    )
     out["swinL"] = guarded("train.swinL", lambda: train_one(plan, SWINL, swin), oom_ok=True)
     out["ok"] = out["r50"]["ok"] and out["swinL"]["ok"]
     return out
@@ -369,7 +522,9 @@ def save_random_weights(plan: Dict, path: Path, prompt: bool) -> Path:
 
     from unsam.predictor import build_inference_model
 
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "UNSAM.PROMPT.ENABLED", str(prompt)] + plan["head"]
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "UNSAM.PROMPT.ENABLED", str(prompt)] + plan[
+        "head"
+    ]
     torch.manual_seed(0)
     model = build_inference_model(load_cfg(R50, opts))
     torch.save({"model": model.state_dict(), "iteration": 0}, path)
@@ -377,10 +532,24 @@ def save_random_weights(plan: Dict, path: Path, prompt: bool) -> Path:
 
 
 def infer_opts(plan: Dict, device: str, weights: Path, extra: List[str] = ()) -> List[str]:
-    return ["MODEL.DEVICE", device, "MODEL.WEIGHTS", str(weights),
-            "INPUT.MIN_SIZE_TEST", str(plan["test_size"]), "INPUT.MAX_SIZE_TEST", str(plan["max_test"]),
-            "INPUT.IMAGE_SIZE", str(plan["image_size"]),
-            "TEST.DETECTIONS_PER_IMAGE", str(plan["detections"])] + plan["head"] + list(extra)
+    return (
+        [
+            "MODEL.DEVICE",
+            device,
+            "MODEL.WEIGHTS",
+            str(weights),
+            "INPUT.MIN_SIZE_TEST",
+            str(plan["test_size"]),
+            "INPUT.MAX_SIZE_TEST",
+            str(plan["max_test"]),
+            "INPUT.IMAGE_SIZE",
+            str(plan["image_size"]),
+            "TEST.DETECTIONS_PER_IMAGE",
+            str(plan["detections"]),
+        ]
+        + plan["head"]
+        + list(extra)
+    )
 
 
 # ------------------------------------------------------------------------------ inference step
@@ -388,7 +557,6 @@ def _logits(model, image, min_size, max_size):
     """pred_logits of ``model`` for one RGB image resized as WholeImagePredictor does."""
     import numpy as np
     import torch
-
     from detectron2.data import transforms as T
 
     with torch.no_grad():
@@ -406,8 +574,12 @@ def step_inference(plan: Dict, work: Path, image_path: Path, weights: Path) -> D
 
     device = plan["device"]
     image = load_rgb(image_path)
-    res: Dict = {"ok": True, "image": list(image.shape[:2]), "test_size": plan["test_size"],
-                 "detections": plan["detections"]}
+    res: Dict = {
+        "ok": True,
+        "image": list(image.shape[:2]),
+        "test_size": plan["test_size"],
+        "detections": plan["detections"],
+    }
     cfg = load_cfg(R50, infer_opts(plan, device, weights))
     res["queries"] = int(cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES)
     _free()
@@ -427,19 +599,26 @@ def step_inference(plan: Dict, work: Path, image_path: Path, weights: Path) -> D
         times = _timed(device, once, runs + warm)
         inst = holder["inst"]
         scores = inst.scores
-        out = {**_stats(times, warmup=warm), "peak_gpu_gb": _peak(device), "num_detections": len(inst),
-               "mask_shape": list(inst.pred_masks.shape[1:])}
+        out = {
+            **_stats(times, warmup=warm),
+            "peak_gpu_gb": _peak(device),
+            "num_detections": len(inst),
+            "mask_shape": list(inst.pred_masks.shape[1:]),
+        }
         out["s_per_image"] = out["median_s"]
         if not torch.isfinite(scores).all():
             raise CheckFailed(f"non-finite scores among {len(scores)} detections")
         if list(inst.pred_masks.shape[1:]) != list(image.shape[:2]):
-            raise CheckFailed(f"masks {tuple(inst.pred_masks.shape[1:])} for an image {image.shape[:2]}")
+            raise CheckFailed(
+                f"masks {tuple(inst.pred_masks.shape[1:])} for an image {image.shape[:2]}"
+            )
         return out
 
     res["fp32"] = guarded("inference.fp32", lambda: figures(contextlib.nullcontext))
     if device == "cuda":
-        res["amp"] = guarded("inference.amp", lambda: figures(
-            lambda: torch.autocast("cuda", dtype=torch.float16)))
+        res["amp"] = guarded(
+            "inference.amp", lambda: figures(lambda: torch.autocast("cuda", dtype=torch.float16))
+        )
     else:
         res["amp"] = {"ok": True, "skipped": "AMP is a CUDA feature (CPU autocast would be bf16)"}
     predictor = None  # noqa: F841 — frees the model before the comparison builds two more
@@ -515,12 +694,16 @@ def step_prompt(plan: Dict, image_path: Path, whole: Path, prompt: Path) -> Dict
         try:
             _reset_peak(device)
             warm = plan["warmup"]
-            out["set_image"] = _stats(_timed(device, lambda: predictor.set_image(image), plan["timed_runs"] + warm), warm)
+            out["set_image"] = _stats(
+                _timed(device, lambda: predictor.set_image(image), plan["timed_runs"] + warm), warm
+            )
             shapes = []
             it = iter(clicks * 2)
 
             def click():
-                masks, iou, low = predictor.predict(point_coords=next(it), point_labels=np.array([1]))
+                masks, iou, low = predictor.predict(
+                    point_coords=next(it), point_labels=np.array([1])
+                )
                 shapes.append((masks.shape, iou.shape, bool(np.isfinite(iou).all())))
 
             if warm:
@@ -550,8 +733,8 @@ def make_pseudo_weights(work: Path, quick: bool, arch: str) -> Dict[str, str]:
     tests/test_pseudo_unsam.py does) — otherwise they are specks and nothing is conquered."""
     import torch
 
-    from unsam.pseudo.detector import DEFAULT_DIVIDE_CONFIG, build_detector, divide_config
     from unsam.features import DinoFeatures
+    from unsam.pseudo.detector import DEFAULT_DIVIDE_CONFIG, build_detector, divide_config
 
     torch.manual_seed(0)
     dino = DinoFeatures(None, arch, allow_random=True)
@@ -570,7 +753,8 @@ def make_pseudo_weights(work: Path, quick: bool, arch: str) -> Dict[str, str]:
         Path(divide_cfg).write_text(
             f"_BASE_: {DEFAULT_DIVIDE_CONFIG}\n"
             "MODEL:\n  RPN:\n    PRE_NMS_TOPK_TEST: 200\n    POST_NMS_TOPK_TEST: 100\n"
-            "INPUT:\n  MIN_SIZE_TEST: 128\n  MAX_SIZE_TEST: 192\nTEST:\n  DETECTIONS_PER_IMAGE: 3\n")
+            "INPUT:\n  MIN_SIZE_TEST: 128\n  MAX_SIZE_TEST: 192\nTEST:\n  DETECTIONS_PER_IMAGE: 3\n"
+        )
     return {"dino": str(dino_path), "detector": str(det_path), "divide_config": divide_cfg}
 
 
@@ -589,7 +773,12 @@ def run_pseudo_cli(argv: List[str]) -> Dict:
     if rc != 0 or m is None:
         raise CheckFailed(f"python -m unsam.pseudo exited {rc}: {text.strip()[-300:]}")
     done, _, failed, masks, seconds = m.groups()
-    return {"done": int(done), "failed": int(failed), "masks": int(masks), "engine_s": float(seconds)}
+    return {
+        "done": int(done),
+        "failed": int(failed),
+        "masks": int(masks),
+        "engine_s": float(seconds),
+    }
 
 
 def step_pseudo(plan: Dict, work: Path, images: List[Path]) -> Dict:
@@ -603,17 +792,35 @@ def step_pseudo(plan: Dict, work: Path, images: List[Path]) -> Dict:
     arch = "vit_small_patch8_224" if plan["quick"] else "vit_base_patch8_224"
     res["dino_arch"] = arch
     weights = guarded("pseudo.weights", lambda: make_pseudo_weights(work, plan["quick"], arch))
-    quick = ["--resolution", "128", "--superpixels", "200", "--refine-top", "20"] if plan["quick"] else []
+    quick = (
+        ["--resolution", "128", "--superpixels", "200", "--refine-top", "20"]
+        if plan["quick"]
+        else []
+    )
 
     def one(recipe: str, extra: List[str]) -> Dict:
         out_dir = work / f"pseudo_{recipe}"
-        argv = ["--input", str(inp), "--output", str(out_dir), "--recipe", recipe, "--device", device,
-                "--quiet"] + extra
+        argv = [
+            "--input",
+            str(inp),
+            "--output",
+            str(out_dir),
+            "--recipe",
+            recipe,
+            "--device",
+            device,
+            "--quiet",
+        ] + extra
         t0 = time.perf_counter()
         s = run_pseudo_cli(argv)
-        out = {"ok": True, "recipe": recipe, **s, "wall_s": round(time.perf_counter() - t0, 2),
-               "s_per_image": round(s["engine_s"] / max(s["done"], 1), 3),
-               "masks_per_image": round(s["masks"] / max(s["done"], 1), 1)}
+        out = {
+            "ok": True,
+            "recipe": recipe,
+            **s,
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "s_per_image": round(s["engine_s"] / max(s["done"], 1), 3),
+            "masks_per_image": round(s["masks"] / max(s["done"], 1), 1),
+        }
         if s["failed"] or s["done"] != len(images):
             raise CheckFailed(f"{s['done']} of {len(images)} images labelled, {s['failed']} failed")
         return out
@@ -622,8 +829,16 @@ def step_pseudo(plan: Dict, work: Path, images: List[Path]) -> Dict:
     if weights.get("ok") is False:
         res["unsam"] = {"ok": False, "error": f"no weights: {weights.get('error')}"}
     else:
-        unsam_args = ["--dino-weights", weights["dino"], "--dino-arch", arch,
-                      "--divide-weights", weights["detector"], "--divide-config", weights["divide_config"]]
+        unsam_args = [
+            "--dino-weights",
+            weights["dino"],
+            "--dino-arch",
+            arch,
+            "--divide-weights",
+            weights["detector"],
+            "--divide-config",
+            weights["divide_config"],
+        ]
         if plan["quick"]:
             unsam_args += ["--conquer-size", "64"]
         res["unsam"] = guarded("pseudo.unsam", lambda: one("unsam", unsam_args))
@@ -637,7 +852,10 @@ def _param_digest(model) -> Dict:
     import torch
 
     out: Dict = {}
-    for kind, named in (("parameters", model.named_parameters()), ("buffers", model.named_buffers())):
+    for kind, named in (
+        ("parameters", model.named_parameters()),
+        ("buffers", model.named_buffers()),
+    ):
         h = hashlib.sha256()
         per: Dict[str, str] = {}
         for name, t in sorted(named, key=lambda kv: kv[0]):
@@ -653,11 +871,10 @@ def _param_digest(model) -> Dict:
 def _dist_main(spec: Dict) -> None:
     """Runs on every rank (under torchrun): train, then all-gather a digest of the weights."""
     import torch
-
     from detectron2.utils import comm
 
-    from unsam.utils.dist import unwrap_model
     from unsam.engine.trainer import Trainer, setup_config
+    from unsam.utils.dist import unwrap_model
 
     cfg = setup_config(train_args(Path(spec["config"]), spec["opts"]))
     device = cfg.MODEL.DEVICE
@@ -680,15 +897,22 @@ def _dist_main(spec: Dict) -> None:
     trainer.train()
     wall = time.perf_counter() - t0
     sampler = trainer.ats_sampler
-    mine = {"rank": comm.get_rank(), "digest": _param_digest(model), "tasks": tasks,
-            "s_per_iter": sorted(probe.times)[len(probe.times) // 2] if probe.times else None,
-            "train_s": round(wall, 2), "iterations": len(probe.times),
-            "backend": torch.distributed.get_backend() if comm.get_world_size() > 1 else None,
-            "ats_adaptive_at_end": bool(sampler.adaptive) if sampler is not None else None,
-            "peak_gpu_gb": _gb(torch.cuda.max_memory_allocated()) if device == "cuda" else None}
+    mine = {
+        "rank": comm.get_rank(),
+        "digest": _param_digest(model),
+        "tasks": tasks,
+        "s_per_iter": sorted(probe.times)[len(probe.times) // 2] if probe.times else None,
+        "train_s": round(wall, 2),
+        "iterations": len(probe.times),
+        "backend": torch.distributed.get_backend() if comm.get_world_size() > 1 else None,
+        "ats_adaptive_at_end": bool(sampler.adaptive) if sampler is not None else None,
+        "peak_gpu_gb": _gb(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+    }
     everyone = comm.all_gather(mine)
     if comm.is_main_process():
-        Path(spec["result"]).write_text(json.dumps({"world_size": comm.get_world_size(), "ranks": everyone}))
+        Path(spec["result"]).write_text(
+            json.dumps({"world_size": comm.get_world_size(), "ranks": everyone})
+        )
     comm.synchronize()
 
 
@@ -712,9 +936,15 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
         nproc = 2 if args.num_gpus is None else args.num_gpus
     iters = plan["dist_iters"]
     out_dir = work / "multiproc"
-    opts = train_opts(plan, "gpu_check_dist", data_root, out_dir, plan["dist_ims_per_rank"] * nproc, iters,
-                      ["UNSAM.PROMPT.ENABLED", "True", "UNSAM.ATS.START_ITER", "2",
-                       "UNSAM.ATS.BLOCK_SIZE", "2"])
+    opts = train_opts(
+        plan,
+        "gpu_check_dist",
+        data_root,
+        out_dir,
+        plan["dist_ims_per_rank"] * nproc,
+        iters,
+        ["UNSAM.PROMPT.ENABLED", "True", "UNSAM.ATS.START_ITER", "2", "UNSAM.ATS.BLOCK_SIZE", "2"],
+    )
     spec = {"config": str(R50), "opts": opts, "result": str(work / "multiproc_result.json")}
     spec_path = work / "multiproc_spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -724,15 +954,36 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
         env["OMP_NUM_THREADS"] = "1"  # one thread per process: the processes share the cores
     else:
         env.setdefault("OMP_NUM_THREADS", "4")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--dist-worker", str(spec_path)]
-    res: Dict = {"ok": True, "nproc": nproc, "iterations": iters, "prompt_path": True, "ats": True,
-                 "ims_per_batch": plan["dist_ims_per_rank"] * nproc}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        "--dist-worker",
+        str(spec_path),
+    ]
+    res: Dict = {
+        "ok": True,
+        "nproc": nproc,
+        "iterations": iters,
+        "prompt_path": True,
+        "ats": True,
+        "ims_per_batch": plan["dist_ims_per_rank"] * nproc,
+    }
     logger.info("multi-process: %s", " ".join(cmd))
     t0 = time.perf_counter()
     # own session: on a hang the whole process group (torchrun and its workers) is killed
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     timeout = args.dist_timeout or plan["dist_timeout"]
     try:
         _, stderr = proc.communicate(timeout=timeout)
@@ -740,8 +991,10 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         (work / "multiproc_stderr.txt").write_text(stderr or "")
-        raise CheckFailed(f"torchrun did not finish in {timeout} s (a hung collective?); "
-                          f"stderr tail: {_error_tail(stderr or '')}")
+        raise CheckFailed(
+            f"torchrun did not finish in {timeout} s (a hung collective?); "
+            f"stderr tail: {_error_tail(stderr or '')}"
+        )
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     (work / "multiproc_stderr.txt").write_text(stderr)
     if proc.returncode != 0:
@@ -756,7 +1009,9 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
         res[f"identical_{kind}"] = len({r["digest"][kind]["sha256"] for r in ranks}) == 1
         res[f"num_{kind}"] = len(tensors[0])
         if differ:
-            res[f"differing_{kind}"] = differ[:20] + ([f"... {len(differ) - 20} more"] if len(differ) > 20 else [])
+            res[f"differing_{kind}"] = differ[:20] + (
+                [f"... {len(differ) - 20} more"] if len(differ) > 20 else []
+            )
     res["identical_weights"] = res["identical_parameters"] and res["identical_buffers"]
     res["s_per_iter"] = [r["s_per_iter"] for r in ranks]
     res["peak_gpu_gb"] = [r["peak_gpu_gb"] for r in ranks]
@@ -765,7 +1020,10 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
     res["tasks_per_iteration"] = [list(t) for t in per_iter]
     # iterations where the ranks' batches mixed whole-image and prompt tasks differently: the
     # case in which a per-task collective would deadlock (unsam.utils.dist.mean_over_ranks)
-    kinds = [[tuple(sorted({"whole" if t == "whole" else "prompt" for t in r})) for r in it] for it in per_iter]
+    kinds = [
+        [tuple(sorted({"whole" if t == "whole" else "prompt" for t in r})) for r in it]
+        for it in per_iter
+    ]
     res["iterations_with_different_task_mix"] = sum(len(set(k)) > 1 for k in kinds)
     if result["world_size"] != nproc:
         raise CheckFailed(f"world size {result['world_size']} != {nproc}")
@@ -773,9 +1031,11 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
         raise CheckFailed(f"iterations per rank {[r['iterations'] for r in ranks]} != {iters}")
     if not res["identical_weights"]:
         res["ok"] = False
-        res["error"] = ("ranks hold different weights: " + ", ".join(
+        res["error"] = "ranks hold different weights: " + ", ".join(
             f"{len(res.get('differing_' + k, []))} {k} differ (first: {res.get('differing_' + k, ['-'])[0]})"
-            for k in ("parameters", "buffers") if not res[f"identical_{k}"]))
+            for k in ("parameters", "buffers")
+            if not res[f"identical_{k}"]
+        )
     if nproc == 1:
         res["note"] = "one process (fewer than 2 GPUs): the identical-weights check is trivial"
     elif res["iterations_with_different_task_mix"] == 0:
@@ -801,7 +1061,11 @@ def guarded(name: str, fn: Callable[[], Dict], oom_ok: bool = False) -> Dict:
     except Exception as e:  # noqa: BLE001 — every failure is recorded, the other steps still run
         if oom_ok and is_oom(e):
             logger.warning("%s: out of GPU memory: %s", name, str(e).splitlines()[0])
-            res = {"ok": True, "fits": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            res = {
+                "ok": True,
+                "fits": False,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+            }
         else:
             logger.error("%s failed:\n%s", name, traceback.format_exc())
             first = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
@@ -815,13 +1079,16 @@ def guarded(name: str, fn: Callable[[], Dict], oom_ok: bool = False) -> Dict:
 
 
 def environment(device: str) -> Dict:
+    import detectron2
     import torch
 
-    import detectron2
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "detectron2": detectron2.__version__, "cuda_available": torch.cuda.is_available(),
-           "cpu_threads": torch.get_num_threads()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
@@ -847,20 +1114,42 @@ def failures(tree: Dict, prefix: str = "") -> List[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="scripts/gpu_check.py", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="where the checks run (default cuda; cpu is for --quick CI runs)")
+        prog="scripts/gpu_check.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="where the checks run (default cuda; cpu is for --quick CI runs)",
+    )
     ap.add_argument("--quick", action="store_true", help="cut-down sizes of every step (CPU CI)")
-    ap.add_argument("--steps", default=",".join(STEPS),
-                    help=f"comma-separated subset of {','.join(STEPS)} (default: all)")
-    ap.add_argument("--iters", type=int, default=None, help="training iterations (default 30; 2 with --quick)")
-    ap.add_argument("--num-gpus", type=int, default=None,
-                    help="processes of the multi-process step (default: every visible GPU; 2 on cpu)")
-    ap.add_argument("--dist-timeout", type=int, default=None,
-                    help="seconds before the multi-process step counts as hung (default 900; 300 --quick)")
+    ap.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help=f"comma-separated subset of {','.join(STEPS)} (default: all)",
+    )
+    ap.add_argument(
+        "--iters", type=int, default=None, help="training iterations (default 30; 2 with --quick)"
+    )
+    ap.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="processes of the multi-process step (default: every visible GPU; 2 on cpu)",
+    )
+    ap.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=None,
+        help="seconds before the multi-process step counts as hung (default 900; 300 --quick)",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--work-dir", default=None, help="data, weights, checkpoints (default: a temporary dir)")
+    ap.add_argument(
+        "--work-dir", default=None, help="data, weights, checkpoints (default: a temporary dir)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -872,8 +1161,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.dist_worker:
         return dist_worker(args.dist_worker)
     real_stdout = sys.stdout
@@ -899,29 +1191,50 @@ def run_checks(args) -> Dict:
     device = args.device
     plan = make_plan(device, args.quick, args.iters)
     steps = [s for s in STEPS if s in args.steps.split(",")]
-    report: Dict = {"ok": False, "device": device, "mode": "quick" if args.quick else "full", "steps_run": steps}
+    report: Dict = {
+        "ok": False,
+        "device": device,
+        "mode": "quick" if args.quick else "full",
+        "steps_run": steps,
+    }
     if device == "cuda" and not torch.cuda.is_available():
-        report["error"] = "--device cuda but no GPU is visible (use --device cpu --quick for the CPU check)"
+        report["error"] = (
+            "--device cuda but no GPU is visible (use --device cpu --quick for the CPU check)"
+        )
         report["failures"] = [report["error"]]
         logger.error(report["error"])
         return report
     report["environment"] = environment(device)
     report["plan"] = {k: v for k, v in plan.items() if k not in ("head", "swin")}
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="unsam_gpu_check_"))
+    work = (
+        Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="unsam_gpu_check_"))
+    )
     work.mkdir(parents=True, exist_ok=True)
     logger.info("work dir %s, plan %s", work, report["plan"])
     results: Dict = {}
     try:
         data_root = work / "sa1b"
-        results["data"] = guarded("data", lambda: write_synthetic_sa1b(
-            data_root, plan["n_images"], plan["height"], plan["width"], plan["max_masks"]))
+        results["data"] = guarded(
+            "data",
+            lambda: write_synthetic_sa1b(
+                data_root, plan["n_images"], plan["height"], plan["width"], plan["max_masks"]
+            ),
+        )
         images = sorted(data_root.glob("*.jpg"))
         need_weights = {"inference", "prompt"} & set(steps)
         weights: Dict = {}
         if need_weights:
-            weights = guarded("weights", lambda: {
-                "whole": str(save_random_weights(plan, work / "r50_whole_random.pth", prompt=False)),
-                "prompt": str(save_random_weights(plan, work / "r50_prompt_random.pth", prompt=True))})
+            weights = guarded(
+                "weights",
+                lambda: {
+                    "whole": str(
+                        save_random_weights(plan, work / "r50_whole_random.pth", prompt=False)
+                    ),
+                    "prompt": str(
+                        save_random_weights(plan, work / "r50_prompt_random.pth", prompt=True)
+                    ),
+                },
+            )
         no_data = {"ok": False, "error": "no synthetic data (see steps.data)"}
         no_weights = {"ok": False, "error": f"no weights: {weights.get('error')}"}
         for step in steps:
@@ -932,13 +1245,28 @@ def run_checks(args) -> Dict:
             if step == "train":
                 results[step] = guarded(step, lambda: step_train(plan, work, data_root))
             elif step == "inference":
-                results[step] = no_weights if not weights.get("ok") else guarded(
-                    step, lambda: step_inference(plan, work, images[0], Path(weights["whole"])))
+                results[step] = (
+                    no_weights
+                    if not weights.get("ok")
+                    else guarded(
+                        step, lambda: step_inference(plan, work, images[0], Path(weights["whole"]))
+                    )
+                )
             elif step == "prompt":
-                results[step] = no_weights if not weights.get("ok") else guarded(
-                    step, lambda: step_prompt(plan, images[0], Path(weights["whole"]), Path(weights["prompt"])))
+                results[step] = (
+                    no_weights
+                    if not weights.get("ok")
+                    else guarded(
+                        step,
+                        lambda: step_prompt(
+                            plan, images[0], Path(weights["whole"]), Path(weights["prompt"])
+                        ),
+                    )
+                )
             elif step == "pseudo":
-                results[step] = guarded(step, lambda: step_pseudo(plan, work, images[:plan["pseudo_images"]]))
+                results[step] = guarded(
+                    step, lambda: step_pseudo(plan, work, images[: plan["pseudo_images"]])
+                )
             elif step == "multiproc":
                 results[step] = guarded(step, lambda: step_multiproc(plan, work, data_root, args))
             logger.info("==== step %s: %s", step, "ok" if results[step]["ok"] else "FAILED")

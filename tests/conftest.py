@@ -1,4 +1,5 @@
 """Shared pytest fixtures: locate the shared sample data, keep CPU tests deterministic."""
+
 import contextlib
 import logging
 import os
@@ -12,7 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # $UNSAM_SHARED (subprocesses the tests start inherit it).
 os.environ.setdefault("UNSAM_SHARED", str(REPO_ROOT.parent / "shared"))
 
-import unsam  # noqa: E402,F401  (installs the detectron2 compatibility layer first)
+import unsam.compat  # noqa: E402,F401  (installs the detectron2 compatibility layer first)
+
 from unsam.data.coco import shared_data_dir  # noqa: E402
 
 
@@ -40,11 +42,26 @@ def coco_from_sa1b(root) -> dict:
 
     images, anns = [], []
     for i, d in enumerate(load_sa1b_dicts(root)):
-        images.append({"id": i + 1, "file_name": os.path.basename(d["file_name"]), "height": d["height"],
-                       "width": d["width"]})
+        images.append(
+            {
+                "id": i + 1,
+                "file_name": os.path.basename(d["file_name"]),
+                "height": d["height"],
+                "width": d["width"],
+            }
+        )
         for a in d["annotations"]:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                         "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": a["segmentation"],
+                    "area": a["area"],
+                    "bbox": a["bbox"],
+                }
+            )
     return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
 
 
@@ -78,8 +95,9 @@ def _drop_log_handlers_of_the_test():
     from detectron2.utils.logger import setup_logger
 
     def handlers():
-        loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
-                                           if isinstance(v, logging.Logger)]
+        loggers = [logging.getLogger()] + [
+            v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)
+        ]
         return {lg: lg.handlers[:] for lg in loggers}
 
     saved = handlers()

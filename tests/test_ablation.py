@@ -1,6 +1,7 @@
 """The ViSA/ATS ablation (issue 19): the nested-scenes generator, the benchmark end to end at a toy
 budget (per-run JSONs, resume, --jobs children, summary files, bad input) and the computed
 "exceeds the seed spread" verdict on hand-made results."""
+
 import importlib.util
 import json
 import logging
@@ -15,15 +16,18 @@ import numpy as np
 import pytest
 
 from unsam.data.sa1b import load_sa1b_dicts
-from unsam.io.sa1b import rle_to_mask
 from unsam.data.synthetic import make_nested_scenes_dataset
+from unsam.io.sa1b import rle_to_mask
 
 from .conftest import REPO_ROOT
 
-_spec = importlib.util.spec_from_file_location("ablate_visa_ats", REPO_ROOT / "benchmarks" / "ablate_visa_ats.py")
+_spec = importlib.util.spec_from_file_location(
+    "ablate_visa_ats", REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"
+)
 ablate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablate)
 report = ablate.report
+
 
 @pytest.fixture(autouse=True)
 def _keep_logger_levels():
@@ -35,8 +39,22 @@ def _keep_logger_levels():
         logging.getLogger(name).setLevel(level)
 
 
-TOY = ["--iters", "4", "--batch", "2", "--train-images", "16", "--val-images", "6", "--image-size", "64",
-       "--eval-period", "2", "--device", "cpu"]
+TOY = [
+    "--iters",
+    "4",
+    "--batch",
+    "2",
+    "--train-images",
+    "16",
+    "--val-images",
+    "6",
+    "--image-size",
+    "64",
+    "--eval-period",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,11 +90,15 @@ def test_nested_scenes_colour_edges_and_boundaries_disagree(tmp_path):
     off_boundary = []
     for d in load_sa1b_dicts(root):
         image = cv2.imread(d["file_name"], cv2.IMREAD_GRAYSCALE).astype(np.float32)
-        edges = np.hypot(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)) > 150
+        edges = (
+            np.hypot(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)) > 150
+        )
         boundary = np.zeros(edges.shape, bool)
         for a in d["annotations"]:
             m = rle_to_mask(a["segmentation"]).astype(np.uint8)
-            boundary |= cv2.morphologyEx(m, cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)).astype(bool)
+            boundary |= cv2.morphologyEx(m, cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)).astype(
+                bool
+            )
         off_boundary.append((edges & ~boundary).sum() / max(1, edges.sum()))
     assert np.mean(off_boundary) > 0.3
 
@@ -93,8 +115,12 @@ def test_nested_scenes_are_deterministic_per_seed(tmp_path):
 # the verdict, on hand-made results
 # ---------------------------------------------------------------------------------------------
 def test_exceeds_spread_rule():
-    assert report.exceeds_spread([0.60, 0.61, 0.62], [0.50, 0.52, 0.51]) is True  # Δ 0.10 > range 0.02
-    assert report.exceeds_spread([0.49, 0.55, 0.53], [0.50, 0.52, 0.51]) is False  # Δ 0.013 < range 0.06
+    assert (
+        report.exceeds_spread([0.60, 0.61, 0.62], [0.50, 0.52, 0.51]) is True
+    )  # Δ 0.10 > range 0.02
+    assert (
+        report.exceeds_spread([0.49, 0.55, 0.53], [0.50, 0.52, 0.51]) is False
+    )  # Δ 0.013 < range 0.06
     # ranges that do not overlap are not enough: Δ 0.75 < the wider range 1.0
     assert report.exceeds_spread([0.0, 1.0], [1.2, 1.3]) is False
     assert report.exceeds_spread([0.6], [0.5, 0.52]) is None  # one seed: no verdict
@@ -103,21 +129,41 @@ def test_exceeds_spread_rule():
 def _record(variant, seed, ar100, l1=0.3, curve=(0.1, 0.2)):
     metrics = lambda v: {"AR@10": v / 2, "AR@100": v, "AR@1000": v}  # noqa: E731
     final = {"nested_val": {"all": metrics(ar100), "L1": metrics(l1)}}
-    evals = [{"iter": 2, "metrics": {"nested_val": {"all": metrics(curve[0])}}},
-             {"iter": 4, "metrics": final}]
+    evals = [
+        {"iter": 2, "metrics": {"nested_val": {"all": metrics(curve[0])}}},
+        {"iter": 4, "metrics": final},
+    ]
     args = ablate.parse_args(TOY)
     ablate.check_args(args)
-    return {"variant": variant, "label": ablate.VARIANTS[variant][0], "seed": seed, "budget": ablate.budget_of(args),
-            "data": "hand-made", "seconds": 10.0 + seed, "evals": evals, "final": final,
-            "schedule": {"base_lr": 0.0005, "steps": [3], "visa_end_iter": 2, "ats_start_iter": 1,
-                         "detections_per_image": 50, "num_queries": 50}}
+    return {
+        "variant": variant,
+        "label": ablate.VARIANTS[variant][0],
+        "seed": seed,
+        "budget": ablate.budget_of(args),
+        "data": "hand-made",
+        "seconds": 10.0 + seed,
+        "evals": evals,
+        "final": final,
+        "schedule": {
+            "base_lr": 0.0005,
+            "steps": [3],
+            "visa_end_iter": 2,
+            "ats_start_iter": 1,
+            "detections_per_image": 50,
+            "num_queries": 50,
+        },
+    }
 
 
 def test_summarize_and_markdown_on_hand_made_results():
-    records = ([_record("plain", s, v) for s, v in zip((0, 1, 2), (0.50, 0.52, 0.51))]
-               + [_record("visa", s, v) for s, v in zip((0, 1, 2), (0.60, 0.61, 0.62))]
-               + [_record("ats", s, v, curve=(c, 0))
-                  for s, v, c in zip((0, 1, 2), (0.49, 0.55, 0.53), (0.0, 0.3, 0.6))])
+    records = (
+        [_record("plain", s, v) for s, v in zip((0, 1, 2), (0.50, 0.52, 0.51))]
+        + [_record("visa", s, v) for s, v in zip((0, 1, 2), (0.60, 0.61, 0.62))]
+        + [
+            _record("ats", s, v, curve=(c, 0))
+            for s, v, c in zip((0, 1, 2), (0.49, 0.55, 0.53), (0.0, 0.3, 0.6))
+        ]
+    )
     machine = {"cpu": "Some CPU", "torch": "2.x", "threads": 1, "device": "cpu"}
     for record in records[3:]:
         record["machine"] = machine
@@ -134,17 +180,24 @@ def test_summarize_and_markdown_on_hand_made_results():
     assert summary["comparisons"]["ats"]["nested_val/all/AR@100"]["exceeds"] is False
     curve = summary["curves"]["ats"]["nested_val"]
     assert curve["iters"] == [2, 4]
-    assert curve["mean"][0] == pytest.approx(0.3) and (curve["min"][0], curve["max"][0]) == (0.0, 0.6)
+    assert curve["mean"][0] == pytest.approx(0.3) and (curve["min"][0], curve["max"][0]) == (
+        0.0,
+        0.6,
+    )
 
     md = report.render_markdown(summary, [], "fig.png")
     # AR@1000 repeats AR@100 (50 detections per image): in the tables, not compared twice
     assert "nested_val/all/AR@1000" not in visa and report.redundant_ar(50) == {"AR@1000"}
-    assert "- +ViSA vs plain: exceeds the seed spread on nested_val all AR@10 (+5.0 > 1.0); " \
-           "nested_val all AR@100 (+10.0 > 2.0); within it on the other 2 metric(s)." in md
+    assert (
+        "- +ViSA vs plain: exceeds the seed spread on nested_val all AR@10 (+5.0 > 1.0); "
+        "nested_val all AR@100 (+10.0 > 2.0); within it on the other 2 metric(s)." in md
+    )
     assert "- +ATS vs plain: within the seed spread on all 4 metrics." in md
     assert "**Result**: 2 of 8 differences exceed the seed spread." in md
-    assert "- **Machine**: 3 run(s) not noted (trained before the records noted it); 6 run(s) on Some CPU " \
-           "(cpu), torch 2.x, 1 thread(s)." in md
+    assert (
+        "- **Machine**: 3 run(s) not noted (trained before the records noted it); 6 run(s) on Some CPU "
+        "(cpu), torch 2.x, 1 thread(s)." in md
+    )
     assert "| variant | seeds | AR@10 | AR@100 (= AR@50) | AR@1000 (= AR@50) |" in md
     assert "| +ViSA | 3 | 30.5 (30.0–31.0) | 61.0 (60.0–62.0) | 61.0 (60.0–62.0) |" in md
     assert "AR@100 and AR@1000 both equal AR@50" in md
@@ -154,13 +207,18 @@ def test_docs_flag_moves_markdown_figure_and_run_records(tmp_path):
     args = ablate.parse_args(["--out", str(tmp_path), "--docs"])
     md, png, js = ablate.summary_paths(args)
     records = REPO_ROOT / "docs" / "ablation_runs"
-    assert (md, png, js) == (REPO_ROOT / "docs" / "ablation.md", REPO_ROOT / "docs" / "ablation_ar.png",
-                             records / "ablation.json")
+    assert (md, png, js) == (
+        REPO_ROOT / "docs" / "ablation.md",
+        REPO_ROOT / "docs" / "ablation_ar.png",
+        records / "ablation.json",
+    )
     assert ablate.records_dir(args) == records
     assert ablate.records_dir(ablate.parse_args(["--out", str(tmp_path)])) == tmp_path
     pseudo = ablate.parse_args(["--out", str(tmp_path), "--docs", "--data", "pseudo"])
-    assert ablate.summary_paths(pseudo)[:2] == (REPO_ROOT / "docs" / "ablation_pseudo.md",
-                                                REPO_ROOT / "docs" / "ablation_pseudo_ar.png")
+    assert ablate.summary_paths(pseudo)[:2] == (
+        REPO_ROOT / "docs" / "ablation_pseudo.md",
+        REPO_ROOT / "docs" / "ablation_pseudo_ar.png",
+    )
     assert ablate.records_dir(pseudo) == REPO_ROOT / "docs" / "ablation_runs_pseudo"
 
 
@@ -173,7 +231,9 @@ def test_budget_paths_inside_the_repository_are_relative(tmp_path):
 
 
 def test_pending_runs_go_seed_by_seed(tmp_path):
-    args = ablate.parse_args(["--out", str(tmp_path), "--variants", "plain", "visa", "--seeds", "0", "1"])
+    args = ablate.parse_args(
+        ["--out", str(tmp_path), "--variants", "plain", "visa", "--seeds", "0", "1"]
+    )
     ablate.check_args(args)
     assert ablate.pending_runs(args) == [("plain", 0), ("visa", 0), ("plain", 1), ("visa", 1)]
 
@@ -191,7 +251,11 @@ def test_benchmark_end_to_end_and_resume(tmp_path, caplog):
     assert [e["iter"] for e in record["evals"]] == [2, 4]
     assert set(record["final"]["nested_val"]) >= {"all", "L0", "L1"}
     assert not list((out / "work").rglob("*.pth"))  # checkpoints are removed once recorded
-    assert record["machine"]["threads"] == 1 and record["machine"]["torch"] and record["machine"]["cpu"]
+    assert (
+        record["machine"]["threads"] == 1
+        and record["machine"]["torch"]
+        and record["machine"]["cpu"]
+    )
     summary = json.loads((out / "ablation.json").read_text())
     assert summary["variants"] == ["plain", "visa"] and summary["seeds"] == [0, 1]
     assert "visa" in summary["comparisons"]
@@ -213,7 +277,9 @@ def test_benchmark_end_to_end_and_resume(tmp_path, caplog):
 
 
 def _losses(out: Path, run: str) -> list:
-    rows = [json.loads(line) for line in (out / "work" / run / "metrics.json").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (out / "work" / run / "metrics.json").read_text().splitlines()
+    ]
     return [row["total_loss"] for row in rows if "total_loss" in row]
 
 
@@ -221,7 +287,10 @@ def test_benchmark_jobs_run_children_that_repeat_an_in_process_run(tmp_path):
     out, alone = tmp_path / "out", tmp_path / "alone"
     toy = TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats"]
     assert ablate.main(toy + ["--seeds", "0", "1", "--jobs", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["ats_seed0.json", "ats_seed1.json"]
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [
+        "ats_seed0.json",
+        "ats_seed1.json",
+    ]
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["ats_seed0.log", "ats_seed1.log"]
     # the same run in this process, at the same --threads: the same sums, bit for bit
     assert ablate.main(toy + ["--seeds", "1", "--out", str(alone)]) == 0
@@ -231,13 +300,30 @@ def test_benchmark_jobs_run_children_that_repeat_an_in_process_run(tmp_path):
 
 def test_terminated_ablation_logs_its_invocation(tmp_path):
     out = tmp_path / "out"
-    argv = TOY + ["--iters", "100000", "--eval-period", "100000", "--variants", "plain", "--seeds", "0",
-                  "--out", str(out)]
+    argv = TOY + [
+        "--iters",
+        "100000",
+        "--eval-period",
+        "100000",
+        "--variants",
+        "plain",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+    ]
     with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"), *argv],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "benchmarks" / "ablate_visa_ats.py"), *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
         deadline = time.time() + 120
-        while "training 100000 iterations" not in (tmp_path / "log").read_text() and time.time() < deadline:
+        while (
+            "training 100000 iterations" not in (tmp_path / "log").read_text()
+            and time.time() < deadline
+        ):
             assert proc.poll() is None, (tmp_path / "log").read_text()
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
@@ -249,12 +335,15 @@ def test_terminated_ablation_logs_its_invocation(tmp_path):
     assert lines[-1].endswith(f"(stopped (exit {128 + signal.SIGTERM}))")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--variants", "plain", "bogus"], "unknown variant 'bogus'"),
-    (["--data", "pseudo"], "--data pseudo needs --pseudo"),
-    (["--pseudo", "/nonexistent/pseudo"], "--pseudo folder '/nonexistent/pseudo' not found"),
-    (["--opts", "SOLVER.NOT_A_KEY", "1"], "SOLVER.NOT_A_KEY"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "plain", "bogus"], "unknown variant 'bogus'"),
+        (["--data", "pseudo"], "--data pseudo needs --pseudo"),
+        (["--pseudo", "/nonexistent/pseudo"], "--pseudo folder '/nonexistent/pseudo' not found"),
+        (["--opts", "SOLVER.NOT_A_KEY", "1"], "SOLVER.NOT_A_KEY"),
+    ],
+)
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     assert ablate.main(TOY + ["--out", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err
@@ -270,18 +359,37 @@ def test_main_gives_the_callers_sigterm_handler_back(tmp_path):
 def test_pseudo_without_shared_data_is_an_error(tmp_path, capsys, monkeypatch):
     make_nested_scenes_dataset(tmp_path / "pseudo", 2, size=64, seed=0)
     monkeypatch.setattr(ablate, "shared_data_dir", lambda: None)
-    assert ablate.main(TOY + ["--out", str(tmp_path / "out"), "--pseudo", str(tmp_path / "pseudo")]) == 2
+    assert (
+        ablate.main(TOY + ["--out", str(tmp_path / "out"), "--pseudo", str(tmp_path / "pseudo")])
+        == 2
+    )
     assert "error: shared data missing" in capsys.readouterr().err
 
 
-def test_pseudo_data_trains_on_labels_and_redoes_runs_when_they_change(tmp_path, shared_data, caplog):
+def test_pseudo_data_trains_on_labels_and_redoes_runs_when_they_change(
+    tmp_path, shared_data, caplog
+):
     labels, out = tmp_path / "pseudo", tmp_path / "out"
     make_nested_scenes_dataset(labels, 4, size=64, seed=0)
-    argv = TOY + ["--iters", "2", "--eval-period", "2", "--variants", "plain", "--seeds", "0",
-                  "--out", str(out), "--pseudo", str(labels)]
+    argv = TOY + [
+        "--iters",
+        "2",
+        "--eval-period",
+        "2",
+        "--variants",
+        "plain",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--pseudo",
+        str(labels),
+    ]
     assert ablate.main(argv) == 0
     record = json.loads((out / "runs" / "plain_seed0.json").read_text())
-    assert set(record["final"]) == set(ablate.SHARED_SETS)  # held out: both shared sets' human masks
+    assert set(record["final"]) == set(
+        ablate.SHARED_SETS
+    )  # held out: both shared sets' human masks
     assert record["budget"]["pseudo_sha256"] == ablate.pseudo_digest(str(labels))
 
     args = ablate.parse_args(argv)
@@ -297,19 +405,48 @@ def test_pseudo_data_trains_on_labels_and_redoes_runs_when_they_change(tmp_path,
 def test_pseudo_digest_ignores_where_the_photos_lay(tmp_path):
     for folder, photos in (("a", "/data/photos"), ("b", "/elsewhere/photos")):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "x.json").write_text(json.dumps(
-            {"image": {"file_name": f"{photos}/x.jpg", "width": 4, "height": 4}, "annotations": []}))
+        (tmp_path / folder / "x.json").write_text(
+            json.dumps(
+                {
+                    "image": {"file_name": f"{photos}/x.jpg", "width": 4, "height": 4},
+                    "annotations": [],
+                }
+            )
+        )
     assert ablate.pseudo_digest(str(tmp_path / "a")) == ablate.pseudo_digest(str(tmp_path / "b"))
-    (tmp_path / "b" / "x.json").write_text(json.dumps(
-        {"image": {"file_name": "/elsewhere/photos/y.jpg", "width": 4, "height": 4}, "annotations": []}))
+    (tmp_path / "b" / "x.json").write_text(
+        json.dumps(
+            {
+                "image": {"file_name": "/elsewhere/photos/y.jpg", "width": 4, "height": 4},
+                "annotations": [],
+            }
+        )
+    )
     ablate.pseudo_digest.cache_clear()
     assert ablate.pseudo_digest(str(tmp_path / "a")) != ablate.pseudo_digest(str(tmp_path / "b"))
 
 
 def test_prompt_path_adds_one_click_miou_per_level(tmp_path):
     out = tmp_path / "out"
-    assert ablate.main(TOY + ["--iters", "2", "--eval-period", "2", "--variants", "ats", "--seeds", "0",
-                              "--prompt", "--out", str(out)]) == 0
+    assert (
+        ablate.main(
+            TOY
+            + [
+                "--iters",
+                "2",
+                "--eval-period",
+                "2",
+                "--variants",
+                "ats",
+                "--seeds",
+                "0",
+                "--prompt",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "runs" / "ats_seed0.json").read_text())
     assert record["budget"]["config_file"] == "configs/tiny/unsam_tiny_prompt.yaml"
     for subset in ("all", "L0", "L1"):

@@ -1,9 +1,11 @@
 """Mixed precision and backends: matching costs are computed in float32 even inside an autocast
 region (float16 BCE sums over thousands of points overflow), and the process-group backend follows
 MODEL.DEVICE, not the hardware."""
+
+import unsam.compat  # noqa: F401
+
 import torch
 
-import unsam  # noqa: F401
 from unsam.engine.hooks import per_image_difficulty, per_prompt_difficulty
 from unsam.modeling import criterion as criterion_module
 from unsam.modeling import matcher as matcher_module
@@ -31,10 +33,12 @@ def test_matching_costs_leave_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
         idx = matcher_module.HungarianMatcher(1.0, 1.0, 1.0, num_points=64)(
-            outputs, [{"labels": torch.zeros(3, dtype=torch.int64), "masks": masks}])
+            outputs, [{"labels": torch.zeros(3, dtype=torch.int64), "masks": masks}]
+        )
         prompt.match(torch.randn(2, 3, 8, 8), [masks[:2], masks[2:]])
         ranks = per_image_difficulty(outputs, [{"masks": masks}]) + per_prompt_difficulty(
-            {"pred_masks": torch.randn(1, 3, 8, 8)}, [masks[:1]])
+            {"pred_masks": torch.randn(1, 3, 8, 8)}, [masks[:1]]
+        )
     assert len(idx[0][0]) == 3 and all(v is not None for v in ranks)
     assert seen and not any(seen), seen  # every cost computed outside autocast
 

@@ -5,6 +5,7 @@ imports resolved — is an edge. The inference model (``unsam.modeling``) must n
 data or training machinery, general utilities must not depend on the config layer, and the SA-1B
 file format (``unsam.io``) must stay free of detectron2 so that labelling workers do not pay for it.
 """
+
 import ast
 from pathlib import Path
 from typing import Iterator, List, Set, Tuple
@@ -59,37 +60,56 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def violations(edges: Set[Tuple[str, str]]) -> List[str]:
-    return sorted(f"{a} -> {b}" for a, b in edges for src, dst in FORBIDDEN
-                  if _under(a, src) and _under(b, dst) and not _under(b, src))
+    return sorted(
+        f"{a} -> {b}"
+        for a, b in edges
+        for src, dst in FORBIDDEN
+        if _under(a, src) and _under(b, dst) and not _under(b, src)
+    )
 
 
 def package_edges() -> Set[Tuple[str, str]]:
     edges = set()
     for path in sorted(PACKAGE_ROOT.rglob("*.py")):
         name = module_name(path)
-        for target in imports_of(path.read_text(encoding="utf-8"), name, path.name == "__init__.py"):
+        for target in imports_of(
+            path.read_text(encoding="utf-8"), name, path.name == "__init__.py"
+        ):
             edges.add((name, target))
     return edges
 
 
 def test_the_edge_finder_sees_relative_function_level_and_from_imports():
-    src = ("import os\n"
-           "from ..data.prompts import sample_point\n"
-           "def f():\n"
-           "    from unsam.engine import hooks\n"
-           "    import detectron2.structures\n")
+    src = (
+        "import os\n"
+        "from ..data.prompts import sample_point\n"
+        "def f():\n"
+        "    from unsam.engine import hooks\n"
+        "    import detectron2.structures\n"
+    )
     got = set(imports_of(src, "unsam.modeling.meta_arch", is_package=False))
-    assert {"unsam.data.prompts", "unsam.engine", "unsam.engine.hooks", "detectron2.structures"} <= got
+    assert {
+        "unsam.data.prompts",
+        "unsam.engine",
+        "unsam.engine.hooks",
+        "detectron2.structures",
+    } <= got
     edges = {("unsam.modeling.meta_arch", t) for t in got}
-    assert violations(edges) == ["unsam.modeling.meta_arch -> unsam.data.prompts",
-                                 "unsam.modeling.meta_arch -> unsam.data.prompts.sample_point",
-                                 "unsam.modeling.meta_arch -> unsam.engine",
-                                 "unsam.modeling.meta_arch -> unsam.engine.hooks"]
+    assert violations(edges) == [
+        "unsam.modeling.meta_arch -> unsam.data.prompts",
+        "unsam.modeling.meta_arch -> unsam.data.prompts.sample_point",
+        "unsam.modeling.meta_arch -> unsam.engine",
+        "unsam.modeling.meta_arch -> unsam.engine.hooks",
+    ]
     assert violations({("unsam.tasks", "unsam.compat"), ("unsam.io.sa1b", "detectron2.data")}) == [
-        "unsam.io.sa1b -> detectron2.data", "unsam.tasks -> unsam.compat"]
+        "unsam.io.sa1b -> detectron2.data",
+        "unsam.tasks -> unsam.compat",
+    ]
     assert violations({("unsam.io.sa1b", "unsam.io"), ("unsam.data.sa1b", "unsam.io.sa1b")}) == []
     # a package's own relative import resolves against the package itself
-    assert "unsam.utils.files" in set(imports_of("from .files import x\n", "unsam.utils", is_package=True))
+    assert "unsam.utils.files" in set(
+        imports_of("from .files import x\n", "unsam.utils", is_package=True)
+    )
 
 
 def test_the_package_has_no_forbidden_import_edge():

@@ -1,8 +1,11 @@
 """Adaptive task sampler: target frequencies, distributed consistency, exact resume."""
+
 import io
 import itertools
 import logging
 from pathlib import Path
+
+import unsam.compat  # noqa: F401
 
 import pytest
 import torch
@@ -10,7 +13,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy import stats
 
-import unsam  # noqa: F401
 from unsam.config import get_unsam_cfg
 from unsam.data.ats import (
     AdaptiveTaskSampler,
@@ -35,8 +37,9 @@ def _train_loop(sampler, table, iterations, batch, start_iter=0, stream=None):
     for i in range(start_iter, start_iter + iterations):
         items = [next(it) for _ in range(batch)]
         out.append(items)
-        table.update([a for a, _ in items], [t for _, t in items],
-                     [_difficulty(a, t, i) for a, t in items])
+        table.update(
+            [a for a, _ in items], [t for _, t in items], [_difficulty(a, t, i) for a, t in items]
+        )
         table.sync()
         sampler.set_iteration(i + 1)
     return out
@@ -86,7 +89,7 @@ def test_uniform_phase_is_epoch_permutations():
     draws = list(itertools.islice(iter(sampler), 90))
     cells = [a * 3 + t for a, t in draws]
     for epoch in range(3):
-        assert sorted(cells[epoch * 30:(epoch + 1) * 30]) == list(range(30))
+        assert sorted(cells[epoch * 30 : (epoch + 1) * 30]) == list(range(30))
     assert cells[:30] != cells[30:60]  # a new permutation each epoch
     other = AdaptiveTaskSampler(DifficultyTable(10, 3), 3, start_iter=10**9, block_size=7, seed=4)
     assert list(itertools.islice(iter(other), 30)) != draws[:30]
@@ -96,11 +99,15 @@ def test_adaptive_frequencies_match_target_chi_square():
     n_img, n_task, n = 60, 4, 100_000
     table = DifficultyTable(n_img, n_task, ema=0.9)
     g = torch.Generator().manual_seed(1)
-    table.update(torch.arange(n_img).repeat_interleave(n_task), torch.arange(n_task).repeat(n_img),
-                 torch.rand(n_img * n_task, generator=g) ** 3 * 5)
+    table.update(
+        torch.arange(n_img).repeat_interleave(n_task),
+        torch.arange(n_task).repeat(n_img),
+        torch.rand(n_img * n_task, generator=g) ** 3 * 5,
+    )
     table.sync()
-    sampler = AdaptiveTaskSampler(table, n_task, start_iter=100, alpha=1.5, beta=0.3, eps=0.05,
-                                  block_size=1000, seed=11)
+    sampler = AdaptiveTaskSampler(
+        table, n_task, start_iter=100, alpha=1.5, beta=0.3, eps=0.05, block_size=1000, seed=11
+    )
     sampler.set_iteration(100)
     target = sampler.target_distribution()
     assert target.max() / target.min() > 10  # the test below has something to distinguish
@@ -118,8 +125,17 @@ def test_switches_to_adaptive_at_start_iter():
     table = DifficultyTable(4, 1, ema=0.0)
     table.update([0, 1, 2, 3], 0, [10.0, 0.0, 0.0, 0.0])
     table.sync()
-    sampler = AdaptiveTaskSampler(table, 1, start_iter=5, alpha=1.0, beta=0.0, eps=0.0,
-                                  block_size=4, seed=0, items_per_iteration=4)
+    sampler = AdaptiveTaskSampler(
+        table,
+        1,
+        start_iter=5,
+        alpha=1.0,
+        beta=0.0,
+        eps=0.0,
+        block_size=4,
+        seed=0,
+        items_per_iteration=4,
+    )
     it = iter(sampler)
     uniform = [next(it)[0] for _ in range(4)]
     assert sorted(uniform) == [0, 1, 2, 3]
@@ -136,12 +152,15 @@ def _rank_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         table = DifficultyTable(N_IMG, N_TASK, ema=0.9)
-        sampler = AdaptiveTaskSampler(table, N_TASK, start_iter=START, block_size=BLOCK,
-                                      items_per_iteration=BATCH)  # seed=None: shared by broadcast
+        sampler = AdaptiveTaskSampler(
+            table, N_TASK, start_iter=START, block_size=BLOCK, items_per_iteration=BATCH
+        )  # seed=None: shared by broadcast
         assert sampler.rank == rank and sampler.world_size == world
         batches = _train_loop(sampler, table, ITERS, BATCH)
-        torch.save({"batches": batches, "values": table.values, "seen": table.seen,
-                    "seed": sampler.seed}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"batches": batches, "values": table.values, "seen": table.seen, "seed": sampler.seed},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -160,8 +179,9 @@ def test_two_gloo_ranks_disjoint_and_tables_agree(tmp_path):
     assert sorted(cells0 + cells1) == list(range(N_IMG * N_TASK))
     # the two ranks read one shared stream: same as a single process with the global batch
     table = DifficultyTable(N_IMG, N_TASK, ema=0.9)
-    ref_sampler = AdaptiveTaskSampler(table, N_TASK, start_iter=START, block_size=2 * BLOCK,
-                                      seed=r0["seed"], rank=0, world_size=1)
+    ref_sampler = AdaptiveTaskSampler(
+        table, N_TASK, start_iter=START, block_size=2 * BLOCK, seed=r0["seed"], rank=0, world_size=1
+    )
     ref = _train_loop(ref_sampler, table, ITERS, 2 * BATCH)
     for i in range(ITERS):
         assert r0["batches"][i] == ref[i][0::2], i
@@ -180,8 +200,9 @@ def _roundtrip(state):
 def test_resume_reproduces_uninterrupted_sequence():
     def make():
         table = DifficultyTable(12, 3, ema=0.8)
-        return table, AdaptiveTaskSampler(table, 3, start_iter=6, block_size=10, seed=5,
-                                          items_per_iteration=4)
+        return table, AdaptiveTaskSampler(
+            table, 3, start_iter=6, block_size=10, seed=5, items_per_iteration=4
+        )
 
     table, sampler = make()
     stream = iter(sampler)
@@ -191,8 +212,9 @@ def test_resume_reproduces_uninterrupted_sequence():
     ahead = [next(stream) for _ in range(13)]
     state = _roundtrip(sampler.state_dict())
     assert state["consumed"] == 36 and state["iteration"] == 9
-    uninterrupted = _train_loop(sampler, table, 10, 4, start_iter=9,
-                                stream=itertools.chain(ahead, stream))
+    uninterrupted = _train_loop(
+        sampler, table, 10, 4, start_iter=9, stream=itertools.chain(ahead, stream)
+    )
 
     table2, sampler2 = make()
     sampler2.load_state_dict(state)
@@ -225,8 +247,11 @@ def test_resume_with_prefetching_dataloader():
             batch = next(it)
             seen.append([(d["ats_index"], d["ats_task_id"]) for d in batch])
             assert all(d["task"] == sampler.decode(d["ats_task_id"])[0] for d in batch)
-            table.update([d["ats_index"] for d in batch], [d["ats_task_id"] for d in batch],
-                         [_difficulty(d["ats_index"], d["ats_task_id"], i) for d in batch])
+            table.update(
+                [d["ats_index"] for d in batch],
+                [d["ats_task_id"] for d in batch],
+                [_difficulty(d["ats_index"], d["ats_task_id"], i) for d in batch],
+            )
             table.sync()
             sampler.set_iteration(i + 1)
             if save_at == i + 1:
@@ -244,8 +269,12 @@ def test_resume_with_prefetching_dataloader():
 
 
 def _toy_mapper(record):
-    return {"ats_index": record["ats_index"], "ats_task_id": record["ats_task_id"],
-            "task": record["ats_task"], "image_id": record["image_id"]}
+    return {
+        "ats_index": record["ats_index"],
+        "ats_task_id": record["ats_task_id"],
+        "task": record["ats_task"],
+        "image_id": record["image_id"],
+    }
 
 
 def test_sampler_refuses_to_run_inside_a_worker():
@@ -290,8 +319,9 @@ def test_build_from_config_and_state_mismatch(caplog):
     # another world size: warns and continues from the next block
     list(itertools.islice(iter(sampler), 5))
     state = sampler.state_dict()
-    moved = AdaptiveTaskSampler(DifficultyTable(5, 7), 7, block_size=8, seed=1,
-                                rank=1, world_size=2)
+    moved = AdaptiveTaskSampler(
+        DifficultyTable(5, 7), 7, block_size=8, seed=1, rank=1, world_size=2
+    )
     with caplog.at_level(logging.WARNING):
         moved.load_state_dict(state)
     assert "not item-exactly" in caplog.text

@@ -1,19 +1,20 @@
 """MODEL.WEIGHTS that cannot be used are refused with one line naming the file; partial loads are
 reported per top-level module (unsam/checkpoint.py)."""
+
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.modeling import build_model
 
+import unsam.modeling  # noqa: F401
 from unsam.checkpoint import UnSAMCheckpointer, WeightsError, read_weights
 from unsam.config import get_unsam_cfg
 
@@ -37,14 +38,19 @@ def good_file(model, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b"", "empty (0 bytes)"),
-    (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not"),
-    ("HALF", "truncated"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "empty (0 bytes)"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not"),
+        ("HALF", "truncated"),
+    ],
+)
 def test_unreadable_weights_are_one_line_errors(good_file, tmp_path, content, needle):
     path = tmp_path / "bad.pth"
-    path.write_bytes(good_file.read_bytes()[: good_file.stat().st_size // 2] if content == "HALF" else content)
+    path.write_bytes(
+        good_file.read_bytes()[: good_file.stat().st_size // 2] if content == "HALF" else content
+    )
     with pytest.raises(WeightsError) as err:
         read_weights(str(path))
     msg = str(err.value)
@@ -81,8 +87,16 @@ def test_no_tensor_fits_is_an_error_naming_the_reason(model, tmp_path):
     assert "foreign.pth" in str(err.value)
     # the same names with other shapes (another model size)
     wider = tmp_path / "wider.pth"
-    torch.save({"model": {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in model.state_dict().items()
-                          if v.dim() > 0}}, wider)
+    torch.save(
+        {
+            "model": {
+                k: torch.zeros(v.shape[0] + 1, *v.shape[1:])
+                for k, v in model.state_dict().items()
+                if v.dim() > 0
+            }
+        },
+        wider,
+    )
     with pytest.raises(WeightsError, match="other shapes"):
         UnSAMCheckpointer(model).load(str(wider))
 
@@ -98,17 +112,38 @@ def test_partial_load_is_one_summary_line_per_module(model, tmp_path, caplog):
     assert report.loaded["backbone"] == report.expected["backbone"] == len(backbone)
     assert report.loaded["sem_seg_head"] == 0 and report.missing_in(["sem_seg_head"])
     lines = [r.getMessage() for r in caplog.records if r.name == "unsam.checkpoint"]
-    assert len(lines) == 1 and f"backbone {len(backbone)}/{len(backbone)}" in lines[0] and "sem_seg_head 0/" in lines[0]
+    assert (
+        len(lines) == 1
+        and f"backbone {len(backbone)}/{len(backbone)}" in lines[0]
+        and "sem_seg_head 0/" in lines[0]
+    )
 
 
 def test_train_net_refuses_weights_of_another_architecture(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    res = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--config-file", str(TINY), "--eval-only",
-                          "MODEL.WEIGHTS", str(path), "MODEL.DEVICE", "cpu", "DATASETS.TEST", "()",
-                          "OUTPUT_DIR", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_net.py"),
+            "--config-file",
+            str(TINY),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(path),
+            "MODEL.DEVICE",
+            "cpu",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(err) == 1 and "resnet18.pth" in err[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr

@@ -5,13 +5,21 @@ entries dropped — so these pin that order on hand-made cases with ties, and pi
 outputs of the three engines that use it on seeded inputs against digests of the code before
 the tree (d1e6383). The features there are small integers, so every dot product is exact and
 the digests do not depend on the BLAS or the CPU."""
+
 import hashlib
 
 import numpy as np
 import pytest
 
-from unsam.pseudo.conquer import (GreedyMerger, MergeTree, RegionGraph, grid_pairs,
-                                  merge_boundary, merge_graph, merge_selective)
+from unsam.pseudo.conquer import (
+    GreedyMerger,
+    MergeTree,
+    RegionGraph,
+    grid_pairs,
+    merge_boundary,
+    merge_graph,
+    merge_selective,
+)
 
 CHAIN = [(0, 1), (1, 2), (2, 3)]
 
@@ -20,8 +28,12 @@ def _tree(cost, **kw):
     """A tree over 4 nodes whose merged group ``g`` pairs with ``x`` at ``cost(g, x)``;
     ``absorbed`` lists the (g, a, b) the engine was told."""
     absorbed = []
-    tree = MergeTree(4, lambda g, others: [cost(g, x) for x in others],
-                     lambda g, a, b: absorbed.append((g, a, b)), **kw)
+    tree = MergeTree(
+        4,
+        lambda g, others: [cost(g, x) for x in others],
+        lambda g, a, b: absorbed.append((g, a, b)),
+        **kw,
+    )
     return tree, absorbed
 
 
@@ -81,8 +93,11 @@ def test_greedy_merger_tie_order_and_log():
     g = RegionGraph(np.ones((4, 3)), np.ones(4), np.array(CHAIN))
     m = GreedyMerger(g)
     m.merge_down_to(0.9)
-    assert [(x.threshold, x.a, x.b, x.merged.state, x.merged.weight) for x in m.log] == \
-        [(0.9, 0, 1, 4, 2.0), (0.9, 4, 2, 5, 3.0), (0.9, 5, 3, 6, 4.0)]
+    assert [(x.threshold, x.a, x.b, x.merged.state, x.merged.weight) for x in m.log] == [
+        (0.9, 0, 1, 4, 2.0),
+        (0.9, 4, 2, 5, 3.0),
+        (0.9, 5, 3, 6, 4.0),
+    ]
     snap = m.snapshot(0.9)
     assert snap.owner.tolist() == [0, 0, 0, 0] and list(snap.groups) == [0]
     assert snap.groups[0].state == 6 and snap.groups[0].coherence == pytest.approx(np.sqrt(3))
@@ -92,8 +107,9 @@ def test_greedy_merger_threshold_and_inactive_nodes():
     """Node 3 is outside the region; 0 and 1 are similar, 2 is not: at 0.9 only (0, 1)
     merges, at -1 everything active does; the inactive node stays its own owner."""
     sums = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])
-    m = GreedyMerger(RegionGraph(sums, np.ones(4), np.array(CHAIN)),
-                     np.array([True, True, True, False]))
+    m = GreedyMerger(
+        RegionGraph(sums, np.ones(4), np.array(CHAIN)), np.array([True, True, True, False])
+    )
     m.merge_down_to(0.9)
     assert [(x.a, x.b) for x in m.log] == [(0, 1)]
     assert m.snapshot(0.9).owner.tolist() == [0, 0, 2, 3]
@@ -105,10 +121,8 @@ def test_greedy_merger_threshold_and_inactive_nodes():
 def test_merge_boundary_breaks_ties_by_ids():
     """Equal costs along a chain: (0, 1) merges first, then (2, 3) before (2, {0, 1}), so the
     segments (coarse to fine, newest merge first) are all, {2, 3}, {0, 1}."""
-    segs = merge_boundary(np.array(CHAIN), np.ones(3), np.ones(3), np.ones(4), 1.0,
-                          size_power=0.0)
-    assert [s.mask.astype(int).tolist() for s in segs] == [[1, 1, 1, 1], [0, 0, 1, 1],
-                                                           [1, 1, 0, 0]]
+    segs = merge_boundary(np.array(CHAIN), np.ones(3), np.ones(3), np.ones(4), 1.0, size_power=0.0)
+    assert [s.mask.astype(int).tolist() for s in segs] == [[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]]
     assert [s.parent for s in segs] == [-1, 0, 0]
 
 
@@ -124,8 +138,11 @@ def test_merge_selective_breaks_ties_by_ids():
 def _digest(segments) -> str:
     h = hashlib.sha256()
     for s in segments:
-        h.update(np.packbits(s.mask).tobytes() + str(s.parent).encode()
-                 + float(s.coherence).hex().encode())
+        h.update(
+            np.packbits(s.mask).tobytes()
+            + str(s.parent).encode()
+            + float(s.coherence).hex().encode()
+        )
     return h.hexdigest()[:16]
 
 
@@ -151,18 +168,48 @@ def _inputs(seed: int):
 # digests of the code before the merge tree (d1e6383): merge_graph (plain; pair unions + all
 # merges), merge_selective, merge_boundary (size_power 0 and 1)
 GOLDEN = {
-    0: ('6954a2d21f8c44bf', 'c3e6371a0e00d5ca', 'f037803cae101a09',
-        'ffbfefcf94a0f944', '64e1246f20b820c8'),
-    1: ('d8342a6c4b150550', 'f1a73301a2c66bdf', '33d27eaf20fc6033',
-        'a2eb230c08201515', 'a6c7856c948d369c'),
-    2: ('cd72ccd2753fd992', 'bbd652e559f719bd', 'eae52e1c68a8388a',
-        'c2ab3f626b15df89', '654e23069e1952e8'),
-    3: ('376613f09e7b203e', '3e8929a63a5d5d00', '451124fc72e25bbb',
-        '6f6591adbaa1bbf3', '328062e73e386941'),
-    4: ('c4a7e18457b3d716', '9273cf0e663addce', 'a5d186d28ffb9cd4',
-        '8e7c7744109bfb25', '54c707915cabebe1'),
-    5: ('2515d3ca904f7e82', 'ae5d998360e5a57e', '8038db9a40b20f55',
-        'd7015ab2eb4dc082', '6b5742289370881f'),
+    0: (
+        "6954a2d21f8c44bf",
+        "c3e6371a0e00d5ca",
+        "f037803cae101a09",
+        "ffbfefcf94a0f944",
+        "64e1246f20b820c8",
+    ),
+    1: (
+        "d8342a6c4b150550",
+        "f1a73301a2c66bdf",
+        "33d27eaf20fc6033",
+        "a2eb230c08201515",
+        "a6c7856c948d369c",
+    ),
+    2: (
+        "cd72ccd2753fd992",
+        "bbd652e559f719bd",
+        "eae52e1c68a8388a",
+        "c2ab3f626b15df89",
+        "654e23069e1952e8",
+    ),
+    3: (
+        "376613f09e7b203e",
+        "3e8929a63a5d5d00",
+        "451124fc72e25bbb",
+        "6f6591adbaa1bbf3",
+        "328062e73e386941",
+    ),
+    4: (
+        "c4a7e18457b3d716",
+        "9273cf0e663addce",
+        "a5d186d28ffb9cd4",
+        "8e7c7744109bfb25",
+        "54c707915cabebe1",
+    ),
+    5: (
+        "2515d3ca904f7e82",
+        "ae5d998360e5a57e",
+        "8038db9a40b20f55",
+        "d7015ab2eb4dc082",
+        "6b5742289370881f",
+    ),
 }
 
 
@@ -170,10 +217,15 @@ GOLDEN = {
 def test_engines_unchanged_on_seeded_inputs(seed):
     sums, weight, pairs, active, boxes, length, edge = _inputs(seed)
     graph = RegionGraph(sums, weight, pairs)
-    got = (_digest(merge_graph(graph, active, min_weight=2.0)),
-           _digest(merge_graph(graph, active, (0.9, 0.5, 0.0, -0.5), 2.0, pair_unions=True,
-                               all_merges=True)),
-           _digest(merge_selective(sums, weight, pairs, boxes, 2.0)),
-           _digest(merge_boundary(pairs, length, edge, weight, 2.0, size_power=0.0)),
-           _digest(merge_boundary(pairs, length, edge, weight, 2.0, size_power=1.0)))
+    got = (
+        _digest(merge_graph(graph, active, min_weight=2.0)),
+        _digest(
+            merge_graph(
+                graph, active, (0.9, 0.5, 0.0, -0.5), 2.0, pair_unions=True, all_merges=True
+            )
+        ),
+        _digest(merge_selective(sums, weight, pairs, boxes, 2.0)),
+        _digest(merge_boundary(pairs, length, edge, weight, 2.0, size_power=0.0)),
+        _digest(merge_boundary(pairs, length, edge, weight, 2.0, size_power=1.0)),
+    )
     assert got == GOLDEN[seed]

@@ -1,6 +1,7 @@
 """The lazy dataset index (unsam.data.index): three source formats read back exactly what
 load_sa1b_dicts reads, incremental and resumable builds, bad records named and counted, cheap
 pickling, annotation sampling, the TSV converter and the CLI's errors."""
+
 import base64
 import json
 import os
@@ -17,8 +18,8 @@ from unsam.data.index import build as index_build
 from unsam.data.index.__main__ import main as index_main
 from unsam.data.index.formats import scan_record
 from unsam.data.sa1b import load_sa1b_dicts
-from unsam.io.sa1b import SA1BFormatError
 from unsam.data.synthetic import make_shapes_dataset
+from unsam.io.sa1b import SA1BFormatError
 
 from .test_reliability import _one_error_line
 
@@ -105,7 +106,10 @@ def test_tar_reads_members_in_place(shapes, tmp_path):
         assert record["image_bytes"] == Path(ref["file_name"]).read_bytes() == ds.image_bytes(i)
         assert "file_name" not in record
     assert sorted(p.name for p in root.rglob("*") if ".unsam_index" not in p.parts) == [
-        "part2", "sa_000000.tar", "sa_000001.tar"]  # nothing extracted
+        "part2",
+        "sa_000000.tar",
+        "sa_000001.tar",
+    ]  # nothing extracted
 
 
 def test_tsv_round_trip_and_published_layout(shapes, tmp_path):
@@ -114,10 +118,17 @@ def test_tsv_round_trip_and_published_layout(shapes, tmp_path):
     out = tmp_path / "tsv"
     summary = write_tsv_shards([ds], out, images_per_shard=4, progress=False)
     assert (summary.images, summary.shards_written, len(summary.skipped)) == (6, 2, 0)
-    assert sorted(p.name for p in out.iterdir()) == ["train-0.lineidx", "train-0.tsv", "train-1.lineidx",
-                                                     "train-1.tsv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "train-0.lineidx",
+        "train-0.tsv",
+        "train-1.lineidx",
+        "train-1.tsv",
+    ]
     line = (out / "train-0.tsv").read_bytes().split(b"\n")[0].split(b"\t")
-    assert len(line) == 3 and json.loads(line[1])["image"]["id"] == json.loads(line[1])["image"]["image_id"]
+    assert (
+        len(line) == 3
+        and json.loads(line[1])["image"]["id"] == json.loads(line[1])["image"]["image_id"]
+    )
     build_index(out, progress=False)
     back = IndexedDataset(out)
     assert len(back) == len(ds)
@@ -136,9 +147,15 @@ def test_tsv_round_trip_and_published_layout(shapes, tmp_path):
         lines = []
         for stem in stems:
             d = json.loads((src / f"{stem}.json").read_text())
-            info = {"id": d["image"]["image_id"], "height": d["image"]["height"], "width": d["image"]["width"]}
+            info = {
+                "id": d["image"]["image_id"],
+                "height": d["image"]["height"],
+                "width": d["image"]["width"],
+            }
             img = base64.b64encode((src / f"{stem}.png").read_bytes()).decode()
-            lines.append(f"{stem}\t{json.dumps({'image': info, 'annotations': d['annotations']})}\t{img}\n")
+            lines.append(
+                f"{stem}\t{json.dumps({'image': info, 'annotations': d['annotations']})}\t{img}\n"
+            )
         (pub / f"sa1b-{shard}.tsv").write_text("".join(lines))
         if shard == 0:
             offsets = np.cumsum([0] + [len(s) for s in lines[:-1]])
@@ -156,14 +173,20 @@ def test_fast_header_equals_full_parse(shapes, tmp_path):
     texts = [p.read_bytes() for p in sorted(src.rglob("*.json"))]
     doc = json.loads(texts[0])
     doc["image"]["file_name"] = "we{ird}.png"  # braces in a string: fast path must give up
-    variants = [json.dumps(doc).encode(),
-                json.dumps(json.loads(texts[1]), indent=2).encode(),  # pretty-printed: still fast
-                json.dumps({"annotations": doc["annotations"], "image": doc["image"]}).encode()]  # image last
+    variants = [
+        json.dumps(doc).encode(),
+        json.dumps(json.loads(texts[1]), indent=2).encode(),  # pretty-printed: still fast
+        json.dumps({"annotations": doc["annotations"], "image": doc["image"]}).encode(),
+    ]  # image last
     fast = []
     for raw in texts + variants:
         full = json.loads(raw)
         image, height, width, masks, was_fast = scan_record(raw)
-        assert (height, width, masks) == (full["image"]["height"], full["image"]["width"], len(full["annotations"]))
+        assert (height, width, masks) == (
+            full["image"]["height"],
+            full["image"]["width"],
+            len(full["annotations"]),
+        )
         assert image == full["image"]
         fast.append(was_fast)
     assert fast == [True] * len(texts) + [False, True, False]
@@ -212,7 +235,7 @@ def test_incremental_add_touch_remove(shapes, tmp_path):
     assert fresh.column("masks")[i] == 1 and len(fresh.record(i)["annotations"]) == 1
     # touched (same bytes, new mtime): re-indexed too
     st = (root / "shapes_000_00003.json").stat()
-    os.utime(root / "shapes_000_00003.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    os.utime(root / "shapes_000_00003.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     touched = build_index(root, progress=False)
     assert (touched.images, touched.chunks_indexed, touched.chunks_kept) == (8, 1, 2)
     # a removed shard is dropped (and its chunk file deleted)
@@ -305,7 +328,9 @@ def test_tar_cut_between_members_is_reported(shapes, tmp_path):
     whole = _tar(src, tmp_path / "whole.tar", ["shapes_000_00000", "shapes_000_00001"])
     with tarfile.open(whole) as tf:
         second_png = tf.getmember("shapes_000_00001.png")
-    (root / "sa.tar").write_bytes(whole.read_bytes()[:second_png.offset])  # cut at a header boundary
+    (root / "sa.tar").write_bytes(
+        whole.read_bytes()[: second_png.offset]
+    )  # cut at a header boundary
     summary = build_index(root, progress=False)
     assert (summary.images, summary.skipped) == (1, 1)
     assert "no tar header or end-of-archive marker" in summary.first_skipped[0]
@@ -326,7 +351,9 @@ def test_record_validated_when_read(shapes, tmp_path):
     i = [ds.location(k) for k in range(len(ds))].index(str(path))
     with pytest.raises(SA1BFormatError, match=r"shapes_000_00003\.json: annotation 0: corrupt RLE"):
         ds.record(i)
-    assert len(ds.record(i, validate=False)["annotations"]) == len(doc["annotations"])  # caller checks RLEs
+    assert len(ds.record(i, validate=False)["annotations"]) == len(
+        doc["annotations"]
+    )  # caller checks RLEs
     doc["image"]["height"] = 40
     doc["annotations"] = []
     path.write_text(json.dumps(doc))
@@ -361,7 +388,10 @@ def test_max_instances_samples_before_building(shapes, tmp_path):
     for seed in range(6):
         ids = [a["id"] for a in ds.record(i, max_instances=2, rng=seed)["annotations"]]
         assert len(ids) == len(set(ids)) == 2 and set(ids) <= set(full)
-        assert ids == [a["id"] for a in ds.record(i, max_instances=2, rng=np.random.default_rng(seed))["annotations"]]
+        assert ids == [
+            a["id"]
+            for a in ds.record(i, max_instances=2, rng=np.random.default_rng(seed))["annotations"]
+        ]
         picks.append(tuple(ids))
     assert len(set(picks)) > 1
     assert [a["id"] for a in ds.record(i, max_instances=100, rng=0)["annotations"]] == full
@@ -384,10 +414,26 @@ def test_skip_empty(shapes, tmp_path):
 # ------------------------------------------------------------------------------ CLI
 def test_cli_builds_and_reports(shapes, tmp_path, capsys):
     src, _ = shapes
-    assert index_main([str(src), "--cache-dir", str(tmp_path / "c"), "--quiet", "--to-tsv", str(tmp_path / "t"),
-                       "--images-per-shard", "5"]) == 0
+    assert (
+        index_main(
+            [
+                str(src),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--quiet",
+                "--to-tsv",
+                str(tmp_path / "t"),
+                "--images-per-shard",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{src}: 6 images in 2 sources (json 2), 0 skipped") and "images/s" in out[0]
+    assert (
+        out[0].startswith(f"{src}: 6 images in 2 sources (json 2), 0 skipped")
+        and "images/s" in out[0]
+    )
     assert out[1].startswith(f"{tmp_path / 't'}: 6 images in 2 new shards")
 
 
@@ -398,10 +444,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert index_main([str(tmp_path / "empty"), "--quiet"]) == 2
     _one_error_line(capsys.readouterr().err, "empty", "no usable image")
     (tmp_path / "file").write_text("x")
-    assert index_main([str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "file"), "--quiet"]) == 2
+    assert (
+        index_main([str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "file"), "--quiet"]) == 2
+    )
     _one_error_line(capsys.readouterr().err, "file")
     _shapes(tmp_path / "data", 1)
-    assert index_main([str(tmp_path / "data"), "--to-tsv", str(tmp_path / "data" / "tsv"), "--quiet"]) == 2
+    assert (
+        index_main([str(tmp_path / "data"), "--to-tsv", str(tmp_path / "data" / "tsv"), "--quiet"])
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, "inside dataset root")
     with pytest.raises(SystemExit) as e:
         index_main([str(tmp_path), "--workers", "0"])

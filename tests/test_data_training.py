@@ -1,6 +1,7 @@
 """Training through the dataset index (issue 27, items 2 and 5): SA-1B roots in each format train
 without per-image dicts, the mapper's outputs equal the list path's, bad records are named,
 counted and replaced while training continues, and ATS / the retry pool stay compact at size."""
+
 import json
 import os
 import pickle
@@ -11,17 +12,18 @@ import tarfile
 import tracemalloc
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-import unsam  # noqa: F401
 from unsam.data.index import IndexedDataset, build_index, write_tsv_shards
 from unsam.data.sa1b import load_sa1b_dicts
-from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
 from unsam.data.training import TrainingRecords
+from unsam.io.sa1b import annotation_from_mask, write_sa1b_json
 
 from .test_reliability import TINY, _one_error_line
 
@@ -38,8 +40,12 @@ def _tar_root(src: Path, out: Path) -> Path:
 
 def _tsv_root(src: Path, out: Path) -> Path:
     """``src`` converted to published-layout TSV shards (``train-K.tsv`` + ``.lineidx``)."""
-    write_tsv_shards([IndexedDataset(src, cache_dir=out.parent / "src_index", build=True, progress=False)], out,
-                     images_per_shard=2, progress=False)
+    write_tsv_shards(
+        [IndexedDataset(src, cache_dir=out.parent / "src_index", build=True, progress=False)],
+        out,
+        images_per_shard=2,
+        progress=False,
+    )
     return out
 
 
@@ -54,13 +60,18 @@ def _rich_record(root: Path) -> None:
     for k in range(9):
         m = np.zeros((64, 64), bool)
         y, x = rng.integers(0, 40, 2)
-        m[y:y + 8 + 2 * k, x:x + 10 + k] = True
+        m[y : y + 8 + 2 * k, x : x + 10 + k] = True
         masks.append(m)
     masks.insert(4, np.zeros((64, 64), bool))
-    anns = [annotation_from_mask(m, k, level=int(k > 2), parent_id=(k % 3) if k > 2 else -1)
-            for k, m in enumerate(masks)]
-    write_sa1b_json(root / "rich.json", {"image_id": "rich", "width": 64, "height": 64, "file_name": "rich.png"},
-                    anns)
+    anns = [
+        annotation_from_mask(m, k, level=int(k > 2), parent_id=(k % 3) if k > 2 else -1)
+        for k, m in enumerate(masks)
+    ]
+    write_sa1b_json(
+        root / "rich.json",
+        {"image_id": "rich", "width": 64, "height": 64, "file_name": "rich.png"},
+        anns,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +89,37 @@ def _cli(out: Path, roots_by_name: dict, *extra: str) -> int:
 
     entries = json.dumps([f"{name}:{root}" for name, root in roots_by_name.items()])
     try:
-        return cli(["--config-file", TINY, "UNSAM.DATA.SA1B_ROOTS", entries,
-                    "DATASETS.TRAIN", "(" + "".join(f"'{n}'," for n in roots_by_name) + ")", "DATASETS.TEST", "()",
-                    "INPUT.IMAGE_SIZE", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "SOLVER.IMS_PER_BATCH", "2",
-                    "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0",
-                    "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SEED", "1", *extra])
+        return cli(
+            [
+                "--config-file",
+                TINY,
+                "UNSAM.DATA.SA1B_ROOTS",
+                entries,
+                "DATASETS.TRAIN",
+                "(" + "".join(f"'{n}'," for n in roots_by_name) + ")",
+                "DATASETS.TEST",
+                "()",
+                "INPUT.IMAGE_SIZE",
+                "64",
+                "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+                "64",
+                "SOLVER.IMS_PER_BATCH",
+                "2",
+                "SOLVER.MAX_ITER",
+                "2",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "100",
+                "DATALOADER.NUM_WORKERS",
+                "0",
+                "MODEL.DEVICE",
+                "cpu",
+                "OUTPUT_DIR",
+                str(out),
+                "SEED",
+                "1",
+                *extra,
+            ]
+        )
     except SystemExit as e:
         return e.code
 
@@ -102,13 +139,25 @@ def test_each_format_trains_through_the_index(roots, tmp_path, fmt):
     losses = [m["total_loss"] for m in _metrics(out) if "total_loss" in m]
     assert losses and all(np.isfinite(losses))
     log = (out / "log.txt").read_text()
-    assert f"SA-1B root {root} (index {root / '.unsam_index'}): 5 images, 0 records not indexed, 1 empty masks" in log
+    assert (
+        f"SA-1B root {root} (index {root / '.unsam_index'}): 5 images, 0 records not indexed, 1 empty masks"
+        in log
+    )
     # what the loader read: the index's records (encoded image bytes for tar / TSV), no list
-    from unsam.engine.trainer import load_train_dicts, register_datasets
     from unsam.config.loading import load_config
+    from unsam.engine.trainer import load_train_dicts, register_datasets
 
-    cfg = load_config(TINY, ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"fmt_{fmt}:{root}"]),
-                             "DATASETS.TRAIN", f"('fmt_{fmt}',)", "OUTPUT_DIR", str(out)])
+    cfg = load_config(
+        TINY,
+        [
+            "UNSAM.DATA.SA1B_ROOTS",
+            json.dumps([f"fmt_{fmt}:{root}"]),
+            "DATASETS.TRAIN",
+            f"('fmt_{fmt}',)",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+    )
     register_datasets(cfg)
     records = load_train_dicts(cfg)
     assert isinstance(records, TrainingRecords) and isinstance(records.parts[0], IndexedDataset)
@@ -117,15 +166,23 @@ def test_each_format_trains_through_the_index(roots, tmp_path, fmt):
 
 def test_mixed_sets_concatenate_in_order(roots, tmp_path, tiny_train):
     """Indexed roots of two formats and a COCO-format list, one training set."""
-    from unsam.engine.trainer import load_train_dicts, register_datasets
     from unsam.config.loading import load_config
+    from unsam.engine.trainer import load_train_dicts, register_datasets
 
     tar, tsv = tmp_path / "tar", tmp_path / "tsv"
     shutil.copytree(roots["tar"], tar, ignore=shutil.ignore_patterns(".unsam_index"))
     shutil.copytree(roots["tsv"], tsv, ignore=shutil.ignore_patterns(".unsam_index"))
-    cfg = load_config(TINY, ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"mix_tar:{tar}", f"mix_tsv:{tsv}"]),
-                             "DATASETS.TRAIN", "('mix_tar', 'coco_tiny_train_agnostic', 'mix_tsv')",
-                             "OUTPUT_DIR", str(tmp_path / "out")])
+    cfg = load_config(
+        TINY,
+        [
+            "UNSAM.DATA.SA1B_ROOTS",
+            json.dumps([f"mix_tar:{tar}", f"mix_tsv:{tsv}"]),
+            "DATASETS.TRAIN",
+            "('mix_tar', 'coco_tiny_train_agnostic', 'mix_tsv')",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+    )
     register_datasets(cfg)
     records = load_train_dicts(cfg)
     assert records.names == ["mix_tar", "coco_tiny_train_agnostic", "mix_tsv"]
@@ -137,7 +194,9 @@ def test_mixed_sets_concatenate_in_order(roots, tmp_path, tiny_train):
 
 
 # ------------------------------------------------------------------------------ identical outputs
-@pytest.mark.parametrize("mapper_name,sampling", [("unsam_lsj", "largest"), ("unsam_crop", "random")])
+@pytest.mark.parametrize(
+    "mapper_name,sampling", [("unsam_lsj", "largest"), ("unsam_crop", "random")]
+)
 def test_mapper_outputs_identical_to_the_list_path(roots, mapper_name, sampling):
     """The same record through load_sa1b_dicts and through the index (each format), with the
     same NumPy / torch seeds: identical image tensors, masks, boxes, levels and parents."""
@@ -146,15 +205,33 @@ def test_mapper_outputs_identical_to_the_list_path(roots, mapper_name, sampling)
 
     cfg = get_unsam_cfg()
     cfg.merge_from_file(TINY)
-    cfg.merge_from_list(["INPUT.DATASET_MAPPER_NAME", mapper_name, "INPUT.MAX_INSTANCES_SAMPLING", sampling,
-                         "INPUT.MAX_INSTANCES_PER_IMAGE", 4, "INPUT.IMAGE_SIZE", 48])
+    cfg.merge_from_list(
+        [
+            "INPUT.DATASET_MAPPER_NAME",
+            mapper_name,
+            "INPUT.MAX_INSTANCES_SAMPLING",
+            sampling,
+            "INPUT.MAX_INSTANCES_PER_IMAGE",
+            4,
+            "INPUT.IMAGE_SIZE",
+            48,
+        ]
+    )
     mapper = UnSAMDatasetMapper(cfg, is_train=True)
     old = {d["image_id"]: d for d in load_sa1b_dicts(roots["json"])}
     assert len(old["rich"]["annotations"]) == 9  # the empty mask is dropped
     compared = 0
     for fmt, root in roots.items():
-        records = TrainingRecords([(fmt, IndexedDataset(root, cache_dir=root.parent / f"{fmt}_index", build=True,
-                                                        progress=False))])
+        records = TrainingRecords(
+            [
+                (
+                    fmt,
+                    IndexedDataset(
+                        root, cache_dir=root.parent / f"{fmt}_index", build=True, progress=False
+                    ),
+                )
+            ]
+        )
         for i in range(len(records)):
             new = records[i]
             ref = old[new["image_id"]]
@@ -170,8 +247,9 @@ def test_mapper_outputs_identical_to_the_list_path(roots, mapper_name, sampling)
                 for field in ("gt_boxes", "gt_classes", "gt_levels", "gt_parents"):
                     x, y = ia.get(field), ib.get(field)
                     assert torch.equal(getattr(x, "tensor", x), getattr(y, "tensor", y)), field
-                assert {k: a[k] for k in ("height", "width", "image_id")} == {k: b[k] for k in ("height", "width",
-                                                                                                 "image_id")}
+                assert {k: a[k] for k in ("height", "width", "image_id")} == {
+                    k: b[k] for k in ("height", "width", "image_id")
+                }
                 assert "image_bytes" not in b
                 compared += 1
     assert compared == 3 * 5 * 3
@@ -204,12 +282,23 @@ def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path,
         last = [m for m in tf.getmembers() if m.name.endswith(".json")][-1]
     with open(tar, "r+b") as f:
         f.truncate(last.offset_data + last.size // 2)
-    os.chmod(tar_root, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)  # read-only: index kept
+    os.chmod(
+        tar_root, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
+    )  # read-only: index kept
     out = tmp_path / "out"
     try:
         # 10 images, 5 iterations of 2: the sampler's first epoch draws every image
-        assert _cli(out, {"bad_json": json_root, "bad_tar": tar_root}, "SOLVER.MAX_ITER", "5",
-                    "DATALOADER.NUM_WORKERS", str(workers)) == 0
+        assert (
+            _cli(
+                out,
+                {"bad_json": json_root, "bad_tar": tar_root},
+                "SOLVER.MAX_ITER",
+                "5",
+                "DATALOADER.NUM_WORKERS",
+                str(workers),
+            )
+            == 0
+        )
     finally:
         os.chmod(tar_root, stat.S_IRWXU)
     assert (out / "model_final.pth").is_file()
@@ -217,7 +306,9 @@ def test_bad_records_are_named_counted_replaced_and_training_continues(tmp_path,
     named = [line for line in log.splitlines() if "skipping training image" in line]
     assert any(f"{corrupt}: unreadable JSON" in line for line in named), named
     assert any(f"image '{missing}' not found" in line for line in named), named
-    assert any(f"{tar}: member '{last.name}'" in line and "truncated" in line for line in named), named
+    assert any(f"{tar}: member '{last.name}'" in line and "truncated" in line for line in named), (
+        named
+    )
     assert all("another image is drawn instead" in line for line in named)
     replaced = max(m.get("data/replaced_samples", 0) for m in _metrics(out))
     # a worker may have named samples it mapped ahead of the last iteration, not yet reported
@@ -235,12 +326,15 @@ def test_corrupt_mask_runs_are_caught_where_decoded(tmp_path):
     root = make_shapes_dataset(tmp_path / "r", 1, size=32, seed=1)
     path = next(root.glob("*.json"))
     doc = json.loads(path.read_text())
-    doc["annotations"][0]["segmentation"]["counts"] = "0" + doc["annotations"][0]["segmentation"]["counts"]
+    doc["annotations"][0]["segmentation"]["counts"] = (
+        "0" + doc["annotations"][0]["segmentation"]["counts"]
+    )
     path.write_text(json.dumps(doc))
     records = TrainingRecords([("r", IndexedDataset(root, build=True, progress=False))])
     record = records[0]  # the cheap checks pass: the string parses
-    mapper = UnSAMDatasetMapper(is_train=True, augmentations=[T.RandomFlip(prob=0.0)], image_format="RGB",
-                                max_instances=10)
+    mapper = UnSAMDatasetMapper(
+        is_train=True, augmentations=[T.RandomFlip(prob=0.0)], image_format="RGB", max_instances=10
+    )
     assert mapper(record) is None and mapper.num_skipped == 1
     with pytest.raises(Exception, match="corrupt RLE"):  # the full check names the problem
         IndexedDataset(root).record(0)
@@ -263,8 +357,12 @@ def test_training_dataset_pickles_small_whatever_its_size(tmp_path):
     for n in (3, 40):
         root = make_shapes_dataset(tmp_path / f"s{n}", n, size=32, seed=n)
         records = TrainingRecords([("s", IndexedDataset(root, build=True, progress=False))])
-        mapper = UnSAMDatasetMapper(is_train=True, augmentations=build_lsj_augmentation(32, 0.5, 1.5),
-                                    image_format="RGB", max_instances=10)
+        mapper = UnSAMDatasetMapper(
+            is_train=True,
+            augmentations=build_lsj_augmentation(32, 0.5, 1.5),
+            image_format="RGB",
+            max_instances=10,
+        )
         wrapped = MapDataset(records, mapper)  # what detectron2 copies into each loader worker
         sizes.append((len(pickle.dumps(records)), len(pickle.dumps(wrapped))))
         copy = pickle.loads(pickle.dumps(records))
@@ -295,9 +393,9 @@ def test_retry_pool_is_range_like_and_draws_as_the_sorted_set():
                 ref.add(i), pool.add(i)
             assert len(pool) == len(ref) and list(pool) == sorted(ref)
             assert random.Random(trial).sample(ref, 1) == random.Random(trial).sample(pool, 1)
-    big = _FallbackCandidates(10 ** 9)
+    big = _FallbackCandidates(10**9)
     big.discard(5)
-    assert len(pickle.dumps(big)) < 200 and big[5] == 6 and len(big) == 10 ** 9 - 1
+    assert len(pickle.dumps(big)) < 200 and big[5] == 6 and len(big) == 10**9 - 1
 
 
 # ------------------------------------------------------------------------------ ATS at size
@@ -309,10 +407,21 @@ def test_ats_state_and_draws_at_a_million_images():
     cells = rng.choice(3_000_000, 200_000, replace=False)
     table.update(cells // 3, cells % 3, rng.random(len(cells)) * 3)
     table.sync()
-    sampler = AdaptiveTaskSampler(table, 3, start_iter=0, alpha=2.0, beta=0.3, eps=0.05, block_size=256, seed=1,
-                                  items_per_iteration=4)
+    sampler = AdaptiveTaskSampler(
+        table,
+        3,
+        start_iter=0,
+        alpha=2.0,
+        beta=0.3,
+        eps=0.05,
+        block_size=256,
+        seed=1,
+        items_per_iteration=4,
+    )
     sampler._generate_block()  # builds the sum tree once
-    assert table.state_bytes() / table.num_cells < 8  # issue target: <= 100 bytes per image and task
+    assert (
+        table.state_bytes() / table.num_cells < 8
+    )  # issue target: <= 100 bytes per image and task
     tracemalloc.start()
     for _ in range(3):
         block = sampler._generate_block()
@@ -328,7 +437,9 @@ def test_ats_state_and_draws_at_a_million_images():
     tree = {k: table._tree[k].copy() for k in ("w", "u", "d")}
     table._build_tree(2.0, 0.05)
     assert np.array_equal(tree["u"], table._tree["u"])
-    assert np.allclose(tree["w"], table._tree["w"], rtol=1e-12) and np.allclose(tree["d"], table._tree["d"])
+    assert np.allclose(tree["w"], table._tree["w"], rtol=1e-12) and np.allclose(
+        tree["d"], table._tree["d"]
+    )
 
 
 def test_ats_draws_follow_the_target_with_unseen_cells():
@@ -361,13 +472,24 @@ def test_empty_masks_counted_at_indexing_as_the_loader_drops_them():
             mask = np.zeros((h, w), bool)
             if rng.random() < 0.5:
                 y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
-                mask[y:y + 3, x:x + 2] = True
+                mask[y : y + 3, x : x + 2] = True
             anns.append({"segmentation": mask_to_rle(mask)})
         if rng.random() < 0.2:  # COCO's uncompressed form
-            anns.append({"segmentation": {"size": [h, w], "counts": [h * w] if rng.random() < 0.5 else [1, h * w - 1]}})
+            anns.append(
+                {
+                    "segmentation": {
+                        "size": [h, w],
+                        "counts": [h * w] if rng.random() < 0.5 else [1, h * w - 1],
+                    }
+                }
+            )
         raw = json.dumps({"image": {"height": h, "width": w}, "annotations": anns}).encode()
         expected = sum(rle_area(a["segmentation"]) == 0 for a in anns)
-        assert count_empty_masks(raw) == expected, (h, w, [a["segmentation"]["counts"] for a in anns])
+        assert count_empty_masks(raw) == expected, (
+            h,
+            w,
+            [a["segmentation"]["counts"] for a in anns],
+        )
 
 
 def test_concurrent_builds_of_one_root_all_succeed(tmp_path):
@@ -381,14 +503,23 @@ def test_concurrent_builds_of_one_root_all_succeed(tmp_path):
     for j in range(8):  # 8 chunks: builds long enough to overlap
         make_shapes_dataset(root / f"s{j}", 40, size=16, seed=j)
     go = tmp_path / "go"
-    code = ("import os, sys, time; from unsam.data.index import IndexedDataset; "
-            f"open({str(tmp_path)!r} + '/ready.' + sys.argv[1], 'w').close(); "
-            f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(go)!r}), True)]; "
-            f"d = IndexedDataset({str(root)!r}, build=True, progress=False); print(len(d))")
+    code = (
+        "import os, sys, time; from unsam.data.index import IndexedDataset; "
+        f"open({str(tmp_path)!r} + '/ready.' + sys.argv[1], 'w').close(); "
+        f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(go)!r}), True)]; "
+        f"d = IndexedDataset({str(root)!r}, build=True, progress=False); print(len(d))"
+    )
     for trial in range(2):
-        procs = [subprocess.Popen([sys.executable, "-c", code, f"{trial}{k}"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-                 for k in range(3)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, f"{trial}{k}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            for k in range(3)
+        ]
         while len(list(tmp_path.glob(f"ready.{trial}*"))) < 3:  # all imported: start them together
             time.sleep(0.05)
         go.touch()

@@ -1,5 +1,6 @@
 """scripts/gpu_check.py (issue 16): the CPU-sized run of every step passes, its JSON is the only
 thing on stdout, and failures are recorded with their error and a non-zero exit."""
+
 import importlib.util
 import json
 import math
@@ -17,8 +18,14 @@ SCRIPT = REPO_ROOT / "scripts" / "gpu_check.py"
 
 def _run(args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _module():

@@ -2,17 +2,20 @@
 dataclass + labeler) and one registry line, and ``python -m unsam.pseudo --recipe NAME`` runs it
 through the runner — options, settings record, resume, worker processes — like the built-in
 ones; the built-in recipes' settings records stay as they were."""
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import unsam  # noqa: F401
 from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask
-from unsam.pseudo.__main__ import build_parser, main as pseudo_main
+from unsam.pseudo.__main__ import build_parser
+from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.config import AT_LEAST_1, FLAT_RECORD, Settings, setting
 from unsam.pseudo.labelers import RECIPES, Recipe, get_recipe, register_recipe
 
@@ -35,11 +38,20 @@ class GridLabeler:
     def __call__(self, image: np.ndarray):
         h, w = image.shape[:2]
         c = self.cfg.cell
-        boxes = [(x, y, min(x + c, w), min(y + c, h))
-                 for y in range(0, h, c) for x in range(0, w, c)]
-        return [annotation_from_mask(np.ones((y1 - y0, x1 - x0), bool), i, (x0, y0, x1, y1),
-                                     (h, w), level=self.cfg.level, parent_id=-1)
-                for i, (x0, y0, x1, y1) in enumerate(boxes)]
+        boxes = [
+            (x, y, min(x + c, w), min(y + c, h)) for y in range(0, h, c) for x in range(0, w, c)
+        ]
+        return [
+            annotation_from_mask(
+                np.ones((y1 - y0, x1 - x0), bool),
+                i,
+                (x0, y0, x1, y1),
+                (h, w),
+                level=self.cfg.level,
+                parent_id=-1,
+            )
+            for i, (x0, y0, x1, y1) in enumerate(boxes)
+        ]
 
 
 GRID = Recipe("grid", GridSettings, GridLabeler, "squares of a grid")
@@ -71,8 +83,19 @@ def _squares(h, w, c):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_toy_recipe_runs_end_to_end(grid_recipe, photos, tmp_path, capsys, workers):
     out = tmp_path / f"out{workers}"
-    argv = ["--recipe", "grid", "--cell", "24", "--input", str(photos), "--output", str(out),
-            "--quiet", "--workers", str(workers)]
+    argv = [
+        "--recipe",
+        "grid",
+        "--cell",
+        "24",
+        "--input",
+        str(photos),
+        "--output",
+        str(out),
+        "--quiet",
+        "--workers",
+        str(workers),
+    ]
     assert pseudo_main(argv) == 0
     assert "3 labelled" in capsys.readouterr().out
     for path, (h, w) in zip(sorted(out.glob("*.json")), [(64, 96), (50, 70), (32, 32)]):
@@ -142,4 +165,5 @@ def test_builtin_records_unchanged():
     old = dict(unsam_changed, max_masks=3)
     assert settings_differences(old, unsam_changed, unsam.settings) == []
     assert settings_differences(old, dict(unsam_changed, refine=False), unsam.settings) == [
-        "--refine true -> false"]
+        "--refine true -> false"
+    ]

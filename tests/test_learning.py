@@ -5,6 +5,7 @@ generated images and evaluates class-agnostic AR@100 on held-out images, against
 before training; then prompts the same whole-image model by query selection
 (``UNSAM.PROMPT.MODE select``, no prompt training): 1-click oracle mIoU ≥ 0.7 (issue 12).
 """
+
 import json
 import os
 import subprocess
@@ -21,9 +22,17 @@ ITERS = int(os.environ.get("UNSAM_LEARN_ITERS", "800"))
 
 
 def _train_net(*args):
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, str(REPO_ROOT / "train_net.py"), *args], capture_output=True, text=True,
-                         env=env, cwd=REPO_ROOT, timeout=3600)
+    env = dict(
+        os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore"
+    )
+    res = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_net.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=3600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -38,30 +47,79 @@ def test_training_on_shapes_learns(tmp_path):
     # overfits (train-image IoU 0.89, held-out 0.66) and held-out AR@100 stalls near 0.4
     train = make_shapes_dataset(tmp_path / "train", 1500, size=128, seed=11)
     val = make_shapes_dataset(tmp_path / "val", 24, size=128, seed=12)
-    common = ["--config-file", TINY,
-              "UNSAM.DATA.SA1B_ROOTS", json.dumps([f"shapes_train:{train}", f"shapes_val:{val}"]),
-              "DATASETS.TRAIN", '("shapes_train",)', "DATASETS.TEST", '("shapes_val",)',
-              "INPUT.IMAGE_SIZE", "128", "INPUT.MIN_SCALE", "0.75", "INPUT.MAX_SCALE", "1.25",
-              "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "512",
-              "MODEL.DEVICE", "cpu", "SEED", "0"]
+    common = [
+        "--config-file",
+        TINY,
+        "UNSAM.DATA.SA1B_ROOTS",
+        json.dumps([f"shapes_train:{train}", f"shapes_val:{val}"]),
+        "DATASETS.TRAIN",
+        '("shapes_train",)',
+        "DATASETS.TEST",
+        '("shapes_val",)',
+        "INPUT.IMAGE_SIZE",
+        "128",
+        "INPUT.MIN_SCALE",
+        "0.75",
+        "INPUT.MAX_SCALE",
+        "1.25",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "INPUT.MAX_SIZE_TEST",
+        "256",
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+        "512",
+        "MODEL.DEVICE",
+        "cpu",
+        "SEED",
+        "0",
+    ]
     _train_net("--eval-only", *common, "OUTPUT_DIR", str(tmp_path / "untrained"))
     before = _ar100(tmp_path / "untrained" / "metrics.json")
-    _train_net(*common, "SOLVER.BASE_LR", "0.0005", "SOLVER.MAX_ITER", str(ITERS), "SOLVER.IMS_PER_BATCH", "8",
-               "SOLVER.STEPS", f"({int(ITERS * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", str(ITERS),
-               "OUTPUT_DIR", str(tmp_path / "trained"))
-    _train_net("--eval-only", *common, "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth"),
-               "OUTPUT_DIR", str(tmp_path / "trained_eval"))
+    _train_net(
+        *common,
+        "SOLVER.BASE_LR",
+        "0.0005",
+        "SOLVER.MAX_ITER",
+        str(ITERS),
+        "SOLVER.IMS_PER_BATCH",
+        "8",
+        "SOLVER.STEPS",
+        f"({int(ITERS * 0.8)},)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(ITERS),
+        "OUTPUT_DIR",
+        str(tmp_path / "trained"),
+    )
+    _train_net(
+        "--eval-only",
+        *common,
+        "MODEL.WEIGHTS",
+        str(tmp_path / "trained" / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path / "trained_eval"),
+    )
     after = _ar100(tmp_path / "trained_eval" / "metrics.json")
     print(f"AR@100 untrained {before:.3f} -> trained {after:.3f}")
     assert after >= 0.5
     assert after >= 5 * before
 
+    from unsam.config.loading import load_config
     from unsam.evaluation.prompt import evaluate_prompts
     from unsam.predictor import PromptPredictor
-    from unsam.config.loading import load_config
 
-    cfg = load_config(TINY, ["INPUT.IMAGE_SIZE", "128", "MODEL.DEVICE", "cpu", "UNSAM.PROMPT.MODE", "auto",
-                             "MODEL.WEIGHTS", str(tmp_path / "trained" / "model_final.pth")])
+    cfg = load_config(
+        TINY,
+        [
+            "INPUT.IMAGE_SIZE",
+            "128",
+            "MODEL.DEVICE",
+            "cpu",
+            "UNSAM.PROMPT.MODE",
+            "auto",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "trained" / "model_final.pth"),
+        ],
+    )
     predictor = PromptPredictor.from_config(cfg)
     assert predictor.mode == "select"  # a whole-image checkpoint: auto selects among its queries
     prompts = evaluate_prompts(predictor, coco_from_sa1b(val), val, box=True)

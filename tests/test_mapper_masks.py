@@ -1,15 +1,21 @@
 """The training mapper's mask path (issue 15): decoding only what lands in the LSJ crop gives
 exactly the masks, boxes and kept instances of decode-everything-then-transform."""
+
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
-
-import unsam  # noqa: F401
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
 
-from unsam.data.mapper import (build_lsj_augmentation, decode_segmentation, decode_transformed_masks,
-                               rle_columns, transform_masks)
+from unsam.data.mapper import (
+    build_lsj_augmentation,
+    decode_segmentation,
+    decode_transformed_masks,
+    rle_columns,
+    transform_masks,
+)
 from unsam.io.sa1b import mask_to_rle
 
 
@@ -17,7 +23,7 @@ def _masks(rng, h, w):
     masks = np.zeros((7, h, w), bool)
     for k in range(2, 7):  # rectangles anywhere, some at the borders
         y0, x0 = rng.integers(0, h), rng.integers(0, w)
-        masks[k, y0:y0 + rng.integers(1, h), x0:x0 + rng.integers(1, w)] = True
+        masks[k, y0 : y0 + rng.integers(1, h), x0 : x0 + rng.integers(1, w)] = True
     masks[0] = rng.random((h, w)) < 0.3  # noise: every pixel decides
     masks[-1, :, -1] = True  # the last column only
     return masks  # masks[1] stays empty
@@ -31,17 +37,24 @@ def test_crop_aware_decoding_equals_decode_then_transform(seed):
         h, w = (int(v) for v in rng.integers(24, 300, 2))
         masks = _masks(rng, h, w)
         segs = [mask_to_rle(m) for m in masks]
-        segs[2] = {"size": [h, w], "counts": [int(v) for v in _uncompressed(masks[2])]}  # COCO crowd style
+        segs[2] = {
+            "size": [h, w],
+            "counts": [int(v) for v in _uncompressed(masks[2])],
+        }  # COCO crowd style
         segs.append([[1, 1, 6, 1, 6, 6, 1, 6]])  # a polygon
         size = int(rng.integers(24, 160))
         augment = T.AugmentationList(build_lsj_augmentation(size, 0.2, 2.0))
         transforms = augment(T.AugInput(np.zeros((h, w, 3), np.uint8)))
-        reference = transform_masks(transforms, np.stack([decode_segmentation(s, h, w) for s in segs]))
+        reference = transform_masks(
+            transforms, np.stack([decode_segmentation(s, h, w) for s in segs])
+        )
         present = np.flatnonzero(reference.any(axis=(1, 2)))
         masks_out, kept, boxes = decode_transformed_masks(segs, h, w, transforms)
         assert np.array_equal(kept, present), transforms
         assert np.array_equal(masks_out, reference[present]), transforms
-        assert np.array_equal(boxes, BitMasks(torch.from_numpy(masks_out)).get_bounding_boxes().tensor.numpy())
+        assert np.array_equal(
+            boxes, BitMasks(torch.from_numpy(masks_out)).get_bounding_boxes().tensor.numpy()
+        )
 
 
 def _uncompressed(mask):

@@ -1,17 +1,18 @@
 """UnSAM+ merge (``python -m unsam.data.merge``): every human mask, plus exactly the pseudo masks
 whose IoU with every human mask is below the threshold — checked against a direct numpy IoU on
 synthetic masks — and an output the training loader reads."""
+
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from unsam.data.merge import main as merge_main, merge_annotations
+from unsam.data.merge import main as merge_main
+from unsam.data.merge import merge_annotations
 from unsam.data.sa1b import load_sa1b_dicts
-from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
+from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 
 from .test_reliability import _one_error_line
 
@@ -31,15 +32,15 @@ def _pseudo_masks(rng, human_masks):
         masks.append(h.copy())  # IoU 1
         ys, xs = np.nonzero(h)
         grown = np.zeros_like(h)
-        grown[max(0, ys.min() - 2):ys.max() + 3, max(0, xs.min() - 2):xs.max() + 3] = True
+        grown[max(0, ys.min() - 2) : ys.max() + 3, max(0, xs.min() - 2) : xs.max() + 3] = True
         masks.append(grown)
         sliver = np.zeros_like(h)  # a thin band along the object's top edge: small positive IoU
-        sliver[max(0, ys.min() - 3):ys.min() + 1, xs.min():xs.max() + 1] = True
+        sliver[max(0, ys.min() - 3) : ys.min() + 1, xs.min() : xs.max() + 1] = True
         masks.append(sliver)
     for _ in range(8):
         m = np.zeros((SIZE, SIZE), bool)
         y, x = rng.integers(0, SIZE - 8, 2)
-        m[y:y + rng.integers(3, 12), x:x + rng.integers(3, 12)] = True
+        m[y : y + rng.integers(3, 12), x : x + rng.integers(3, 12)] = True
         masks.append(m)
     return masks
 
@@ -57,25 +58,53 @@ def roots(tmp_path):
         record = read_sa1b_json(human / f"{name}.json")
         hmasks = [rle_to_mask(a["segmentation"]) for a in record["annotations"]]
         masks = _pseudo_masks(rng, hmasks)
-        anns = [annotation_from_mask(m, k, predicted_iou=float(rng.random()), level=0) for k, m in enumerate(masks)]
+        anns = [
+            annotation_from_mask(m, k, predicted_iou=float(rng.random()), level=0)
+            for k, m in enumerate(masks)
+        ]
         anns[1]["parent_id"] = 0  # a hierarchy: child 1 of mask 0 (a copy of a human mask: dropped)
         anns[-1]["parent_id"] = len(anns) - 2  # child of a free rectangle (kept or not)
-        write_sa1b_json(pseudo / f"{name}.json", {"image_id": 7, "width": SIZE, "height": SIZE,
-                                                  "file_name": f"/elsewhere/{name}.png"}, anns)
+        write_sa1b_json(
+            pseudo / f"{name}.json",
+            {"image_id": 7, "width": SIZE, "height": SIZE, "file_name": f"/elsewhere/{name}.png"},
+            anns,
+        )
     # names[3]: human-only; names[4]: pseudo of another size
-    write_sa1b_json(pseudo / f"{names[4]}.json", {"image_id": 8, "width": 32, "height": 32, "file_name": "x.png"},
-                    [annotation_from_mask(np.ones((32, 32), bool), 0)])
-    write_sa1b_json(pseudo / "only_pseudo.json", {"image_id": 9, "width": SIZE, "height": SIZE, "file_name": "y.png"},
-                    [annotation_from_mask(np.ones((SIZE, SIZE), bool), 0)])
+    write_sa1b_json(
+        pseudo / f"{names[4]}.json",
+        {"image_id": 8, "width": 32, "height": 32, "file_name": "x.png"},
+        [annotation_from_mask(np.ones((32, 32), bool), 0)],
+    )
+    write_sa1b_json(
+        pseudo / "only_pseudo.json",
+        {"image_id": 9, "width": SIZE, "height": SIZE, "file_name": "y.png"},
+        [annotation_from_mask(np.ones((SIZE, SIZE), bool), 0)],
+    )
     return human, pseudo, names
 
 
 @pytest.mark.parametrize("max_iou", [0.02, 0.5])
-def test_merge_keeps_all_human_and_exactly_the_pseudo_masks_below_threshold(roots, tmp_path, capsys, max_iou):
+def test_merge_keeps_all_human_and_exactly_the_pseudo_masks_below_threshold(
+    roots, tmp_path, capsys, max_iou
+):
     human, pseudo, names = roots
     out = tmp_path / "merged"
-    assert merge_main(["--human", str(human), "--pseudo", str(pseudo), "--output", str(out),
-                       "--max-iou", str(max_iou), "--quiet"]) == 0
+    assert (
+        merge_main(
+            [
+                "--human",
+                str(human),
+                "--pseudo",
+                str(pseudo),
+                "--output",
+                str(out),
+                "--max-iou",
+                str(max_iou),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     total_added = 0
     for name in names[:3]:
@@ -85,10 +114,15 @@ def test_merge_keeps_all_human_and_exactly_the_pseudo_masks_below_threshold(root
         n_h = len(h["annotations"])
         assert m["annotations"][:n_h] == h["annotations"]  # every human mask, unchanged, first
         hmasks = [rle_to_mask(a["segmentation"]) for a in h["annotations"]]
-        expected = [k for k, a in enumerate(p["annotations"])
-                    if all(_numpy_iou(rle_to_mask(a["segmentation"]), hm) < max_iou for hm in hmasks)]
+        expected = [
+            k
+            for k, a in enumerate(p["annotations"])
+            if all(_numpy_iou(rle_to_mask(a["segmentation"]), hm) < max_iou for hm in hmasks)
+        ]
         added = m["annotations"][n_h:]
-        assert [a["segmentation"] for a in added] == [p["annotations"][k]["segmentation"] for k in expected]
+        assert [a["segmentation"] for a in added] == [
+            p["annotations"][k]["segmentation"] for k in expected
+        ]
         assert all(a["source"] == "pseudo" for a in added)
         ids = [a["id"] for a in m["annotations"]]
         assert len(set(ids)) == len(ids)
@@ -104,20 +138,31 @@ def test_merge_keeps_all_human_and_exactly_the_pseudo_masks_below_threshold(root
         assert Path(m["image"]["file_name"]) == (human / f"{name}.png").absolute()
     # human-only and size mismatch: human masks only; pseudo-only: not written
     for name in names[3:]:
-        assert read_sa1b_json(out / f"{name}.json")["annotations"] == read_sa1b_json(human / f"{name}.json")["annotations"]
+        assert (
+            read_sa1b_json(out / f"{name}.json")["annotations"]
+            == read_sa1b_json(human / f"{name}.json")["annotations"]
+        )
     assert not (out / "only_pseudo.json").exists()
     rows = list(csv.DictReader(open(out / "merge_counts.csv")))
     assert [r["image"] for r in rows] == names
     assert [r["status"] for r in rows] == ["merged"] * 3 + ["human-only", "size-mismatch"]
     assert sum(int(r["pseudo_added"]) for r in rows) == total_added
     unmatched = (out / "merge_unmatched.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[0] for line in unmatched) == ["human-only", "pseudo-only", "size-mismatch"]
+    assert sorted(line.split("\t")[0] for line in unmatched) == [
+        "human-only",
+        "pseudo-only",
+        "size-mismatch",
+    ]
     assert any("only_pseudo.json" in line for line in unmatched)
-    assert f"{total_added} of" in summary and "1 pseudo-only" in summary and "1 human-only" in summary
+    assert (
+        f"{total_added} of" in summary and "1 pseudo-only" in summary and "1 human-only" in summary
+    )
     # the trainer's loader reads it: every image, with human + added masks
     dicts = load_sa1b_dicts(out)
     assert len(dicts) == 5
-    assert sum(len(d["annotations"]) for d in dicts) == sum(int(r["human_masks"]) + int(r["pseudo_added"]) for r in rows)
+    assert sum(len(d["annotations"]) for d in dicts) == sum(
+        int(r["human_masks"]) + int(r["pseudo_added"]) for r in rows
+    )
 
 
 def test_merge_resumes_to_the_same_files(roots, tmp_path):
@@ -136,8 +181,22 @@ def test_merge_resumes_to_the_same_files(roots, tmp_path):
     for f in full.iterdir():
         assert f.read_bytes() == (resumed / f.name).read_bytes(), f.name
     # another threshold into the same folder is refused by name
-    assert merge_main(["--human", str(human), "--pseudo", str(pseudo), "--max-iou", "0.02", "--quiet",
-                       "--output", str(resumed)]) == 2
+    assert (
+        merge_main(
+            [
+                "--human",
+                str(human),
+                "--pseudo",
+                str(pseudo),
+                "--max-iou",
+                "0.02",
+                "--quiet",
+                "--output",
+                str(resumed),
+            ]
+        )
+        == 2
+    )
 
 
 def test_merge_annotations_without_base_keeps_all():
@@ -145,18 +204,23 @@ def test_merge_annotations_without_base_keeps_all():
     m[:4] = True
     extra = [annotation_from_mask(m, 0), annotation_from_mask(~m, 1)]
     merged, kept = merge_annotations([], extra, 0.02, "pseudo")
-    assert kept == [0, 1] and [a["segmentation"] for a in merged] == [a["segmentation"] for a in extra]
+    assert kept == [0, 1] and [a["segmentation"] for a in merged] == [
+        a["segmentation"] for a in extra
+    ]
 
 
-@pytest.mark.parametrize("case, named", [
-    ("missing_human", "--human"),
-    ("empty_pseudo", "--pseudo"),
-    ("max_iou_zero", "--max-iou 0.0"),
-    ("max_iou_big", "--max-iou 1.5"),
-    ("output_in_human", "--output"),
-    ("duplicate_stem", "two label files"),
-    ("word", "--max-iou"),
-])
+@pytest.mark.parametrize(
+    "case, named",
+    [
+        ("missing_human", "--human"),
+        ("empty_pseudo", "--pseudo"),
+        ("max_iou_zero", "--max-iou 0.0"),
+        ("max_iou_big", "--max-iou 1.5"),
+        ("output_in_human", "--output"),
+        ("duplicate_stem", "two label files"),
+        ("word", "--max-iou"),
+    ],
+)
 def test_merge_bad_input_is_one_error_line(roots, tmp_path, capsys, case, named):
     human, pseudo, names = roots
     out = tmp_path / "out"
@@ -174,7 +238,9 @@ def test_merge_bad_input_is_one_error_line(roots, tmp_path, capsys, case, named)
         argv["output"] = str(human / "merged")
     elif case == "duplicate_stem":
         (pseudo / "shard1").mkdir()
-        (pseudo / "shard1" / f"{names[0]}.json").write_text((pseudo / f"{names[0]}.json").read_text())
+        (pseudo / "shard1" / f"{names[0]}.json").write_text(
+            (pseudo / f"{names[0]}.json").read_text()
+        )
     elif case == "word":
         argv["max-iou"] = "tiny"
     code = merge_main([x for k, v in argv.items() for x in (f"--{k}", v)] + ["--quiet"])
@@ -187,7 +253,12 @@ def test_merge_lists_a_corrupt_human_file_and_goes_on(roots, tmp_path, capsys):
     human, pseudo, names = roots
     (human / f"{names[1]}.json").write_text("{not json")
     out = tmp_path / "out"
-    assert merge_main(["--human", str(human), "--pseudo", str(pseudo), "--output", str(out), "--quiet"]) == 0
+    assert (
+        merge_main(
+            ["--human", str(human), "--pseudo", str(pseudo), "--output", str(out), "--quiet"]
+        )
+        == 0
+    )
     failed = (out / "merge_failed.txt").read_text().splitlines()
     assert len(failed) == 1 and failed[0].startswith(str(human / f"{names[1]}.json"))
     assert not (out / f"{names[1]}.json").exists()

@@ -1,19 +1,20 @@
 """Tests of the whole-image model (unsam.modeling): checkpoint compatibility, training and
 inference behaviour, and the pure-PyTorch ops against naive references."""
+
 import copy
 import json
 import os
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import BitMasks, Instances
 
+import unsam.modeling  # noqa: F401
 from unsam.config import get_unsam_cfg
 from unsam.engine.train_model import build_train_model
 from unsam.modeling import masks_to_boxes, ms_deform_attn_core_pytorch
@@ -48,7 +49,7 @@ def _synthetic_sample(h=128, w=160, n=3, seed=0):
     for i in range(n):
         y = int(torch.randint(0, h - 40, (1,), generator=g))
         x = int(torch.randint(0, w - 40, (1,), generator=g))
-        masks[i, y:y + 30 + 3 * i, x:x + 35] = True
+        masks[i, y : y + 30 + 3 * i, x : x + 35] = True
         img[:, masks[i]] = torch.tensor([40 * i, 200, 255 - 60 * i], dtype=torch.uint8)[:, None]
     inst = Instances((h, w))
     inst.gt_classes = torch.zeros(n, dtype=torch.int64)
@@ -66,10 +67,13 @@ def tiny_model():
 # ------------------------------------------------------------------------------------------
 # checkpoint compatibility
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config,reference", [
-    ("configs/unsam_only_sa-1b_R50.yaml", "unsam_m2f_r50_state_dict.json"),
-    ("configs/unsam_only_sa-1b_swinL.yaml", "unsam_m2f_swinL_state_dict.json"),
-])
+@pytest.mark.parametrize(
+    "config,reference",
+    [
+        ("configs/unsam_only_sa-1b_R50.yaml", "unsam_m2f_r50_state_dict.json"),
+        ("configs/unsam_only_sa-1b_swinL.yaml", "unsam_m2f_swinL_state_dict.json"),
+    ],
+)
 def test_state_dict_matches_public_checkpoint(config, reference):
     ref_dir = _reference_dir()
     if ref_dir is None:
@@ -78,7 +82,10 @@ def test_state_dict_matches_public_checkpoint(config, reference):
     cfg = _cfg(REPO / config)
     with torch.device("meta"):  # no memory for 216M Swin-L parameters
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
-    got = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
+    got = {
+        k: (list(v.shape), str(v.dtype).replace("torch.", ""))
+        for k, v in model.state_dict().items()
+    }
     want = {k: (v[0], v[1]) for k, v in ref["keys"].items()}
     assert sorted(set(want) - set(got)) == []
     assert sorted(set(got) - set(want)) == []
@@ -136,7 +143,9 @@ def test_gt_mask_weights_reach_the_criterion(tiny_model):
     for k in plain:
         torch.testing.assert_close(ones[k], plain[k], rtol=1e-5, atol=1e-6)
     # a uniform weight w scales the BCE term by exactly w
-    torch.testing.assert_close(quarter["loss_mask"], 0.25 * plain["loss_mask"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        quarter["loss_mask"], 0.25 * plain["loss_mask"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_training_with_image_without_instances(tiny_model):
@@ -156,21 +165,38 @@ def test_training_with_image_without_instances(tiny_model):
 # ------------------------------------------------------------------------------------------
 def _criterion(num_points=256):
     matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points)
-    return SetCriterion(1, matcher, {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}, eos_coef=0.1,
-                        losses=["labels", "masks"], num_points=num_points, oversample_ratio=3.0,
-                        importance_sample_ratio=0.75)
+    return SetCriterion(
+        1,
+        matcher,
+        {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0},
+        eos_coef=0.1,
+        losses=["labels", "masks"],
+        num_points=num_points,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+    )
 
 
 def _criterion_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(2, 10, 2, generator=g),
-               "pred_masks": torch.randn(2, 10, 16, 20, generator=g)}
-    outputs["aux_outputs"] = [{"pred_logits": torch.randn(2, 10, 2, generator=g),
-                               "pred_masks": torch.randn(2, 10, 16, 20, generator=g)}]
+    outputs = {
+        "pred_logits": torch.randn(2, 10, 2, generator=g),
+        "pred_masks": torch.randn(2, 10, 16, 20, generator=g),
+    }
+    outputs["aux_outputs"] = [
+        {
+            "pred_logits": torch.randn(2, 10, 2, generator=g),
+            "pred_masks": torch.randn(2, 10, 16, 20, generator=g),
+        }
+    ]
     targets = []
     for n in (3, 2):
-        targets.append({"labels": torch.zeros(n, dtype=torch.int64),
-                        "masks": torch.rand(n, 64, 80, generator=g) > 0.6})
+        targets.append(
+            {
+                "labels": torch.zeros(n, dtype=torch.int64),
+                "masks": torch.rand(n, 64, 80, generator=g) > 0.6,
+            }
+        )
     return outputs, targets
 
 
@@ -221,8 +247,10 @@ def test_matcher_is_optimal_on_obvious_case():
     pred[2, 4:] = 10.0  # query 2 predicts target 1
     pred[0, :4] = 10.0  # query 0 predicts target 0
     logits = torch.zeros(1, 3, 2)
-    (src, tgt), = matcher({"pred_logits": logits, "pred_masks": pred[None]},
-                          [{"labels": torch.zeros(2, dtype=torch.int64), "masks": masks}])
+    ((src, tgt),) = matcher(
+        {"pred_logits": logits, "pred_masks": pred[None]},
+        [{"labels": torch.zeros(2, dtype=torch.int64), "masks": masks}],
+    )
     assert dict(zip(tgt.tolist(), src.tolist())) == {0: 0, 1: 2}
 
 
@@ -244,7 +272,9 @@ def test_inference_shapes_sorting_topk():
         assert inst.pred_classes.tolist() == [0] * 20
         s = inst.scores
         assert torch.all(s[:-1] >= s[1:]) and torch.all((s >= 0) & (s <= 1))
-        torch.testing.assert_close(inst.pred_boxes.tensor, BitMasks(inst.pred_masks).get_bounding_boxes().tensor)
+        torch.testing.assert_close(
+            inst.pred_boxes.tensor, BitMasks(inst.pred_masks).get_bounding_boxes().tensor
+        )
     assert a.pred_masks.shape == (20, 200, 300)
     # top-k larger than the number of queries keeps every query
     model.test_topk_per_image = 10_000
@@ -264,8 +294,12 @@ def test_inference_matches_full_resolution_postprocessing(tiny_model):
         outputs = model.decode(model.extract_features(images))
         inst = model.postprocess(outputs, inputs, images)[0]["instances"]
         logits = outputs["pred_masks"][0]
-        up = F.interpolate(logits[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
-        up = F.interpolate(up[:, :, :90, :120], size=(150, 200), mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(
+            logits[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        up = F.interpolate(
+            up[:, :, :90, :120], size=(150, 200), mode="bilinear", align_corners=False
+        )[0]
     probs = outputs["pred_logits"][0].softmax(-1)[:, 0]
     k = min(model.test_topk_per_image, len(probs))
     kept = probs.topk(k).indices
@@ -307,7 +341,9 @@ def test_extract_features_decode_matches_forward_and_extra_queries(tiny_model):
         allowed[:, :q, :q] = True
         allowed[:, q:, q:] = True
         out3 = model.decode(enc, extra_queries=extra, self_attn_allowed=allowed)
-        torch.testing.assert_close(out3["pred_masks"][:, :q], out["pred_masks"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            out3["pred_masks"][:, :q], out["pred_masks"], rtol=1e-4, atol=1e-4
+        )
         full = model([{"image": img}])[0]["instances"]
         ref = model.postprocess(out, [{"image": img}], images)[0]["instances"]
         torch.testing.assert_close(full.scores, ref.scores)
@@ -341,7 +377,9 @@ def test_checkpoint_round_trip(tmp_path, tiny_model):
         before = fresh([{"image": img}])[0]["instances"]
         ref = model([{"image": img}])[0]["instances"]
     assert not torch.equal(before.scores, ref.scores)
-    missing, unexpected = fresh.load_state_dict(torch.load(path, map_location="cpu")["model"], strict=True)
+    missing, unexpected = fresh.load_state_dict(
+        torch.load(path, map_location="cpu")["model"], strict=True
+    )
     assert not missing and not unexpected
     with torch.no_grad():
         after = fresh([{"image": img}])[0]["instances"]
@@ -365,11 +403,14 @@ def _naive_ms_deform_attn(value, shapes, locations, weights):
         for q in range(lq):
             for head in range(m):
                 for lvl, (h, w) in enumerate(shapes):
-                    v = value[b, starts[lvl]:starts[lvl] + h * w, head].view(h, w, d)
+                    v = value[b, starts[lvl] : starts[lvl] + h * w, head].view(h, w, d)
                     for k in range(p):
                         x = locations[b, q, head, lvl, k, 0].item() * w - 0.5
                         y = locations[b, q, head, lvl, k, 1].item() * h - 0.5
-                        x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
+                        x0, y0 = (
+                            int(torch.floor(torch.tensor(x))),
+                            int(torch.floor(torch.tensor(y))),
+                        )
                         acc = torch.zeros(d, dtype=value.dtype)
                         for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
                             for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
@@ -386,7 +427,9 @@ def test_pure_pytorch_deform_attn_matches_naive():
     s = sum(h * w for h, w in shapes)
     value = torch.randn(n, s, m, d, generator=g, dtype=torch.float64)
     # include locations outside [0, 1] to exercise the zero padding
-    locations = torch.rand(n, lq, m, len(shapes), p, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    locations = (
+        torch.rand(n, lq, m, len(shapes), p, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    )
     weights = torch.rand(n, lq, m, len(shapes), p, generator=g, dtype=torch.float64)
     weights = weights / weights.flatten(-2).sum(-1)[..., None, None]
     got = ms_deform_attn_core_pytorch(value, torch.tensor(shapes), locations, weights)
@@ -394,10 +437,13 @@ def test_pure_pytorch_deform_attn_matches_naive():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.skipif(not (fused_deform_attn_available() and torch.cuda.is_available()),
-                    reason="compiled MultiScaleDeformableAttention op or CUDA not available")
+@pytest.mark.skipif(
+    not (fused_deform_attn_available() and torch.cuda.is_available()),
+    reason="compiled MultiScaleDeformableAttention op or CUDA not available",
+)
 def test_fused_deform_attn_matches_pytorch():  # pragma: no cover - needs the CUDA extension
     from unsam.modeling.pixel_decoder import MSDeformAttn
+
     torch.manual_seed(0)
     attn = MSDeformAttn(64, 3, 4, 4, impl="fused").cuda()
     ref = copy.deepcopy(attn)
@@ -407,8 +453,12 @@ def test_fused_deform_attn_matches_pytorch():  # pragma: no cover - needs the CU
     start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     src = torch.randn(2, s, 64, device="cuda")
     refpts = torch.rand(2, s, 3, 2, device="cuda")
-    torch.testing.assert_close(attn(src, refpts, src, shapes, start), ref(src, refpts, src, shapes, start),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        attn(src, refpts, src, shapes, start),
+        ref(src, refpts, src, shapes, start),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_multi_head_attention_matches_torch_module():
@@ -420,13 +470,25 @@ def test_multi_head_attention_matches_torch_module():
     want, _ = mha(q, k, k, attn_mask=(~allowed).repeat_interleave(4, 0))
     got = multi_head_attention(mha, q, k, k, allowed)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(multi_head_attention(mha, q, k, k), mha(q, k, k)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        multi_head_attention(mha, q, k, k), mha(q, k, k)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_swin_backbone_outputs():
-    cfg = _cfg(REPO / "configs" / "unsam_only_sa-1b_swinL.yaml", "MODEL.SWIN.EMBED_DIM", 32,
-               "MODEL.SWIN.DEPTHS", [2, 2, 2, 2], "MODEL.SWIN.NUM_HEADS", [1, 2, 4, 8], "MODEL.SWIN.WINDOW_SIZE", 7)
+    cfg = _cfg(
+        REPO / "configs" / "unsam_only_sa-1b_swinL.yaml",
+        "MODEL.SWIN.EMBED_DIM",
+        32,
+        "MODEL.SWIN.DEPTHS",
+        [2, 2, 2, 2],
+        "MODEL.SWIN.NUM_HEADS",
+        [1, 2, 4, 8],
+        "MODEL.SWIN.WINDOW_SIZE",
+        7,
+    )
     from detectron2.modeling import build_backbone
+
     bb = build_backbone(cfg).eval()
     x = torch.randn(1, 3, 100, 132)  # not a multiple of the window: exercises padding
     with torch.no_grad():
@@ -447,9 +509,12 @@ def test_swin_backbone_outputs():
 def test_swin_block_matches_timm(shift):
     timm_swin = pytest.importorskip("timm.models.swin_transformer")
     from unsam.modeling.backbone.swin import BasicLayer
+
     layer = BasicLayer(32, 2, 2, 7, 4.0, True, None, 0.0, 0.0, [0.0, 0.0], downsample=False).eval()
     block = layer.blocks[1 if shift else 0]
-    ref = timm_swin.SwinTransformerBlock(32, (14, 14), num_heads=2, window_size=7, shift_size=shift).eval()
+    ref = timm_swin.SwinTransformerBlock(
+        32, (14, 14), num_heads=2, window_size=7, shift_size=shift
+    ).eval()
     result = ref.load_state_dict(block.state_dict(), strict=False)
     assert not result.missing_keys  # same parameter names as timm's block
     x = torch.randn(2, 14 * 14, 32)
@@ -505,9 +570,20 @@ def test_tiny_model_loss_goes_down():
 def test_benchmark_peak_rss_under_4gb_at_1024(tmp_path):
     import subprocess
     import sys
+
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "whole_image.py"), "--short-side", "1024",
-                    "--json", str(out)], check=True, timeout=1800)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "whole_image.py"),
+            "--short-side",
+            "1024",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=1800,
+    )
     res = json.loads(out.read_text())
     assert res["detections"] == 1000 and res["queries"] == 2000
     assert res["peak_rss_gb"] < 4.0, res

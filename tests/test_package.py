@@ -1,14 +1,15 @@
 """The package stands alone (issue 30, items 5 and 6): the SA-1B format without detectron2,
 configs shipped as package data, no path outside the package, dependencies declared."""
+
 import ast
 import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from .conftest import REPO_ROOT
 
@@ -22,8 +23,9 @@ def _imported(code: str):
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('detectron2', 'torch'))))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
 
@@ -59,10 +61,20 @@ def test_moved_format_names_live_in_unsam_io():
     import unsam.io.sa1b as fmt
 
     assert set(registration.__all__) == {
-        "load_sa1b_dicts", "register_sa1b", "iter_roots_from_config",
+        "load_sa1b_dicts",
+        "register_sa1b",
+        "iter_roots_from_config",
     }
-    for name in ("read_sa1b_json", "write_sa1b_json", "annotation_from_mask", "mask_to_rle",
-                 "rle_to_mask", "SA1BFormatError", "DatasetError", "find_sa1b_files"):
+    for name in (
+        "read_sa1b_json",
+        "write_sa1b_json",
+        "annotation_from_mask",
+        "mask_to_rle",
+        "rle_to_mask",
+        "SA1BFormatError",
+        "DatasetError",
+        "find_sa1b_files",
+    ):
         assert getattr(fmt, name).__module__ == "unsam.io.sa1b"
 
 
@@ -94,9 +106,24 @@ def installed(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, src / name)
     target = tmp_path_factory.mktemp("site")
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                          "--no-build-isolation", "--target", str(target), str(src)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return target
 
@@ -105,24 +132,30 @@ def _run_installed(target: Path, cwd: Path, *args: str):
     """``python *args`` from ``cwd`` with only the installed package (and the interpreter's
     site-packages, for the dependencies) to import from; never the checkout."""
     env = dict(os.environ, PYTHONPATH=str(target), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_installed_package_ships_its_configs(installed, tmp_path):
-    code = ("import unsam, unsam.configs as c\n"
-            "print(unsam.__file__)\n"
-            "for name in c.list_config_files(): print(c.get_config_file(name))\n"
-            "from unsam.config.loading import load_config\n"
-            "cfg = load_config(c.get_config_file('tiny/unsam_quickstart.yaml'))\n"
-            "assert cfg.UNSAM.PROMPT.ENABLED  # its _BASE_ chain (tiny_prompt, tiny, Base) resolved")
+    code = (
+        "import unsam, unsam.configs as c\n"
+        "print(unsam.__file__)\n"
+        "for name in c.list_config_files(): print(c.get_config_file(name))\n"
+        "from unsam.config.loading import load_config\n"
+        "cfg = load_config(c.get_config_file('tiny/unsam_quickstart.yaml'))\n"
+        "assert cfg.UNSAM.PROMPT.ENABLED  # its _BASE_ chain (tiny_prompt, tiny, Base) resolved"
+    )
     out = _run_installed(installed, tmp_path, "-c", code)
     assert out.returncode == 0, out.stderr
     files = out.stdout.split()
     assert files and all(f.startswith(str(installed)) for f in files)  # not the checkout's
     names = {Path(f).relative_to(installed / "unsam" / "configs").as_posix() for f in files[1:]}
-    assert {"divide/cutler_cascade_R50_FPN.yaml", "tiny/unsam_quickstart.yaml",
-            "Base-UnSAM.yaml"} <= names
+    assert {
+        "divide/cutler_cascade_R50_FPN.yaml",
+        "tiny/unsam_quickstart.yaml",
+        "Base-UnSAM.yaml",
+    } <= names
     assert (installed / "unsam" / "ops" / "csrc" / "cpu_kernels.cpp").is_file()
 
 
@@ -134,14 +167,31 @@ def test_installed_pseudo_recipe_unsam_finds_its_divide_config(installed, tmp_pa
     from PIL import Image
 
     Image.new("RGB", (64, 48), (120, 80, 40)).save(photos / "a.jpg")
-    argv = ["-m", "unsam.pseudo", "--recipe", "unsam", "--input", str(photos), "--divide",
-            "detector", "--divide-weights", str(tmp_path / "missing.pth")]
+    argv = [
+        "-m",
+        "unsam.pseudo",
+        "--recipe",
+        "unsam",
+        "--input",
+        str(photos),
+        "--divide",
+        "detector",
+        "--divide-weights",
+        str(tmp_path / "missing.pth"),
+    ]
     out = _run_installed(installed, tmp_path, *argv, "--output", str(tmp_path / "out"))
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --divide-weights file '{tmp_path / 'missing.pth'}' not found"]
-    bad = _run_installed(installed, tmp_path, *argv, "--output", str(tmp_path / "out2"),
-                         "--divide-config", str(tmp_path / "nowhere.yaml"))
+    bad = _run_installed(
+        installed,
+        tmp_path,
+        *argv,
+        "--output",
+        str(tmp_path / "out2"),
+        "--divide-config",
+        str(tmp_path / "nowhere.yaml"),
+    )
     assert bad.returncode == 2 and "error: divide config not found" in bad.stderr
 
 
@@ -182,8 +232,12 @@ def outside_references(source: str, rel_parts) -> list:
         while True:
             if isinstance(node, ast.Attribute) and node.attr == "parent":
                 up, node = up + 1, node.value
-            elif (isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute)
-                  and node.func.attr == "dirname"):
+            elif (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "dirname"
+            ):
                 up, node = up + 1, node.args[0]
             else:
                 return up - 1
@@ -196,8 +250,12 @@ def outside_references(source: str, rel_parts) -> list:
 
     hits, seen = [], set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
-                and node.value.attr == "parents" and of_file(node.value):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "parents"
+            and of_file(node.value)
+        ):
             k = node.slice.value if isinstance(node.slice, ast.Constant) else None
             if not isinstance(k, int) or k > depth:
                 hits.append((node.lineno, f"parents[{k}] of __file__ is outside unsam/"))
@@ -205,8 +263,11 @@ def outside_references(source: str, rel_parts) -> list:
             inner = node
             while isinstance(inner, (ast.Attribute, ast.Call)):  # count each chain once
                 seen.add(id(inner))
-                inner = inner.value if isinstance(inner, ast.Attribute) else (
-                    inner.args[0] if inner.args else inner.func)
+                inner = (
+                    inner.value
+                    if isinstance(inner, ast.Attribute)
+                    else (inner.args[0] if inner.args else inner.func)
+                )
             if climbs(node) > depth:
                 hits.append((node.lineno, f"__file__ climbed {climbs(node) + 1} folders up"))
         if is_text(node, climbing) and id(node) not in docstrings:
@@ -214,7 +275,10 @@ def outside_references(source: str, rel_parts) -> list:
         parts = []
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             parts = [node.right]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("join", "joinpath"):
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in (
+            "join",
+            "joinpath",
+        ):
             parts = node.args[1:] if getattr(node.func, "attr", None) == "join" else node.args
         for part in parts:
             if is_text(part, lambda v: v.split("/")[0] == "shared"):
@@ -222,21 +286,24 @@ def outside_references(source: str, rel_parts) -> list:
     return sorted(set(hits))
 
 
-@pytest.mark.parametrize("source,where,expected", [
-    ("X = Path(__file__).resolve().parents[2] / 'configs'", ("pseudo", "detector.py"), 1),
-    ("X = Path(__file__).resolve().parents[1] / 'configs'", ("pseudo", "detector.py"), 0),
-    ("X = Path(__file__).parents[1] / 'configs'", ("app.py",), 1),
-    ("X = Path(__file__).resolve().parent.parent.parent / 'configs'", ("data", "coco.py"), 1),
-    ("X = Path(__file__).resolve().parent.parent / 'configs'", ("data", "coco.py"), 0),
-    ("X = Path(__file__).resolve().parent / 'csrc' / 'k.cpp'", ("ops", "__init__.py"), 0),
-    ("X = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))", ("app.py",), 1),
-    ("X = os.path.join(os.path.dirname(__file__), '..', 'configs')", ("app.py",), 1),
-    ("X = Path(root) / '../shared/data'", ("data", "coco.py"), 1),
-    ("X = Path(env) / 'shared' / 'data'", ("data", "coco.py"), 1),
-    ("X = os.path.join(home, 'shared', 'data')", ("data", "coco.py"), 1),
-    ('"""Reads ../shared/data beside the checkout."""\nX = 1', ("data", "coco.py"), 0),
-    ("X = {'shared': 1}['shared']", ("app.py",), 0),
-])
+@pytest.mark.parametrize(
+    "source,where,expected",
+    [
+        ("X = Path(__file__).resolve().parents[2] / 'configs'", ("pseudo", "detector.py"), 1),
+        ("X = Path(__file__).resolve().parents[1] / 'configs'", ("pseudo", "detector.py"), 0),
+        ("X = Path(__file__).parents[1] / 'configs'", ("app.py",), 1),
+        ("X = Path(__file__).resolve().parent.parent.parent / 'configs'", ("data", "coco.py"), 1),
+        ("X = Path(__file__).resolve().parent.parent / 'configs'", ("data", "coco.py"), 0),
+        ("X = Path(__file__).resolve().parent / 'csrc' / 'k.cpp'", ("ops", "__init__.py"), 0),
+        ("X = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))", ("app.py",), 1),
+        ("X = os.path.join(os.path.dirname(__file__), '..', 'configs')", ("app.py",), 1),
+        ("X = Path(root) / '../shared/data'", ("data", "coco.py"), 1),
+        ("X = Path(env) / 'shared' / 'data'", ("data", "coco.py"), 1),
+        ("X = os.path.join(home, 'shared', 'data')", ("data", "coco.py"), 1),
+        ('"""Reads ../shared/data beside the checkout."""\nX = 1', ("data", "coco.py"), 0),
+        ("X = {'shared': 1}['shared']", ("app.py",), 0),
+    ],
+)
 def test_outside_reference_finder(source, where, expected):
     assert len(outside_references(source, where)) == expected
 
@@ -245,15 +312,21 @@ def test_no_module_refers_to_a_path_outside_the_package():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).parts
-        found += [f"unsam/{'/'.join(rel)}:{line}: {why}"
-                  for line, why in outside_references(path.read_text(), rel)]
+        found += [
+            f"unsam/{'/'.join(rel)}:{line}: {why}"
+            for line, why in outside_references(path.read_text(), rel)
+        ]
     assert found == []
 
 
 # ------------------------------------------------------------------ declared dependencies
 # import name -> distribution, where they differ
-_DISTRIBUTION = {"PIL": "pillow", "cv2": "opencv-python-headless", "yaml": "pyyaml",
-                 "segment_anything": "segment-anything"}
+_DISTRIBUTION = {
+    "PIL": "pillow",
+    "cv2": "opencv-python-headless",
+    "yaml": "pyyaml",
+    "segment_anything": "segment-anything",
+}
 # imported but not declared: detectron2 has no wheel (scripts/setup.sh builds it); the fused
 # deformable-attention op is an optional extension tried at import
 _UNDECLARED = {"detectron2", "MultiScaleDeformableAttention"}
@@ -272,8 +345,11 @@ def test_pyproject_declares_what_the_package_imports():
     imported = {}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top != "unsam":
@@ -286,9 +362,15 @@ def test_pyproject_declares_what_the_package_imports():
     assert missing == {}
     assert extras["app"] == {"gradio"} and imported["gradio"] == {"unsam/app.py"}
     # requirements.txt (what scripts/setup.sh installs) holds the package's and the app's
-    listed = {_name(line) for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+    listed = {
+        _name(line)
+        for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert required | extras["app"] <= listed
-    dev = {_name(line) for line in (REPO_ROOT / "requirements-dev.txt").read_text().splitlines()
-           if line.strip() and not line.startswith("#")}
+    dev = {
+        _name(line)
+        for line in (REPO_ROOT / "requirements-dev.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert extras["test"] <= listed | dev

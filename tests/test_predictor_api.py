@@ -3,32 +3,52 @@
 reads its checkpoint once; ``UnsamAutomaticMaskGenerator.generate`` returns the records of
 ``SamAutomaticMaskGenerator.generate``, checked with segment_anything's own helpers and the
 consumer SAM's notebook uses."""
+
 import json
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
 from pycocotools import mask as mask_utils
 from segment_anything.utils import amg
 
-import unsam  # noqa: F401
 import unsam.checkpoint
 import unsam.modeling  # noqa: F401
-from detectron2.modeling import build_model
-
 from unsam.automatic_mask_generator import UnsamAutomaticMaskGenerator
 from unsam.config.loading import load_config
-from unsam.predictor import (PromptPredictor, WholeImagePredictor, build_inference_model,
-                             build_prompt_model)
+from unsam.predictor import (
+    PromptPredictor,
+    WholeImagePredictor,
+    build_inference_model,
+    build_prompt_model,
+)
 
 from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "unsam_tiny.yaml")
 TINY_PROMPT = str(REPO_ROOT / "configs" / "tiny" / "unsam_tiny_prompt.yaml")
-FAST = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128", "INPUT.MIN_SIZE_TEST", "96",
-        "INPUT.MAX_SIZE_TEST", "128"]
-KEYS = {"segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords",
-        "crop_box"}
+FAST = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.IMAGE_SIZE",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "96",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+]
+KEYS = {
+    "segmentation",
+    "area",
+    "bbox",
+    "predicted_iou",
+    "stability_score",
+    "point_coords",
+    "crop_box",
+}
 
 
 def _save_random(path, config, seed):
@@ -42,8 +62,10 @@ def _save_random(path, config, seed):
 def weights(tmp_path_factory):
     """Random checkpoints: whole-image only (as the public ones), and with the prompt path."""
     folder = tmp_path_factory.mktemp("weights")
-    return {"whole": _save_random(folder / "whole.pth", TINY, 1),
-            "prompt": _save_random(folder / "prompt.pth", TINY_PROMPT, 2)}
+    return {
+        "whole": _save_random(folder / "whole.pth", TINY, 1),
+        "prompt": _save_random(folder / "prompt.pth", TINY_PROMPT, 2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +110,8 @@ def test_prompt_mode_of_a_model_handed_in(weights):
         PromptPredictor(whole_model, load_config(TINY, [*FAST, "UNSAM.PROMPT.MODE", "learned"]))
     # from_config resolves auto by the checkpoint: a whole-image checkpoint → select
     predictor = PromptPredictor.from_config(
-        load_config(TINY_PROMPT, [*FAST, "MODEL.WEIGHTS", weights["whole"]]))
+        load_config(TINY_PROMPT, [*FAST, "MODEL.WEIGHTS", weights["whole"]])
+    )
     assert predictor.mode == "select" and not predictor.model.prompt_enabled
 
 
@@ -100,8 +123,11 @@ def test_demo_reads_the_checkpoint_once_into_one_model(kind, weights, image, mon
 
     reads = []
     original = unsam.checkpoint.read_checkpoint_file
-    monkeypatch.setattr(unsam.checkpoint, "read_checkpoint_file",
-                        lambda *a, **k: reads.append(a) or original(*a, **k))
+    monkeypatch.setattr(
+        unsam.checkpoint,
+        "read_checkpoint_file",
+        lambda *a, **k: reads.append(a) or original(*a, **k),
+    )
     cfg = load_config(TINY_PROMPT, [*FAST, "MODEL.WEIGHTS", weights[kind]])
     models = DemoModels(cfg, max_side=128)
     assert len(reads) == 1
@@ -150,9 +176,17 @@ def _show_anns(anns):
 
 def _metadata_row(ann):
     """A row of SAM's ``scripts/amg.py`` metadata.csv, built from a record as it does."""
-    return ",".join(str(x) for x in [
-        ann["area"], *ann["bbox"], *ann["point_coords"][0], ann["predicted_iou"],
-        ann["stability_score"], *ann["crop_box"]])
+    return ",".join(
+        str(x)
+        for x in [
+            ann["area"],
+            *ann["bbox"],
+            *ann["point_coords"][0],
+            ann["predicted_iou"],
+            ann["stability_score"],
+            *ann["crop_box"],
+        ]
+    )
 
 
 def test_generate_records_are_sams(whole_model, image):
@@ -163,8 +197,9 @@ def test_generate_records_are_sams(whole_model, image):
     # the predictor's masks and scores, in its order
     masks = np.stack([r["segmentation"] for r in records])
     np.testing.assert_array_equal(masks, instances.pred_masks.numpy())
-    np.testing.assert_array_equal(np.array([r["predicted_iou"] for r in records], np.float32),
-                                  instances.scores.numpy())
+    np.testing.assert_array_equal(
+        np.array([r["predicted_iou"] for r in records], np.float32), instances.scores.numpy()
+    )
     h, w = image.shape[:2]
     for r, mask in zip(records, masks):
         assert mask.dtype == bool and mask.shape == (h, w)
@@ -172,7 +207,7 @@ def test_generate_records_are_sams(whole_model, image):
         want = amg.box_xyxy_to_xywh(amg.batched_mask_to_box(torch.as_tensor(mask)[None])[0])
         assert r["bbox"] == want.tolist()
         assert 0.0 <= r["stability_score"] <= 1.0
-        (x, y), = r["point_coords"]
+        ((x, y),) = r["point_coords"]
         assert float(x).is_integer() and float(y).is_integer()
         if r["area"]:
             assert mask[int(y), int(x)]  # a point inside the mask
@@ -195,8 +230,9 @@ def test_generate_output_modes_round_trip(whole_model, image):
         assert amg.coco_encode_rle(p["segmentation"]) == c["segmentation"]
         np.testing.assert_array_equal(mask_utils.decode(c["segmentation"]).astype(bool), mask)
         assert int(mask_utils.area(c["segmentation"])) == b["area"]
-        assert {k: v for k, v in b.items() if k != "segmentation"} == \
-               {k: v for k, v in c.items() if k != "segmentation"}
+        assert {k: v for k, v in b.items() if k != "segmentation"} == {
+            k: v for k, v in c.items() if k != "segmentation"
+        }
     with pytest.raises(ValueError, match="output_mode"):
         UnsamAutomaticMaskGenerator(model, cfg, output_mode="polygon")
 
@@ -224,11 +260,13 @@ def test_generate_filters(whole_model, image):
     scores = sorted(r["predicted_iou"] for r in every)
     cut = scores[len(scores) // 2]
     kept = UnsamAutomaticMaskGenerator(model, cfg, pred_iou_thresh=cut).generate(image)
-    assert [r["predicted_iou"] for r in kept] == [s for s in
-                                                  (r["predicted_iou"] for r in every) if s > cut]
+    assert [r["predicted_iou"] for r in kept] == [
+        s for s in (r["predicted_iou"] for r in every) if s > cut
+    ]
     stab = sorted(r["stability_score"] for r in every)[len(every) // 2]
-    stable = UnsamAutomaticMaskGenerator(model, cfg, stability_score_offset=0.05,
-                                         stability_score_thresh=stab).generate(image)
+    stable = UnsamAutomaticMaskGenerator(
+        model, cfg, stability_score_offset=0.05, stability_score_thresh=stab
+    ).generate(image)
     assert stable and all(r["stability_score"] >= stab for r in stable)
     nms = UnsamAutomaticMaskGenerator(model, cfg, box_nms_thresh=0.5).generate(image)
     assert 0 < len(nms) <= len(every)

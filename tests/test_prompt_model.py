@@ -1,21 +1,22 @@
 """Prompt path (issue 7): prompt encoder + K granularity queries through the shared decoder,
 PromptPredictor with SamPredictor conventions, the point demo, and real learning on shapes."""
+
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
+from PIL import Image
 
+import unsam.modeling  # noqa: F401
 from unsam.config import get_unsam_cfg
 from unsam.engine.train_model import build_train_model
 from unsam.modeling.criterion import PromptCriterion
@@ -27,8 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "unsam_tiny.yaml"
 TINY_PROMPT = REPO / "configs" / "tiny" / "unsam_tiny_prompt.yaml"
 DEMO = REPO / "prompt_segmentation" / "demo_point_image.py"
-FAST = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-        "UNSAM.PROMPT.PROMPTS_PER_IMAGE", "4"]
+FAST = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.IMAGE_SIZE",
+    "128",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "UNSAM.PROMPT.PROMPTS_PER_IMAGE",
+    "4",
+]
 
 
 def _cfg(path=TINY_PROMPT, *opts):
@@ -46,7 +55,7 @@ def _sample(h=128, w=128, seed=0, nested=True):
     for i in range(3):
         m = torch.zeros(h, w, dtype=torch.bool)
         y, x = 8 + 40 * i, 10 + 30 * i
-        m[y:y + 32, x:x + 36] = True
+        m[y : y + 32, x : x + 36] = True
         img[:, m] = torch.tensor([60 * i, 200, 250 - 70 * i], dtype=torch.uint8)[:, None]
         masks.append(m)
         levels.append(0)
@@ -80,9 +89,12 @@ def test_disabled_prompt_path_adds_nothing():
     with_prompt = build_model(_cfg(TINY_PROMPT)).state_dict()
     extra = set(with_prompt) - set(plain)
     assert set(plain) <= set(with_prompt)
-    assert extra and all(k.startswith(("prompt_encoder.", "iou_head.")) for k in extra), sorted(extra)[:5]
+    assert extra and all(k.startswith(("prompt_encoder.", "iou_head.")) for k in extra), sorted(
+        extra
+    )[:5]
     # SAM's PromptEncoder is the dependency's class, not a copy
     from segment_anything.modeling import PromptEncoder
+
     model = build_model(_cfg(TINY_PROMPT))
     assert isinstance(model.prompt_encoder.sam, PromptEncoder)
 
@@ -137,12 +149,24 @@ def test_prompt_groups_do_not_interact(prompt_model):
         hw = tuple(images.tensor.shape[-2:])
         pts = torch.tensor([[[20.0, 20.0]], [[70.0, 60.0]], [[100.0, 100.0]]])
         lbl = torch.ones(3, 1, dtype=torch.int64)
-        together = model.decode_prompts(enc, [{"points": pts, "labels": lbl}], hw, final_masks=False)
-        alone = model.decode_prompts(enc, [{"points": pts[1:2], "labels": lbl[1:2]}], hw, final_masks=False)
+        together = model.decode_prompts(
+            enc, [{"points": pts, "labels": lbl}], hw, final_masks=False
+        )
+        alone = model.decode_prompts(
+            enc, [{"points": pts[1:2], "labels": lbl[1:2]}], hw, final_masks=False
+        )
     k = model.prompt_encoder.num_granularities
-    assert together["pred_masks"].shape == (1, 3, k, 32, 32) and together["pred_iou"].shape == (1, 3, k)
-    torch.testing.assert_close(together["pred_masks"][0, 1], alone["pred_masks"][0, 0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(together["pred_iou"][0, 1], alone["pred_iou"][0, 0], atol=1e-5, rtol=1e-5)
+    assert together["pred_masks"].shape == (1, 3, k, 32, 32) and together["pred_iou"].shape == (
+        1,
+        3,
+        k,
+    )
+    torch.testing.assert_close(
+        together["pred_masks"][0, 1], alone["pred_masks"][0, 0], atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        together["pred_iou"][0, 1], alone["pred_iou"][0, 0], atol=1e-5, rtol=1e-5
+    )
     assert not torch.allclose(together["pred_masks"][0, 0], together["pred_masks"][0, 1])
     allowed = block_diagonal_allowed(2, 3)
     assert allowed.sum() == 18 and not allowed[0, 3]
@@ -160,7 +184,7 @@ def test_prompt_criterion_matching_and_iou_targets():
     pred[0, 0][t0] = 10.0
     pred[0, 2][t1] = 10.0
     targets = [torch.stack([t0, t1])]
-    (r, c), = crit.match(pred, targets)
+    ((r, c),) = crit.match(pred, targets)
     assert dict(zip(r.tolist(), c.tolist())) == {0: 0, 2: 1}
     iou = crit.iou_targets(pred, targets, [(r, c)])
     torch.testing.assert_close(iou[0], torch.tensor([1.0, 0.0, 1.0]))
@@ -181,19 +205,43 @@ def _tiny_sam_predictor():
     from functools import partial
 
     from segment_anything import SamPredictor
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     torch.manual_seed(0)
     dim = 32
     sam = Sam(
-        image_encoder=ImageEncoderViT(img_size=1024, patch_size=16, in_chans=3, embed_dim=32, depth=1, num_heads=2,
-                                      out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                                      use_rel_pos=False, window_size=0, global_attn_indexes=()),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                     mask_in_chans=4),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
-            depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2), transformer_dim=dim, iou_head_depth=2,
-            iou_head_hidden_dim=32),
+        image_encoder=ImageEncoderViT(
+            img_size=1024,
+            patch_size=16,
+            in_chans=3,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            out_chans=dim,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=False,
+            window_size=0,
+            global_attn_indexes=(),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(64, 64),
+            input_image_size=(1024, 1024),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
+        ),
     ).eval()
     return SamPredictor(sam)
 
@@ -219,16 +267,27 @@ def test_predictor_matches_sam_predictor_conventions(prompt_predictor):
         dict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1])),
         dict(point_coords=np.array([[40.0, 30.0], [120.0, 70.0]]), point_labels=np.array([1, 0])),
         dict(box=np.array([10.0, 5.0, 100.0, 80.0])),
-        dict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1]), box=np.array([10, 5, 100, 80])),
+        dict(
+            point_coords=np.array([[40.0, 30.0]]),
+            point_labels=np.array([1]),
+            box=np.array([10, 5, 100, 80]),
+        ),
     ]
     for case in cases:
         for multimask in (True, False):
             for return_logits in (False, True):
-                sm, si, sl = sam.predict(**case, multimask_output=multimask, return_logits=return_logits)
-                um, ui, ul = prompt_predictor.predict(**case, multimask_output=multimask,
-                                                      return_logits=return_logits)
+                sm, si, sl = sam.predict(
+                    **case, multimask_output=multimask, return_logits=return_logits
+                )
+                um, ui, ul = prompt_predictor.predict(
+                    **case, multimask_output=multimask, return_logits=return_logits
+                )
                 for s, u in ((sm, um), (si, ui), (sl, ul)):
-                    assert isinstance(u, np.ndarray) and u.dtype == s.dtype, (case, s.dtype, u.dtype)
+                    assert isinstance(u, np.ndarray) and u.dtype == s.dtype, (
+                        case,
+                        s.dtype,
+                        u.dtype,
+                    )
                     assert u.ndim == s.ndim and u.shape[1:] == s.shape[1:], (case, s.shape, u.shape)
                 c = k if multimask else 1
                 assert um.shape[0] == ui.shape[0] == ul.shape[0] == c
@@ -254,12 +313,18 @@ def test_predictor_batch_equals_single_and_checks_inputs(prompt_predictor):
     batch_logits = prompt_predictor.predict_batch(pts, lbl, return_logits=True)[0][1].numpy()
     np.testing.assert_allclose(single, batch_logits, atol=1e-3)
     boxes = torch.tensor([[0.0, 0.0, 50.0, 60.0], [20.0, 30.0, 90.0, 120.0]])
-    assert prompt_predictor.predict_batch(boxes=boxes, multimask_output=False)[0].shape == (2, 1, 128, 96)
+    assert prompt_predictor.predict_batch(boxes=boxes, multimask_output=False)[0].shape == (
+        2,
+        1,
+        128,
+        96,
+    )
     with pytest.raises(ValueError):
         prompt_predictor.predict(point_coords=np.array([[1.0, 2.0]]))  # labels missing
     with pytest.raises(ValueError):
         prompt_predictor.predict()
     from unsam.predictor import PromptPredictor
+
     fresh = PromptPredictor.__new__(PromptPredictor)
     fresh.reset_image()
     with pytest.raises(RuntimeError):
@@ -290,17 +355,31 @@ def _demo_main():
     return mod.main
 
 
-@pytest.mark.parametrize("prompt,panels", [
-    (["--points", "50,40;5,5", "--labels", "1,0"], 2),
-    (["--box", "30,20,90,60", "--multimask"], 1 + 6),
-    (["--mask-input", "MASK"], 2),
-])
+@pytest.mark.parametrize(
+    "prompt,panels",
+    [
+        (["--points", "50,40;5,5", "--labels", "1,0"], 2),
+        (["--box", "30,20,90,60", "--multimask"], 1 + 6),
+        (["--mask-input", "MASK"], 2),
+    ],
+)
 def test_demo_writes_overlay(demo_image, tmp_path, prompt, panels):
     main = _demo_main()
     prompt = [str(demo_image / "mask.png") if p == "MASK" else p for p in prompt]
     out = tmp_path / "out.png"
-    rc = main(["--config-file", str(TINY_PROMPT), "--input", str(demo_image / "img.png"), "--output", str(out),
-               *prompt, "--opts", *FAST])
+    rc = main(
+        [
+            "--config-file",
+            str(TINY_PROMPT),
+            "--input",
+            str(demo_image / "img.png"),
+            "--output",
+            str(out),
+            *prompt,
+            "--opts",
+            *FAST,
+        ]
+    )
     assert rc == 0
     overlay = np.asarray(Image.open(out))
     assert overlay.shape == (96, 128 * panels, 3)
@@ -308,26 +387,55 @@ def test_demo_writes_overlay(demo_image, tmp_path, prompt, panels):
     assert not np.array_equal(overlay[:, :128], src)  # prompts / mask drawn
 
 
-@pytest.mark.parametrize("prompt,message", [
-    (["--points", "500,5"], "outside"),
-    (["--points", "5,5", "--labels", "1,0"], "labels"),
-    (["--box", "30,20,10"], "box"),
-    (["--box", "90,20,30,60"], "box"),
-    (["--points", "a,b"], "point"),
-])
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        (["--points", "500,5"], "outside"),
+        (["--points", "5,5", "--labels", "1,0"], "labels"),
+        (["--box", "30,20,10"], "box"),
+        (["--box", "90,20,30,60"], "box"),
+        (["--points", "a,b"], "point"),
+    ],
+)
 def test_demo_bad_prompts_exit_2(demo_image, tmp_path, capsys, prompt, message):
     main = _demo_main()
-    rc = main(["--config-file", str(TINY_PROMPT), "--input", str(demo_image / "img.png"),
-               "--output", str(tmp_path / "o.png"), *prompt, "--opts", *FAST])
+    rc = main(
+        [
+            "--config-file",
+            str(TINY_PROMPT),
+            "--input",
+            str(demo_image / "img.png"),
+            "--output",
+            str(tmp_path / "o.png"),
+            *prompt,
+            "--opts",
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "o.png").exists()
 
 
 def test_demo_cli_exit_code(demo_image, tmp_path):
-    res = subprocess.run([sys.executable, str(DEMO), "--config-file", str(TINY_PROMPT), "--input",
-                          str(demo_image / "img.png"), "--output", str(tmp_path / "o.png"), "--points", "1,1000"],
-                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(DEMO),
+            "--config-file",
+            str(TINY_PROMPT),
+            "--input",
+            str(demo_image / "img.png"),
+            "--output",
+            str(tmp_path / "o.png"),
+            "--points",
+            "1,1000",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr and "outside" in res.stderr
 
 
@@ -337,24 +445,53 @@ def test_demo_cli_exit_code(demo_image, tmp_path):
 @pytest.mark.slow
 def test_prompt_training_learns_one_click_segmentation(tmp_path):
     """Short CPU run on synthetic shapes → 1-click oracle mIoU ≥ 0.7 on held-out images."""
+    from unsam.config.loading import load_config
     from unsam.data.sa1b import register_sa1b
     from unsam.data.synthetic import make_shapes_dataset
     from unsam.engine.trainer import Trainer
     from unsam.evaluation.prompt import evaluate_prompts
     from unsam.predictor import PromptPredictor
-    from unsam.config.loading import load_config
 
     iters = int(os.environ.get("UNSAM_PROMPT_LEARN_ITERS", "800"))
-    train_root = make_shapes_dataset(tmp_path / "train", 1500, size=128, seed=11)  # many: no memorising
+    train_root = make_shapes_dataset(
+        tmp_path / "train", 1500, size=128, seed=11
+    )  # many: no memorising
     val_root = make_shapes_dataset(tmp_path / "val", 20, size=128, seed=12)
     register_sa1b("shapes_prompt_train", train_root)
     out = tmp_path / "run"
-    opts = [*FAST, "UNSAM.PROMPT.PROMPTS_PER_IMAGE", "16", "UNSAM.PROMPT.TASK_RATIO", "0.9",
-            "UNSAM.PROMPT.TYPE_WEIGHTS", "[3.0, 1.0, 1.0]", "INPUT.MIN_SCALE", "0.8", "INPUT.MAX_SCALE", "1.25",
-            "DATASETS.TRAIN", '("shapes_prompt_train",)', "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "4",
-            "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.WARMUP_ITERS", "20",
-            "SOLVER.CHECKPOINT_PERIOD", "100000", "OUTPUT_DIR", str(out), "SEED", "3"]
+    opts = [
+        *FAST,
+        "UNSAM.PROMPT.PROMPTS_PER_IMAGE",
+        "16",
+        "UNSAM.PROMPT.TASK_RATIO",
+        "0.9",
+        "UNSAM.PROMPT.TYPE_WEIGHTS",
+        "[3.0, 1.0, 1.0]",
+        "INPUT.MIN_SCALE",
+        "0.8",
+        "INPUT.MAX_SCALE",
+        "1.25",
+        "DATASETS.TRAIN",
+        '("shapes_prompt_train",)',
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.BASE_LR",
+        "0.001",
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        f"({int(iters * 0.8)},)",
+        "SOLVER.WARMUP_ITERS",
+        "20",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100000",
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        "3",
+    ]
     cfg = load_config(str(TINY_PROMPT), opts)
     start = time.perf_counter()
     trainer = Trainer(cfg)

@@ -1,22 +1,23 @@
 """Prompts that work with a whole-image checkpoint (issue 12): UNSAM.PROMPT.MODE auto / learned /
 select, training-free query selection, weights checks in predictors and demos, and the prompt
 tasks trained under ATS."""
+
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
+from PIL import Image
 
+import unsam.modeling  # noqa: F401
 from unsam.checkpoint import WeightsError
 from unsam.config import get_unsam_cfg
 from unsam.engine.hooks import per_prompt_difficulty
@@ -58,7 +59,7 @@ def two_shapes():
     img = np.full((96, 128, 3), 120, np.uint8)
     img[10:50, 10:50] = (220, 30, 30)
     yy, xx = np.mgrid[:96, :128]
-    img[(yy - 60) ** 2 + (xx - 95) ** 2 < 20 ** 2] = (30, 30, 220)
+    img[(yy - 60) ** 2 + (xx - 95) ** 2 < 20**2] = (30, 30, 220)
     return img
 
 
@@ -71,14 +72,20 @@ def _select_predictor(ckpt, *opts):
 # ------------------------------------------------------------------------------------------
 # mode resolution and weights checks
 # ------------------------------------------------------------------------------------------
-def test_auto_mode_picks_select_for_a_whole_image_checkpoint_and_says_so_once(public_format_ckpt, caplog):
+def test_auto_mode_picks_select_for_a_whole_image_checkpoint_and_says_so_once(
+    public_format_ckpt, caplog
+):
     with caplog.at_level(logging.INFO, logger="unsam.predictor"):
         pred = _select_predictor(public_format_ckpt)
     assert pred.mode == "select" and not pred.model.prompt_enabled
     lines = [r.getMessage() for r in caplog.records if "prompt mode" in r.getMessage()]
-    assert len(lines) == 1 and "'select'" in lines[0] and "no prompt-encoder weights" in lines[0], lines
+    assert len(lines) == 1 and "'select'" in lines[0] and "no prompt-encoder weights" in lines[0], (
+        lines
+    )
     # the whole-image tensors all loaded: no warning about missing ones
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "lacks" in r.getMessage()]
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "lacks" in r.getMessage()
+    ]
 
 
 def test_auto_mode_picks_learned_when_the_checkpoint_has_the_prompt_path(tmp_path, caplog):
@@ -91,7 +98,9 @@ def test_auto_mode_picks_learned_when_the_checkpoint_has_the_prompt_path(tmp_pat
     assert any("'learned'" in r.getMessage() for r in caplog.records)
 
 
-def test_explicit_learned_mode_on_a_whole_image_checkpoint_warns_about_the_random_head(public_format_ckpt, caplog):
+def test_explicit_learned_mode_on_a_whole_image_checkpoint_warns_about_the_random_head(
+    public_format_ckpt, caplog
+):
     with caplog.at_level(logging.WARNING):
         pred = _select_predictor(public_format_ckpt, "UNSAM.PROMPT.MODE", "learned")
     assert pred.mode == "learned"
@@ -101,7 +110,9 @@ def test_explicit_learned_mode_on_a_whole_image_checkpoint_warns_about_the_rando
 
 def test_predictors_refuse_a_checkpoint_without_whole_image_tensors(tmp_path):
     torch.manual_seed(0)
-    backbone_only = {k: v for k, v in build_model(_cfg(TINY)).state_dict().items() if k.startswith("backbone.")}
+    backbone_only = {
+        k: v for k, v in build_model(_cfg(TINY)).state_dict().items() if k.startswith("backbone.")
+    }
     path = tmp_path / "backbone.pth"
     torch.save({"model": backbone_only}, path)
     cfg = _cfg(TINY, "MODEL.WEIGHTS", str(path))
@@ -120,7 +131,9 @@ def test_unknown_prompt_mode_is_a_config_error(public_format_ckpt):
 # ------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------
-def test_select_points_contain_clicks_exclude_negatives_and_differ_between_shapes(public_format_ckpt, two_shapes):
+def test_select_points_contain_clicks_exclude_negatives_and_differ_between_shapes(
+    public_format_ckpt, two_shapes
+):
     pred = _select_predictor(public_format_ckpt)
     pred.set_image(two_shapes)
     k = pred.cfg.UNSAM.PROMPT.NUM_GRANULARITIES
@@ -129,8 +142,11 @@ def test_select_points_contain_clicks_exclude_negatives_and_differ_between_shape
     # the second click: on the disk, outside the square click's first mask (a random model's
     # masks are broad blobs; where the disk is covered, any pixel outside that mask)
     yy, xx = np.mgrid[:96, :128]
-    outside = ~m_sq[0] & (((yy - 60) ** 2 + (xx - 95) ** 2 < 20 ** 2) if (~m_sq[0] & (
-        (yy - 60) ** 2 + (xx - 95) ** 2 < 20 ** 2)).any() else True)
+    outside = ~m_sq[0] & (
+        ((yy - 60) ** 2 + (xx - 95) ** 2 < 20**2)
+        if (~m_sq[0] & ((yy - 60) ** 2 + (xx - 95) ** 2 < 20**2)).any()
+        else True
+    )
     dy, dx = np.argwhere(outside)[0]
     m_dk, s_dk, _ = pred.predict(np.array([[float(dx), float(dy)]]), np.array([1]))
     for masks, (x, y) in ((m_sq, (30, 30)), (m_dk, (dx, dy))):
@@ -159,7 +175,9 @@ def test_select_box_and_mask_prompts_and_batch_padding(public_format_ckpt, two_s
     pred = _select_predictor(public_format_ckpt)
     pred.set_image(two_shapes)
     k = pred.cfg.UNSAM.PROMPT.NUM_GRANULARITIES
-    masks, scores, low = pred.predict(point_coords=np.array([[30.0, 30.0]]), point_labels=np.array([1]))
+    masks, scores, low = pred.predict(
+        point_coords=np.array([[30.0, 30.0]]), point_labels=np.array([1])
+    )
     # feeding a chosen mask back as mask_input selects that same mask first
     again, s_again, _ = pred.predict(mask_input=low[:1], multimask_output=False)
     iou = (again[0] & masks[0]).sum() / max(1, (again[0] | masks[0]).sum())
@@ -183,14 +201,17 @@ def test_query_selector_point_margin_matches_the_upsampled_masks():
     q, c, s = 7, 5, 16
     feats = torch.randn(c, s, s)
     sel = QuerySelector(torch.randn(q, 2), torch.randn(q, c), feats, (s, s), chunk=3)
-    up = torch.nn.functional.interpolate(sel.logits(torch.arange(q))[None], size=(4 * s, 4 * s), mode="bilinear",
-                                         align_corners=False)[0]
+    up = torch.nn.functional.interpolate(
+        sel.logits(torch.arange(q))[None], size=(4 * s, 4 * s), mode="bilinear", align_corners=False
+    )[0]
     for x, y in ((10, 20), (0, 0), (63, 5)):
         margin = sel._point_margin(torch.tensor([[x + 0.5, y + 0.5]]), torch.tensor([1]))
         torch.testing.assert_close(margin, up[:, y, x], atol=1e-4, rtol=1e-4)
     # a negative point flips the sign; an ignored (-1) point does not count
     both = sel._point_margin(torch.tensor([[10.5, 20.5], [0.5, 0.5]]), torch.tensor([1, 0]))
-    torch.testing.assert_close(both, torch.minimum(up[:, 20, 10], -up[:, 0, 0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        both, torch.minimum(up[:, 20, 10], -up[:, 0, 0]), atol=1e-4, rtol=1e-4
+    )
     # scores are class probability × mean mask probability, in [0, 1]
     assert ((sel.scores >= 0) & (sel.scores <= 1)).all()
 
@@ -211,11 +232,31 @@ def test_query_selector_box_overlap_is_exact_for_cell_aligned_masks():
 # ------------------------------------------------------------------------------------------
 # demos and evaluation CLI with a public-format checkpoint
 # ------------------------------------------------------------------------------------------
-def test_point_demo_runs_select_mode_with_a_whole_image_checkpoint(public_format_ckpt, two_shapes, tmp_path):
+def test_point_demo_runs_select_mode_with_a_whole_image_checkpoint(
+    public_format_ckpt, two_shapes, tmp_path
+):
     Image.fromarray(two_shapes).save(tmp_path / "img.png")
-    res = subprocess.run([sys.executable, str(DEMO), "--config-file", str(TINY), "--input", str(tmp_path / "img.png"),
-                          "--output", str(tmp_path / "out.png"), "--points", "30,30", "--opts", *FAST,
-                          "MODEL.WEIGHTS", str(public_format_ckpt)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(DEMO),
+            "--config-file",
+            str(TINY),
+            "--input",
+            str(tmp_path / "img.png"),
+            "--output",
+            str(tmp_path / "out.png"),
+            "--points",
+            "30,30",
+            "--opts",
+            *FAST,
+            "MODEL.WEIGHTS",
+            str(public_format_ckpt),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "prompt mode 'select'" in res.stderr
     assert Image.open(tmp_path / "out.png").size[1] == 96
@@ -228,11 +269,30 @@ def test_demos_refuse_weights_of_another_architecture(two_shapes, tmp_path):
     Image.fromarray(two_shapes).save(tmp_path / "img.png")
     demos = [DEMO, REPO / "whole_image_segmentation" / "demo_whole_image.py"]
     for demo in demos:
-        res = subprocess.run([sys.executable, str(demo), "--config-file", str(TINY), "--input",
-                              str(tmp_path / "img.png"), "--output", str(tmp_path / "o.png"), "--opts", *FAST,
-                              "MODEL.WEIGHTS", str(path)], capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                str(demo),
+                "--config-file",
+                str(TINY),
+                "--input",
+                str(tmp_path / "img.png"),
+                "--output",
+                str(tmp_path / "o.png"),
+                "--opts",
+                *FAST,
+                "MODEL.WEIGHTS",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-        assert res.returncode == 2 and len(err) == 1 and "Traceback" not in res.stderr, (demo, res.stderr[-2000:])
+        assert res.returncode == 2 and len(err) == 1 and "Traceback" not in res.stderr, (
+            demo,
+            res.stderr[-2000:],
+        )
         assert "resnet18.pth" in err[0]
     assert not (tmp_path / "o.png").exists()
 
@@ -258,9 +318,9 @@ def test_per_prompt_difficulty_is_low_when_one_output_fits():
     good[0, 1, 2:6, 2:6] = 10.0  # the second granularity is the target (stride 4)
     bad = torch.full((1, 3, 8, 8), -10.0)
     for kind in ("iou", "loss"):
-        g, b, none = per_prompt_difficulty({"pred_masks": torch.cat([good, bad, bad])},
-                                           [tgt, tgt, tgt[:0]], kind)[:1] + per_prompt_difficulty(
-            {"pred_masks": torch.cat([bad, bad])}, [tgt, tgt[:0]], kind)
+        g, b, none = per_prompt_difficulty(
+            {"pred_masks": torch.cat([good, bad, bad])}, [tgt, tgt, tgt[:0]], kind
+        )[:1] + per_prompt_difficulty({"pred_masks": torch.cat([bad, bad])}, [tgt, tgt[:0]], kind)
         assert g < 0.05 and b > 0.5 and none is None, (kind, g, b)
 
 
@@ -270,7 +330,9 @@ class _LossRecorder(HookBase):
 
     def after_step(self):
         latest = self.trainer.storage.latest()
-        self.prompt_losses.append(sum(v for k, (v, _) in latest.items() if k.startswith("loss_prompt_")))
+        self.prompt_losses.append(
+            sum(v for k, (v, _) in latest.items() if k.startswith("loss_prompt_"))
+        )
 
 
 @pytest.fixture(scope="module")
@@ -282,16 +344,44 @@ def shapes(tmp_path_factory):
 def test_quickstart_config_trains_the_prompt_head_under_ats(shapes, tmp_path):
     """configs/tiny/unsam_quickstart.yaml turns on prompts and ATS: the prompt losses are non-zero
     and the prompt parameters move; ATS records difficulties of prompt cells."""
-    cfg = _cfg(QUICKSTART, "INPUT.IMAGE_SIZE", 96, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 4,
-               "DATASETS.TRAIN", ("select_test_shapes",), "DATASETS.TEST", (), "OUTPUT_DIR", str(tmp_path),
-               "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.WARMUP_ITERS", 0, "UNSAM.ATS.START_ITER", 2,
-               "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 256, "UNSAM.PROMPT.PROMPTS_PER_IMAGE", 2,
-               "UNSAM.VISA.GUIDANCE.ENABLED", False, "SEED", 0)
+    cfg = _cfg(
+        QUICKSTART,
+        "INPUT.IMAGE_SIZE",
+        96,
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "SOLVER.MAX_ITER",
+        4,
+        "DATASETS.TRAIN",
+        ("select_test_shapes",),
+        "DATASETS.TEST",
+        (),
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "SOLVER.CHECKPOINT_PERIOD",
+        1000,
+        "SOLVER.WARMUP_ITERS",
+        0,
+        "UNSAM.ATS.START_ITER",
+        2,
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+        256,
+        "UNSAM.PROMPT.PROMPTS_PER_IMAGE",
+        2,
+        "UNSAM.VISA.GUIDANCE.ENABLED",
+        False,
+        "SEED",
+        0,
+    )
     seed_all_rng(0)
     trainer = Trainer(cfg)
     rec = _LossRecorder()
     trainer.register_hooks([rec])
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if k.startswith("prompt_encoder.")}
+    before = {
+        k: v.clone()
+        for k, v in trainer.model.state_dict().items()
+        if k.startswith("prompt_encoder.")
+    }
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert len(rec.prompt_losses) == 4 and max(rec.prompt_losses) > 0, rec.prompt_losses
@@ -316,8 +406,22 @@ def test_point_demo_skips_bad_images_of_a_folder(public_format_ckpt, two_shapes,
     (folder / "b.png").write_bytes(b"not an image")
     Image.fromarray(two_shapes[:20, :20]).save(folder / "c.png")  # the click (30, 30) misses it
     with caplog.at_level(logging.WARNING):
-        rc = demo.main(["--config-file", str(TINY), "--input", str(folder), "--output", str(tmp_path / "out"),
-                        "--points", "30,30", "--opts", *FAST, "MODEL.WEIGHTS", str(public_format_ckpt)])
+        rc = demo.main(
+            [
+                "--config-file",
+                str(TINY),
+                "--input",
+                str(folder),
+                "--output",
+                str(tmp_path / "out"),
+                "--points",
+                "30,30",
+                "--opts",
+                *FAST,
+                "MODEL.WEIGHTS",
+                str(public_format_ckpt),
+            ]
+        )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
     assert any("2 of 3 inputs skipped" in r.getMessage() for r in caplog.records)

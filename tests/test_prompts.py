@@ -1,4 +1,5 @@
 """Prompt derivation (evaluation clicks, training samplers) and user prompt parsing/validation."""
+
 import cv2
 import numpy as np
 import pytest
@@ -232,8 +233,9 @@ def test_mask_prompts_follow_the_opencv_rule(h, w):
     masks.append(rect(h, w, 0, h // 3, w, h // 3 + 1))  # thinner than a low-res pixel
     n = len(masks)
     op, radius, sigma = rng.integers(0, 3, n), 1 + rng.integers(0, 3, n), 0.5 + 1.5 * rng.random(n)
-    got = mask_prompts_from(_t(*masks), torch.from_numpy(op), torch.from_numpy(radius),
-                            torch.from_numpy(sigma))[:, 0].numpy()
+    got = mask_prompts_from(
+        _t(*masks), torch.from_numpy(op), torch.from_numpy(radius), torch.from_numpy(sigma)
+    )[:, 0].numpy()
     want = np.stack([_mask_prompt_opencv(masks[i], op[i], radius[i], sigma[i]) for i in range(n)])
     assert np.array_equal(got > 0, want > 0)
     np.testing.assert_allclose(got, want, atol=5e-4)
@@ -247,7 +249,11 @@ def test_mask_prompt_draws_cover_every_operation():
 
 
 def test_nested_targets_coarse_to_fine():
-    big, mid, small = rect(40, 40, 0, 0, 40, 40), rect(40, 40, 5, 5, 30, 30), rect(40, 40, 10, 10, 20, 20)
+    big, mid, small = (
+        rect(40, 40, 0, 0, 40, 40),
+        rect(40, 40, 5, 5, 30, 30),
+        rect(40, 40, 10, 10, 20, 20),
+    )
     other = rect(40, 40, 32, 32, 38, 38)
     masks = _t(small, other, big, mid)
     pts = torch.tensor([[12.0, 15.0], [35.0, 35.0], [50.0, 5.0]])
@@ -267,15 +273,24 @@ def test_parse_prompts():
     assert pts.dtype == np.float32 and pts.tolist() == [[10, 20], [30.5, 40]]
     assert parse_labels("1,0").tolist() == [1, 0]
     assert parse_box("1,2,30,40").tolist() == [1, 2, 30, 40]
-    for bad, fn in [("10", parse_points), ("a,b", parse_points), ("", parse_points),
-                    ("1,x", parse_labels), ("1.5", parse_labels), ("1,2,3", parse_box), ("1,2,3,nan", parse_box)]:
+    for bad, fn in [
+        ("10", parse_points),
+        ("a,b", parse_points),
+        ("", parse_points),
+        ("1,x", parse_labels),
+        ("1.5", parse_labels),
+        ("1,2,3", parse_box),
+        ("1,2,3,nan", parse_box),
+    ]:
         with pytest.raises(PromptError) as err:
             fn(bad)
         assert "\n" not in str(err.value)
 
 
 def test_validate_prompts_accepts_and_normalises():
-    pts, labels, box = validate_prompts(np.array([[0, 0], [99.5, 49]]), None, [0, 0, 100, 50], (50, 100))
+    pts, labels, box = validate_prompts(
+        np.array([[0, 0], [99.5, 49]]), None, [0, 0, 100, 50], (50, 100)
+    )
     assert labels.tolist() == [1, 1] and box.dtype == np.float32 and pts.shape == (2, 2)
     assert validate_prompts(None, None, None, (5, 5)) == (None, None, None)
 

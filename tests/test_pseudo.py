@@ -1,13 +1,13 @@
 """Tests of the divide-and-conquer pseudo-label engine (issue 5)."""
+
 import json
-import os
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
+import cv2
 import numpy as np
 import pytest
-
-import unsam  # noqa: F401
-import cv2
 import torch
 
 from unsam.io.sa1b import read_sa1b_json, rle_to_mask
@@ -37,14 +37,18 @@ def synthetic_image(seed=0, h=240, w=320):
     img = np.stack([bg, bg * 0.95, bg * 0.9], -1)
     yy, xx = np.mgrid[0:h, 0:w]
     masks = {
-        "disk": (yy - 70) ** 2 + (xx - 80) ** 2 < 45 ** 2,
+        "disk": (yy - 70) ** 2 + (xx - 80) ** 2 < 45**2,
         "rect": (yy > 140) & (yy < 215) & (xx > 30) & (xx < 150),
         "square": (yy > 50) & (yy < 190) & (xx > 190) & (xx < 290),
     }
     masks["square_top"] = masks["square"] & (yy < 120)
     masks["square_bottom"] = masks["square"] & (yy >= 120)
-    colours = {"disk": (210, 40, 40), "rect": (40, 60, 200), "square_top": (40, 170, 60),
-               "square_bottom": (230, 210, 40)}
+    colours = {
+        "disk": (210, 40, 40),
+        "rect": (40, 60, 200),
+        "square_top": (40, 170, 60),
+        "square_bottom": (230, 210, 40),
+    }
     for name, col in colours.items():
         m = masks[name]
         img[m] = np.array(col, np.float32) + 6 * rng.normal(0, 1, (m.sum(), 3))
@@ -76,7 +80,9 @@ def test_conquer_hierarchy_nested():
     lab = np.zeros((h, w), int)
     lab[:, 4:8] = 1
     lab[:, 8:] = 2
-    feats = np.stack([base[k] for k in lab.ravel()]).reshape(h, w, c) + 0.05 * rng.normal(size=(h, w, c))
+    feats = np.stack([base[k] for k in lab.ravel()]).reshape(h, w, c) + 0.05 * rng.normal(
+        size=(h, w, c)
+    )
     feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
     segs = merge_hierarchy(feats)
     for k in range(3):
@@ -172,8 +178,10 @@ def test_polish_moves_a_damaged_border_back_onto_the_edges():
         assert err(fixed[0]) < 0.25 * err(damaged), scale
         assert err(fixed[1]) <= 0.02 * graph.sizes[disk].sum(), scale  # a correct mask stays
     # one scale at a time gives the same masks
-    assert np.array_equal(graph.polish(damaged[None], colour, 0.1, (1.0,))[0][0],
-                          graph.polish(damaged[None], colour, 0.1, scales)[1][0])
+    assert np.array_equal(
+        graph.polish(damaged[None], colour, 0.1, (1.0,))[0][0],
+        graph.polish(damaged[None], colour, 0.1, scales)[1][0],
+    )
     # the edge term alone (no colour term) also closes the gaps: cutting weak edges costs
     assert err(graph.polish(damaged[None], colour, 0.0, (1.0,))[0][0]) < 0.5 * err(damaged)
 
@@ -189,12 +197,17 @@ def test_polish_stage_replaces_masks_by_better_scored_variants():
     disk = graph.soft_to_nodes(masks["disk"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
     rect = graph.soft_to_nodes(masks["rect"].astype(np.float32), (0, 0, img.shape[1], img.shape[0]))
     whole = (0, 0, img.shape[1], img.shape[0])
-    cands = [CA.Candidate(m, whole, 0.5) for m in (_damaged_disk(graph, disk), _damaged_disk(graph, rect), rect)]
+    cands = [
+        CA.Candidate(m, whole, 0.5)
+        for m in (_damaged_disk(graph, disk), _damaged_disk(graph, rect), rect)
+    ]
     table, _ = CA.distinct_masks(cands, graph.sizes, 0.9 * graph.sizes.sum(), 0.9)
     CA.score_masks(table, graph)
     sel = CA.deduplicate(table, graph.sizes, 0.95, 10)
     before = {row: table.score[row] for row in sel.chosen}
-    CA.polish(table, sel, graph, graph.colour_sums(0.5)[0], 0.1, (0.5, 1.0, 3.0), 0.9 * graph.sizes.sum())
+    CA.polish(
+        table, sel, graph, graph.colour_sums(0.5)[0], 0.1, (0.5, 1.0, 3.0), 0.9 * graph.sizes.sum()
+    )
     keys = [table.key(table.nodes[row]) for row in sel.chosen]
     assert len(set(keys)) == len(keys) == len(before)
     for old, score in before.items():
@@ -216,8 +229,12 @@ def test_straddling_separates_objects_from_background_fragments():
     graph = SuperpixelGraph(img, 900, coarse_segments=150)
     yy, xx = np.mgrid[0:h, 0:w]
     fragment = (yy > 200) & (yy < 230) & (xx > 170) & (xx < 200)  # background only
-    nodes = np.stack([graph.soft_to_nodes(m.astype(np.float32), (0, 0, w, h))
-                      for m in (masks["disk"], masks["rect"], fragment)])
+    nodes = np.stack(
+        [
+            graph.soft_to_nodes(m.astype(np.float32), (0, 0, w, h))
+            for m in (masks["disk"], masks["rect"], fragment)
+        ]
+    )
     disk, rect, frag = graph.straddling(nodes)
     assert max(disk, rect) < 0.15 < 0.5 < frag
     with_term = CA.selection_score(nodes, np.zeros(3), graph)[1]
@@ -261,7 +278,12 @@ def test_engine_annotation_format(synthetic_result):
         assert a["area"] <= 0.9 * h * w
         x, y, bw, bh = a["bbox"]
         ys, xs = np.nonzero(m)
-        assert (x, y, bw, bh) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert (x, y, bw, bh) == (
+            xs.min(),
+            ys.min(),
+            xs.max() - xs.min() + 1,
+            ys.max() - ys.min() + 1,
+        )
         px, py = a["point_coords"][0]
         assert m[int(round(py)), int(round(px))]
         assert 0.0 <= a["predicted_iou"] <= 1.0 and 0.0 <= a["stability_score"] <= 1.0
@@ -303,7 +325,13 @@ def test_shards_equal_full_run(image_dir, tmp_path):
     full, sharded = tmp_path / "full", tmp_path / "sharded"
     assert pseudo_main(["--input", str(image_dir), "--output", str(full)] + SMALL_ARGS) == 0
     for i in range(2):
-        assert pseudo_main(["--input", str(image_dir), "--output", str(sharded), "--shard", f"{i}/2"] + SMALL_ARGS) == 0
+        assert (
+            pseudo_main(
+                ["--input", str(image_dir), "--output", str(sharded), "--shard", f"{i}/2"]
+                + SMALL_ARGS
+            )
+            == 0
+        )
     a, b = _files(full), _files(sharded)
     assert len(a) == 4 and a == b
     data = read_sa1b_json(full / "img_2.json")
@@ -315,11 +343,20 @@ def test_resume_after_kill_equals_uninterrupted(image_dir, tmp_path):
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     assert pseudo_main(["--input", str(image_dir), "--output", str(ref)] + SMALL_ARGS) == 0
     # "killed" after two images: two finished files plus a half-written temp file
-    assert pseudo_main(["--input", str(image_dir), "--output", str(resumed), "--end-id", "2"] + SMALL_ARGS) == 0
+    assert (
+        pseudo_main(
+            ["--input", str(image_dir), "--output", str(resumed), "--end-id", "2"] + SMALL_ARGS
+        )
+        == 0
+    )
     (resumed / ".img_2.json.abc.tmp").write_text('{"image": {"image_id"')
     before = (resumed / "img_0.json").stat().st_mtime_ns
-    s = runner.run(str(image_dir), str(resumed), ClassicalSettings(resolution=128, crop_resolution=96),
-                   progress=False)
+    s = runner.run(
+        str(image_dir),
+        str(resumed),
+        ClassicalSettings(resolution=128, crop_resolution=96),
+        progress=False,
+    )
     assert (s.skipped, s.done, s.failed) == (2, 2, 0)
     assert (resumed / "img_0.json").stat().st_mtime_ns == before  # not recomputed
     assert _files(ref) == _files(resumed)
@@ -339,8 +376,13 @@ def test_run_leaves_the_callers_threads_and_rng_alone(image_dir, tmp_path):
 
         np.random.seed(123)
         rng = np.random.get_state()[1].copy()
-        s = runner.run(str(image_dir), str(tmp_path / "o"), ClassicalSettings(), progress=False,
-                       labeler=labeler)
+        s = runner.run(
+            str(image_dir),
+            str(tmp_path / "o"),
+            ClassicalSettings(),
+            progress=False,
+            labeler=labeler,
+        )
         assert s.done == 4 and seen == [runner.LABELER_THREADS] * 4
         assert torch.get_num_threads() == 2
         assert np.array_equal(np.random.get_state()[1], rng)
@@ -364,25 +406,52 @@ def test_every_recipe_setting_has_an_option():
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     for recipe in RECIPES.values():
         assert {f.name for f in dataclasses.fields(recipe.settings)} <= set(flags), recipe.name
-    args = base + ["--variants", "0.3,0.2", "--colour-bandwidths", "--no-pair-unions",
-                   "--thresholds", "0.7", "0.2", "--superpixels", "300", "--max-area-frac", "0.5",
-                   "--dino-weights", "w.pth", "--selective", "colour", "features"]
-    cfg = make_settings(get_recipe("classical"),
-                        given_settings(parser.parse_args(args), settings_classes()))
+    args = base + [
+        "--variants",
+        "0.3,0.2",
+        "--colour-bandwidths",
+        "--no-pair-unions",
+        "--thresholds",
+        "0.7",
+        "0.2",
+        "--superpixels",
+        "300",
+        "--max-area-frac",
+        "0.5",
+        "--dino-weights",
+        "w.pth",
+        "--selective",
+        "colour",
+        "features",
+    ]
+    cfg = make_settings(
+        get_recipe("classical"), given_settings(parser.parse_args(args), settings_classes())
+    )
     assert type(cfg) is ClassicalSettings
     assert (cfg.variants, cfg.colour_bandwidths, cfg.pair_unions) == (((0.3, 0.2),), (), False)
     assert (cfg.thresholds, cfg.n_superpixels, cfg.max_area_frac) == ((0.7, 0.2), 300, 0.5)
-    assert (cfg.dino_weights, cfg.selective, cfg.all_merges) == ("w.pth", ("colour", "features"), True)
-    unsam = make_settings(get_recipe("unsam"), given_settings(
-        parser.parse_args(base + ["--refine", "--superpixels", "300"]), settings_classes()))
+    assert (cfg.dino_weights, cfg.selective, cfg.all_merges) == (
+        "w.pth",
+        ("colour", "features"),
+        True,
+    )
+    unsam = make_settings(
+        get_recipe("unsam"),
+        given_settings(
+            parser.parse_args(base + ["--refine", "--superpixels", "300"]), settings_classes()
+        ),
+    )
     assert (unsam.refine, unsam.n_superpixels, unsam.divide) == (True, 300, "maskcut")
     with pytest.raises(SettingError, match="--refine is a setting of recipe unsam"):
-        make_settings(get_recipe("classical"),
-                      given_settings(parser.parse_args(base + ["--refine"]), settings_classes()))
+        make_settings(
+            get_recipe("classical"),
+            given_settings(parser.parse_args(base + ["--refine"]), settings_classes()),
+        )
     with pytest.raises(SettingError, match="--max-masks is a setting of recipe classical"):
-        make_settings(get_recipe("unsam"),
-                      given_settings(parser.parse_args(base + ["--max-masks", "3"]),
-                                     settings_classes()))
+        make_settings(
+            get_recipe("unsam"),
+            given_settings(parser.parse_args(base + ["--max-masks", "3"]), settings_classes()),
+        )
 
 
 def test_unreadable_image_listed_in_failed(image_dir, tmp_path, capsys):
@@ -398,7 +467,10 @@ def test_unreadable_image_listed_in_failed(image_dir, tmp_path, capsys):
 def test_shard_and_input_errors(tmp_path):
     with pytest.raises(SystemExit):
         pseudo_main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--shard", "2/2"])
-    assert pseudo_main(["--input", str(tmp_path / "missing_dir"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        pseudo_main(["--input", str(tmp_path / "missing_dir"), "--output", str(tmp_path / "o")])
+        == 2
+    )
 
 
 def test_evaluate_cli(image_dir, tmp_path):
@@ -416,12 +488,28 @@ def test_evaluate_cli(image_dir, tmp_path):
             if not m.any():
                 continue  # the shapes are laid out for 240x320; some miss this small image
             ys, xs = np.nonzero(m)
-            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": 1, "iscrowd": 0,
-                         "segmentation": mask_to_rle(m), "area": int(m.sum()),
-                         "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": 100 + i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": mask_to_rle(m),
+                    "area": int(m.sum()),
+                    "bbox": [
+                        int(xs.min()),
+                        int(ys.min()),
+                        int(np.ptp(xs) + 1),
+                        int(np.ptp(ys) + 1),
+                    ],
+                }
+            )
     gt = tmp_path / "gt.json"
-    gt.write_text(json.dumps({"images": images, "annotations": anns,
-                              "categories": [{"id": 1, "name": "object"}]}))
+    gt.write_text(
+        json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+        )
+    )
     m_path = tmp_path / "m.json"
     assert eval_main(["--gt", str(gt), "--pred", str(out), "--out", str(m_path)]) == 0
     metrics = json.loads(m_path.read_text())
@@ -455,9 +543,16 @@ def test_dino_checkpoint_loads_and_gives_keys(tmp_path):
     # the keys come from the checkpoint: compare with a manual qkv projection of block 11
     import timm
 
-    ref = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0, dynamic_img_size=True)
-    ref.load_state_dict({k[len("module.backbone."):]: v for k, v in
-                         torch.load(ckpt, weights_only=True)["teacher"].items() if "backbone" in k})
+    ref = timm.create_model(
+        "vit_small_patch8_224", pretrained=False, num_classes=0, dynamic_img_size=True
+    )
+    ref.load_state_dict(
+        {
+            k[len("module.backbone.") :]: v
+            for k, v in torch.load(ckpt, weights_only=True)["teacher"].items()
+            if "backbone" in k
+        }
+    )
     assert torch.equal(feats.model.blocks[-1].attn.qkv.weight, ref.blocks[-1].attn.qkv.weight)
 
 
@@ -473,8 +568,18 @@ def test_dino_wrong_shape_and_missing_file(tmp_path):
 
 
 def test_dino_backend_cli_error(tmp_path, capsys):
-    rc = pseudo_main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--features", "dino",
-                      "--dino-weights", str(tmp_path / "missing.pth")])
+    rc = pseudo_main(
+        [
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+            "--features",
+            "dino",
+            "--dino-weights",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     assert rc == 2 and "not found" in capsys.readouterr().err
 
 
@@ -506,7 +611,9 @@ def test_classical_features_shape_colour_and_texture():
         return a @ same > a @ other + 0.1
 
     assert colour_separates(f)
-    assert not colour_separates(ClassicalFeatures(160, color_weight=0, context_weight=0, texture_weight=0)(img))
+    assert not colour_separates(
+        ClassicalFeatures(160, color_weight=0, context_weight=0, texture_weight=0)(img)
+    )
     stripes = _stripes()
     assert texture_separates(ClassicalFeatures(resolution=160)(stripes))
     assert not texture_separates(ClassicalFeatures(resolution=160, texture_weight=0)(stripes))
@@ -525,7 +632,9 @@ def test_colour_sums_compare_colour_distributions():
     unit = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     # coherence |mean| <= 1, with equality only for a single-colour-bin superpixel
     assert (np.linalg.norm(sums, axis=1) <= weight * (1 + 1e-6)).all()
-    inside = lambda m: np.flatnonzero(np.bincount(graph.labels.ravel(), weights=m.ravel(), minlength=graph.k) > 0.95 * graph.sizes)
+    inside = lambda m: np.flatnonzero(
+        np.bincount(graph.labels.ravel(), weights=m.ravel(), minlength=graph.k) > 0.95 * graph.sizes
+    )
     disk, rect = inside(masks["disk"]), inside(masks["rect"])
     assert len(disk) >= 2 and len(rect) >= 2
     assert unit[disk[0]] @ unit[disk[1]] > 0.9
@@ -536,14 +645,15 @@ def test_engine_colour_hierarchy_adds_small_objects():
     """A small (~150 px) object that the feature grid is too coarse for is recovered once the
     full-resolution colour hierarchy is on."""
     img, _ = synthetic_image(seed=3)
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
-    small = (yy - 20) ** 2 + (xx - 300) ** 2 < 7 ** 2  # top-right corner, on the background
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    small = (yy - 20) ** 2 + (xx - 300) ** 2 < 7**2  # top-right corner, on the background
     img[small] = (250, 0, 250)
     best = {}
     for bws in ((), (0.5,)):
         # the other whole-image colour steps off, so only the colour hierarchy differs
-        anns = ClassicalLabeler(ClassicalSettings(**SMALL, colour_bandwidths=bws, selective=(),
-                                              refine_top=0))(img)
+        anns = ClassicalLabeler(
+            ClassicalSettings(**SMALL, colour_bandwidths=bws, selective=(), refine_top=0)
+        )(img)
         best[bws] = max(_iou(rle_to_mask(a["segmentation"]), small) for a in anns)
     assert best[(0.5,)] >= 0.6, best
     assert best[(0.5,)] > best[()], best
@@ -562,7 +672,9 @@ def test_real_photos_beat_nothing(shared_data, tmp_path):
     """Smoke run on 3 real photos: masks exist and are well-formed."""
     images = shared_data / "coco_tiny_val2017" / "images"
     out = tmp_path / "coco"
-    assert pseudo_main(["--input", str(images), "--output", str(out), "--end-id", "3", "--quiet"]) == 0
+    assert (
+        pseudo_main(["--input", str(images), "--output", str(out), "--end-id", "3", "--quiet"]) == 0
+    )
     for f in out.glob("*.json"):
         assert len(read_sa1b_json(f)["annotations"]) >= 50
 
@@ -576,9 +688,25 @@ def test_dino_backend_end_to_end(tmp_path):
     img, _ = synthetic_image(h=96, w=128)
     cv2.imwrite(str(d / "a.png"), img[..., ::-1])
     out = tmp_path / "out"
-    rc = pseudo_main(["--input", str(d), "--output", str(out), "--features", "dino",
-                      "--dino-arch", "vit_small_patch8_224", "--dino-weights", str(ckpt),
-                      "--resolution", "96", "--crop-resolution", "64", "--quiet"])
+    rc = pseudo_main(
+        [
+            "--input",
+            str(d),
+            "--output",
+            str(out),
+            "--features",
+            "dino",
+            "--dino-arch",
+            "vit_small_patch8_224",
+            "--dino-weights",
+            str(ckpt),
+            "--resolution",
+            "96",
+            "--crop-resolution",
+            "64",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     anns = read_sa1b_json(out / "a.json")["annotations"]
     assert anns and all(rle_to_mask(a["segmentation"]).shape == (96, 128) for a in anns)

@@ -1,22 +1,21 @@
 """Classical pseudo-label engine (issue 18): thread-independent outputs, superpixels without
 pinholes, the contour hierarchy."""
-import hashlib
-import json
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import cv2
 import numpy as np
-import pytest
 
-import unsam  # noqa: F401
 from unsam.io.sa1b import rle_to_mask
-from unsam.pseudo.conquer import merge_boundary
 from unsam.pseudo.classical import ClassicalLabeler, ClassicalSettings
-from unsam.pseudo.runner import read_image
+from unsam.pseudo.conquer import merge_boundary
 from unsam.pseudo.refine import MIN_SEGMENT_PIXELS, SuperpixelGraph, superpixels
+from unsam.pseudo.runner import read_image
 from unsam.pseudo.threads import single_threaded, thread_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +58,9 @@ def test_outputs_identical_at_one_and_two_threads(tiny_val, tmp_path):
     out = []
     for n in ("1", "2"):
         env = dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, OPENCV_FOR_THREADS_NUM=n)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         out.append(proc.stdout.strip().splitlines()[-1])
     assert int(out[0].split()[0]) > 50
@@ -97,8 +97,12 @@ def test_merge_boundary_follows_contours():
     the contour hierarchy joins each half before crossing the contour, whatever the features."""
     h, w = 6, 6
     idx = np.arange(h * w).reshape(h, w)
-    pairs = np.concatenate([np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
-                            np.stack([idx[:-1].ravel(), idx[1:].ravel()], 1)])
+    pairs = np.concatenate(
+        [
+            np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
+            np.stack([idx[:-1].ravel(), idx[1:].ravel()], 1),
+        ]
+    )
     left = (idx % w) < 3
     crossing = left.ravel()[pairs[:, 0]] != left.ravel()[pairs[:, 1]]
     length = np.ones(len(pairs))

@@ -1,6 +1,7 @@
 """The published UnSAM pseudo-label recipe (issue 13): DINO keys and iterative merge against the
 published code's outputs (``../shared/reference/parity``), the merge against a brute-force
 reading of its rule, the CutLER detector's state_dict, and ``--recipe unsam`` end to end."""
+
 import json
 import math
 import os
@@ -12,21 +13,21 @@ import time
 import zlib
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import unsam  # noqa: F401
 from unsam.data.coco import shared_data_dir
 from unsam.io.sa1b import read_sa1b_json, rle_to_mask
 from unsam.pseudo.__main__ import main as pseudo_main
 from unsam.pseudo.conquer import iterative_merge
-from unsam.pseudo.labelers import build_labeler
-from unsam.pseudo.recipe import UnsamSettings
-from unsam.pseudo.runner import run
 from unsam.pseudo.features import build_features
-from unsam.pseudo.recipe import nms_by_area, resize_group
+from unsam.pseudo.labelers import build_labeler
+from unsam.pseudo.recipe import UnsamSettings, nms_by_area, resize_group
+from unsam.pseudo.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,9 @@ def _unit(x):
 @pytest.fixture(scope="session")
 def dino_weights(tmp_path_factory) -> str:
     """ViT-B/8 in the official DINO checkpoint format with the parity README's weights."""
-    names = json.loads((_reference_dir() / "parity" / "dino_vitb8_state_dict.json").read_text())["keys"]
+    names = json.loads((_reference_dir() / "parity" / "dino_vitb8_state_dict.json").read_text())[
+        "keys"
+    ]
     state = {}
     for name, shape in names.items():
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -84,10 +87,12 @@ def detector_weights(tmp_path_factory) -> str:
 def small_divide_config(tmp_path_factory) -> str:
     """Our detector config at a small input size with at most 3 regions, for speed."""
     path = tmp_path_factory.mktemp("cfg") / "divide_small.yaml"
-    path.write_text(f"_BASE_: {REPO / 'configs/divide/cutler_cascade_R50_FPN.yaml'}\n"
-                    "MODEL:\n  RPN:\n    PRE_NMS_TOPK_TEST: 200\n    POST_NMS_TOPK_TEST: 100\n"
-                    "INPUT:\n  MIN_SIZE_TEST: 128\n  MAX_SIZE_TEST: 192\n"
-                    "TEST:\n  DETECTIONS_PER_IMAGE: 3\n")
+    path.write_text(
+        f"_BASE_: {REPO / 'configs/divide/cutler_cascade_R50_FPN.yaml'}\n"
+        "MODEL:\n  RPN:\n    PRE_NMS_TOPK_TEST: 200\n    POST_NMS_TOPK_TEST: 100\n"
+        "INPUT:\n  MIN_SIZE_TEST: 128\n  MAX_SIZE_TEST: 192\n"
+        "TEST:\n  DETECTIONS_PER_IMAGE: 3\n"
+    )
     return str(path)
 
 
@@ -190,15 +195,20 @@ def _palette_grid(seed, h, w, c, values=(-1, 0, 1, 2)):
     return rng.choice(values, size=(h, w, c)).astype(np.float32)
 
 
-@pytest.mark.parametrize("features", [
-    np.ones((3, 4, 5), np.float32),  # every similarity ties: pure birth order
-    np.repeat(np.repeat(_palette_grid(1, 2, 2, 3), 3, 0), 3, 1),  # 4 uniform blocks
-    _palette_grid(2, 5, 6, 3),  # many ties among small integer features
-    _palette_grid(3, 6, 5, 4, values=(0, 1, 3)),
-    _palette_grid(4, 7, 7, 2),
-], ids=["all-equal", "blocks", "palette-a", "palette-b", "palette-c"])
-@pytest.mark.parametrize("thresholds,min_patches", [((0.6, 0.5, 0.4, 0.3, 0.2, 0.1), 4),
-                                                    ((0.9, 0.0, -1.0), 2)])
+@pytest.mark.parametrize(
+    "features",
+    [
+        np.ones((3, 4, 5), np.float32),  # every similarity ties: pure birth order
+        np.repeat(np.repeat(_palette_grid(1, 2, 2, 3), 3, 0), 3, 1),  # 4 uniform blocks
+        _palette_grid(2, 5, 6, 3),  # many ties among small integer features
+        _palette_grid(3, 6, 5, 4, values=(0, 1, 3)),
+        _palette_grid(4, 7, 7, 2),
+    ],
+    ids=["all-equal", "blocks", "palette-a", "palette-b", "palette-c"],
+)
+@pytest.mark.parametrize(
+    "thresholds,min_patches", [((0.6, 0.5, 0.4, 0.3, 0.2, 0.1), 4), ((0.9, 0.0, -1.0), 2)]
+)
 def test_iterative_merge_equals_brute_force(features, thresholds, min_patches):
     got = iterative_merge(features, thresholds, min_patches)
     want = brute_force_merge(features, thresholds, min_patches)
@@ -214,7 +224,9 @@ def test_iterative_merge_rules_by_hand():
     assert levels[0].tolist() == [[[True, True, False]]]
     # patch 3 ties with its left (2) and upper (1) neighbours: its left pair is older
     grid = np.array([[[0, 0, 1], a], [c, b]], np.float32)
-    assert iterative_merge(grid, (0.7,), min_patches=2)[0].tolist() == [[[False, False], [True, True]]]
+    assert iterative_merge(grid, (0.7,), min_patches=2)[0].tolist() == [
+        [[False, False], [True, True]]
+    ]
     # two uniform halves: kept at 0.6 once they hold >= min_patches patches; everything merged
     # (no neighbour left) lists nothing; an empty level stays in place as a (0, h, w) array
     halves = np.array([[[1, 0]] * 4 + [[0, 1]] * 4], np.float32)
@@ -253,8 +265,11 @@ def test_detector_state_dict_matches_reference():
 
     ref = json.loads((_reference_dir() / "cutler_cascade_r50_fpn_state_dict.json").read_text())
     model = build_detector(divide_config())
-    own = [(k, list(v.shape)) for k, v in model.state_dict().items()
-           if not k.endswith("num_batches_tracked")]
+    own = [
+        (k, list(v.shape))
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    ]
     assert own == [(k, v[0]) for k, v in ref["keys"].items()]  # names, shapes and order
     type_names = {type(model).__name__, type(model.roi_heads).__name__}
     assert type_names == {"GeneralizedRCNN", "CascadeROIHeads"}
@@ -290,25 +305,43 @@ def _check_outputs(folder: Path, photos: Path):
             assert a["level"] == 1 and parent["level"] == 0
             x, y, w, h = parent["bbox"]
             outside = m.copy()
-            outside[y:y + h, x:x + w] = False
+            outside[y : y + h, x : x + w] = False
             assert not outside.any(), "conquered mask leaves its divided mask's box"
             assert (m & rle_to_mask(parent["segmentation"])).sum() > 0.9 * m.sum()
             assert a["merge_threshold"] in (0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     return n_conquered
 
 
-def test_recipe_unsam_end_to_end(shared_data, tmp_path, dino_weights, detector_weights,
-                                 small_divide_config):
+def test_recipe_unsam_end_to_end(
+    shared_data, tmp_path, dino_weights, detector_weights, small_divide_config
+):
     """4 shared photos, random ViT-B/8 + random detector: valid SA-1B output with a consistent
     hierarchy; byte-identical after the CLI (another process) is killed and the run resumed:
     the images it finished are a re-run in a new process, the rest are labelled on resume."""
     photos = _photos(shared_data, tmp_path)
-    args = ["--recipe", "unsam", "--input", str(photos), "--divide-config", small_divide_config,
-            "--divide-weights", detector_weights, "--dino-weights", dino_weights,
-            "--conquer-size", "64", "--quiet"]
-    cfg = UnsamSettings(features="dino", dino_weights=dino_weights, divide="detector",
-                        divide_config=small_divide_config, divide_weights=detector_weights,
-                        conquer_size=64)
+    args = [
+        "--recipe",
+        "unsam",
+        "--input",
+        str(photos),
+        "--divide-config",
+        small_divide_config,
+        "--divide-weights",
+        detector_weights,
+        "--dino-weights",
+        dino_weights,
+        "--conquer-size",
+        "64",
+        "--quiet",
+    ]
+    cfg = UnsamSettings(
+        features="dino",
+        dino_weights=dino_weights,
+        divide="detector",
+        divide_config=small_divide_config,
+        divide_weights=detector_weights,
+        conquer_size=64,
+    )
     labeler = build_labeler(cfg)
     first = tmp_path / "first"
     summary = run(str(photos), str(first), cfg, progress=False, labeler=labeler)
@@ -318,8 +351,13 @@ def test_recipe_unsam_end_to_end(shared_data, tmp_path, dino_weights, detector_w
     # kill the CLI after its first image, then resume in the same folder
     resumed = tmp_path / "resumed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "unsam.pseudo", *args, "--output", str(resumed)],
-                            cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unsam.pseudo", *args, "--output", str(resumed)],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(resumed.glob("*.json")):
         time.sleep(0.05)
@@ -339,8 +377,22 @@ def test_recipe_unsam_offline_maskcut_divide(shared_data, tmp_path, caplog):
     photos = _photos(shared_data, tmp_path, n=1)
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
-        assert pseudo_main(["--recipe", "unsam", "--input", str(photos), "--output", str(out),
-                            "--conquer-size", "96", "--quiet"]) == 0
+        assert (
+            pseudo_main(
+                [
+                    "--recipe",
+                    "unsam",
+                    "--input",
+                    str(photos),
+                    "--output",
+                    str(out),
+                    "--conquer-size",
+                    "96",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     text = caplog.text
     assert "not the published CutLER detector" in text and "not the published DINO keys" in text
     assert _check_outputs(out, photos) > 0
@@ -355,8 +407,17 @@ def _cli_error(capsys, argv):
 
 
 def test_recipe_unsam_bad_input(tmp_path, capsys, dino_weights):
-    base = ["--recipe", "unsam", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
-            "--features", "classical", "--quiet"]
+    base = [
+        "--recipe",
+        "unsam",
+        "--input",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--features",
+        "classical",
+        "--quiet",
+    ]
     msg = _cli_error(capsys, base + ["--divide-weights", str(tmp_path / "missing.pth")])
     assert "missing.pth" in msg
     msg = _cli_error(capsys, base + ["--divide", "detector"])
@@ -366,7 +427,9 @@ def test_recipe_unsam_bad_input(tmp_path, capsys, dino_weights):
     assert "not a checkpoint of this divide detector" in msg
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("MODEL:\n  NO_SUCH_KEY: 1\n")
-    msg = _cli_error(capsys, base + ["--divide-weights", dino_weights, "--divide-config", str(wrong)])
+    msg = _cli_error(
+        capsys, base + ["--divide-weights", dino_weights, "--divide-config", str(wrong)]
+    )
     assert "wrong.yaml" in msg
     msg = _cli_error(capsys, base + ["--conquer-size", "100"])
     assert "--conquer-size" in msg
@@ -401,9 +464,9 @@ def test_recipe_unsam_refine_snaps_to_superpixels(shared_data):
     superpixel's majority stays as it was."""
     import cv2
 
-    from unsam.pseudo.runner import read_image
     from unsam.pseudo.recipe import UnsamLabeler
     from unsam.pseudo.refine import SuperpixelGraph
+    from unsam.pseudo.runner import read_image
 
     path = sorted((shared_data / "coco_tiny_val2017" / "images").glob("*.jpg"))[0]
     image = cv2.resize(read_image(path), (320, 240), interpolation=cv2.INTER_AREA)

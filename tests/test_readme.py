@@ -6,6 +6,7 @@ as-is, in a fresh interpreter with the repository root as working directory. A b
 run here (it needs downloaded weights or data) is fenced ```` ```python no-test ```` and skipped,
 saying so; there is none at present. Shell blocks are not run.
 """
+
 import os
 import re
 import subprocess
@@ -26,7 +27,13 @@ def python_blocks():
         text = document.read_text(encoding="utf-8")
         for match in FENCE.finditer(text):
             line = text.count("\n", 0, match.start()) + 1
-            blocks.append((f"{document.relative_to(REPO_ROOT)}:{line}", match.group(1).split(), match.group(2)))
+            blocks.append(
+                (
+                    f"{document.relative_to(REPO_ROOT)}:{line}",
+                    match.group(1).split(),
+                    match.group(2),
+                )
+            )
     return blocks
 
 
@@ -41,9 +48,17 @@ def test_the_readme_has_python_snippets():
 @pytest.mark.parametrize("name,options,code", BLOCKS, ids=[name for name, _, _ in BLOCKS])
 def test_snippet_runs_as_written(name, options, code):
     if "no-test" in options:
-        pytest.skip(f"{name} is fenced 'python no-test': it needs files this checkout does not have")
+        pytest.skip(
+            f"{name} is fenced 'python no-test': it needs files this checkout does not have"
+        )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

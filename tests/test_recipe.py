@@ -4,10 +4,10 @@ drop-loss — each checked against the published rule written out here and, wher
 frank-xwang/UnSAM is found (``$UNSAM_UPSTREAM``, else ``../upstream/UnSAM``), against the
 published code itself (those tests skip without it; nothing of it is copied into the repository).
 """
+
 import ast
 import base64
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -15,27 +15,31 @@ import os
 import pickle
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
+from PIL import Image
 
+import unsam.modeling  # noqa: F401
 from unsam.checkpoint import WeightsError, read_weights
-from unsam.config import get_unsam_cfg
+from unsam.config.loading import load_config
 from unsam.data.mapper import UnSAMDatasetMapper
 from unsam.engine.train_model import build_train_model
 from unsam.engine.trainer import build_optimizer_for, build_scheduler_for
-from unsam.modeling.criterion import (calculate_uncertainty, dice_loss, drop_loss_keep,
-                                      get_uncertain_point_coords_with_randomness, sigmoid_ce_loss)
+from unsam.modeling.criterion import (
+    calculate_uncertainty,
+    dice_loss,
+    drop_loss_keep,
+    get_uncertain_point_coords_with_randomness,
+    sigmoid_ce_loss,
+)
 from unsam.modeling.matcher import point_sample
-from unsam.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 R50 = REPO / "configs" / "unsam_only_sa-1b_R50.yaml"
@@ -51,8 +55,10 @@ def _upstream() -> Path:
     return root / "whole_image_segmentation"
 
 
-needs_upstream = pytest.mark.skipif(not (_upstream() / "train_net.py").is_file(),
-                                    reason="no checkout of frank-xwang/UnSAM (set UNSAM_UPSTREAM)")
+needs_upstream = pytest.mark.skipif(
+    not (_upstream() / "train_net.py").is_file(),
+    reason="no checkout of frank-xwang/UnSAM (set UNSAM_UPSTREAM)",
+)
 
 
 def _upstream_functions(relpath: str, names, namespace):
@@ -87,45 +93,94 @@ def _merged(path, *opts):
 # mask2former/config.py defaults [D] where the yaml is silent)
 PUBLISHED = {
     "MODEL.WEIGHTS": DINO_URL,  # [B]
-    "MODEL.BACKBONE.NAME": "build_resnet_backbone", "MODEL.BACKBONE.FREEZE_AT": 0,  # [B]
-    "MODEL.RESNETS.DEPTH": 50, "MODEL.RESNETS.STEM_TYPE": "basic", "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
-    "MODEL.RESNETS.STRIDE_IN_1X1": False, "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],  # [B]
+    "MODEL.BACKBONE.NAME": "build_resnet_backbone",
+    "MODEL.BACKBONE.FREEZE_AT": 0,  # [B]
+    "MODEL.RESNETS.DEPTH": 50,
+    "MODEL.RESNETS.STEM_TYPE": "basic",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "MODEL.RESNETS.RES5_MULTI_GRID": [1, 1, 1],  # [B]
     "MODEL.RESNETS.OUT_FEATURES": ["res2", "res3", "res4", "res5"],  # [B]
     "MODEL.RESNETS.NORM": "FrozenBN",  # [D]: the yaml's SyncBN line is commented out
-    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53], "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],  # [B]
-    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 1, "MODEL.SEM_SEG_HEAD.CONVS_DIM": 256, "MODEL.SEM_SEG_HEAD.MASK_DIM": 256,
-    "MODEL.SEM_SEG_HEAD.NORM": "GN", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS": 6,  # [M]
-    "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME": "MSDeformAttnPixelDecoder", "MODEL.SEM_SEG_HEAD.COMMON_STRIDE": 4,
-    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res4", "res5"],  # [M]
-    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 2000, "MODEL.MASK_FORMER.DEC_LAYERS": 10,  # [M]
-    "MODEL.MASK_FORMER.CLASS_WEIGHT": 2.0, "MODEL.MASK_FORMER.MASK_WEIGHT": 5.0,
-    "MODEL.MASK_FORMER.DICE_WEIGHT": 5.0, "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT": 0.1,  # [M]
-    "MODEL.MASK_FORMER.HIDDEN_DIM": 256, "MODEL.MASK_FORMER.NHEADS": 8, "MODEL.MASK_FORMER.DROPOUT": 0.0,
-    "MODEL.MASK_FORMER.DIM_FEEDFORWARD": 2048, "MODEL.MASK_FORMER.PRE_NORM": False,  # [M]
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS": 12544, "MODEL.MASK_FORMER.OVERSAMPLE_RATIO": 3.0,
-    "MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO": 0.75, "MODEL.MASK_FORMER.SIZE_DIVISIBILITY": 32,  # [M]
-    "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD": 0.8, "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD": 0.8,
-    "SOLVER.IMS_PER_BATCH": 4, "SOLVER.MAX_ITER": 200000, "SOLVER.STEPS": [177776, 192592],  # [B]
-    "SOLVER.WARMUP_FACTOR": 1.0, "SOLVER.WARMUP_ITERS": 10, "SOLVER.WEIGHT_DECAY": 0.05,  # [B]
-    "SOLVER.OPTIMIZER": "ADAMW", "SOLVER.BACKBONE_MULTIPLIER": 0.1,  # [B]
-    "SOLVER.CLIP_GRADIENTS.ENABLED": True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
-    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01, "SOLVER.CLIP_GRADIENTS.NORM_TYPE": 2.0,  # [B]
-    "SOLVER.AMP.ENABLED": True, "SOLVER.USE_DROP_LOSSES": False, "SOLVER.DROPLOSS_IOU_THRESH": 0.01,  # [B]
-    "SOLVER.LR_SCHEDULER_NAME": "WarmupMultiStepLR", "SOLVER.GAMMA": 0.1, "SOLVER.CHECKPOINT_PERIOD": 5000,
-    "SOLVER.WEIGHT_DECAY_NORM": 0.0, "SOLVER.WEIGHT_DECAY_EMBED": 0.0, "SOLVER.WARMUP_METHOD": "linear",  # [D]
-    "INPUT.IMAGE_SIZE": 1024, "INPUT.MIN_SCALE": 1.0, "INPUT.MAX_SCALE": 1.0, "INPUT.FORMAT": "RGB",  # [B]
-    "INPUT.MIN_SIZE_TEST": 1024, "INPUT.MAX_SIZE_TEST": 2048, "INPUT.RANDOM_FLIP": "horizontal",
-    "TEST.EVAL_PERIOD": 0, "TEST.DETECTIONS_PER_IMAGE": 1000,  # [B]
-    "DATALOADER.NUM_WORKERS": 1, "DATALOADER.ASPECT_RATIO_GROUPING": True,
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],  # [B]
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 1,
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM": 256,
+    "MODEL.SEM_SEG_HEAD.MASK_DIM": 256,
+    "MODEL.SEM_SEG_HEAD.NORM": "GN",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS": 6,  # [M]
+    "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME": "MSDeformAttnPixelDecoder",
+    "MODEL.SEM_SEG_HEAD.COMMON_STRIDE": 4,
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": [
+        "res3",
+        "res4",
+        "res5",
+    ],  # [M]
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 2000,
+    "MODEL.MASK_FORMER.DEC_LAYERS": 10,  # [M]
+    "MODEL.MASK_FORMER.CLASS_WEIGHT": 2.0,
+    "MODEL.MASK_FORMER.MASK_WEIGHT": 5.0,
+    "MODEL.MASK_FORMER.DICE_WEIGHT": 5.0,
+    "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT": 0.1,  # [M]
+    "MODEL.MASK_FORMER.HIDDEN_DIM": 256,
+    "MODEL.MASK_FORMER.NHEADS": 8,
+    "MODEL.MASK_FORMER.DROPOUT": 0.0,
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD": 2048,
+    "MODEL.MASK_FORMER.PRE_NORM": False,  # [M]
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS": 12544,
+    "MODEL.MASK_FORMER.OVERSAMPLE_RATIO": 3.0,
+    "MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO": 0.75,
+    "MODEL.MASK_FORMER.SIZE_DIVISIBILITY": 32,  # [M]
+    "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD": 0.8,
+    "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD": 0.8,
+    "SOLVER.IMS_PER_BATCH": 4,
+    "SOLVER.MAX_ITER": 200000,
+    "SOLVER.STEPS": [177776, 192592],  # [B]
+    "SOLVER.WARMUP_FACTOR": 1.0,
+    "SOLVER.WARMUP_ITERS": 10,
+    "SOLVER.WEIGHT_DECAY": 0.05,  # [B]
+    "SOLVER.OPTIMIZER": "ADAMW",
+    "SOLVER.BACKBONE_MULTIPLIER": 0.1,  # [B]
+    "SOLVER.CLIP_GRADIENTS.ENABLED": True,
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01,
+    "SOLVER.CLIP_GRADIENTS.NORM_TYPE": 2.0,  # [B]
+    "SOLVER.AMP.ENABLED": True,
+    "SOLVER.USE_DROP_LOSSES": False,
+    "SOLVER.DROPLOSS_IOU_THRESH": 0.01,  # [B]
+    "SOLVER.LR_SCHEDULER_NAME": "WarmupMultiStepLR",
+    "SOLVER.GAMMA": 0.1,
+    "SOLVER.CHECKPOINT_PERIOD": 5000,
+    "SOLVER.WEIGHT_DECAY_NORM": 0.0,
+    "SOLVER.WEIGHT_DECAY_EMBED": 0.0,
+    "SOLVER.WARMUP_METHOD": "linear",  # [D]
+    "INPUT.IMAGE_SIZE": 1024,
+    "INPUT.MIN_SCALE": 1.0,
+    "INPUT.MAX_SCALE": 1.0,
+    "INPUT.FORMAT": "RGB",  # [B]
+    "INPUT.MIN_SIZE_TEST": 1024,
+    "INPUT.MAX_SIZE_TEST": 2048,
+    "INPUT.RANDOM_FLIP": "horizontal",
+    "TEST.EVAL_PERIOD": 0,
+    "TEST.DETECTIONS_PER_IMAGE": 1000,  # [B]
+    "DATALOADER.NUM_WORKERS": 1,
+    "DATALOADER.ASPECT_RATIO_GROUPING": True,
     "DATALOADER.SAMPLER_TRAIN": "TrainingSampler",
     # the published mapper's hard-coded rule (sam_instance_tsv_dataset_mapper.py)
-    "INPUT.MAX_INSTANCES_PER_IMAGE": 500, "INPUT.MAX_INSTANCES_SAMPLING": "random",
+    "INPUT.MAX_INSTANCES_PER_IMAGE": 500,
+    "INPUT.MAX_INSTANCES_SAMPLING": "random",
 }
 # deliberate deviations (docs/recipe.md): key -> (published, ours)
 DEVIATIONS = {
     "SOLVER.BASE_LR": (1e-6, 5e-5),
-    "DATALOADER.FILTER_EMPTY_ANNOTATIONS": (True, False),  # same behaviour: the TSV loader ignores it
-    "INPUT.DATASET_MAPPER_NAME": ("sam_instance_tsv", "unsam_crop"),  # same augmentation, our reader
+    "DATALOADER.FILTER_EMPTY_ANNOTATIONS": (
+        True,
+        False,
+    ),  # same behaviour: the TSV loader ignores it
+    "INPUT.DATASET_MAPPER_NAME": (
+        "sam_instance_tsv",
+        "unsam_crop",
+    ),  # same augmentation, our reader
 }
 
 
@@ -151,11 +206,20 @@ def test_r50_config_equals_the_published_merged_config_key_for_key():
     names = {"MODEL.META_ARCHITECTURE", "DATASETS.TRAIN", "DATASETS.TEST", "OUTPUT_DIR"}
     # read by nothing in published whole-image training: self-training flags (no training branch),
     # DeepLab keys registered by add_deeplab_config for its semantic heads
-    unread = {"DATASETS.SELF_TRAIN", "DATASETS.SELF_TRAIN_NUMBER", "DATASETS.SELF_TRAIN_THRESH_HIGH",
-              "DATASETS.SELF_TRAIN_THRESH_LOW", "MODEL.RESNETS.RES4_DILATION", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS",
-              "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS", "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT", "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
-              "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES",
-              "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV"}
+    unread = {
+        "DATASETS.SELF_TRAIN",
+        "DATASETS.SELF_TRAIN_NUMBER",
+        "DATASETS.SELF_TRAIN_THRESH_HIGH",
+        "DATASETS.SELF_TRAIN_THRESH_LOW",
+        "MODEL.RESNETS.RES4_DILATION",
+        "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS",
+        "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS",
+        "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT",
+        "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
+        "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS",
+        "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES",
+        "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV",
+    }
     differ = {k for k in ref if k in ours and ours[k] != ref[k]}
     assert differ == names | set(DEVIATIONS), sorted(differ - names - set(DEVIATIONS))
     assert {k: ref[k] for k in DEVIATIONS} == {k: v[0] for k, v in DEVIATIONS.items()}
@@ -165,21 +229,36 @@ def test_r50_config_equals_the_published_merged_config_key_for_key():
 def test_lsj_swin_and_tiny_configs():
     r50, lsj = _merged(R50), _merged(R50_LSJ)
     changed = {k: lsj[k] for k in lsj if lsj[k] != r50.get(k)}
-    assert changed == {"INPUT.DATASET_MAPPER_NAME": "unsam_lsj", "INPUT.MIN_SCALE": 0.1, "INPUT.MAX_SCALE": 2.0,
-                       "INPUT.MAX_INSTANCES_SAMPLING": "largest", "OUTPUT_DIR": "./output/unsam_only_sa-1b_R50_lsj"}
-    swin = _merged(SWINL)  # the same recipe; no published UnSAM Swin-L start (Mask2Former's is supervised)
+    assert changed == {
+        "INPUT.DATASET_MAPPER_NAME": "unsam_lsj",
+        "INPUT.MIN_SCALE": 0.1,
+        "INPUT.MAX_SCALE": 2.0,
+        "INPUT.MAX_INSTANCES_SAMPLING": "largest",
+        "OUTPUT_DIR": "./output/unsam_only_sa-1b_R50_lsj",
+    }
+    swin = _merged(
+        SWINL
+    )  # the same recipe; no published UnSAM Swin-L start (Mask2Former's is supervised)
     assert all(swin[k] == r50[k] for k in r50 if k.startswith(("SOLVER.", "INPUT.", "DATALOADER.")))
     assert swin["MODEL.WEIGHTS"] == ""
-    for tiny in sorted((REPO / "configs" / "tiny").glob("*.yaml")):  # their own LSJ setting, unchanged
+    for tiny in sorted(
+        (REPO / "configs" / "tiny").glob("*.yaml")
+    ):  # their own LSJ setting, unchanged
         cfg = _merged(tiny)
-        assert (cfg["INPUT.DATASET_MAPPER_NAME"], cfg["INPUT.MAX_INSTANCES_SAMPLING"]) == ("unsam_lsj", "largest")
+        assert (cfg["INPUT.DATASET_MAPPER_NAME"], cfg["INPUT.MAX_INSTANCES_SAMPLING"]) == (
+            "unsam_lsj",
+            "largest",
+        )
 
 
 def test_scheduler_is_the_published_multistep():
     cfg = load_config(str(R50))
     param = torch.nn.Parameter(torch.zeros(1))
     sched = build_scheduler_for(cfg, torch.optim.AdamW([param], lr=cfg.SOLVER.BASE_LR))
-    factor = {it: sched._multiplier(it / cfg.SOLVER.MAX_ITER) for it in (0, 9, 10, 177775, 177776, 192591, 192592)}
+    factor = {
+        it: sched._multiplier(it / cfg.SOLVER.MAX_ITER)
+        for it in (0, 9, 10, 177775, 177776, 192591, 192592)
+    }
     assert [round(factor[k], 12) for k in sorted(factor)] == [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01]
 
 
@@ -209,7 +288,9 @@ def _published_layout_pkl(path: Path) -> dict:
         shape = tuple(value.shape)
         if not value.is_floating_point():  # num_batches_tracked
             array = value.numpy()
-        elif name.endswith(("running_var", ".weight")) and len(shape) == 1:  # BN scale / variance > 0
+        elif (
+            name.endswith(("running_var", ".weight")) and len(shape) == 1
+        ):  # BN scale / variance > 0
             array = rng.uniform(0.5, 1.5, shape)
         elif len(shape) == 1:  # BN shift / mean
             array = 0.1 * rng.standard_normal(shape)
@@ -227,24 +308,33 @@ def test_published_layout_dino_pkl_loads_every_backbone_tensor(tmp_path, caplog)
     from unsam.engine.trainer import Trainer
 
     arrays = _published_layout_pkl(tmp_path / "dino_RN50_pretrain_d2_format.pkl")
-    cfg = load_config(str(R50), ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10"])
+    cfg = load_config(
+        str(R50), ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10"]
+    )
     model = Trainer.build_model(cfg)
     # the published RESNETS settings build the torchvision/DINO layout: stride in the 3x3 conv
     block = model.backbone.res3[0]
     assert (block.conv1.stride, block.conv2.stride) == ((1, 1), (2, 2))
     with caplog.at_level(logging.INFO):
-        TrainingCheckpointer(model, "").resume_or_load(str(tmp_path / "dino_RN50_pretrain_d2_format.pkl"),
-                                                       resume=False)
+        TrainingCheckpointer(model, "").resume_or_load(
+            str(tmp_path / "dino_RN50_pretrain_d2_format.pkl"), resume=False
+        )
     state = model.state_dict()
     backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
     assert len(backbone) == 265
     for name, value in backbone.items():
-        assert np.array_equal(value.numpy(), arrays[name[len("backbone."):]]), name
-    records = [r for r in caplog.records if r.name.startswith(("unsam", "detectron2.checkpoint", "fvcore"))]
-    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+        assert np.array_equal(value.numpy(), arrays[name[len("backbone.") :]]), name
+    records = [
+        r for r in caplog.records if r.name.startswith(("unsam", "detectron2.checkpoint", "fvcore"))
+    ]
+    assert not [r for r in records if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in records
+    ]
     summary = [r.getMessage() for r in records if "tensors (" in r.getMessage()]
     assert len(summary) == 1 and "\n" not in summary[0], summary
-    assert "loaded 265/558 tensors (backbone 265/265, sem_seg_head 0/292, criterion 0/1)" in summary[0]
+    assert (
+        "loaded 265/558 tensors (backbone 265/265, sem_seg_head 0/292, criterion 0/1)" in summary[0]
+    )
     assert "pretrained-backbone start, as intended" in summary[0]
     assert "53 BatchNorm num_batches_tracked counters not needed" in summary[0]
     assert not any("matched with" in r.getMessage() for r in records)  # no 70-line name table
@@ -264,17 +354,42 @@ def test_unreachable_weights_url_is_one_error_line(tmp_path, capsys, monkeypatch
     assert "\n" not in str(err.value)
     root = make_shapes_dataset(tmp_path / "sa1b", 2, size=64)
     try:
-        rc = cli(["--config-file", str(R50), "MODEL.WEIGHTS", url, "MODEL.DEVICE", "cpu",
-                  "UNSAM.DATA.SA1B_ROOTS", f'("probe:{root}",)', "DATASETS.TRAIN", '("probe",)', "DATASETS.TEST", "()",
-                  "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10", "INPUT.IMAGE_SIZE", "64",
-                  "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out")])
+        rc = cli(
+            [
+                "--config-file",
+                str(R50),
+                "MODEL.WEIGHTS",
+                url,
+                "MODEL.DEVICE",
+                "cpu",
+                "UNSAM.DATA.SA1B_ROOTS",
+                f'("probe:{root}",)',
+                "DATASETS.TRAIN",
+                '("probe",)',
+                "DATASETS.TEST",
+                "()",
+                "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+                "10",
+                "INPUT.IMAGE_SIZE",
+                "64",
+                "SOLVER.MAX_ITER",
+                "1",
+                "DATALOADER.NUM_WORKERS",
+                "0",
+                "OUTPUT_DIR",
+                str(tmp_path / "out"),
+            ]
+        )
     except SystemExit as e:  # raised inside the launched main
         rc = e.code
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(err_lines) == 1, err_lines
     line = err_lines[0]
     assert url in line and "could not be downloaded" in line
-    assert "MODEL.WEIGHTS /path/to/dino_RN50_pretrain_d2_format.pkl" in line and 'MODEL.WEIGHTS ""' in line
+    assert (
+        "MODEL.WEIGHTS /path/to/dino_RN50_pretrain_d2_format.pkl" in line
+        and 'MODEL.WEIGHTS ""' in line
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,20 +411,48 @@ def _record(tmp_path, h, w, n, seed=0):
     masks, anns = [], []
     for i in range(n):
         y0, x0 = int(rng.integers(0, h - 4)), int(rng.integers(0, w - 4))
-        y1, x1 = int(rng.integers(y0 + 2, min(h, y0 + h // 3) + 1)), int(rng.integers(x0 + 2, min(w, x0 + w // 3) + 1))
+        y1, x1 = (
+            int(rng.integers(y0 + 2, min(h, y0 + h // 3) + 1)),
+            int(rng.integers(x0 + 2, min(w, x0 + w // 3) + 1)),
+        )
         m = np.zeros((h, w), bool)
         m[y0:y1, x0:x1] = True
         masks.append(m)
-        anns.append({"id": i + 1, "segmentation": _rle(m), "area": int(m.sum()),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
-    record = {"file_name": str(path), "height": h, "width": w, "image_id": seed, "annotations": anns}
+        anns.append(
+            {
+                "id": i + 1,
+                "segmentation": _rle(m),
+                "area": int(m.sum()),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "iscrowd": 0,
+            }
+        )
+    record = {
+        "file_name": str(path),
+        "height": h,
+        "width": w,
+        "image_id": seed,
+        "annotations": anns,
+    }
     return record, image, np.stack(masks)
 
 
 def _crop_mapper(image_size, cap, sampling="random", mapper="unsam_crop"):
-    cfg = load_config(str(R50), ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", str(image_size),
-                                 "INPUT.MAX_INSTANCES_PER_IMAGE", str(cap), "INPUT.MAX_INSTANCES_SAMPLING", sampling,
-                                 "INPUT.DATASET_MAPPER_NAME", mapper])
+    cfg = load_config(
+        str(R50),
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.IMAGE_SIZE",
+            str(image_size),
+            "INPUT.MAX_INSTANCES_PER_IMAGE",
+            str(cap),
+            "INPUT.MAX_INSTANCES_SAMPLING",
+            sampling,
+            "INPUT.DATASET_MAPPER_NAME",
+            mapper,
+        ],
+    )
     return UnSAMDatasetMapper(cfg, is_train=True)
 
 
@@ -333,9 +476,9 @@ def test_crop_mapper_follows_the_published_rule(tmp_path, h, w):
         img, ms = (image[:, ::-1], masks[:, :, ::-1]) if flip else (image, masks)
         oy, ox = (int(v) for v in np.round(np.maximum(np.subtract((h, w), size), 0) * u))
         want_img = np.full((size, size, 3), 128, np.uint8)
-        want_img[:min(h, size), :min(w, size)] = img[oy:oy + size, ox:ox + size]
+        want_img[: min(h, size), : min(w, size)] = img[oy : oy + size, ox : ox + size]
         want = np.zeros((cap, size, size), bool)
-        want[:, :min(h, size), :min(w, size)] = ms[chosen][:, oy:oy + size, ox:ox + size]
+        want[:, : min(h, size), : min(w, size)] = ms[chosen][:, oy : oy + size, ox : ox + size]
         want = want[want.any(axis=(1, 2))]
         assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), want_img)
         got = out["instances"].gt_masks.tensor.numpy()
@@ -367,9 +510,21 @@ def test_crop_that_empties_an_image_keeps_it_with_no_instances(tmp_path):
     Image.fromarray(image).save(tmp_path / "strip.png")
     m = np.zeros((h, w), bool)
     m[:, 180:200] = True  # the middle: a 32-px crop at a random column misses it most of the time
-    record = {"file_name": str(tmp_path / "strip.png"), "height": h, "width": w, "image_id": 1,
-              "annotations": [{"id": 1, "segmentation": _rle(m), "area": int(m.sum()), "bbox": [180, 0, 20, h],
-                               "iscrowd": 0}]}
+    record = {
+        "file_name": str(tmp_path / "strip.png"),
+        "height": h,
+        "width": w,
+        "image_id": 1,
+        "annotations": [
+            {
+                "id": 1,
+                "segmentation": _rle(m),
+                "area": int(m.sum()),
+                "bbox": [180, 0, 20, h],
+                "iscrowd": 0,
+            }
+        ],
+    }
     mapper = _crop_mapper(32, 500)
     sizes = []
     for seed in range(6):
@@ -393,7 +548,9 @@ def test_crop_mapper_equals_the_published_mapper(tmp_path, monkeypatch):
     """Same record (as a TSV line for theirs, an image file + dict for ours), same NumPy seed: the
     same image, masks (same order) and boxes, with more than 500 annotations so the cap draws."""
     spec = importlib.util.spec_from_file_location(
-        "published_sam_mapper", _upstream() / "mask2former/data/dataset_mappers/sam_instance_tsv_dataset_mapper.py")
+        "published_sam_mapper",
+        _upstream() / "mask2former/data/dataset_mappers/sam_instance_tsv_dataset_mapper.py",
+    )
     published = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(published)
     size = 96
@@ -403,8 +560,10 @@ def test_crop_mapper_equals_the_published_mapper(tmp_path, monkeypatch):
     for h, w, n in ((120, 150, 520), (80, 70, 30)):
         record, _, _ = _record(tmp_path, h, w, n, seed=h)
         png = Path(record["file_name"]).read_bytes()
-        sa1b = {"image": {"id": record["image_id"], "height": h, "width": w},
-                "annotations": [dict(a) for a in record["annotations"]]}
+        sa1b = {
+            "image": {"id": record["image_id"], "height": h, "width": w},
+            "annotations": [dict(a) for a in record["annotations"]],
+        }
         line = f"img\t{json.dumps(sa1b)}\t{base64.b64encode(png).decode()}\n"
         (tmp_path / "train-0.tsv").write_text(line)
         monkeypatch.setenv("TRAIN_DATASETS", str(tmp_path))
@@ -423,9 +582,18 @@ def test_crop_mapper_equals_the_published_mapper(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # 4. optimizer groups
 # ----------------------------------------------------------------------------------------------
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm, torch.nn.GroupNorm,
-          torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.LayerNorm,
-          torch.nn.LocalResponseNorm)
+_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
 
 
 def _published_rule(cfg, model):
@@ -450,24 +618,63 @@ def _published_rule(cfg, model):
 
 def _groups(model, optimizer):
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    return {
+        names[id(p)]: (g["lr"], g["weight_decay"])
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
 
 
-@pytest.mark.parametrize("config,opts", [
-    (TINY, ["UNSAM.PROMPT.ENABLED", "True"]),
-    (SWINL, ["MODEL.SWIN.EMBED_DIM", "32", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 2, 4, 8]",
-             "MODEL.SWIN.APE", "True", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
-             "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]),
-])
+@pytest.mark.parametrize(
+    "config,opts",
+    [
+        (TINY, ["UNSAM.PROMPT.ENABLED", "True"]),
+        (
+            SWINL,
+            [
+                "MODEL.SWIN.EMBED_DIM",
+                "32",
+                "MODEL.SWIN.DEPTHS",
+                "[2, 2, 2, 2]",
+                "MODEL.SWIN.NUM_HEADS",
+                "[1, 2, 4, 8]",
+                "MODEL.SWIN.APE",
+                "True",
+                "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+                "10",
+                "MODEL.MASK_FORMER.DEC_LAYERS",
+                "2",
+                "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+                "1",
+            ],
+        ),
+    ],
+)
 def test_optimizer_groups_follow_the_published_rule(config, opts):
-    cfg = load_config(str(config), ["MODEL.DEVICE", "cpu", "SOLVER.BASE_LR", "0.0001",
-                                    "SOLVER.BACKBONE_MULTIPLIER", "0.1", *opts])
+    cfg = load_config(
+        str(config),
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "SOLVER.BASE_LR",
+            "0.0001",
+            "SOLVER.BACKBONE_MULTIPLIER",
+            "0.1",
+            *opts,
+        ],
+    )
     model = build_model(cfg)
     got = _groups(model, build_optimizer_for(cfg, model))
     assert got == _published_rule(cfg, model)
-    assert got["sem_seg_head.pixel_decoder.transformer.level_embed"] == (1e-4, 0.05)  # plain parameter: decayed
-    for name in ("sem_seg_head.predictor.level_embed.weight", "sem_seg_head.predictor.query_feat.weight",
-                 "sem_seg_head.predictor.query_embed.weight"):
+    assert got["sem_seg_head.pixel_decoder.transformer.level_embed"] == (
+        1e-4,
+        0.05,
+    )  # plain parameter: decayed
+    for name in (
+        "sem_seg_head.predictor.level_embed.weight",
+        "sem_seg_head.predictor.query_feat.weight",
+        "sem_seg_head.predictor.query_embed.weight",
+    ):
         assert got[name] == (1e-4, 0.0), name  # nn.Embedding
     if config == SWINL:
         assert got["backbone.absolute_pos_embed"] == (1e-5, 0.0)
@@ -479,7 +686,9 @@ def _tiny_float64_grads(seed=0):
     """The tiny model with the gradients of one real training loss (two images), then in float64
     (parameters and gradients): the optimizer step is compared in float64. (The forward runs in
     float32: the deformable attention casts its input to float32.)"""
-    cfg = load_config(str(TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"])
+    cfg = load_config(
+        str(TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]
+    )
     torch.manual_seed(seed)
     model = build_train_model(cfg).train()
     batch = []
@@ -487,7 +696,7 @@ def _tiny_float64_grads(seed=0):
     for i in range(2):
         img = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8, generator=g)
         masks = torch.zeros(2, 64, 96, dtype=torch.bool)
-        masks[0, 5:30, 10:50], masks[1, 30:60, 40 + 10 * i:90] = True, True
+        masks[0, 5:30, 10:50], masks[1, 30:60, 40 + 10 * i : 90] = True, True
         inst = Instances((64, 96))
         inst.gt_classes, inst.gt_masks = torch.zeros(2, dtype=torch.int64), BitMasks(masks)
         batch.append({"image": img, "instances": inst})
@@ -512,9 +721,19 @@ def test_one_adamw_step_equals_the_published_builder_in_float64():
     from detectron2.solver.build import maybe_add_gradient_clipping
 
     (published_builder,) = _upstream_functions(
-        "train_net.py", ["build_optimizer"],
-        {"torch": torch, "copy": copy, "itertools": itertools, "List": List, "Dict": Dict, "Any": Any, "Set": Set,
-         "maybe_add_gradient_clipping": maybe_add_gradient_clipping})
+        "train_net.py",
+        ["build_optimizer"],
+        {
+            "torch": torch,
+            "copy": copy,
+            "itertools": itertools,
+            "List": List,
+            "Dict": Dict,
+            "Any": Any,
+            "Set": Set,
+            "maybe_add_gradient_clipping": maybe_add_gradient_clipping,
+        },
+    )
     cfg, model = _tiny_float64_grads()
     cfg.defrost()
     cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1e-3, 0.1  # large enough that decay shows
@@ -550,20 +769,33 @@ def test_drop_loss_keep_and_losses_equal_a_direct_computation():
         iou.append(inter / (sum(prob) + sum(t[i]) - inter))
     thresh = sorted(iou)[3]  # a pair at exactly the threshold is dropped (iou <= thresh)
     keep = drop_loss_keep(logits, labels, thresh)
-    assert keep.tolist() == [0.0 if v <= thresh else 1.0 for v in iou] and keep.sum() == 2 and keep[1] == 1
+    assert (
+        keep.tolist() == [0.0 if v <= thresh else 1.0 for v in iou]
+        and keep.sum() == 2
+        and keep[1] == 1
+    )
     n = 4.0
-    bce = [sum(max(x, 0) - x * y + math.log1p(math.exp(-abs(x))) for x, y in zip(p[i], t[i])) / 50 for i in range(6)]
+    bce = [
+        sum(max(x, 0) - x * y + math.log1p(math.exp(-abs(x))) for x, y in zip(p[i], t[i])) / 50
+        for i in range(6)
+    ]
     dice = []
     for i in range(6):
         prob = [1.0 / (1.0 + math.exp(-x)) for x in p[i]]
-        dice.append(1 - (2 * sum(a * b for a, b in zip(prob, t[i])) + 1) / (sum(prob) + sum(t[i]) + 1))
+        dice.append(
+            1 - (2 * sum(a * b for a, b in zip(prob, t[i])) + 1) / (sum(prob) + sum(t[i]) + 1)
+        )
     k = keep.tolist()
     assert sigmoid_ce_loss(logits, labels, n, keep=keep).item() == pytest.approx(
-        sum(b * w for b, w in zip(bce, k)) / n, rel=1e-12)
+        sum(b * w for b, w in zip(bce, k)) / n, rel=1e-12
+    )
     assert dice_loss(logits, labels, n, keep=keep).item() == pytest.approx(
-        sum(d * w for d, w in zip(dice, k)) / n, rel=1e-12)
+        sum(d * w for d, w in zip(dice, k)) / n, rel=1e-12
+    )
     # all pairs dropped -> no mask/dice loss and no gradient from them
-    zero = sigmoid_ce_loss(logits.requires_grad_(), labels, n, keep=torch.zeros(6, dtype=torch.float64))
+    zero = sigmoid_ce_loss(
+        logits.requires_grad_(), labels, n, keep=torch.zeros(6, dtype=torch.float64)
+    )
     zero.backward()
     assert zero.item() == 0.0 and logits.grad.abs().sum() == 0
 
@@ -573,9 +805,18 @@ def _criterion(use_drop, thresh):
     from unsam.modeling.matcher import HungarianMatcher
 
     matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=256)
-    return SetCriterion(1, matcher, {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}, eos_coef=0.1,
-                        losses=["labels", "masks"], num_points=256, oversample_ratio=3.0, importance_sample_ratio=0.75,
-                        use_drop_losses=use_drop, droploss_iou_thresh=thresh)
+    return SetCriterion(
+        1,
+        matcher,
+        {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0},
+        eos_coef=0.1,
+        losses=["labels", "masks"],
+        num_points=256,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        use_drop_losses=use_drop,
+        droploss_iou_thresh=thresh,
+    )
 
 
 def test_criterion_drop_loss_on_sampled_points():
@@ -585,7 +826,9 @@ def test_criterion_drop_loss_on_sampled_points():
     pred = torch.randn(1, 4, 16, 20, generator=g) * 4
     masks = torch.zeros(3, 64, 80, dtype=torch.bool)
     masks[0, :32, :40] = masks[1, 20:60, 30:70] = masks[2, 40:, :20] = True
-    pred[0, 0] = torch.where(F.interpolate(masks[:1, None].float(), size=(16, 20))[0, 0] > 0.5, 8.0, -8.0)
+    pred[0, 0] = torch.where(
+        F.interpolate(masks[:1, None].float(), size=(16, 20))[0, 0] > 0.5, 8.0, -8.0
+    )
     pred[0, 2] = -8.0  # predicts nothing: its pair's IoU is ~0
     outputs = {"pred_logits": torch.randn(1, 4, 2, generator=g), "pred_masks": pred}
     targets = [{"labels": torch.zeros(3, dtype=torch.int64), "masks": masks}]
@@ -606,8 +849,10 @@ def test_criterion_drop_loss_on_sampled_points():
     dice = 1 - (2 * inter + 1) / (prob.sum(1) + labels.sum(1) + 1)
     assert got["loss_mask"].item() == pytest.approx(((bce * keep).sum() / 3).item(), rel=1e-5)
     assert got["loss_dice"].item() == pytest.approx(((dice * keep).sum() / 3).item(), rel=1e-5)
-    assert crit.loss_labels(outputs, targets, indices, 3.0)["loss_ce"] == \
-        _criterion(False, 0.2).loss_labels(outputs, targets, indices, 3.0)["loss_ce"]
+    assert (
+        crit.loss_labels(outputs, targets, indices, 3.0)["loss_ce"]
+        == _criterion(False, 0.2).loss_labels(outputs, targets, indices, 3.0)["loss_ce"]
+    )
     # off (the default) and a threshold no IoU reaches below: the plain losses, bit for bit
     torch.manual_seed(7)
     plain = _criterion(False, 0.2)(outputs, targets)
@@ -619,8 +864,10 @@ def test_criterion_drop_loss_on_sampled_points():
 @needs_upstream
 def test_drop_loss_equals_the_published_functions():
     pairwise_iou, ce_drop, dice_drop = _upstream_functions(
-        "mask2former/modeling/criterion.py", ["pairwise_iou", "sigmoid_ce_loss_droploss", "dice_loss_droploss"],
-        {"torch": torch, "F": F})
+        "mask2former/modeling/criterion.py",
+        ["pairwise_iou", "sigmoid_ce_loss_droploss", "dice_loss_droploss"],
+        {"torch": torch, "F": F},
+    )
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(40, 300, generator=g, dtype=torch.float64) * 4
     labels = (torch.rand(40, 300, generator=g, dtype=torch.float64) > 0.7).to(torch.float64)
@@ -631,5 +878,11 @@ def test_drop_loss_equals_the_published_functions():
         weights = 1 - iou.le(thresh).float().ge(1.0).float()  # the published rule, as written there
         keep = drop_loss_keep(logits, labels, thresh)
         assert torch.equal(keep, weights.to(keep.dtype))
-        assert sigmoid_ce_loss(logits, labels, 7.0, keep=keep).item() == ce_drop(logits, labels, 7.0, weights.double()).item()
-        assert dice_loss(logits, labels, 7.0, keep=keep).item() == dice_drop(logits, labels, 7.0, weights.double()).item()
+        assert (
+            sigmoid_ce_loss(logits, labels, 7.0, keep=keep).item()
+            == ce_drop(logits, labels, 7.0, weights.double()).item()
+        )
+        assert (
+            dice_loss(logits, labels, 7.0, keep=keep).item()
+            == dice_drop(logits, labels, 7.0, weights.double()).item()
+        )

@@ -3,6 +3,7 @@
 
 Each test is one case of the issue's lists; the expected behaviour is the one a user should get.
 """
+
 import json
 import logging
 import os
@@ -11,13 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import unsam  # noqa: F401
 from unsam.data.sa1b import load_sa1b_dicts
+from unsam.data.synthetic import make_shapes_dataset
 from unsam.io.sa1b import (
     DatasetError,
     SA1BFormatError,
@@ -26,7 +29,6 @@ from unsam.io.sa1b import (
     validate_rle,
     write_sa1b_json,
 )
-from unsam.data.synthetic import make_shapes_dataset
 from unsam.utils.files import OutputError, ensure_writable_dir, remove_stale_temps
 from unsam.utils.images import UnsupportedImageError, read_rgb
 
@@ -65,7 +67,9 @@ def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
     expected = np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, axis=2)
     assert np.array_equal(read_rgb(tmp_path / "g16.png"), expected)
     assert np.array_equal(read_image(tmp_path / "g16.png"), expected)  # the pseudo engine's reader
-    mapper = UnSAMDatasetMapper(is_train=True, augmentations=[], image_format="RGB", max_instances=10)
+    mapper = UnSAMDatasetMapper(
+        is_train=True, augmentations=[], image_format="RGB", max_instances=10
+    )
     record = {"file_name": str(tmp_path / "g16.png"), "height": 48, "width": 64}
     assert np.array_equal(mapper.read_image(record), expected)  # the training mapper's reader
     # 16-bit RGB: Pillow keeps the high byte itself; both paths agree
@@ -82,14 +86,17 @@ def test_32bit_float_image_refused_by_name(tmp_path):
 
 
 # ----------------------------------------------------------------------------- SA-1B files
-@pytest.mark.parametrize("field,value,reason", [
-    ("counts", "", "empty RLE counts"),
-    ("counts", "truncate", "corrupt RLE counts"),
-    ("size", None, "is not [height, width]"),
-    ("size", [32, 64], "differs from image"),
-    ("level", "x", "level 'x' is not a whole number"),
-    ("predicted_iou", float("nan"), "predicted_iou nan is not a finite number"),
-])
+@pytest.mark.parametrize(
+    "field,value,reason",
+    [
+        ("counts", "", "empty RLE counts"),
+        ("counts", "truncate", "corrupt RLE counts"),
+        ("size", None, "is not [height, width]"),
+        ("size", [32, 64], "differs from image"),
+        ("level", "x", "level 'x' is not a whole number"),
+        ("predicted_iou", float("nan"), "predicted_iou nan is not a finite number"),
+    ],
+)
 def test_bad_annotation_named_and_skipped(tmp_path, caplog, field, value, reason):
     """Was (empty counts): decoded to uninitialised memory and trained on; (size null, level
     "x"): a traceback."""
@@ -142,7 +149,9 @@ def test_written_json_is_a_normal_file(tmp_path):
     """Was: mode 0600 (tempfile.mkstemp's)."""
     old = os.umask(0o022)
     try:
-        write_sa1b_json(tmp_path / "a.json", {"image_id": 0, "width": 1, "height": 1, "file_name": "a.jpg"}, [])
+        write_sa1b_json(
+            tmp_path / "a.json", {"image_id": 0, "width": 1, "height": 1, "file_name": "a.jpg"}, []
+        )
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
@@ -153,9 +162,11 @@ def test_written_json_is_a_normal_file(tmp_path):
 def test_atomic_write_survives_kill_9(tmp_path):
     target = tmp_path / "result.json"
     target.write_text("old and complete")
-    script = (f"from unsam.utils.files import atomic_write\nimport os, signal\n"
-              f"with atomic_write({str(target)!r}) as f:\n"
-              f"    f.write('half of the new'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    script = (
+        f"from unsam.utils.files import atomic_write\nimport os, signal\n"
+        f"with atomic_write({str(target)!r}) as f:\n"
+        f"    f.write('half of the new'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=REPO_ROOT)
     assert res.returncode == -signal.SIGKILL
     assert target.read_text() == "old and complete"
@@ -186,7 +197,9 @@ def two_images(tmp_path) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            folder / f"img_{i}.png"
+        )
     return folder
 
 
@@ -197,7 +210,12 @@ def test_pseudo_bad_output_refused_before_labelling(two_images, tmp_path, capsys
 
     monkeypatch.setattr(runner, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
     (tmp_path / "taken").write_text("a file")
-    assert pseudo_main(["--input", str(two_images), "--output", str(tmp_path / "taken")] + SMALL_PSEUDO) == 2
+    assert (
+        pseudo_main(
+            ["--input", str(two_images), "--output", str(tmp_path / "taken")] + SMALL_PSEUDO
+        )
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, "taken")
 
 
@@ -223,7 +241,13 @@ def test_pseudo_rerun_cleans_stale_temps_and_writes_0644(two_images, tmp_path):
     Image.fromarray(_gradient16()).save(two_images / "img_16bit.png")
     assert pseudo_main(["--input", str(two_images), "--output", str(out)] + SMALL_PSEUDO) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".img_7.json.other.tmp", "img_0.json", "img_1.json", "img_16bit.json", "pseudo_settings.txt"]
+    assert names == [
+        ".img_7.json.other.tmp",
+        "img_0.json",
+        "img_1.json",
+        "img_16bit.json",
+        "pseudo_settings.txt",
+    ]
     assert all((out / n).stat().st_mode & 0o777 == 0o666 & ~_umask() for n in names[1:])
     assert read_sa1b_json(out / "img_16bit.json")["annotations"]  # a real picture, not a white page
 
@@ -242,7 +266,11 @@ def test_pseudo_evaluate_refuses_nan_score(two_images, tmp_path, capsys):
     masks = np.zeros((48, 64), bool)
     masks[10:30, 10:40] = True
     ann = {"id": 0, "segmentation": mask_to_rle(masks), "predicted_iou": float("nan")}
-    write_sa1b_json(pred / "img_0.json", {"image_id": 0, "width": 64, "height": 48, "file_name": "img_0.png"}, [ann])
+    write_sa1b_json(
+        pred / "img_0.json",
+        {"image_id": 0, "width": 64, "height": 48, "file_name": "img_0.png"},
+        [ann],
+    )
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps(_gt_dict(masks)))
     assert eval_main(["--gt", str(gt), "--pred", str(pred)]) == 2
@@ -252,10 +280,21 @@ def test_pseudo_evaluate_refuses_nan_score(two_images, tmp_path, capsys):
 # ----------------------------------------------------------------------------- evaluators
 def _gt_dict(mask: np.ndarray) -> dict:
     h, w = mask.shape
-    return {"images": [{"id": 1, "file_name": "img_0.png", "height": h, "width": w}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": int(mask.sum()),
-                             "segmentation": mask_to_rle(mask), "bbox": [10, 10, 30, 20]}],
-            "categories": [{"id": 1, "name": "object"}]}
+    return {
+        "images": [{"id": 1, "file_name": "img_0.png", "height": h, "width": w}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": int(mask.sum()),
+                "segmentation": mask_to_rle(mask),
+                "bbox": [10, 10, 30, 20],
+            }
+        ],
+        "categories": [{"id": 1, "name": "object"}],
+    }
 
 
 def _bad_predictions(case: str, mask: np.ndarray):
@@ -273,10 +312,16 @@ def _bad_predictions(case: str, mask: np.ndarray):
     return [good]
 
 
-@pytest.mark.parametrize("case,named", [
-    ("nan score", "score nan"), ("missing score", "score None"), ("unknown image id", "image_id 99"),
-    ("swapped size", "differs from image 48x64"), ("empty list", "non-empty"),
-])
+@pytest.mark.parametrize(
+    "case,named",
+    [
+        ("nan score", "score nan"),
+        ("missing score", "score None"),
+        ("unknown image id", "image_id 99"),
+        ("swapped size", "differs from image 48x64"),
+        ("empty list", "non-empty"),
+    ],
+)
 def test_whole_image_evaluator_refuses_bad_predictions(tmp_path, capsys, case, named):
     """Was: NaN scores lowered AP silently, wrong-size RLEs and [] gave all-zero metrics, unknown
     ids and a missing score gave tracebacks."""
@@ -330,13 +375,19 @@ def test_checkpoint_save_survives_kill_9(tmp_path):
     """Was: a checkpoint killed mid-write stayed truncated (model_final.pth at 0 bytes)."""
     _checkpointer(tmp_path, 1.0).save("model_final")
     good = (tmp_path / "model_final.pth").read_bytes()
-    script = ("import os, signal, torch\nimport unsam\n"
-              "from unsam.engine.checkpointer import TrainingCheckpointer\n"
-              "def killed_save(obj, f, *a, **k):\n    f.write(b'PK' * 100); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
-              "torch.save = killed_save\n"
-              f"TrainingCheckpointer(torch.nn.Linear(2, 2), {str(tmp_path)!r}).save('model_final')\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=REPO_ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    script = (
+        "import os, signal, torch\nimport unsam\n"
+        "from unsam.engine.checkpointer import TrainingCheckpointer\n"
+        "def killed_save(obj, f, *a, **k):\n    f.write(b'PK' * 100); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = killed_save\n"
+        f"TrainingCheckpointer(torch.nn.Linear(2, 2), {str(tmp_path)!r}).save('model_final')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert (tmp_path / "model_final.pth").read_bytes() == good
     assert any(p.name.startswith(".model_final.pth.") for p in tmp_path.iterdir())
@@ -369,11 +420,35 @@ def _train(root, out, resume: bool = False) -> int:
     from train_net import cli
 
     try:
-        return cli(["--config-file", TINY, *(["--resume"] if resume else []), "UNSAM.DATA.SA1B_ROOTS", f'("probe:{root}",)',
-                    "DATASETS.TRAIN", '("probe",)', "DATASETS.TEST", "()", "INPUT.IMAGE_SIZE", "64",
-                    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "SOLVER.IMS_PER_BATCH", "1",
-                    "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1", "MODEL.DEVICE", "cpu",
-                    "OUTPUT_DIR", str(out), "SEED", "1"])
+        return cli(
+            [
+                "--config-file",
+                TINY,
+                *(["--resume"] if resume else []),
+                "UNSAM.DATA.SA1B_ROOTS",
+                f'("probe:{root}",)',
+                "DATASETS.TRAIN",
+                '("probe",)',
+                "DATASETS.TEST",
+                "()",
+                "INPUT.IMAGE_SIZE",
+                "64",
+                "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+                "64",
+                "SOLVER.IMS_PER_BATCH",
+                "1",
+                "SOLVER.MAX_ITER",
+                "2",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1",
+                "MODEL.DEVICE",
+                "cpu",
+                "OUTPUT_DIR",
+                str(out),
+                "SEED",
+                "1",
+            ]
+        )
     except SystemExit as e:  # raised inside the launched main, as in every process of a group
         return e.code
 
@@ -392,7 +467,10 @@ def test_training_skips_wrong_size_image_and_resume_rewrites_lost_final(tmp_path
     (out / "model_final.pth").unlink()
     (out / "last_checkpoint").write_text("model_0000001.pth")
     assert _train(root, out, resume=True) == 0
-    assert "model_final.pth is missing or unreadable; writing it from model_0000001.pth" in (out / "log.txt").read_text()
+    assert (
+        "model_final.pth is missing or unreadable; writing it from model_0000001.pth"
+        in (out / "log.txt").read_text()
+    )
     assert (out / "model_final.pth").is_file()
 
 
@@ -402,7 +480,9 @@ def test_test_image_of_wrong_size_is_a_dataset_error(tmp_path):
     from unsam.data.mapper import UnSAMDatasetMapper
 
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
-    mapper = UnSAMDatasetMapper(is_train=False, augmentations=[], image_format="RGB", max_instances=10)
+    mapper = UnSAMDatasetMapper(
+        is_train=False, augmentations=[], image_format="RGB", max_instances=10
+    )
     with pytest.raises(DatasetError, match="a.png.*Mismatched image shape"):
         mapper({"file_name": str(tmp_path / "a.png"), "height": 64, "width": 48})
 
@@ -420,7 +500,8 @@ def _demo_main(argv):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "demo_whole_image", REPO_ROOT / "whole_image_segmentation" / "demo_whole_image.py")
+        "demo_whole_image", REPO_ROOT / "whole_image_segmentation" / "demo_whole_image.py"
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     return demo.main(argv)
@@ -429,8 +510,22 @@ def _demo_main(argv):
 def test_demo_output_that_is_a_file_refused_before_model_load(two_images, tmp_path, capsys):
     """Was: a traceback (after loading the model)."""
     (tmp_path / "taken").write_text("a file")
-    assert _demo_main(["--config-file", TINY, "--input", str(two_images), "--output", str(tmp_path / "taken"),
-                       "--opts", "MODEL.WEIGHTS", str(tmp_path / "not_loaded_yet.pth")]) == 2
+    assert (
+        _demo_main(
+            [
+                "--config-file",
+                TINY,
+                "--input",
+                str(two_images),
+                "--output",
+                str(tmp_path / "taken"),
+                "--opts",
+                "MODEL.WEIGHTS",
+                str(tmp_path / "not_loaded_yet.pth"),
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, "taken")
 
 
@@ -443,8 +538,27 @@ def test_demo_folder_skips_unreadable_image(two_images, tmp_path, caplog):
     (two_images / "img_1.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        assert _demo_main(["--config-file", TINY, "--input", str(two_images), "--output", str(out),
-                           "--opts", "MODEL.WEIGHTS", str(ckpt), "MODEL.DEVICE", "cpu",
-                           "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]) == 0
+        assert (
+            _demo_main(
+                [
+                    "--config-file",
+                    TINY,
+                    "--input",
+                    str(two_images),
+                    "--output",
+                    str(out),
+                    "--opts",
+                    "MODEL.WEIGHTS",
+                    str(ckpt),
+                    "MODEL.DEVICE",
+                    "cpu",
+                    "INPUT.MIN_SIZE_TEST",
+                    "64",
+                    "INPUT.MAX_SIZE_TEST",
+                    "64",
+                ]
+            )
+            == 0
+        )
     assert sorted(p.name for p in out.iterdir()) == ["img_0.png"]
     assert "img_1.png" in caplog.text and "1 of 2 inputs skipped" in caplog.text

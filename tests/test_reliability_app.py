@@ -6,6 +6,7 @@ prints, the first run's kernel compile.
 * ``--help`` of the commands prints no third-party ``torch.jit.script`` FutureWarning;
 * the one-off compile of the CPU kernels (20-40 s) is announced instead of looking like a hang.
 """
+
 import argparse
 import html
 import logging
@@ -16,11 +17,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 from PIL import Image
 
-import unsam  # noqa: F401
 from unsam import app, ops
 from unsam.app_backend import AppInputError, discard_upload, load_photo, open_upload, public_message
 
@@ -59,8 +61,13 @@ def test_launch_sets_an_upload_size_limit(capsys):
 
     options = app.launch_options(app.get_parser().parse_args([]))
     assert options["max_file_size"] == 50 * 1024 * 1024
-    assert set(options) <= set(inspect.signature(gr.Blocks.launch).parameters)  # all real launch keywords
-    assert app.launch_options(app.get_parser().parse_args(["--max-upload-mb", "2.5"]))["max_file_size"] == 2621440
+    assert set(options) <= set(
+        inspect.signature(gr.Blocks.launch).parameters
+    )  # all real launch keywords
+    assert (
+        app.launch_options(app.get_parser().parse_args(["--max-upload-mb", "2.5"]))["max_file_size"]
+        == 2621440
+    )
     for bad in ("0", "-3", "nan", "inf"):
         assert app.main(["--max-upload-mb", bad]) == 2
         err = capsys.readouterr().err
@@ -77,7 +84,9 @@ def test_refused_upload_leaves_no_temp_copy(upload_dir, tmp_path):
         app.read_upload({"path": str(upload), "orig_name": "holiday.jpg"}, max_side=320)
     shown = html.unescape(refused.value.message)  # the page renders it as HTML
     assert shown.startswith("cannot read 'holiday.jpg' as an image") and str(tmp_path) not in shown
-    assert _files(upload_dir) == [] and not upload.parent.exists()  # the file and its per-upload folder
+    assert (
+        _files(upload_dir) == [] and not upload.parent.exists()
+    )  # the file and its per-upload folder
     # a refused file outside the upload folder (a sample photo) is never deleted
     sample = _garbage(tmp_path / "samples" / "broken.jpg")
     with pytest.raises(gr.Error):
@@ -90,7 +99,9 @@ def test_refused_upload_leaves_no_temp_copy(upload_dir, tmp_path):
     good = upload_dir / "77aa" / "photo.png"
     good.parent.mkdir()
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(good)
-    assert open_upload(good, 320, upload_dir=upload_dir).image.shape == (40, 60, 3) and good.exists()
+    assert (
+        open_upload(good, 320, upload_dir=upload_dir).image.shape == (40, 60, 3) and good.exists()
+    )
 
 
 def test_gradio_refuses_oversized_uploads_and_keeps_no_refused_copy(upload_dir):
@@ -112,7 +123,9 @@ def test_gradio_refuses_oversized_uploads_and_keeps_no_refused_copy(upload_dir):
         assert small.status_code == 200, small.text
         stored = Path(small.json()[0])
         deadline = time.time() + 10
-        while not stored.exists() and time.time() < deadline:  # Gradio moves it in a background task
+        while (
+            not stored.exists() and time.time() < deadline
+        ):  # Gradio moves it in a background task
             time.sleep(0.05)
         assert stored.is_relative_to(upload_dir) and stored.exists()
         with pytest.raises(gr.Error):
@@ -123,7 +136,9 @@ def test_gradio_refuses_oversized_uploads_and_keeps_no_refused_copy(upload_dir):
 
 
 # ----------------------------------------------------------------------------- 2. no server paths
-@pytest.mark.parametrize("spelling", ["{d}/f32.tif", "{d}//f32.tif", "{d}/./f32.tif", "{d}/sub/../f32.tif"])
+@pytest.mark.parametrize(
+    "spelling", ["{d}/f32.tif", "{d}//f32.tif", "{d}/./f32.tif", "{d}/sub/../f32.tif"]
+)
 def test_refusal_names_the_file_not_the_server_path(tmp_path, spelling):
     """Was: a path the reader spelt differently from ours ('//', '/./', '..') reached the page whole."""
     (tmp_path / "sub").mkdir()
@@ -136,7 +151,10 @@ def test_refusal_names_the_file_not_the_server_path(tmp_path, spelling):
 
 
 def test_public_message_keeps_base_names_only():
-    assert public_message("cannot open '/srv/x//gradio/ab12/cat.png': no") == "cannot open 'cat.png': no"
+    assert (
+        public_message("cannot open '/srv/x//gradio/ab12/cat.png': no")
+        == "cannot open 'cat.png': no"
+    )
     assert public_message("Is a directory: /a/b/") == "Is a directory: "
     kept = "w/o 1/2 ./x.png http://127.0.0.1:7860/x and 640×480 / 2"
     assert public_message(kept) == kept
@@ -144,7 +162,9 @@ def test_public_message_keeps_base_names_only():
 
 def test_page_names_config_and_weights_without_server_folders(tmp_path):
     """Was: the page's status line showed the weights' and an outside config's absolute paths."""
-    cfg = SimpleNamespace(MODEL=SimpleNamespace(WEIGHTS=str(tmp_path / "runs" / "model_final.pth"), DEVICE="cpu"))
+    cfg = SimpleNamespace(
+        MODEL=SimpleNamespace(WEIGHTS=str(tmp_path / "runs" / "model_final.pth"), DEVICE="cpu")
+    )
     models = SimpleNamespace(cfg=cfg, prompt_mode="select")
     text = app.status_text(models, str(tmp_path / "my.yaml"))
     assert "`model_final.pth`" in text and "`my.yaml`" in text and str(tmp_path) not in text
@@ -179,13 +199,22 @@ def test_default_config_ships_with_the_package():
 
 
 # ----------------------------------------------------------------------------- 3. import warnings
-@pytest.mark.parametrize("command", [["-m", "unsam.pseudo", "--help"], ["train_net.py", "--help"],
-                                     ["-m", "unsam.app", "--help"]], ids=["pseudo", "train_net", "app"])
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "unsam.pseudo", "--help"], ["train_net.py", "--help"], ["-m", "unsam.app", "--help"]],
+    ids=["pseudo", "train_net", "app"],
+)
 def test_help_prints_no_future_warning(command):
     """Was: two ``torch.jit.script`` FutureWarnings (fvcore, detectron2 at import) on every command."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    done = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=dict(env, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=REPO_ROOT,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "usage:" in done.stdout
     assert "Warning" not in done.stderr, done.stderr
 
@@ -198,9 +227,9 @@ def test_only_the_jit_script_notice_is_silenced():
     """The filter is narrow: torch.jit.script's deprecation notice goes, other FutureWarnings stay."""
     import warnings
 
-    import torch
-
     from unsam.compat import silence_jit_script_notice
+
+    import torch
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")  # every warning shows (pytest's own filters aside) ...
@@ -217,7 +246,9 @@ def fake_compiler(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp
 
     calls = []
-    monkeypatch.setattr(cpp, "load", lambda **kwargs: calls.append(kwargs) or SimpleNamespace(name="kernels"))
+    monkeypatch.setattr(
+        cpp, "load", lambda **kwargs: calls.append(kwargs) or SimpleNamespace(name="kernels")
+    )
     monkeypatch.setattr(ops, "build_dir", lambda: tmp_path / "unsam_cpu_kernels")
     monkeypatch.setattr(ops, "_module", ops._UNSET)
     monkeypatch.setenv("UNSAM_CPU_KERNELS", "1")

@@ -5,26 +5,36 @@ the border, a mask_input of the wrong size, a 20000-pixel strip and a 0×0 image
 Bad input gets one ``error:`` line and exit status 2 before the model loads, and nothing of the
 user's is overwritten; input that is merely unusual (a strip, a clipped box, a 0/1 mask) works.
 """
+
 import logging
 import math
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import unsam  # noqa: F401
-from unsam.data.prompts import PromptError, mask_from_values, validate_prompts
 from unsam.config.loading import load_config
+from unsam.data.prompts import PromptError, mask_from_values, validate_prompts
 from unsam.utils.device import DeviceError
 
 from .test_prompt_model import FAST, TINY_PROMPT
 from .test_prompt_model import _demo_main as _point_demo_main
-from .test_reliability import TINY, _demo_main as _whole_main
-from .test_reliability import _one_error_line
+from .test_reliability import TINY, _one_error_line
+from .test_reliability import _demo_main as _whole_main
 
 # the whole-image demo at 64 px: seconds, not minutes, on one CPU thread
-WHOLE_OPTS = ["--opts", "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+WHOLE_OPTS = [
+    "--opts",
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "64",
+]
 POINT_OPTS = ["--opts", *FAST]
 # a GPU this machine does not have, wherever the test runs
 MISSING_GPU = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
@@ -35,17 +45,40 @@ def _point_main(argv):
 
 
 def _write_rgb(path, h=48, w=64, seed=0):
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        path
+    )
     return path
 
 
 def _whole(inputs, output, *extra, opts=WHOLE_OPTS):
-    return _whole_main(["--config-file", TINY, "--input", *map(str, inputs), "--output", str(output), *extra, *opts])
+    return _whole_main(
+        [
+            "--config-file",
+            TINY,
+            "--input",
+            *map(str, inputs),
+            "--output",
+            str(output),
+            *extra,
+            *opts,
+        ]
+    )
 
 
 def _point(inputs, output, *extra, opts=POINT_OPTS):
-    return _point_main(["--config-file", str(TINY_PROMPT), "--input", *map(str, inputs), "--output", str(output),
-                        *extra, *opts])
+    return _point_main(
+        [
+            "--config-file",
+            str(TINY_PROMPT),
+            "--input",
+            *map(str, inputs),
+            "--output",
+            str(output),
+            *extra,
+            *opts,
+        ]
+    )
 
 
 DEMOS = {"whole": _whole, "point": _point}
@@ -107,8 +140,15 @@ def test_predictors_refuse_missing_gpu():
 
 
 # ----------------------------------------------------------------------------- 4. output file name
-@pytest.mark.parametrize("demo,name,fmt", [("whole", "image_out.jpg", "JPEG"), ("point", "image_out.jpg", "JPEG"),
-                                           ("whole", "o.webp", "WEBP"), ("point", "o.bmp", "BMP")])
+@pytest.mark.parametrize(
+    "demo,name,fmt",
+    [
+        ("whole", "image_out.jpg", "JPEG"),
+        ("point", "image_out.jpg", "JPEG"),
+        ("whole", "o.webp", "WEBP"),
+        ("point", "o.bmp", "BMP"),
+    ],
+)
 def test_output_file_name_is_written_exactly_there(demo, name, fmt, tmp_path):
     """Was: ``--output image_out.jpg`` wrote a PNG named image_out.png."""
     photo = _write_rgb(tmp_path / "p.png")
@@ -116,7 +156,9 @@ def test_output_file_name_is_written_exactly_there(demo, name, fmt, tmp_path):
     extra = ["--save-json"] if demo == "whole" else []
     assert DEMOS[demo]([photo], out, *extra) == 0
     written = sorted(p.name for p in out.parent.iterdir())
-    assert written == sorted([name, f"{out.stem}.json"] if demo == "whole" else [name])  # no temp file left
+    assert written == sorted(
+        [name, f"{out.stem}.json"] if demo == "whole" else [name]
+    )  # no temp file left
     with Image.open(out) as img:
         assert img.format == fmt and img.size[1] == 48
 
@@ -243,8 +285,12 @@ def test_prompt_predictor_on_a_strip(prompt_predictor, hw):
     corner = prompt_predictor.transform.apply_coords(np.array([[w, h]], np.float64), hw)[0]
     assert math.isclose(corner[0], prompt_predictor.input_size[1])
     assert math.isclose(corner[1], prompt_predictor.input_size[0])
-    masks, iou, low = prompt_predictor.predict(point_coords=np.array([[w - 1, h - 1]]), point_labels=np.array([1]),
-                                               box=np.array([0, 0, w, h]), multimask_output=False)
+    masks, iou, low = prompt_predictor.predict(
+        point_coords=np.array([[w - 1, h - 1]]),
+        point_labels=np.array([1]),
+        box=np.array([0, 0, w, h]),
+        multimask_output=False,
+    )
     assert masks.shape == (1, *hw) and masks.dtype == bool and low.shape == (1, 256, 256)
     assert np.isfinite(iou).all()
 
@@ -260,7 +306,9 @@ def test_predictors_refuse_image_without_pixels(whole_predictor, prompt_predicto
         prompt_predictor.set_image(image)
 
 
-@pytest.mark.parametrize("demo,hw", [("whole", (20000, 10)), ("point", (20000, 20)), ("point", (10, 20000))])
+@pytest.mark.parametrize(
+    "demo,hw", [("whole", (20000, 10)), ("point", (20000, 20)), ("point", (10, 20000))]
+)
 def test_demos_on_a_strip(demo, hw, tmp_path):
     """Was: the point demo crashed on a 20000×20 image (and the whole-image one on 20000×10)."""
     photo = _write_rgb(tmp_path / "strip.png", *hw)

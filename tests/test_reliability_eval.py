@@ -5,6 +5,7 @@ prompt-evaluator options give one ``error:`` line and exit status 2, or real met
 The three CLIs are run in-process on a one-image ground truth whose predictions are perfect, so
 any metric below 1 is the evaluator's fault.
 """
+
 import json
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unsam.io.sa1b import mask_to_rle
 from unsam.evaluation import prompt as prompt_eval
 from unsam.evaluation import whole_image
+from unsam.io.sa1b import mask_to_rle
 from unsam.pseudo import evaluate as pseudo_eval
 
 from .test_reliability import TINY, _gt_dict, _one_error_line
@@ -45,7 +46,9 @@ def _degenerate(case: str) -> dict:
     if case == "duplicate ids":
         second = np.zeros((H, W), bool)
         second[35:45, 45:60] = True
-        gt["annotations"].append(dict(gt["annotations"][0], segmentation=mask_to_rle(second), bbox=[45, 35, 15, 10]))
+        gt["annotations"].append(
+            dict(gt["annotations"][0], segmentation=mask_to_rle(second), bbox=[45, 35, 15, 10])
+        )
     elif case == "crowd only":
         gt["annotations"][0]["iscrowd"] = 1
     elif case == "no annotations key":
@@ -63,27 +66,61 @@ def _setup(tmp_path: Path, gt: dict, segmentation=None, scores=(0.9,)) -> dict:
     seg = segmentation or mask_to_rle(_mask())
     paths = {name: tmp_path / name for name in ("gt.json", "pred.json", "pred", "images")}
     paths["gt.json"].write_text(json.dumps(gt))
-    results = [{"image_id": 1, "segmentation": seg, **({} if s is None else {"score": s})} for s in scores]
+    results = [
+        {"image_id": 1, "segmentation": seg, **({} if s is None else {"score": s})} for s in scores
+    ]
     paths["pred.json"].write_text(json.dumps(results))
-    anns = [{"id": i, "segmentation": seg, "area": int(_mask().sum()), **({} if s is None else {"predicted_iou": s})}
-            for i, s in enumerate(scores)]
+    anns = [
+        {
+            "id": i,
+            "segmentation": seg,
+            "area": int(_mask().sum()),
+            **({} if s is None else {"predicted_iou": s}),
+        }
+        for i, s in enumerate(scores)
+    ]
     paths["pred"].mkdir()
-    (paths["pred"] / "img_0.json").write_text(json.dumps(
-        {"image": {"image_id": 1, "height": H, "width": W, "file_name": "img_0.png"}, "annotations": anns}))
+    (paths["pred"] / "img_0.json").write_text(
+        json.dumps(
+            {
+                "image": {"image_id": 1, "height": H, "width": W, "file_name": "img_0.png"},
+                "annotations": anns,
+            }
+        )
+    )
     paths["images"].mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
-        paths["images"] / "img_0.png")
+        paths["images"] / "img_0.png"
+    )
     return {k: str(v) for k, v in paths.items()}
 
 
 def _run(evaluator: str, p: dict, out: str, *extra: str) -> int:
     """One evaluator CLI in-process; the prompt evaluator on the tiny config (CPU, random weights)."""
     if evaluator == "whole_image":
-        return whole_image.main(["--gt", p["gt.json"], "--pred", p["pred.json"], "--out", out, *extra])
+        return whole_image.main(
+            ["--gt", p["gt.json"], "--pred", p["pred.json"], "--out", out, *extra]
+        )
     if evaluator == "pseudo":
         return pseudo_eval.main(["--gt", p["gt.json"], "--pred", p["pred"], "--out", out, *extra])
-    return prompt_eval.main(["--gt", p["gt.json"], "--images", p["images"], "--out", out, "--config-file", TINY,
-                             *extra, "--opts", "MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "64"])
+    return prompt_eval.main(
+        [
+            "--gt",
+            p["gt.json"],
+            "--images",
+            p["images"],
+            "--out",
+            out,
+            "--config-file",
+            TINY,
+            *extra,
+            "--opts",
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.IMAGE_SIZE",
+            "64",
+        ]
+    )
 
 
 EVALUATORS = ("whole_image", "pseudo", "prompt")
@@ -91,12 +128,15 @@ EVALUATORS = ("whole_image", "pseudo", "prompt")
 
 # ----------------------------------------------------------------------------- cases 1, 3, 9
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize("case,named", [
-    ("duplicate ids", ("annotation id 1", "occurs 2 times")),
-    ("crowd only", ("no non-crowd annotations",)),
-    ("no annotations key", ("no non-crowd annotations", "'annotations'")),
-    ("empty segmentation", ("annotation id 2", "segmentation []")),
-])
+@pytest.mark.parametrize(
+    "case,named",
+    [
+        ("duplicate ids", ("annotation id 1", "occurs 2 times")),
+        ("crowd only", ("no non-crowd annotations",)),
+        ("no annotations key", ("no non-crowd annotations", "'annotations'")),
+        ("empty segmentation", ("annotation id 2", "segmentation []")),
+    ],
+)
 def test_degenerate_ground_truth_refused(tmp_path, capsys, evaluator, case, named):
     """Was: perfect predictions scored 0.0 (or 0.5 with a duplicate id), exit 0; ``[]`` and, in the
     prompt evaluator, the degenerate GTs gave tracebacks."""
@@ -122,10 +162,13 @@ def test_polygon_pycocotools_takes_for_a_box_refused(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- case 2
-@pytest.mark.parametrize("scores,named", [
-    ((None,), ("no annotation has 'predicted_iou'",)),
-    ((0.9, None, 0.5), ("annotation 1 has no 'predicted_iou'", "1 of 3")),
-])
+@pytest.mark.parametrize(
+    "scores,named",
+    [
+        ((None,), ("no annotation has 'predicted_iou'",)),
+        ((0.9, None, 0.5), ("annotation 1 has no 'predicted_iou'", "1 of 3")),
+    ],
+)
 def test_pseudo_labels_without_predicted_iou_refused(tmp_path, capsys, scores, named):
     """Was: a missing predicted_iou became 1.0, so the ranking behind AP and AR@k was the file order."""
     p = _setup(tmp_path, _gt_dict(_mask()), scores=scores)
@@ -178,16 +221,24 @@ def test_swapped_gt_and_pred_named(tmp_path, capsys):
     folder (pseudo), a ``KeyError`` for a pseudo-label file as GT."""
     p = _setup(tmp_path, _gt_dict(_mask()))
     assert whole_image.main(["--gt", p["pred.json"], "--pred", p["gt.json"]]) == 2
-    _one_error_line(capsys.readouterr().err, "pred.json", "results", "did you swap --gt and --pred?")
+    _one_error_line(
+        capsys.readouterr().err, "pred.json", "results", "did you swap --gt and --pred?"
+    )
     assert pseudo_eval.main(["--gt", p["pred"], "--pred", p["gt.json"]]) == 2
     _one_error_line(capsys.readouterr().err, "pred", "folder", "did you swap --gt and --pred?")
     assert pseudo_eval.main(["--gt", str(Path(p["pred"]) / "img_0.json"), "--pred", p["pred"]]) == 2
-    _one_error_line(capsys.readouterr().err, "img_0.json", "pseudo-label", "did you swap --gt and --pred?")
+    _one_error_line(
+        capsys.readouterr().err, "img_0.json", "pseudo-label", "did you swap --gt and --pred?"
+    )
     # only --pred wrong: a GT where results belong
     assert whole_image.main(["--gt", p["gt.json"], "--pred", p["gt.json"]]) == 2
-    _one_error_line(capsys.readouterr().err, "gt.json", "ground truth", "did you swap --gt and --pred?")
+    _one_error_line(
+        capsys.readouterr().err, "gt.json", "ground truth", "did you swap --gt and --pred?"
+    )
     assert pseudo_eval.main(["--gt", p["gt.json"], "--pred", p["gt.json"]]) == 2
-    _one_error_line(capsys.readouterr().err, "gt.json", "is a file", "did you swap --gt and --pred?")
+    _one_error_line(
+        capsys.readouterr().err, "gt.json", "is a file", "did you swap --gt and --pred?"
+    )
 
 
 # ----------------------------------------------------------------------------- cases 7, 8
@@ -249,11 +300,16 @@ class _Recorder:
     def set_image(self, image):
         self.image = image.copy()
 
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
-                multimask_output=True):
+    def predict(
+        self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True
+    ):
         h, w = self.image.shape[:2]
         n = 3 if multimask_output else 1
-        return np.zeros((n, h, w), bool), np.zeros(n, np.float32), np.zeros((n, 256, 256), np.float32)
+        return (
+            np.zeros((n, h, w), bool),
+            np.zeros(n, np.float32),
+            np.zeros((n, 256, 256), np.float32),
+        )
 
 
 def test_prompt_and_whole_image_evaluation_see_the_same_pixels(tmp_path):
@@ -298,6 +354,15 @@ def test_prompt_evaluation_reads_16_bit_images_as_every_path_does(tmp_path):
 def test_one_format_metrics_for_every_evaluator():
     """Was: two format_metrics (whole-image: only its nine keys in percent; prompt: mIoU*)."""
     assert prompt_eval.format_metrics is whole_image.format_metrics
-    line = whole_image.format_metrics({"AR@100": 0.4567, "mIoU_max@2": 0.5, "AP50": 1.0,
-                                       "num_images": 40, "seconds_per_image": 0.1234})
-    assert line == "AR@100 45.7  mIoU_max@2 50.0  AP50 100.0  num_images 40  seconds_per_image 0.123"
+    line = whole_image.format_metrics(
+        {
+            "AR@100": 0.4567,
+            "mIoU_max@2": 0.5,
+            "AP50": 1.0,
+            "num_images": 40,
+            "seconds_per_image": 0.1234,
+        }
+    )
+    assert (
+        line == "AR@100 45.7  mIoU_max@2 50.0  AP50 100.0  num_images 40  seconds_per_image 0.123"
+    )

@@ -6,19 +6,26 @@ builds the file a user (or an attacker) could hand over and checks what the user
 refused with one ``error:`` line naming what it calls and the opt-in, or the published layouts
 read without it; ``--resume`` by iteration, refused for another model size; a full disk named.
 """
+
 import errno
 import logging
 import os
 import pickle
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import unsam  # noqa: F401
-from unsam.checkpoint import (TRUSTED_WEIGHTS_ENV, UnSAMCheckpointer, UnsafeWeightsError, read_weights)
+from unsam.checkpoint import (
+    TRUSTED_WEIGHTS_ENV,
+    UnsafeWeightsError,
+    UnSAMCheckpointer,
+    read_weights,
+)
 from unsam.data.synthetic import make_shapes_dataset
 
 from .test_reliability import TINY, _checkpointer, _demo_main, _one_error_line
@@ -40,8 +47,14 @@ def _malicious(tmp_path, suffix: str, name: str = "evil") -> Path:
     payload = _RunsCode(tmp_path / "ran")
     if suffix == ".pkl":  # detectron2 model-zoo layout, numpy arrays
         with open(path, "wb") as f:
-            pickle.dump({"model": {"w": np.zeros(2, np.float32)}, "__author__": payload,
-                         "matching_heuristics": True}, f)
+            pickle.dump(
+                {
+                    "model": {"w": np.zeros(2, np.float32)},
+                    "__author__": payload,
+                    "matching_heuristics": True,
+                },
+                f,
+            )
     else:
         torch.save({"model": {"w": torch.zeros(2)}, "extra": payload}, path)
     return path
@@ -69,7 +82,9 @@ def test_trusted_file_loads_in_full_after_a_warning(tmp_path, monkeypatch, caplo
     (tmp_path / "sub").mkdir()
     link = tmp_path / "link"
     link.symlink_to(evil)
-    monkeypatch.setenv(TRUSTED_WEIGHTS_ENV, os.pathsep.join([str(tmp_path / "nothing.pth"), str(link)]))
+    monkeypatch.setenv(
+        TRUSTED_WEIGHTS_ENV, os.pathsep.join([str(tmp_path / "nothing.pth"), str(link)])
+    )
     with pytest.raises(UnsafeWeightsError):
         read_weights(str(neighbour))
     assert not (tmp_path / "ran").exists()
@@ -77,7 +92,11 @@ def test_trusted_file_loads_in_full_after_a_warning(tmp_path, monkeypatch, caplo
         checkpoint = read_weights(str(tmp_path / "sub" / ".." / evil.name))
     assert (tmp_path / "ran").exists()  # the user said so for this file
     assert list(checkpoint["model"]) == ["w"]
-    assert TRUSTED_WEIGHTS_ENV in caplog.text and evil.name in caplog.text and "runs code" in caplog.text
+    assert (
+        TRUSTED_WEIGHTS_ENV in caplog.text
+        and evil.name in caplog.text
+        and "runs code" in caplog.text
+    )
 
 
 def _resnet50_backbone():
@@ -101,10 +120,16 @@ def test_published_detectron2_pkl_loads_without_opt_in(tmp_path, monkeypatch, ca
     monkeypatch.delenv(TRUSTED_WEIGHTS_ENV, raising=False)
     source = _resnet50_backbone()
     torch.manual_seed(0)
-    arrays = {k[len("backbone."):]: torch.randn(v.shape).numpy() for k, v in source.state_dict().items()}
+    arrays = {
+        k[len("backbone.") :]: torch.randn(v.shape).numpy() for k, v in source.state_dict().items()
+    }
     path = tmp_path / "dino_RN50_pretrain_d2_format.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": arrays, "__author__": "DINO", "matching_heuristics": True}, f, protocol=protocol)
+        pickle.dump(
+            {"model": arrays, "__author__": "DINO", "matching_heuristics": True},
+            f,
+            protocol=protocol,
+        )
     model = _resnet50_backbone()
     with caplog.at_level(logging.WARNING):
         UnSAMCheckpointer(model).load(str(path))
@@ -129,8 +154,15 @@ def test_public_unsam_pth_layout_loads_without_opt_in(tmp_path, monkeypatch, cap
     scheduler = build_lr_scheduler(cfg, optimizer)
     whole_scheduler = torch.optim.lr_scheduler.LRScheduler.state_dict(scheduler)  # with _multiplier
     path = tmp_path / "unsam_sa1b_4perc_ckpt_200k.pth"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": whole_scheduler,
-                "iteration": 199999}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": whole_scheduler,
+            "iteration": 199999,
+        },
+        path,
+    )
     with caplog.at_level(logging.WARNING):
         checkpoint = read_weights(str(path))
     assert not caplog.text
@@ -149,11 +181,36 @@ def _train(root, out, *opts, resume: bool = False, steps: int = 2) -> int:
     from train_net import cli
 
     try:
-        return cli(["--config-file", TINY, *(["--resume"] if resume else []),
-                    "UNSAM.DATA.SA1B_ROOTS", f'("probe:{root}",)', "DATASETS.TRAIN", '("probe",)',
-                    "DATASETS.TEST", "()", "INPUT.IMAGE_SIZE", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64",
-                    "SOLVER.IMS_PER_BATCH", "1", "SOLVER.MAX_ITER", str(steps), "SOLVER.CHECKPOINT_PERIOD", "1",
-                    "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SEED", "1", *opts])
+        return cli(
+            [
+                "--config-file",
+                TINY,
+                *(["--resume"] if resume else []),
+                "UNSAM.DATA.SA1B_ROOTS",
+                f'("probe:{root}",)',
+                "DATASETS.TRAIN",
+                '("probe",)',
+                "DATASETS.TEST",
+                "()",
+                "INPUT.IMAGE_SIZE",
+                "64",
+                "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+                "64",
+                "SOLVER.IMS_PER_BATCH",
+                "1",
+                "SOLVER.MAX_ITER",
+                str(steps),
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1",
+                "MODEL.DEVICE",
+                "cpu",
+                "OUTPUT_DIR",
+                str(out),
+                "SEED",
+                "1",
+                *opts,
+            ]
+        )
     except SystemExit as e:  # raised inside the launched main
         return e.code
 
@@ -178,10 +235,31 @@ def test_demos_and_app_refuse_weights_that_run_code(tmp_path, capsys, monkeypatc
     monkeypatch.delenv(TRUSTED_WEIGHTS_ENV, raising=False)
     evil = _malicious(tmp_path, ".pth")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
-    assert _demo_main(["--config-file", TINY, "--input", str(tmp_path / "photo.png"), "--output",
-                       str(tmp_path / "out"), "--opts", "MODEL.WEIGHTS", str(evil), "MODEL.DEVICE", "cpu"]) == 2
+    assert (
+        _demo_main(
+            [
+                "--config-file",
+                TINY,
+                "--input",
+                str(tmp_path / "photo.png"),
+                "--output",
+                str(tmp_path / "out"),
+                "--opts",
+                "MODEL.WEIGHTS",
+                str(evil),
+                "MODEL.DEVICE",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, str(evil), "builtins.exec", TRUSTED_WEIGHTS_ENV)
-    assert app_main(["--config-file", TINY, "--opts", "MODEL.WEIGHTS", str(evil), "MODEL.DEVICE", "cpu"]) == 2
+    assert (
+        app_main(
+            ["--config-file", TINY, "--opts", "MODEL.WEIGHTS", str(evil), "MODEL.DEVICE", "cpu"]
+        )
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, str(evil), "builtins.exec", TRUSTED_WEIGHTS_ENV)
     assert not (tmp_path / "ran").exists()
 
@@ -195,9 +273,25 @@ def test_pseudo_refuses_weights_that_run_code(tmp_path, capsys, monkeypatch, opt
     monkeypatch.delenv(TRUSTED_WEIGHTS_ENV, raising=False)
     evil = _malicious(tmp_path, ".pth" if option == "--dino-weights" else ".pkl")
     (tmp_path / "in").mkdir()
-    assert pseudo_main(["--recipe", "unsam", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
-                        "--quiet", option, str(evil)]) == 2
-    _one_error_line(capsys.readouterr().err, str(evil), "builtins.exec", TRUSTED_WEIGHTS_ENV, option)
+    assert (
+        pseudo_main(
+            [
+                "--recipe",
+                "unsam",
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "o"),
+                "--quiet",
+                option,
+                str(evil),
+            ]
+        )
+        == 2
+    )
+    _one_error_line(
+        capsys.readouterr().err, str(evil), "builtins.exec", TRUSTED_WEIGHTS_ENV, option
+    )
     assert not (tmp_path / "ran").exists()
 
 
@@ -248,8 +342,14 @@ def test_resume_with_another_model_width_is_one_error(tmp_path, shapes, capsys):
     before = {p.name: p.read_bytes() for p in out.glob("*.pth")}
     capsys.readouterr()
     assert _train(shapes, out, "MODEL.MASK_FORMER.HIDDEN_DIM", "32", resume=True, steps=4) == 2
-    _one_error_line(capsys.readouterr().err, "--resume", str(out / "model_final.pth"), "103/171 tensors",
-                    "other shapes", "sem_seg_head.")
+    _one_error_line(
+        capsys.readouterr().err,
+        "--resume",
+        str(out / "model_final.pth"),
+        "103/171 tensors",
+        "other shapes",
+        "sem_seg_head.",
+    )
     assert {p.name: p.read_bytes() for p in out.glob("*.pth")} == before
 
 
@@ -285,14 +385,20 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
 
 
-def test_training_stops_with_one_error_line_when_the_disk_fills(tmp_path, shapes, capsys, monkeypatch):
+def test_training_stops_with_one_error_line_when_the_disk_fills(
+    tmp_path, shapes, capsys, monkeypatch
+):
     """Was: a traceback."""
     out = tmp_path / "out"
     _full_disk_after(monkeypatch, 1)
     assert _train(shapes, out) == 2
     captured = capsys.readouterr()
-    _one_error_line(captured.err, str(out / "model_0000001.pth"), "No space left on device",
-                    str(out / "model_0000000.pth"))
+    _one_error_line(
+        captured.err,
+        str(out / "model_0000001.pth"),
+        "No space left on device",
+        str(out / "model_0000000.pth"),
+    )
     assert "Traceback" not in captured.out and "Traceback" not in (out / "log.txt").read_text()
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
     assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000000.pth"]

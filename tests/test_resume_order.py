@@ -1,13 +1,14 @@
 """Data order survives ``--resume`` (issue 27, item 4): a run stopped at iteration k and resumed
 sees, on every rank, exactly the samples an uninterrupted run sees."""
+
 import itertools
 import json
 import os
 import shutil
 
 import pytest
-
 from detectron2.data.samplers import TrainingSampler
+
 from unsam.data.samplers import ResumableTrainingSampler
 from unsam.data.synthetic import make_shapes_dataset
 
@@ -56,20 +57,27 @@ class _Recording:
         return getattr(self.loader, name)
 
 
-def _train_and_record(root: str, out_dir: str, max_iter: int, resume: bool, tag: str, numpy_seed: int,
-                      checkpoint_period: int = 100):
+def _train_and_record(
+    root: str,
+    out_dir: str,
+    max_iter: int,
+    resume: bool,
+    tag: str,
+    numpy_seed: int,
+    checkpoint_period: int = 100,
+):
     """On every rank of a 2-process gloo group: train to ``max_iter``, record the batches drawn.
 
     The sampler's seed is detectron2's shared random seed (drawn from NumPy on rank 0): seeding
     NumPy alike gives two runs the same stream, a different seed a different one.
     """
-    import numpy as np
+    import unsam.compat  # noqa: F401
 
-    import unsam  # noqa: F401
+    import numpy as np
     from detectron2.utils import comm
 
-    from unsam.engine.trainer import Trainer, register_datasets
     from unsam.config.loading import load_config
+    from unsam.engine.trainer import Trainer, register_datasets
 
     class RecordingTrainer(Trainer):
         @classmethod
@@ -77,11 +85,30 @@ def _train_and_record(root: str, out_dir: str, max_iter: int, resume: bool, tag:
             path = os.path.join(out_dir, f"{tag}_rank{comm.get_rank()}.jsonl")
             return _Recording(super().build_train_loader(cfg), path)
 
-    cfg = load_config(TINY, FAST + ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"order:{root}"]),
-                                    "DATASETS.TRAIN", '("order",)', "DATASETS.TEST", "()",
-                                    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(max_iter),
-                                    "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period), "INPUT.IMAGE_SIZE", "64",
-                                    "SEED", "-1", "OUTPUT_DIR", out_dir])
+    cfg = load_config(
+        TINY,
+        FAST
+        + [
+            "UNSAM.DATA.SA1B_ROOTS",
+            json.dumps([f"order:{root}"]),
+            "DATASETS.TRAIN",
+            '("order",)',
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "SOLVER.MAX_ITER",
+            str(max_iter),
+            "SOLVER.CHECKPOINT_PERIOD",
+            str(checkpoint_period),
+            "INPUT.IMAGE_SIZE",
+            "64",
+            "SEED",
+            "-1",
+            "OUTPUT_DIR",
+            out_dir,
+        ],
+    )
     register_datasets(cfg)
     np.random.seed(numpy_seed)
     trainer = RecordingTrainer(cfg)

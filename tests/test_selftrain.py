@@ -5,17 +5,19 @@ previous round by the UnSAM+ rule; bad input is one error line.
 The model is the tiny config with random weights (saved by the fixture): its 50 masks per image
 overlap heavily (IoU ~0.9), so the de-duplication has work to do. Every expectation is computed
 here, independently, from the predictor's raw output with a numpy IoU."""
+
 import json
 import shutil
 from pathlib import Path
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import pytest
 import torch
 
-import unsam  # noqa: F401
-from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 from unsam.data.synthetic import make_shapes_dataset
+from unsam.io.sa1b import annotation_from_mask, read_sa1b_json, rle_to_mask, write_sa1b_json
 from unsam.selftrain import main as selftrain_main
 from unsam.utils.images import read_rgb
 from unsam.utils.threads import torch_threads
@@ -28,9 +30,9 @@ TINY = REPO / "configs" / "tiny" / "unsam_tiny.yaml"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    import unsam.modeling  # noqa: F401
     from detectron2.modeling import build_model
 
+    import unsam.modeling  # noqa: F401
     from unsam.config.loading import load_config
 
     torch.manual_seed(0)
@@ -54,8 +56,8 @@ def shapes(tmp_path_factory):
 def raw(weights, shapes):
     """The predictor's own output per photo: (masks N×H×W bool, float scores), on one thread
     as the runner labels."""
-    from unsam.predictor import WholeImagePredictor
     from unsam.config.loading import load_config
+    from unsam.predictor import WholeImagePredictor
 
     cfg = load_config(str(TINY), ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"])
     predictor = WholeImagePredictor.from_config(cfg)
@@ -63,7 +65,10 @@ def raw(weights, shapes):
     with torch_threads(1):
         for p in sorted(shapes[1].glob("*.png")):
             inst = predictor(read_rgb(p))
-            out[p.stem] = (inst.pred_masks.numpy().astype(bool), [float(s) for s in inst.scores.numpy()])
+            out[p.stem] = (
+                inst.pred_masks.numpy().astype(bool),
+                [float(s) for s in inst.scores.numpy()],
+            )
     return out
 
 
@@ -76,14 +81,30 @@ def _expected(masks, scores, low, high, dedup):
     """The documented rule, written out: best first, low < s <= high, non-empty, greedy IoU <= dedup."""
     kept = []
     for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
-        if low < scores[i] <= high and masks[i].any() and all(_iou(masks[i], masks[k]) <= dedup for k in kept):
+        if (
+            low < scores[i] <= high
+            and masks[i].any()
+            and all(_iou(masks[i], masks[k]) <= dedup for k in kept)
+        ):
             kept.append(i)
     return kept
 
 
 def _argv(weights, inp, out, *extra):
-    return ["--config-file", str(TINY), "--weights", str(weights), "--input", str(inp), "--output", str(out),
-            "--device", "cpu", "--quiet", *extra]
+    return [
+        "--config-file",
+        str(TINY),
+        "--weights",
+        str(weights),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_band_and_dedup_hold_and_the_trainer_loads_the_labels(weights, shapes, raw, tmp_path):
@@ -92,7 +113,12 @@ def test_band_and_dedup_hold_and_the_trainer_loads_the_labels(weights, shapes, r
     # band edges on actual scores: the one equal to low is out, the one equal to high is in
     low, high = all_scores[len(all_scores) // 4], all_scores[3 * len(all_scores) // 4]
     out = tmp_path / "round2"
-    assert selftrain_main(_argv(weights, photos, out, "--score-low", repr(low), "--score-high", repr(high))) == 0
+    assert (
+        selftrain_main(
+            _argv(weights, photos, out, "--score-low", repr(low), "--score-high", repr(high))
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.json")) == sorted(f"{s}.json" for s in raw)
     dropped_as_duplicate = 0
     for stem, (masks, scores) in raw.items():
@@ -110,18 +136,33 @@ def test_band_and_dedup_hold_and_the_trainer_loads_the_labels(weights, shapes, r
         dropped_as_duplicate += len(in_band) - len(keep)
         assert labels["image"]["file_name"] == str(photos / f"{stem}.png")
     assert dropped_as_duplicate > 0  # the de-duplication was exercised, not vacuous
-    assert low in {s for _, sc in raw.values() for s in sc} and high in {s for _, sc in raw.values() for s in sc}
+    assert low in {s for _, sc in raw.values() for s in sc} and high in {
+        s for _, sc in raw.values() for s in sc
+    }
     settings = json.loads((out / "selftrain_settings.txt").read_text())
-    assert settings["score_low"] == low and settings["dedup_iou"] == 0.9 and len(settings["weights_sha256"]) == 64
+    assert (
+        settings["score_low"] == low
+        and settings["dedup_iou"] == 0.9
+        and len(settings["weights_sha256"]) == 64
+    )
 
     # the next round: the trainer's own loader reads the folder named in UNSAM.DATA.SA1B_ROOTS
     from detectron2.data import DatasetCatalog
 
-    from unsam.engine.trainer import load_train_dicts, register_datasets
     from unsam.config.loading import load_config
+    from unsam.engine.trainer import load_train_dicts, register_datasets
 
-    cfg = load_config(str(TINY), ["UNSAM.DATA.SA1B_ROOTS", json.dumps([f"selftrain_round2:{out}"]),
-                                  "DATASETS.TRAIN", '("selftrain_round2",)', "DATASETS.TEST", "()"])
+    cfg = load_config(
+        str(TINY),
+        [
+            "UNSAM.DATA.SA1B_ROOTS",
+            json.dumps([f"selftrain_round2:{out}"]),
+            "DATASETS.TRAIN",
+            '("selftrain_round2",)',
+            "DATASETS.TEST",
+            "()",
+        ],
+    )
     register_datasets(cfg)
     try:
         dicts = load_train_dicts(cfg)
@@ -131,7 +172,9 @@ def test_band_and_dedup_hold_and_the_trainer_loads_the_labels(weights, shapes, r
     by_file = {Path(d["file_name"]).stem: d for d in dicts}
     for stem, (masks, scores) in raw.items():
         keep = _expected(masks, scores, low, high, 0.9)
-        assert [a["predicted_iou"] for a in by_file[stem]["annotations"]] == [scores[i] for i in keep]
+        assert [a["predicted_iou"] for a in by_file[stem]["annotations"]] == [
+            scores[i] for i in keep
+        ]
 
 
 def test_resume_and_shards_give_the_same_files(weights, shapes, tmp_path):
@@ -139,12 +182,19 @@ def test_resume_and_shards_give_the_same_files(weights, shapes, tmp_path):
     full, resumed, sharded = tmp_path / "full", tmp_path / "resumed", tmp_path / "sharded"
     assert selftrain_main(_argv(weights, photos, full, "--dedup-iou", "0.8")) == 0
     # a run stopped after one image (--end-id 1), with a half-written file of the next left behind
-    assert selftrain_main(_argv(weights, photos, resumed, "--dedup-iou", "0.8", "--end-id", "1")) == 0
+    assert (
+        selftrain_main(_argv(weights, photos, resumed, "--dedup-iou", "0.8", "--end-id", "1")) == 0
+    )
     second = sorted(photos.glob("*.png"))[1].stem
     (resumed / f".{second}.json.dead.tmp").write_text('{"image": {')
     assert selftrain_main(_argv(weights, photos, resumed, "--dedup-iou", "0.8")) == 0
     for i in (0, 1):
-        assert selftrain_main(_argv(weights, photos, sharded, "--dedup-iou", "0.8", "--shard", f"{i}/2")) == 0
+        assert (
+            selftrain_main(
+                _argv(weights, photos, sharded, "--dedup-iou", "0.8", "--shard", f"{i}/2")
+            )
+            == 0
+        )
     for folder in (resumed, sharded):
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in full.iterdir())
         for f in full.iterdir():
@@ -163,15 +213,35 @@ def test_dataset_root_input_and_merge_with_previous_round(weights, shapes, raw, 
     previous, out = tmp_path / "round1", tmp_path / "round2"
     assert selftrain_main(_argv(weights, photos, previous, "--max-masks", "5")) == 0
     # the threshold splits the new masks: the median of their IoU with the closest old one
-    closest = [max(_iou(masks[i], rle_to_mask(a["segmentation"]))
-                   for a in read_sa1b_json(previous / f"{stem}.json")["annotations"])
-               for stem, (masks, scores) in raw.items() for i in _expected(masks, scores, 0.0, 1.0, 0.9)]
+    closest = [
+        max(
+            _iou(masks[i], rle_to_mask(a["segmentation"]))
+            for a in read_sa1b_json(previous / f"{stem}.json")["annotations"]
+        )
+        for stem, (masks, scores) in raw.items()
+        for i in _expected(masks, scores, 0.0, 1.0, 0.9)
+    ]
     threshold = float(np.median([c for c in closest if c < 1]))
-    assert selftrain_main(_argv(weights, root, out, "--previous", str(previous),
-                                "--max-iou-with-previous", repr(threshold))) == 0
+    assert (
+        selftrain_main(
+            _argv(
+                weights,
+                root,
+                out,
+                "--previous",
+                str(previous),
+                "--max-iou-with-previous",
+                repr(threshold),
+            )
+        )
+        == 0
+    )
     n_added = n_predicted = 0
     for stem, (masks, scores) in raw.items():
-        assert read_sa1b_json(out / f"{stem}.json")["image"]["image_id"] == read_sa1b_json(root / f"{stem}.json")["image"]["image_id"]
+        assert (
+            read_sa1b_json(out / f"{stem}.json")["image"]["image_id"]
+            == read_sa1b_json(root / f"{stem}.json")["image"]["image_id"]
+        )
         old = read_sa1b_json(previous / f"{stem}.json")
         new = read_sa1b_json(out / f"{stem}.json")
         assert new["image"]["file_name"] == str((root / f"{stem}.png").absolute())
@@ -183,10 +253,14 @@ def test_dataset_root_input_and_merge_with_previous_round(weights, shapes, raw, 
         n_added, n_predicted = n_added + len(added), n_predicted + len(predicted)
         got = new["annotations"][n_old:]
         assert [a["predicted_iou"] for a in got] == [scores[i] for i in added]
-        assert all(np.array_equal(rle_to_mask(a["segmentation"]), masks[i]) for a, i in zip(got, added))
+        assert all(
+            np.array_equal(rle_to_mask(a["segmentation"]), masks[i]) for a, i in zip(got, added)
+        )
         ids = [a["id"] for a in new["annotations"]]
         assert len(set(ids)) == len(ids)
-    assert 0 < n_added < n_predicted - 15  # some new masks added, some dropped besides the 15 old ones
+    assert (
+        0 < n_added < n_predicted - 15
+    )  # some new masks added, some dropped besides the 15 old ones
 
 
 def test_unreadable_image_of_a_dataset_root_is_listed(weights, shapes, tmp_path):
@@ -199,25 +273,31 @@ def test_unreadable_image_of_a_dataset_root_is_listed(weights, shapes, tmp_path)
     assert selftrain_main(_argv(weights, data, out, "--max-masks", "2")) == 0
     failed = (out / "failed.txt").read_text().splitlines()
     assert len(failed) == 1 and failed[0].startswith(str(first)) and "not found" in failed[0]
-    assert sorted(p.name for p in out.glob("*.json")) == sorted(p.name for p in data.glob("*.json"))[1:]
+    assert (
+        sorted(p.name for p in out.glob("*.json"))
+        == sorted(p.name for p in data.glob("*.json"))[1:]
+    )
     assert all(len(read_sa1b_json(p)["annotations"]) <= 2 for p in out.glob("*.json"))
 
 
-@pytest.mark.parametrize("extra, named", [
-    (["--score-low", "0.6", "--score-high", "0.4"], "--score-low 0.6"),
-    (["--score-low", "0.5", "--score-high", "0.5"], "--score-low 0.5"),
-    (["--score-high", "1.5"], "--score-high 1.5"),
-    (["--score-low", "-0.1"], "--score-low -0.1"),
-    (["--score-low", "nan"], "--score-low nan"),
-    (["--dedup-iou", "0"], "--dedup-iou 0"),
-    (["--max-masks", "0"], "--max-masks 0"),
-    (["--max-iou-with-previous", "0.3"], "needs --previous"),
-    (["--previous", "/no/such/round"], "--previous"),
-    (["--shard", "2/2"], "--shard 2/2"),
-    (["--workers", "0"], "--workers 0"),
-    (["--device", "tpu"], "--device"),
-    (["--score-low", "low"], "--score-low"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--score-low", "0.6", "--score-high", "0.4"], "--score-low 0.6"),
+        (["--score-low", "0.5", "--score-high", "0.5"], "--score-low 0.5"),
+        (["--score-high", "1.5"], "--score-high 1.5"),
+        (["--score-low", "-0.1"], "--score-low -0.1"),
+        (["--score-low", "nan"], "--score-low nan"),
+        (["--dedup-iou", "0"], "--dedup-iou 0"),
+        (["--max-masks", "0"], "--max-masks 0"),
+        (["--max-iou-with-previous", "0.3"], "needs --previous"),
+        (["--previous", "/no/such/round"], "--previous"),
+        (["--shard", "2/2"], "--shard 2/2"),
+        (["--workers", "0"], "--workers 0"),
+        (["--device", "tpu"], "--device"),
+        (["--score-low", "low"], "--score-low"),
+    ],
+)
 def test_bad_options_are_one_error_line(weights, shapes, tmp_path, capsys, extra, named):
     out = tmp_path / "out"
     assert selftrain_main(_argv(weights, shapes[1], out, *extra)) == 2
@@ -264,8 +344,11 @@ def test_labels_of_a_pseudo_folder_are_not_mixed(weights, shapes, tmp_path, caps
     out = tmp_path / "pseudo"
     out.mkdir()
     (out / "pseudo_settings.txt").write_text("{}")
-    write_sa1b_json(out / "a.json", {"image_id": 0, "width": 4, "height": 4, "file_name": "a.png"},
-                    [annotation_from_mask(np.ones((4, 4), bool), 0)])
+    write_sa1b_json(
+        out / "a.json",
+        {"image_id": 0, "width": 4, "height": 4, "file_name": "a.png"},
+        [annotation_from_mask(np.ones((4, 4), bool), 0)],
+    )
     assert selftrain_main(_argv(weights, shapes[1], out)) == 2
     _one_error_line(capsys.readouterr().err, "unsam.pseudo")
 
@@ -281,12 +364,28 @@ def test_make_selftrain_cut_down(tmp_path, tiny_train, tiny_val):
 
     out = tmp_path / "st"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, str(REPO / "scripts" / "selftrain.py"), "--output", str(out), "--iters", "2",
-           "--max-images", "3", "--workers", "1", "--shared", str(tiny_train.parent)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "selftrain.py"),
+        "--output",
+        str(out),
+        "--iters",
+        "2",
+        "--max-images",
+        "3",
+        "--workers",
+        "1",
+        "--shared",
+        str(tiny_train.parent),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:] + (out / "selftrain.log").read_text()[-3000:]
     report = (out / "REPORT.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "labels / model" not in line]
+    rows = [
+        line
+        for line in report.splitlines()
+        if line.startswith("| ") and "labels / model" not in line
+    ]
     assert len(rows) == 7  # val: labels, round 1, round 2; train: the same + the round-1 labels
     for row in rows:
         values = [float(c) for c in [c.strip() for c in row.strip("|").split("|")][1:]]

@@ -1,20 +1,21 @@
 """The training model (``unsam.engine.train_model.UnSAMTrain``) around the inference ``UnSAM``:
 import boundaries, unchanged state_dict, inference path unchanged, task choice and prompt
 sampling from the model's own generator (no global RNG, no masks copied to the host)."""
+
 import ast
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
+import unsam.compat  # noqa: F401
+
 import pytest
 import torch
-
-import unsam  # noqa: F401
-import unsam.modeling  # noqa: F401
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import BitMasks, Instances
 
+import unsam.modeling  # noqa: F401
 from unsam.config import get_unsam_cfg
 from unsam.engine.train_model import UnSAMTrain, build_train_model
 from unsam.engine.trainer import Trainer
@@ -71,8 +72,12 @@ def _unsam_imports(path: Path):
 def test_modeling_imports_nothing_from_data_or_engine():
     files = sorted((REPO / "unsam" / "modeling").rglob("*.py"))
     assert len(files) > 5
-    bad = [(f.name, m) for f in files for m in _unsam_imports(f)
-           if m.startswith(("unsam.data", "unsam.engine"))]
+    bad = [
+        (f.name, m)
+        for f in files
+        for m in _unsam_imports(f)
+        if m.startswith(("unsam.data", "unsam.engine"))
+    ]
     assert bad == []
 
 
@@ -99,13 +104,23 @@ def test_training_model_state_dict_is_the_inference_models(config):
         train = UnSAMTrain(_cfg(config)).state_dict()
         infer = UnSAM(_cfg(config)).state_dict()
     assert list(train) == list(infer)  # same keys, same order
-    assert {k: (v.shape, v.dtype) for k, v in train.items()} == \
-        {k: (v.shape, v.dtype) for k, v in infer.items()}
+    assert {k: (v.shape, v.dtype) for k, v in train.items()} == {
+        k: (v.shape, v.dtype) for k, v in infer.items()
+    }
 
 
 def test_public_checkpoint_keys_load_into_the_training_model():
-    ref_dir = next((p for p in [Path(os.environ.get("UNSAM_SHARED", "/nonexistent")) / "reference",
-                                REPO.parent / "shared" / "reference"] if p.is_dir()), None)
+    ref_dir = next(
+        (
+            p
+            for p in [
+                Path(os.environ.get("UNSAM_SHARED", "/nonexistent")) / "reference",
+                REPO.parent / "shared" / "reference",
+            ]
+            if p.is_dir()
+        ),
+        None,
+    )
     if ref_dir is None:
         pytest.skip("shared reference files not found (set UNSAM_SHARED)")
     ref = json.loads((ref_dir / "unsam_m2f_r50_state_dict.json").read_text())
@@ -166,8 +181,10 @@ def test_task_choice_follows_ratio_and_weights(prompt_model):
         assert abs(counts[task] / 4000 - ratio * w) < 0.03, (task, counts)
     # the sampler's cell wins; an image without a mask trains "whole"
     empty = {"masks": torch.zeros(0, 4, 4, dtype=torch.bool)}
-    assert model.choose_tasks([{"ats_task": "box"}, {"ats_task": "mask"}], [target, empty]) == \
-        ["box", WHOLE_TASK]
+    assert model.choose_tasks([{"ats_task": "box"}, {"ats_task": "mask"}], [target, empty]) == [
+        "box",
+        WHOLE_TASK,
+    ]
     with pytest.raises(ValueError, match="ats_task"):
         model.choose_tasks([{"ats_task": "scribble"}], [target])
 

@@ -1,19 +1,30 @@
 """train_net.py: torchrun/gloo multi-process training, --resume, --eval-only, errors (issue 4)."""
+
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "unsam_tiny.yaml")
 # small images and few points keep each iteration around a second on two cores
-FAST = ["INPUT.IMAGE_SIZE", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256",
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]
+FAST = [
+    "INPUT.IMAGE_SIZE",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "256",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+    "256",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "MODEL.DEVICE",
+    "cpu",
+]
 
 
 def _env():
@@ -22,16 +33,38 @@ def _env():
 
 
 def _run(args, cwd=REPO_ROOT, timeout=600):
-    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout
+    )
 
 
 def test_torchrun_two_ranks_then_resume(tmp_path, tiny_train):
     out = tmp_path / "run"
-    common = ["--config-file", TINY, *FAST, "DATASETS.TRAIN", '("coco_tiny_train_agnostic",)',
-              "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-              "OUTPUT_DIR", str(out), "SEED", "1"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(REPO_ROOT / "train_net.py")]
+    common = [
+        "--config-file",
+        TINY,
+        *FAST,
+        "DATASETS.TRAIN",
+        '("coco_tiny_train_agnostic",)',
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+        "SEED",
+        "1",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO_ROOT / "train_net.py"),
+    ]
     first = _run(torchrun + common + ["SOLVER.MAX_ITER", "2"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "model_final.pth").is_file()
@@ -46,21 +79,39 @@ def test_torchrun_two_ranks_then_resume(tmp_path, tiny_train):
 
 def _train_two_iters_and_dump(out_dir: str):
     """Runs on every rank of a 2-process gloo group: train 2 iterations, dump a weight digest."""
-    import unsam  # noqa: F401
+    import unsam.compat  # noqa: F401
+
     from detectron2.utils import comm
 
-    from unsam.engine.trainer import Trainer, register_datasets
     from unsam.config.loading import load_config
+    from unsam.engine.trainer import Trainer, register_datasets
 
-    cfg = load_config(TINY, FAST + ["DATASETS.TRAIN", '("coco_tiny_train_agnostic",)', "DATASETS.TEST", "()",
-                                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
-                                    "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", out_dir])
+    cfg = load_config(
+        TINY,
+        FAST
+        + [
+            "DATASETS.TRAIN",
+            '("coco_tiny_train_agnostic",)',
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+            "OUTPUT_DIR",
+            out_dir,
+        ],
+    )
     register_datasets(cfg)
     trainer = Trainer(cfg)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
-               os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
+    torch.save(
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        os.path.join(out_dir, f"rank{comm.get_rank()}.pt"),
+    )
 
 
 def test_ranks_hold_identical_weights(tmp_path, tiny_train):
@@ -76,8 +127,20 @@ def test_ranks_hold_identical_weights(tmp_path, tiny_train):
 
 def test_eval_only_writes_metrics(tmp_path, tiny_val):
     out = tmp_path / "eval"
-    res = _run([sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file", TINY, "--eval-only", *FAST,
-                "DATASETS.TEST", '("coco_tiny_val_agnostic",)', "OUTPUT_DIR", str(out)])
+    res = _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train_net.py"),
+            "--config-file",
+            TINY,
+            "--eval-only",
+            *FAST,
+            "DATASETS.TEST",
+            '("coco_tiny_val_agnostic",)',
+            "OUTPUT_DIR",
+            str(out),
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = (out / "metrics.json").read_text().strip().splitlines()
     metrics = json.loads(lines[-1])
@@ -88,9 +151,30 @@ def test_eval_only_writes_metrics(tmp_path, tiny_val):
 
 
 def test_bad_inputs_exit_2(tmp_path):
-    missing = _run([sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file", TINY,
-                    "MODEL.WEIGHTS", str(tmp_path / "nope.pth")])
+    missing = _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train_net.py"),
+            "--config-file",
+            TINY,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "nope.pth"),
+        ]
+    )
     assert missing.returncode == 2
     assert "nope.pth" in missing.stderr and "Traceback" not in missing.stderr
-    typo = _run([sys.executable, str(REPO_ROOT / "train_net.py"), "--config-file", TINY, "SOLVER.MAX_ITERS", "3"])
-    assert typo.returncode == 2 and "SOLVER.MAX_ITERS" in typo.stderr and "Traceback" not in typo.stderr
+    typo = _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train_net.py"),
+            "--config-file",
+            TINY,
+            "SOLVER.MAX_ITERS",
+            "3",
+        ]
+    )
+    assert (
+        typo.returncode == 2
+        and "SOLVER.MAX_ITERS" in typo.stderr
+        and "Traceback" not in typo.stderr
+    )

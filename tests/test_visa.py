@@ -1,10 +1,12 @@
 """ViSA: schedule, granularity curriculum, boundary band weights, semantic guidance loss."""
+
 import math
+
+import unsam.compat  # noqa: F401
 
 import pytest
 import torch
 
-import unsam  # noqa: F401
 from unsam.config import get_unsam_cfg
 from unsam.data.visa_transforms import (
     allowed_depth,
@@ -20,9 +22,17 @@ from unsam.modeling.visa import VisaState, semantic_guidance_loss, visa_weight
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "it,linear,cosine",
-    [(0, 1.0, 1.0), (99, 1.0, 1.0), (100, 1.0, 1.0), (125, 0.75, (1 + math.cos(math.pi / 4)) / 2),
-     (150, 0.5, 0.5), (175, 0.25, (1 - math.cos(math.pi / 4)) / 2), (199, 0.01, None),
-     (200, 0.0, 0.0), (10_000, 0.0, 0.0)],
+    [
+        (0, 1.0, 1.0),
+        (99, 1.0, 1.0),
+        (100, 1.0, 1.0),
+        (125, 0.75, (1 + math.cos(math.pi / 4)) / 2),
+        (150, 0.5, 0.5),
+        (175, 0.25, (1 - math.cos(math.pi / 4)) / 2),
+        (199, 0.01, None),
+        (200, 0.0, 0.0),
+        (10_000, 0.0, 0.0),
+    ],
 )
 def test_schedule_values(it, linear, cosine):
     assert visa_weight(it, 100, 200, "linear") == pytest.approx(linear)
@@ -128,8 +138,9 @@ def test_guidance_loss_zero_for_identical_features(loss):
     gen = torch.Generator().manual_seed(1)
     val = semantic_guidance_loss(feats.clone(), feats, 128, gen, loss=loss)
     assert val.dim() == 0 and abs(val.item()) < 1e-6
-    other = semantic_guidance_loss(torch.randn(2, 6, 16, 16), feats, 128,
-                                   torch.Generator().manual_seed(1), loss=loss)
+    other = semantic_guidance_loss(
+        torch.randn(2, 6, 16, 16), feats, 128, torch.Generator().manual_seed(1), loss=loss
+    )
     assert other.item() > 1e-3
 
 
@@ -145,8 +156,12 @@ def test_guidance_loss_resolution_independent_and_valid_region():
     broken[..., 16:] = torch.randn(broken[..., 16:].shape)
     valid = torch.zeros(2, 32, 32, dtype=torch.bool)
     valid[..., :15] = True
-    assert semantic_guidance_loss(broken, feats, 64, torch.Generator().manual_seed(0),
-                                  valid=valid).item() < 1e-4
+    assert (
+        semantic_guidance_loss(
+            broken, feats, 64, torch.Generator().manual_seed(0), valid=valid
+        ).item()
+        < 1e-4
+    )
     assert semantic_guidance_loss(broken, feats, 64, torch.Generator().manual_seed(0)).item() > 1e-2
 
 
@@ -159,14 +174,16 @@ def test_guidance_loss_decreases_under_adam(loss):
 
     def evaluate():
         with torch.no_grad():
-            return semantic_guidance_loss(mask_features, guide, 256,
-                                          torch.Generator().manual_seed(123), loss=loss).item()
+            return semantic_guidance_loss(
+                mask_features, guide, 256, torch.Generator().manual_seed(123), loss=loss
+            ).item()
 
     before = evaluate()
     for step in range(15):
         opt.zero_grad()
-        val = semantic_guidance_loss(mask_features, guide, 128,
-                                     torch.Generator().manual_seed(step), loss=loss)
+        val = semantic_guidance_loss(
+            mask_features, guide, 128, torch.Generator().manual_seed(step), loss=loss
+        )
         val.backward()
         opt.step()
     after = evaluate()
@@ -223,8 +240,9 @@ def test_visa_state_weights_follow_schedule():
 
 
 def test_visa_state_switches_parts_off_individually():
-    state = VisaState.from_config(_cfg(BOUNDARY__ENABLED=False, CURRICULUM__ENABLED=False,
-                                       DECAY="cosine"))
+    state = VisaState.from_config(
+        _cfg(BOUNDARY__ENABLED=False, CURRICULUM__ENABLED=False, DECAY="cosine")
+    )
     w = state.weights(15)
     assert w.boundary == 0 and w.curriculum == 0
     assert w.guidance == pytest.approx(2.0 * (1 + math.cos(math.pi / 4)) / 2)

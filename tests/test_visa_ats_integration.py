@@ -1,13 +1,14 @@
 """ViSA and ATS wired into the trainer: batch pre-processing, guidance loss, difficulty feedback,
 ViSA-off bit-for-bit equality with detectron2's plain path, and ATS resume."""
+
 import shutil
 from pathlib import Path
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import pytest
 import torch
-
-import unsam  # noqa: F401
 from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.structures import BitMasks, ImageList, Instances
@@ -70,8 +71,14 @@ def test_curriculum_filters_and_reindexes_parents_without_mutating_input():
 
 def test_boundary_weights_attached_with_schedule_strength():
     inst = _instances()
-    state = VisaState(enabled=True, start_iter=0, end_iter=10, curriculum_enabled=False,
-                      boundary_width=1, boundary_min_weight=0.2)
+    state = VisaState(
+        enabled=True,
+        start_iter=0,
+        end_iter=10,
+        curriculum_enabled=False,
+        boundary_width=1,
+        boundary_min_weight=0.2,
+    )
     out = apply_visa_to_instances(inst, state, 5)  # strength 0.5 → band weight 0.6
     assert len(out) == 4 and not inst.has("gt_mask_weights")
     w = out.gt_mask_weights
@@ -100,8 +107,9 @@ def test_guidance_loss_from_outputs_crops_padding_and_skips_when_off():
     images = ImageList(torch.zeros(2, 3, 64, 64), [(64, 64), (64, 32)])
     feats = torch.randn(2, 8, 16, 16)
     feats[0] = guide[0]
-    feats[1, :, :, :8] = torch.nn.functional.interpolate(guide[1:2], size=(16, 8), mode="bilinear",
-                                                         align_corners=False)[0]
+    feats[1, :, :, :8] = torch.nn.functional.interpolate(
+        guide[1:2], size=(16, 8), mode="bilinear", align_corners=False
+    )[0]
     feats[1, :, :, 8:] = 100.0  # padding region: must not be sampled
     batch = [{"visa_guidance": guide[0]}, {"visa_guidance": guide[1]}]
     state = VisaState(enabled=True, start_iter=0, end_iter=10, guidance_num_points=64)
@@ -121,13 +129,35 @@ def test_guidance_loss_from_outputs_crops_padding_and_skips_when_off():
 def _cfg(tmp, *opts):
     cfg = get_unsam_cfg()
     cfg.merge_from_file(str(TINY))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "SEED", 0, "OUTPUT_DIR", str(tmp),
-        "DATASETS.TRAIN", ("itest_shapes",), "DATASETS.TEST", (),
-        "INPUT.IMAGE_SIZE", 96, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 3,
-        "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.WARMUP_ITERS", 0,
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 256, "DATALOADER.NUM_WORKERS", 0, *opts,
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "SEED",
+            0,
+            "OUTPUT_DIR",
+            str(tmp),
+            "DATASETS.TRAIN",
+            ("itest_shapes",),
+            "DATASETS.TEST",
+            (),
+            "INPUT.IMAGE_SIZE",
+            96,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.MAX_ITER",
+            3,
+            "SOLVER.CHECKPOINT_PERIOD",
+            1000,
+            "SOLVER.WARMUP_ITERS",
+            0,
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS",
+            256,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            *opts,
+        ]
+    )
     return cfg
 
 
@@ -203,6 +233,7 @@ class _Recorder(HookBase):
         def grab(module, args):
             if module.training:
                 self.batches.append([int(x.get("ats_index", -1)) for x in args[0]])
+
         self._handle = self.trainer.model.register_forward_pre_hook(grab)
 
     def after_step(self):
@@ -253,14 +284,29 @@ def test_visa_off_is_bit_for_bit_the_plain_path(shapes, tmp_path):
         st = _state(t)
         assert all(torch.equal(ref[k], st[k]) for k in ref)
     # and an active ViSA does change training (the comparison above can fail)
-    on, ron = _train(_cfg(tmp_path / "a", "UNSAM.VISA.ENABLED", True, "UNSAM.VISA.GUIDANCE.ENABLED", False))
+    on, ron = _train(
+        _cfg(tmp_path / "a", "UNSAM.VISA.ENABLED", True, "UNSAM.VISA.GUIDANCE.ENABLED", False)
+    )
     assert ron.losses != rp.losses
 
 
 def test_ats_feedback_and_resume_reproduce_the_sample_sequence(shapes, tmp_path):
-    opts = ("UNSAM.ATS.ENABLED", True, "UNSAM.ATS.START_ITER", 1, "UNSAM.ATS.BLOCK_SIZE", 2,
-            "UNSAM.ATS.ALPHA", 30.0, "UNSAM.ATS.BETA", 0.0, "SOLVER.MAX_ITER", 4,
-            "SOLVER.CHECKPOINT_PERIOD", 2)
+    opts = (
+        "UNSAM.ATS.ENABLED",
+        True,
+        "UNSAM.ATS.START_ITER",
+        1,
+        "UNSAM.ATS.BLOCK_SIZE",
+        2,
+        "UNSAM.ATS.ALPHA",
+        30.0,
+        "UNSAM.ATS.BETA",
+        0.0,
+        "SOLVER.MAX_ITER",
+        4,
+        "SOLVER.CHECKPOINT_PERIOD",
+        2,
+    )
     full, rf = _train(_cfg(tmp_path / "full", *opts))
     sampler = full.ats_sampler
     assert sampler is not None and sampler.iteration == 4 and sampler.adaptive
@@ -324,10 +370,14 @@ def test_guidance_loss_on_real_mask_features_backpropagates(shapes, tmp_path):
     batch = [mapper(dict(r)) for r in DatasetCatalog.get("itest_shapes")[:2]]
     images = model.preprocess_image(batch)
     encoded = model.extract_features(images)
-    loss = guidance_loss_from_outputs(encoded["mask_features"], batch, VisaState.from_config(cfg), 0, images)
+    loss = guidance_loss_from_outputs(
+        encoded["mask_features"], batch, VisaState.from_config(cfg), 0, images
+    )
     assert loss is not None and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "pixel_decoder" in n and p.grad is not None]
+    grads = [
+        p.grad for n, p in model.named_parameters() if "pixel_decoder" in n and p.grad is not None
+    ]
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
@@ -335,15 +385,19 @@ def test_model_owns_visa_and_needs_the_iteration(shapes, tmp_path):
     """The training model builds its ViSA schedule from the config; with guidance on, a training
     forward without the iteration (no VisaScheduleHook) is an error, not a silently missing loss.
     The inference model knows nothing of ViSA."""
-    import unsam.modeling  # noqa: F401
     from detectron2.modeling import build_model
+
+    import unsam.modeling  # noqa: F401
 
     cfg = _cfg(tmp_path, "UNSAM.VISA.ENABLED", True)
     assert not hasattr(build_model(cfg), "visa")
     model = build_train_model(cfg)
     model.train()
     assert model.visa.uses_guidance and model.visa.end_iter == cfg.UNSAM.VISA.END_ITER
-    batch = [UnSAMDatasetMapper(cfg, is_train=True)(dict(r)) for r in DatasetCatalog.get("itest_shapes")[:2]]
+    batch = [
+        UnSAMDatasetMapper(cfg, is_train=True)(dict(r))
+        for r in DatasetCatalog.get("itest_shapes")[:2]
+    ]
     with pytest.raises(RuntimeError, match="set_visa_iteration"):
         model(batch)
     model.set_visa_iteration(0)

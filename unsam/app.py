@@ -24,6 +24,7 @@ Everything runs offline, on a GPU when there is one, else the CPU (``MODEL.DEVIC
 message on the page, naming the file by its base name only, and its temporary copy is deleted.
 A bad config, weights file or option prints one ``error:`` line and exits 2.
 """
+
 import argparse
 import glob
 import html
@@ -35,17 +36,28 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+import unsam.compat  # noqa: F401  (compat before detectron2)
+
 import numpy as np
 
-import unsam  # noqa: F401  (compat before detectron2)
-
-from .app_backend import (MAX_SHOWN_MASKS, AppInputError, DemoModels, Photo, hierarchy_candidates, open_upload,
-                          pick_mask, public_message, render_everything, render_hierarchy, render_prompt,
-                          write_pseudo_json)
+from .app_backend import (
+    MAX_SHOWN_MASKS,
+    AppInputError,
+    DemoModels,
+    Photo,
+    hierarchy_candidates,
+    open_upload,
+    pick_mask,
+    public_message,
+    render_everything,
+    render_hierarchy,
+    render_prompt,
+    write_pseudo_json,
+)
 from .checkpoint import WeightsError
-from .demo_io import IMAGE_EXTENSIONS
 from .config.loading import ConfigError, load_config
 from .configs import get_config_file
+from .demo_io import IMAGE_EXTENSIONS
 from .visualize import draw_prompts
 
 logger = logging.getLogger("unsam.app")
@@ -62,28 +74,55 @@ POSITIVE, NEGATIVE, BOX = "positive point", "negative point", "box (click two co
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m unsam.app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), metavar="FILE",
-                        help="model config (default: the quickstart's tiny promptable model, "
-                             "tiny/unsam_quickstart.yaml of the package's configs; the public UnSAM "
-                             "R50 checkpoint needs configs/unsam_only_sa-1b_R50.yaml)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for your network)")
+    parser = argparse.ArgumentParser(
+        prog="python -m unsam.app",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config-file",
+        default=str(DEFAULT_CONFIG),
+        metavar="FILE",
+        help="model config (default: the quickstart's tiny promptable model, "
+        "tiny/unsam_quickstart.yaml of the package's configs; the public UnSAM "
+        "R50 checkpoint needs configs/unsam_only_sa-1b_R50.yaml)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for your network)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--max-side", type=int, default=1024,
-                        help="uploads are downscaled so their long side is at most this many pixels (default 1024): "
-                             "it bounds the time and memory one upload costs")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
-                        help=f"uploads larger than this are refused before they are stored (default "
-                             f"{DEFAULT_MAX_UPLOAD_MB})")
-    parser.add_argument("--samples", default=None, metavar="DIR|GLOB",
-                        help=f"sample photos offered on the page (the first {MAX_SAMPLES}; default: "
-                             "$UNSAM_SHARED/data/coco_tiny_val2017/images when UNSAM_SHARED is set, "
-                             "else none)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu "
-                             "(last: takes everything after it)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="uploads are downscaled so their long side is at most this many pixels (default 1024): "
+        "it bounds the time and memory one upload costs",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        metavar="MB",
+        help=f"uploads larger than this are refused before they are stored (default "
+        f"{DEFAULT_MAX_UPLOAD_MB})",
+    )
+    parser.add_argument(
+        "--samples",
+        default=None,
+        metavar="DIR|GLOB",
+        help=f"sample photos offered on the page (the first {MAX_SAMPLES}; default: "
+        "$UNSAM_SHARED/data/coco_tiny_val2017/images when UNSAM_SHARED is set, "
+        "else none)",
+    )
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu "
+        "(last: takes everything after it)",
+    )
     return parser
 
 
@@ -107,7 +146,9 @@ def find_samples(spec: Optional[str]) -> List[str]:
         if spec is None:
             return []
     pattern = os.path.join(spec, "*") if os.path.isdir(spec) else spec
-    return sorted(p for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)[:MAX_SAMPLES]
+    return sorted(p for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)[
+        :MAX_SAMPLES
+    ]
 
 
 def shown_path(path: str) -> str:
@@ -124,8 +165,10 @@ def status_text(models: DemoModels, config_file: str) -> str:
     if weights:
         model = f"weights `{shown_path(weights)}`; prompts: **{models.prompt_mode}** mode"
     else:
-        model = ("**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free pseudo labels "
-                 f"and *Prompt* answers are not meaningful ({models.prompt_mode} mode)")
+        model = (
+            "**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free pseudo labels "
+            f"and *Prompt* answers are not meaningful ({models.prompt_mode} mode)"
+        )
     return f"Config `{shown_path(config_file)}`, {model}, device {models.cfg.MODEL.DEVICE}."
 
 
@@ -137,7 +180,9 @@ def read_upload(payload: dict, max_side: int) -> Photo:
     from gradio.utils import get_upload_folder
 
     try:
-        return open_upload(payload["path"], max_side, name=payload.get("orig_name"), upload_dir=get_upload_folder())
+        return open_upload(
+            payload["path"], max_side, name=payload.get("orig_name"), upload_dir=get_upload_folder()
+        )
     except AppInputError as e:
         raise gr.Error(html.escape(public_message(str(e))), print_exception=False) from None
 
@@ -175,14 +220,20 @@ def _everything_tab(models: DemoModels, photo_state) -> dict:
     with gr.Row():
         run_all = gr.Button("Segment everything", variant="primary", elem_id="run-everything")
         threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Score threshold")
-        max_masks = gr.Slider(1, MAX_SHOWN_MASKS, value=40, step=1, label="At most this many masks, best first")
-    image = gr.Image(label="Masks", format="png", interactive=False, height=440, elem_id="everything-image")
+        max_masks = gr.Slider(
+            1, MAX_SHOWN_MASKS, value=40, step=1, label="At most this many masks, best first"
+        )
+    image = gr.Image(
+        label="Masks", format="png", interactive=False, height=440, elem_id="everything-image"
+    )
     caption = gr.Markdown(elem_id="everything-caption")
     segments_state = gr.State(None)  # Segments
 
     def run_everything(photo, threshold_value, max_count, progress=gr.Progress()):
         photo = _need_photo(photo)
-        progress(0.1, desc="segmenting" if models.has_weights else "running the pseudo-label engine")
+        progress(
+            0.1, desc="segmenting" if models.has_weights else "running the pseudo-label engine"
+        )
         segments = models.everything(photo)
         return (*render_everything(photo, segments, threshold_value, int(max_count)), segments)
 
@@ -191,10 +242,18 @@ def _everything_tab(models: DemoModels, photo_state) -> dict:
             return gr.update(), gr.update()
         return render_everything(photo, segments, threshold_value, int(max_count))
 
-    run_all.click(run_everything, inputs=[photo_state, threshold, max_masks], outputs=[image, caption, segments_state])
+    run_all.click(
+        run_everything,
+        inputs=[photo_state, threshold, max_masks],
+        outputs=[image, caption, segments_state],
+    )
     for slider in (threshold, max_masks):
-        slider.release(redraw_everything, inputs=[photo_state, segments_state, threshold, max_masks],
-                       outputs=[image, caption], show_progress="hidden")
+        slider.release(
+            redraw_everything,
+            inputs=[photo_state, segments_state, threshold, max_masks],
+            outputs=[image, caption],
+            show_progress="hidden",
+        )
     return {"image": image, "caption": caption, "segments": segments_state}
 
 
@@ -206,10 +265,20 @@ def _prompt_tab(models: DemoModels, photo_state) -> dict:
         kind = gr.Radio([POSITIVE, NEGATIVE, BOX], value=POSITIVE, label="A click adds", scale=3)
         clear = gr.Button("Clear prompts", scale=1)
     with gr.Row():
-        image = gr.Image(label="Click on the photo", format="png", interactive=False, height=440,
-                         elem_id="prompt-image")
-        gallery = gr.Gallery(label="The K granularities", columns=2, height=440, format="jpeg",
-                             elem_id="prompt-gallery")
+        image = gr.Image(
+            label="Click on the photo",
+            format="png",
+            interactive=False,
+            height=440,
+            elem_id="prompt-image",
+        )
+        gallery = gr.Gallery(
+            label="The K granularities",
+            columns=2,
+            height=440,
+            format="jpeg",
+            elem_id="prompt-gallery",
+        )
     caption = gr.Markdown(elem_id="prompt-caption")
     prompts = gr.State(_no_prompts())
 
@@ -223,8 +292,12 @@ def _prompt_tab(models: DemoModels, photo_state) -> dict:
             marks = np.array([state["corner"]], np.float32)
             marks = marks if points is None else np.concatenate([points, marks])
             marks_labels = np.ones(len(marks), np.int64) if labels is None else np.append(labels, 1)
-            return (draw_prompts(photo.image, marks, marks_labels, box), gr.update(),
-                    "First corner set: click the opposite corner.", state)
+            return (
+                draw_prompts(photo.image, marks, marks_labels, box),
+                gr.update(),
+                "First corner set: click the opposite corner.",
+                state,
+            )
         if click_kind == BOX:
             (x0, y0), state["corner"] = state["corner"], None
             h, w = photo.image.shape[:2]
@@ -235,15 +308,23 @@ def _prompt_tab(models: DemoModels, photo_state) -> dict:
         points, labels, box = _prompt_arrays(state)
         masks, scores, seconds = models.prompt(photo, points, labels, box)
         main_image, panels = render_prompt(photo, masks, scores, points, labels, box)
-        text = (f"{len(masks)} masks in **{seconds:.2f} s** ({models.prompt_mode} mode) for "
-                f"{0 if points is None else len(points)} point(s)" + (" and a box" if box is not None else "") + ".")
+        text = (
+            f"{len(masks)} masks in **{seconds:.2f} s** ({models.prompt_mode} mode) for "
+            f"{0 if points is None else len(points)} point(s)"
+            + (" and a box" if box is not None else "")
+            + "."
+        )
         return main_image, panels, text, state
 
     def clear_prompts(photo):
         return (None if photo is None else photo.image), [], "Prompts cleared.", _no_prompts()
 
-    image.select(on_prompt_click, inputs=[photo_state, prompts, kind], outputs=[image, gallery, caption, prompts],
-                 show_progress="minimal")
+    image.select(
+        on_prompt_click,
+        inputs=[photo_state, prompts, kind],
+        outputs=[image, gallery, caption, prompts],
+        show_progress="minimal",
+    )
     clear.click(clear_prompts, inputs=photo_state, outputs=[image, gallery, caption, prompts])
     return {"image": image, "gallery": gallery, "caption": caption, "prompts": prompts}
 
@@ -256,8 +337,13 @@ def _pseudo_tab(models: DemoModels, photo_state, download_dir: str) -> dict:
         run_tree = gr.Button("Run the pseudo-label engine", variant="primary", elem_id="run-pseudo")
         level = gr.Slider(0, 1, value=0, step=1, label="Level (0 = coarsest)")
         up = gr.Button("Up (parent)")
-    image = gr.Image(label="Click a mask for its parts", format="png", interactive=False, height=440,
-                     elem_id="pseudo-image")
+    image = gr.Image(
+        label="Click a mask for its parts",
+        format="png",
+        interactive=False,
+        height=440,
+        elem_id="pseudo-image",
+    )
     caption = gr.Markdown(elem_id="pseudo-caption")
     download = gr.File(label="SA-1B JSON", interactive=False, elem_id="pseudo-download")
     segments_state = gr.State(None)  # Segments
@@ -268,8 +354,14 @@ def _pseudo_tab(models: DemoModels, photo_state, download_dir: str) -> dict:
         progress(0.1, desc="running the pseudo-label engine")
         segments = models.pseudo_labels(photo)
         shown, text = render_hierarchy(photo, segments, 0, None)
-        return (shown, text, segments, _tree_root(), gr.update(value=0, maximum=max(1, segments.max_level)),
-                str(write_pseudo_json(download_dir, photo, segments)))
+        return (
+            shown,
+            text,
+            segments,
+            _tree_root(),
+            gr.update(value=0, maximum=max(1, segments.max_level)),
+            str(write_pseudo_json(download_dir, photo, segments)),
+        )
 
     def show_level(photo, segments, level_value):
         state = _tree_root(level_value)
@@ -281,7 +373,9 @@ def _pseudo_tab(models: DemoModels, photo_state, download_dir: str) -> dict:
         if photo is None or segments is None:
             raise gr.Error("Run the pseudo-label engine first.")
         x, y = (float(v) for v in evt.index)
-        picked = pick_mask(segments, hierarchy_candidates(segments, state["level"], state["selected"]), x, y)
+        picked = pick_mask(
+            segments, hierarchy_candidates(segments, state["level"], state["selected"]), x, y
+        )
         if picked is None:
             shown, text = render_hierarchy(photo, segments, state["level"], state["selected"])
             return shown, text + " *(No mask to pick there.)*", state
@@ -298,30 +392,59 @@ def _pseudo_tab(models: DemoModels, photo_state, download_dir: str) -> dict:
             state = {"level": int(segments.by_id[parent].get("level", 0)), "selected": parent}
         return (*render_hierarchy(photo, segments, state["level"], state["selected"]), state)
 
-    run_tree.click(run_pseudo, inputs=photo_state, outputs=[image, caption, segments_state, tree, level, download])
-    level.release(show_level, inputs=[photo_state, segments_state, level], outputs=[image, caption, tree])
-    image.select(on_tree_click, inputs=[photo_state, segments_state, tree], outputs=[image, caption, tree],
-                 show_progress="minimal")
+    run_tree.click(
+        run_pseudo,
+        inputs=photo_state,
+        outputs=[image, caption, segments_state, tree, level, download],
+    )
+    level.release(
+        show_level, inputs=[photo_state, segments_state, level], outputs=[image, caption, tree]
+    )
+    image.select(
+        on_tree_click,
+        inputs=[photo_state, segments_state, tree],
+        outputs=[image, caption, tree],
+        show_progress="minimal",
+    )
     up.click(tree_up, inputs=[photo_state, segments_state, tree], outputs=[image, caption, tree])
-    return {"image": image, "caption": caption, "segments": segments_state, "tree": tree, "level": level,
-            "download": download}
+    return {
+        "image": image,
+        "caption": caption,
+        "segments": segments_state,
+        "tree": tree,
+        "level": level,
+        "download": download,
+    }
 
 
-def build_demo(models: DemoModels, config_file: str, max_side: int, samples: List[str], download_dir: str):
+def build_demo(
+    models: DemoModels, config_file: str, max_side: int, samples: List[str], download_dir: str
+):
     """The Gradio Blocks of the demo (not launched): the photo column and the three tabs."""
     import gradio as gr
 
     with gr.Blocks(title="UnSAM demo", analytics_enabled=False) as demo:
-        gr.Markdown("## UnSAM — segment anything without supervision\n" + status_text(models, config_file))
+        gr.Markdown(
+            "## UnSAM — segment anything without supervision\n" + status_text(models, config_file)
+        )
         photo_state = gr.State(None)  # the session's Photo
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                upload = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"], height=220,
-                                  elem_id="upload")
+                upload = gr.Image(
+                    label="Photo",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=220,
+                    elem_id="upload",
+                )
                 if samples:
-                    gr.Examples(samples, inputs=upload, label="Sample photos", examples_per_page=MAX_SAMPLES)
-                info = gr.Markdown(f"Upload a photo (it is downscaled to {max_side} px on its long side).",
-                                   elem_id="photo-info")
+                    gr.Examples(
+                        samples, inputs=upload, label="Sample photos", examples_per_page=MAX_SAMPLES
+                    )
+                info = gr.Markdown(
+                    f"Upload a photo (it is downscaled to {max_side} px on its long side).",
+                    elem_id="photo-info",
+                )
             with gr.Column(scale=3):
                 with gr.Tab("Everything"):
                     every = _everything_tab(models, photo_state)
@@ -340,28 +463,51 @@ def build_demo(models: DemoModels, config_file: str, max_side: int, samples: Lis
             shown = None if photo is None else photo.image
             return {
                 photo_state: photo,
-                info: "" if photo is None else (f"Photo `{photo.name}`, {photo.size_text}"
-                                                + (f", {photo.note}" if photo.note else "")),
-                every["image"]: shown, every["caption"]: "Press **Segment everything**." if photo else "",
+                info: ""
+                if photo is None
+                else (
+                    f"Photo `{photo.name}`, {photo.size_text}"
+                    + (f", {photo.note}" if photo.note else "")
+                ),
+                every["image"]: shown,
+                every["caption"]: "Press **Segment everything**." if photo else "",
                 every["segments"]: None,
-                prompt["image"]: shown, prompt["gallery"]: [], prompt["prompts"]: _no_prompts(),
-                prompt["caption"]: f"Photo encoded in {seconds:.2f} s: click on it to prompt." if photo else "",
-                pseudo["image"]: shown, pseudo["caption"]: "Press **Run the pseudo-label engine**." if photo else "",
-                pseudo["segments"]: None, pseudo["tree"]: _tree_root(),
-                pseudo["level"]: gr.update(value=0, maximum=1), pseudo["download"]: None,
+                prompt["image"]: shown,
+                prompt["gallery"]: [],
+                prompt["prompts"]: _no_prompts(),
+                prompt["caption"]: f"Photo encoded in {seconds:.2f} s: click on it to prompt."
+                if photo
+                else "",
+                pseudo["image"]: shown,
+                pseudo["caption"]: "Press **Run the pseudo-label engine**." if photo else "",
+                pseudo["segments"]: None,
+                pseudo["tree"]: _tree_root(),
+                pseudo["level"]: gr.update(value=0, maximum=1),
+                pseudo["download"]: None,
             }
 
-        upload.change(on_image, inputs=upload, preprocess=False,
-                      outputs=[photo_state, info, *every.values(), *prompt.values(), *pseudo.values()])
+        upload.change(
+            on_image,
+            inputs=upload,
+            preprocess=False,
+            outputs=[photo_state, info, *every.values(), *prompt.values(), *pseudo.values()],
+        )
     return demo
 
 
 def launch_options(args: argparse.Namespace) -> dict:
     """``Blocks.launch`` keywords: local only, no share link, and ``max_file_size`` so Gradio refuses
     an oversized upload (HTTP 413) while it streams in, before it lands in its temp folder."""
-    return {"server_name": args.host, "server_port": args.port, "share": False, "show_error": True,
-            "inbrowser": False, "ssr_mode": False, "quiet": True,
-            "max_file_size": int(args.max_upload_mb * 1024 * 1024)}
+    return {
+        "server_name": args.host,
+        "server_port": args.port,
+        "share": False,
+        "show_error": True,
+        "inbrowser": False,
+        "ssr_mode": False,
+        "quiet": True,
+        "max_file_size": int(args.max_upload_mb * 1024 * 1024),
+    }
 
 
 def main(argv=None) -> int:
@@ -373,8 +519,10 @@ def main(argv=None) -> int:
         print(f"error: --max-side must be at least 32, got {args.max_side}", file=sys.stderr)
         return 2
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        print(f"error: --max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb:g}",
-              file=sys.stderr)
+        print(
+            f"error: --max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb:g}",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config_file, args.opts)
@@ -385,8 +533,12 @@ def main(argv=None) -> int:
     samples = find_samples(args.samples)
     download_dir = tempfile.mkdtemp(prefix="unsam-app-")
     demo = build_demo(models, args.config_file, args.max_side, samples, download_dir)
-    logger.info("serving on http://%s:%d (uploads up to %g MB; Ctrl+C stops)", args.host, args.port,
-                args.max_upload_mb)
+    logger.info(
+        "serving on http://%s:%d (uploads up to %g MB; Ctrl+C stops)",
+        args.host,
+        args.port,
+        args.max_upload_mb,
+    )
     try:
         demo.queue().launch(**launch_options(args))
     except OSError as e:  # port taken, address not available

@@ -14,6 +14,7 @@
 * :func:`render_everything`, :func:`render_hierarchy`, :func:`pick_mask` and
   :func:`render_prompt` turn results into the pictures and captions the page shows.
 """
+
 import hashlib
 import logging
 import re
@@ -93,14 +94,20 @@ def load_photo(path, max_side: int, name: Optional[str] = None) -> Photo:
         with Image.open(path) as probe:  # the header only: refuse huge images before decoding
             width, height = probe.size
     except (OSError, ValueError) as e:
-        raise AppInputError(f"cannot read '{label}' as an image ({_reason(e, path, label)})") from None
+        raise AppInputError(
+            f"cannot read '{label}' as an image ({_reason(e, path, label)})"
+        ) from None
     if width * height > MAX_INPUT_PIXELS:
-        raise AppInputError(f"'{label}' is {width}×{height} ({width * height / 1e6:.0f} MP): this demo accepts up to "
-                            f"{MAX_INPUT_PIXELS / 1e6:.0f} MP; downscale it first")
+        raise AppInputError(
+            f"'{label}' is {width}×{height} ({width * height / 1e6:.0f} MP): this demo accepts up to "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f} MP; downscale it first"
+        )
     try:
         image = read_rgb(path)
     except (OSError, UnsupportedImageError, ValueError) as e:
-        raise AppInputError(f"cannot read '{label}' as an image ({_reason(e, path, label)})") from None
+        raise AppInputError(
+            f"cannot read '{label}' as an image ({_reason(e, path, label)})"
+        ) from None
     note = ""
     h, w = image.shape[:2]
     if max(h, w) > max_side:
@@ -108,7 +115,9 @@ def load_photo(path, max_side: int, name: Optional[str] = None) -> Photo:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         note = f"downscaled from {w}×{h} to {size[0]}×{size[1]} (--max-side {max_side})"
-    key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        np.ascontiguousarray(image).tobytes() + str(image.shape).encode()
+    ).hexdigest()[:16]
     return Photo(np.ascontiguousarray(image), Path(label).stem, key, note)
 
 
@@ -262,7 +271,9 @@ class DemoModels:
         """Whole-image masks of ``photo``: the model's, or the pseudo labels without weights."""
         if self.whole is None:
             return self.pseudo_labels(photo)
-        return self._cached(self._whole_lock, self._everything, photo, "model", self._model_annotations)
+        return self._cached(
+            self._whole_lock, self._everything, photo, "model", self._model_annotations
+        )
 
     def pseudo_labels(self, photo: Photo) -> Segments:
         """The pseudo-label engine's hierarchy on ``photo`` (cached per photo)."""
@@ -270,12 +281,24 @@ class DemoModels:
 
     def _model_annotations(self, image: np.ndarray) -> List[Dict]:
         instances = self.whole(image)
-        return [{"id": i, "segmentation": mask_to_rle(m), "area": int(m.sum()), "predicted_iou": float(s)}
-                for i, (m, s) in enumerate(zip(instances.pred_masks.numpy(), instances.scores.tolist()))]
+        return [
+            {
+                "id": i,
+                "segmentation": mask_to_rle(m),
+                "area": int(m.sum()),
+                "predicted_iou": float(s),
+            }
+            for i, (m, s) in enumerate(zip(instances.pred_masks.numpy(), instances.scores.tolist()))
+        ]
 
     @staticmethod
-    def _cached(lock: threading.Lock, cache: "_LRU", photo: Photo, source: str,
-                compute: Callable[[np.ndarray], List[Dict]]) -> Segments:
+    def _cached(
+        lock: threading.Lock,
+        cache: "_LRU",
+        photo: Photo,
+        source: str,
+        compute: Callable[[np.ndarray], List[Dict]],
+    ) -> Segments:
         """``compute(photo.image)``'s annotations as :class:`Segments`, once per photo (``cache``);
         ``lock`` serialises the model or engine it runs."""
         with lock:
@@ -285,7 +308,9 @@ class DemoModels:
                 anns = compute(photo.image)
                 cached = Segments(anns, source, time.perf_counter() - start, photo.image.shape[:2])
                 cache.put(photo.key, cached)
-                logger.info("%s: %d masks (%s) in %.2f s", photo.name, len(anns), source, cached.seconds)
+                logger.info(
+                    "%s: %d masks (%s) in %.2f s", photo.name, len(anns), source, cached.seconds
+                )
             return cached
 
     def encode(self, photo: Photo) -> float:
@@ -303,31 +328,44 @@ class DemoModels:
         logger.info("%s: image encoded for prompts in %.2f s", photo.name, seconds)
         return seconds
 
-    def prompt(self, photo: Photo, points: Optional[np.ndarray], labels: Optional[np.ndarray],
-               box: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, float]:
+    def prompt(
+        self,
+        photo: Photo,
+        points: Optional[np.ndarray],
+        labels: Optional[np.ndarray],
+        box: Optional[np.ndarray],
+    ) -> Tuple[np.ndarray, np.ndarray, float]:
         """K granularity masks (C×H×W bool), their scores and the decode seconds for the prompt.
 
         Sessions share the predictor: a photo other than the encoded one is encoded first."""
         with self._prompt_lock:
             self._encode(photo)
             start = time.perf_counter()
-            masks, scores, _ = self.prompter.predict(point_coords=points, point_labels=labels, box=box,
-                                                     multimask_output=True)
+            masks, scores, _ = self.prompter.predict(
+                point_coords=points, point_labels=labels, box=box, multimask_output=True
+            )
             seconds = time.perf_counter() - start
         logger.info("%s: prompt answered with %d masks in %.3f s", photo.name, len(masks), seconds)
         return masks, scores, seconds
 
 
 # ----------------------------------------------------------------------------------- drawing
-def render_everything(photo: Photo, segments: Segments, threshold: float, max_masks: int) -> Tuple[np.ndarray, str]:
+def render_everything(
+    photo: Photo, segments: Segments, threshold: float, max_masks: int
+) -> Tuple[np.ndarray, str]:
     """The best ``max_masks`` masks scoring at least ``threshold``, each drawn once, and a caption."""
     scores = segments.scores
     keep = [int(segments.anns[i]["id"]) for i in np.flatnonzero(scores >= threshold)[:max_masks]]
     image = draw_masks(photo.image, segments.masks(keep))
-    what = ("model masks" if segments.source == "model"
-            else "pseudo labels (training-free engine, classical recipe)")
-    caption = (f"**{len(keep)}** of {len(segments.anns)} {what} shown (score ≥ {threshold:.2f}, best "
-               f"{max_masks} at most), {segments.seconds:.1f} s")
+    what = (
+        "model masks"
+        if segments.source == "model"
+        else "pseudo labels (training-free engine, classical recipe)"
+    )
+    caption = (
+        f"**{len(keep)}** of {len(segments.anns)} {what} shown (score ≥ {threshold:.2f}, best "
+        f"{max_masks} at most), {segments.seconds:.1f} s"
+    )
     return image, caption
 
 
@@ -352,15 +390,19 @@ def hierarchy_candidates(segments: Segments, level: int, selected: Optional[int]
     return segments.children.get(int(selected), [])
 
 
-def render_hierarchy(photo: Photo, segments: Segments, level: int, selected: Optional[int]) -> Tuple[np.ndarray, str]:
+def render_hierarchy(
+    photo: Photo, segments: Segments, level: int, selected: Optional[int]
+) -> Tuple[np.ndarray, str]:
     """The hierarchy browser's picture and caption.
 
     No selection: every mask of ``level`` (0 = coarsest). A selected mask: its parts coloured
     and its own outline in white (itself filled when it has no parts)."""
     if selected is None:
         ids = segments.ids_at_level(level)
-        caption = (f"Level **{level}** of 0–{segments.max_level} (0 = coarsest): **{len(ids)}** masks. "
-                   "Click a mask to see its parts.")
+        caption = (
+            f"Level **{level}** of 0–{segments.max_level} (0 = coarsest): **{len(ids)}** masks. "
+            "Click a mask to see its parts."
+        )
         return draw_masks(photo.image, segments.masks(ids)), caption
     ann = segments.by_id[int(selected)]
     parts = segments.children.get(int(selected), [])
@@ -368,23 +410,43 @@ def render_hierarchy(photo: Photo, segments: Segments, level: int, selected: Opt
     image = draw_masks(photo.image, segments.masks(shown))
     draw_outline(image, segments.masks([selected])[0], SELECTED_COLOR, 2 * line_width(image.shape))
     parent = int(ann.get("parent_id", -1))
-    caption = (f"Mask **#{selected}** (level {int(ann.get('level', 0))}, {int(ann.get('area', 0))} px, "
-               f"score {float(ann['predicted_iou']):.3f}): "
-               + (f"**{len(parts)}** parts — click one to go down" if parts else "no parts")
-               + (f"; **Up** goes to its parent #{parent}." if parent >= 0 else "; **Up** goes back to its level."))
+    caption = (
+        f"Mask **#{selected}** (level {int(ann.get('level', 0))}, {int(ann.get('area', 0))} px, "
+        f"score {float(ann['predicted_iou']):.3f}): "
+        + (f"**{len(parts)}** parts — click one to go down" if parts else "no parts")
+        + (
+            f"; **Up** goes to its parent #{parent}."
+            if parent >= 0
+            else "; **Up** goes back to its level."
+        )
+    )
     return image, caption
 
 
-def render_prompt(photo: Photo, masks: np.ndarray, scores: np.ndarray, points: Optional[np.ndarray],
-                  labels: Optional[np.ndarray], box: Optional[np.ndarray]) -> Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]:
+def render_prompt(
+    photo: Photo,
+    masks: np.ndarray,
+    scores: np.ndarray,
+    points: Optional[np.ndarray],
+    labels: Optional[np.ndarray],
+    box: Optional[np.ndarray],
+) -> Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]:
     """The best mask on the photo with the prompts, and one (panel, caption) per granularity."""
     colors = distinct_colors(max(1, len(masks)))
     best = int(np.argmax(scores)) if len(scores) else None
-    main = photo.image if best is None else draw_masks(photo.image, masks[best][None], colors=colors[best][None])
+    main = (
+        photo.image
+        if best is None
+        else draw_masks(photo.image, masks[best][None], colors=colors[best][None])
+    )
     main = draw_prompts(main, points, labels, box)
-    panels = [(draw_prompts(draw_masks(photo.image, m[None], colors=c[None]), points, labels, box),
-               f"g{i}: {s:.2f}{' (best)' if i == best else ''}")
-              for i, (m, s, c) in enumerate(zip(masks, scores, colors))]
+    panels = [
+        (
+            draw_prompts(draw_masks(photo.image, m[None], colors=c[None]), points, labels, box),
+            f"g{i}: {s:.2f}{' (best)' if i == best else ''}",
+        )
+        for i, (m, s, c) in enumerate(zip(masks, scores, colors))
+    ]
     return main, panels
 
 
@@ -392,6 +454,9 @@ def write_pseudo_json(folder, photo: Photo, segments: Segments) -> Path:
     """The pseudo labels of ``photo`` as ``<folder>/<name>.json`` (SA-1B, written atomically)."""
     h, w = photo.image.shape[:2]
     path = Path(folder) / photo.key / f"{photo.name}.json"
-    write_sa1b_json(path, {"image_id": 0, "width": int(w), "height": int(h), "file_name": f"{photo.name}.jpg"},
-                    segments.anns)
+    write_sa1b_json(
+        path,
+        {"image_id": 0, "width": int(w), "height": int(h), "file_name": f"{photo.name}.jpg"},
+        segments.anns,
+    )
     return path

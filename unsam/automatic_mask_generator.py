@@ -33,15 +33,22 @@ filtering) the masks and scores are exactly ``WholeImagePredictor``'s for the sa
 image. Options SAM has for its point grid and crops (``points_per_side``, ``crop_n_layers``,
 ...) have no meaning here; ``min_mask_region_area`` is not offered.
 """
+
 import logging
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.utils.amg import (area_from_rle, batched_mask_to_box, box_xyxy_to_xywh,
-                                        calculate_stability_score, coco_encode_rle,
-                                        mask_to_rle_pytorch, rle_to_mask)
+from segment_anything.utils.amg import (
+    area_from_rle,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    calculate_stability_score,
+    coco_encode_rle,
+    mask_to_rle_pytorch,
+    rle_to_mask,
+)
 from torchvision.ops.boxes import batched_nms
 
 from .predictor import WholeImagePredictor, build_inference_model
@@ -68,9 +75,16 @@ class UnsamAutomaticMaskGenerator:
         output_mode: ``binary_mask`` | ``uncompressed_rle`` | ``coco_rle``.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg, pred_iou_thresh: float = 0.0,
-                 stability_score_thresh: float = 0.0, stability_score_offset: float = 1.0,
-                 box_nms_thresh: Optional[float] = None, output_mode: str = "binary_mask"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg,
+        pred_iou_thresh: float = 0.0,
+        stability_score_thresh: float = 0.0,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: Optional[float] = None,
+        output_mode: str = "binary_mask",
+    ):
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
         self.predictor = WholeImagePredictor(model, cfg)
@@ -112,15 +126,17 @@ class UnsamAutomaticMaskGenerator:
                 segmentation = rle_to_mask(rle)
             else:
                 segmentation = rle
-            records.append({
-                "segmentation": segmentation,
-                "area": area_from_rle(rle),
-                "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                "predicted_iou": data["scores"][i].item(),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": data["stability_score"][i].item(),
-                "crop_box": [0, 0, w, h],
-            })
+            records.append(
+                {
+                    "segmentation": segmentation,
+                    "area": area_from_rle(rle),
+                    "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                    "predicted_iou": data["scores"][i].item(),
+                    "point_coords": [data["points"][i].tolist()],
+                    "stability_score": data["stability_score"][i].item(),
+                    "crop_box": [0, 0, w, h],
+                }
+            )
         return records
 
     def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
@@ -158,20 +174,23 @@ class UnsamAutomaticMaskGenerator:
         rles: List[Dict[str, Any]] = []
         chunk = model.upsample_chunk
         for s in range(0, k, chunk):
-            rows = embeds[query_idx[s:s + chunk]].float()
+            rows = embeds[query_idx[s : s + chunk]].float()
             logits = torch.einsum("qc,chw->qhw", rows, feats.float())
             valid = logits[:, :vh, :vw]
             fg = (valid > 0).flatten(1)
-            mask_scores[s:s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
+            mask_scores[s : s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (
+                fg.sum(1) + 1e-6
+            )
             full = self._upsample(logits, padded_size, image_size, output_size)
             del logits, valid
             masks = full > self.mask_threshold
-            stability[s:s + chunk] = calculate_stability_score(
-                full, self.mask_threshold, self.stability_score_offset).cpu()
+            stability[s : s + chunk] = calculate_stability_score(
+                full, self.mask_threshold, self.stability_score_offset
+            ).cpu()
             flat = full.flatten(1).argmax(1).cpu()
-            points[s:s + chunk, 0] = (flat % output_size[1]).float()
-            points[s:s + chunk, 1] = (flat // output_size[1]).float()
-            boxes[s:s + chunk] = batched_mask_to_box(masks).cpu()
+            points[s : s + chunk, 0] = (flat % output_size[1]).float()
+            points[s : s + chunk, 1] = (flat // output_size[1]).float()
+            boxes[s : s + chunk] = batched_mask_to_box(masks).cpu()
             rles.extend(mask_to_rle_pytorch(masks))
             del full, masks
         final, order = (cls_scores * mask_scores).sort(descending=True)
@@ -189,8 +208,9 @@ class UnsamAutomaticMaskGenerator:
         """Stride-4 logits (n, h, w) of the padded input → (n, H_out, W_out) float logits, as
         :func:`unsam.modeling.mask_postprocess.binarize_upsampled` resizes before thresholding."""
         up = F.interpolate(logits[None], size=padded_size, mode="bilinear", align_corners=False)
-        up = up[0, :, :image_size[0], :image_size[1]]
+        up = up[0, :, : image_size[0], : image_size[1]]
         if tuple(output_size) != tuple(image_size):
-            up = F.interpolate(up[None], size=tuple(output_size), mode="bilinear",
-                               align_corners=False)[0]
+            up = F.interpolate(
+                up[None], size=tuple(output_size), mode="bilinear", align_corners=False
+            )[0]
         return up

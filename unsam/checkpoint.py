@@ -17,6 +17,7 @@ Callers decide what a partial load means: training accepts a backbone-only initi
 the predictors refuse a checkpoint without the whole-image tensors they use
 (:func:`require_parts`).
 """
+
 import importlib
 import importlib.util
 import logging
@@ -28,9 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-import torch
-
 import unsam.compat  # noqa: F401
+
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
@@ -94,21 +95,29 @@ class LoadReport:
     def backbone_only(self) -> bool:
         """Every backbone tensor loaded and nothing else: a pretrained-backbone start (e.g. the
         published recipe's DINO ResNet-50), whose heads are meant to start from random weights."""
-        return (self.expected.get("backbone", 0) > 0 and not self.wrong_shape
-                and self.loaded.get("backbone", 0) == self.expected["backbone"]
-                and self.num_loaded == self.loaded["backbone"])
+        return (
+            self.expected.get("backbone", 0) > 0
+            and not self.wrong_shape
+            and self.loaded.get("backbone", 0) == self.expected["backbone"]
+            and self.num_loaded == self.loaded["backbone"]
+        )
 
     def summary(self) -> str:
         per_part = ", ".join(f"{p} {self.loaded[p]}/{n}" for p, n in self.expected.items())
-        text = (f"MODEL.WEIGHTS '{self.path}': loaded {self.num_loaded}/{self.num_expected} tensors "
-                f"({per_part})")
+        text = (
+            f"MODEL.WEIGHTS '{self.path}': loaded {self.num_loaded}/{self.num_expected} tensors "
+            f"({per_part})"
+        )
         if self.backbone_only:
             others = [p for p in self.expected if p != "backbone"]
-            text += (f": a pretrained-backbone start, as intended; {', '.join(others)} keep their initial "
-                     "values (the heads train from random weights)")
+            text += (
+                f": a pretrained-backbone start, as intended; {', '.join(others)} keep their initial "
+                "values (the heads train from random weights)"
+            )
         if self.wrong_shape:
             text += f"; {len(self.wrong_shape)} skipped for their shape, e.g. " + ", ".join(
-                f"{n} {tuple(c)} vs {tuple(m)}" for n, c, m in self.wrong_shape[:_NAMES_SHOWN])
+                f"{n} {tuple(c)} vs {tuple(m)}" for n, c, m in self.wrong_shape[:_NAMES_SHOWN]
+            )
         if self.unexpected:
             counters = sum(n.endswith("num_batches_tracked") for n in self.unexpected)
             if counters == len(self.unexpected):  # FrozenBN keeps no BatchNorm step counter
@@ -121,13 +130,17 @@ class LoadReport:
 def _fits_nothing_message(report: LoadReport) -> str:
     reason = ""
     if report.wrong_shape:
-        reason = (f" ({len(report.wrong_shape)} names match with other shapes, e.g. "
-                  f"{report.wrong_shape[0][0]} {tuple(report.wrong_shape[0][1])} vs "
-                  f"{tuple(report.wrong_shape[0][2])}: another model size?)")
+        reason = (
+            f" ({len(report.wrong_shape)} names match with other shapes, e.g. "
+            f"{report.wrong_shape[0][0]} {tuple(report.wrong_shape[0][1])} vs "
+            f"{tuple(report.wrong_shape[0][2])}: another model size?)"
+        )
     elif report.unexpected:
         reason = f" (its names look like '{report.unexpected[0]}': another architecture?)"
-    return (f"MODEL.WEIGHTS '{report.path}': no tensor fits this model{reason}; "
-            "check the config matches the checkpoint")
+    return (
+        f"MODEL.WEIGHTS '{report.path}': no tensor fits this model{reason}; "
+        "check the config matches the checkpoint"
+    )
 
 
 class UnSAMCheckpointer(DetectionCheckpointer):
@@ -150,8 +163,10 @@ class UnSAMCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         state = checkpoint.get("model")
         if not isinstance(state, dict) or not state:
-            raise WeightsError(f"MODEL.WEIGHTS '{self._source()}' holds no model tensors "
-                               f"(top-level keys: {sorted(checkpoint)[:5]})")
+            raise WeightsError(
+                f"MODEL.WEIGHTS '{self._source()}' holds no model tensors "
+                f"(top-level keys: {sorted(checkpoint)[:5]})"
+            )
         # detectron2's name matching of .pkl files (matching_heuristics) logs a table of every
         # matched name (~70 lines for a ResNet-50) at INFO: the report says the same in one line (its lists at DEBUG)
         matching = logging.getLogger("detectron2.checkpoint.c2_model_loading")
@@ -208,11 +223,14 @@ def fetch_weights(url: str, what: str = "MODEL.WEIGHTS") -> str:
         _remove_download_lock(url)
         name = url.rstrip("/").split("/")[-1] or "weights.pth"
         # offline (CI, clusters without internet) the fix is a local copy, or no weights at all
-        hint = f"download it where there is internet and pass the local file ({what} /path/to/{name})"
+        hint = (
+            f"download it where there is internet and pass the local file ({what} /path/to/{name})"
+        )
         if what == "MODEL.WEIGHTS":
             hint += ', or MODEL.WEIGHTS "" to start from random weights'
-        raise WeightsError(f"{what} '{url}' could not be downloaded ({type(e).__name__}: {_first_line(e)}); "
-                           f"{hint}") from None
+        raise WeightsError(
+            f"{what} '{url}' could not be downloaded ({type(e).__name__}: {_first_line(e)}); {hint}"
+        ) from None
 
 
 def _remove_download_lock(url: str) -> None:
@@ -225,7 +243,9 @@ def _remove_download_lock(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
         return
-    cached = os.path.join(get_cache_dir(), os.path.dirname(parsed.path.lstrip("/")), url.split("/")[-1])
+    cached = os.path.join(
+        get_cache_dir(), os.path.dirname(parsed.path.lstrip("/")), url.split("/")[-1]
+    )
     if not os.path.exists(cached):
         try:
             os.remove(cached + ".lock")
@@ -263,21 +283,44 @@ def read_pickled_weights(filename: str, what: str = "MODEL.WEIGHTS"):
     """
     size = os.path.getsize(filename)
     if size == 0:
-        raise WeightsError(f"{what} '{filename}' is empty (0 bytes): an interrupted download or save?")
+        raise WeightsError(
+            f"{what} '{filename}' is empty (0 bytes): an interrupted download or save?"
+        )
     try:
         return _read_restricted(filename)
     except _ForeignGlobal as e:
         if not is_trusted_weights(filename):
             raise UnsafeWeightsError(
                 f"{what} '{filename}' would run code when read: it calls {e.name}, which weights do not "
-                f"need; refused (only if you trust this file, add its path to {TRUSTED_WEIGHTS_ENV})") from None
-        logger.warning("%s '%s' calls %s while it loads; reading it in full because %s lists it "
-                       "(this runs code from the file)", what, filename, e.name, TRUSTED_WEIGHTS_ENV)
+                f"need; refused (only if you trust this file, add its path to {TRUSTED_WEIGHTS_ENV})"
+            ) from None
+        logger.warning(
+            "%s '%s' calls %s while it loads; reading it in full because %s lists it "
+            "(this runs code from the file)",
+            what,
+            filename,
+            e.name,
+            TRUSTED_WEIGHTS_ENV,
+        )
         return _read_unrestricted(filename, what)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            AssertionError, AttributeError, ImportError, IndexError, TypeError) as e:
-        raise WeightsError(f"{what} '{filename}' is not a readable checkpoint ({size} bytes, "
-                           f"truncated or another format?): {type(e).__name__}: {_first_line(e)}") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        KeyError,
+        AssertionError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        TypeError,
+    ) as e:
+        raise WeightsError(
+            f"{what} '{filename}' is not a readable checkpoint ({size} bytes, "
+            f"truncated or another format?): {type(e).__name__}: {_first_line(e)}"
+        ) from None
 
 
 TRUSTED_WEIGHTS_ENV = "UNSAM_TRUSTED_WEIGHTS"
@@ -291,8 +334,11 @@ def is_trusted_weights(filename: str) -> bool:
     """
     listed = os.environ.get(TRUSTED_WEIGHTS_ENV, "")
     own = os.path.realpath(filename)
-    return any(os.path.realpath(os.path.expanduser(p.strip())) == own
-               for p in listed.split(os.pathsep) if p.strip())
+    return any(
+        os.path.realpath(os.path.expanduser(p.strip())) == own
+        for p in listed.split(os.pathsep)
+        if p.strip()
+    )
 
 
 class UnsafeWeightsError(WeightsError):
@@ -310,21 +356,42 @@ class _ForeignGlobal(pickle.UnpicklingError):
 
 # what a detectron2 / Caffe2 ``.pkl`` builds: numpy arrays and scalars (numpy 1 and 2 module
 # names; ``_frombuffer`` for pickle protocol 5, ``_codecs.encode`` for bytes in protocol 2)
-_PKL_SAFE_NAMES = frozenset({
-    "numpy.ndarray", "numpy.dtype",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "numpy.core.numeric._frombuffer", "numpy._core.numeric._frombuffer",
-    "_codecs.encode", "collections.OrderedDict",
-})
+_PKL_SAFE_NAMES = frozenset(
+    {
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.numeric._frombuffer",
+        "numpy._core.numeric._frombuffer",
+        "_codecs.encode",
+        "collections.OrderedDict",
+    }
+)
 # besides torch's own weights_only allow-list (tensors, OrderedDict, plain types): numpy arrays
 # in older checkpoints, the fvcore schedulers inside LR-scheduler states of detectron2 versions
 # that pickled the whole scheduler, and the argparse.Namespace of DINO's full checkpoints.
 # Building these runs no code of the file: they are created empty and given their attributes.
-_TORCH_SAFE_NAMES = _PKL_SAFE_NAMES - {"_codecs.encode", "collections.OrderedDict"} | {
-    f"fvcore.common.param_scheduler.{n}ParamScheduler" for n in (
-        "Constant", "Cosine", "Exponential", "Linear", "Composite", "MultiStep", "PolynomialDecay", "Step",
-        "StepWithFixedGamma")} | {"detectron2.solver.lr_scheduler.WarmupParamScheduler", "argparse.Namespace"}
+_TORCH_SAFE_NAMES = (
+    _PKL_SAFE_NAMES - {"_codecs.encode", "collections.OrderedDict"}
+    | {
+        f"fvcore.common.param_scheduler.{n}ParamScheduler"
+        for n in (
+            "Constant",
+            "Cosine",
+            "Exponential",
+            "Linear",
+            "Composite",
+            "MultiStep",
+            "PolynomialDecay",
+            "Step",
+            "StepWithFixedGamma",
+        )
+    }
+    | {"detectron2.solver.lr_scheduler.WarmupParamScheduler", "argparse.Namespace"}
+)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -339,7 +406,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _import_name(qualified: str):
     module, _, name = qualified.rpartition(".")
     if module.startswith("numpy.core.") and importlib.util.find_spec("numpy._core") is not None:
-        module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 moved them; old names stay in files
+        module = (
+            "numpy._core." + module[len("numpy.core.") :]
+        )  # numpy 2 moved them; old names stay in files
     return getattr(importlib.import_module(module), name)
 
 
@@ -362,7 +431,9 @@ def _numpy_dtype_classes() -> List:
         import numpy.dtypes as dtypes
     except ImportError:
         return []
-    return [c for c in vars(dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")]
+    return [
+        c for c in vars(dtypes).values() if isinstance(c, type) and c.__name__.endswith("DType")
+    ]
 
 
 _TORCH_REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global")
@@ -385,8 +456,11 @@ def _refused_global(filename: str, message: str) -> str:
     """What ``torch.load(weights_only=True)`` refused in ``filename``: the file's globals outside
     the allow-list when torch can list them, else the one its message names."""
     try:
-        names = sorted(n for n in torch.serialization.get_unsafe_globals_in_checkpoint(filename)
-                       if n not in _TORCH_SAFE_NAMES)
+        names = sorted(
+            n
+            for n in torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+            if n not in _TORCH_SAFE_NAMES
+        )
     except Exception:  # noqa: BLE001 — only zip-format files can be listed
         names = []
     if names:
@@ -395,8 +469,11 @@ def _refused_global(filename: str, message: str) -> str:
     if found:
         name = found.group(1)
         return name if "." in name else f"builtins.{name}"
-    return "an instruction torch refuses in weights (" + _first_line(
-        Exception(message.split("WeightsUnpickler error:")[-1])) + ")"
+    return (
+        "an instruction torch refuses in weights ("
+        + _first_line(Exception(message.split("WeightsUnpickler error:")[-1]))
+        + ")"
+    )
 
 
 def _read_unrestricted(filename: str, what: str):
@@ -407,8 +484,10 @@ def _read_unrestricted(filename: str, what: str):
                 return pickle.load(f, encoding="latin1")
         return torch.load(filename, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 — unpickling arbitrary files fails in arbitrary ways
-        raise WeightsError(f"{what} '{filename}' is not a readable checkpoint: "
-                           f"{type(e).__name__}: {_first_line(e)}") from None
+        raise WeightsError(
+            f"{what} '{filename}' is not a readable checkpoint: "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from None
 
 
 def _detectron2_pkl_layout(data: Dict, filename: str, what: str) -> Dict:
@@ -419,7 +498,9 @@ def _detectron2_pkl_layout(data: Dict, filename: str, what: str) -> Dict:
         return data
     blobs = data.get("blobs", data)
     if not isinstance(blobs, dict):
-        raise WeightsError(f"{what} '{filename}': 'blobs' is a {type(blobs).__name__}, not a dict of arrays")
+        raise WeightsError(
+            f"{what} '{filename}': 'blobs' is a {type(blobs).__name__}, not a dict of arrays"
+        )
     model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
     return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
 
@@ -445,10 +526,14 @@ def _report(model: torch.nn.Module, incompatible, path: str) -> LoadReport:
     loaded = OrderedDict((p, n) for p, n in expected.items())
     for name in missing:
         loaded[_top_level(name)] -= 1
-    return LoadReport(path, dict(expected), dict(loaded), missing, wrong, list(incompatible.unexpected_keys))
+    return LoadReport(
+        path, dict(expected), dict(loaded), missing, wrong, list(incompatible.unexpected_keys)
+    )
 
 
-def require_parts(report: LoadReport, required: Sequence[str], what: str, optional: Sequence[str] = ()) -> None:
+def require_parts(
+    report: LoadReport, required: Sequence[str], what: str, optional: Sequence[str] = ()
+) -> None:
     """Refuse weights that load nothing of a ``required`` top-level module; warn once when
     tensors of ``required`` or ``optional`` modules are missing (they keep their initial values).
 
@@ -458,9 +543,16 @@ def require_parts(report: LoadReport, required: Sequence[str], what: str, option
     if empty:
         raise WeightsError(
             f"MODEL.WEIGHTS '{report.path}' has no tensor of {', '.join(empty)}, which {what} needs "
-            f"(loaded {report.num_loaded}/{report.num_expected}): a checkpoint of another architecture?")
+            f"(loaded {report.num_loaded}/{report.num_expected}): a checkpoint of another architecture?"
+        )
     missing = report.missing_in([*required, *optional])
     if missing:
-        logger.warning("MODEL.WEIGHTS '%s' lacks %d tensors that %s uses; they keep their random initial "
-                       "values: %s%s", report.path, len(missing), what, ", ".join(missing[:_NAMES_SHOWN]),
-                       " ..." if len(missing) > _NAMES_SHOWN else "")
+        logger.warning(
+            "MODEL.WEIGHTS '%s' lacks %d tensors that %s uses; they keep their random initial "
+            "values: %s%s",
+            report.path,
+            len(missing),
+            what,
+            ", ".join(missing[:_NAMES_SHOWN]),
+            " ..." if len(missing) > _NAMES_SHOWN else "",
+        )

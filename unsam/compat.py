@@ -6,6 +6,7 @@ a set) and the CPU-only ``pb1-detectron2`` build has no compiled ``detectron2._C
 module before detectron2 makes it usable; ``import unsam`` does that. Nothing else in the project
 patches third-party code.
 """
+
 import bisect
 import collections.abc
 import importlib.abc
@@ -25,14 +26,24 @@ def silence_jit_script_notice() -> None:
     torch (2.14 here) warns on every call; fvcore.nn (focal loss) and detectron2.modeling (box
     regression) call it at import time, so every command importing them -- ``--help`` included --
     printed two FutureWarnings the user can do nothing about. UnSAM never calls it itself."""
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
-                            module=r"torch\.jit\._script")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.jit\.script` is deprecated",
+        category=FutureWarning,
+        module=r"torch\.jit\._script",
+    )
 
 
 silence_jit_script_notice()
 
 # numpy >= 1.24 removed the deprecated scalar aliases that detectron2 0.6 still uses.
-for _alias, _target in (("int", int), ("float", float), ("bool", bool), ("object", object), ("str", str)):
+for _alias, _target in (
+    ("int", int),
+    ("float", float),
+    ("bool", bool),
+    ("object", object),
+    ("str", str),
+):
     if _alias not in np.__dict__:
         setattr(np, _alias, _target)
 
@@ -157,7 +168,9 @@ class _FallbackCandidates(collections.abc.Sequence):
 
     def __contains__(self, index) -> bool:
         k = bisect.bisect_left(self._removed, index)
-        return 0 <= index < self._size and not (k < len(self._removed) and self._removed[k] == index)
+        return 0 <= index < self._size and not (
+            k < len(self._removed) and self._removed[k] == index
+        )
 
     def add(self, index: int) -> None:
         k = bisect.bisect_left(self._removed, index)
@@ -214,7 +227,9 @@ def fix_map_dataset_retry() -> None:
     init = common.MapDataset.__init__
 
     def __init__(self, dataset, map_func):
-        init(self, (), map_func)  # detectron2's own set(range(len(dataset))) would be built, then dropped
+        init(
+            self, (), map_func
+        )  # detectron2's own set(range(len(dataset))) would be built, then dropped
         self._dataset = dataset
         self._fallback_candidates = _FallbackCandidates(len(dataset))
 

@@ -3,9 +3,10 @@
 Everything a demo will write is decided by :func:`plan_outputs` before the model loads, so a
 run that would overwrite an input or write two results to one file stops at once, not midway.
 """
+
 import argparse
-import itertools
 import glob
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from .utils.images import IMAGE_EXTENSIONS, UnsupportedImageError
 from .utils.images import read_rgb as _read_rgb
 
 logger = logging.getLogger(__name__)
-
 
 
 class DemoInputError(ValueError):
@@ -63,19 +63,24 @@ def iter_images(paths: List[Path], skipped: List[str]) -> Iterator[Tuple[Path, n
             yield path, read_rgb(path)
         except DemoInputError as e:
             skipped.append(str(path))
-            logger.warning("skipping %s (%d of %d inputs skipped so far)", e, len(skipped), len(paths))
+            logger.warning(
+                "skipping %s (%d of %d inputs skipped so far)", e, len(skipped), len(paths)
+            )
 
 
-def readable_images(paths: List[Path], skipped: List[str]
-                    ) -> Tuple[Tuple[Path, np.ndarray], Iterator[Tuple[Path, np.ndarray]]]:
+def readable_images(
+    paths: List[Path], skipped: List[str]
+) -> Tuple[Tuple[Path, np.ndarray], Iterator[Tuple[Path, np.ndarray]]]:
     """The first readable input, read now (checked before a slow model load), and an iterator
     over every readable input, that one included (:func:`iter_images`). No readable input at all
     is a :class:`DemoInputError`."""
     images = iter_images(paths, skipped)
     first = next(images, None)
     if first is None:
-        raise DemoInputError(f"no readable image among the inputs (skipped: {', '.join(skipped[:3])}"
-                             f"{' ...' if len(skipped) > 3 else ''})")
+        raise DemoInputError(
+            f"no readable image among the inputs (skipped: {', '.join(skipped[:3])}"
+            f"{' ...' if len(skipped) > 3 else ''})"
+        )
     return first, itertools.chain([first], images)
 
 
@@ -85,8 +90,11 @@ def is_image_file_name(output: str) -> bool:
     An image extension decides, as a user expects from ``--output image_out.jpg``; a trailing
     separator or an existing folder keeps it a folder (``results.png/`` is a folder name too).
     """
-    return (Path(output).suffix.lower() in IMAGE_EXTENSIONS and not output.endswith(("/", os.sep))
-            and not os.path.isdir(output))
+    return (
+        Path(output).suffix.lower() in IMAGE_EXTENSIONS
+        and not output.endswith(("/", os.sep))
+        and not os.path.isdir(output)
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,9 @@ def _check_no_input_overwritten(outputs: DemoOutputs, paths: List[Path]) -> None
         for target in (outputs.image(path), outputs.json(path)):
             victim = inputs.get(target.resolve())
             if victim is not None:
-                raise DemoInputError(f"output '{target}' would overwrite input '{victim}'; choose another --output")
+                raise DemoInputError(
+                    f"output '{target}' would overwrite input '{victim}'; choose another --output"
+                )
 
 
 def _check_distinct_stems(paths: List[Path], folder: Path) -> None:
@@ -124,8 +134,10 @@ def _check_distinct_stems(paths: List[Path], folder: Path) -> None:
     seen = {}
     for path in paths:
         if path.stem in seen:
-            raise DemoInputError(f"inputs '{seen[path.stem]}' and '{path}' would both write "
-                                 f"'{folder / (path.stem + '.png')}'; rename one or run them separately")
+            raise DemoInputError(
+                f"inputs '{seen[path.stem]}' and '{path}' would both write "
+                f"'{folder / (path.stem + '.png')}'; rename one or run them separately"
+            )
         seen[path.stem] = path
 
 
@@ -138,8 +150,10 @@ def plan_outputs(output: str, paths: List[Path]) -> DemoOutputs:
     try:
         if is_image_file_name(output):
             if len(paths) != 1:
-                raise DemoInputError(f"--output '{output}' is one image file but there are {len(paths)} inputs; "
-                                     "give a folder")
+                raise DemoInputError(
+                    f"--output '{output}' is one image file but there are {len(paths)} inputs; "
+                    "give a folder"
+                )
             ensure_writable_dir(Path(output).parent)
             outputs = DemoOutputs(file=Path(output))
         else:
@@ -178,11 +192,23 @@ def demo_parser(description: str, add_options) -> argparse.ArgumentParser:
     ``add_options(parser)`` adds the demo's own options; ``--opts`` stays last because it takes
     everything after it (KEY VALUE config overrides, as in the upstream demos).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, globs or directories")
-    parser.add_argument("--output", required=True, help="output folder, or for one input an image file name (out.jpg: written there, as JPEG)")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="image files, globs or directories"
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="output folder, or for one input an image file name (out.jpg: written there, as JPEG)",
+    )
     add_options(parser)
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS x.pth MODEL.DEVICE cpu",
+    )
     return parser

@@ -11,22 +11,23 @@ interface of ``segment_anything.SamPredictor`` (``set_image`` once, then ``predi
 ``SamPredictor(sam)`` do; :func:`build_inference_model` and :func:`build_prompt_model` are the
 builders, for code that shares one network between predictors.
 """
+
 import logging
 from typing import Dict, Optional, Tuple
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import unsam.compat  # noqa: F401
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .checkpoint import load_weights, read_weights, require_parts
+from .config.loading import ConfigError
 from .modeling.prompt_encoder import MASK_INPUT_SIZE
 from .query_selection import QuerySelector
-from .config.loading import ConfigError
 from .utils.device import check_device
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,12 @@ PROMPT_PARTS = ("prompt_encoder", "iou_head")
 _EMPTY_LOGIT = -100.0
 
 
-def build_inference_model(cfg, checkpoint: Optional[Dict] = None, what: str = "whole-image segmentation",
-                          optional_parts: Tuple[str, ...] = ()) -> torch.nn.Module:
+def build_inference_model(
+    cfg,
+    checkpoint: Optional[Dict] = None,
+    what: str = "whole-image segmentation",
+    optional_parts: Tuple[str, ...] = (),
+) -> torch.nn.Module:
     """Build the model of ``cfg`` in eval mode and load ``MODEL.WEIGHTS`` into it.
 
     ``checkpoint``: the weights already read (:func:`unsam.checkpoint.read_weights`), else read
@@ -50,7 +55,9 @@ def build_inference_model(cfg, checkpoint: Optional[Dict] = None, what: str = "w
     """
     import unsam.modeling  # noqa: F401  (fills detectron2's registries)
 
-    check_device(cfg.MODEL.DEVICE)  # a missing GPU: one DeviceError line, not a traceback from deep in torch
+    check_device(
+        cfg.MODEL.DEVICE
+    )  # a missing GPU: one DeviceError line, not a traceback from deep in torch
     model = build_model(cfg)
     model.eval()
     if checkpoint is None and cfg.MODEL.WEIGHTS:
@@ -77,14 +84,19 @@ def resolve_prompt_mode(cfg, checkpoint: Optional[Dict]) -> Tuple[str, str]:
     if checkpoint is None:
         if cfg.UNSAM.PROMPT.ENABLED:
             return "learned", "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED: the (random) prompt head"
-        return "select", "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED is False: selection from the whole-image queries"
+        return (
+            "select",
+            "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED is False: selection from the whole-image queries",
+        )
     names = list(checkpoint.get("model", {}))
     prompt = [n for n in names if n.split(".", 1)[0] in PROMPT_PARTS]
     if prompt:
         return "learned", f"MODEL.WEIGHTS holds the prompt path ({len(prompt)} tensors)"
-    return "select", (f"MODEL.WEIGHTS has no prompt-encoder weights ({len(names)} tensors, none of "
-                      f"{'/'.join(p + '.*' for p in PROMPT_PARTS)}): prompting by selection from the "
-                      "whole-image queries")
+    return "select", (
+        f"MODEL.WEIGHTS has no prompt-encoder weights ({len(names)} tensors, none of "
+        f"{'/'.join(p + '.*' for p in PROMPT_PARTS)}): prompting by selection from the "
+        "whole-image queries"
+    )
 
 
 def build_prompt_model(cfg, checkpoint: Optional[Dict] = None):
@@ -125,19 +137,34 @@ def model_prompt_mode(model: torch.nn.Module, mode: str) -> str:
     if mode == "auto":
         return "learned" if enabled else "select"
     if mode == "learned" and not enabled:
-        raise ValueError("prompt mode 'learned' needs a model with the prompt path (built with "
-                         "UNSAM.PROMPT.ENABLED True); use mode 'select' for a whole-image model")
+        raise ValueError(
+            "prompt mode 'learned' needs a model with the prompt path (built with "
+            "UNSAM.PROMPT.ENABLED True); use mode 'select' for a whole-image model"
+        )
     return mode
 
 
 def check_rgb_image(image: np.ndarray) -> None:
     """An H×W×3 uint8 array with pixels, else ValueError naming what was given."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError("image must be an H×W×3 uint8 RGB array, got "
-                         + (f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__))
+    if (
+        not isinstance(image, np.ndarray)
+        or image.ndim != 3
+        or image.shape[2] != 3
+        or image.dtype != np.uint8
+    ):
+        raise ValueError(
+            "image must be an H×W×3 uint8 RGB array, got "
+            + (
+                f"{image.dtype} {image.shape}"
+                if isinstance(image, np.ndarray)
+                else type(image).__name__
+            )
+        )
     if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} pixels (H×W×3 shape {image.shape}): "
-                         "nothing to segment")
+        raise ValueError(
+            f"image is {image.shape[1]}x{image.shape[0]} pixels (H×W×3 shape {image.shape}): "
+            "nothing to segment"
+        )
 
 
 def _at_least_one(h: float, w: float) -> Tuple[int, int]:
@@ -242,8 +269,11 @@ class PromptPredictor:
         self.model = model
         self.mode = model_prompt_mode(model, cfg.UNSAM.PROMPT.MODE)
         if cfg.UNSAM.PROMPT.MODE == "auto":
-            logger.info("prompt mode '%s': the model %s the prompt path", self.mode,
-                        "has" if self.mode == "learned" else "does not have")
+            logger.info(
+                "prompt mode '%s': the model %s the prompt path",
+                self.mode,
+                "has" if self.mode == "learned" else "does not have",
+            )
         cfg = cfg.clone()
         cfg.defrost()
         cfg.UNSAM.PROMPT.ENABLED = bool(getattr(model, "prompt_enabled", False))
@@ -284,7 +314,9 @@ class PromptPredictor:
         if image_format != self.input_format:
             image = image[:, :, ::-1]
         resized = self.transform.apply_image(np.ascontiguousarray(image))
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), device=self.device).float()
+        tensor = torch.as_tensor(
+            np.ascontiguousarray(resized.transpose(2, 0, 1)), device=self.device
+        ).float()
         tensor = (tensor - self.model.pixel_mean) / self.model.pixel_std
         h, w = tensor.shape[-2:]
         padded = tensor.new_zeros((1, 3, self.image_size, self.image_size))
@@ -296,9 +328,17 @@ class PromptPredictor:
             out = self.model.decode(features, final_masks=False)
             mask_features = features["mask_features"][0]
             side = mask_features.shape[-1]
-            valid = (min(side, -(-h * side // self.image_size)), min(side, -(-w * side // self.image_size)))
-            self.selector = QuerySelector(out["pred_logits"][0], out["pred_mask_embeds"][0], mask_features, valid,
-                                          chunk=self.model.upsample_chunk)
+            valid = (
+                min(side, -(-h * side // self.image_size)),
+                min(side, -(-w * side // self.image_size)),
+            )
+            self.selector = QuerySelector(
+                out["pred_logits"][0],
+                out["pred_mask_embeds"][0],
+                mask_features,
+                valid,
+                chunk=self.model.upsample_chunk,
+            )
         else:
             self.features = features
         self.original_size = tuple(image.shape[:2])
@@ -306,10 +346,15 @@ class PromptPredictor:
         self.is_image_set = True
 
     # ------------------------------------------------------------------------------------------
-    def predict(self, point_coords: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
-                box: Optional[np.ndarray] = None, mask_input: Optional[np.ndarray] = None,
-                multimask_output: bool = True, return_logits: bool = False
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One prompt (SamPredictor.predict's signature and conventions).
 
         Args:
@@ -322,23 +367,38 @@ class PromptPredictor:
         """
         if point_coords is not None and point_labels is None:
             raise ValueError("point_labels must be supplied with point_coords")
-        pts = None if point_coords is None else torch.as_tensor(np.asarray(point_coords, np.float32))[None]
-        lbl = None if point_labels is None else torch.as_tensor(np.asarray(point_labels, np.int64))[None]
+        pts = (
+            None
+            if point_coords is None
+            else torch.as_tensor(np.asarray(point_coords, np.float32))[None]
+        )
+        lbl = (
+            None
+            if point_labels is None
+            else torch.as_tensor(np.asarray(point_labels, np.int64))[None]
+        )
         bx = None if box is None else torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4)
         mi = None if mask_input is None else torch.as_tensor(np.asarray(mask_input, np.float32))
         if mi is not None and tuple(mi.shape) != (1, MASK_INPUT_SIZE, MASK_INPUT_SIZE):
-            raise ValueError(f"mask_input must be 1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits over the "
-                             f"padded square (a previous low_res_logits[i:i+1], or unsam.data.prompts."
-                             f"mask_to_mask_input(mask)), got shape {tuple(mi.shape)}")
+            raise ValueError(
+                f"mask_input must be 1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits over the "
+                f"padded square (a previous low_res_logits[i:i+1], or unsam.data.prompts."
+                f"mask_to_mask_input(mask)), got shape {tuple(mi.shape)}"
+            )
         mi = None if mi is None else mi[None]
         masks, iou, low, counts = self._predict(pts, lbl, bx, mi, multimask_output, return_logits)
         c = int(counts[0])
         return masks[0, :c].cpu().numpy(), iou[0, :c].cpu().numpy(), low[0, :c].cpu().numpy()
 
-    def predict_batch(self, point_coords: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None,
-                      boxes: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None,
-                      multimask_output: bool = True, return_logits: bool = False
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict_batch(
+        self,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B prompts of the same kind at once (``learned``: one decoder pass, prompts kept apart).
 
         Args (torch or numpy, ORIGINAL image pixels, unlike SamPredictor.predict_torch which takes
@@ -347,10 +407,20 @@ class PromptPredictor:
         Returns (torch): masks B×C×H×W bool (logits with ``return_logits``), iou_predictions B×C,
         low_res_logits B×C×256×256; C = K, or 1 without ``multimask_output``.
         """
-        return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)[:3]
+        return self._predict(
+            point_coords, point_labels, boxes, mask_input, multimask_output, return_logits
+        )[:3]
 
     @torch.no_grad()
-    def _predict(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool, return_logits: bool):
+    def _predict(
+        self,
+        point_coords,
+        point_labels,
+        boxes,
+        mask_input,
+        multimask_output: bool,
+        return_logits: bool,
+    ):
         """:meth:`predict_batch` plus the number of real (not padding) outputs per prompt (B,)."""
         if not self.is_image_set:
             raise RuntimeError("an image must be set with set_image(...) before mask prediction")
@@ -368,7 +438,9 @@ class PromptPredictor:
             masks = masks > self.mask_threshold
         return masks, iou, low_res, counts
 
-    def _transform_prompts(self, point_coords, point_labels, boxes, mask_input) -> Dict[str, torch.Tensor]:
+    def _transform_prompts(
+        self, point_coords, point_labels, boxes, mask_input
+    ) -> Dict[str, torch.Tensor]:
         """Original-image prompts → the padded input's frame (``points`` B×N×2, ``labels`` B×N,
         ``boxes`` B×4, ``mask_inputs`` B×1×256×256) plus ``pixels`` B×N×2 (row, col) clicked."""
         dev = self.device
@@ -376,13 +448,21 @@ class PromptPredictor:
         if point_coords is not None:
             if point_labels is None:
                 raise ValueError("point_labels must be supplied with point_coords")
-            pc = torch.as_tensor(np.asarray(point_coords, np.float32) if not isinstance(point_coords, torch.Tensor)
-                                 else point_coords, dtype=torch.float32)
+            pc = torch.as_tensor(
+                np.asarray(point_coords, np.float32)
+                if not isinstance(point_coords, torch.Tensor)
+                else point_coords,
+                dtype=torch.float32,
+            )
             pl = torch.as_tensor(point_labels).to(torch.int64)
             if pc.dim() != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
-                raise ValueError(f"point_coords must be B×N×2 and point_labels B×N, got {tuple(pc.shape)} "
-                                 f"and {tuple(pl.shape)}")
-            prompts["points"] = torch.as_tensor(self.transform.apply_coords_torch(pc, self.original_size)).to(dev)
+                raise ValueError(
+                    f"point_coords must be B×N×2 and point_labels B×N, got {tuple(pc.shape)} "
+                    f"and {tuple(pl.shape)}"
+                )
+            prompts["points"] = torch.as_tensor(
+                self.transform.apply_coords_torch(pc, self.original_size)
+            ).to(dev)
             prompts["labels"] = pl.to(dev)
             prompts["pixels"] = pc
         if boxes is not None:
@@ -392,8 +472,10 @@ class PromptPredictor:
             mi = torch.as_tensor(mask_input, dtype=torch.float32)
             if mi.dim() != 4 or tuple(mi.shape[1:]) != (1, MASK_INPUT_SIZE, MASK_INPUT_SIZE):
                 # the model would resize any size silently, misreading a mask of the image's own frame
-                raise ValueError(f"mask_input must be B×1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits, "
-                                 f"got shape {tuple(mi.shape)}")
+                raise ValueError(
+                    f"mask_input must be B×1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits, "
+                    f"got shape {tuple(mi.shape)}"
+                )
             prompts["mask_inputs"] = mi.to(dev)
         if not prompts:
             raise ValueError("give point_coords/point_labels, boxes and/or mask_input")
@@ -405,8 +487,13 @@ class PromptPredictor:
     def _decode_learned(self, prompts: Dict[str, torch.Tensor], multimask_output: bool):
         """B×C×s×s logits (s = IMAGE_SIZE / 4) and B×C predicted IoUs from the prompt head."""
         inputs = {k: v for k, v in prompts.items() if k != "pixels"}
-        out = self.model.decode_prompts(self.features, [inputs], (self.image_size, self.image_size),
-                                        return_aux=False, final_masks=False)
+        out = self.model.decode_prompts(
+            self.features,
+            [inputs],
+            (self.image_size, self.image_size),
+            return_aux=False,
+            final_masks=False,
+        )
         logits = out["pred_masks"][0].float()  # B×K×s×s
         iou = out["pred_iou"][0].float()
         if not multimask_output:
@@ -430,17 +517,25 @@ class PromptPredictor:
             if "points" in prompts:
                 # pixel centres, in the padded input's frame
                 # pixels stay on the CPU (the click check reads them there); the selector's on the device
-                points = self.transform.apply_coords_torch(prompts["pixels"][i] + 0.5, self.original_size)
+                points = self.transform.apply_coords_torch(
+                    prompts["pixels"][i] + 0.5, self.original_size
+                )
                 points = points.to(self.device)
                 labels = prompts["labels"][i]
                 accept = self._click_check(prompts["pixels"][i], labels)
-            order, score, ok = sel.rank(points, labels, prompts["boxes"][i] if "boxes" in prompts else None,
-                                        prompts["mask_inputs"][i, 0] if "mask_inputs" in prompts else None)
+            order, score, ok = sel.rank(
+                points,
+                labels,
+                prompts["boxes"][i] if "boxes" in prompts else None,
+                prompts["mask_inputs"][i, 0] if "mask_inputs" in prompts else None,
+            )
             kept = sel.select(order, c, accept) if bool(ok[order[0]]) else []
             if not kept:
                 if not self._warned_miss:  # once per image: evaluations send thousands of prompts
-                    logger.warning("select mode: no whole-image query satisfies a prompt; answering with the "
-                                   "nearest miss, score 0")
+                    logger.warning(
+                        "select mode: no whole-image query satisfies a prompt; answering with the "
+                        "nearest miss, score 0"
+                    )
                     self._warned_miss = True
                 kept, kept_scores = [int(order[0])], torch.zeros(1, device=self.device)
             else:
@@ -449,8 +544,8 @@ class PromptPredictor:
                 by_area = sel.area[kept].argsort(stable=True).tolist()
                 kept, kept_scores = [kept[j] for j in by_area], kept_scores[by_area]
             idx = torch.as_tensor(kept, device=self.device)
-            logits[i, :len(kept)] = sel.logits(idx)
-            scores[i, :len(kept)] = kept_scores
+            logits[i, : len(kept)] = sel.logits(idx)
+            scores[i, : len(kept)] = kept_scores
             counts[i] = len(kept)
         return logits, scores, counts
 
@@ -464,7 +559,9 @@ class PromptPredictor:
         rows, cols, want = rows[keep], cols[keep], labels.cpu()[keep] > 0
 
         def accept(idx: torch.Tensor) -> torch.Tensor:
-            final = self._postprocess(self.selector.logits(idx)[None])[0] > self.mask_threshold  # n×H×W
+            final = (
+                self._postprocess(self.selector.logits(idx)[None])[0] > self.mask_threshold
+            )  # n×H×W
             return (final[:, rows, cols].cpu() == want[None]).all(1)
 
         return accept
@@ -472,6 +569,8 @@ class PromptPredictor:
     def _postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """B×C×s×s logits over the padded square → B×C×H×W at the original size (SAM's
         postprocess_masks: upsample to the padded input, crop the padding, resize)."""
-        up = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        up = up[..., :self.input_size[0], :self.input_size[1]]
+        up = F.interpolate(
+            logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        up = up[..., : self.input_size[0], : self.input_size[1]]
         return F.interpolate(up, size=self.original_size, mode="bilinear", align_corners=False)

@@ -19,6 +19,7 @@ Memory: kept per image are the class scores (Q), mask embeddings (Q×C), the str
 features (C×h×w) and a coarse occupancy map per query (Q×g×g, g ≤ :data:`COARSE_SIDE`, float16)
 for box and mask ranking — never Q full-resolution masks.
 """
+
 import math
 from typing import Callable, List, Optional, Tuple
 
@@ -48,8 +49,14 @@ class QuerySelector:
         chunk: queries whose stride-4 logits are materialised at once.
     """
 
-    def __init__(self, pred_logits: torch.Tensor, mask_embeds: torch.Tensor, mask_features: torch.Tensor,
-                 valid_hw: Tuple[int, int], chunk: int = 64):
+    def __init__(
+        self,
+        pred_logits: torch.Tensor,
+        mask_embeds: torch.Tensor,
+        mask_features: torch.Tensor,
+        valid_hw: Tuple[int, int],
+        chunk: int = 64,
+    ):
         self.embeds = mask_embeds.float()
         self.features = mask_features.float()
         self.valid_hw = valid_hw
@@ -66,10 +73,11 @@ class QuerySelector:
         for s in range(0, q, chunk):
             logits = self.logits(torch.arange(s, min(q, s + chunk), device=self.embeds.device))
             fg = logits[:, :vh, :vw] > 0
-            mask_prob[s:s + chunk] = (logits[:, :vh, :vw].sigmoid() * fg).flatten(1).sum(1) / (
-                fg.flatten(1).sum(1) + 1e-6)
-            area[s:s + chunk] = fg.flatten(1).sum(1).float()
-            coarse[s:s + chunk] = _occupancy(logits > 0, self.coarse_hw).half()
+            mask_prob[s : s + chunk] = (logits[:, :vh, :vw].sigmoid() * fg).flatten(1).sum(1) / (
+                fg.flatten(1).sum(1) + 1e-6
+            )
+            area[s : s + chunk] = fg.flatten(1).sum(1).float()
+            coarse[s : s + chunk] = _occupancy(logits > 0, self.coarse_hw).half()
         # the whole-image score of each query (UnSAM.instance_inference's, at stride 4)
         self.scores = cls_prob * mask_prob
         self.area = area
@@ -80,9 +88,13 @@ class QuerySelector:
         return torch.einsum("qc,chw->qhw", self.embeds[idx], self.features)
 
     # -------------------------------------------------------------------------------------------
-    def rank(self, points: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-             box: Optional[torch.Tensor] = None, mask_input: Optional[torch.Tensor] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rank(
+        self,
+        points: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        box: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score every query against one prompt.
 
         Args (frames of the padded network input): ``points`` N×2 (x, y) continuous coordinates
@@ -124,8 +136,13 @@ class QuerySelector:
         # the left edge of the first stride-4 cell), the sampling of the masks' bilinear upsampling
         grid = torch.stack([pts[:, 0] / (4 * w), pts[:, 1] / (4 * h)], -1) * 2 - 1
         # border padding: F.interpolate replicates the edge values when upsampling
-        feats = F.grid_sample(self.features[None], grid[None, None], mode="bilinear", padding_mode="border",
-                              align_corners=False)[0, :, 0]  # C×N
+        feats = F.grid_sample(
+            self.features[None],
+            grid[None, None],
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )[0, :, 0]  # C×N
         values = self.embeds @ feats  # Q×N
         sign = torch.where(lbl > 0, 1.0, -1.0).to(values)
         return (values * sign).min(1).values
@@ -149,15 +166,21 @@ class QuerySelector:
         h, w = self.features.shape[-2:]
         side = max(h, w)
         # the 256×256 frame covers the padded square; the grid covers its h×w (top-left) part
-        target = F.interpolate((mask_input > 0).float()[None, None], size=(side, side), mode="area")[0, 0, :h, :w]
+        target = F.interpolate(
+            (mask_input > 0).float()[None, None], size=(side, side), mode="area"
+        )[0, 0, :h, :w]
         target = _occupancy(target[None] >= 0.5, self.coarse_hw)[0].flatten()
         occ = self.coarse.float().flatten(1)
         inter = occ @ target
         return inter / (occ.sum(1) + target.sum() - inter).clamp(min=1e-6)
 
     # -------------------------------------------------------------------------------------------
-    def select(self, order: torch.Tensor, k: int,
-               accept: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> List[int]:
+    def select(
+        self,
+        order: torch.Tensor,
+        k: int,
+        accept: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> List[int]:
         """Up to ``k`` queries from ``order`` (best first), skipping near-duplicates of kept ones
         (stride-4 IoU > :data:`DUPLICATE_IOU`) and those ``accept`` rejects.
 
@@ -166,7 +189,7 @@ class QuerySelector:
         kept: List[int] = []
         kept_masks: List[torch.Tensor] = []
         for s in range(0, len(order), _ROUND):
-            idx = order[s:s + _ROUND]
+            idx = order[s : s + _ROUND]
             fine = (self.logits(idx) > 0).flatten(1).float()
             good = accept(idx) if accept is not None else torch.ones(len(idx), dtype=torch.bool)
             for j in range(len(idx)):
@@ -197,5 +220,7 @@ def _occupancy(binary: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 def _coverage(lo: float, hi: float, n: int, cell: float, device) -> torch.Tensor:
     """Share of each of ``n`` cells of size ``cell`` (pixels) covered by the interval [lo, hi)."""
     starts = torch.arange(n, device=device, dtype=torch.float32) * cell
-    covered = torch.minimum(starts + cell, torch.full_like(starts, hi)) - torch.maximum(starts, torch.full_like(starts, lo))
+    covered = torch.minimum(starts + cell, torch.full_like(starts, hi)) - torch.maximum(
+        starts, torch.full_like(starts, lo)
+    )
     return covered.clamp(min=0) / cell

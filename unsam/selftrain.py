@@ -59,6 +59,7 @@ depend on the core count; use ``--workers`` = cores on a CPU). Bad input — mis
 config, a band outside [0, 1] or ``low >= high``, an output folder that is the input's or the
 previous round's — is one ``error:`` line and exit status 2, before any image is read.
 """
+
 import argparse
 import functools
 import hashlib
@@ -71,12 +72,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401  (compat before detectron2)
+
 import numpy as np
 
-import unsam  # noqa: F401  (compat before detectron2)
-
-from .utils.cli import OneLineArgumentParser
-from .data.merge import MergeInputError, index_by_stem, mask_ious, merge_annotations, plain_differences
+from .data.merge import (
+    MergeInputError,
+    index_by_stem,
+    mask_ious,
+    merge_annotations,
+    plain_differences,
+)
 from .io.sa1b import (
     SA1BFormatError,
     _resolve_image,
@@ -85,8 +91,19 @@ from .io.sa1b import (
     mask_to_rle,
     read_sa1b_json,
 )
-from .pseudo.runner import (SETTINGS_FILE as PSEUDO_SETTINGS, RunSummary, Task, check_run_options,
-                            list_images, record_settings, run_tasks, select)
+from .pseudo.runner import (
+    SETTINGS_FILE as PSEUDO_SETTINGS,
+)
+from .pseudo.runner import (
+    RunSummary,
+    Task,
+    check_run_options,
+    list_images,
+    record_settings,
+    run_tasks,
+    select,
+)
+from .utils.cli import OneLineArgumentParser
 from .utils.files import by_stem
 
 logger = logging.getLogger("unsam.selftrain")
@@ -94,7 +111,9 @@ logger = logging.getLogger("unsam.selftrain")
 SCORE_LOW, SCORE_HIGH = 0.0, 1.0  # upstream's SELF_TRAIN_THRESH_LOW / _HIGH defaults
 DEDUP_IOU = 0.9  # the published pseudo-label recipe's NMS threshold
 MAX_IOU_WITH_PREVIOUS = 0.5
-SETTINGS_FILE = "selftrain_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+SETTINGS_FILE = (
+    "selftrain_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+)
 SOURCE = "model"
 
 
@@ -106,6 +125,7 @@ class SelfTrainError(ValueError):
 class SelfTrainConfig:
     """What decides a round's labels (and the model that makes them). Picklable: worker
     processes build their labeler from it."""
+
     config_file: str
     weights: str
     opts: Tuple[str, ...] = ()
@@ -125,14 +145,18 @@ def check_config(c: SelfTrainConfig) -> None:
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise SelfTrainError(f"{name} {value}: must be in [0, 1] (scores are probabilities)")
     if c.score_low >= c.score_high:
-        raise SelfTrainError(f"--score-low {c.score_low} must be below --score-high {c.score_high}: the band "
-                             f"keeps low < score <= high, which no score satisfies")
+        raise SelfTrainError(
+            f"--score-low {c.score_low} must be below --score-high {c.score_high}: the band "
+            f"keeps low < score <= high, which no score satisfies"
+        )
     if not (math.isfinite(c.dedup_iou) and 0.0 < c.dedup_iou <= 1.0):
         raise SelfTrainError(f"--dedup-iou {c.dedup_iou}: must be in (0, 1]")
     if c.max_masks is not None and c.max_masks < 1:
         raise SelfTrainError(f"--max-masks {c.max_masks}: must be >= 1")
     if not (math.isfinite(c.max_iou_with_previous) and 0.0 < c.max_iou_with_previous <= 1.0):
-        raise SelfTrainError(f"--max-iou-with-previous {c.max_iou_with_previous}: must be in (0, 1]")
+        raise SelfTrainError(
+            f"--max-iou-with-previous {c.max_iou_with_previous}: must be in (0, 1]"
+        )
     if c.previous is not None and not Path(c.previous).is_dir():
         raise SelfTrainError(f"--previous '{c.previous}' is not a folder of labels")
     if not Path(c.config_file).is_file():
@@ -147,7 +171,11 @@ def build_cfg(c: SelfTrainConfig):
     """The model config: ``--config-file``, ``--opts``, then the weights and device."""
     from .config.loading import load_config
 
-    opts = list(c.opts) + ["MODEL.WEIGHTS", c.weights] + (["MODEL.DEVICE", c.device] if c.device else [])
+    opts = (
+        list(c.opts)
+        + ["MODEL.WEIGHTS", c.weights]
+        + (["MODEL.DEVICE", c.device] if c.device else [])
+    )
     return load_config(c.config_file, opts)
 
 
@@ -157,12 +185,20 @@ def in_band(score: float, low: float, high: float) -> bool:
     return low < score <= high
 
 
-def select_predictions(masks: np.ndarray, scores: np.ndarray, low: float = SCORE_LOW, high: float = SCORE_HIGH,
-                       dedup_iou: float = DEDUP_IOU, max_masks: Optional[int] = None) -> List[int]:
+def select_predictions(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    low: float = SCORE_LOW,
+    high: float = SCORE_HIGH,
+    dedup_iou: float = DEDUP_IOU,
+    max_masks: Optional[int] = None,
+) -> List[int]:
     """Indices of the predictions that become labels, best score first (see the module
     docstring): in the band, not empty, IoU with every better kept one at most ``dedup_iou``,
     at most ``max_masks``. ``masks``: N×H×W bool; ``scores``: N."""
-    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))  # stable: ties keep the model's order
+    order = sorted(
+        range(len(scores)), key=lambda i: -float(scores[i])
+    )  # stable: ties keep the model's order
     cands = [i for i in order if in_band(float(scores[i]), low, high) and masks[i].any()]
     rles = [mask_to_rle(masks[i]) for i in cands]
     ious = mask_ious(rles, rles)
@@ -178,11 +214,15 @@ def select_predictions(masks: np.ndarray, scores: np.ndarray, low: float = SCORE
 
 def predictions_to_annotations(instances, c: SelfTrainConfig) -> List[Dict]:
     """A predictor's ``Instances`` → the SA-1B annotations of the kept predictions."""
-    masks = np.asarray(instances.pred_masks.numpy(), dtype=bool)  # no copy: the predictor's masks are bool
+    masks = np.asarray(
+        instances.pred_masks.numpy(), dtype=bool
+    )  # no copy: the predictor's masks are bool
     scores = instances.scores.numpy()
     keep = select_predictions(masks, scores, c.score_low, c.score_high, c.dedup_iou, c.max_masks)
-    return [annotation_from_mask(masks[i], k, predicted_iou=float(scores[i]), level=0, source=SOURCE)
-            for k, i in enumerate(keep)]
+    return [
+        annotation_from_mask(masks[i], k, predicted_iou=float(scores[i]), level=0, source=SOURCE)
+        for k, i in enumerate(keep)
+    ]
 
 
 class SelfTrainLabeler:
@@ -210,9 +250,13 @@ class SelfTrainLabeler:
         previous = read_sa1b_json(path)
         size = (int(previous["image"]["height"]), int(previous["image"]["width"]))
         if size != tuple(image.shape[:2]):
-            raise SA1BFormatError(f"previous labels {path} are for a {size[1]}x{size[0]} image, this one is "
-                                  f"{image.shape[1]}x{image.shape[0]}")
-        merged, _ = merge_annotations(previous["annotations"], anns, self.c.max_iou_with_previous, SOURCE)
+            raise SA1BFormatError(
+                f"previous labels {path} are for a {size[1]}x{size[0]} image, this one is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
+        merged, _ = merge_annotations(
+            previous["annotations"], anns, self.c.max_iou_with_previous, SOURCE
+        )
         return merged
 
 
@@ -243,16 +287,29 @@ def dataset_label_files(spec: str) -> List[Path]:
     return find_sa1b_files(p) if p.is_dir() else []
 
 
-def plan_tasks(spec: str, out: Path, shard=(0, 1), start_id: int = 0, end_id: Optional[int] = None,
-               visualize: bool = False) -> Tuple[List[Task], List[Tuple[str, str]]]:
+def plan_tasks(
+    spec: str,
+    out: Path,
+    shard=(0, 1),
+    start_id: int = 0,
+    end_id: Optional[int] = None,
+    visualize: bool = False,
+) -> Tuple[List[Task], List[Tuple[str, str]]]:
     """The tasks of this run (sorted input list, ``--start-id/--end-id``, shard) and the
     failures found while listing (a dataset label file whose image cannot be found)."""
     labels = dataset_label_files(spec)
     if not labels:
         files = list_images(spec)
-        return [Task(k, str(path), str(out), visualize) for k, path in select(files, start_id, end_id, shard)], []
-    by_stem(labels, lambda stem, first, second: SelfTrainError(
-        f"--input: two label files of one name '{stem}' ({first} and {second}): outputs are named after them"))
+        return [
+            Task(k, str(path), str(out), visualize)
+            for k, path in select(files, start_id, end_id, shard)
+        ], []
+    by_stem(
+        labels,
+        lambda stem, first, second: SelfTrainError(
+            f"--input: two label files of one name '{stem}' ({first} and {second}): outputs are named after them"
+        ),
+    )
     tasks, failures = [], []
     for k, label in select(labels, start_id, end_id, shard):
         try:
@@ -267,7 +324,9 @@ def plan_tasks(spec: str, out: Path, shard=(0, 1), start_id: int = 0, end_id: Op
         image_id = record.get("image_id")
         image_id = image_id if isinstance(image_id, int) and not isinstance(image_id, bool) else k
         tasks.append(Task(image_id, str(image.absolute()), str(out), visualize, name=label.stem))
-    logger.info("--input %s: a dataset root, %d label files; their images are labelled", spec, len(labels))
+    logger.info(
+        "--input %s: a dataset root, %d label files; their images are labelled", spec, len(labels)
+    )
     return tasks, failures
 
 
@@ -281,15 +340,24 @@ def check_output(output: Path, c: SelfTrainConfig, input_spec: str) -> None:
     previous round's folder or a dataset root input, nor an image folder input, and holds no
     labels of ``python -m unsam.pseudo``."""
     if c.previous is not None and _overlaps(output, Path(c.previous)):
-        raise SelfTrainError(f"--output '{output}' overlaps --previous '{c.previous}': write each round to a "
-                             f"folder of its own")
+        raise SelfTrainError(
+            f"--output '{output}' overlaps --previous '{c.previous}': write each round to a "
+            f"folder of its own"
+        )
     p = Path(input_spec)
-    if p.is_dir() and (output.resolve() == p.resolve() or (dataset_label_files(input_spec) and _overlaps(output, p))):
-        raise SelfTrainError(f"--output '{output}' overlaps --input '{input_spec}': write the labels to a folder "
-                             f"of their own")
+    if p.is_dir() and (
+        output.resolve() == p.resolve()
+        or (dataset_label_files(input_spec) and _overlaps(output, p))
+    ):
+        raise SelfTrainError(
+            f"--output '{output}' overlaps --input '{input_spec}': write the labels to a folder "
+            f"of their own"
+        )
     if (output / PSEUDO_SETTINGS).exists():
-        raise SelfTrainError(f"--output '{output}' holds labels of python -m unsam.pseudo ({PSEUDO_SETTINGS}): "
-                             f"write the round to a folder of its own")
+        raise SelfTrainError(
+            f"--output '{output}' holds labels of python -m unsam.pseudo ({PSEUDO_SETTINGS}): "
+            f"write the round to a folder of its own"
+        )
 
 
 # ------------------------------------------------------------------------------- the record
@@ -312,19 +380,33 @@ def label_settings(c: SelfTrainConfig, cfg) -> Dict:
     model_cfg.defrost()
     model_cfg.MODEL.WEIGHTS, model_cfg.MODEL.DEVICE, model_cfg.OUTPUT_DIR = "", "", ""
     is_url = re.match(r"^\w+://", c.weights) is not None
-    out = {"model_config": hashlib.sha256(model_cfg.dump().encode()).hexdigest()[:16],
-           "weights": c.weights if is_url else str(Path(c.weights).absolute()),
-           "weights_sha256": None if is_url else _sha256(c.weights),
-           "score_low": c.score_low, "score_high": c.score_high, "dedup_iou": c.dedup_iou,
-           "max_masks": c.max_masks, "previous": str(Path(c.previous).absolute()) if c.previous else None}
+    out = {
+        "model_config": hashlib.sha256(model_cfg.dump().encode()).hexdigest()[:16],
+        "weights": c.weights if is_url else str(Path(c.weights).absolute()),
+        "weights_sha256": None if is_url else _sha256(c.weights),
+        "score_low": c.score_low,
+        "score_high": c.score_high,
+        "dedup_iou": c.dedup_iou,
+        "max_masks": c.max_masks,
+        "previous": str(Path(c.previous).absolute()) if c.previous else None,
+    }
     if c.previous:
         out["max_iou_with_previous"] = c.max_iou_with_previous
     return out
 
 
-def run(input_spec: str, output_dir, c: SelfTrainConfig, shard=(0, 1), start_id: int = 0,
-        end_id: Optional[int] = None, workers: int = 1, visualize: bool = False, progress: bool = True,
-        labeler: Optional[SelfTrainLabeler] = None) -> RunSummary:
+def run(
+    input_spec: str,
+    output_dir,
+    c: SelfTrainConfig,
+    shard=(0, 1),
+    start_id: int = 0,
+    end_id: Optional[int] = None,
+    workers: int = 1,
+    visualize: bool = False,
+    progress: bool = True,
+    labeler: Optional[SelfTrainLabeler] = None,
+) -> RunSummary:
     """Label every selected image that has no output yet with the model's kept predictions.
     ``labeler``: one already built for ``c`` (used when ``workers`` ≤ 1). Raises
     :class:`SelfTrainError` and what :func:`unsam.pseudo.runner.run` raises."""
@@ -342,9 +424,17 @@ def run(input_spec: str, output_dir, c: SelfTrainConfig, shard=(0, 1), start_id:
         ensure_writable_dir(out / "vis")
     record_settings(out, SETTINGS_FILE, label_settings(c, cfg), plain_differences)
     tasks, failures = plan_tasks(input_spec, out, shard, start_id, end_id, visualize)
-    return run_tasks(tasks, out, functools.partial(SelfTrainLabeler, c), shard=shard, workers=workers,
-                     progress=progress, labeler=labeler if workers <= 1 else None, failures=failures,
-                     desc="self-training labels")
+    return run_tasks(
+        tasks,
+        out,
+        functools.partial(SelfTrainLabeler, c),
+        shard=shard,
+        workers=workers,
+        progress=progress,
+        labeler=labeler if workers <= 1 else None,
+        failures=failures,
+        desc="self-training labels",
+    )
 
 
 # --------------------------------------------------------------------------------------- CLI
@@ -357,29 +447,59 @@ def _shard(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineArgumentParser(prog="python -m unsam.selftrain",
-                        description="A model's whole-image predictions as the next round's SA-1B labels.")
+    ap = OneLineArgumentParser(
+        prog="python -m unsam.selftrain",
+        description="A model's whole-image predictions as the next round's SA-1B labels.",
+    )
     ap.add_argument("--config-file", required=True, help="the model's config")
     ap.add_argument("--weights", required=True, help="the trained model (path or URL)")
-    ap.add_argument("--input", required=True, help="image folder, glob, or a dataset root of SA-1B JSONs")
-    ap.add_argument("--output", required=True, help="new folder for the labels (<name>.json per image)")
-    ap.add_argument("--score-low", type=float, default=SCORE_LOW, help="keep scores above this (exclusive)")
-    ap.add_argument("--score-high", type=float, default=SCORE_HIGH, help="keep scores up to this (inclusive)")
-    ap.add_argument("--dedup-iou", type=float, default=DEDUP_IOU,
-                    help=f"drop a mask whose IoU with a better kept one is above this (default {DEDUP_IOU})")
-    ap.add_argument("--max-masks", type=int, default=None, help="at most N labels per image from the model")
-    ap.add_argument("--previous", default=None, help="the previous round's labels: kept, new masks added")
-    ap.add_argument("--max-iou-with-previous", type=float, default=None,
-                    help=f"add a new mask when its IoU with every previous one is below this "
-                         f"(default {MAX_IOU_WITH_PREVIOUS}; needs --previous)")
-    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's MODEL.DEVICE)")
+    ap.add_argument(
+        "--input", required=True, help="image folder, glob, or a dataset root of SA-1B JSONs"
+    )
+    ap.add_argument(
+        "--output", required=True, help="new folder for the labels (<name>.json per image)"
+    )
+    ap.add_argument(
+        "--score-low", type=float, default=SCORE_LOW, help="keep scores above this (exclusive)"
+    )
+    ap.add_argument(
+        "--score-high", type=float, default=SCORE_HIGH, help="keep scores up to this (inclusive)"
+    )
+    ap.add_argument(
+        "--dedup-iou",
+        type=float,
+        default=DEDUP_IOU,
+        help=f"drop a mask whose IoU with a better kept one is above this (default {DEDUP_IOU})",
+    )
+    ap.add_argument(
+        "--max-masks", type=int, default=None, help="at most N labels per image from the model"
+    )
+    ap.add_argument(
+        "--previous", default=None, help="the previous round's labels: kept, new masks added"
+    )
+    ap.add_argument(
+        "--max-iou-with-previous",
+        type=float,
+        default=None,
+        help=f"add a new mask when its IoU with every previous one is below this "
+        f"(default {MAX_IOU_WITH_PREVIOUS}; needs --previous)",
+    )
+    ap.add_argument(
+        "--device", default=None, help="cpu | cuda | cuda:N (default: the config's MODEL.DEVICE)"
+    )
     ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n")
-    ap.add_argument("--start-id", type=int, default=0, help="first index into the sorted input list")
+    ap.add_argument(
+        "--start-id", type=int, default=0, help="first index into the sorted input list"
+    )
     ap.add_argument("--end-id", type=int, default=None, help="one past the last index")
-    ap.add_argument("--workers", type=int, default=1, help="processes, each with its own model on one thread")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="processes, each with its own model on one thread"
+    )
     ap.add_argument("--visualize", action="store_true", help="write overlays to <output>/vis/")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    ap.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ..."
+    )
     return ap
 
 
@@ -387,18 +507,28 @@ def config_from_args(args) -> SelfTrainConfig:
     if args.max_iou_with_previous is not None and args.previous is None:
         raise SelfTrainError("--max-iou-with-previous needs --previous (the labels to merge with)")
     return SelfTrainConfig(
-        config_file=args.config_file, weights=args.weights, opts=tuple(args.opts), device=args.device,
-        score_low=args.score_low, score_high=args.score_high, dedup_iou=args.dedup_iou, max_masks=args.max_masks,
+        config_file=args.config_file,
+        weights=args.weights,
+        opts=tuple(args.opts),
+        device=args.device,
+        score_low=args.score_low,
+        score_high=args.score_high,
+        dedup_iou=args.dedup_iou,
+        max_masks=args.max_masks,
         previous=args.previous,
-        max_iou_with_previous=(MAX_IOU_WITH_PREVIOUS if args.max_iou_with_previous is None
-                               else args.max_iou_with_previous))
+        max_iou_with_previous=(
+            MAX_IOU_WITH_PREVIOUS
+            if args.max_iou_with_previous is None
+            else args.max_iou_with_previous
+        ),
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import WeightsError
+    from .config.loading import ConfigError
     from .pseudo.config import SettingError
     from .pseudo.runner import OutputWriteError, SettingsMismatch, Stopped
-    from .config.loading import ConfigError
     from .utils.device import DeviceError, check_device
     from .utils.files import OutputError
 
@@ -426,15 +556,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # fail fast on a bad config or weights before the output folder or any worker exists;
         # reused when the images are labelled in this process
         labeler = SelfTrainLabeler(c)
-    except (SelfTrainError, SettingError, MergeInputError, ConfigError, WeightsError, DeviceError,
-            FileNotFoundError, ValueError) as e:
+    except (
+        SelfTrainError,
+        SettingError,
+        MergeInputError,
+        ConfigError,
+        WeightsError,
+        DeviceError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         return error(e)
     if args.workers > 1:
         labeler = None  # each worker builds its own
     try:
-        s = run(args.input, args.output, c, shard=args.shard, start_id=args.start_id, end_id=args.end_id,
-                workers=args.workers, visualize=args.visualize, progress=not args.quiet, labeler=labeler)
-    except (SelfTrainError, SettingsMismatch, OutputError, OutputWriteError, FileNotFoundError, ValueError) as e:
+        s = run(
+            args.input,
+            args.output,
+            c,
+            shard=args.shard,
+            start_id=args.start_id,
+            end_id=args.end_id,
+            workers=args.workers,
+            visualize=args.visualize,
+            progress=not args.quiet,
+            labeler=labeler,
+        )
+    except (
+        SelfTrainError,
+        SettingsMismatch,
+        OutputError,
+        OutputWriteError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         return error(e)
     except Stopped as stop:
         print(stop.message, file=sys.stderr)

@@ -5,6 +5,7 @@ with the image *once*, in the colour of the smallest mask that covers it (so par
 on top of wholes, and nested hierarchies do not pile up into an opaque fill), then each mask's
 outline is drawn, largest first.
 """
+
 from typing import Optional, Sequence, Tuple
 
 import cv2
@@ -23,15 +24,24 @@ def line_width(shape: Sequence[int]) -> int:
     return max(1, int(round(min(shape[:2]) / 600)))
 
 
-def draw_outline(image: np.ndarray, mask: np.ndarray, color: Sequence[int], thickness: int = 1) -> np.ndarray:
+def draw_outline(
+    image: np.ndarray, mask: np.ndarray, color: Sequence[int], thickness: int = 1
+) -> np.ndarray:
     """Draw the outer contours of H×W ``mask`` on ``image`` in place; returns ``image``."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     cv2.drawContours(image, contours, -1, tuple(int(c) for c in color), thickness)
     return image
 
 
-def draw_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline: bool = True,
-               colors: Optional[np.ndarray] = None) -> np.ndarray:
+def draw_masks(
+    image: np.ndarray,
+    masks: np.ndarray,
+    alpha: float = 0.5,
+    outline: bool = True,
+    colors: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Blend N×H×W bool ``masks`` over H×W×3 uint8 RGB ``image``; returns a new image.
 
     Each pixel is blended once (weight ``alpha``) with the colour of the smallest mask covering
@@ -41,7 +51,11 @@ def draw_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, outline
     if len(masks) == 0:
         return image.copy()
     masks = np.asarray(masks).astype(bool, copy=False)
-    colors = distinct_colors(len(masks)) if colors is None else np.asarray(colors, np.uint8).reshape(-1, 3)
+    colors = (
+        distinct_colors(len(masks))
+        if colors is None
+        else np.asarray(colors, np.uint8).reshape(-1, 3)
+    )
     order = np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable")  # largest first
     owner = np.full(image.shape[:2], -1, np.int32)
     for i in order:  # smaller masks overwrite larger ones: a pixel belongs to its smallest mask
@@ -65,17 +79,32 @@ def draw_title(image: np.ndarray, text: str) -> np.ndarray:
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     pad = max(3, h // 3)
     cv2.rectangle(out, (0, 0), (w + 2 * pad, h + base + 2 * pad), (0, 0, 0), -1)
-    cv2.putText(out, text, (pad, pad + h), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    cv2.putText(
+        out,
+        text,
+        (pad, pad + h),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (255, 255, 255),
+        thickness,
+        cv2.LINE_AA,
+    )
     return out
 
 
-def draw_prompts(image: np.ndarray, points: Optional[np.ndarray] = None, labels: Optional[Sequence[int]] = None,
-                 box: Optional[Sequence[float]] = None) -> np.ndarray:
+def draw_prompts(
+    image: np.ndarray,
+    points: Optional[np.ndarray] = None,
+    labels: Optional[Sequence[int]] = None,
+    box: Optional[Sequence[float]] = None,
+) -> np.ndarray:
     """Draw point prompts (green = positive, red = negative) and an XYXY box on RGB ``image``."""
     out = image.copy()
     radius = max(3, min(image.shape[:2]) // 100)
     if points is not None:
-        for (x, y), label in zip(np.asarray(points), labels if labels is not None else [1] * len(points)):
+        for (x, y), label in zip(
+            np.asarray(points), labels if labels is not None else [1] * len(points)
+        ):
             color: Tuple[int, int, int] = (0, 220, 0) if label else (230, 0, 0)
             cv2.circle(out, (int(round(x)), int(round(y))), radius, color, -1)
             cv2.circle(out, (int(round(x)), int(round(y))), radius, (255, 255, 255), 1)

@@ -11,6 +11,7 @@ goes beside it as ``out.json``). Inputs that would write the same output file, a
 would replace an input, a threshold outside [0, 1] or a device this machine lacks print one
 line on stderr and exit 2 before the model loads.
 """
+
 import argparse
 import json
 import logging
@@ -18,15 +19,23 @@ import sys
 import time
 from typing import List
 
+import unsam.compat  # noqa: F401
+
 from tqdm import tqdm
 
-import unsam  # noqa: F401
 from unsam.checkpoint import WeightsError
-from unsam.io.sa1b import mask_to_rle
-from unsam.demo_io import (DemoInputError, check_unit_interval, demo_parser, expand_inputs, plan_outputs,
-                           readable_images, write_image)
-from unsam.predictor import WholeImagePredictor
 from unsam.config.loading import ConfigError, load_config
+from unsam.demo_io import (
+    DemoInputError,
+    check_unit_interval,
+    demo_parser,
+    expand_inputs,
+    plan_outputs,
+    readable_images,
+    write_image,
+)
+from unsam.io.sa1b import mask_to_rle
+from unsam.predictor import WholeImagePredictor
 from unsam.utils.device import DeviceError, check_device
 from unsam.utils.files import atomic_write
 from unsam.visualize import draw_masks
@@ -35,10 +44,17 @@ logger = logging.getLogger("unsam.demo")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="keep masks scoring at least this (default 0.5, as upstream)")
-    parser.add_argument("--save-json", action="store_true",
-                        help="also write <name>.json with COCO-RLE masks, scores and boxes")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="keep masks scoring at least this (default 0.5, as upstream)",
+    )
+    parser.add_argument(
+        "--save-json",
+        action="store_true",
+        help="also write <name>.json with COCO-RLE masks, scores and boxes",
+    )
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,18 +80,33 @@ def run(args) -> None:
         write_image(outputs.image(path), draw_masks(image, masks))
         if args.save_json:
             record = {
-                "image": {"file_name": path.name, "height": image.shape[0], "width": image.shape[1]},
+                "image": {
+                    "file_name": path.name,
+                    "height": image.shape[0],
+                    "width": image.shape[1],
+                },
                 "annotations": [
-                    {"segmentation": mask_to_rle(m), "score": float(s), "bbox": [float(v) for v in b],
-                     "area": int(m.sum())}
-                    for m, s, b in zip(masks, instances.scores.tolist(), instances.pred_boxes.tensor.tolist())
+                    {
+                        "segmentation": mask_to_rle(m),
+                        "score": float(s),
+                        "bbox": [float(v) for v in b],
+                        "area": int(m.sum()),
+                    }
+                    for m, s, b in zip(
+                        masks, instances.scores.tolist(), instances.pred_boxes.tensor.tolist()
+                    )
                 ],
             }
             with atomic_write(outputs.json(path)) as f:
                 json.dump(record, f)
         logger.info("%s: %d masks in %.2fs", path, len(instances), time.perf_counter() - start)
     if skipped:
-        logger.warning("%d of %d inputs skipped as unreadable: %s", len(skipped), len(paths), ", ".join(skipped))
+        logger.warning(
+            "%d of %d inputs skipped as unreadable: %s",
+            len(skipped),
+            len(paths),
+            ", ".join(skipped),
+        )
 
 
 def main(argv=None) -> int:

@@ -9,10 +9,11 @@ or simply :func:`get_unsam_cfg`. Key names follow Mask2Former (``MODEL.MASK_FORM
 ``MODEL.SEM_SEG_HEAD.*``, ``MODEL.SWIN.*``, LSJ ``INPUT.*``) so public configs merge unchanged;
 everything UnSAM-specific lives under ``UNSAM.*``.
 """
-from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
 
 import unsam.compat  # noqa: F401
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def _add_mask_former_config(cfg: CN) -> None:

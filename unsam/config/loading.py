@@ -3,14 +3,15 @@
 Config errors (missing file, misspelt key, wrong value type) become :class:`ConfigError` with
 one line that names the file or key; entry points print it and exit with status 2.
 """
+
 import argparse
 import os
 import re
 from typing import Optional, Sequence
 
-import yaml
-
 import unsam.compat  # noqa: F401
+
+import yaml
 from detectron2.engine import default_argument_parser
 
 from ..utils.device import resolve_device

@@ -9,6 +9,7 @@ In a checkout, ``configs/`` at the repository root is a link to this folder, so
 with :func:`get_config_file` (detectron2's ``model_zoo.get_config_file`` is the model), never by
 a path relative to the checkout, so a non-editable install finds it too.
 """
+
 import importlib.resources
 from pathlib import Path
 from typing import List
@@ -31,8 +32,10 @@ def get_config_file(config_path: str) -> str:
     root = _root()
     path = (root / config_path).resolve()
     if root.resolve() not in path.parents or not path.is_file():
-        raise FileNotFoundError(f"config '{config_path}' does not ship with unsam (available: "
-                                f"{', '.join(list_config_files())})")
+        raise FileNotFoundError(
+            f"config '{config_path}' does not ship with unsam (available: "
+            f"{', '.join(list_config_files())})"
+        )
     return str(path)
 
 

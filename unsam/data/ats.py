@@ -53,6 +53,7 @@ Integration contract (what the trainer hook does)
   load the state before the loader's iterator starts (or re-create that iterator afterwards: items
   already prefetched by an earlier iterator cannot be recalled).
 """
+
 import logging
 import random
 from dataclasses import dataclass
@@ -234,7 +235,9 @@ class DifficultyTable:
         flat_v = self.values.view(-1)
         flat_s = self.seen.view(-1)
         old = flat_v[uniq].to(torch.float64)
-        flat_v[uniq] = torch.where(flat_s[uniq], self.ema * old + (1.0 - self.ema) * mean, mean).to(flat_v.dtype)
+        flat_v[uniq] = torch.where(flat_s[uniq], self.ema * old + (1.0 - self.ema) * mean, mean).to(
+            flat_v.dtype
+        )
         flat_s[uniq] = True
         self.version += 1
         if tree_current:  # the tree follows: only the leaves of the changed cells are recomputed
@@ -242,7 +245,9 @@ class DifficultyTable:
         return int(uniq.numel())
 
     # ---- adaptive distribution ------------------------------------------------------------------
-    def _weights(self, cells: np.ndarray, alpha: float, eps: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _weights(
+        self, cells: np.ndarray, alpha: float, eps: float
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(weight of each seen cell (0 where unseen), seen flags, clamped difficulty) of ``cells``."""
         flat_v = self.values.view(-1).numpy()
         flat_s = self.seen.view(-1).numpy()
@@ -252,7 +257,14 @@ class DifficultyTable:
         return w, seen, np.where(seen, d, 0.0)
 
     def _tree_key(self, alpha: float, eps: float):
-        return (id(self.values), self.values._version, id(self.seen), self.seen._version, alpha, eps)
+        return (
+            id(self.values),
+            self.values._version,
+            id(self.seen),
+            self.seen._version,
+            alpha,
+            eps,
+        )
 
     def _tree_is_current(self) -> bool:
         t = self._tree
@@ -269,8 +281,10 @@ class DifficultyTable:
         self._tree = {"alpha": alpha, "eps": eps, "size": size, "w": w, "u": u, "d": d}
         step = _REBUILD_CHUNK - _REBUILD_CHUNK % LEAF_CELLS
         for start in range(0, leaves * LEAF_CELLS, step):
-            self._refresh_leaves(np.arange(start // LEAF_CELLS, min(leaves, (start + step) // LEAF_CELLS)),
-                                 propagate=False)
+            self._refresh_leaves(
+                np.arange(start // LEAF_CELLS, min(leaves, (start + step) // LEAF_CELLS)),
+                propagate=False,
+            )
         node = size // 2
         while node >= 1:  # every internal level at once: parents of [node, 2 * node)
             parents = np.arange(node, 2 * node)
@@ -340,7 +354,9 @@ class DifficultyTable:
             wc = np.where(inside, np.where(seen, wc, w_u), 0.0)
             cum = np.cumsum(wc, axis=1)
             k = (cum <= r[:, None]).sum(1)  # the first cell whose cumulative weight exceeds r
-            last = LEAF_CELLS - 1 - np.argmax((wc > 0)[:, ::-1], axis=1)  # rounding: r past the leaf
+            last = (
+                LEAF_CELLS - 1 - np.argmax((wc > 0)[:, ::-1], axis=1)
+            )  # rounding: r past the leaf
             k = np.minimum(k, last)
             out[pick] = cells[np.arange(len(k)), k]
         return out
@@ -413,7 +429,9 @@ class _EpochPermutation:
         bits = max(2, (self.m - 1).bit_length())
         self.half = np.uint64((bits + 1) // 2)
         self.mask = np.uint64((1 << int(self.half)) - 1)
-        self.keys = np.random.SeedSequence([seed, stream, epoch]).generate_state(self.ROUNDS, dtype=np.uint64)
+        self.keys = np.random.SeedSequence([seed, stream, epoch]).generate_state(
+            self.ROUNDS, dtype=np.uint64
+        )
 
     @staticmethod
     def _mix(x: np.ndarray) -> np.ndarray:
@@ -619,7 +637,10 @@ class AdaptiveTaskSampler(Sampler):
             logger.warning(
                 "ATS: resuming with world_size=%d block_size=%d (saved %s/%s); the stream "
                 "continues from the next block, not item-exactly",
-                self.world_size, self.block_size, state["world_size"], state["block_size"],
+                self.world_size,
+                self.block_size,
+                state["world_size"],
+                state["block_size"],
             )
             self._consumed = self._next_block * self.block_size
         self._reset_token += 1
@@ -699,8 +720,13 @@ class TaskMapDataset(Dataset):
     random image is tried with the same task.
     """
 
-    def __init__(self, dataset_dicts: Sequence[Dict], mapper: Callable, task_space: TaskSpace,
-                 max_retries: int = 10):
+    def __init__(
+        self,
+        dataset_dicts: Sequence[Dict],
+        mapper: Callable,
+        task_space: TaskSpace,
+        max_retries: int = 10,
+    ):
         if len(dataset_dicts) == 0:
             raise ValueError("TaskMapDataset: empty dataset")
         self.dataset_dicts = dataset_dicts

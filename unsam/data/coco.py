@@ -10,15 +10,15 @@ Built-in names (registered by :func:`register_builtin_datasets`):
   beside the checkout).
 * ``sa1b_pseudo_train`` – SA-1B style pseudo labels at ``$DETECTRON2_DATASETS/sa1b_pseudo``.
 """
+
 import logging
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from pycocotools.coco import COCO
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from pycocotools.coco import COCO
 
 from ..io.sa1b import DatasetError
 from .sa1b import register_sa1b
@@ -74,7 +74,9 @@ def register_coco_agnostic(name: str, json_file, image_root) -> None:
     json_file, image_root = str(json_file), str(image_root)
     DatasetCatalog.register(name, lambda: load_coco_agnostic(json_file, image_root))
     MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, thing_classes=["object"],
+        json_file=json_file,
+        image_root=image_root,
+        thing_classes=["object"],
         evaluator_type="coco_agnostic",
     )
 

@@ -29,15 +29,16 @@ Optional extras (training only):
 * ``ats_index`` / ``ats_task_id`` / ``ats_task`` / ``ats_level`` pass through unchanged when the
   adaptive task sampler (``unsam.data.ats.TaskMapDataset``) adds them to the record.
 """
+
 import io
 import logging
 from typing import Dict, List, Optional, Set, Tuple
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import unsam.compat  # noqa: F401
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -45,8 +46,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..config.loading import ConfigError
-from ..utils.images import UnsupportedImageError, open_image
 from ..io.sa1b import DatasetError, rle_box, rle_runs, rle_to_mask, validate_rle
+from ..utils.images import UnsupportedImageError, open_image
 from .training import note_replaced
 
 logger = logging.getLogger(__name__)
@@ -82,13 +83,18 @@ def transform_masks(transforms: T.TransformList, masks: np.ndarray) -> np.ndarra
     """
     for t in transforms.transforms:
         if isinstance(t, T.ResizeTransform):
-            resized = F.interpolate(torch.from_numpy(masks).to(torch.uint8)[None], size=(t.new_h, t.new_w),
-                                    mode="nearest-exact")
+            resized = F.interpolate(
+                torch.from_numpy(masks).to(torch.uint8)[None],
+                size=(t.new_h, t.new_w),
+                mode="nearest-exact",
+            )
             masks = resized[0].numpy().astype(bool)
         elif isinstance(t, T.CropTransform):
-            masks = masks[:, t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+            masks = masks[:, t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w]
         elif isinstance(t, T.PadTransform):
-            masks = np.pad(masks, ((0, 0), (t.y0, t.y1), (t.x0, t.x1)), constant_values=bool(t.seg_pad_value))
+            masks = np.pad(
+                masks, ((0, 0), (t.y0, t.y1), (t.x0, t.x1)), constant_values=bool(t.seg_pad_value)
+            )
         elif isinstance(t, T.HFlipTransform):
             masks = masks[:, :, ::-1]
         elif isinstance(t, T.NoOpTransform):
@@ -106,8 +112,9 @@ def _nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
     return F.interpolate(src, size=out_size, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
 
 
-def source_index_maps(transforms: T.TransformList, height: int, width: int
-                      ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def source_index_maps(
+    transforms: T.TransformList, height: int, width: int
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """For transforms made only of nearest resizes, crops, zero pads and horizontal flips: the
     source row of every output row and the source column of every output column (-1 in padding),
     i.e. ``out[i, j] = mask[rows[i], cols[j]]``. ``None`` when another transform is present."""
@@ -117,7 +124,7 @@ def source_index_maps(transforms: T.TransformList, height: int, width: int
             rows = rows[_nearest_exact_index(len(rows), t.new_h)]
             cols = cols[_nearest_exact_index(len(cols), t.new_w)]
         elif isinstance(t, T.CropTransform):
-            rows, cols = rows[t.y0:t.y0 + t.h], cols[t.x0:t.x0 + t.w]
+            rows, cols = rows[t.y0 : t.y0 + t.h], cols[t.x0 : t.x0 + t.w]
         elif isinstance(t, T.PadTransform) and not t.seg_pad_value:
             rows = np.concatenate([np.full(t.y0, -1), rows, np.full(t.y1, -1)])
             cols = np.concatenate([np.full(t.x0, -1), cols, np.full(t.x1, -1)])
@@ -148,12 +155,15 @@ def rle_columns(rle: Dict, x0: int, x1: int) -> np.ndarray:
     lengths = np.clip(ends[first:last], lo, hi) - np.clip(starts[first:last], lo, hi)
     flat = np.repeat(np.arange(first, last) % 2 == 1, lengths)
     if flat.size != hi - lo or ends[-1] != height * width:
-        raise ValueError(f"RLE runs cover {int(ends[-1]) if len(ends) else 0} pixels, not {height}×{width}")
+        raise ValueError(
+            f"RLE runs cover {int(ends[-1]) if len(ends) else 0} pixels, not {height}×{width}"
+        )
     return flat.reshape(x1 - x0, height)
 
 
-def decode_transformed_masks(segmentations: List, height: int, width: int, transforms: T.TransformList
-                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_transformed_masks(
+    segmentations: List, height: int, width: int, transforms: T.TransformList
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The masks of one image after its geometric transforms, those with pixels left.
 
     Returns ``masks`` M×H'×W' bool, ``kept`` (M,) indices into ``segmentations`` and ``boxes``
@@ -168,7 +178,9 @@ def decode_transformed_masks(segmentations: List, height: int, width: int, trans
     """
     maps = source_index_maps(transforms, height, width)
     if maps is None:
-        stack = transform_masks(transforms, np.stack([decode_segmentation(s, height, width) for s in segmentations]))
+        stack = transform_masks(
+            transforms, np.stack([decode_segmentation(s, height, width) for s in segmentations])
+        )
         kept = np.flatnonzero(stack.any(axis=(1, 2)))
         stack = stack[kept]
         return stack, kept, BitMasks(torch.from_numpy(stack)).get_bounding_boxes().tensor.numpy()
@@ -181,10 +193,14 @@ def decode_transformed_masks(segmentations: List, height: int, width: int, trans
             rs, cs = _covering_slice(rows, y, y + h), _covering_slice(cols, x, x + w)
             if rs.start == rs.stop or cs.start == cs.stop:
                 continue  # nothing of this mask is in the output
-            block = rle_columns(seg, x, x + w)[cols[cs] - x][:, rows[rs]].T  # one row per source column
+            block = rle_columns(seg, x, x + w)[cols[cs] - x][
+                :, rows[rs]
+            ].T  # one row per source column
         else:  # polygons: decoded whole, then gathered
             rs, cs = slice(0, len(rows)), slice(0, len(cols))
-            mask = np.pad(decode_segmentation(seg, height, width), ((0, 1), (0, 1)))  # index -1: padding
+            mask = np.pad(
+                decode_segmentation(seg, height, width), ((0, 1), (0, 1))
+            )  # index -1: padding
             block = mask[rows][:, cols]
         if block.any():
             pieces.append((k, rs, cs, block))
@@ -193,7 +209,12 @@ def decode_transformed_masks(segmentations: List, height: int, width: int, trans
     for i, (_, rs, cs, block) in enumerate(pieces):
         out[i, rs, cs] = block
         ys, xs = np.flatnonzero(block.any(1)), np.flatnonzero(block.any(0))
-        boxes[i] = (cs.start + xs[0], rs.start + ys[0], cs.start + xs[-1] + 1, rs.start + ys[-1] + 1)
+        boxes[i] = (
+            cs.start + xs[0],
+            rs.start + ys[0],
+            cs.start + xs[-1] + 1,
+            rs.start + ys[-1] + 1,
+        )
     return out, np.array([k for k, *_ in pieces], dtype=np.int64), boxes
 
 
@@ -247,10 +268,18 @@ def build_crop_augmentation(image_size: int, flip: str = "horizontal") -> List:
     return augs
 
 
-def build_lsj_augmentation(image_size: int, min_scale: float, max_scale: float, flip: bool = True) -> List:
+def build_lsj_augmentation(
+    image_size: int, min_scale: float, max_scale: float, flip: bool = True
+) -> List:
     augs = [
-        AtLeastOnePixel(T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size,
-                                      target_width=image_size)),
+        AtLeastOnePixel(
+            T.ResizeScale(
+                min_scale=min_scale,
+                max_scale=max_scale,
+                target_height=image_size,
+                target_width=image_size,
+            )
+        ),
         T.FixedSizeCrop(crop_size=(image_size, image_size)),
     ]
     if flip:
@@ -262,19 +291,33 @@ class UnSAMDatasetMapper:
     """Callable mapping one dataset dict to one model input dict (see module docstring)."""
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations: List, image_format: str, max_instances: int,
-                 visa_guidance: str = "", max_instances_sampling: str = "largest"):
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        augmentations: List,
+        image_format: str,
+        max_instances: int,
+        visa_guidance: str = "",
+        max_instances_sampling: str = "largest",
+    ):
         """``visa_guidance``: "" (none) or the guidance feature backend ("classical").
         ``max_instances_sampling``: which instances the ``max_instances`` cap keeps, "largest" or
         "random" (:meth:`_select_annotations`)."""
         if max_instances_sampling not in INSTANCE_SAMPLING:
-            raise ConfigError(f"INPUT.MAX_INSTANCES_SAMPLING {max_instances_sampling!r}: must be one of "
-                              f"{', '.join(INSTANCE_SAMPLING)}")
+            raise ConfigError(
+                f"INPUT.MAX_INSTANCES_SAMPLING {max_instances_sampling!r}: must be one of "
+                f"{', '.join(INSTANCE_SAMPLING)}"
+            )
         self.max_instances_sampling = max_instances_sampling
         self.is_train = is_train
         # a resize may round a thin image's short side to 0 px: every resize keeps >= 1 px
-        augmentations = [AtLeastOnePixel(a) if isinstance(a, (T.ResizeScale, T.ResizeShortestEdge, T.Resize))
-                         else a for a in augmentations]
+        augmentations = [
+            AtLeastOnePixel(a)
+            if isinstance(a, (T.ResizeScale, T.ResizeShortestEdge, T.Resize))
+            else a
+            for a in augmentations
+        ]
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.max_instances = max_instances
@@ -297,18 +340,27 @@ class UnSAMDatasetMapper:
         if is_train:
             name = cfg.INPUT.DATASET_MAPPER_NAME
             if name == LSJ_MAPPER:
-                augs = build_lsj_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE,
-                                              flip=cfg.INPUT.RANDOM_FLIP != "none")
+                augs = build_lsj_augmentation(
+                    cfg.INPUT.IMAGE_SIZE,
+                    cfg.INPUT.MIN_SCALE,
+                    cfg.INPUT.MAX_SCALE,
+                    flip=cfg.INPUT.RANDOM_FLIP != "none",
+                )
             elif name in CROP_MAPPERS:
                 augs = build_crop_augmentation(cfg.INPUT.IMAGE_SIZE, cfg.INPUT.RANDOM_FLIP)
             else:
-                raise ConfigError(f"INPUT.DATASET_MAPPER_NAME {name!r}: must be one of "
-                                  f"{', '.join((LSJ_MAPPER,) + CROP_MAPPERS)}")
+                raise ConfigError(
+                    f"INPUT.DATASET_MAPPER_NAME {name!r}: must be one of "
+                    f"{', '.join((LSJ_MAPPER,) + CROP_MAPPERS)}"
+                )
         else:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
         visa = cfg.UNSAM.VISA
-        guidance = visa.GUIDANCE.FEATURES if (is_train and visa.ENABLED and visa.GUIDANCE.ENABLED
-                                               and visa.GUIDANCE.WEIGHT > 0) else ""
+        guidance = (
+            visa.GUIDANCE.FEATURES
+            if (is_train and visa.ENABLED and visa.GUIDANCE.ENABLED and visa.GUIDANCE.WEIGHT > 0)
+            else ""
+        )
         return {
             "is_train": is_train,
             "augmentations": augs,
@@ -388,8 +440,13 @@ class UnSAMDatasetMapper:
         retry with their own seeded generators, so a run replaces it the same way every time).
         The count is ``data/replaced_samples`` in the metrics (:func:`unsam.data.training.note_replaced`)."""
         self.num_skipped += 1
-        logger.warning("skipping training image %s (%d skipped by this loader so far; another image is drawn "
-                       "instead): %s", self._name(dataset_dict), self.num_skipped, reason)
+        logger.warning(
+            "skipping training image %s (%d skipped by this loader so far; another image is drawn "
+            "instead): %s",
+            self._name(dataset_dict),
+            self.num_skipped,
+            reason,
+        )
         note_replaced(self.num_skipped)
         return None
 
@@ -407,9 +464,14 @@ class UnSAMDatasetMapper:
         name = str(dataset_dict.get("file_name"))
         if name not in self.degenerate_images:
             self.degenerate_images.add(name)
-            logger.warning("image %s (%dx%d, width x height) is too thin for the resize: a side that rounds to "
-                           "0 px is kept at 1 px (%d such image(s) in this loader so far)",
-                           name, shape[1], shape[0], len(self.degenerate_images))
+            logger.warning(
+                "image %s (%dx%d, width x height) is too thin for the resize: a side that rounds to "
+                "0 px is kept at 1 px (%d such image(s) in this loader so far)",
+                name,
+                shape[1],
+                shape[0],
+                len(self.degenerate_images),
+            )
         if self.is_train:
             try:
                 storage = get_event_storage()
@@ -430,7 +492,11 @@ class UnSAMDatasetMapper:
             return None
         annotations = dataset_dict.pop("annotations", None)
         # the instance cap is drawn before the augmentation, in the published order of random draws
-        anns = self._select_annotations(annotations) if self.is_train and annotations is not None else None
+        anns = (
+            self._select_annotations(annotations)
+            if self.is_train and annotations is not None
+            else None
+        )
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         if any(isinstance(t, ClampedResizeTransform) for t in transforms.transforms):
@@ -448,19 +514,26 @@ class UnSAMDatasetMapper:
         orig_h, orig_w = dataset_dict["height"], dataset_dict["width"]
         if anns:  # instances cropped away by LSJ are dropped
             try:  # RLE runs are checked here, where they are decoded (not when the record is read)
-                stack, present, boxes = decode_transformed_masks([a["segmentation"] for a in anns], orig_h,
-                                                                 orig_w, transforms)
+                stack, present, boxes = decode_transformed_masks(
+                    [a["segmentation"] for a in anns], orig_h, orig_w, transforms
+                )
             except ValueError as e:
                 return self._skip(dataset_dict, f"corrupt annotation mask ({e})")
             mask_tensor, kept = torch.from_numpy(stack), [anns[i] for i in present]
         else:
-            mask_tensor, kept, boxes = torch.zeros((0, h, w), dtype=torch.bool), [], np.zeros((0, 4), np.float32)
+            mask_tensor, kept, boxes = (
+                torch.zeros((0, h, w), dtype=torch.bool),
+                [],
+                np.zeros((0, 4), np.float32),
+            )
 
         instances = Instances((h, w))
         instances.gt_classes = torch.zeros(len(kept), dtype=torch.int64)
         instances.gt_masks = BitMasks(mask_tensor)
         instances.gt_boxes = Boxes(torch.from_numpy(boxes))
-        instances.gt_levels = torch.tensor([int(a.get("level", 0)) for a in kept], dtype=torch.int64)
+        instances.gt_levels = torch.tensor(
+            [int(a.get("level", 0)) for a in kept], dtype=torch.int64
+        )
         # parent ids refer to annotation ids; re-express them as indices into the kept list
         index_of = {a.get("id"): i for i, a in enumerate(kept) if a.get("id") is not None}
         instances.gt_parents = torch.tensor(

@@ -42,6 +42,7 @@ others is refused, as a mix of two merges could not be told apart. Files that ca
 retried by the next run. Bad options (a missing root, a root without JSON, ``--max-iou``
 outside (0, 1], an output inside or around an input root) are one ``error:`` line, exit 2.
 """
+
 import argparse
 import csv
 import io
@@ -54,13 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401  (compat before detectron2)
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
-import unsam  # noqa: F401  (compat before detectron2)
-
-from ..utils.cli import OneLineArgumentParser
-from ..utils.files import OutputError, atomic_write, by_stem, ensure_writable_dir, remove_stale_temps
 from ..io.sa1b import (
     DatasetError,
     SA1BFormatError,
@@ -69,11 +68,21 @@ from ..io.sa1b import (
     read_sa1b_json,
     write_sa1b_json,
 )
+from ..utils.cli import OneLineArgumentParser
+from ..utils.files import (
+    OutputError,
+    atomic_write,
+    by_stem,
+    ensure_writable_dir,
+    remove_stale_temps,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_IOU = 0.02  # the published UnSAM+ threshold (`gt_merged_threshold0.02`)
-SETTINGS_FILE = "merge_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+SETTINGS_FILE = (
+    "merge_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+)
 COUNTS_FILE = "merge_counts.csv"
 UNMATCHED_FILE = "merge_unmatched.txt"
 FAILED_FILE = "merge_failed.txt"
@@ -96,12 +105,15 @@ def mask_ious(rles: Sequence[Dict], others: Sequence[Dict]) -> np.ndarray:
     """IoU of every RLE of ``rles`` with every RLE of ``others``: a len(rles)×len(others) array."""
     if not rles or not others:
         return np.zeros((len(rles), len(others)))
-    ious = mask_utils.iou([_coco_rle(r) for r in rles], [_coco_rle(r) for r in others], [0] * len(others))
+    ious = mask_utils.iou(
+        [_coco_rle(r) for r in rles], [_coco_rle(r) for r in others], [0] * len(others)
+    )
     return np.asarray(ious, dtype=np.float64).reshape(len(rles), len(others))
 
 
-def merge_annotations(base: List[Dict], extra: List[Dict], max_iou: float,
-                      source: Optional[str] = None) -> Tuple[List[Dict], List[int]]:
+def merge_annotations(
+    base: List[Dict], extra: List[Dict], max_iou: float, source: Optional[str] = None
+) -> Tuple[List[Dict], List[int]]:
     """``base`` (all of it, unchanged, first) + each ``extra`` annotation whose mask has IoU
     below ``max_iou`` with every ``base`` mask. Returns (merged annotations, indices of the
     extra annotations kept).
@@ -140,10 +152,15 @@ def index_by_stem(root, option: str) -> Dict[str, Path]:
     except DatasetError as e:
         raise MergeInputError(f"{option}: {e}") from None
     if not files:
-        raise MergeInputError(f"{option} '{root}' holds no SA-1B JSON file (<name>.json, directly or "
-                              f"one folder down)")
-    return by_stem(files, lambda stem, first, second: MergeInputError(
-        f"{option}: two label files of one name '{stem}' ({first} and {second}): images are matched by file name"))
+        raise MergeInputError(
+            f"{option} '{root}' holds no SA-1B JSON file (<name>.json, directly or one folder down)"
+        )
+    return by_stem(
+        files,
+        lambda stem, first, second: MergeInputError(
+            f"{option}: two label files of one name '{stem}' ({first} and {second}): images are matched by file name"
+        ),
+    )
 
 
 def check_max_iou(value: float, option: str = "--max-iou") -> float:
@@ -164,8 +181,10 @@ def check_output(output: Path, roots: Sequence[Tuple[str, Path]]) -> None:
     replace or mix with the user's labels."""
     for option, root in roots:
         if _overlap(output, root):
-            raise MergeInputError(f"--output '{output}' overlaps {option} '{root}': write the merge "
-                                  f"to a folder of its own")
+            raise MergeInputError(
+                f"--output '{output}' overlaps {option} '{root}': write the merge "
+                f"to a folder of its own"
+            )
 
 
 def plain_differences(recorded: Dict, current: Dict) -> List[str]:
@@ -174,8 +193,10 @@ def plain_differences(recorded: Dict, current: Dict) -> List[str]:
     out = []
     for key in sorted(set(recorded) | set(current)):
         if recorded.get(key) != current.get(key):
-            out.append(f"--{key.replace('_', '-')} {json.dumps(recorded.get(key))} -> "
-                       f"{json.dumps(current.get(key))}")
+            out.append(
+                f"--{key.replace('_', '-')} {json.dumps(recorded.get(key))} -> "
+                f"{json.dumps(current.get(key))}"
+            )
     return out
 
 
@@ -205,15 +226,18 @@ class MergeSummary:
         human = sum(r.human for r in self.rows)
         pseudo = sum(r.pseudo for r in self.rows)
         added = sum(r.added for r in self.rows)
-        return (f"merged {len(self.rows)} images ({self.written} written, {self.skipped} already done): "
-                f"{human} human masks kept, {added} of {pseudo} pseudo masks added (IoU < {max_iou} with "
-                f"every human mask); {self.count('human-only')} human-only, {len(self.pseudo_only)} "
-                f"pseudo-only, {self.count('size-mismatch')} size mismatches, {len(self.failures)} failed; "
-                f"per image: {output / COUNTS_FILE}")
+        return (
+            f"merged {len(self.rows)} images ({self.written} written, {self.skipped} already done): "
+            f"{human} human masks kept, {added} of {pseudo} pseudo masks added (IoU < {max_iou} with "
+            f"every human mask); {self.count('human-only')} human-only, {len(self.pseudo_only)} "
+            f"pseudo-only, {self.count('size-mismatch')} size mismatches, {len(self.failures)} failed; "
+            f"per image: {output / COUNTS_FILE}"
+        )
 
 
-def _merge_one(name: str, human_json: Path, pseudo_json: Optional[Path], target: Path,
-               max_iou: float) -> ImageCounts:
+def _merge_one(
+    name: str, human_json: Path, pseudo_json: Optional[Path], target: Path, max_iou: float
+) -> ImageCounts:
     """Merge one image and write ``target``. Raises SA1BFormatError / FileNotFoundError for
     an input that cannot be used (the caller lists it)."""
     human = read_sa1b_json(human_json)
@@ -229,8 +253,12 @@ def _merge_one(name: str, human_json: Path, pseudo_json: Optional[Path], target:
         pseudo_n = len(pseudo["annotations"])
         if _size(pseudo) != _size(human):
             status = "size-mismatch"
-            logger.warning("%s: pseudo labels are %dx%d (HxW), the human ones %dx%d: human masks only",
-                           name, *_size(pseudo), *_size(human))
+            logger.warning(
+                "%s: pseudo labels are %dx%d (HxW), the human ones %dx%d: human masks only",
+                name,
+                *_size(pseudo),
+                *_size(human),
+            )
         else:
             anns, kept = merge_annotations(anns, pseudo["annotations"], max_iou, PSEUDO_SOURCE)
             status, added = "merged", len(kept)
@@ -251,11 +279,18 @@ def _counts_of_output(name: str, target: Path, pseudo_json: Optional[Path]) -> I
         return ImageCounts(name, len(anns), 0, 0, "human-only")
     pseudo = read_sa1b_json(pseudo_json)
     mismatch = _size(pseudo) != _size(merged)
-    return ImageCounts(name, len(anns) - added, len(pseudo["annotations"]), added,
-                       "size-mismatch" if mismatch else "merged")
+    return ImageCounts(
+        name,
+        len(anns) - added,
+        len(pseudo["annotations"]),
+        added,
+        "size-mismatch" if mismatch else "merged",
+    )
 
 
-def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progress: bool = True) -> MergeSummary:
+def merge_roots(
+    human_root, pseudo_root, output, max_iou: float = MAX_IOU, progress: bool = True
+) -> MergeSummary:
     """Merge every image of ``human_root`` with its pseudo labels of ``pseudo_root`` into
     ``output`` (see the module docstring). Raises :class:`MergeInputError`, ``OutputError``,
     :class:`unsam.pseudo.runner.SettingsMismatch`, and :class:`unsam.pseudo.runner.Stopped`
@@ -270,8 +305,16 @@ def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progr
     pseudo = index_by_stem(pseudo_root, "--pseudo")
     check_output(output, [("--human", human_root), ("--pseudo", pseudo_root)])
     out = ensure_writable_dir(output)
-    record_settings(out, SETTINGS_FILE, {"human": str(human_root.resolve()), "pseudo": str(pseudo_root.resolve()),
-                                         "max_iou": max_iou}, plain_differences)
+    record_settings(
+        out,
+        SETTINGS_FILE,
+        {
+            "human": str(human_root.resolve()),
+            "pseudo": str(pseudo_root.resolve()),
+            "max_iou": max_iou,
+        },
+        plain_differences,
+    )
     summary = MergeSummary(pseudo_only=[pseudo[s] for s in sorted(set(pseudo) - set(human))])
     targets = {name: out / path.relative_to(human_root) for name, path in human.items()}
     ours = {t.name for t in targets.values()} | {COUNTS_FILE, UNMATCHED_FILE, FAILED_FILE}
@@ -288,7 +331,9 @@ def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progr
                         summary.skipped += 1
                         continue
                     with _writing(target):
-                        summary.rows.append(_merge_one(name, human[name], pseudo.get(name), target, max_iou))
+                        summary.rows.append(
+                            _merge_one(name, human[name], pseudo.get(name), target, max_iou)
+                        )
                     summary.written += 1
                 except (SA1BFormatError, FileNotFoundError) as e:
                     summary.failures.append((str(human[name]), str(e)))
@@ -299,7 +344,9 @@ def merge_roots(human_root, pseudo_root, output, max_iou: float = MAX_IOU, progr
     return summary
 
 
-def _write_lists(out: Path, summary: MergeSummary, human: Dict[str, Path], pseudo: Dict[str, Path]) -> None:
+def _write_lists(
+    out: Path, summary: MergeSummary, human: Dict[str, Path], pseudo: Dict[str, Path]
+) -> None:
     """``merge_counts.csv``, ``merge_unmatched.txt`` and ``merge_failed.txt`` of the images
     seen so far (the last two removed when empty)."""
     from ..pseudo.runner import _writing
@@ -309,10 +356,15 @@ def _write_lists(out: Path, summary: MergeSummary, human: Dict[str, Path], pseud
     writer.writerow(["image", "human_masks", "pseudo_masks", "pseudo_added", "status"])
     for r in summary.rows:
         writer.writerow([r.name, r.human, r.pseudo, r.added, r.status])
-    unmatched = ([f"pseudo-only\t{p}" for p in summary.pseudo_only]
-                 + [f"{r.status}\t{human[r.name]}" for r in summary.rows if r.status != "merged"])
+    unmatched = [f"pseudo-only\t{p}" for p in summary.pseudo_only] + [
+        f"{r.status}\t{human[r.name]}" for r in summary.rows if r.status != "merged"
+    ]
     failed = [f"{p}\t{' '.join(e.split())}" for p, e in summary.failures]
-    for name, text in ((COUNTS_FILE, buf.getvalue()), (UNMATCHED_FILE, unmatched), (FAILED_FILE, failed)):
+    for name, text in (
+        (COUNTS_FILE, buf.getvalue()),
+        (UNMATCHED_FILE, unmatched),
+        (FAILED_FILE, failed),
+    ):
         path = out / name
         if isinstance(text, list):
             if not text:
@@ -325,13 +377,23 @@ def _write_lists(out: Path, summary: MergeSummary, human: Dict[str, Path], pseud
 
 # --------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineArgumentParser(prog="python -m unsam.data.merge",
-                        description="UnSAM+: every human mask plus the pseudo masks that overlap none of them.")
-    ap.add_argument("--human", required=True, help="SA-1B root with the human masks (released JSONs + images)")
-    ap.add_argument("--pseudo", required=True, help="pseudo-label root (python -m unsam.pseudo output)")
+    ap = OneLineArgumentParser(
+        prog="python -m unsam.data.merge",
+        description="UnSAM+: every human mask plus the pseudo masks that overlap none of them.",
+    )
+    ap.add_argument(
+        "--human", required=True, help="SA-1B root with the human masks (released JSONs + images)"
+    )
+    ap.add_argument(
+        "--pseudo", required=True, help="pseudo-label root (python -m unsam.pseudo output)"
+    )
     ap.add_argument("--output", required=True, help="new folder for the merged SA-1B JSONs")
-    ap.add_argument("--max-iou", type=float, default=MAX_IOU,
-                    help=f"add a pseudo mask when its IoU with every human mask is below this (default {MAX_IOU})")
+    ap.add_argument(
+        "--max-iou",
+        type=float,
+        default=MAX_IOU,
+        help=f"add a pseudo mask when its IoU with every human mask is below this (default {MAX_IOU})",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -350,13 +412,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        print(f"stopped by {stop.name}; run the same command again to resume (merged images are kept)",
-              file=sys.stderr)
+        print(
+            f"stopped by {stop.name}; run the same command again to resume (merged images are kept)",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     if s.pseudo_only or s.count("human-only") or s.count("size-mismatch"):
         logger.info("unmatched images named in %s", Path(args.output) / UNMATCHED_FILE)
     if s.failures:
-        logger.warning("%d images could not be merged; listed in %s", len(s.failures), Path(args.output) / FAILED_FILE)
+        logger.warning(
+            "%d images could not be merged; listed in %s",
+            len(s.failures),
+            Path(args.output) / FAILED_FILE,
+        )
     print(s.line(Path(args.output), args.max_iou))
     return 1 if s.failures and not s.rows else 0
 

@@ -17,6 +17,7 @@ training-time samplers (:func:`sample_points`, :func:`sample_boxes`, :func:`samp
 ``torch.Generator`` they are given (on that device): the training model samples its prompts
 without copying masks to the host and without the global RNG.
 """
+
 import logging
 import math
 from typing import List, Optional, Tuple
@@ -186,8 +187,12 @@ def sample_points(masks: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.stack([flat % w, torch.div(flat, w, rounding_mode="floor")], 1).float()
 
 
-def nested_targets(points: torch.Tensor, masks: torch.Tensor, levels: Optional[torch.Tensor] = None,
-                   max_targets: Optional[int] = None) -> List[torch.Tensor]:
+def nested_targets(
+    points: torch.Tensor,
+    masks: torch.Tensor,
+    levels: Optional[torch.Tensor] = None,
+    max_targets: Optional[int] = None,
+) -> List[torch.Tensor]:
     """For each point, the indices of the masks containing it, sorted coarse → fine.
 
     Args:
@@ -208,8 +213,11 @@ def nested_targets(points: torch.Tensor, masks: torch.Tensor, levels: Optional[t
     contains = masks[:, y.clamp(0, h - 1), x.clamp(0, w - 1)].T & inside[:, None]  # n×N
     # two stable sorts give the (level, -area, index) order: area (descending) first, then level
     by_area = torch.sort(masks.flatten(1).sum(1), descending=True, stable=True).indices
-    lv = levels.to(masks.device, torch.float64) if levels is not None else \
-        torch.zeros(n_masks, dtype=torch.float64, device=masks.device)
+    lv = (
+        levels.to(masks.device, torch.float64)
+        if levels is not None
+        else torch.zeros(n_masks, dtype=torch.float64, device=masks.device)
+    )
     key = torch.where(contains[:, by_area], lv[by_area][None], torch.inf)
     order = by_area[torch.sort(key, dim=1, stable=True).indices]
     counts = contains.sum(1)
@@ -218,8 +226,12 @@ def nested_targets(points: torch.Tensor, masks: torch.Tensor, levels: Optional[t
     return [order[i, :c] for i, c in enumerate(counts.tolist())]
 
 
-def sample_boxes(masks: torch.Tensor, generator: torch.Generator, jitter: float = 0.1,
-                 max_noise: Optional[float] = 20.0) -> torch.Tensor:
+def sample_boxes(
+    masks: torch.Tensor,
+    generator: torch.Generator,
+    jitter: float = 0.1,
+    max_noise: Optional[float] = 20.0,
+) -> torch.Tensor:
     """A noisy ``XYXY`` box around each non-empty mask (n×H×W bool) → n×4 float32.
 
     Each coordinate of the tight box (exclusive ends, :func:`mask_to_box`) moves by Gaussian
@@ -281,7 +293,7 @@ def _ellipse(radius: int, device) -> torch.Tensor:
     for i in range(k):
         dy = i - radius
         dx = int(round(radius * math.sqrt((radius * radius - dy * dy) / (radius * radius))))
-        out[i, max(radius - dx, 0):min(radius + dx + 1, k)] = 1
+        out[i, max(radius - dx, 0) : min(radius + dx + 1, k)] = 1
     return out.to(device)
 
 
@@ -295,9 +307,15 @@ def _gaussian_kernels(sigma: torch.Tensor, half: int) -> torch.Tensor:
     return (k / k.sum(1, keepdim=True)).float()
 
 
-def mask_prompts_from(masks: torch.Tensor, op: torch.Tensor, radius: torch.Tensor,
-                      sigma: torch.Tensor, low_res: int = 256, max_radius: int = 3,
-                      max_sigma: float = 2.0) -> torch.Tensor:
+def mask_prompts_from(
+    masks: torch.Tensor,
+    op: torch.Tensor,
+    radius: torch.Tensor,
+    sigma: torch.Tensor,
+    low_res: int = 256,
+    max_radius: int = 3,
+    max_sigma: float = 2.0,
+) -> torch.Tensor:
     """The mask prompts of :func:`sample_mask_prompts` for given draws (deterministic).
 
     Args:
@@ -348,10 +366,12 @@ def _mask_prompts(masks, op, radius, sigma, low_res, max_radius, max_sigma) -> t
     half = (int(round(max_sigma * 8 + 1)) | 1) // 2
     kernels = _gaussian_kernels(sigma.to(dev, torch.float64), half)  # n×K
     blurred = binary.float()[None]  # 1×n×L×L: one group per prompt
-    blurred = F.conv2d(F.pad(blurred, (half, half, 0, 0), mode="reflect"), kernels[:, None, None],
-                       groups=n)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, half, half), mode="reflect"),
-                       kernels[:, None, :, None], groups=n)[0]
+    blurred = F.conv2d(
+        F.pad(blurred, (half, half, 0, 0), mode="reflect"), kernels[:, None, None], groups=n
+    )
+    blurred = F.conv2d(
+        F.pad(blurred, (0, 0, half, half), mode="reflect"), kernels[:, None, :, None], groups=n
+    )[0]
     p = blurred.clamp(_EPS, 1 - _EPS)
     magnitude = torch.log(p / (1 - p)).abs().clamp(min=0.1)
     logits = torch.where(binary, magnitude, -magnitude)
@@ -360,8 +380,9 @@ def _mask_prompts(masks, op, radius, sigma, low_res, max_radius, max_sigma) -> t
     return logits[:, None]
 
 
-def sample_mask_prompts(masks: torch.Tensor, generator: torch.Generator, low_res: int = 256,
-                        max_radius: int = 3) -> torch.Tensor:
+def sample_mask_prompts(
+    masks: torch.Tensor, generator: torch.Generator, low_res: int = 256, max_radius: int = 3
+) -> torch.Tensor:
     """A noisy low-res mask prompt per GT mask: n×H×W bool → n×1×L×L float32 logits.
 
     The mask is area-resized so its longest side is ``L`` (bottom/right padding), then at low
@@ -378,6 +399,7 @@ def sample_mask_prompts(masks: torch.Tensor, generator: torch.Generator, low_res
     sigma = 0.5 + 1.5 * torch.rand((n,), generator=generator, dtype=torch.float64, device=dev)
     return mask_prompts_from(masks, op, radius, sigma, low_res, max(1, max_radius))
 
+
 # ----------------------------------------------------------------------------------------------
 # user input (demo command line)
 
@@ -389,7 +411,9 @@ def _parse_numbers(text: str, what: str, count: Optional[int] = None, cast=float
     try:
         values = [cast(p) for p in parts]
     except ValueError:
-        raise PromptError(f"{what} '{text}' is not a list of {'integers' if cast is int else 'numbers'}") from None
+        raise PromptError(
+            f"{what} '{text}' is not a list of {'integers' if cast is int else 'numbers'}"
+        ) from None
     if cast is float and not all(math.isfinite(v) for v in values):
         raise PromptError(f"{what} '{text}' contains a non-finite number")
     return values
@@ -406,7 +430,7 @@ def parse_points(text: str) -> np.ndarray:
 def parse_labels(text: str) -> np.ndarray:
     """``"1,0"`` → int64 array (values checked by :func:`validate_prompts`)."""
     if not str(text).strip():
-        raise PromptError("empty label list (expected e.g. \"1,0\")")
+        raise PromptError('empty label list (expected e.g. "1,0")')
     return np.array(_parse_numbers(text, "labels", cast=int), dtype=np.int64)
 
 
@@ -461,13 +485,23 @@ def _clip_box(box, h: int, w: int) -> np.ndarray:
     x0, y0, x1, y1 = box.tolist()
     if x1 <= x0 or y1 <= y0:
         raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 and y1 > y0")
-    clipped = np.array([min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)],
-                       dtype=np.float32)
+    clipped = np.array(
+        [min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)],
+        dtype=np.float32,
+    )
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the {w}x{h} image")
     if not np.array_equal(clipped, box):
-        logger.info("box (%g, %g, %g, %g) reaches outside the %dx%d image: clipped to (%g, %g, %g, %g)",
-                    x0, y0, x1, y1, w, h, *clipped.tolist())
+        logger.info(
+            "box (%g, %g, %g, %g) reaches outside the %dx%d image: clipped to (%g, %g, %g, %g)",
+            x0,
+            y0,
+            x1,
+            y1,
+            w,
+            h,
+            *clipped.tolist(),
+        )
     return clipped
 
 

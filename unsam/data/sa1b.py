@@ -3,22 +3,30 @@
 The file format itself (RLE helpers, reading / writing / validating the per-image JSON, finding
 the files and the image beside each) is :mod:`unsam.io.sa1b`, which does not import detectron2.
 """
+
 import logging
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..io.sa1b import (DatasetError, SA1BFormatError, _resolve_image, find_sa1b_files,
-                       read_sa1b_json, rle_area)
+from ..io.sa1b import (
+    DatasetError,
+    SA1BFormatError,
+    _resolve_image,
+    find_sa1b_files,
+    read_sa1b_json,
+    rle_area,
+)
 
 __all__ = ["load_sa1b_dicts", "register_sa1b", "iter_roots_from_config"]
 
 logger = logging.getLogger(__name__)
 
 
-def _record_annotations(annotations: List[Dict], positions: Optional[Iterable[int]] = None
-                        ) -> Tuple[List[Dict], int]:
+def _record_annotations(
+    annotations: List[Dict], positions: Optional[Iterable[int]] = None
+) -> Tuple[List[Dict], int]:
     """A file's (validated) annotations as detectron2 annotation dicts, and how many were dropped
     for an empty mask. ``positions``: only these annotations (indices into ``annotations``, which
     are also the ids of annotations without one); all when None.
@@ -36,18 +44,20 @@ def _record_annotations(annotations: List[Dict], positions: Optional[Iterable[in
         if area == 0:
             empty += 1
             continue
-        out.append({
-            "segmentation": ann["segmentation"],
-            "bbox": ann.get("bbox", [0, 0, 0, 0]),
-            "bbox_mode": BoxMode.XYWH_ABS,
-            "category_id": 0,
-            "iscrowd": 0,
-            "area": area,
-            "id": ann.get("id", i),
-            "level": int(ann.get("level", 0)),
-            "parent_id": int(ann.get("parent_id", -1)),
-            "predicted_iou": float(ann.get("predicted_iou", 1.0)),
-        })
+        out.append(
+            {
+                "segmentation": ann["segmentation"],
+                "bbox": ann.get("bbox", [0, 0, 0, 0]),
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": 0,
+                "iscrowd": 0,
+                "area": area,
+                "id": ann.get("id", i),
+                "level": int(ann.get("level", 0)),
+                "parent_id": int(ann.get("parent_id", -1)),
+                "predicted_iou": float(ann.get("predicted_iou", 1.0)),
+            }
+        )
     return out, empty
 
 
@@ -92,14 +102,23 @@ def load_sa1b_dicts(root, skip_empty: bool = False) -> List[Dict]:
     for msg in skipped:
         logger.warning("skipped pseudo-label file: %s", msg)
     # a warning when files were skipped, so the count is seen next to the names above
-    logger.log(logging.WARNING if skipped else logging.INFO,
-               "SA-1B root %s: %d images loaded, %d files skipped, %d empty masks dropped, "
-               "%d images without a mask %s", root, len(dicts), len(skipped), empty_masks, unmasked,
-               "left out (UNSAM.DATA.SKIP_EMPTY)" if skip_empty else "kept")
+    logger.log(
+        logging.WARNING if skipped else logging.INFO,
+        "SA-1B root %s: %d images loaded, %d files skipped, %d empty masks dropped, "
+        "%d images without a mask %s",
+        root,
+        len(dicts),
+        len(skipped),
+        empty_masks,
+        unmasked,
+        "left out (UNSAM.DATA.SKIP_EMPTY)" if skip_empty else "kept",
+    )
     if not dicts:
         reason = f"; first skipped: {skipped[0]}" if skipped else ""
-        raise DatasetError(f"SA-1B root '{root}' has no usable image ({len(files)} JSON files, "
-                           f"{len(skipped)} skipped, {unmasked} without a non-empty mask{reason})")
+        raise DatasetError(
+            f"SA-1B root '{root}' has no usable image ({len(files)} JSON files, "
+            f"{len(skipped)} skipped, {unmasked} without a non-empty mask{reason})"
+        )
     return dicts
 
 
@@ -128,6 +147,8 @@ def iter_roots_from_config(entries: Iterable[str]):
         name, sep, path = str(entry).partition(":")
         if not sep or not name.strip() or not path.strip():
             # a DatasetError: train_net.py reports it as one "error:" line (a ValueError subclass)
-            raise DatasetError(f"UNSAM.DATA.SA1B_ROOTS entry '{entry}' must be 'name:path', "
-                               "e.g. \"('my_pseudo:/data/pseudo_labels',)\"")
+            raise DatasetError(
+                f"UNSAM.DATA.SA1B_ROOTS entry '{entry}' must be 'name:path', "
+                "e.g. \"('my_pseudo:/data/pseudo_labels',)\""
+            )
         yield name, path

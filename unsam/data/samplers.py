@@ -8,13 +8,14 @@ uninterrupted stream never. :class:`ResumableTrainingSampler` yields the same st
 to detectron2's for the same seed) and can start it at iteration ``k``; its seed is a
 checkpointable, so a run whose seed was drawn at random resumes the same stream too.
 """
+
 import itertools
 import logging
 from typing import Dict, Iterator, Optional
 
-import torch
-
 import unsam.compat  # noqa: F401
+
+import torch
 from detectron2.data.samplers import TrainingSampler
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def _as_ints(indices: torch.Tensor, chunk: int = 1 << 16) -> Iterator[int]:
     ~36 bytes per image held by every process that iterates the sampler (each loader worker:
     36 MB at a million images, 400 MB at SA-1B's 11 M); the tensor itself is 8."""
     for start in range(0, len(indices), chunk):
-        yield from indices[start:start + chunk].tolist()
+        yield from indices[start : start + chunk].tolist()
 
 
 class ResumableTrainingSampler(TrainingSampler):
@@ -39,7 +40,13 @@ class ResumableTrainingSampler(TrainingSampler):
         seed: as detectron2's (``None``: a random seed shared by all ranks).
     """
 
-    def __init__(self, size: int, samples_per_iteration: int, shuffle: bool = True, seed: Optional[int] = None):
+    def __init__(
+        self,
+        size: int,
+        samples_per_iteration: int,
+        shuffle: bool = True,
+        seed: Optional[int] = None,
+    ):
         super().__init__(size, shuffle=shuffle, seed=seed)
         if samples_per_iteration <= 0:
             raise ValueError(f"samples_per_iteration must be positive, got {samples_per_iteration}")
@@ -58,7 +65,9 @@ class ResumableTrainingSampler(TrainingSampler):
         self._start = int(iteration) * self._samples_per_iteration
 
     def __iter__(self) -> Iterator[int]:
-        yield from itertools.islice(self._indices_from(self._start), self._rank, None, self._world_size)
+        yield from itertools.islice(
+            self._indices_from(self._start), self._rank, None, self._world_size
+        )
 
     def _epoch(self, generator: torch.Generator) -> torch.Tensor:
         # one call per epoch, in order: the generator's state then matches detectron2's sampler
@@ -78,8 +87,12 @@ class ResumableTrainingSampler(TrainingSampler):
 
     # checkpointable (fvcore saves/restores it with the model): the seed and what it applies to
     def state_dict(self) -> Dict:
-        return {"seed": self._seed, "size": self._size, "shuffle": self._shuffle,
-                "samples_per_iteration": self._samples_per_iteration}
+        return {
+            "seed": self._seed,
+            "size": self._size,
+            "shuffle": self._shuffle,
+            "samples_per_iteration": self._samples_per_iteration,
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Take the checkpoint's seed when the stream it describes is this one.
@@ -87,12 +100,19 @@ class ResumableTrainingSampler(TrainingSampler):
         A dataset of another size or another batch size is another stream: the seed would not
         give the uninterrupted order back, so it is kept as is, with a warning.
         """
-        same = (int(state.get("size", -1)) == self._size and bool(state.get("shuffle")) == self._shuffle
-                and int(state.get("samples_per_iteration", -1)) == self._samples_per_iteration)
+        same = (
+            int(state.get("size", -1)) == self._size
+            and bool(state.get("shuffle")) == self._shuffle
+            and int(state.get("samples_per_iteration", -1)) == self._samples_per_iteration
+        )
         if not same:
-            logger.warning("training sampler: the checkpoint's data stream was for %s images, batch %s; "
-                           "this run has %d images, batch %d: the data order restarts from its seed",
-                           state.get("size"), state.get("samples_per_iteration"), self._size,
-                           self._samples_per_iteration)
+            logger.warning(
+                "training sampler: the checkpoint's data stream was for %s images, batch %s; "
+                "this run has %d images, batch %d: the data order restarts from its seed",
+                state.get("size"),
+                state.get("samples_per_iteration"),
+                self._size,
+                self._samples_per_iteration,
+            )
             return
         self._seed = int(state["seed"])

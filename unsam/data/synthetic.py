@@ -12,6 +12,7 @@
   training aids (ViSA's curriculum, boundary relaxation and semantic guidance) have something to
   act on.
 """
+
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -32,8 +33,17 @@ def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def draw_random_shape(rng: np.random.Generator, mask: np.ndarray, cx: float, cy: float, r: float, *,
-                      min_aspect: float = 0.5, max_vertices: int = 6, min_radius: float = 0.6) -> None:
+def draw_random_shape(
+    rng: np.random.Generator,
+    mask: np.ndarray,
+    cx: float,
+    cy: float,
+    r: float,
+    *,
+    min_aspect: float = 0.5,
+    max_vertices: int = 6,
+    min_radius: float = 0.6,
+) -> None:
     """Fill one random shape of radius ~``r`` centred at (cx, cy) into the uint8 ``mask``: half the
     time an ellipse (minor/major axis ≥ ``min_aspect``), else a star-shaped polygon of 3 to
     ``max_vertices`` vertices at ``min_radius``·r to r."""
@@ -44,7 +54,9 @@ def draw_random_shape(rng: np.random.Generator, mask: np.ndarray, cx: float, cy:
         k = int(rng.integers(3, max_vertices + 1))
         angles = np.sort(rng.uniform(0, 2 * np.pi, k))
         radii = r * rng.uniform(min_radius, 1.0, k)
-        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
+        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(
+            np.int32
+        )
         cv2.fillPoly(mask, [pts], 1)
 
 
@@ -55,8 +67,9 @@ def _random_shape(rng: np.random.Generator, size: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def render_shapes_image(rng: np.random.Generator, size: int = 256, max_shapes: int = 5,
-                        part_prob: float = 0.4) -> Tuple[np.ndarray, List[Dict]]:
+def render_shapes_image(
+    rng: np.random.Generator, size: int = 256, max_shapes: int = 5, part_prob: float = 0.4
+) -> Tuple[np.ndarray, List[Dict]]:
     """One image and its annotations: ``[{"mask", "level", "parent"}]`` (parent = list index)."""
     image = _textured_background(rng, size)
     occupied = np.zeros((size, size), bool)
@@ -100,8 +113,16 @@ def _write_dataset(root, prefix: str, num_images: int, size: int, seed: int, ren
             annotation_from_mask(o["mask"], ann_id=k, level=o["level"], parent_id=o["parent"])
             for k, o in enumerate(objects)
         ]
-        write_sa1b_json(root / f"{name}.json", {"image_id": seed * 100000 + i, "width": size, "height": size,
-                                                "file_name": f"{name}.png"}, anns)
+        write_sa1b_json(
+            root / f"{name}.json",
+            {
+                "image_id": seed * 100000 + i,
+                "width": size,
+                "height": size,
+                "file_name": f"{name}.png",
+            },
+            anns,
+        )
     return root
 
 
@@ -114,7 +135,9 @@ def make_shapes_dataset(root, num_images: int, size: int = 256, seed: int = 0) -
 # nested scenes
 
 
-def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
     """The N×3 colours of the ``mask`` pixels under a random two-colour texture: flat (a quarter of
     the time), stripes, checks or blotches, plus mild noise."""
     c1 = rng.uniform(0, 255, 3)
@@ -174,8 +197,13 @@ def _place_whole(rng: np.random.Generator, size: int, occupied: np.ndarray) -> n
     return np.zeros((size, size), bool)
 
 
-def render_nested_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4,
-                        part_prob: float = 0.8, subpart_prob: float = 0.5) -> Tuple[np.ndarray, List[Dict]]:
+def render_nested_scene(
+    rng: np.random.Generator,
+    size: int = 128,
+    max_objects: int = 4,
+    part_prob: float = 0.8,
+    subpart_prob: float = 0.5,
+) -> Tuple[np.ndarray, List[Dict]]:
     """One nested scene and its annotations ``[{"mask", "level", "parent"}]`` (parent = list index).
 
     Every level-1 part lies inside its level-0 whole and the parts of a whole cover it; every
@@ -186,7 +214,9 @@ def render_nested_scene(rng: np.random.Generator, size: int = 128, max_objects: 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for _ in range(int(rng.integers(1, 4))):  # unannotated textured patches on the background
         patch = np.zeros((size, size), np.uint8)
-        draw_random_shape(rng, patch, *rng.integers(0, size, 2), int(rng.integers(size // 8, size // 4 + 1)))
+        draw_random_shape(
+            rng, patch, *rng.integers(0, size, 2), int(rng.integers(size // 8, size // 4 + 1))
+        )
         patch = patch.astype(bool)
         image[patch] = _texture(rng, yy, xx, patch)
     occupied = np.zeros((size, size), bool)
@@ -203,7 +233,7 @@ def render_nested_scene(rng: np.random.Generator, size: int = 128, max_objects: 
             continue
         occupied |= whole
         whole_index = add(whole, 0, -1)
-        for part in (_split_into_parts(rng, whole, yy, xx) if rng.random() < part_prob else []):
+        for part in _split_into_parts(rng, whole, yy, xx) if rng.random() < part_prob else []:
             part_index = add(part, 1, whole_index)
             sub = _subpart(rng, part) if rng.random() < subpart_prob else None
             if sub is not None and sub.any():

@@ -12,21 +12,22 @@ Why one dataset object: detectron2's loader and the ATS loader pickle their data
 loader worker; a list of a million dicts (with every mask's RLE) was ~1.3 MB per image in each of
 them. :class:`TrainingRecords` pickles to a few hundred bytes per set, whatever its size.
 """
+
 import logging
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401  (before detectron2)
+
 import numpy as np
 import torch
-
-import unsam.compat  # noqa: F401  (before detectron2)
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..io.sa1b import DatasetError, SA1BFormatError
 from ..utils.files import OutputError
 from .index import IndexedDataset, build_index, find_index
-from ..io.sa1b import DatasetError, SA1BFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,12 @@ def open_training_index(root: str, output_dir: str, skip_empty: bool = False) ->
     if not _writable(root):
         if find_index(root) is not None:
             build = False
-            logger.info("dataset root %s is read-only: using its index as built (not checked for new or changed "
-                        "files; rebuild it with 'python -m unsam.data.index %s')", root, root)
+            logger.info(
+                "dataset root %s is read-only: using its index as built (not checked for new or changed "
+                "files; rebuild it with 'python -m unsam.data.index %s')",
+                root,
+                root,
+            )
         else:
             cache_dir = os.path.join(output_dir, INDEX_CACHE)
     error = None
@@ -82,7 +87,10 @@ def open_training_index(root: str, output_dir: str, skip_empty: bool = False) ->
 def _has_mask(record: Dict) -> bool:
     """Whether a dataset dict holds a non-crowd annotation with pixels (SA-1B records carry the
     RLE's own area; COCO the file's)."""
-    return any(not a.get("iscrowd", 0) and float(a.get("area", 1)) > 0 for a in record.get("annotations") or [])
+    return any(
+        not a.get("iscrowd", 0) and float(a.get("area", 1)) > 0
+        for a in record.get("annotations") or []
+    )
 
 
 class TrainingRecords(torch.utils.data.Dataset):
@@ -175,8 +183,9 @@ class ReplacedSampleMeter:
                     reported = True
             if reported:
                 try:
-                    get_event_storage().put_scalar(REPLACED_METRIC, sum(self.per_worker.values()),
-                                                   smoothing_hint=False)
+                    get_event_storage().put_scalar(
+                        REPLACED_METRIC, sum(self.per_worker.values()), smoothing_hint=False
+                    )
                 except AssertionError:
                     pass
             yield batch

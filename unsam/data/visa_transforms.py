@@ -26,6 +26,7 @@ coarsest granularity and a part's level is larger than its parent's; ``parent_id
 annotation id of the enclosing region, -1 for a root. :func:`parent_indices` maps ids to row
 indices of the target list (the mapper's ``gt_parents``).
 """
+
 import logging
 import math
 from typing import Optional, Sequence
@@ -78,8 +79,9 @@ def parent_indices(ids: Sequence[int], parent_ids: Sequence[int]) -> torch.Tenso
         list (e.g. dropped by cropping), which then count as roots.
     """
     row = {int(i): r for r, i in enumerate(ids)}
-    return torch.tensor([row.get(int(p), -1) if int(p) >= 0 else -1 for p in parent_ids],
-                        dtype=torch.long)
+    return torch.tensor(
+        [row.get(int(p), -1) if int(p) >= 0 else -1 for p in parent_ids], dtype=torch.long
+    )
 
 
 def select_targets_by_level(
@@ -191,8 +193,9 @@ def boundary_band_weights(
 # ---------------------------------------------------------------------------------------------
 # the schedule applied
 # ---------------------------------------------------------------------------------------------
-def curriculum_keep(visa, levels: torch.Tensor, parents: Optional[torch.Tensor],
-                    iteration: int) -> torch.Tensor:
+def curriculum_keep(
+    visa, levels: torch.Tensor, parents: Optional[torch.Tensor], iteration: int
+) -> torch.Tensor:
     """BoolTensor N: the targets to train on at ``iteration`` (all True when the curriculum is
     inactive). ``visa``: the :class:`~unsam.modeling.visa.VisaState`."""
     levels = torch.as_tensor(levels, dtype=torch.long)

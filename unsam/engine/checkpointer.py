@@ -11,6 +11,7 @@ of another model size is refused before the optimizer and scheduler states are t
 that fails (full disk) leaves the previous checkpoint and ``last_checkpoint`` as they were and
 stops the run with a :class:`CheckpointError` naming both.
 """
+
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..checkpoint import LoadReport, UnSAMCheckpointer, UnsafeWeightsError
+from ..checkpoint import LoadReport, UnsafeWeightsError, UnSAMCheckpointer
 from ..utils.files import atomic_write, remove_stale_temps
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,11 @@ class TrainingCheckpointer(UnSAMCheckpointer):
         if self.save_dir and self.save_to_disk and os.path.isdir(self.save_dir):
             removed = remove_stale_temps(self.save_dir, _is_checkpoint_file)
             if removed:
-                logger.info("removed %d temporary files of interrupted checkpoint saves in %s",
-                            removed, self.save_dir)
+                logger.info(
+                    "removed %d temporary files of interrupted checkpoint saves in %s",
+                    removed,
+                    self.save_dir,
+                )
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``save``, written atomically (local folders; others as detectron2 does).
@@ -92,7 +96,8 @@ class TrainingCheckpointer(UnSAMCheckpointer):
             raise CheckpointError(
                 f"cannot save checkpoint '{save_file}': {e.strerror or e}; the last good checkpoint is "
                 f"{repr(last_good) if last_good else 'none (nothing saved yet)'}, unchanged "
-                "(free space, then --resume)") from None
+                "(free space, then --resume)"
+            ) from None
 
     def _last_good(self) -> str:
         """The checkpoint ``last_checkpoint`` names, if it exists ("" otherwise)."""
@@ -109,8 +114,11 @@ class TrainingCheckpointer(UnSAMCheckpointer):
         """The file ``last_checkpoint`` names, then every other ``*.pth`` of ``save_dir`` by
         :func:`iteration_rank`, latest first (not by file time, which a copy rewrites)."""
         tagged = self.get_checkpoint_file()
-        others = sorted((p for p in self.get_all_checkpoint_files() if p != tagged),
-                        key=iteration_rank, reverse=True)
+        others = sorted(
+            (p for p in self.get_all_checkpoint_files() if p != tagged),
+            key=iteration_rank,
+            reverse=True,
+        )
         return ([tagged] if tagged else []) + others
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
@@ -133,21 +141,28 @@ class TrainingCheckpointer(UnSAMCheckpointer):
                 raise  # not damaged but refused for safety: falling back would hide it
             except Exception as e:  # noqa: BLE001 — a damaged file fails to unpickle in many ways
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                logger.warning("checkpoint %s is unreadable (%s); trying an older one", candidate, reason)
+                logger.warning(
+                    "checkpoint %s is unreadable (%s); trying an older one", candidate, reason
+                )
                 tried.append(os.path.basename(candidate))
                 continue
             if tried:
-                logger.warning("resuming from %s, the newest readable checkpoint (unreadable: %s)",
-                               candidate, ", ".join(tried))
+                logger.warning(
+                    "resuming from %s, the newest readable checkpoint (unreadable: %s)",
+                    candidate,
+                    ", ".join(tried),
+                )
             self.resumed_from = candidate
             self._resuming = True
             try:
                 return self.load(candidate)
             finally:
                 self._resuming = False
-        raise CheckpointError(f"--resume: no readable checkpoint in '{self.save_dir}' "
-                              f"(tried {', '.join(tried) or 'none'}); remove '{LAST_CHECKPOINT}' "
-                              "to start over")
+        raise CheckpointError(
+            f"--resume: no readable checkpoint in '{self.save_dir}' "
+            f"(tried {', '.join(tried) or 'none'}); remove '{LAST_CHECKPOINT}' "
+            "to start over"
+        )
 
     _resuming = False
 
@@ -174,13 +189,17 @@ def _misfit_message(report: LoadReport) -> str:
     parts = []
     if report.wrong_shape:
         name, saved, built = report.wrong_shape[0]
-        parts.append(f"{len(report.wrong_shape)} with other shapes (e.g. {name} {tuple(saved)} in the "
-                     f"checkpoint vs {tuple(built)} in the model)")
+        parts.append(
+            f"{len(report.wrong_shape)} with other shapes (e.g. {name} {tuple(saved)} in the "
+            f"checkpoint vs {tuple(built)} in the model)"
+        )
     absent = [n for n in report.missing if n not in {w[0] for w in report.wrong_shape}]
     if absent:
         parts.append(f"{len(absent)} missing from the checkpoint (e.g. {absent[0]})")
     if report.unexpected:
         parts.append(f"{len(report.unexpected)} not in the model (e.g. {report.unexpected[0]})")
-    return (f"--resume: checkpoint '{report.path}' does not fit this model: "
-            f"{report.num_loaded}/{report.num_expected} tensors load, {', '.join(parts)}; resume with "
-            "the config it was trained with, or start a new OUTPUT_DIR from it with MODEL.WEIGHTS")
+    return (
+        f"--resume: checkpoint '{report.path}' does not fit this model: "
+        f"{report.num_loaded}/{report.num_expected} tensors load, {', '.join(parts)}; resume with "
+        "the config it was trained with, or start a new OUTPUT_DIR from it with MODEL.WEIGHTS"
+    )

@@ -20,14 +20,15 @@ Both act in the main process around the training model
 Register both before detectron2's ``PeriodicCheckpointer`` (``Trainer.build_hooks`` does) so a
 checkpoint written after step ``it`` holds the sampler state of iteration ``it + 1``.
 """
+
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import unsam.compat  # noqa: F401
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import unsam.compat  # noqa: F401
 from detectron2.engine import HookBase
 
 from ..data.visa_transforms import VisaBatchLoader
@@ -72,8 +73,11 @@ class VisaScheduleHook(HookBase):
     def after_step(self):
         w = unwrap_model(self.trainer.model).visa.weights(self.trainer.iter)
         self.trainer.storage.put_scalars(
-            **{"visa/curriculum": w.curriculum, "visa/boundary": w.boundary,
-               "visa/guidance": w.guidance},
+            **{
+                "visa/curriculum": w.curriculum,
+                "visa/boundary": w.boundary,
+                "visa/guidance": w.guidance,
+            },
             smoothing_hint=False,
         )
 
@@ -100,7 +104,9 @@ def _coarse_logits(pred_masks: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, i
 
 
 @torch.no_grad()
-def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss") -> List[Optional[float]]:
+def per_image_difficulty(
+    outputs: Dict, targets: List[Dict], kind: str = "loss"
+) -> List[Optional[float]]:
     """Difficulty of each image of a batch from the final prediction and the criterion targets.
 
     Every target is matched one-to-one to a query on a coarse grid (at most 64 px per side, the
@@ -126,7 +132,9 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
             if masks.shape[0] == 0:
                 out.append(None)
                 continue
-            tgt = (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)  # N×P
+            tgt = (
+                (_coarse(masks.to(pred.device, torch.float32), size) >= 0.5).float().flatten(1)
+            )  # N×P
             logits = pred[b].flatten(1)  # Q×P
             cost = batch_mask_cost(logits, tgt).cpu()  # Q×N
             rows, cols = hungarian_match(cost)
@@ -142,7 +150,9 @@ def per_image_difficulty(outputs: Dict, targets: List[Dict], kind: str = "loss")
 
 
 @torch.no_grad()
-def per_prompt_difficulty(outputs: Dict, targets: List[torch.Tensor], kind: str = "loss") -> List[Optional[float]]:
+def per_prompt_difficulty(
+    outputs: Dict, targets: List[torch.Tensor], kind: str = "loss"
+) -> List[Optional[float]]:
     """Difficulty of each prompt from the prompt criterion's inputs: how far the BEST of its K
     outputs is from the closest of the masks it may mean (a prompt is answered well when one
     granularity fits).
@@ -196,8 +206,9 @@ class ATSFeedbackHook(HookBase):
         checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD`` (0: none), to sync before saves.
     """
 
-    def __init__(self, sampler, sync_period: int = 1, difficulty: str = "loss",
-                 checkpoint_period: int = 0):
+    def __init__(
+        self, sampler, sync_period: int = 1, difficulty: str = "loss", checkpoint_period: int = 0
+    ):
         if sync_period < 1:
             raise ValueError(f"UNSAM.ATS.SYNC_PERIOD must be >= 1, got {sync_period}")
         if difficulty not in ("loss", "iou"):
@@ -218,8 +229,12 @@ class ATSFeedbackHook(HookBase):
         if not module.training or not args:
             return
         batch = args[0]
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict) \
-                and "ats_index" in batch[0]:
+        if (
+            isinstance(batch, (list, tuple))
+            and batch
+            and isinstance(batch[0], dict)
+            and "ats_index" in batch[0]
+        ):
             self._batch_keys = [(int(x["ats_index"]), int(x["ats_task_id"])) for x in batch]
             self._batch_difficulty, self._batch_loss = None, None
 
@@ -255,14 +270,19 @@ class ATSFeedbackHook(HookBase):
             self._handles.append(criterion.register_forward_hook(self._on_criterion))
             prompt_criterion = getattr(model, "prompt_criterion", None)
             if isinstance(prompt_criterion, torch.nn.Module):
-                self._handles.append(prompt_criterion.register_forward_hook(self._on_prompt_criterion))
+                self._handles.append(
+                    prompt_criterion.register_forward_hook(self._on_prompt_criterion)
+                )
         else:
             self._handles.append(model.register_forward_hook(self._on_model_output))
         if self.sampler.iteration != self.trainer.start_iter:
             # Trainer.resume_or_load aligns them; a mismatch means the loader's position and the
             # training iteration disagree, and the resume point saved next would be wrong
-            logger.warning("ATS: sampler at iteration %d, training starts at %d",
-                           self.sampler.iteration, self.trainer.start_iter)
+            logger.warning(
+                "ATS: sampler at iteration %d, training starts at %d",
+                self.sampler.iteration,
+                self.trainer.start_iter,
+            )
 
     def after_step(self):
         it = self.trainer.iter
@@ -270,28 +290,37 @@ class ATSFeedbackHook(HookBase):
         if keys:
             values: Sequence[Optional[float]]
             if self._batch_difficulty is not None:
-                values = [float(np.mean(self._batch_difficulty[i])) if i in self._batch_difficulty else None
-                          for i in range(len(keys))]
+                values = [
+                    float(np.mean(self._batch_difficulty[i]))
+                    if i in self._batch_difficulty
+                    else None
+                    for i in range(len(keys))
+                ]
             else:
                 if not self._warned_fallback:
-                    logger.warning("ATS: no per-image difficulty from the model's criterion; "
-                                   "using the batch's total loss for every sample")
+                    logger.warning(
+                        "ATS: no per-image difficulty from the model's criterion; "
+                        "using the batch's total loss for every sample"
+                    )
                     self._warned_fallback = True
                 values = [self._batch_loss] * len(keys)
             pairs = [(k, v) for k, v in zip(keys, values) if v is not None]
             if pairs:
-                self.table.update([k[0] for k, _ in pairs], [k[1] for k, _ in pairs],
-                                  [v for _, v in pairs])
+                self.table.update(
+                    [k[0] for k, _ in pairs], [k[1] for k, _ in pairs], [v for _, v in pairs]
+                )
                 self.trainer.storage.put_scalar(
-                    "ats/difficulty", float(np.mean([v for _, v in pairs])), smoothing_hint=True)
+                    "ats/difficulty", float(np.mean([v for _, v in pairs])), smoothing_hint=True
+                )
         self._batch_keys, self._batch_difficulty, self._batch_loss = None, None, None
         done = it + 1
         saving = self.checkpoint_period > 0 and done % self.checkpoint_period == 0
         if done % self.sync_period == 0 or saving or done >= self.trainer.max_iter:
             self.table.sync()  # collective: every rank reaches this line at the same iteration
         self.sampler.set_iteration(done)
-        self.trainer.storage.put_scalar("ats/adaptive", float(self.sampler.adaptive),
-                                        smoothing_hint=False)
+        self.trainer.storage.put_scalar(
+            "ats/adaptive", float(self.sampler.adaptive), smoothing_hint=False
+        )
 
     def after_train(self):
         for h in self._handles:

@@ -40,17 +40,18 @@ evaluation build (``detectron2.modeling.build_model``), and a training wrapper i
 registered, a config could name it for inference. :func:`build_train_model` maps the
 architecture to its training model (:data:`TRAIN_MODELS`); the trainer calls it.
 """
+
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401  (before detectron2)
+
 import numpy as np
 import torch
-from torch import nn
-
-import unsam.compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
+from torch import nn
 
 from ..data.prompts import nested_targets, sample_boxes, sample_mask_prompts, sample_points
 from ..modeling.criterion import PromptCriterion
@@ -80,11 +81,18 @@ class UnSAMTrain(UnSAM):
     """
 
     @configurable
-    def __init__(self, *, prompt_criterion: Optional[nn.Module] = None,
-                 prompt_task_ratio: float = 0.5, prompts_per_image: int = 16,
-                 box_jitter: float = 0.1, prompt_type_weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 visa: Optional[VisaState] = None, generator: Optional[torch.Generator] = None,
-                 **kwargs):
+    def __init__(
+        self,
+        *,
+        prompt_criterion: Optional[nn.Module] = None,
+        prompt_task_ratio: float = 0.5,
+        prompts_per_image: int = 16,
+        box_jitter: float = 0.1,
+        prompt_type_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        visa: Optional[VisaState] = None,
+        generator: Optional[torch.Generator] = None,
+        **kwargs,
+    ):
         """``kwargs``: :class:`UnSAM`'s. Prompt training (unused when the prompt path is
         disabled): ``prompt_criterion`` (:class:`PromptCriterion`, required with the prompt
         path), ``prompt_task_ratio`` (share of images given a prompt task when the input has
@@ -106,8 +114,10 @@ class UnSAMTrain(UnSAM):
             raise ValueError(f"UNSAM.PROMPT.TASK_RATIO must be in [0, 1], got {prompt_task_ratio}")
         weights = [float(w) for w in prompt_type_weights]
         if len(weights) != len(PROMPT_TASKS) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"UNSAM.PROMPT.TYPE_WEIGHTS must be 3 non-negative weights (point, "
-                             f"box, mask) with a positive sum, got {list(prompt_type_weights)}")
+            raise ValueError(
+                f"UNSAM.PROMPT.TYPE_WEIGHTS must be 3 non-negative weights (point, "
+                f"box, mask) with a positive sum, got {list(prompt_type_weights)}"
+            )
         self.prompt_task_ratio = float(prompt_task_ratio)
         self.prompts_per_image = int(prompts_per_image)
         self.box_jitter = float(box_jitter)
@@ -124,19 +134,33 @@ class UnSAMTrain(UnSAM):
         if pc.ENABLED:
             mf = cfg.MODEL.MASK_FORMER
             aux = mf.DEC_LAYERS - 1 if mf.DEEP_SUPERVISION else 0
-            pw = {"loss_prompt_mask": mf.MASK_WEIGHT, "loss_prompt_dice": mf.DICE_WEIGHT,
-                  "loss_prompt_iou": pc.IOU_WEIGHT}
+            pw = {
+                "loss_prompt_mask": mf.MASK_WEIGHT,
+                "loss_prompt_dice": mf.DICE_WEIGHT,
+                "loss_prompt_iou": pc.IOU_WEIGHT,
+            }
             for i in range(aux):
-                pw.update({f"loss_prompt_mask_{i}": mf.MASK_WEIGHT,
-                           f"loss_prompt_dice_{i}": mf.DICE_WEIGHT})
-            args.update({
-                "prompt_criterion": PromptCriterion(mf.TRAIN_NUM_POINTS, mf.OVERSAMPLE_RATIO,
-                                                    mf.IMPORTANCE_SAMPLE_RATIO, pw, num_aux=aux),
-                "prompt_task_ratio": pc.TASK_RATIO,
-                "prompts_per_image": pc.PROMPTS_PER_IMAGE,
-                "box_jitter": pc.BOX_JITTER,
-                "prompt_type_weights": list(pc.TYPE_WEIGHTS),
-            })
+                pw.update(
+                    {
+                        f"loss_prompt_mask_{i}": mf.MASK_WEIGHT,
+                        f"loss_prompt_dice_{i}": mf.DICE_WEIGHT,
+                    }
+                )
+            args.update(
+                {
+                    "prompt_criterion": PromptCriterion(
+                        mf.TRAIN_NUM_POINTS,
+                        mf.OVERSAMPLE_RATIO,
+                        mf.IMPORTANCE_SAMPLE_RATIO,
+                        pw,
+                        num_aux=aux,
+                    ),
+                    "prompt_task_ratio": pc.TASK_RATIO,
+                    "prompts_per_image": pc.PROMPTS_PER_IMAGE,
+                    "box_jitter": pc.BOX_JITTER,
+                    "prompt_type_weights": list(pc.TYPE_WEIGHTS),
+                }
+            )
         args["visa"] = VisaState.from_config(cfg)
         return args
 
@@ -180,8 +204,9 @@ class UnSAMTrain(UnSAM):
         gt = [x["instances"].to(self.device) for x in batched_inputs]
         targets = self.prepare_targets(gt, images)
         if self.prompt_enabled:
-            losses = self._train_mixed(batched_inputs, encoded, targets,
-                                       tuple(images.tensor.shape[-2:]))
+            losses = self._train_mixed(
+                batched_inputs, encoded, targets, tuple(images.tensor.shape[-2:])
+            )
         else:
             raw = self.criterion(self.decode(encoded), targets)
             weights = self.criterion.weight_dict
@@ -191,8 +216,9 @@ class UnSAMTrain(UnSAM):
             losses["loss_visa_guidance"] = guidance
         return losses
 
-    def prepare_targets(self, targets: List[Instances], images: ImageList
-                        ) -> List[Dict[str, torch.Tensor]]:
+    def prepare_targets(
+        self, targets: List[Instances], images: ImageList
+    ) -> List[Dict[str, torch.Tensor]]:
         """Instances -> criterion targets, masks zero-padded to the padded batch size (Hp, Wp).
 
         Per image: ``labels`` (N,) int64, ``masks`` (N, Hp, Wp) bool, and when the instances carry
@@ -206,12 +232,12 @@ class UnSAMTrain(UnSAM):
             gt_masks = inst.gt_masks
             m = gt_masks.tensor if hasattr(gt_masks, "tensor") else gt_masks
             padded = torch.zeros((m.shape[0], hp, wp), dtype=torch.bool, device=m.device)
-            padded[:, :m.shape[1], :m.shape[2]] = m.bool()
+            padded[:, : m.shape[1], : m.shape[2]] = m.bool()
             t = {"labels": inst.gt_classes.to(torch.int64), "masks": padded}
             if inst.has("gt_mask_weights"):
                 w = inst.gt_mask_weights
                 pw = torch.ones((w.shape[0], hp, wp), dtype=torch.float32, device=w.device)
-                pw[:, :w.shape[1], :w.shape[2]] = w.float()
+                pw[:, : w.shape[1], : w.shape[2]] = w.float()
                 t["mask_weights"] = pw
             if inst.has("gt_levels"):
                 t["levels"] = inst.gt_levels
@@ -220,17 +246,21 @@ class UnSAMTrain(UnSAM):
             out.append(t)
         return out
 
-    def _visa_guidance(self, mask_features: torch.Tensor, batched_inputs: List[Dict],
-                       images: ImageList) -> Optional[torch.Tensor]:
+    def _visa_guidance(
+        self, mask_features: torch.Tensor, batched_inputs: List[Dict], images: ImageList
+    ) -> Optional[torch.Tensor]:
         """ViSA's semantic guidance loss, or None (ViSA or its guidance off: the plain path)."""
         if not self.visa.uses_guidance:
             return None
         if self._visa_iteration is None:
-            raise RuntimeError("UNSAM.VISA.GUIDANCE is on but the model was given no training "
-                               "iteration: call model.set_visa_iteration(it) before each step "
-                               "(the trainer's VisaScheduleHook does)")
-        return guidance_loss_from_outputs(mask_features, batched_inputs, self.visa,
-                                          self._visa_iteration, images)
+            raise RuntimeError(
+                "UNSAM.VISA.GUIDANCE is on but the model was given no training "
+                "iteration: call model.set_visa_iteration(it) before each step "
+                "(the trainer's VisaScheduleHook does)"
+            )
+        return guidance_loss_from_outputs(
+            mask_features, batched_inputs, self.visa, self._visa_iteration, images
+        )
 
     # ---------------------------------------------------------------------------------------
     # mixed whole-image / prompt training
@@ -242,24 +272,29 @@ class UnSAMTrain(UnSAM):
         b = len(batched_inputs)
         # drawn for every image in two calls: one small host read per batch, not one per image
         draws = torch.rand((b,), generator=gen, device=dev).tolist()
-        kinds = torch.multinomial(self.prompt_type_weights.to(dev), b, replacement=True,
-                                  generator=gen).tolist()
+        kinds = torch.multinomial(
+            self.prompt_type_weights.to(dev), b, replacement=True, generator=gen
+        ).tolist()
         tasks = []
         for x, t, u, kind in zip(batched_inputs, targets, draws, kinds):
             task = x.get("ats_task")
             if task is None:
                 task = PROMPT_TASKS[kind] if u < self.prompt_task_ratio else WHOLE_TASK
             elif task != WHOLE_TASK and task not in PROMPT_TASKS:
-                raise ValueError(f"unknown ats_task {task!r} (expected {WHOLE_TASK!r} or one of "
-                                 f"{PROMPT_TASKS})")
+                raise ValueError(
+                    f"unknown ats_task {task!r} (expected {WHOLE_TASK!r} or one of {PROMPT_TASKS})"
+                )
             if task != WHOLE_TASK and t["masks"].shape[0] == 0:
                 task = WHOLE_TASK  # no mask to draw a prompt from
             tasks.append(task)
         return tasks
 
-    def sample_prompts(self, target: Dict[str, torch.Tensor], task: str,
-                       generator: Optional[torch.Generator] = None
-                       ) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
+    def sample_prompts(
+        self,
+        target: Dict[str, torch.Tensor],
+        task: str,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor]]:
         """PROMPTS_PER_IMAGE prompts of type ``task`` drawn from one image's GT masks.
 
         A random mask (with replacement) gives a point inside it (targets: every mask containing
@@ -276,11 +311,17 @@ class UnSAMTrain(UnSAM):
         picked = masks[picks]
         if task == "point":
             points = sample_points(picked, gen)
-            order = nested_targets(points, masks, target.get("levels"),
-                                   max_targets=self.prompt_encoder.num_granularities)
+            order = nested_targets(
+                points,
+                masks,
+                target.get("levels"),
+                max_targets=self.prompt_encoder.num_granularities,
+            )
             tgts = [masks[o] for o in order]
-            prompts = {"points": points[:, None],
-                       "labels": torch.ones((n, 1), dtype=torch.int64, device=dev)}
+            prompts = {
+                "points": points[:, None],
+                "labels": torch.ones((n, 1), dtype=torch.int64, device=dev),
+            }
         elif task == "box":
             tgts = list(picked[:, None].unbind(0))
             prompts = {"boxes": sample_boxes(picked, gen, jitter=self.box_jitter)}
@@ -301,42 +342,63 @@ class UnSAMTrain(UnSAM):
         if len(idx) == encoded["mask_features"].shape[0]:
             return encoded
         t = torch.as_tensor(idx, device=encoded["mask_features"].device)
-        return {"mask_features": encoded["mask_features"][t],
-                "multi_scale_features": [f[t] for f in encoded["multi_scale_features"]]}
+        return {
+            "mask_features": encoded["mask_features"][t],
+            "multi_scale_features": [f[t] for f in encoded["multi_scale_features"]],
+        }
 
-    def _train_mixed(self, batched_inputs: List[Dict], encoded: Dict[str, object],
-                     targets: List[Dict], padded_hw: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    def _train_mixed(
+        self,
+        batched_inputs: List[Dict],
+        encoded: Dict[str, object],
+        targets: List[Dict],
+        padded_hw: Tuple[int, int],
+    ) -> Dict[str, torch.Tensor]:
         """Losses of a batch whose images each train one task. Every loss key is always present
         (zeros for tasks absent from the batch) and every parameter takes part in the graph, so
         metrics and DDP (find_unused_parameters=False) see the same thing on every rank."""
         tasks = self.choose_tasks(batched_inputs, targets)
         losses: Dict[str, torch.Tensor] = {}
         whole = [i for i, t in enumerate(tasks) if t == WHOLE_TASK]
-        prompt_sets = {task: [(i, self.sample_prompts(targets[i], task))
-                              for i, t in enumerate(tasks) if t == task]
-                       for task in PROMPT_TASKS}
+        prompt_sets = {
+            task: [
+                (i, self.sample_prompts(targets[i], task)) for i, t in enumerate(tasks) if t == task
+            ]
+            for task in PROMPT_TASKS
+        }
         # Loss normalisers are averaged over ranks with ONE collective that every rank runs: the
         # criteria's own all_reduce would run only on ranks whose batch has that task, and ranks
         # with different task mixes would then wait on each other forever.
         num_masks = sum(len(targets[i]["labels"]) for i in whole)
-        num_prompts = sum(int(tg.shape[0] > 0) for sets in prompt_sets.values()
-                          for _, (_, tgts) in sets for tg in tgts)
+        num_prompts = sum(
+            int(tg.shape[0] > 0)
+            for sets in prompt_sets.values()
+            for _, (_, tgts) in sets
+            for tg in tgts
+        )
         num_masks, num_prompts = mean_over_ranks([num_masks, num_prompts], self.device)
         if whole:
             outputs = self.decode(self._select(encoded, whole))
             outputs["batch_index"] = whole  # for the ATS hook: which batch element is which
-            raw = self.criterion(outputs, [targets[i] for i in whole],
-                                 num_masks=max(num_masks, 1.0))
-            losses.update({k: v * self.criterion.weight_dict[k] for k, v in raw.items()
-                           if k in self.criterion.weight_dict})
+            raw = self.criterion(
+                outputs, [targets[i] for i in whole], num_masks=max(num_masks, 1.0)
+            )
+            losses.update(
+                {
+                    k: v * self.criterion.weight_dict[k]
+                    for k, v in raw.items()
+                    if k in self.criterion.weight_dict
+                }
+            )
         preds, ious, auxes, prompt_targets, batch_index = [], [], [], [], []
         for task in PROMPT_TASKS:
             sets = prompt_sets[task]
             if not sets:
                 continue
             idx = [i for i, _ in sets]
-            out = self.decode_prompts(self._select(encoded, idx), [p for _, (p, _) in sets],
-                                      padded_hw)
+            out = self.decode_prompts(
+                self._select(encoded, idx), [p for _, (p, _) in sets], padded_hw
+            )
             preds.append(out["pred_masks"].flatten(0, 1))
             ious.append(out["pred_iou"].flatten(0, 1))
             auxes.append([a.flatten(0, 1) for a in out.get("aux_masks", [])])
@@ -344,8 +406,11 @@ class UnSAMTrain(UnSAM):
                 prompt_targets += tgts
                 batch_index += [i] * len(tgts)
         if preds:
-            outputs = {"pred_masks": torch.cat(preds), "pred_iou": torch.cat(ious),
-                       "batch_index": batch_index}
+            outputs = {
+                "pred_masks": torch.cat(preds),
+                "pred_iou": torch.cat(ious),
+                "batch_index": batch_index,
+            }
             if auxes[0]:
                 outputs["aux_masks"] = [torch.cat(layer) for layer in zip(*auxes)]
             raw = self.prompt_criterion(outputs, prompt_targets, num_prompts=max(num_prompts, 1.0))

@@ -19,7 +19,7 @@ Differences from detectron2's defaults, and why:
   :class:`~unsam.engine.train_model.UnSAMTrain` around the inference ``UnSAM``); evaluation during
   training runs it in eval mode, which is the inference model's path.
 """
-import copy
+
 import itertools
 import logging
 import math
@@ -28,13 +28,17 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
-import torch
-
 import unsam.compat  # noqa: F401
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import hooks as d2_hooks
+
+import torch
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine import hooks as d2_hooks
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
@@ -42,31 +46,48 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from ..data.ats import AdaptiveTaskSampler, TaskMapDataset, build_ats_sampler, build_ats_train_loader
+from ..config.loading import ConfigError, load_config
+from ..data.ats import (
+    AdaptiveTaskSampler,
+    TaskMapDataset,
+    build_ats_sampler,
+    build_ats_train_loader,
+)
 from ..data.coco import register_builtin_datasets, register_coco_agnostic
-from ..data.mapper import UnSAMDatasetMapper
 from ..data.index import IndexedDataset
-from ..data.samplers import ResumableTrainingSampler
-from ..data.training import (ReplacedSampleMeter, TrainingRecords, _has_mask, open_training_index,
-                             serialized_list)
+from ..data.mapper import UnSAMDatasetMapper
 from ..data.sa1b import iter_roots_from_config, register_sa1b
-from ..io.sa1b import DatasetError
-from ..evaluation.whole_image import ClassAgnosticEvaluator
+from ..data.samplers import ResumableTrainingSampler
+from ..data.training import (
+    ReplacedSampleMeter,
+    TrainingRecords,
+    _has_mask,
+    open_training_index,
+    serialized_list,
+)
 from ..data.visa_transforms import VisaBatchLoader
+from ..evaluation.whole_image import ClassAgnosticEvaluator
+from ..io.sa1b import DatasetError
 from ..modeling.visa import VisaState
 from ..tasks import WHOLE_TASK
+from ..utils.dist import create_ddp_model
 from .checkpointer import TrainingCheckpointer
 from .hooks import ATSFeedbackHook, VisaScheduleHook
 from .train_model import build_train_model
-from ..config.loading import ConfigError, load_config
-from ..utils.dist import create_ddp_model
 
 logger = logging.getLogger("detectron2")
 
 _NORM_TYPES = (
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
 )
 # parameters (by their own name) that get SOLVER.WEIGHT_DECAY_EMBED besides nn.Embedding modules: Swin's
 # position tables. The published rule: a plain parameter such as the pixel decoder's level_embed is decayed.
@@ -80,7 +101,9 @@ def register_datasets(cfg) -> None:
         register_sa1b(name, path, skip_empty=cfg.UNSAM.DATA.SKIP_EMPTY)
     for entry in cfg.UNSAM.DATA.COCO_SETS:
         if len(entry) != 3:
-            raise ConfigError(f"UNSAM.DATA.COCO_SETS entry {list(entry)} must be [name, json_file, image_root]")
+            raise ConfigError(
+                f"UNSAM.DATA.COCO_SETS entry {list(entry)} must be [name, json_file, image_root]"
+            )
         register_coco_agnostic(*entry)
 
 
@@ -100,7 +123,10 @@ def setup_config(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="unsam")
     register_datasets(cfg)
-    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN if training else ()), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+    for key, names in (
+        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN if training else ()),
+        ("DATASETS.TEST", cfg.DATASETS.TEST),
+    ):
         check_dataset_names(key, names)
         check_dataset_files(key, names)
     return cfg
@@ -194,13 +220,19 @@ def _config_problems(cfg, world_size: int, training: bool) -> Iterator[str]:
             yield f"{key} {_value(cfg, key)!r}: must be {must}"
     # MultiheadAttention / MSDeformAttn split the width evenly over the heads
     yield from _divisible(cfg, "MODEL.MASK_FORMER.HIDDEN_DIM", "MODEL.MASK_FORMER.NHEADS")
-    yield from _divisible(cfg, "MODEL.SEM_SEG_HEAD.CONVS_DIM", "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS")
+    yield from _divisible(
+        cfg,
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+        "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS",
+    )
     if not training:
         return
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch > 0 and batch % world_size:
-        yield (f"SOLVER.IMS_PER_BATCH {batch}: must be divisible by the {world_size} processes "
-               "(each takes an equal share of the batch)")
+        yield (
+            f"SOLVER.IMS_PER_BATCH {batch}: must be divisible by the {world_size} processes "
+            "(each takes an equal share of the batch)"
+        )
     lo, hi = cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE
     if math.isfinite(lo) and math.isfinite(hi) and 0 < hi < lo:
         yield f"INPUT.MAX_SCALE {hi!r}: must be >= INPUT.MIN_SCALE {lo!r}"
@@ -230,8 +262,11 @@ def validate_config(cfg, world_size: int = 1, training: bool = True) -> None:
 # ----------------------------------------------------------------------------- datasets
 def _our_dataset_names() -> List[str]:
     """The registered sets UnSAM can train/evaluate on (built-in, SA1B_ROOTS, COCO_SETS)."""
-    return sorted(n for n in DatasetCatalog.list()
-                  if MetadataCatalog.get(n).get("evaluator_type", None) in ("sa1b", "coco_agnostic"))
+    return sorted(
+        n
+        for n in DatasetCatalog.list()
+        if MetadataCatalog.get(n).get("evaluator_type", None) in ("sa1b", "coco_agnostic")
+    )
 
 
 def check_dataset_names(key: str, names: Sequence[str]) -> None:
@@ -245,7 +280,8 @@ def check_dataset_names(key: str, names: Sequence[str]) -> None:
                 f"{key}: dataset '{name}' is not registered; UnSAM's registered sets: "
                 f"{', '.join(_our_dataset_names()) or 'none'}. Add a pseudo-label folder with "
                 f"UNSAM.DATA.SA1B_ROOTS \"('{name}:/path/to/folder',)\" or a COCO-format set with "
-                "UNSAM.DATA.COCO_SETS")
+                "UNSAM.DATA.COCO_SETS"
+            )
 
 
 def check_dataset_files(key: str, names: Sequence[str]) -> None:
@@ -259,8 +295,10 @@ def check_dataset_files(key: str, names: Sequence[str]) -> None:
         for field in ("json_file", "image_root", "root"):
             path = meta.get(field, None)
             if path and not os.path.exists(path):
-                raise DatasetError(f"{key}: dataset '{name}' needs {field} '{path}', which does not exist "
-                                   "(set DETECTRON2_DATASETS, or name another set)")
+                raise DatasetError(
+                    f"{key}: dataset '{name}' needs {field} '{path}', which does not exist "
+                    "(set DETECTRON2_DATASETS, or name another set)"
+                )
 
 
 def _where(names: Sequence[str]) -> str:
@@ -301,15 +339,24 @@ def load_train_dicts(cfg) -> TrainingRecords:
             index = open_training_index(root, cfg.OUTPUT_DIR)
             info = index.summary
             skip_empty = filter_empty or meta.get("skip_empty", False)
-            logger.log(logging.WARNING if info["skipped"] else logging.INFO,
-                       "SA-1B root %s (index %s): %d images, %d records not indexed%s, %d empty masks dropped, "
-                       "%d images without a mask %s", root, os.path.dirname(index.index_dir), info["images"],
-                       info["skipped"], f" (first: {info['first_skipped'][0]})" if info["skipped"] else "",
-                       info["empty_masks"], info["images"] - info["labelled"],
-                       "left out" if skip_empty else "kept")
+            logger.log(
+                logging.WARNING if info["skipped"] else logging.INFO,
+                "SA-1B root %s (index %s): %d images, %d records not indexed%s, %d empty masks dropped, "
+                "%d images without a mask %s",
+                root,
+                os.path.dirname(index.index_dir),
+                info["images"],
+                info["skipped"],
+                f" (first: {info['first_skipped'][0]})" if info["skipped"] else "",
+                info["empty_masks"],
+                info["images"] - info["labelled"],
+                "left out" if skip_empty else "kept",
+            )
             if meta.get("skip_empty", False) and not info["labelled"]:
-                raise DatasetError(f"SA-1B root '{root}' has no usable image ({info['images']} indexed, none with "
-                                   "a non-empty mask; UNSAM.DATA.SKIP_EMPTY leaves those out)")
+                raise DatasetError(
+                    f"SA-1B root '{root}' has no usable image ({info['images']} indexed, none with "
+                    "a non-empty mask; UNSAM.DATA.SKIP_EMPTY leaves those out)"
+                )
             images = info["labelled"] if meta.get("skip_empty", False) else info["images"]
             dataset = index
             if skip_empty and info["labelled"] < info["images"] and info["labelled"]:
@@ -318,17 +365,23 @@ def load_train_dicts(cfg) -> TrainingRecords:
             continue
         dicts = DatasetCatalog.get(name)
         if not isinstance(dicts, list):
-            raise DatasetError(f"training set '{name}': its registered loader returned a {type(dicts).__name__}, "
-                               "not a list of dataset dicts; register SA-1B style folders with "
-                               "UNSAM.DATA.SA1B_ROOTS (read through the dataset index)")
+            raise DatasetError(
+                f"training set '{name}': its registered loader returned a {type(dicts).__name__}, "
+                "not a list of dataset dicts; register SA-1B style folders with "
+                "UNSAM.DATA.SA1B_ROOTS (read through the dataset index)"
+            )
         if not dicts:
             raise DatasetError(f"training set {_where([name])} is empty")
         masked = [d for d in dicts if _has_mask(d)]
-        loaded.append((name, len(dicts), len(masked), serialized_list(masked if filter_empty else dicts)))
+        loaded.append(
+            (name, len(dicts), len(masked), serialized_list(masked if filter_empty else dicts))
+        )
     total, labelled = sum(n for _, n, _, _ in loaded), sum(m for _, _, m, _ in loaded)
     if not labelled:
-        raise DatasetError(f"training set {_where(names)}: no image has a non-empty mask "
-                           f"({total} images); nothing to train on")
+        raise DatasetError(
+            f"training set {_where(names)}: no image has a non-empty mask "
+            f"({total} images); nothing to train on"
+        )
     unmasked = total - labelled
     if unmasked:
         if filter_empty:
@@ -381,7 +434,9 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         class FullModelClipping(optim_cls):
             def step(self, closure=None):
                 all_params = itertools.chain(*[g["params"] for g in self.param_groups])
-                torch.nn.utils.clip_grad_norm_(all_params, clip.CLIP_VALUE, norm_type=clip.NORM_TYPE)
+                torch.nn.utils.clip_grad_norm_(
+                    all_params, clip.CLIP_VALUE, norm_type=clip.NORM_TYPE
+                )
                 return super().step(closure=closure)
 
         return FullModelClipping
@@ -390,7 +445,9 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == "ADAMW":
         optimizer = with_full_model_clipping(torch.optim.AdamW)(params, base_lr)
     elif name == "SGD":
-        optimizer = with_full_model_clipping(torch.optim.SGD)(params, base_lr, momentum=cfg.SOLVER.MOMENTUM)
+        optimizer = with_full_model_clipping(torch.optim.SGD)(
+            params, base_lr, momentum=cfg.SOLVER.MOMENTUM
+        )
     else:
         raise ConfigError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got '{cfg.SOLVER.OPTIMIZER}'")
     if clip.ENABLED and not full_model_clip:
@@ -403,9 +460,12 @@ def build_optimizer_for(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 def build_scheduler_for(cfg, optimizer):
     if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
         sched = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
-        sched = WarmupParamScheduler(sched, cfg.SOLVER.WARMUP_FACTOR,
-                                     min(cfg.SOLVER.WARMUP_ITERS / max(cfg.SOLVER.MAX_ITER, 1), 1.0),
-                                     cfg.SOLVER.WARMUP_METHOD)
+        sched = WarmupParamScheduler(
+            sched,
+            cfg.SOLVER.WARMUP_FACTOR,
+            min(cfg.SOLVER.WARMUP_ITERS / max(cfg.SOLVER.MAX_ITER, 1), 1.0),
+            cfg.SOLVER.WARMUP_METHOD,
+        )
         return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)
     return d2_build_lr_scheduler(cfg, optimizer)
 
@@ -423,11 +483,15 @@ def ats_task_names(cfg) -> List[str]:
         return names
     dropped = [n for n in names if n != WHOLE_TASK]
     if WHOLE_TASK not in names:
-        raise ConfigError(f"UNSAM.ATS.TASKS={names} has no 'whole' task and UNSAM.PROMPT.ENABLED is False: "
-                         "nothing to train; add 'whole' or enable the prompt path")
+        raise ConfigError(
+            f"UNSAM.ATS.TASKS={names} has no 'whole' task and UNSAM.PROMPT.ENABLED is False: "
+            "nothing to train; add 'whole' or enable the prompt path"
+        )
     if dropped:
-        logger.warning("ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); sampling 'whole' only",
-                       dropped)
+        logger.warning(
+            "ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); sampling 'whole' only",
+            dropped,
+        )
     return [WHOLE_TASK]
 
 
@@ -439,8 +503,10 @@ def build_ats_loader(cfg, mapper=None):
     """
     world = comm.get_world_size()
     if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world != 0:
-        raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: must be > 0 and divisible by the "
-                          f"{world} processes")
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: must be > 0 and divisible by the "
+            f"{world} processes"
+        )
     dataset = load_train_dicts(cfg)
     per_rank = cfg.SOLVER.IMS_PER_BATCH // world
     ats_cfg = cfg.clone()
@@ -448,11 +514,19 @@ def build_ats_loader(cfg, mapper=None):
     ats_cfg.UNSAM.ATS.TASKS = ats_task_names(cfg)
     sampler = build_ats_sampler(ats_cfg, len(dataset), items_per_iteration=per_rank)
     mapper = mapper if mapper is not None else UnSAMDatasetMapper(cfg, is_train=True)
-    loader = build_ats_train_loader(TaskMapDataset(dataset, mapper, sampler.task_space), sampler, per_rank,
-                                    cfg.DATALOADER.NUM_WORKERS)
+    loader = build_ats_train_loader(
+        TaskMapDataset(dataset, mapper, sampler.task_space),
+        sampler,
+        per_rank,
+        cfg.DATALOADER.NUM_WORKERS,
+    )
     loader.ats_sampler = sampler
-    logger.info("ATS: %d images x %d tasks, adaptive from iteration %d", len(dataset), len(sampler.task_space),
-                sampler.start_iter)
+    logger.info(
+        "ATS: %d images x %d tasks, adaptive from iteration %d",
+        len(dataset),
+        len(sampler.task_space),
+        sampler.start_iter,
+    )
     return loader
 
 
@@ -468,8 +542,9 @@ def build_resumable_train_loader(cfg):
     sampler = None
     if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
         sampler = ResumableTrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH)
-    loader = build_detection_train_loader(cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True), dataset=dataset,
-                                          sampler=sampler)
+    loader = build_detection_train_loader(
+        cfg, mapper=UnSAMDatasetMapper(cfg, is_train=True), dataset=dataset, sampler=sampler
+    )
     if sampler is not None:
         loader.train_sampler = sampler
     return loader
@@ -542,15 +617,27 @@ class Trainer(DefaultTrainer):
         sampler = self.ats_sampler
         if sampler is not None:
             ats = self.cfg.UNSAM.ATS
-            extra.append(ATSFeedbackHook(sampler, ats.SYNC_PERIOD, ats.DIFFICULTY, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            extra.append(
+                ATSFeedbackHook(
+                    sampler, ats.SYNC_PERIOD, ats.DIFFICULTY, self.cfg.SOLVER.CHECKPOINT_PERIOD
+                )
+            )
             # saved with every checkpoint and restored by --resume (fvcore loads checkpointables)
             self.checkpointer.checkpointables["ats_sampler"] = sampler
         if self.train_sampler is not None:  # its seed: --resume continues the same data stream
             self.checkpointer.checkpointables["train_sampler"] = self.train_sampler
         if extra:
-            at = next((i for i, h in enumerate(ret) if isinstance(h, (d2_hooks.PeriodicCheckpointer,
-                                                                       d2_hooks.EvalHook,
-                                                                       d2_hooks.PeriodicWriter))), len(ret))
+            at = next(
+                (
+                    i
+                    for i, h in enumerate(ret)
+                    if isinstance(
+                        h,
+                        (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook, d2_hooks.PeriodicWriter),
+                    )
+                ),
+                len(ret),
+            )
             ret[at:at] = extra
         return ret
 
@@ -566,21 +653,33 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         resumed = os.path.basename(self.checkpointer.resumed_from)
         if resume and self.start_iter >= self.max_iter and resumed and resumed != "model_final.pth":
-            logger.warning("training had finished but model_final.pth is missing or unreadable; "
-                           "writing it from %s", resumed)
+            logger.warning(
+                "training had finished but model_final.pth is missing or unreadable; "
+                "writing it from %s",
+                resumed,
+            )
             self.checkpointer.save("model_final", iteration=self.start_iter - 1)
         sampler = self.ats_sampler or self.train_sampler
         if sampler is None or (sampler.iteration == self.start_iter == 0):
             return
-        if sampler is self.ats_sampler and sampler.iteration != self.start_iter and self.start_iter > 0:
-            logger.warning("ATS: the checkpoint has no sampler state; continuing the sampler from "
-                           "iteration %d (not the uninterrupted stream)", self.start_iter)
+        if (
+            sampler is self.ats_sampler
+            and sampler.iteration != self.start_iter
+            and self.start_iter > 0
+        ):
+            logger.warning(
+                "ATS: the checkpoint has no sampler state; continuing the sampler from "
+                "iteration %d (not the uninterrupted stream)",
+                self.start_iter,
+            )
         sampler.set_iteration(self.start_iter)
         self._trainer._data_loader_iter = iter(self._trainer.data_loader)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=UnSAMDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=UnSAMDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -596,7 +695,7 @@ def write_eval_metrics(cfg, results: Dict, iteration: int = 0) -> None:
         results = {cfg.DATASETS.TEST[0]: results}
     flat = OrderedDict()
     for dataset, tasks in results.items():
-        for task, metrics in (tasks.items() if isinstance(tasks, dict) else []):
+        for task, metrics in tasks.items() if isinstance(tasks, dict) else []:
             if isinstance(metrics, dict):
                 for k, v in metrics.items():
                     flat[f"{dataset}/{task}/{k}"] = float(v)

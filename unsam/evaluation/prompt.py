@@ -32,6 +32,7 @@ Command line::
 Metrics are fractions in [0, 1]; ``seconds_per_image`` is predictor time (``set_image`` and every
 ``predict``) per evaluated image.
 """
+
 import argparse
 import logging
 import os
@@ -49,8 +50,13 @@ from ..data.prompts import farthest_interior_point, mask_to_box, next_click
 from ..utils.device import DeviceError, check_device
 from ..utils.files import OutputError
 from ..utils.images import UnsupportedImageError, read_rgb
-from .whole_image import (GroundTruthError, check_out_path, format_metrics, load_coco_gt,
-                          write_metrics_json)
+from .whole_image import (
+    GroundTruthError,
+    check_out_path,
+    format_metrics,
+    load_coco_gt,
+    write_metrics_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +103,9 @@ def _instances(coco: COCO, img: Dict) -> List[np.ndarray]:
         if mask.any():
             masks.append(mask)
         else:
-            logger.debug("annotation %s of image %s has an empty mask: skipped", ann["id"], img["id"])
+            logger.debug(
+                "annotation %s of image %s has an empty mask: skipped", ann["id"], img["id"]
+            )
     return masks
 
 
@@ -134,20 +142,34 @@ class _Timed:
         """→ (masks C×H×W bool, scores C float, low-res logits C×h×w float32), all numpy."""
         start = time.perf_counter()
         masks, scores, low_res = self.predictor.predict(
-            point_coords=points, point_labels=labels, box=box, mask_input=mask_input,
+            point_coords=points,
+            point_labels=labels,
+            box=box,
+            mask_input=mask_input,
             multimask_output=multimask,
         )
         self.seconds += time.perf_counter() - start
         masks, scores, low_res = _numpy(masks), _numpy(scores).reshape(-1), _numpy(low_res)
-        if masks.ndim != 3 or masks.shape[1:] != tuple(self.hw) or len(masks) != len(scores) or not len(masks):
+        if (
+            masks.ndim != 3
+            or masks.shape[1:] != tuple(self.hw)
+            or len(masks) != len(scores)
+            or not len(masks)
+        ):
             raise ValueError(
                 f"predictor returned masks of shape {masks.shape} and {len(scores)} scores "
                 f"for a {self.hw[0]}x{self.hw[1]} image (expected C×H×W, C ≥ 1)"
             )
-        return masks.astype(bool, copy=False), scores.astype(np.float64), low_res.astype(np.float32, copy=False)
+        return (
+            masks.astype(bool, copy=False),
+            scores.astype(np.float64),
+            low_res.astype(np.float32, copy=False),
+        )
 
 
-def _refine(pred: _Timed, gt, click, first_mask, first_logits, first_iou, num_clicks, rule, multimask) -> List[float]:
+def _refine(
+    pred: _Timed, gt, click, first_mask, first_logits, first_iou, num_clicks, rule, multimask
+) -> List[float]:
     """IoU after clicks 1..K of one track (``rule`` "max" or "oracle" picks among the outputs)."""
     points, labels = [click], [1]
     mask, logits, curve = first_mask, first_logits, [first_iou]
@@ -159,7 +181,11 @@ def _refine(pred: _Timed, gt, click, first_mask, first_logits, first_iou, num_cl
         points.append(nxt[0])
         labels.append(nxt[1])
         masks, scores, low_res = pred.predict(
-            np.asarray(points, np.float32), np.asarray(labels, np.int64), None, logits[None], multimask
+            np.asarray(points, np.float32),
+            np.asarray(labels, np.int64),
+            None,
+            logits[None],
+            multimask,
         )
         ious = [_iou(m, gt) for m in masks]
         j = int(np.argmax(scores)) if rule == "max" else int(np.argmax(ious))
@@ -168,7 +194,9 @@ def _refine(pred: _Timed, gt, click, first_mask, first_logits, first_iou, num_cl
     return curve
 
 
-def _evaluate_instance(pred: _Timed, gt: np.ndarray, num_clicks: int, box: bool, refine_multimask: bool) -> Dict:
+def _evaluate_instance(
+    pred: _Timed, gt: np.ndarray, num_clicks: int, box: bool, refine_multimask: bool
+) -> Dict:
     click = farthest_interior_point(gt)
     masks, scores, low_res = pred.predict(
         np.asarray([click], np.float32), np.asarray([1], np.int64), None, None, True
@@ -177,13 +205,31 @@ def _evaluate_instance(pred: _Timed, gt: np.ndarray, num_clicks: int, box: bool,
     i_max, i_oracle = int(np.argmax(scores)), int(np.argmax(ious))
     out = {"max": [ious[i_max]], "oracle": [ious[i_oracle]]}
     if num_clicks > 1:
-        out["max"] = _refine(pred, gt, click, masks[i_max], low_res[i_max], ious[i_max],
-                             num_clicks, "max", refine_multimask)
+        out["max"] = _refine(
+            pred,
+            gt,
+            click,
+            masks[i_max],
+            low_res[i_max],
+            ious[i_max],
+            num_clicks,
+            "max",
+            refine_multimask,
+        )
         if i_oracle == i_max and not refine_multimask:
             out["oracle"] = list(out["max"])  # same start, single outputs: the same track
         else:
-            out["oracle"] = _refine(pred, gt, click, masks[i_oracle], low_res[i_oracle], ious[i_oracle],
-                                    num_clicks, "oracle", refine_multimask)
+            out["oracle"] = _refine(
+                pred,
+                gt,
+                click,
+                masks[i_oracle],
+                low_res[i_oracle],
+                ious[i_oracle],
+                num_clicks,
+                "oracle",
+                refine_multimask,
+            )
     if box:
         masks, scores, _ = pred.predict(None, None, mask_to_box(gt), None, False)
         out["box"] = _iou(masks[int(np.argmax(scores))], gt)
@@ -215,9 +261,13 @@ def evaluate_prompts(
         raise ValueError(f"max_images must be >= 1 (None: all images), got {max_images}")
     predictor = predictor_factory_or_predictor
     # a class has set_image/predict too, but is a factory
-    if isinstance(predictor, type) or not (hasattr(predictor, "set_image") and hasattr(predictor, "predict")):
+    if isinstance(predictor, type) or not (
+        hasattr(predictor, "set_image") and hasattr(predictor, "predict")
+    ):
         if not callable(predictor):
-            raise TypeError("expected a predictor with set_image/predict or a callable building one")
+            raise TypeError(
+                "expected a predictor with set_image/predict or a callable building one"
+            )
         predictor = predictor()
     timed = _Timed(predictor)
     coco = _load_gt(gt_json)
@@ -252,8 +302,10 @@ def evaluate_prompts(
     n = len(per_click["max"])
     if n == 0:  # the ground truth has instances, but not on the first max_images images
         source = gt_json if isinstance(gt_json, (str, os.PathLike)) else "the ground truth"
-        raise EvaluationInputError(f"{source}: no non-crowd, non-empty instance on the {len(images)} evaluated "
-                                   f"image(s): nothing to prompt")
+        raise EvaluationInputError(
+            f"{source}: no non-crowd, non-empty instance on the {len(images)} evaluated "
+            f"image(s): nothing to prompt"
+        )
 
     def mean(values) -> float:
         return float(np.mean(values)) if len(values) else 0.0
@@ -293,7 +345,9 @@ def _infer_sam_model(checkpoint: str) -> str:
     return "vit_h"
 
 
-def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, device: Optional[str] = None):
+def build_sam_predictor(
+    checkpoint: str, model_type: Optional[str] = None, device: Optional[str] = None
+):
     """``segment_anything.SamPredictor`` for a SAM checkpoint (``vit_b``/``vit_l``/``vit_h``).
 
     The model is built by ``sam_model_registry[model_type]`` and the state_dict loaded here with
@@ -313,6 +367,7 @@ def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, devic
     sam = segment_anything.sam_model_registry[model_type]()
     try:
         from ..checkpoint import read_pickled_weights  # the one weights reader: no pickle code runs
+
         state = read_pickled_weights(checkpoint, what="--sam-checkpoint")
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
@@ -329,12 +384,16 @@ def build_sam_predictor(checkpoint: str, model_type: Optional[str] = None, devic
     return segment_anything.SamPredictor(sam)
 
 
-def build_unsam_predictor(config_file: Optional[str], opts: Sequence[str] = (), device: Optional[str] = None,
-                          mode: Optional[str] = None):
+def build_unsam_predictor(
+    config_file: Optional[str],
+    opts: Sequence[str] = (),
+    device: Optional[str] = None,
+    mode: Optional[str] = None,
+):
     """``unsam.predictor.PromptPredictor`` from a config (``MODEL.WEIGHTS`` names the checkpoint);
     ``mode`` (auto / learned / select) overrides ``UNSAM.PROMPT.MODE``."""
-    from ..predictor import PromptPredictor
     from ..config.loading import load_config
+    from ..predictor import PromptPredictor
 
     if not config_file:
         raise EvaluationInputError("--backend unsam needs --config-file")
@@ -360,20 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the metrics here (flat JSON, fractions)")
     parser.add_argument("--backend", choices=("unsam", "sam"), default="unsam")
     parser.add_argument("--config-file", help="UnSAM config (--backend unsam)")
-    parser.add_argument("--mode", choices=("auto", "learned", "select"),
-                        help="UnSAM prompt mode (default: the config's UNSAM.PROMPT.MODE, 'auto': the learned "
-                             "prompt head when the weights have one, else selection among the whole-image queries)")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "learned", "select"),
+        help="UnSAM prompt mode (default: the config's UNSAM.PROMPT.MODE, 'auto': the learned "
+        "prompt head when the weights have one, else selection among the whole-image queries)",
+    )
     parser.add_argument("--sam-checkpoint", help="SAM checkpoint (--backend sam)")
-    parser.add_argument("--sam-model", choices=SAM_MODELS,
-                        help="SAM architecture (default: from the checkpoint name, else vit_h)")
-    parser.add_argument("--clicks", type=int, default=1, help="clicks per instance (k-click refinement)")
-    parser.add_argument("--refine-multimask", action="store_true",
-                        help="keep multimask output after the first click")
+    parser.add_argument(
+        "--sam-model",
+        choices=SAM_MODELS,
+        help="SAM architecture (default: from the checkpoint name, else vit_h)",
+    )
+    parser.add_argument(
+        "--clicks", type=int, default=1, help="clicks per instance (k-click refinement)"
+    )
+    parser.add_argument(
+        "--refine-multimask",
+        action="store_true",
+        help="keep multimask output after the first click",
+    )
     parser.add_argument("--no-box", action="store_true", help="skip the box-prompt evaluation")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N images (N >= 1; default: all)")
+    parser.add_argument(
+        "--max-images", type=int, help="evaluate only the first N images (N >= 1; default: all)"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides KEY VALUE ... (last on the command line)")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides KEY VALUE ... (last on the command line)",
+    )
     return parser
 
 
@@ -387,7 +463,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --clicks must be >= 1", file=sys.stderr)
         return 2
     if args.max_images is not None and args.max_images < 1:
-        print(f"error: --max-images must be >= 1 (omit it for all images), got {args.max_images}", file=sys.stderr)
+        print(
+            f"error: --max-images must be >= 1 (omit it for all images), got {args.max_images}",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.device:
@@ -398,18 +477,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise EvaluationInputError("--backend sam needs --sam-checkpoint")
             factory = lambda: build_sam_predictor(args.sam_checkpoint, args.sam_model, args.device)  # noqa: E731
         else:
-            factory = lambda: build_unsam_predictor(args.config_file, args.opts, args.device, args.mode)  # noqa: E731
+            factory = lambda: build_unsam_predictor(
+                args.config_file, args.opts, args.device, args.mode
+            )  # noqa: E731
         # inputs are checked before the (possibly slow) model build
         _load_gt(args.gt)
         if not os.path.isdir(args.images):
             raise EvaluationInputError(f"image folder '{args.images}' not found")
-        metrics = evaluate_prompts(factory(), args.gt, args.images, num_clicks=args.clicks,
-                                   box=not args.no_box, max_images=args.max_images,
-                                   refine_multimask=args.refine_multimask)
+        metrics = evaluate_prompts(
+            factory(),
+            args.gt,
+            args.images,
+            num_clicks=args.clicks,
+            box=not args.no_box,
+            max_images=args.max_images,
+            refine_multimask=args.refine_multimask,
+        )
         if args.out:
             write_metrics_json(args.out, metrics)
-    except (EvaluationInputError, GroundTruthError, DeviceError, OutputError, ConfigError, WeightsError,
-            OSError) as e:
+    except (
+        EvaluationInputError,
+        GroundTruthError,
+        DeviceError,
+        OutputError,
+        ConfigError,
+        WeightsError,
+        OSError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_metrics(metrics))

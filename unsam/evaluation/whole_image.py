@@ -26,6 +26,7 @@ names the metrics file; a folder there is refused before any work (:func:`check_
 In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it RLE-encodes each
 image's masks as it goes, so full-resolution masks are never accumulated.
 """
+
 import argparse
 import contextlib
 import copy
@@ -39,16 +40,16 @@ import sys
 from collections import Counter, OrderedDict
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
 import unsam.compat  # noqa: F401
+
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from ..io.sa1b import mask_to_rle, validate_rle
 from ..utils.files import OutputError, atomic_write
@@ -56,7 +57,17 @@ from ..utils.files import OutputError, atomic_write
 logger = logging.getLogger(__name__)
 
 MAX_DETS = (1, 10, 100, 1000)
-METRIC_KEYS = ("AR@1", "AR@10", "AR@100", "AR@1000", "AP", "AP50", "ARs@1000", "ARm@1000", "ARl@1000")
+METRIC_KEYS = (
+    "AR@1",
+    "AR@10",
+    "AR@100",
+    "AR@1000",
+    "AP",
+    "AP50",
+    "ARs@1000",
+    "ARm@1000",
+    "ARl@1000",
+)
 
 
 SWAP_HINT = "did you swap --gt and --pred?"
@@ -79,8 +90,10 @@ def read_gt_json(path) -> Dict:
     answer it with an ``AssertionError`` or a ``KeyError``.
     """
     if os.path.isdir(path):
-        raise GroundTruthError(f"ground truth '{path}' is a folder (of pseudo labels?), not a COCO instances "
-                               f"JSON file; {SWAP_HINT}")
+        raise GroundTruthError(
+            f"ground truth '{path}' is a folder (of pseudo labels?), not a COCO instances "
+            f"JSON file; {SWAP_HINT}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ground-truth file '{path}' not found")
     try:
@@ -89,11 +102,15 @@ def read_gt_json(path) -> Dict:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise GroundTruthError(f"ground-truth file '{path}' is not JSON: {e}") from None
     if isinstance(data, list):
-        raise GroundTruthError(f"ground-truth file '{path}' is a JSON list (COCO results?), not a COCO "
-                               f"instances dict; {SWAP_HINT}")
+        raise GroundTruthError(
+            f"ground-truth file '{path}' is a JSON list (COCO results?), not a COCO "
+            f"instances dict; {SWAP_HINT}"
+        )
     if isinstance(data, dict) and "image" in data and "images" not in data:
-        raise GroundTruthError(f"ground-truth file '{path}' is an SA-1B pseudo-label file, not a COCO "
-                               f"instances JSON; {SWAP_HINT}")
+        raise GroundTruthError(
+            f"ground-truth file '{path}' is an SA-1B pseudo-label file, not a COCO "
+            f"instances JSON; {SWAP_HINT}"
+        )
     return data
 
 
@@ -113,8 +130,9 @@ def _segmentation_problem(seg, size) -> Optional[str]:
     if not isinstance(seg, list) or not seg:
         return f"segmentation {seg!r} is empty or not polygons/RLE"
     for k, poly in enumerate(seg):
-        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in poly):
+        if not isinstance(poly, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly
+        ):
             return f"polygon {k} is not a list of numbers"
     if len(seg[0]) < 6:
         return "polygon 0 is not a list of at least 6 numbers (3 points)"
@@ -128,7 +146,9 @@ def _image_sizes(images, source: str) -> Dict:
         try:
             sizes[im["id"]] = (int(im["height"]), int(im["width"]))
         except (KeyError, TypeError, ValueError):
-            raise GroundTruthError(f"{source}: image record {i} needs 'id' and integer 'height' and 'width'") from None
+            raise GroundTruthError(
+                f"{source}: image record {i} needs 'id' and integer 'height' and 'width'"
+            ) from None
     return sizes
 
 
@@ -138,8 +158,10 @@ def _check_unique_ids(annotations: List[Dict], source: str) -> None:
     duplicated = [(i, n) for i, n in counts.items() if n > 1]
     if duplicated:
         i, n = duplicated[0]
-        raise GroundTruthError(f"{source}: annotation id {i!r} occurs {n} times ({len(duplicated)} duplicated "
-                               f"id(s)); annotation ids must be unique")
+        raise GroundTruthError(
+            f"{source}: annotation id {i!r} occurs {n} times ({len(duplicated)} duplicated "
+            f"id(s)); annotation ids must be unique"
+        )
 
 
 def check_coco_gt(data, source: str) -> None:
@@ -149,7 +171,9 @@ def check_coco_gt(data, source: str) -> None:
         raise GroundTruthError(f"{source}: no 'images' list; not a COCO instances JSON")
     sizes = _image_sizes(data["images"], source)
     if "annotations" not in data:
-        raise GroundTruthError(f"{source}: no non-crowd annotations (no 'annotations' key): nothing to recall")
+        raise GroundTruthError(
+            f"{source}: no non-crowd annotations (no 'annotations' key): nothing to recall"
+        )
     annotations = data["annotations"]
     if not isinstance(annotations, list):
         raise GroundTruthError(f"{source}: 'annotations' is not a list")
@@ -161,8 +185,10 @@ def check_coco_gt(data, source: str) -> None:
             raise GroundTruthError(f"{source}: annotation id {ann['id']!r}: {problem}")
     _check_unique_ids(annotations, source)
     if all(ann.get("iscrowd", 0) for ann in annotations):
-        raise GroundTruthError(f"{source}: no non-crowd annotations ({len(annotations)} annotation(s), all "
-                               f"iscrowd=1): nothing to recall")
+        raise GroundTruthError(
+            f"{source}: no non-crowd annotations ({len(annotations)} annotation(s), all "
+            f"iscrowd=1): nothing to recall"
+        )
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -196,8 +222,10 @@ def check_predictions(coco_gt: COCO, predictions, source: str = "predictions") -
             bad.append((i, problem))
     if bad:
         i, problem = bad[0]
-        raise PredictionError(f"{source}: {len(bad)} of {len(predictions)} predictions cannot be evaluated; "
-                              f"first: prediction {i}: {problem}")
+        raise PredictionError(
+            f"{source}: {len(bad)} of {len(predictions)} predictions cannot be evaluated; "
+            f"first: prediction {i}: {problem}"
+        )
 
 
 def _compressed_rle(rle: Dict) -> Dict:
@@ -213,8 +241,9 @@ def _mean_valid(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else 0.0
 
 
-def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None,
-                       source: str = "predictions") -> Dict[str, float]:
+def coco_eval_agnostic(
+    coco_gt: COCO, predictions: List[Dict], image_ids=None, source: str = "predictions"
+) -> Dict[str, float]:
     """Run pycocotools' segm evaluation with ``useCats=0`` and return :data:`METRIC_KEYS`.
 
     ``predictions``: COCO results (``image_id``, ``segmentation`` RLE, ``score``); category ids
@@ -246,7 +275,9 @@ def coco_eval_agnostic(coco_gt: COCO, predictions: List[Dict], image_ids=None,
     recall = ev.eval["recall"]  # T×K×A×M
     areas = {name: i for i, name in enumerate(ev.params.areaRngLbl)}  # all, small, medium, large
     last = len(MAX_DETS) - 1
-    metrics = {f"AR@{d}": _mean_valid(recall[:, :, areas["all"], m]) for m, d in enumerate(MAX_DETS)}
+    metrics = {
+        f"AR@{d}": _mean_valid(recall[:, :, areas["all"], m]) for m, d in enumerate(MAX_DETS)
+    }
     metrics["AP"] = _mean_valid(precision[:, :, :, areas["all"], last])
     iou50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
     metrics["AP50"] = _mean_valid(precision[iou50, :, :, areas["all"], last])
@@ -303,8 +334,10 @@ def check_out_path(out: Optional[str]) -> None:
     if not out:
         return
     if os.path.isdir(out):
-        raise OutputError(f"--out '{out}' is a folder; give the metrics file, e.g. "
-                          f"'{os.path.join(out, 'metrics.json')}'")
+        raise OutputError(
+            f"--out '{out}' is a folder; give the metrics file, e.g. "
+            f"'{os.path.join(out, 'metrics.json')}'"
+        )
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -333,8 +366,10 @@ def read_results_json(path) -> List[Dict]:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise PredictionError(f"{path}: not JSON: {e}") from None
     if isinstance(predictions, dict) and "images" in predictions:
-        raise PredictionError(f"{path}: is a COCO ground truth (it has 'images'), not a list of COCO results; "
-                              f"{SWAP_HINT}")
+        raise PredictionError(
+            f"{path}: is a COCO ground truth (it has 'images'), not a list of COCO results; "
+            f"{SWAP_HINT}"
+        )
     if not isinstance(predictions, list) or not predictions:
         raise PredictionError(f"{path}: expected a non-empty JSON list of COCO results")
     return predictions
@@ -353,29 +388,47 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     one decimal (0.4567 → ``45.7``); any other key (counts, seconds) with three significant
     digits (``num_images 40``, ``seconds_per_image 0.123``). ``--out`` files keep fractions.
     """
-    return "  ".join(f"{k} {100 * v:.1f}" if k.startswith(PERCENT_PREFIXES) else f"{k} {v:.3g}"
-                     for k, v in metrics.items())
+    return "  ".join(
+        f"{k} {100 * v:.1f}" if k.startswith(PERCENT_PREFIXES) else f"{k} {v:.3g}"
+        for k, v in metrics.items()
+    )
 
 
 def dataset_dicts_to_coco(dicts: List[Dict]) -> Dict:
     """Class-agnostic COCO GT dict from detectron2 dataset dicts (polygon or RLE masks)."""
     images, annotations = [], []
     for d in dicts:
-        images.append({"id": d["image_id"], "width": d["width"], "height": d["height"],
-                       "file_name": os.path.basename(d["file_name"])})
+        images.append(
+            {
+                "id": d["image_id"],
+                "width": d["width"],
+                "height": d["height"],
+                "file_name": os.path.basename(d["file_name"]),
+            }
+        )
         for ann in d.get("annotations", []):
             seg = ann["segmentation"]
             if isinstance(seg, dict) and isinstance(seg.get("counts"), bytes):
                 seg = dict(seg, counts=seg["counts"].decode("ascii"))
-            bbox = BoxMode.convert(list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYWH_ABS)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": d["image_id"], "category_id": 1,
-                "segmentation": seg, "bbox": [float(b) for b in bbox],
-                "area": float(ann.get("area") or bbox[2] * bbox[3]),
-                "iscrowd": int(ann.get("iscrowd", 0)),
-            })
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "object"}]}
+            bbox = BoxMode.convert(
+                list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYWH_ABS
+            )
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": d["image_id"],
+                    "category_id": 1,
+                    "segmentation": seg,
+                    "bbox": [float(b) for b in bbox],
+                    "area": float(ann.get("area") or bbox[2] * bbox[3]),
+                    "iscrowd": int(ann.get("iscrowd", 0)),
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "object"}],
+    }
 
 
 def instances_to_coco_results(instances, image_id) -> List[Dict]:
@@ -386,8 +439,14 @@ def instances_to_coco_results(instances, image_id) -> List[Dict]:
     results = []
     for k in range(len(instances)):
         mask = instances.pred_masks[k].cpu().numpy()
-        results.append({"image_id": image_id, "category_id": 1,
-                        "segmentation": mask_to_rle(mask), "score": float(scores[k])})
+        results.append(
+            {
+                "image_id": image_id,
+                "category_id": 1,
+                "segmentation": mask_to_rle(mask),
+                "score": float(scores[k]),
+            }
+        )
     return results
 
 
@@ -398,7 +457,9 @@ class ClassAgnosticEvaluator(DatasetEvaluator):
     from the dataset dicts. Results are gathered over ranks; rank 0 returns ``{"segm": metrics}``.
     """
 
-    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True):
+    def __init__(
+        self, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
+    ):
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.distributed = distributed
@@ -412,7 +473,9 @@ class ClassAgnosticEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             self._image_ids.append(inp["image_id"])
-            self._predictions.extend(instances_to_coco_results(out["instances"].to("cpu"), inp["image_id"]))
+            self._predictions.extend(
+                instances_to_coco_results(out["instances"].to("cpu"), inp["image_id"])
+            )
 
     def _ground_truth(self) -> COCO:
         meta = MetadataCatalog.get(self.dataset_name)
@@ -436,7 +499,9 @@ class ClassAgnosticEvaluator(DatasetEvaluator):
         coco_gt = self._ground_truth()
         # images with no prediction still count: evaluate every image that was processed
         metrics = coco_eval_agnostic(coco_gt, predictions, sorted(set(image_ids)) or None)
-        logger.info("class-agnostic evaluation on %s: %s", self.dataset_name, format_metrics(metrics))
+        logger.info(
+            "class-agnostic evaluation on %s: %s", self.dataset_name, format_metrics(metrics)
+        )
         if self.output_dir:
             write_metrics_json(os.path.join(self.output_dir, "metrics_agnostic.json"), metrics)
         return OrderedDict(segm=metrics)
@@ -448,7 +513,9 @@ def main(argv=None) -> int:
         description="Class-agnostic COCO AR/AP of predicted masks (COCO results JSON with RLE).",
     )
     parser.add_argument("--gt", required=True, help="COCO instances JSON (ground truth)")
-    parser.add_argument("--pred", required=True, help="COCO results JSON: image_id, segmentation (RLE), score")
+    parser.add_argument(
+        "--pred", required=True, help="COCO results JSON: image_id, segmentation (RLE), score"
+    )
     parser.add_argument("--out", help="write the metrics as flat JSON here")
     args = parser.parse_args(argv)
 

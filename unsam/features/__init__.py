@@ -26,6 +26,7 @@ Backends
 :meth:`DenseFeatures.grid_features` gives the raw (un-normalised) features of images used at
 their own size — what UnSAM's conquer step merges.
 """
+
 from typing import Optional
 
 from .base import DenseFeatures, FeatureError, grid_size, l2_normalize
@@ -34,14 +35,28 @@ from .dino import DEFAULT_DINO_ARCH, DINO_ARCHS, DinoFeatures, dino_pos_embed, l
 from .fourier import random_fourier_features
 
 __all__ = [
-    "DenseFeatures", "FeatureError", "grid_size", "l2_normalize", "ClassicalFeatures",
-    "DinoFeatures", "DINO_ARCHS", "DEFAULT_DINO_ARCH", "dino_pos_embed", "load_dino_state_dict",
-    "random_fourier_features", "build_features",
+    "DenseFeatures",
+    "FeatureError",
+    "grid_size",
+    "l2_normalize",
+    "ClassicalFeatures",
+    "DinoFeatures",
+    "DINO_ARCHS",
+    "DEFAULT_DINO_ARCH",
+    "dino_pos_embed",
+    "load_dino_state_dict",
+    "random_fourier_features",
+    "build_features",
 ]
 
 
-def build_features(name: str, resolution: int = 480, device: str = "cpu",
-                   dino_weights: Optional[str] = None, dino_arch: str = DEFAULT_DINO_ARCH) -> DenseFeatures:
+def build_features(
+    name: str,
+    resolution: int = 480,
+    device: str = "cpu",
+    dino_weights: Optional[str] = None,
+    dino_arch: str = DEFAULT_DINO_ARCH,
+) -> DenseFeatures:
     """The backend ``name`` in {"classical", "dino"}; :class:`FeatureError` for another name."""
     if name == "classical":
         return ClassicalFeatures(resolution=resolution)

@@ -1,4 +1,5 @@
 """The dense-feature interface, its error type and the grid arithmetic every backend shares."""
+
 from typing import Optional, Sequence, Tuple
 
 import numpy as np

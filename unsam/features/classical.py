@@ -1,4 +1,5 @@
 """Training-free colour + texture + position patch features (the offline default backend)."""
+
 import zlib
 from typing import Dict, Optional, Tuple
 
@@ -34,21 +35,38 @@ class ClassicalFeatures(DenseFeatures):
 
     name = "classical"
 
-    def __init__(self, resolution: int = 480, patch_size: int = 8, color_weight: float = 1.0,
-                 context_weight: float = 0.5, texture_weight: float = 0.6,
-                 position_weight: float = 0.25, bandwidth: float = 0.55,
-                 n_random_features: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        resolution: int = 480,
+        patch_size: int = 8,
+        color_weight: float = 1.0,
+        context_weight: float = 0.5,
+        texture_weight: float = 0.6,
+        position_weight: float = 0.25,
+        bandwidth: float = 0.55,
+        n_random_features: int = 256,
+        seed: int = 0,
+    ):
         super().__init__(resolution)
         self.patch_size = int(patch_size)
-        self.weights = dict(color=color_weight, context=context_weight, texture=texture_weight,
-                            position=position_weight)
+        self.weights = dict(
+            color=color_weight,
+            context=context_weight,
+            texture=texture_weight,
+            position=position_weight,
+        )
         self.bandwidth = float(bandwidth)
         self.n_random_features = int(n_random_features)
         self.seed = int(seed)
         self._cache = None
 
-    def __call__(self, image: np.ndarray, resolution: Optional[int] = None,
-                 bandwidth: Optional[float] = None, position_weight: Optional[float] = None) -> np.ndarray:
+    def __call__(
+        self,
+        image: np.ndarray,
+        resolution: Optional[int] = None,
+        bandwidth: Optional[float] = None,
+        position_weight: Optional[float] = None,
+    ) -> np.ndarray:
         """``image``: H×W×3 uint8 RGB → float32 ``(h, w, C)`` L2-normalised, C = n_random_features.
 
         ``bandwidth`` / ``position_weight`` override the defaults for this call (the engine uses
@@ -68,7 +86,9 @@ class ClassicalFeatures(DenseFeatures):
         feats = random_fourier_features(g, bandwidth, self.n_random_features, self.seed, np.float32)
         return feats.reshape(gh, gw, -1)
 
-    def _standardized(self, image: np.ndarray, res: int) -> Tuple[Dict[str, np.ndarray], Tuple[int, int]]:
+    def _standardized(
+        self, image: np.ndarray, res: int
+    ) -> Tuple[Dict[str, np.ndarray], Tuple[int, int]]:
         """Per-group z-scored patch statistics {group: (h*w, c)} and the grid size; the last
         result is cached so feature variants of one image share the filtering work."""
         key = (image.shape, res, zlib.crc32(np.ascontiguousarray(image).data))
@@ -84,8 +104,12 @@ class ClassicalFeatures(DenseFeatures):
             return cv2.resize(x, (gw, gh), interpolation=cv2.INTER_AREA).reshape(gh, gw, -1)
 
         ys, xs = np.meshgrid(np.linspace(0, 1, gh), np.linspace(0, 1, gw), indexing="ij")
-        groups = (("color", pool(lab)), ("context", pool(cv2.GaussianBlur(lab, (0, 0), CONTEXT_SIGMA * p))),
-                  ("texture", pool(tex)), ("position", np.stack([xs, ys], -1).astype(np.float32)))
+        groups = (
+            ("color", pool(lab)),
+            ("context", pool(cv2.GaussianBlur(lab, (0, 0), CONTEXT_SIGMA * p))),
+            ("texture", pool(tex)),
+            ("position", np.stack([xs, ys], -1).astype(np.float32)),
+        )
         out = {}
         for name, g in groups:
             g = g.reshape(-1, g.shape[-1])
@@ -104,6 +128,8 @@ def _texture(lum: np.ndarray, patch_size: int) -> np.ndarray:
         gy = cv2.Sobel(blurred, cv2.CV_32F, 0, 1, ksize=3)
         tex += [np.abs(gx), np.abs(gy), np.abs(cv2.Laplacian(blurred, cv2.CV_32F, ksize=3))]
     mean = cv2.GaussianBlur(lum, (0, 0), CONTRAST_SIGMA)
-    tex.append(np.sqrt(np.maximum(cv2.GaussianBlur(lum * lum, (0, 0), CONTRAST_SIGMA) - mean * mean, 0)))
+    tex.append(
+        np.sqrt(np.maximum(cv2.GaussianBlur(lum * lum, (0, 0), CONTRAST_SIGMA) - mean * mean, 0))
+    )
     tex = cv2.GaussianBlur(np.stack(tex, -1), (0, 0), patch_size * TEXTURE_POOL)
     return np.log1p(TEXTURE_GAIN * tex)

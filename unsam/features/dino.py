@@ -1,4 +1,5 @@
 """DINO ViT attention keys as dense features (:class:`DinoFeatures`), official checkpoints."""
+
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for k, v in state.items():
         for prefix in ("module.", "backbone.", "encoder."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -74,7 +75,9 @@ def _downloaded(url: str) -> str:
             torch.hub.download_url_to_file(url, cached, progress=False)
         except Exception as e:  # noqa: BLE001 — network errors, bad URLs, HTTP errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise FeatureError(f"cannot download DINO weights from {url}: {type(e).__name__}: {first}") from None
+            raise FeatureError(
+                f"cannot download DINO weights from {url}: {type(e).__name__}: {first}"
+            ) from None
     return cached
 
 
@@ -97,11 +100,13 @@ def dino_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     side = int(n)
     dim = pos_embed.shape[-1]
     grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = torch.nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n),
-                                           mode="bicubic", align_corners=False)
+    grid = torch.nn.functional.interpolate(
+        grid, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic", align_corners=False
+    )
     if tuple(grid.shape[-2:]) != (gh, gw):
-        raise FeatureError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, "
-                           f"expected {(gh, gw)}")
+        raise FeatureError(
+            f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(gh, gw)}"
+        )
     grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)
     return torch.cat([pos_embed[:, :1], grid], 1)
 
@@ -117,24 +122,33 @@ class DinoFeatures(DenseFeatures):
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
 
-    def __init__(self, weights: Optional[str], arch: str = DEFAULT_DINO_ARCH, resolution: int = 480,
-                 device: str = "cpu", allow_random: bool = False):
+    def __init__(
+        self,
+        weights: Optional[str],
+        arch: str = DEFAULT_DINO_ARCH,
+        resolution: int = 480,
+        device: str = "cpu",
+        allow_random: bool = False,
+    ):
         super().__init__(resolution)
         import timm
 
         arch = DINO_ARCHS.get(arch, arch)
         if arch not in DINO_ARCHS.values():
-            raise FeatureError(f"unsupported DINO architecture '{arch}'; "
-                               f"choose one of {sorted(set(DINO_ARCHS.values()))}")
+            raise FeatureError(
+                f"unsupported DINO architecture '{arch}'; "
+                f"choose one of {sorted(set(DINO_ARCHS.values()))}"
+            )
         self.arch = arch
         self.device = torch.device(device)
         if not weights and not allow_random:
-            raise FeatureError("the dino backend needs --dino-weights PATH_OR_URL "
-                               "(an official DINO checkpoint); use --features classical offline")
+            raise FeatureError(
+                "the dino backend needs --dino-weights PATH_OR_URL "
+                "(an official DINO checkpoint); use --features classical offline"
+            )
         # read the checkpoint first: a missing/unreadable file fails before the model is built
         state = load_dino_state_dict(weights) if weights else None
-        self.model = timm.create_model(arch, pretrained=False, num_classes=0,
-                                       dynamic_img_size=True)
+        self.model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         if state is not None:
             self._load(state, weights)
@@ -144,8 +158,10 @@ class DinoFeatures(DenseFeatures):
         own = self.model.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
-            raise FeatureError(f"{weights}: not a {self.arch} checkpoint; missing keys "
-                               f"{missing[:5]}{' …' if len(missing) > 5 else ''}")
+            raise FeatureError(
+                f"{weights}: not a {self.arch} checkpoint; missing keys "
+                f"{missing[:5]}{' …' if len(missing) > 5 else ''}"
+            )
         bad = []
         for k, v in own.items():
             if k == "pos_embed":
@@ -168,7 +184,9 @@ class DinoFeatures(DenseFeatures):
         n = int(round(grid.shape[1] ** 0.5))
         m = int(round((shape[1] - 1) ** 0.5))
         grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
+        grid = torch.nn.functional.interpolate(
+            grid, size=(m, m), mode="bicubic", align_corners=False
+        )
         return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, m * m, -1)], 1)
 
     @torch.no_grad()
@@ -189,7 +207,7 @@ class DinoFeatures(DenseFeatures):
             t = blk(t)
         last = m.blocks[-1]
         qkv = last.attn.qkv(last.norm1(t))  # (B, 1 + gh*gw, 3C), laid out as (3, heads, C/heads)
-        return qkv[:, 1:, c:2 * c].reshape(b, gh, gw, c)
+        return qkv[:, 1:, c : 2 * c].reshape(b, gh, gw, c)
 
     def _normalise(self, images: np.ndarray) -> torch.Tensor:
         """(B, H, W, 3) uint8 RGB → (B, 3, H, W) float32, ImageNet mean/std."""
@@ -203,8 +221,9 @@ class DinoFeatures(DenseFeatures):
         images = np.asarray(images)
         p = self.patch_size
         if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
-            raise FeatureError(f"images must be (B, H, W, 3) with H, W multiples of {p}; "
-                               f"got {images.shape}")
+            raise FeatureError(
+                f"images must be (B, H, W, 3) with H, W multiples of {p}; got {images.shape}"
+            )
         return self.keys(self._normalise(images)).float().cpu().numpy()
 
     def __call__(self, image: np.ndarray, resolution: Optional[int] = None) -> np.ndarray:

@@ -7,13 +7,15 @@ the group's kernel mean embedding, so two groups compare by their whole distribu
 colour histograms), not only by their means. Used by the classical features (patch statistics)
 and by the pseudo-label refiner's full-resolution colour embedding.
 """
+
 import numpy as np
 
 from .base import l2_normalize
 
 
-def random_fourier_features(x: np.ndarray, bandwidth: float, n_features: int, seed: int,
-                            dtype=np.float64) -> np.ndarray:
+def random_fourier_features(
+    x: np.ndarray, bandwidth: float, n_features: int, seed: int, dtype=np.float64
+) -> np.ndarray:
     """``x``: (N, D) inputs → (N, n_features) L2-normalised features of ``dtype``.
 
     The map depends only on (D, ``n_features``, ``seed``), so calls with equal arguments (other

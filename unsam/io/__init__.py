@@ -3,6 +3,7 @@
 * :mod:`.sa1b` — SA-1B style per-image JSON with COCO RLE masks: encode / decode / validate
   RLEs, read / write the JSON, build an annotation from a mask, find files and their images.
 """
+
 from .sa1b import (  # noqa: F401
     DatasetError,
     SA1BFormatError,

@@ -17,6 +17,7 @@ This module is what the pseudo-label workers, the merge / self-training tools an
 index need (RLE helpers, validation, read / write, finding files); turning records into detectron2
 datasets is :mod:`unsam.data.sa1b`. It imports numpy, pycocotools and the standard library only.
 """
+
 import json
 import math
 import os
@@ -129,8 +130,11 @@ def validate_rle(rle, size=None) -> None:
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError("not an RLE (needs 'size' and 'counts')")
     shape = rle["size"]
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
         raise ValueError(f"RLE size {shape!r} is not [height, width]")
     if size is not None and list(shape) != [int(s) for s in size]:
         raise ValueError(f"RLE size {list(shape)} differs from image {size[0]}x{size[1]}")
@@ -145,8 +149,10 @@ def validate_rle(rle, size=None) -> None:
     if runs.size == 0 and shape[0] * shape[1]:
         raise ValueError("empty RLE counts")
     if (runs < 0).any() or int(runs.sum()) != shape[0] * shape[1]:
-        raise ValueError(f"corrupt RLE counts (runs cover {int(runs.sum())} pixels, "
-                         f"the size {shape[0]}x{shape[1]} has {shape[0] * shape[1]})")
+        raise ValueError(
+            f"corrupt RLE counts (runs cover {int(runs.sum())} pixels, "
+            f"the size {shape[0]}x{shape[1]} has {shape[0] * shape[1]})"
+        )
 
 
 def _annotation_problem(ann, height: int, width: int) -> Optional[str]:
@@ -159,8 +165,12 @@ def _annotation_problem(ann, height: int, width: int) -> Optional[str]:
         return str(e)
     for key, whole in _NUMERIC_FIELDS.items():
         value = ann.get(key, 0)
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (whole and value != int(value))):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or (whole and value != int(value))
+        ):
             return f"{key} {value!r} is not a {'whole' if whole else 'finite'} number"
     return None
 
@@ -186,8 +196,14 @@ def annotation_shape_problem(ann, height: int, width: int) -> Optional[str]:
     seg = ann.get("segmentation") if isinstance(ann, dict) else None
     size = seg.get("size") if isinstance(seg, dict) else None
     counts = seg.get("counts") if isinstance(seg, dict) else None
-    fine = (type(size) in (list, tuple) and len(size) == 2 and type(size[0]) is int and type(size[1]) is int
-            and size[0] == height and size[1] == width)
+    fine = (
+        type(size) in (list, tuple)
+        and len(size) == 2
+        and type(size[0]) is int
+        and type(size[1]) is int
+        and size[0] == height
+        and size[1] == width
+    )
     if fine and isinstance(counts, str):
         fine = _counts_text_ends(counts)
     elif fine:  # uncompressed (list) counts, rare: the full check
@@ -195,20 +211,33 @@ def annotation_shape_problem(ann, height: int, width: int) -> Optional[str]:
     if fine:
         for key, whole in _NUMERIC_FIELDS.items():
             value = ann.get(key, 0)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or (whole and value != int(value))):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or (whole and value != int(value))
+            ):
                 fine = False
                 break
     if fine:
         return None
-    return _annotation_problem(ann, height, width) or "corrupt RLE counts (the last value is cut off)"
+    return (
+        _annotation_problem(ann, height, width) or "corrupt RLE counts (the last value is cut off)"
+    )
 
 
-def annotation_from_mask(mask: np.ndarray, ann_id: int, box: Optional[Tuple[int, ...]] = None,
-                         image_size: Optional[Tuple[int, int]] = None, *,
-                         predicted_iou: float = 1.0, stability_score: float = 1.0,
-                         feature_coherence: Optional[float] = None,
-                         crop_box: Optional[Tuple[int, ...]] = None, **extra) -> Dict:
+def annotation_from_mask(
+    mask: np.ndarray,
+    ann_id: int,
+    box: Optional[Tuple[int, ...]] = None,
+    image_size: Optional[Tuple[int, int]] = None,
+    *,
+    predicted_iou: float = 1.0,
+    stability_score: float = 1.0,
+    feature_coherence: Optional[float] = None,
+    crop_box: Optional[Tuple[int, ...]] = None,
+    **extra,
+) -> Dict:
     """One SA-1B annotation record; every writer of pseudo labels builds its records here.
 
     ``mask``: an H×W bool mask of the whole image, or — given ``box`` = (x0, y0, x1, y1) and

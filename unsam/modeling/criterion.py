@@ -16,6 +16,7 @@ segment the labels miss than a mistake; its mask and dice losses are dropped whe
 the two on the sampled points is at most ``SOLVER.DROPLOSS_IOU_THRESH``. The class loss and the
 normaliser (number of target masks) are unchanged, as published.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,13 @@ __all__ = [
 ]
 
 
-def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
-              weights: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dice_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float,
+    weights: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """inputs: (M, P) logits; targets, weights: (M, P); keep: (M,) 0/1 per mask (drop-loss).
     Sum over masks of 1 - soft dice, / num_masks."""
     inputs = inputs.sigmoid()
@@ -58,8 +64,13 @@ def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
     return loss.sum() / num_masks
 
 
-def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
-                    weights: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sigmoid_ce_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float,
+    weights: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """inputs: (M, P) logits; targets, weights: (M, P); keep: (M,) 0/1 per mask (drop-loss).
     Per-mask mean BCE summed, / num_masks."""
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
@@ -72,7 +83,9 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
 
 
 @torch.no_grad()
-def drop_loss_keep(point_logits: torch.Tensor, point_labels: torch.Tensor, iou_thresh: float) -> torch.Tensor:
+def drop_loss_keep(
+    point_logits: torch.Tensor, point_labels: torch.Tensor, iou_thresh: float
+) -> torch.Tensor:
     """(M,) 1.0 for the matched pairs whose losses count, 0.0 for those drop-loss leaves out.
 
     The published rule: soft IoU of ``sigmoid(point_logits)`` with ``point_labels`` over the
@@ -91,10 +104,13 @@ def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return -torch.abs(logits)
 
 
-def get_uncertain_point_coords_with_randomness(coarse_logits: torch.Tensor,
-                                               uncertainty_func: Callable[[torch.Tensor], torch.Tensor],
-                                               num_points: int, oversample_ratio: float,
-                                               importance_sample_ratio: float) -> torch.Tensor:
+def get_uncertain_point_coords_with_randomness(
+    coarse_logits: torch.Tensor,
+    uncertainty_func: Callable[[torch.Tensor], torch.Tensor],
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+) -> torch.Tensor:
     """Pick ``num_points`` points per mask: the most uncertain ``importance_sample_ratio`` share of
     ``oversample_ratio * num_points`` random candidates, plus uniform random points.
 
@@ -113,16 +129,28 @@ def get_uncertain_point_coords_with_randomness(coarse_logits: torch.Tensor,
     idx = torch.topk(uncertainties[:, 0, :], k=num_uncertain, dim=1)[1]
     coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
     if num_random > 0:
-        coords = torch.cat([coords, torch.rand(m, num_random, 2, device=coarse_logits.device)], dim=1)
+        coords = torch.cat(
+            [coords, torch.rand(m, num_random, 2, device=coarse_logits.device)], dim=1
+        )
     return coords
 
 
 class SetCriterion(nn.Module):
     """Mask2Former's loss for UnSAM (class-agnostic: one foreground class + no-object)."""
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: Sequence[str], num_points: int, oversample_ratio: float, importance_sample_ratio: float,
-                 use_drop_losses: bool = False, droploss_iou_thresh: float = 0.01):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        eos_coef: float,
+        losses: Sequence[str],
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        use_drop_losses: bool = False,
+        droploss_iou_thresh: float = 0.01,
+    ):
         """
         Args:
             num_classes: foreground classes (the no-object class has index num_classes).
@@ -158,28 +186,41 @@ class SetCriterion(nn.Module):
     def loss_labels(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
         logits = outputs["pred_logits"].float()  # (B, Q, K+1)
         b_idx, s_idx = self._src_permutation_idx(indices)
-        classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(
+            logits.device
+        )
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
         target_classes[b_idx.to(logits.device), s_idx.to(logits.device)] = classes_o
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        return {
+            "loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        }
 
     def loss_masks(self, outputs, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
         pred_masks = outputs["pred_masks"]  # (B, Q, h, w)
         b_idx, s_idx = self._src_permutation_idx(indices)
-        src = pred_masks[b_idx.to(pred_masks.device), s_idx.to(pred_masks.device)][:, None].float()  # (M,1,h,w)
+        src = pred_masks[b_idx.to(pred_masks.device), s_idx.to(pred_masks.device)][
+            :, None
+        ].float()  # (M,1,h,w)
         if src.shape[0] == 0:
             zero = pred_masks.sum() * 0.0  # keeps the graph connected (DDP needs every param used)
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         use_weights = any(t.get("mask_weights") is not None for t in targets)
         with torch.no_grad():
             coords = get_uncertain_point_coords_with_randomness(
-                src, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+                src,
+                calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
             labels, weights, start = [], [], 0
             for t, (_, j) in zip(targets, indices):
                 n = len(j)
                 if n == 0:
                     continue
-                c = coords[start:start + n]
+                c = coords[start : start + n]
                 start += n
                 jj = j.to(t["masks"].device)
                 labels.append(point_sample_chunked(t["masks"][jj], c, src.dtype))
@@ -190,19 +231,28 @@ class SetCriterion(nn.Module):
                     else:
                         # border padding: points on the image edge keep their own weight instead of
                         # being blended with an implicit zero outside the image
-                        weights.append(point_sample_chunked(w[jj], c, src.dtype, padding_mode="border"))
+                        weights.append(
+                            point_sample_chunked(w[jj], c, src.dtype, padding_mode="border")
+                        )
             point_labels = torch.cat(labels)
             point_weights = torch.cat(weights) if use_weights else None
         point_logits = point_sample(src, coords).squeeze(1)  # (M, P)
-        keep = (drop_loss_keep(point_logits, point_labels, self.droploss_iou_thresh)
-                if self.use_drop_losses else None)
+        keep = (
+            drop_loss_keep(point_logits, point_labels, self.droploss_iou_thresh)
+            if self.use_drop_losses
+            else None
+        )
         return {
-            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks, point_weights, keep),
+            "loss_mask": sigmoid_ce_loss(
+                point_logits, point_labels, num_masks, point_weights, keep
+            ),
             "loss_dice": dice_loss(point_logits, point_labels, num_masks, point_weights, keep),
         }
 
     def get_loss(self, loss, outputs, targets, indices, num_masks):
-        return {"labels": self.loss_labels, "masks": self.loss_masks}[loss](outputs, targets, indices, num_masks)
+        return {"labels": self.loss_labels, "masks": self.loss_masks}[loss](
+            outputs, targets, indices, num_masks
+        )
 
     def _num_masks(self, targets, device) -> float:
         num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -212,8 +262,12 @@ class SetCriterion(nn.Module):
             world = dist.get_world_size()
         return torch.clamp(num / world, min=1).item()
 
-    def forward(self, outputs: Dict[str, object], targets: List[Dict[str, torch.Tensor]],
-                num_masks: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        outputs: Dict[str, object],
+        targets: List[Dict[str, torch.Tensor]],
+        num_masks: Optional[float] = None,
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: decoder output (``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, h, w),
@@ -235,15 +289,23 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", []) or []):
             aux_indices = self.matcher(aux, targets)
             for loss in self.losses:
-                losses.update({f"{k}_{i}": v for k, v in self.get_loss(loss, aux, targets, aux_indices,
-                                                                       num_masks).items()})
+                losses.update(
+                    {
+                        f"{k}_{i}": v
+                        for k, v in self.get_loss(
+                            loss, aux, targets, aux_indices, num_masks
+                        ).items()
+                    }
+                )
         return losses
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
-                f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
-                f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}"
-                + (f", drop_loss_iou_thresh={self.droploss_iou_thresh}" if self.use_drop_losses else ""))
+        return (
+            f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
+            f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+            f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}"
+            + (f", drop_loss_iou_thresh={self.droploss_iou_thresh}" if self.use_drop_losses else "")
+        )
 
 
 class PromptCriterion(nn.Module):
@@ -257,8 +319,14 @@ class PromptCriterion(nn.Module):
     ``_{i}`` variants of the two mask losses for every auxiliary (deep-supervision) layer.
     """
 
-    def __init__(self, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
-                 weight_dict: Dict[str, float], num_aux: int = 0):
+    def __init__(
+        self,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        weight_dict: Dict[str, float],
+        num_aux: int = 0,
+    ):
         super().__init__()
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
@@ -273,7 +341,9 @@ class PromptCriterion(nn.Module):
         return names
 
     @torch.no_grad()
-    def match(self, pred: torch.Tensor, targets: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def match(
+        self, pred: torch.Tensor, targets: List[torch.Tensor]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """pred (N, K, h, w) logits; targets: N tensors (T_i, H, W) → per prompt (output idx, target idx)."""
         out = []
         coords = torch.rand(1, max(64, self.num_points // 4), 2, device=pred.device)
@@ -282,14 +352,20 @@ class PromptCriterion(nn.Module):
                 e = torch.empty(0, dtype=torch.int64)
                 out.append((e, e.clone()))
                 continue
-            with torch.autocast(pred.device.type, enabled=False):  # float16 costs overflow (matcher.py)
-                p = point_sample(pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)).squeeze(1)  # (K, P)
+            with torch.autocast(
+                pred.device.type, enabled=False
+            ):  # float16 costs overflow (matcher.py)
+                p = point_sample(
+                    pred[i][:, None].float(), coords.expand(pred.shape[1], -1, -1)
+                ).squeeze(1)  # (K, P)
                 t = point_sample_chunked(tgt, coords, p.dtype)  # (T, P)
                 cost = batch_mask_cost(p, t)
             out.append(hungarian_match(cost))
         return out
 
-    def _mask_losses(self, pred: torch.Tensor, targets: List[torch.Tensor], indices, num_masks: float):
+    def _mask_losses(
+        self, pred: torch.Tensor, targets: List[torch.Tensor], indices, num_masks: float
+    ):
         """point-sampled BCE + dice of the matched (output, target) pairs."""
         srcs, tgts = [], []
         for i, (r, c) in enumerate(indices):
@@ -303,7 +379,12 @@ class PromptCriterion(nn.Module):
         tgt = torch.cat(tgts)
         with torch.no_grad():
             coords = get_uncertain_point_coords_with_randomness(
-                src, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+                src,
+                calculate_uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
             labels = point_sample_chunked(tgt, coords, src.dtype)
         logits = point_sample(src, coords).squeeze(1)
         return sigmoid_ce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
@@ -320,20 +401,28 @@ class PromptCriterion(nn.Module):
                 continue
             hp, wp = tgt.shape[-2:]
             # targets cover the padded input; logits its stride-4 grid
-            small = F.interpolate(tgt[None].float(), size=(h, w), mode="area")[0] >= 0.5  # (T, h, w)
+            small = (
+                F.interpolate(tgt[None].float(), size=(h, w), mode="area")[0] >= 0.5
+            )  # (T, h, w)
             pm = (pred[i] > 0).flatten(1).float()  # (K, hw)
             tm = small.flatten(1).float()
             inter = pm @ tm.t()
             union = pm.sum(1)[:, None] + tm.sum(1)[None] - inter
-            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))  # (K, T)
+            iou = torch.where(
+                union > 0, inter / union.clamp(min=1), torch.ones_like(inter)
+            )  # (K, T)
             best = iou.max(1).values
             r, c = indices[i]
             best[r.to(best.device)] = iou[r.to(best.device), c.to(best.device)]
             out[i] = best
         return out
 
-    def forward(self, outputs: Dict[str, object], targets: List[torch.Tensor],
-                num_prompts: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        outputs: Dict[str, object],
+        targets: List[torch.Tensor],
+        num_prompts: Optional[float] = None,
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: ``pred_masks`` (N, K, h, w) logits, ``pred_iou`` (N, K) in [0, 1], optional
@@ -355,7 +444,9 @@ class PromptCriterion(nn.Module):
         # every matched target counts: normalise by targets, not prompts
         num_masks = float(max(1, sum(len(r) for r, _ in indices)))
         losses = {}
-        losses["loss_prompt_mask"], losses["loss_prompt_dice"] = self._mask_losses(pred, targets, indices, num_masks)
+        losses["loss_prompt_mask"], losses["loss_prompt_dice"] = self._mask_losses(
+            pred, targets, indices, num_masks
+        )
         iou_t = self.iou_targets(pred.detach(), targets, indices)
         has = torch.tensor([t.shape[0] > 0 for t in targets], device=pred.device)
         pred_iou = outputs["pred_iou"].float()

@@ -7,6 +7,7 @@ straight into ``out`` and finding the boxes on the way: the same floats as ``F.i
 (the kernel reproduces its fused multiply-adds). Elsewhere it is ``F.interpolate`` + ``gt`` +
 :func:`masks_to_boxes`.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -36,13 +37,23 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     y2 = h - rows.flip(1).argmax(dim=1)
     x1 = cols.argmax(dim=1)
     x2 = w - cols.flip(1).argmax(dim=1)
-    boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = x1.float(), y1.float(), x2.float(), y2.float()
+    boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = (
+        x1.float(),
+        y1.float(),
+        x2.float(),
+        y2.float(),
+    )
     boxes[~nonempty] = 0
     return boxes
 
 
-def binarize_upsampled(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int],
-                       output_size: Tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+def binarize_upsampled(
+    logits: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    out: torch.Tensor,
+) -> torch.Tensor:
     """Stride-4 logits (n, h, w) of the padded input -> bool masks ``out`` (n, H_out, W_out).
 
     Resize to ``padded_size`` (Hp, Wp), crop to ``image_size`` (H, W), resize to ``output_size``
@@ -53,11 +64,13 @@ def binarize_upsampled(logits: torch.Tensor, padded_size: Tuple[int, int], image
     if ops is not None and same_size:
         return ops.resize_threshold(logits.float(), padded_size[0], padded_size[1], out)
     up = F.interpolate(logits[None].float(), size=padded_size, mode="bilinear", align_corners=False)
-    up = up[0, :, :image_size[0], :image_size[1]]
+    up = up[0, :, : image_size[0], : image_size[1]]
     if ops is not None:
         return ops.resize_threshold(up.contiguous(), output_size[0], output_size[1], out)
     if not same_size:
-        up = F.interpolate(up[None], size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(up[None], size=tuple(output_size), mode="bilinear", align_corners=False)[
+            0
+        ]
     torch.gt(up, 0, out=out)
     return masks_to_boxes(out)
 

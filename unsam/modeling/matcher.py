@@ -5,6 +5,7 @@ point reader of the criterion), the pairwise mask costs (:func:`batch_sigmoid_ce
 :func:`batch_dice_cost`, :func:`batch_mask_cost`) and the assignment itself
 (:func:`hungarian_match`) — used by the prompt criterion and the ATS difficulty hook too.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -38,8 +39,9 @@ def point_sample(inputs: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> 
     return out.squeeze(3) if add_dim else out
 
 
-def point_sample_chunked(masks: torch.Tensor, point_coords: torch.Tensor, dtype: torch.dtype,
-                         chunk: int = 64, **kwargs) -> torch.Tensor:
+def point_sample_chunked(
+    masks: torch.Tensor, point_coords: torch.Tensor, dtype: torch.dtype, chunk: int = 64, **kwargs
+) -> torch.Tensor:
     """``point_sample`` of (N, H, W) masks of any dtype (bool/uint8/float) -> (N, P) in ``dtype``.
 
     Converts at most ``chunk`` masks to float at a time: hundreds of full-resolution target
@@ -48,8 +50,8 @@ def point_sample_chunked(masks: torch.Tensor, point_coords: torch.Tensor, dtype:
     n = masks.shape[0]
     outs = []
     for s in range(0, n, chunk):
-        m = masks[s:s + chunk].to(dtype)[:, None]
-        pc = point_coords if point_coords.shape[0] == 1 else point_coords[s:s + chunk]
+        m = masks[s : s + chunk].to(dtype)[:, None]
+        pc = point_coords if point_coords.shape[0] == 1 else point_coords[s : s + chunk]
         if pc.shape[0] != m.shape[0]:
             pc = pc.expand(m.shape[0], -1, -1)
         outs.append(point_sample(m, pc, **kwargs).squeeze(1))
@@ -100,8 +102,13 @@ class HungarianMatcher(nn.Module):
     ``cost_class * (-p(class)) + cost_mask * BCE + cost_dice * dice``, the mask costs evaluated on
     ``num_points`` random points shared by all pairs of an image."""
 
-    def __init__(self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0,
-                 num_points: int = 0):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_mask: float = 1.0,
+        cost_dice: float = 1.0,
+        num_points: int = 0,
+    ):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("all matcher costs are 0")
@@ -109,8 +116,9 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
-                ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             outputs: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, h, w).
@@ -134,13 +142,19 @@ class HungarianMatcher(nn.Module):
             # float32 even under AMP: the BCE cost sums over num_points and overflows float16
             with torch.autocast(out_mask.device.type, enabled=False):
                 tgt_pts = point_sample_chunked(tgt_mask, coords, out_mask.dtype)
-                out_pts = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1)).squeeze(1)
-                cost = (self.cost_mask * batch_sigmoid_ce_cost(out_pts, tgt_pts)
-                        + self.cost_class * cost_class
-                        + self.cost_dice * batch_dice_cost(out_pts, tgt_pts))
+                out_pts = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1)).squeeze(
+                    1
+                )
+                cost = (
+                    self.cost_mask * batch_sigmoid_ce_cost(out_pts, tgt_pts)
+                    + self.cost_class * cost_class
+                    + self.cost_dice * batch_dice_cost(out_pts, tgt_pts)
+                )
             indices.append(hungarian_match(cost.reshape(nq, -1)))
         return indices
 
     def extra_repr(self) -> str:
-        return (f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
-                f"num_points={self.num_points}")
+        return (
+            f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
+            f"num_points={self.num_points}"
+        )

@@ -18,6 +18,7 @@ ViSA's guidance, the losses, what the ATS hook observes — lives in the trainin
 built here all the same: its no-object weight (``criterion.empty_weight``) is part of the public
 checkpoints' state_dict.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,11 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
 
 from .criterion import SetCriterion
 from .mask_postprocess import binarize_upsampled, permute_rows_
@@ -52,11 +52,23 @@ class UnSAM(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, backbone: Backbone, sem_seg_head: nn.Module, criterion: nn.Module, num_queries: int,
-                 size_divisibility: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 test_topk_per_image: int, upsample_chunk: int = 64, object_mask_threshold: float = 0.8,
-                 overlap_threshold: float = 0.8, prompt_encoder: Optional[nn.Module] = None,
-                 iou_head: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        size_divisibility: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        test_topk_per_image: int,
+        upsample_chunk: int = 64,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        prompt_encoder: Optional[nn.Module] = None,
+        iou_head: Optional[nn.Module] = None,
+    ):
         """``criterion``: the whole-image :class:`SetCriterion` (used by the training model).
         Prompt path (both None when it is disabled): ``prompt_encoder``
         (:class:`UnSAMPromptEncoder`), ``iou_head`` (hidden → 1 MLP)."""
@@ -85,31 +97,51 @@ class UnSAM(nn.Module):
     def from_config(cls, cfg):
         mf = cfg.MODEL.MASK_FORMER
         if mf.TEST.SEMANTIC_ON or mf.TEST.PANOPTIC_ON or not mf.TEST.INSTANCE_ON:
-            raise ValueError("UnSAM supports instance inference only: set MODEL.MASK_FORMER.TEST.INSTANCE_ON True "
-                             "and SEMANTIC_ON / PANOPTIC_ON False")
+            raise ValueError(
+                "UnSAM supports instance inference only: set MODEL.MASK_FORMER.TEST.INSTANCE_ON True "
+                "and SEMANTIC_ON / PANOPTIC_ON False"
+            )
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        matcher = HungarianMatcher(cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
-                                   num_points=mf.TRAIN_NUM_POINTS)
-        weight_dict = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
+        matcher = HungarianMatcher(
+            cost_class=mf.CLASS_WEIGHT,
+            cost_mask=mf.MASK_WEIGHT,
+            cost_dice=mf.DICE_WEIGHT,
+            num_points=mf.TRAIN_NUM_POINTS,
+        )
+        weight_dict = {
+            "loss_ce": mf.CLASS_WEIGHT,
+            "loss_mask": mf.MASK_WEIGHT,
+            "loss_dice": mf.DICE_WEIGHT,
+        }
         if mf.DEEP_SUPERVISION:
             base = dict(weight_dict)
             for i in range(mf.DEC_LAYERS - 1):
                 weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-        criterion = SetCriterion(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher=matcher, weight_dict=weight_dict,
-                                 eos_coef=mf.NO_OBJECT_WEIGHT, losses=["labels", "masks"],
-                                 num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-                                 importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
-                                 use_drop_losses=cfg.SOLVER.USE_DROP_LOSSES,
-                                 droploss_iou_thresh=cfg.SOLVER.DROPLOSS_IOU_THRESH)
+        criterion = SetCriterion(
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=mf.NO_OBJECT_WEIGHT,
+            losses=["labels", "masks"],
+            num_points=mf.TRAIN_NUM_POINTS,
+            oversample_ratio=mf.OVERSAMPLE_RATIO,
+            importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+            use_drop_losses=cfg.SOLVER.USE_DROP_LOSSES,
+            droploss_iou_thresh=cfg.SOLVER.DROPLOSS_IOU_THRESH,
+        )
         prompt_args = {}
         pc = cfg.UNSAM.PROMPT
         if pc.ENABLED:
             hidden = mf.HIDDEN_DIM
             prompt_args = {
-                "prompt_encoder": UnSAMPromptEncoder(hidden, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
-                                                     pc.NUM_GRANULARITIES, cfg.INPUT.IMAGE_SIZE,
-                                                     mask_in_chans=pc.MASK_IN_CHANS),
+                "prompt_encoder": UnSAMPromptEncoder(
+                    hidden,
+                    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+                    pc.NUM_GRANULARITIES,
+                    cfg.INPUT.IMAGE_SIZE,
+                    mask_in_chans=pc.MASK_IN_CHANS,
+                ),
                 "iou_head": MLP(hidden, hidden, 1, 3),
             }
         return {
@@ -136,7 +168,10 @@ class UnSAM(nn.Module):
     # ---------------------------------------------------------------------------------------
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize and pad the images of ``batched_inputs`` -> ImageList (B, 3, Hp, Wp) float."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def extract_features(self, images) -> Dict[str, object]:
@@ -165,9 +200,15 @@ class UnSAM(nn.Module):
     def prompt_enabled(self) -> bool:
         return self.prompt_encoder is not None
 
-    def decode_prompts(self, encoded: Dict[str, object], prompts: List[Dict[str, Optional[torch.Tensor]]],
-                       padded_hw: Tuple[int, int], *, return_aux: Optional[bool] = None,
-                       final_masks: bool = True) -> Dict[str, object]:
+    def decode_prompts(
+        self,
+        encoded: Dict[str, object],
+        prompts: List[Dict[str, Optional[torch.Tensor]]],
+        padded_hw: Tuple[int, int],
+        *,
+        return_aux: Optional[bool] = None,
+        final_masks: bool = True,
+    ) -> Dict[str, object]:
         """Decode P prompts per image through the masked-attention decoder.
 
         Args:
@@ -192,17 +233,27 @@ class UnSAM(nn.Module):
         groups = [self.prompt_encoder(mask_features[i], padded_hw, **prompts[i]) for i in range(b)]
         sizes = {(g["feat"].shape[0], g["group_size"]) for g in groups}
         if len(sizes) != 1:
-            raise ValueError("every image of a decode_prompts call needs the same number and kind of prompts")
+            raise ValueError(
+                "every image of a decode_prompts call needs the same number and kind of prompts"
+            )
         q, gsize = sizes.pop()
         k = groups[0]["num_granularities"]
         p = q // gsize
         feat = torch.stack([g["feat"] for g in groups])
         pos = torch.stack([g["pos"] for g in groups])
         allowed = groups[0]["allowed"][None].expand(b, -1, -1)
-        out = self.decode(encoded, extra_queries=(feat, pos), use_learned_queries=False, self_attn_allowed=allowed,
-                          return_aux=return_aux, final_masks=final_masks)
-        gidx = (torch.arange(p, device=feat.device)[:, None] * gsize
-                + torch.arange(k, device=feat.device)[None]).flatten()  # the K granularity queries
+        out = self.decode(
+            encoded,
+            extra_queries=(feat, pos),
+            use_learned_queries=False,
+            self_attn_allowed=allowed,
+            return_aux=return_aux,
+            final_masks=final_masks,
+        )
+        gidx = (
+            torch.arange(p, device=feat.device)[:, None] * gsize
+            + torch.arange(k, device=feat.device)[None]
+        ).flatten()  # the K granularity queries
         h, w = mask_features.shape[-2:]
         iou = self.iou_head(out["pred_embeddings"][:, gidx]).sigmoid().view(b, p, k)
         if "pred_masks" in out:
@@ -211,14 +262,18 @@ class UnSAM(nn.Module):
             masks = torch.einsum("bqc,bchw->bqhw", out["pred_mask_embeds"][:, gidx], mask_features)
         result = {"pred_masks": masks.reshape(b, p, k, h, w), "pred_iou": iou}
         if "aux_outputs" in out:
-            result["aux_masks"] = [a["pred_masks"][:, gidx].reshape(b, p, k, h, w) for a in out["aux_outputs"]]
+            result["aux_masks"] = [
+                a["pred_masks"][:, gidx].reshape(b, p, k, h, w) for a in out["aux_outputs"]
+            ]
         return result
 
     # ---------------------------------------------------------------------------------------
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         if self.training:
-            raise RuntimeError("UnSAM is the inference model; train unsam.engine.train_model.UnSAMTrain "
-                               "(build_train_model(cfg), what the trainer builds)")
+            raise RuntimeError(
+                "UnSAM is the inference model; train unsam.engine.train_model.UnSAMTrain "
+                "(build_train_model(cfg), what the trainer builds)"
+            )
         images = self.preprocess_image(batched_inputs)
         encoded = self.extract_features(images)
         # final-layer masks are computed later, only for the kept queries
@@ -230,8 +285,13 @@ class UnSAM(nn.Module):
     # ---------------------------------------------------------------------------------------
     # inference
     # ---------------------------------------------------------------------------------------
-    def postprocess(self, outputs: Dict[str, object], batched_inputs: List[Dict], images: ImageList,
-                    mask_features: Optional[torch.Tensor] = None) -> List[Dict[str, Instances]]:
+    def postprocess(
+        self,
+        outputs: Dict[str, object],
+        batched_inputs: List[Dict],
+        images: ImageList,
+        mask_features: Optional[torch.Tensor] = None,
+    ) -> List[Dict[str, Instances]]:
         """Decoder outputs -> ``[{"instances": Instances}]``.
 
         Mask logits come from ``outputs["pred_masks"]`` (B, Q, h, w) when present, else from
@@ -251,8 +311,13 @@ class UnSAM(nn.Module):
                 mask_source = full[i]
             else:
                 mask_source = (outputs["pred_mask_embeds"][i], mask_features[i])
-            results.append({"instances": self.instance_inference(mask_cls[i], mask_source, image_size, padded_size,
-                                                                 (int(height), int(width)))})
+            results.append(
+                {
+                    "instances": self.instance_inference(
+                        mask_cls[i], mask_source, image_size, padded_size, (int(height), int(width))
+                    )
+                }
+            )
         return results
 
     @staticmethod
@@ -264,8 +329,14 @@ class UnSAM(nn.Module):
         return mask_source[idx, :vh, :vw].float()
 
     @torch.no_grad()
-    def instance_inference(self, mask_cls: torch.Tensor, mask_source, image_size: Tuple[int, int],
-                           padded_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
+    def instance_inference(
+        self,
+        mask_cls: torch.Tensor,
+        mask_source,
+        image_size: Tuple[int, int],
+        padded_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> Instances:
         """Top-k class-agnostic instances of one image.
 
         Args:
@@ -292,7 +363,9 @@ class UnSAM(nn.Module):
         cls_scores, top = scores.flatten().topk(k, sorted=False)
         labels = labels[top]
         query_idx = top // num_classes
-        sh, sw = mask_source[1].shape[-2:] if isinstance(mask_source, tuple) else mask_source.shape[-2:]
+        sh, sw = (
+            mask_source[1].shape[-2:] if isinstance(mask_source, tuple) else mask_source.shape[-2:]
+        )
         # valid (unpadded) part of the stride-4 logits
         vh = min(sh, -(-image_size[0] * sh // padded_size[0]))
         vw = min(sw, -(-image_size[1] * sw // padded_size[1]))
@@ -302,12 +375,15 @@ class UnSAM(nn.Module):
         boxes = torch.empty((k, 4), dtype=torch.float32, device=mask_cls.device)
         chunk = self.upsample_chunk
         for s in range(0, k, chunk):
-            m = self._mask_logits(mask_source, query_idx[s:s + chunk], sh, sw)
+            m = self._mask_logits(mask_source, query_idx[s : s + chunk], sh, sw)
             valid = m[:, :vh, :vw]
             fg = (valid > 0).flatten(1)
-            mask_scores[s:s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + 1e-6)
-            boxes[s:s + chunk] = binarize_upsampled(m, padded_size, tuple(image_size), (h_out, w_out),
-                                                    out=pred_masks[s:s + chunk])
+            mask_scores[s : s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (
+                fg.sum(1) + 1e-6
+            )
+            boxes[s : s + chunk] = binarize_upsampled(
+                m, padded_size, tuple(image_size), (h_out, w_out), out=pred_masks[s : s + chunk]
+            )
             del m, valid
         final, order = (cls_scores * mask_scores).sort(descending=True)
         permute_rows_(pred_masks, order)

@@ -12,6 +12,7 @@ gradient use the project's compiled CPU kernel (:mod:`unsam.ops`: ``grid_sample`
 so the same outputs bit for bit, ~4x faster on 2 threads) when it was built. State-dict names follow
 Mask2Former so public checkpoints load unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,11 +22,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from torch import nn
 
 from ..ops import cpu_kernels
 
@@ -58,8 +58,13 @@ class PositionEmbeddingSine(nn.Module):
     Parameter-free (adds nothing to the state_dict); depends only on the spatial size.
     """
 
-    def __init__(self, num_pos_feats: int = 64, temperature: int = 10000, normalize: bool = False,
-                 scale: Optional[float] = None):
+    def __init__(
+        self,
+        num_pos_feats: int = 64,
+        temperature: int = 10000,
+        normalize: bool = False,
+        scale: Optional[float] = None,
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
@@ -81,11 +86,17 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_x = x_embed[:, :, :, None] / dim_t
         pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_x = torch.stack(
+            (pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4
+        ).flatten(3)
+        pos_y = torch.stack(
+            (pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4
+        ).flatten(3)
         pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
         if mask is None:
             pos = pos.expand(b, -1, -1, -1)
@@ -95,8 +106,12 @@ class PositionEmbeddingSine(nn.Module):
 # --------------------------------------------------------------------------------------------
 # multi-scale deformable attention
 # --------------------------------------------------------------------------------------------
-def ms_deform_attn_core_pytorch(value: torch.Tensor, spatial_shapes: Union[torch.Tensor, List[Tuple[int, int]]],
-                                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+def ms_deform_attn_core_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: Union[torch.Tensor, List[Tuple[int, int]]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention.
 
     Args:
@@ -111,7 +126,10 @@ def ms_deform_attn_core_pytorch(value: torch.Tensor, spatial_shapes: Union[torch
     """
     n, _, m, d = value.shape
     _, lq, _, nl, p, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)]
+    shapes = [
+        (int(h), int(w))
+        for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)
+    ]
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     out = None
@@ -119,7 +137,9 @@ def ms_deform_attn_core_pytorch(value: torch.Tensor, spatial_shapes: Union[torch
     for lid, (h, w) in enumerate(shapes):
         v = values[lid].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, Lq, P)
+        s = F.grid_sample(
+            v, g, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (N*M, D, Lq, P)
         a = attention_weights[:, :, :, lid].transpose(1, 2).reshape(n * m, 1, lq, p)
         contrib = (s * a).sum(-1)
         out = contrib if out is None else out + contrib
@@ -130,18 +150,30 @@ class _FusedMSDeformAttnFunction(torch.autograd.Function):
     """Autograd wrapper of the compiled op (only reachable when it imported)."""
 
     @staticmethod
-    def forward(ctx, value, shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+    def forward(
+        ctx, value, shapes, level_start_index, sampling_locations, attention_weights, im2col_step
+    ):
         ctx.im2col_step = im2col_step
-        out = _MSDA.ms_deform_attn_forward(value, shapes, level_start_index, sampling_locations,
-                                           attention_weights, im2col_step)
-        ctx.save_for_backward(value, shapes, level_start_index, sampling_locations, attention_weights)
+        out = _MSDA.ms_deform_attn_forward(
+            value, shapes, level_start_index, sampling_locations, attention_weights, im2col_step
+        )
+        ctx.save_for_backward(
+            value, shapes, level_start_index, sampling_locations, attention_weights
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         value, shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        gv, gs, ga = _MSDA.ms_deform_attn_backward(value, shapes, level_start_index, sampling_locations,
-                                                   attention_weights, grad_output.contiguous(), ctx.im2col_step)
+        gv, gs, ga = _MSDA.ms_deform_attn_backward(
+            value,
+            shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            grad_output.contiguous(),
+            ctx.im2col_step,
+        )
         return gv, None, None, gs, ga, None
 
 
@@ -152,18 +184,33 @@ class MSDeformAttn(nn.Module):
     ``n_levels`` feature maps, per head.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "auto",
+    ):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if impl not in ("auto", "pytorch", "fused"):
-            raise ValueError(f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL must be auto|pytorch|fused, got {impl!r}")
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL must be auto|pytorch|fused, got {impl!r}"
+            )
         if impl == "fused" and _MSDA is None:
-            raise ImportError("DEFORMABLE_ATTENTION_IMPL='fused' but MultiScaleDeformableAttention is not importable")
+            raise ImportError(
+                "DEFORMABLE_ATTENTION_IMPL='fused' but MultiScaleDeformableAttention is not importable"
+            )
         self.impl = impl
         self.im2col_step = 128
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.d_model, self.n_levels, self.n_heads, self.n_points = (
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+        )
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -187,9 +234,15 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
-                input_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """
         Args:
             query: (N, Lq, C); reference_points: (N, Lq, L, 2) normalized (x, y).
@@ -204,23 +257,42 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        offsets = self.sampling_offsets(query).view(
+            n, lq, self.n_heads, self.n_levels, self.n_points, 2
+        )
+        weights = self.attention_weights(query).view(
+            n, lq, self.n_heads, self.n_levels * self.n_points
+        )
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] != 2:
-            raise ValueError(f"reference_points must end in 2 (x, y), got {tuple(reference_points.shape)}")
-        normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1).to(offsets.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            raise ValueError(
+                f"reference_points must end in 2 (x, y), got {tuple(reference_points.shape)}"
+            )
+        normalizer = torch.stack(
+            [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1
+        ).to(offsets.dtype)
+        locations = (
+            reference_points[:, :, None, :, None, :]
+            + offsets / normalizer[None, None, None, :, None, :]
+        )
         use_fused = _MSDA is not None and value.is_cuda and self.impl in ("auto", "fused")
         cpu_op = self._cpu_kernel(value, offsets, weights)
         # sampling in fp32 even under AMP: half-precision locations lose sub-pixel accuracy
         with torch.autocast(device_type=value.device.type, enabled=False):
             value, locations, weights = value.float(), locations.float(), weights.float()
             if use_fused:
-                out = _FusedMSDeformAttnFunction.apply(value, input_spatial_shapes, input_level_start_index,
-                                                       locations, weights, self.im2col_step)
+                out = _FusedMSDeformAttnFunction.apply(
+                    value,
+                    input_spatial_shapes,
+                    input_level_start_index,
+                    locations,
+                    weights,
+                    self.im2col_step,
+                )
             elif cpu_op is not None:
-                out = cpu_op(value, input_spatial_shapes, input_level_start_index, locations, weights)
+                out = cpu_op(
+                    value, input_spatial_shapes, input_level_start_index, locations, weights
+                )
             else:
                 out = ms_deform_attn_core_pytorch(value, input_spatial_shapes, locations, weights)
         return self.output_proj(out)
@@ -229,7 +301,9 @@ class MSDeformAttn(nn.Module):
         """The compiled CPU op when it applies (CPU, ``auto``, no gradient needed), else None."""
         if value.device.type != "cpu" or self.impl != "auto":
             return None
-        if torch.is_grad_enabled() and (value.requires_grad or offsets.requires_grad or weights.requires_grad):
+        if torch.is_grad_enabled() and (
+            value.requires_grad or offsets.requires_grad or weights.requires_grad
+        ):
             return None  # the kernel has no backward: training uses the PyTorch path
         ops = cpu_kernels()
         return None if ops is None else ops.ms_deform_attn_forward
@@ -238,8 +312,16 @@ class MSDeformAttn(nn.Module):
 class MSDeformAttnTransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention + FFN."""
 
-    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "auto",
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
         self.dropout1 = nn.Dropout(dropout)
@@ -251,8 +333,12 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(
+        self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None
+    ):
+        src2 = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -264,14 +350,17 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     @staticmethod
-    def get_reference_points(spatial_shapes: List[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+    def get_reference_points(
+        spatial_shapes: List[Tuple[int, int]], device: torch.device
+    ) -> torch.Tensor:
         """Pixel-centre coordinates of every level, normalized to [0, 1]: (1, S, 2) as (x, y)."""
         refs = []
         for h, w in spatial_shapes:
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h,
                 torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w,
-                indexing="ij")
+                indexing="ij",
+            )
             refs.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
         return torch.cat(refs, 0)[None]
 
@@ -290,17 +379,34 @@ class MSDeformAttnTransformerEncoder(nn.Module):
 class MSDeformAttnTransformerEncoderOnly(nn.Module):
     """Deformable-DETR encoder over L flattened levels with a learned per-level embedding."""
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
-                 dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4,
-                 enc_n_points: int = 4, impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        enc_n_points: int = 4,
+        impl: str = "auto",
+    ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
-        self.encoder = MSDeformAttnTransformerEncoder([
-            MSDeformAttnTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
-                                                enc_n_points, impl=impl)
-            for _ in range(num_encoder_layers)
-        ])
+        self.encoder = MSDeformAttnTransformerEncoder(
+            [
+                MSDeformAttnTransformerEncoderLayer(
+                    d_model,
+                    dim_feedforward,
+                    dropout,
+                    num_feature_levels,
+                    nhead,
+                    enc_n_points,
+                    impl=impl,
+                )
+                for _ in range(num_encoder_layers)
+            ]
+        )
         self.level_embed = nn.Parameter(torch.Tensor(num_feature_levels, d_model))
         self._reset_parameters()
 
@@ -326,8 +432,12 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flat = torch.cat(src_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        spatial_shapes = torch.as_tensor(
+            [tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device
+        )
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
         memory = self.encoder(src_flat, spatial_shapes, level_start_index, pos_flat)
         return memory, spatial_shapes, level_start_index
 
@@ -337,35 +447,55 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """Pixel decoder: deformable encoder over res3..res5 + FPN step to stride ``COMMON_STRIDE``."""
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, transformer_dropout: float,
-                 transformer_nheads: int, transformer_dim_feedforward: int, transformer_enc_layers: int,
-                 conv_dim: int, mask_dim: int, norm: Optional[Union[str, Callable]],
-                 transformer_in_features: List[str], common_stride: int, n_points: int = 4,
-                 deform_attn_impl: str = "auto"):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]],
+        transformer_in_features: List[str],
+        common_stride: int,
+        n_points: int = 4,
+        deform_attn_impl: str = "auto",
+    ):
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
         self.in_features = [k for k, _ in shapes]
         self.feature_strides = [v.stride for _, v in shapes]
         self.feature_channels = [v.channels for _, v in shapes]
-        t_shapes = sorted(((k, v) for k, v in input_shape.items() if k in transformer_in_features),
-                          key=lambda kv: kv[1].stride)
+        t_shapes = sorted(
+            ((k, v) for k, v in input_shape.items() if k in transformer_in_features),
+            key=lambda kv: kv[1].stride,
+        )
         self.transformer_in_features = [k for k, _ in t_shapes]
         t_channels = [v.channels for _, v in t_shapes]
         self.transformer_feature_strides = [v.stride for _, v in t_shapes]
         self.transformer_num_feature_levels = len(self.transformer_in_features)
         # input_proj[0] handles the coarsest level (res5): the encoder sees levels coarse -> fine
-        self.input_proj = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(ch, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
-            for ch in t_channels[::-1]
-        ])
+        self.input_proj = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(ch, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+                for ch in t_channels[::-1]
+            ]
+        )
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
         self.transformer = MSDeformAttnTransformerEncoderOnly(
-            d_model=conv_dim, nhead=transformer_nheads, num_encoder_layers=transformer_enc_layers,
-            dim_feedforward=transformer_dim_feedforward, dropout=transformer_dropout,
-            num_feature_levels=self.transformer_num_feature_levels, enc_n_points=n_points,
-            impl=deform_attn_impl)
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            enc_n_points=n_points,
+            impl=deform_attn_impl,
+        )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
@@ -377,10 +507,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_fpn_levels = int(math.log2(stride) - math.log2(self.common_stride))
         use_bias = norm == ""
         lateral_convs, output_convs = [], []
-        for idx, ch in enumerate(self.feature_channels[:self.num_fpn_levels]):
-            lateral = Conv2d(ch, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim))
-            output = Conv2d(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1, bias=use_bias,
-                            norm=get_norm(norm, conv_dim), activation=F.relu)
+        for idx, ch in enumerate(self.feature_channels[: self.num_fpn_levels]):
+            lateral = Conv2d(
+                ch, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim)
+            )
+            output = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                stride=1,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu,
+            )
             weight_init.c2_xavier_fill(lateral)
             weight_init.c2_xavier_fill(output)
             self.add_module(f"adapter_{idx + 1}", lateral)
@@ -427,14 +567,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
         y, spatial_shapes, _ = self.transformer(srcs, pos)
         bs = y.shape[0]
         sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-        out = [z.transpose(1, 2).reshape(bs, -1, int(h), int(w))
-               for z, (h, w) in zip(y.split(sizes, dim=1), spatial_shapes.tolist())]
-        for idx, f in enumerate(self.in_features[:self.num_fpn_levels][::-1]):
+        out = [
+            z.transpose(1, 2).reshape(bs, -1, int(h), int(w))
+            for z, (h, w) in zip(y.split(sizes, dim=1), spatial_shapes.tolist())
+        ]
+        for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur = self.lateral_convs[idx](x)
-            y = cur + F.interpolate(out[-1], size=cur.shape[-2:], mode="bilinear", align_corners=False)
+            y = cur + F.interpolate(
+                out[-1], size=cur.shape[-2:], mode="bilinear", align_corners=False
+            )
             out.append(self.output_convs[idx](y))
-        multi_scale_features = out[:self.maskformer_num_feature_levels]
+        multi_scale_features = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale_features
 
 

@@ -23,6 +23,7 @@ Coordinates are pixels of the padded network input (``padded_hw``); SAM's encode
 nominal ``input_size`` square and coordinates are rescaled to it, which is the same frame when the
 input is the usual ``IMAGE_SIZE`` square.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,11 +31,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from segment_anything.modeling import PromptEncoder as SamPromptEncoder
-
-from .transformer_decoder import MLP
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +58,31 @@ class UnSAMPromptEncoder(nn.Module):
             of SAM's mask-downscaling convs.
     """
 
-    def __init__(self, hidden_dim: int, mask_dim: int, num_granularities: int, input_size: int,
-                 mask_in_chans: int = 16):
+    def __init__(
+        self,
+        hidden_dim: int,
+        mask_dim: int,
+        num_granularities: int,
+        input_size: int,
+        mask_in_chans: int = 16,
+    ):
         super().__init__()
         if num_granularities < 1:
-            raise ValueError(f"UNSAM.PROMPT.NUM_GRANULARITIES must be >= 1, got {num_granularities}")
+            raise ValueError(
+                f"UNSAM.PROMPT.NUM_GRANULARITIES must be >= 1, got {num_granularities}"
+            )
         if hidden_dim % 2:
             raise ValueError(f"the prompt encoder needs an even HIDDEN_DIM, got {hidden_dim}")
         self.hidden_dim = hidden_dim
         self.num_granularities = num_granularities
         self.input_size = int(input_size)
         emb = MASK_INPUT_SIZE // 4
-        self.sam = SamPromptEncoder(embed_dim=hidden_dim, image_embedding_size=(emb, emb),
-                                    input_image_size=(self.input_size, self.input_size), mask_in_chans=mask_in_chans)
+        self.sam = SamPromptEncoder(
+            embed_dim=hidden_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(self.input_size, self.input_size),
+            mask_in_chans=mask_in_chans,
+        )
         self.feat_proj = nn.Linear(mask_dim, hidden_dim)
         self.granularity_feat = nn.Embedding(num_granularities, hidden_dim)
         self.granularity_pos = nn.Embedding(num_granularities, hidden_dim)
@@ -85,19 +95,28 @@ class UnSAMPromptEncoder(nn.Module):
         num = torch.einsum("phw,chw->pc", weights, mask_features)
         return num / weights.flatten(1).sum(1, keepdim=True).clamp(min=1e-6)
 
-    def _mask_weights_on_grid(self, mask_inputs: torch.Tensor, grid_hw: Tuple[int, int],
-                              padded_hw: Tuple[int, int]) -> torch.Tensor:
+    def _mask_weights_on_grid(
+        self, mask_inputs: torch.Tensor, grid_hw: Tuple[int, int], padded_hw: Tuple[int, int]
+    ) -> torch.Tensor:
         """(P, 1, L, L) logits over the padded square → (P, h, w) probabilities on the feature grid."""
         side = max(padded_hw)
         h, w = grid_hw
         sq = (max(1, round(side * h / padded_hw[0])), max(1, round(side * w / padded_hw[1])))
-        prob = F.interpolate(mask_inputs.float(), size=sq, mode="bilinear", align_corners=False).sigmoid()
+        prob = F.interpolate(
+            mask_inputs.float(), size=sq, mode="bilinear", align_corners=False
+        ).sigmoid()
         return prob[:, 0, :h, :w]
 
-    def forward(self, mask_features: torch.Tensor, padded_hw: Tuple[int, int], *,
-                points: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                boxes: Optional[torch.Tensor] = None, mask_inputs: Optional[torch.Tensor] = None
-                ) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        mask_features: torch.Tensor,
+        padded_hw: Tuple[int, int],
+        *,
+        points: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
         """Query groups of the P prompts of ONE image.
 
         Args:
@@ -109,8 +128,11 @@ class UnSAMPromptEncoder(nn.Module):
             ``feat``, ``pos``: (P*G, hidden_dim), G = group size (K first in every group);
             ``allowed``: (P*G, P*G) bool self-attention mask; ``group_size``: G (int tensor).
         """
-        P = next(t.shape[0] for t in (points, boxes, mask_inputs) if t is not None) \
-            if any(t is not None for t in (points, boxes, mask_inputs)) else 0
+        P = (
+            next(t.shape[0] for t in (points, boxes, mask_inputs) if t is not None)
+            if any(t is not None for t in (points, boxes, mask_inputs))
+            else 0
+        )
         if P == 0:
             raise ValueError("a prompt needs points, a box or a mask input")
         dev = mask_features.device
@@ -129,8 +151,9 @@ class UnSAMPromptEncoder(nn.Module):
         if mask_inputs is not None:
             sam_masks = mask_inputs.float()
             if tuple(sam_masks.shape[-2:]) != self.sam.mask_input_size:
-                sam_masks = F.interpolate(sam_masks, size=self.sam.mask_input_size, mode="bilinear",
-                                          align_corners=False)
+                sam_masks = F.interpolate(
+                    sam_masks, size=self.sam.mask_input_size, mode="bilinear", align_corners=False
+                )
         sparse, dense = self.sam(sam_points, sam_boxes, sam_masks)  # (P, T, C), (P, C, e, e)
         tok_pos = sparse
         tok_feat = sparse.clone()
@@ -138,13 +161,19 @@ class UnSAMPromptEncoder(nn.Module):
         # image content under each prompt token (a zero for SAM's padding point)
         if points is not None:
             n = points.shape[1]
-            grid = (points.float() + 0.5) / torch.tensor([padded_hw[1], padded_hw[0]], device=dev)  # [0, 1]
-            sampled = F.grid_sample(mf[None], (2 * grid - 1)[None], align_corners=False)[0]  # (C, P, N)
+            grid = (points.float() + 0.5) / torch.tensor(
+                [padded_hw[1], padded_hw[0]], device=dev
+            )  # [0, 1]
+            sampled = F.grid_sample(mf[None], (2 * grid - 1)[None], align_corners=False)[
+                0
+            ]  # (C, P, N)
             sampled = self.feat_proj(sampled.permute(1, 2, 0))  # (P, N, hidden)
             valid = (labels.to(dev) >= 0)[..., None].to(sampled.dtype)
             tok_feat[:, :n] = tok_feat[:, :n] + sampled * valid
         if boxes is not None:
-            tok_feat[:, -2:] = tok_feat[:, -2:] + self._box_content(mf, boxes.float(), padded_hw)[:, None]
+            tok_feat[:, -2:] = (
+                tok_feat[:, -2:] + self._box_content(mf, boxes.float(), padded_hw)[:, None]
+            )
         feats, poses = [tok_feat], [tok_pos]
         if mask_inputs is not None:
             m_feat, m_pos = self._mask_token(mf, mask_inputs, dense, padded_hw, scale)
@@ -166,15 +195,21 @@ class UnSAMPromptEncoder(nn.Module):
             "num_granularities": k,
         }
 
-    def _box_content(self, mf: torch.Tensor, b: torch.Tensor, padded_hw: Tuple[int, int]) -> torch.Tensor:
+    def _box_content(
+        self, mf: torch.Tensor, b: torch.Tensor, padded_hw: Tuple[int, int]
+    ) -> torch.Tensor:
         """Image content inside each box: ``mf`` (C_mask, h, w) features pooled over the cells
         whose centres lie in the (P, 4) XYXY pixel boxes ``b`` → (P, hidden)."""
         h, w = mf.shape[-2:]
         dev = mf.device
         ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
         xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
-        inside = ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] < b[:, 2, None, None])
-                  & (ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] < b[:, 3, None, None]))
+        inside = (
+            (xs[None, None, :] >= b[:, 0, None, None])
+            & (xs[None, None, :] < b[:, 2, None, None])
+            & (ys[None, :, None] >= b[:, 1, None, None])
+            & (ys[None, :, None] < b[:, 3, None, None])
+        )
         empty = ~inside.flatten(1).any(1)
         if empty.any():  # a box thinner than a feature cell: take the cell under its centre
             cx = ((b[empty, 0] + b[empty, 2]) / 2 * w / padded_hw[1]).long().clamp(0, w - 1)
@@ -183,8 +218,14 @@ class UnSAMPromptEncoder(nn.Module):
             inside[idx, cy, cx] = True
         return self.feat_proj(self._pool(mf, inside.float()))
 
-    def _mask_token(self, mf: torch.Tensor, mask_inputs: torch.Tensor, dense: torch.Tensor,
-                    padded_hw: Tuple[int, int], scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _mask_token(
+        self,
+        mf: torch.Tensor,
+        mask_inputs: torch.Tensor,
+        dense: torch.Tensor,
+        padded_hw: Tuple[int, int],
+        scale: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The mask prompt's token: (feature, position), each (P, hidden). Its feature adds the
         image content and SAM's dense mask embedding under the soft mask to the learned mask
         token; its position encodes the soft mask's centroid."""
@@ -192,12 +233,20 @@ class UnSAMPromptEncoder(nn.Module):
         dev = mf.device
         wts = self._mask_weights_on_grid(mask_inputs, (h, w), padded_hw)  # (P, h, w)
         img_part = self.feat_proj(self._pool(mf, wts))
-        dw = F.interpolate(wts[:, None], size=dense.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        dense_part = torch.einsum("phw,pchw->pc", dw, dense) / dw.flatten(1).sum(1, keepdim=True).clamp(min=1e-6)
+        dw = F.interpolate(
+            wts[:, None], size=dense.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]
+        dense_part = torch.einsum("phw,pchw->pc", dw, dense) / dw.flatten(1).sum(
+            1, keepdim=True
+        ).clamp(min=1e-6)
         # centroid of the soft mask, in pixels of the padded input
         gy = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * padded_hw[0] / h
         gx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * padded_hw[1] / w
         mass = wts.flatten(1).sum(1).clamp(min=1e-6)
-        cyx = torch.stack([(wts.sum(1) * gx).sum(1) / mass, (wts.sum(2) * gy).sum(1) / mass], 1)  # (P, 2) x,y
-        m_pos = self.sam.pe_layer.forward_with_coords((cyx * scale)[:, None], self.sam.input_image_size)[:, 0]
+        cyx = torch.stack(
+            [(wts.sum(1) * gx).sum(1) / mass, (wts.sum(2) * gy).sum(1) / mass], 1
+        )  # (P, 2) x,y
+        m_pos = self.sam.pe_layer.forward_with_coords(
+            (cyx * scale)[:, None], self.sam.input_image_size
+        )[:, 0]
         return self.mask_token.weight + img_part + dense_part, self.mask_token.weight + m_pos

@@ -15,6 +15,7 @@ needed (inference, or no deep supervision) its attention mask is computed direct
 attention resolution: bilinear resizing is linear, so resizing the mask features first gives
 the same logits as resizing the dot product, at a fraction of the cost.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,18 +24,19 @@ from typing import Dict, List, Optional, Tuple
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
+from torch import nn
 
 from .pixel_decoder import PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMER_DECODER_REGISTRY = Registry("UNSAM_TRANSFORMER_DECODER")
-TRANSFORMER_DECODER_REGISTRY.__doc__ = "Query decoders: (multi-scale features, mask features) -> predictions."
+TRANSFORMER_DECODER_REGISTRY.__doc__ = (
+    "Query decoders: (multi-scale features, mask features) -> predictions."
+)
 
 __all__ = [
     "TRANSFORMER_DECODER_REGISTRY",
@@ -48,8 +50,13 @@ __all__ = [
 _ATTN_SCORE_BUDGET = 1 << 25
 
 
-def multi_head_attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
-                         value: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def multi_head_attention(
+    mha: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Same result as ``mha(query, key, value, attn_mask=~allowed)``, with bounded memory.
 
     Args:
@@ -66,18 +73,22 @@ def multi_head_attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: t
     w, bias = mha.in_proj_weight, mha.in_proj_bias
     bq = bk = bv = None
     if bias is not None:
-        bq, bk, bv = bias[:c], bias[c:2 * c], bias[2 * c:]
+        bq, bk, bv = bias[:c], bias[c : 2 * c], bias[2 * c :]
     q = F.linear(query, w[:c], bq).view(lq, b, h, d).permute(1, 2, 0, 3)
-    k = F.linear(key, w[c:2 * c], bk).view(lk, b, h, d).permute(1, 2, 0, 3)
-    v = F.linear(value, w[2 * c:], bv).view(lk, b, h, d).permute(1, 2, 0, 3)
+    k = F.linear(key, w[c : 2 * c], bk).view(lk, b, h, d).permute(1, 2, 0, 3)
+    v = F.linear(value, w[2 * c :], bv).view(lk, b, h, d).permute(1, 2, 0, 3)
     if allowed is not None and allowed.dim() == 3:
         allowed = allowed[:, None]  # one mask broadcast over heads instead of H copies
     dropout_p = mha.dropout if mha.training else 0.0
     chunk = max(1, _ATTN_SCORE_BUDGET // max(1, b * h * lk))
     outs = []
     for s in range(0, lq, chunk):
-        m = None if allowed is None else allowed[:, :, s:s + chunk]
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, attn_mask=m, dropout_p=dropout_p))
+        m = None if allowed is None else allowed[:, :, s : s + chunk]
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, s : s + chunk], k, v, attn_mask=m, dropout_p=dropout_p
+            )
+        )
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     out = out.permute(2, 0, 1, 3).reshape(lq, b, c)
     return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
@@ -95,7 +106,9 @@ def _xavier_init(module: nn.Module) -> None:
 
 
 class SelfAttentionLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
@@ -103,8 +116,12 @@ class SelfAttentionLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_init(self)
 
-    def forward(self, tgt: torch.Tensor, allowed: Optional[torch.Tensor] = None,
-                query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        allowed: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """tgt, query_pos: (Q, B, C); allowed: (B, Q, Q) bool or None."""
         x = self.norm(tgt) if self.normalize_before else tgt
         q = k = _with_pos(x, query_pos)
@@ -113,7 +130,9 @@ class SelfAttentionLayer(nn.Module):
 
 
 class CrossAttentionLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
@@ -121,19 +140,31 @@ class CrossAttentionLayer(nn.Module):
         self.normalize_before = normalize_before
         _xavier_init(self)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, allowed: Optional[torch.Tensor] = None,
-                pos: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        allowed: Optional[torch.Tensor] = None,
+        pos: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """tgt/query_pos: (Q, B, C); memory/pos: (HW, B, C); allowed: (B, Q, HW) bool or None."""
         x = self.norm(tgt) if self.normalize_before else tgt
-        out = multi_head_attention(self.multihead_attn, _with_pos(x, query_pos), _with_pos(memory, pos), memory,
-                                   allowed)
+        out = multi_head_attention(
+            self.multihead_attn, _with_pos(x, query_pos), _with_pos(memory, pos), memory, allowed
+        )
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 
 
 class FFNLayer(nn.Module):
-    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0,
-                 normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
@@ -167,10 +198,23 @@ class MLP(nn.Module):
 @TRANSFORMER_DECODER_REGISTRY.register()
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     @configurable
-    def __init__(self, in_channels: int, mask_classification: bool = True, *, num_classes: int,
-                 hidden_dim: int, num_queries: int, nheads: int, dim_feedforward: int, dec_layers: int,
-                 pre_norm: bool, mask_dim: int, enforce_input_project: bool, deep_supervision: bool = True,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dim_feedforward: int,
+        dec_layers: int,
+        pre_norm: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+        deep_supervision: bool = True,
+        dropout: float = 0.0,
+    ):
         """
         Args:
             in_channels: channels of the multi-scale features. num_classes: foreground classes
@@ -186,11 +230,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_heads = nheads
         self.num_layers = dec_layers
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers))
+            SelfAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers)
+        )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers))
+            CrossAttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(dec_layers)
+        )
         self.transformer_ffn_layers = nn.ModuleList(
-            FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(dec_layers))
+            FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(dec_layers)
+        )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.num_queries = num_queries
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
@@ -230,10 +277,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "dropout": mf.DROPOUT,
         }
 
-    def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
-                extra_queries: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                use_learned_queries: bool = True, self_attn_allowed: Optional[torch.Tensor] = None,
-                return_aux: Optional[bool] = None, final_masks: bool = True) -> Dict[str, object]:
+    def forward(
+        self,
+        x: List[torch.Tensor],
+        mask_features: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        extra_queries: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        use_learned_queries: bool = True,
+        self_attn_allowed: Optional[torch.Tensor] = None,
+        return_aux: Optional[bool] = None,
+        final_masks: bool = True,
+    ) -> Dict[str, object]:
         """
         Args:
             x: 3 maps (B, C_in, H_l, W_l), coarse to fine (pixel decoder's multi_scale_features).
@@ -267,7 +322,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         def heads(out, layer_idx):
             full = return_aux or (layer_idx == self.num_layers and final_masks)
-            target = None if layer_idx == self.num_layers else size_list[layer_idx % self.num_feature_levels]
+            target = (
+                None
+                if layer_idx == self.num_layers
+                else size_list[layer_idx % self.num_feature_levels]
+            )
             return self._prediction_heads(out, mask_features, target, full, resized_cache)
 
         predictions_class, predictions_mask = [], []
@@ -278,9 +337,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             level = i % self.num_feature_levels
             # a query whose mask is empty at this level would attend to nothing: let it see all
             allowed = allowed | ~allowed.any(-1, keepdim=True)
-            output = self.transformer_cross_attention_layers[i](output, src[level], allowed, pos=pos[level],
-                                                                query_pos=query_pos)
-            output = self.transformer_self_attention_layers[i](output, self_attn_allowed, query_pos=query_pos)
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level], allowed, pos=pos[level], query_pos=query_pos
+            )
+            output = self.transformer_self_attention_layers[i](
+                output, self_attn_allowed, query_pos=query_pos
+            )
             output = self.transformer_ffn_layers[i](output)
             cls, msk, allowed, mask_embed = heads(output, i + 1)
             predictions_class.append(cls)
@@ -293,8 +355,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if predictions_mask[-1] is not None:
             out["pred_masks"] = predictions_mask[-1]
         if return_aux:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_masks": b}
-                                  for a, b in zip(predictions_class[:-1], predictions_mask[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_masks": b}
+                for a, b in zip(predictions_class[:-1], predictions_mask[:-1])
+            ]
         return out
 
     def _memory(self, x: List[torch.Tensor]):
@@ -308,7 +372,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             src.append(s.permute(2, 0, 1))
         return src, pos, size_list
 
-    def _initial_queries(self, mask_features: torch.Tensor, extra_queries, use_learned_queries: bool):
+    def _initial_queries(
+        self, mask_features: torch.Tensor, extra_queries, use_learned_queries: bool
+    ):
         """The learned queries and/or ``extra_queries``, in that order: (features, positions),
         each (Q, B, hidden_dim)."""
         bs = mask_features.shape[0]
@@ -326,9 +392,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = torch.cat(poses, 0) if len(poses) > 1 else poses[0]
         return output, query_pos
 
-    def _prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor,
-                          attn_size: Optional[Tuple[int, int]], full: bool,
-                          cache: Dict[Tuple[int, int], torch.Tensor]):
+    def _prediction_heads(
+        self,
+        output: torch.Tensor,
+        mask_features: torch.Tensor,
+        attn_size: Optional[Tuple[int, int]],
+        full: bool,
+        cache: Dict[Tuple[int, int], torch.Tensor],
+    ):
         """output: (Q, B, C). Returns class logits (B, Q, K+1), full masks (B, Q, H/4, W/4) or None,
         the cross-attention mask (B, Q, h*w) bool (True = may attend) at ``attn_size`` or None,
         and the mask embeddings (B, Q, mask_dim)."""
@@ -340,12 +411,17 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if attn_size is not None:
             with torch.no_grad():
                 if outputs_mask is not None:
-                    small = F.interpolate(outputs_mask.detach(), size=attn_size, mode="bilinear",
-                                          align_corners=False)
+                    small = F.interpolate(
+                        outputs_mask.detach(), size=attn_size, mode="bilinear", align_corners=False
+                    )
                 else:
                     if attn_size not in cache:
-                        cache[attn_size] = F.interpolate(mask_features.detach(), size=attn_size, mode="bilinear",
-                                                         align_corners=False)
+                        cache[attn_size] = F.interpolate(
+                            mask_features.detach(),
+                            size=attn_size,
+                            mode="bilinear",
+                            align_corners=False,
+                        )
                     small = torch.einsum("bqc,bchw->bqhw", mask_embed.detach(), cache[attn_size])
                 # sigmoid(logit) >= 0.5  <=>  logit >= 0: attend inside the predicted mask
                 allowed = (small >= 0).flatten(2)

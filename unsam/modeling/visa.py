@@ -18,6 +18,7 @@ iteration (:meth:`VisaState.weights`). With ``UNSAM.VISA.ENABLED = False`` (or a
 ``END_ITER``) every weight is 0 and every part is a no-op (the guidance loss is ``None``) — the
 caller then runs exactly the plain path.
 """
+
 import logging
 import math
 from dataclasses import dataclass

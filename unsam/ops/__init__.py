@@ -16,6 +16,7 @@ Kernels (float32, no autograd: callers use them only when no gradient is needed)
   to (H, W), ``> 0``, written into ``out`` without a float full-resolution tensor; the masks'
   XYXY boxes (as ``masks_to_boxes``) come from the same pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,12 @@ _module: object = _UNSET
 
 def kernels_enabled() -> bool:
     """False when ``UNSAM_CPU_KERNELS`` is 0/false/no/off (forces the pure-PyTorch paths)."""
-    return os.environ.get("UNSAM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get("UNSAM_CPU_KERNELS", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def _cflags() -> list:
@@ -82,17 +88,23 @@ def _announce_compile() -> None:
     prints warnings even where logging is not configured."""
     folder = build_dir()
     if not is_cached(folder):
-        logger.warning("compiling UnSAM's CPU kernels once (~20-40 s; cached in %s)",
-                       folder if folder is not None else "TORCH_EXTENSIONS_DIR")
+        logger.warning(
+            "compiling UnSAM's CPU kernels once (~20-40 s; cached in %s)",
+            folder if folder is not None else "TORCH_EXTENSIONS_DIR",
+        )
 
 
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the extension; raises when it cannot be built."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" notice
+    logging.getLogger("torch.utils.cpp_extension").setLevel(
+        logging.ERROR
+    )  # its "no CUDA runtime" notice
     from torch.utils.cpp_extension import load
 
     _announce_compile()
-    return load(name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_cflags(), verbose=verbose)
+    return load(
+        name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_cflags(), verbose=verbose
+    )
 
 
 def cpu_kernels() -> Optional[ModuleType]:
@@ -104,7 +116,10 @@ def cpu_kernels() -> Optional[ModuleType]:
         try:
             _module = build()
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, bad toolchain: all mean "fallback"
-            logger.warning("CPU kernels unavailable (%s: %s); using the pure-PyTorch paths, which are slower",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning(
+                "CPU kernels unavailable (%s: %s); using the pure-PyTorch paths, which are slower",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             _module = None
     return _module  # type: ignore[return-value]

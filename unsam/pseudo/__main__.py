@@ -5,11 +5,12 @@ Bad input is refused with one line ``error: <what, naming the option / file>`` o
 status 2 (argparse's own errors included); SIGTERM / SIGINT stop the run with one ``stopped``
 line and status 128 + the signal number.
 """
+
 import argparse
 import logging
 import sys
 
-import unsam  # noqa: F401  (compat before detectron2)
+import unsam.compat  # noqa: F401  (compat before detectron2)
 
 from ..features import FeatureError
 from ..utils.cli import OneLineArgumentParser
@@ -39,20 +40,26 @@ def _shard(text: str):
 def build_parser() -> argparse.ArgumentParser:
     """The run options (input, output, sharding, workers), ``--recipe`` and one option per
     setting of every registered recipe (:func:`~unsam.pseudo.config.add_settings_arguments`)."""
-    ap = OneLineArgumentParser(prog="python -m unsam.pseudo", description="Unsupervised "
-                               "divide-and-conquer pseudo labels (SA-1B JSON per image).")
+    ap = OneLineArgumentParser(
+        prog="python -m unsam.pseudo",
+        description="Unsupervised divide-and-conquer pseudo labels (SA-1B JSON per image).",
+    )
     ap.add_argument("--input", required=True, help="image folder or glob pattern")
     ap.add_argument("--output", required=True, help="output folder (<stem>.json per image)")
     ap.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n")
-    ap.add_argument("--start-id", type=int, default=0,
-                    help="first index into the sorted image list")
+    ap.add_argument(
+        "--start-id", type=int, default=0, help="first index into the sorted image list"
+    )
     ap.add_argument("--end-id", type=int, default=None, help="one past the last index")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--visualize", action="store_true", help="write overlays to <output>/vis/")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("--recipe", default="classical", choices=list(RECIPES),
-                    help="; ".join(f"{r.name}: {r.help}" for r in RECIPES.values())
-                    + " (default: classical)")
+    ap.add_argument(
+        "--recipe",
+        default="classical",
+        choices=list(RECIPES),
+        help="; ".join(f"{r.name}: {r.help}" for r in RECIPES.values()) + " (default: classical)",
+    )
     add_settings_arguments(ap, settings_classes())
     return ap
 
@@ -72,9 +79,18 @@ def main(argv=None) -> int:
     except (FeatureError, DivideError, ValueError) as e:
         return _error(e)
     try:
-        s = run(args.input, args.output, settings, shard=args.shard, start_id=args.start_id,
-                end_id=args.end_id, workers=args.workers, visualize=args.visualize,
-                progress=not args.quiet, labeler=labeler)
+        s = run(
+            args.input,
+            args.output,
+            settings,
+            shard=args.shard,
+            start_id=args.start_id,
+            end_id=args.end_id,
+            workers=args.workers,
+            visualize=args.visualize,
+            progress=not args.quiet,
+            labeler=labeler,
+        )
     except (FileNotFoundError, ValueError, FeatureError, OutputWriteError) as e:
         return _error(e)
     except Stopped as stop:
@@ -82,8 +98,9 @@ def main(argv=None) -> int:
         return stop.exit_status
     print(s.line())
     if s.earlier_failures:
-        logger.info("%d failures of earlier runs still listed in %s", s.earlier_failures,
-                    s.failures_file)
+        logger.info(
+            "%d failures of earlier runs still listed in %s", s.earlier_failures, s.failures_file
+        )
     return s.exit_status
 
 

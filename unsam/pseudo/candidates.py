@@ -9,6 +9,7 @@ this engine: one row per mask). :func:`select_annotations` runs the stages in or
 
 — see :mod:`unsam.pseudo.classical` for what each one does and why.
 """
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,14 +42,23 @@ class Candidate:
     region: int = -1  # the divided region's candidate it must lie inside; -1: the whole image
 
 
-def add_segments(cands: List[Candidate], segments, box: Box, parent: int = -1, region: int = -1) -> None:
+def add_segments(
+    cands: List[Candidate], segments, box: Box, parent: int = -1, region: int = -1
+) -> None:
     """Append a hierarchy's :class:`~unsam.pseudo.conquer.Segment` list (parents first) to
     ``cands``: a segment's parent (an index into ``segments``) becomes a candidate index,
     top-level segments get ``parent``. Parents therefore always precede their children."""
     base = len(cands)
     for seg in segments:
-        cands.append(Candidate(seg.mask, box, seg.coherence,
-                               base + seg.parent if seg.parent >= 0 else parent, region))
+        cands.append(
+            Candidate(
+                seg.mask,
+                box,
+                seg.coherence,
+                base + seg.parent if seg.parent >= 0 else parent,
+                region,
+            )
+        )
 
 
 @dataclass
@@ -101,8 +111,9 @@ class Selection:
     rank: Optional[np.ndarray] = None  # (M,) float64
 
 
-def distinct_masks(cands: Sequence[Candidate], sizes: np.ndarray, max_area: float,
-                   min_inside: float) -> Tuple[MaskTable, Dict[int, int]]:
+def distinct_masks(
+    cands: Sequence[Candidate], sizes: np.ndarray, max_area: float, min_inside: float
+) -> Tuple[MaskTable, Dict[int, int]]:
     """Filter: one row per distinct superpixel set (repeats vote for it: ``support``); empty
     masks, masks over ``max_area`` pixels and conquered masks less than ``min_inside`` inside
     their divided region are dropped. Returns the table and the row of every kept candidate."""
@@ -124,7 +135,9 @@ def distinct_masks(cands: Sequence[Candidate], sizes: np.ndarray, max_area: floa
     return masks, row_of
 
 
-def selection_score(nodes: np.ndarray, coherence: np.ndarray, graph: SuperpixelGraph) -> Tuple[np.ndarray, np.ndarray]:
+def selection_score(
+    nodes: np.ndarray, coherence: np.ndarray, graph: SuperpixelGraph
+) -> Tuple[np.ndarray, np.ndarray]:
     """(boundary, selection score = boundary × (1 − coherence / 2) × fill × straddle) of (M, K)
     bool non-empty superpixel sets with their (M,) coherences; straddle =
     sqrt(max(STRADDLE_FLOOR, 1 − straddling)) when the graph has a coarse over-segmentation,
@@ -143,12 +156,16 @@ def score_masks(masks: MaskTable, graph: SuperpixelGraph, start: int = 0) -> Non
     ``masks.boundary`` / ``masks.score``."""
     boundary, score = selection_score(masks.matrix(start), np.array(masks.coherence[start:]), graph)
     if start:
-        boundary, score = np.concatenate([masks.boundary, boundary]), np.concatenate([masks.score, score])
+        boundary, score = (
+            np.concatenate([masks.boundary, boundary]),
+            np.concatenate([masks.score, score]),
+        )
     masks.boundary, masks.score = boundary, score
 
 
-def add_colour_snaps(masks: MaskTable, graph: SuperpixelGraph, colour: np.ndarray, top: int,
-                     max_area: float) -> None:
+def add_colour_snaps(
+    masks: MaskTable, graph: SuperpixelGraph, colour: np.ndarray, top: int, max_area: float
+) -> None:
     """Refine: the ``top`` best-scored masks get a colour-snapped variant (border superpixels
     re-assigned to the better-fitting of the inside / outside colour models, ``colour``: (K, D)
     sums) as an extra row next to the original; a variant equal to a row votes for it."""
@@ -198,8 +215,15 @@ def deduplicate(masks: MaskTable, sizes: np.ndarray, max_iou: float, max_masks: 
     return Selection(chosen[:n_chosen].tolist(), replaced_by, support)
 
 
-def polish(masks: MaskTable, sel: Selection, graph: SuperpixelGraph, colour: np.ndarray, unary_weight: float,
-           edge_scales: Sequence[float], max_area: float) -> None:
+def polish(
+    masks: MaskTable,
+    sel: Selection,
+    graph: SuperpixelGraph,
+    colour: np.ndarray,
+    unary_weight: float,
+    edge_scales: Sequence[float],
+    max_area: float,
+) -> None:
     """Polish: each chosen mask is replaced by the best-scored of itself and its
     :meth:`SuperpixelGraph.polish` variants (one per edge scale in ``edge_scales``; ``colour``:
     (K, D) colour sums), so kept masks end on image edges rather than where a hierarchy happened to
@@ -226,7 +250,9 @@ def polish(masks: MaskTable, sel: Selection, graph: SuperpixelGraph, colour: np.
         if key in masks.rows or area > max_area:
             continue
         old = sel.chosen[pos]
-        sel.chosen[pos] = sel.replaced_by[old] = masks.add(key, nodes, area, masks.coherence[old], masks.source[old])
+        sel.chosen[pos] = sel.replaced_by[old] = masks.add(
+            key, nodes, area, masks.coherence[old], masks.source[old]
+        )
         olds.append(old)
     if olds:  # the new rows are n_base … in the order of olds
         score_masks(masks, graph, n_base)
@@ -255,8 +281,14 @@ def rank(masks: MaskTable, sel: Selection, band_discount: float) -> None:
     sel.rank = score
 
 
-def resolve_parents(masks: MaskTable, sel: Selection, cands: Sequence[Candidate], row_of: Dict[int, int],
-                    sizes: np.ndarray, min_inside: float) -> Dict[int, int]:
+def resolve_parents(
+    masks: MaskTable,
+    sel: Selection,
+    cands: Sequence[Candidate],
+    row_of: Dict[int, int],
+    sizes: np.ndarray,
+    min_inside: float,
+) -> Dict[int, int]:
     """Parent row of every chosen row (-1: none): the nearest ancestor along its candidate's
     parent chain that survived (or the mask it was dropped for) and is a parent: chosen, larger
     and holding ≥ ``min_inside`` of the mask — a duplicate swap can break that, then the walk
@@ -272,8 +304,12 @@ def resolve_parents(masks: MaskTable, sel: Selection, cands: Sequence[Candidate]
             while other in sel.replaced_by:  # dropped as a duplicate, then maybe polished
                 other = sel.replaced_by[other]
             if other is not None:
-                if (other in chosen and other != row and areas[other] > areas[row]
-                        and sizes[nodes[row] & nodes[other]].sum() >= min_inside * areas[row]):
+                if (
+                    other in chosen
+                    and other != row
+                    and areas[other] > areas[row]
+                    and sizes[nodes[row] & nodes[other]].sum() >= min_inside * areas[row]
+                ):
                     return other
             ci = cands[ci].parent
         return -1
@@ -293,26 +329,39 @@ def depths(parents: Dict[int, int]) -> Dict[int, int]:
     return out
 
 
-def annotations(masks: MaskTable, sel: Selection, cands: Sequence[Candidate], parents: Dict[int, int],
-                graph: SuperpixelGraph) -> List[Dict]:
+def annotations(
+    masks: MaskTable,
+    sel: Selection,
+    cands: Sequence[Candidate],
+    parents: Dict[int, int],
+    graph: SuperpixelGraph,
+) -> List[Dict]:
     """SA-1B annotation dicts of the chosen rows, ids in ranking order."""
     new_id = {row: n for n, row in enumerate(sel.chosen)}
     level = depths(parents)
     out = []
     for row in sel.chosen:
         local, box = graph.nodes_to_mask(masks.nodes[row])
-        out.append(annotation_from_mask(
-            local, new_id[row], box, graph.shape,
-            predicted_iou=round(float(sel.rank[row]), 6),
-            stability_score=round(float(masks.boundary[row]), 6),
-            feature_coherence=round(float(masks.coherence[row]), 6),
-            crop_box=cands[masks.source[row]].box, level=level[row],
-            parent_id=new_id[parents[row]] if parents[row] >= 0 else -1))
+        out.append(
+            annotation_from_mask(
+                local,
+                new_id[row],
+                box,
+                graph.shape,
+                predicted_iou=round(float(sel.rank[row]), 6),
+                stability_score=round(float(masks.boundary[row]), 6),
+                feature_coherence=round(float(masks.coherence[row]), 6),
+                crop_box=cands[masks.source[row]].box,
+                level=level[row],
+                parent_id=new_id[parents[row]] if parents[row] >= 0 else -1,
+            )
+        )
     return out
 
 
-def select_annotations(cands: Sequence[Candidate], graph: SuperpixelGraph, colour: Optional[np.ndarray],
-                       cfg) -> List[Dict]:
+def select_annotations(
+    cands: Sequence[Candidate], graph: SuperpixelGraph, colour: Optional[np.ndarray], cfg
+) -> List[Dict]:
     """Candidates → SA-1B annotations: filter, score, refine (``colour``: (K, D) colour sums for
     the snapped variants; ``cfg.refine_top`` = 0: none), de-duplicate, polish (none without
     ``cfg.polish_edge_scales``), rank, hierarchy."""

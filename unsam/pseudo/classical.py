@@ -67,6 +67,7 @@ Hierarchy: ``parent_id`` is the id of the smallest kept mask that contains the m
 along the merge tree / divided region it came from, -1 for none, and ``level`` its depth
 (0 = top).
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -75,8 +76,16 @@ import numpy as np
 
 from ..features import ClassicalFeatures, DenseFeatures, build_features
 from .candidates import Box, Candidate, add_segments, select_annotations
-from .config import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, SHARE, DivideConquerSettings,
-                     Range, setting)
+from .config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    SHARE,
+    DivideConquerSettings,
+    Range,
+    setting,
+)
 from .conquer import RegionGraph, merge_boundary, merge_graph, merge_selective
 from .divide import maskcut
 from .refine import SuperpixelGraph
@@ -99,54 +108,85 @@ class ClassicalSettings(DivideConquerSettings):
     """The settings of recipe ``classical`` (``python -m unsam.pseudo`` options, the settings
     record of its output folders): the features, divide and conquer of
     :class:`~unsam.pseudo.config.DivideConquerSettings` and these."""
+
     crop_resolution: int = setting(320, "long side of a divided region's crop", valid=AT_LEAST_1)
     # = the trainer's per-image instance cap; pass 1000 to measure AR@1000
     max_masks: int = setting(500, "masks kept per image, best first", valid=AT_LEAST_1)
-    max_area_frac: float = setting(0.9, "drop masks covering more than this share of the image",
-                                   valid=Range(0, 1, lo_open=True))
-    min_refine_iou: float = setting(0.5, "drop a divided mask whose superpixel-snapped / raw IoU "
-                                    "is below this", valid=SHARE)
-    dedup_iou: float = setting(0.8, "drop a mask whose IoU with a better-scored one exceeds this",
-                               valid=SHARE)
-    band_discount: float = setting(0.25, "γ of the size-band rank discount of the score (0: none)",
-                                   valid=NON_NEGATIVE)
+    max_area_frac: float = setting(
+        0.9,
+        "drop masks covering more than this share of the image",
+        valid=Range(0, 1, lo_open=True),
+    )
+    min_refine_iou: float = setting(
+        0.5, "drop a divided mask whose superpixel-snapped / raw IoU is below this", valid=SHARE
+    )
+    dedup_iou: float = setting(
+        0.8, "drop a mask whose IoU with a better-scored one exceeds this", valid=SHARE
+    )
+    band_discount: float = setting(
+        0.25, "γ of the size-band rank discount of the score (0: none)", valid=NON_NEGATIVE
+    )
     straddle_superpixels: int = setting(
-        700, "superpixels of the coarse over-segmentation whose straddling by a mask's border "
-        "demotes the mask in the selection score (0: no straddling term)", valid=NON_NEGATIVE)
+        700,
+        "superpixels of the coarse over-segmentation whose straddling by a mask's border "
+        "demotes the mask in the selection score (0: no straddling term)",
+        valid=NON_NEGATIVE,
+    )
     # more feature settings give more diverse candidates (selective search's
     # "diversification") at a linear cost
     variants: Tuple[Tuple[float, float], ...] = setting(
         ((0.55, 0.25), (0.4, 0.5), (0.8, 0.1)),
         "classical features: one whole-image hierarchy per BANDWIDTH,POSITION_WEIGHT pair",
-        valid=(Range(0, lo_open=True, name="BANDWIDTH"), Range(0, name="POSITION_WEIGHT")))
+        valid=(Range(0, lo_open=True, name="BANDWIDTH"), Range(0, name="POSITION_WEIGHT")),
+    )
     colour_bandwidths: Tuple[float, ...] = setting(
-        (0.5,), "RBF bandwidths of the full-resolution colour hierarchies on the superpixels "
-        "(small objects), one hierarchy each; none: pass the flag alone", valid=POSITIVE)
-    colour_min_pixels: int = setting(100, "smallest group of the colour and selective "
-                                     "hierarchies, in pixels", valid=NON_NEGATIVE)
-    pair_unions: bool = setting(True, "add the union of every two adjacent groups of each merge "
-                                "snapshot as a candidate")
+        (0.5,),
+        "RBF bandwidths of the full-resolution colour hierarchies on the superpixels "
+        "(small objects), one hierarchy each; none: pass the flag alone",
+        valid=POSITIVE,
+    )
+    colour_min_pixels: int = setting(
+        100, "smallest group of the colour and selective hierarchies, in pixels", valid=NON_NEGATIVE
+    )
+    pair_unions: bool = setting(
+        True, "add the union of every two adjacent groups of each merge snapshot as a candidate"
+    )
     all_merges: bool = setting(True, "every merge is a candidate, not only threshold snapshots")
-    refine_top: int = setting(1500, "add a colour-snapped variant of this many best masks "
-                              "(0: off)", valid=NON_NEGATIVE)
+    refine_top: int = setting(
+        1500, "add a colour-snapped variant of this many best masks (0: off)", valid=NON_NEGATIVE
+    )
     polish_edge_scales: Tuple[float, ...] = setting(
-        (0.5, 1.0, 3.0), "polish the kept masks: per mask, the best-scored of itself and one pass "
+        (0.5, 1.0, 3.0),
+        "polish the kept masks: per mask, the best-scored of itself and one pass "
         "of colour + edge ICM per edge scale (pair weight exp(-edge / scale)); none: pass the "
-        "flag alone", valid=POSITIVE)
-    polish_rounds: int = setting(2, "polish passes (each from the previous pass's masks)",
-                                 valid=NON_NEGATIVE)
-    polish_weight: float = setting(0.1, "weight of the colour term of the polish (per pixel) "
-                                   "against the edge term (per border pixel)", valid=NON_NEGATIVE)
+        "flag alone",
+        valid=POSITIVE,
+    )
+    polish_rounds: int = setting(
+        2, "polish passes (each from the previous pass's masks)", valid=NON_NEGATIVE
+    )
+    polish_weight: float = setting(
+        0.1,
+        "weight of the colour term of the polish (per pixel) "
+        "against the edge term (per border pixel)",
+        valid=NON_NEGATIVE,
+    )
     selective: Tuple[str, ...] = setting(
-        ("features",), "selective-search-style complete hierarchies (similarity + size + fill) "
-        "to add (none: pass the flag alone)", choices=("features", "colour"))
+        ("features",),
+        "selective-search-style complete hierarchies (similarity + size + fill) "
+        "to add (none: pass the flag alone)",
+        choices=("features", "colour"),
+    )
     boundary: Tuple[Tuple[float, float], ...] = setting(
-        ((1.0, 0.5), (1.0, 1.0), (3.0, 0.5)), "contour (UCM-style) hierarchies on the superpixel "
+        ((1.0, 0.5), (1.0, 1.0), (3.0, 0.5)),
+        "contour (UCM-style) hierarchies on the superpixel "
         "graph, weakest shared border first: one per SIGMA,SIZE_POWER pair (Gaussian σ of the "
         "edge map, exponent of the size term; none: pass the flag alone)",
-        valid=(Range(0, lo_open=True, name="SIGMA"), Range(0, name="SIZE_POWER")))
-    seed: int = setting(0, "seed of the random Fourier features of the colour embedding",
-                        valid=SEED)
+        valid=(Range(0, lo_open=True, name="SIGMA"), Range(0, name="SIZE_POWER")),
+    )
+    seed: int = setting(
+        0, "seed of the random Fourier features of the colour embedding", valid=SEED
+    )
 
 
 @dataclass
@@ -164,8 +204,9 @@ class ClassicalLabeler:
 
     def __init__(self, cfg: ClassicalSettings, features: Optional[DenseFeatures] = None):
         self.cfg = cfg
-        self.features = features or build_features(cfg.features, cfg.resolution, cfg.device,
-                                                    cfg.dino_weights, cfg.dino_arch)
+        self.features = features or build_features(
+            cfg.features, cfg.resolution, cfg.device, cfg.dino_weights, cfg.dino_arch
+        )
 
     def __call__(self, image: np.ndarray) -> List[Dict]:
         """``image``: H×W×3 uint8 RGB → list of SA-1B annotation dicts (ids 0..K-1).
@@ -182,23 +223,35 @@ class ClassicalLabeler:
         self._conquer_whole_image(variants, graph, cands)
         for region in self._divide(variants[0], graph):
             self._conquer_region(image, region, graph, cands)
-        colour = self._colour_model(graph) if self.cfg.refine_top > 0 or self.cfg.polish_edge_scales else None
+        colour = (
+            self._colour_model(graph)
+            if self.cfg.refine_top > 0 or self.cfg.polish_edge_scales
+            else None
+        )
         return select_annotations(cands, graph, colour, self.cfg)
 
     # -- 1. features ---------------------------------------------------------------------
-    def _feature_variants(self, image: np.ndarray, resolution: Optional[int] = None,
-                          first_only: bool = False) -> List[np.ndarray]:
+    def _feature_variants(
+        self, image: np.ndarray, resolution: Optional[int] = None, first_only: bool = False
+    ) -> List[np.ndarray]:
         """Patch features (h, w, C) under each diversity setting (one for non-classical
         backends, or with ``first_only``)."""
         if isinstance(self.features, ClassicalFeatures) and self.cfg.variants:
             variants = self.cfg.variants[:1] if first_only else self.cfg.variants
-            return [self.features(image, resolution, bandwidth=bw, position_weight=pw) for bw, pw in variants]
+            return [
+                self.features(image, resolution, bandwidth=bw, position_weight=pw)
+                for bw, pw in variants
+            ]
         return [self.features(image, resolution)]
 
     def _colour_model(self, graph: SuperpixelGraph) -> np.ndarray:
         """(K, 64) colour-distribution sums at the first colour bandwidth, for the colour
         selective hierarchy and the colour snap."""
-        bw = self.cfg.colour_bandwidths[0] if self.cfg.colour_bandwidths else DEFAULT_COLOUR_BANDWIDTH
+        bw = (
+            self.cfg.colour_bandwidths[0]
+            if self.cfg.colour_bandwidths
+            else DEFAULT_COLOUR_BANDWIDTH
+        )
         return graph.colour_sums(bw, seed=self.cfg.seed)[0]
 
     # -- 2. divide -----------------------------------------------------------------------
@@ -207,7 +260,9 @@ class ClassicalLabeler:
         whose snapped / raw IoU is below ``min_refine_iou`` is dropped."""
         H, W = graph.shape
         regions = []
-        for grid_mask in maskcut(feats, self.cfg.n_divide, self.cfg.tau, min_patches=self.cfg.min_patches):
+        for grid_mask in maskcut(
+            feats, self.cfg.n_divide, self.cfg.tau, min_patches=self.cfg.min_patches
+        ):
             soft, sbox = _grid_to_pixels(grid_mask, (0, 0, W, H))
             raw = soft > MAJORITY
             nodes = graph.soft_to_nodes(soft, sbox)
@@ -219,12 +274,15 @@ class ClassicalLabeler:
             mx = int(CROP_MARGIN * (x1 - x0)) + CROP_MARGIN_PX
             my = int(CROP_MARGIN * (y1 - y0)) + CROP_MARGIN_PX
             crop = (max(0, x0 - mx), max(0, y0 - my), min(W, x1 + mx), min(H, y1 + my))
-            regions.append(DividedRegion(nodes, float(np.linalg.norm(feats[grid_mask].mean(0))), crop))
+            regions.append(
+                DividedRegion(nodes, float(np.linalg.norm(feats[grid_mask].mean(0))), crop)
+            )
         return regions
 
     # -- 3. conquer ----------------------------------------------------------------------
-    def _conquer_whole_image(self, variants: List[np.ndarray], graph: SuperpixelGraph,
-                             cands: List[Candidate]) -> None:
+    def _conquer_whole_image(
+        self, variants: List[np.ndarray], graph: SuperpixelGraph, cands: List[Candidate]
+    ) -> None:
         """The root region's hierarchies: one per feature variant, one per colour bandwidth,
         one per selective-search kind, one contour hierarchy per ``boundary`` (edge-map σ, size power) pair."""
         cfg = self.cfg
@@ -237,9 +295,18 @@ class ClassicalLabeler:
         # cells (~100 px² each at the default resolution) are too coarse for small objects
         for i, bw in enumerate(cfg.colour_bandwidths):
             sums, weight = graph.colour_sums(bw, seed=cfg.seed + i)
-            add_segments(cands, merge_graph(RegionGraph(sums, weight, graph.pairs), everything,
-                                            cfg.thresholds, float(cfg.colour_min_pixels),
-                                            pair_unions=cfg.pair_unions, all_merges=cfg.all_merges), whole)
+            add_segments(
+                cands,
+                merge_graph(
+                    RegionGraph(sums, weight, graph.pairs),
+                    everything,
+                    cfg.thresholds,
+                    float(cfg.colour_min_pixels),
+                    pair_unions=cfg.pair_unions,
+                    all_merges=cfg.all_merges,
+                ),
+                whole,
+            )
         boxes = np.stack([graph.x0, graph.y0, graph.x1, graph.y1], 1)
         for kind in cfg.selective:
             if kind == "features":
@@ -248,25 +315,55 @@ class ClassicalLabeler:
                 sums = self._colour_model(graph)
             else:
                 raise ValueError(f"unknown selective hierarchy '{kind}' (features | colour)")
-            add_segments(cands, merge_selective(sums, graph.sizes, graph.pairs, boxes,
-                                                float(cfg.colour_min_pixels)), whole)
+            add_segments(
+                cands,
+                merge_selective(
+                    sums, graph.sizes, graph.pairs, boxes, float(cfg.colour_min_pixels)
+                ),
+                whole,
+            )
         for sigma, size_power in cfg.boundary:
-            add_segments(cands, merge_boundary(graph.pairs, graph.border_len, graph.border_edges(sigma),
-                                               graph.sizes, float(cfg.colour_min_pixels), size_power), whole)
+            add_segments(
+                cands,
+                merge_boundary(
+                    graph.pairs,
+                    graph.border_len,
+                    graph.border_edges(sigma),
+                    graph.sizes,
+                    float(cfg.colour_min_pixels),
+                    size_power,
+                ),
+                whole,
+            )
 
-    def _conquer_region(self, image: np.ndarray, region: DividedRegion, graph: SuperpixelGraph,
-                        cands: List[Candidate]) -> None:
+    def _conquer_region(
+        self,
+        image: np.ndarray,
+        region: DividedRegion,
+        graph: SuperpixelGraph,
+        cands: List[Candidate],
+    ) -> None:
         """A divided region is a candidate itself, then is conquered on a zoomed-in crop with
         one feature setting (the variants' diversity is spent on the whole image)."""
         H, W = graph.shape
         index = len(cands)
         cands.append(Candidate(region.nodes, (0, 0, W, H), region.coherence))
         x0, y0, x1, y1 = region.crop
-        feats = self._feature_variants(image[y0:y1, x0:x1], self.cfg.crop_resolution, first_only=True)[0]
+        feats = self._feature_variants(
+            image[y0:y1, x0:x1], self.cfg.crop_resolution, first_only=True
+        )[0]
         self._conquer(feats, region.crop, region.nodes, graph, cands, parent=index, region=index)
 
-    def _conquer(self, feats: np.ndarray, box: Box, active: np.ndarray, graph: SuperpixelGraph,
-                 cands: List[Candidate], parent: int = -1, region: int = -1) -> None:
+    def _conquer(
+        self,
+        feats: np.ndarray,
+        box: Box,
+        active: np.ndarray,
+        graph: SuperpixelGraph,
+        cands: List[Candidate],
+        parent: int = -1,
+        region: int = -1,
+    ) -> None:
         """Conquer one region on the superpixel graph and append its candidates to ``cands``.
 
         ``feats``: (h, w, C) grid covering the pixel ``box``; ``active``: (K,) bool superpixels
@@ -278,9 +375,14 @@ class ClassicalLabeler:
         active = active & (weight > MAJORITY * graph.sizes)
         if not active.any():
             return
-        segments = merge_graph(RegionGraph(sums, weight, graph.pairs), active, self.cfg.thresholds,
-                               self.cfg.min_patches * cell_area, pair_unions=self.cfg.pair_unions,
-                               all_merges=self.cfg.all_merges)
+        segments = merge_graph(
+            RegionGraph(sums, weight, graph.pairs),
+            active,
+            self.cfg.thresholds,
+            self.cfg.min_patches * cell_area,
+            pair_unions=self.cfg.pair_unions,
+            all_merges=self.cfg.all_merges,
+        )
         add_segments(cands, segments, box, parent, region)
 
 
@@ -313,7 +415,9 @@ def _box_iou(m1: np.ndarray, b1: Box, m2: np.ndarray, b2: Box) -> float:
     x1, y1 = min(b1[2], b2[2]), min(b1[3], b2[3])
     inter = 0
     if x1 > x0 and y1 > y0:
-        inter = (m1[y0 - b1[1]:y1 - b1[1], x0 - b1[0]:x1 - b1[0]]
-                 & m2[y0 - b2[1]:y1 - b2[1], x0 - b2[0]:x1 - b2[0]]).sum()
+        inter = (
+            m1[y0 - b1[1] : y1 - b1[1], x0 - b1[0] : x1 - b1[0]]
+            & m2[y0 - b2[1] : y1 - b2[1], x0 - b2[0] : x1 - b2[0]]
+        ).sum()
     union = m1.sum() + m2.sum() - inter
     return float(inter / union) if union > 0 else 0.0

@@ -21,13 +21,14 @@ read, not discovered per image as a stream of "failed" lines.
 :func:`unsam.pseudo.runner.check_settings`) and :func:`settings_differences` compares a record
 with a run's settings.
 """
+
 import argparse
 import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, get_type_hints
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, get_type_hints
 
 from .conquer import DEFAULT_THRESHOLDS
 
@@ -42,6 +43,7 @@ class SettingError(ValueError):
 class Range:
     """Allowed values of one number: ``lo <= x`` (``lo < x`` if ``lo_open``) and ``x <= hi``;
     never NaN or infinite. ``name``: what the number is, for one of a pair."""
+
     lo: Optional[float] = None
     hi: Optional[float] = None
     lo_open: bool = False
@@ -64,17 +66,26 @@ NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, lo_open=True)
 SHARE = Range(0, 1)  # a fraction or an IoU
 COSINE = Range(-1, 1)
-SEED = Range(0, 2 ** 32 - 1)
+SEED = Range(0, 2**32 - 1)
 
 
-def setting(default, help: str, group: Optional[str] = None, flag: Optional[str] = None,
-            choices: Optional[Tuple] = None, nargs: str = "*", valid=None):
+def setting(
+    default,
+    help: str,
+    group: Optional[str] = None,
+    flag: Optional[str] = None,
+    choices: Optional[Tuple] = None,
+    nargs: str = "*",
+    valid=None,
+):
     """A settings field with its CLI help, argument group (default: the recipes that have it),
     option name (default: from the field name), allowed values (``choices``, or ``valid``: a
     :class:`Range` for a number or for each number of a tuple, a tuple of ranges for each pair
     of a tuple of pairs) and, for a tuple, how many values it takes."""
-    return field(default=default, metadata=dict(help=help, group=group, flag=flag, choices=choices,
-                                                 nargs=nargs, valid=valid))
+    return field(
+        default=default,
+        metadata=dict(help=help, group=group, flag=flag, choices=choices, nargs=nargs, valid=valid),
+    )
 
 
 @dataclass
@@ -91,34 +102,57 @@ class Settings:
 @dataclass
 class FeatureSettings(Settings):
     """The dense-feature backend (:func:`unsam.features.build_features`)."""
+
     features: str = setting(
-        "classical", "feature backend (recipe unsam: dino when --dino-weights is given)",
-        FEATURES, choices=("classical", "dino"))
-    dino_weights: Optional[str] = setting(None, "DINO checkpoint path or URL (dino backend)",
-                                          FEATURES)
-    dino_arch: str = setting("vit_base_patch8_224", "vit_base_patch8_224 | vit_small_patch8_224 | "
-                             "vit_base_patch16_224", FEATURES)
-    device: str = setting("cpu", "torch device of the dino backend and the divide detector",
-                          FEATURES)
-    resolution: int = setting(480, "long side (pixels) of the whole-image feature grid's input",
-                              FEATURES, valid=AT_LEAST_1)
+        "classical",
+        "feature backend (recipe unsam: dino when --dino-weights is given)",
+        FEATURES,
+        choices=("classical", "dino"),
+    )
+    dino_weights: Optional[str] = setting(
+        None, "DINO checkpoint path or URL (dino backend)", FEATURES
+    )
+    dino_arch: str = setting(
+        "vit_base_patch8_224",
+        "vit_base_patch8_224 | vit_small_patch8_224 | vit_base_patch16_224",
+        FEATURES,
+    )
+    device: str = setting(
+        "cpu", "torch device of the dino backend and the divide detector", FEATURES
+    )
+    resolution: int = setting(
+        480,
+        "long side (pixels) of the whole-image feature grid's input",
+        FEATURES,
+        valid=AT_LEAST_1,
+    )
 
 
 @dataclass
 class DivideConquerSettings(FeatureSettings):
     """What the two divide-and-conquer recipes of this package share: the MaskCut divide, the
     merge thresholds of the conquer, the superpixels."""
+
     n_divide: int = setting(3, "MaskCut masks per image", valid=AT_LEAST_1)
     tau: float = setting(0.15, "MaskCut affinity threshold", valid=COSINE)
-    thresholds: Tuple[float, ...] = setting(DEFAULT_THRESHOLDS, "merge thresholds, visited fine "
-                                            "to coarse", nargs="+", valid=COSINE)
-    min_patches: int = setting(4, "smallest reported group, in feature-grid cells",
-                               valid=AT_LEAST_1)
-    min_inside_parent: float = setting(0.9, "a conquered mask must lie this much inside its "
-                                       "divided region; a parent must hold this much of its child",
-                                       valid=SHARE)
-    n_superpixels: int = setting(1800, "superpixels per image (the nodes that are merged)",
-                                 flag="--superpixels", valid=AT_LEAST_1)
+    thresholds: Tuple[float, ...] = setting(
+        DEFAULT_THRESHOLDS, "merge thresholds, visited fine to coarse", nargs="+", valid=COSINE
+    )
+    min_patches: int = setting(
+        4, "smallest reported group, in feature-grid cells", valid=AT_LEAST_1
+    )
+    min_inside_parent: float = setting(
+        0.9,
+        "a conquered mask must lie this much inside its "
+        "divided region; a parent must hold this much of its child",
+        valid=SHARE,
+    )
+    n_superpixels: int = setting(
+        1800,
+        "superpixels per image (the nodes that are merged)",
+        flag="--superpixels",
+        valid=AT_LEAST_1,
+    )
 
 
 def option_name(f: dataclasses.Field) -> str:
@@ -172,8 +206,10 @@ def _argument_kwargs(hint, nargs: str) -> Dict[str, Any]:
 
 def _show(default) -> str:
     if isinstance(default, tuple):
-        return " ".join(",".join(map(str, x)) if isinstance(x, tuple) else str(x)
-                        for x in default) or "none"
+        return (
+            " ".join(",".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in default)
+            or "none"
+        )
     return str(default)
 
 
@@ -192,10 +228,16 @@ def _options(recipes: Mapping[str, Type[Settings]]):
             seen = out.get(flags.get(flag, f.name))
             if seen is not None:
                 same = (seen[0].name, seen[1], seen[0].default, dict(seen[0].metadata)) == (
-                    f.name, hints[f.name], f.default, dict(f.metadata))
+                    f.name,
+                    hints[f.name],
+                    f.default,
+                    dict(f.metadata),
+                )
                 if not same:
-                    raise ValueError(f"setting {flag} of recipe {name} differs from the one of "
-                                     f"recipe {seen[2][0]}: share the field or rename the option")
+                    raise ValueError(
+                        f"setting {flag} of recipe {name} differs from the one of "
+                        f"recipe {seen[2][0]}: share the field or rename the option"
+                    )
                 seen[2].append(name)
                 continue
             out[f.name] = (f, hints[f.name], [name])
@@ -203,8 +245,9 @@ def _options(recipes: Mapping[str, Type[Settings]]):
     return out
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser,
-                           recipes: Mapping[str, Type[Settings]]) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, recipes: Mapping[str, Type[Settings]]
+) -> None:
     """One option per setting of the ``recipes`` (recipe name → settings class), in argument
     groups: the field's ``group``, else the recipes that have the setting. Options not given
     are absent from the parsed namespace (see :func:`given_settings`)."""
@@ -219,12 +262,18 @@ def add_settings_arguments(parser: argparse.ArgumentParser,
             kwargs["choices"] = meta["choices"]
         elif meta["flag"] and "action" not in kwargs:
             kwargs["metavar"] = meta["flag"].lstrip("-").replace("-", "_").upper()
-        groups[title].add_argument(option_name(f), dest=f.name, default=argparse.SUPPRESS,
-                                   help=f"{meta['help']} (default: {_show(f.default)})", **kwargs)
+        groups[title].add_argument(
+            option_name(f),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{meta['help']} (default: {_show(f.default)})",
+            **kwargs,
+        )
 
 
-def given_settings(args: argparse.Namespace,
-                   recipes: Mapping[str, Type[Settings]]) -> Dict[str, Any]:
+def given_settings(
+    args: argparse.Namespace, recipes: Mapping[str, Type[Settings]]
+) -> Dict[str, Any]:
     """The settings of the ``recipes`` given on the command line, lists made tuples."""
     out = {}
     for name in _options(recipes):
@@ -234,16 +283,19 @@ def given_settings(args: argparse.Namespace,
     return out
 
 
-def foreign_settings(given: Mapping[str, Any], recipe: str,
-                     recipes: Mapping[str, Type[Settings]]) -> Optional[str]:
+def foreign_settings(
+    given: Mapping[str, Any], recipe: str, recipes: Mapping[str, Type[Settings]]
+) -> Optional[str]:
     """Why ``given`` (:func:`given_settings`) does not fit recipe ``recipe``: the first option
     it has that is a setting of other recipes only; None when all fit."""
     options = _options(recipes)
     for name in given:
         f, _, owners = options[name]
         if recipe not in owners:
-            return (f"{option_name(f)} is a setting of recipe {', '.join(owners)}, not of "
-                    f"--recipe {recipe}")
+            return (
+                f"{option_name(f)} is a setting of recipe {', '.join(owners)}, not of "
+                f"--recipe {recipe}"
+            )
     return None
 
 
@@ -263,16 +315,40 @@ DEFAULT_RECIPE = "classical"  # of a record from before the recipe was recorded
 # decide the labels); frozen here, not taken from the other recipe's defaults, so that a
 # changed default there does not change this recipe's records.
 FLAT_RECORD: Dict[str, Any] = {
-    "all_merges": True, "band_discount": 0.25, "boundary": [[1.0, 0.5], [1.0, 1.0], [3.0, 0.5]],
-    "colour_bandwidths": [0.5], "colour_min_pixels": 100, "conquer_size": 256,
-    "crop_resolution": 320, "dedup_iou": 0.8, "dino_arch": "vit_base_patch8_224",
-    "dino_weights": None, "divide": "detector", "divide_config": None, "divide_score": 0.1,
-    "divide_weights": None, "features": "classical", "max_area_frac": 0.9, "max_masks": 500,
-    "min_inside_parent": 0.9, "min_patches": 4, "min_refine_iou": 0.5, "n_divide": 3,
-    "n_superpixels": 1800, "pair_unions": True, "polish_edge_scales": [0.5, 1.0, 3.0],
-    "polish_rounds": 2, "polish_weight": 0.1, "refine": False, "refine_top": 1500,
-    "resolution": 480, "seed": 0, "selective": ["features"], "straddle_superpixels": 700,
-    "tau": 0.15, "thresholds": [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    "all_merges": True,
+    "band_discount": 0.25,
+    "boundary": [[1.0, 0.5], [1.0, 1.0], [3.0, 0.5]],
+    "colour_bandwidths": [0.5],
+    "colour_min_pixels": 100,
+    "conquer_size": 256,
+    "crop_resolution": 320,
+    "dedup_iou": 0.8,
+    "dino_arch": "vit_base_patch8_224",
+    "dino_weights": None,
+    "divide": "detector",
+    "divide_config": None,
+    "divide_score": 0.1,
+    "divide_weights": None,
+    "features": "classical",
+    "max_area_frac": 0.9,
+    "max_masks": 500,
+    "min_inside_parent": 0.9,
+    "min_patches": 4,
+    "min_refine_iou": 0.5,
+    "n_divide": 3,
+    "n_superpixels": 1800,
+    "pair_unions": True,
+    "polish_edge_scales": [0.5, 1.0, 3.0],
+    "polish_rounds": 2,
+    "polish_weight": 0.1,
+    "refine": False,
+    "refine_top": 1500,
+    "resolution": 480,
+    "seed": 0,
+    "selective": ["features"],
+    "straddle_superpixels": 700,
+    "tau": 0.15,
+    "thresholds": [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
     "variants": [[0.55, 0.25], [0.4, 0.5], [0.8, 0.1]],
 }
 
@@ -302,8 +378,9 @@ def label_settings(recipe: str, settings: Settings, flat_record: bool = False) -
     return json.loads(json.dumps(out))
 
 
-def settings_differences(recorded: Dict[str, Any], current: Dict[str, Any],
-                         settings: Type[Settings]) -> List[str]:
+def settings_differences(
+    recorded: Dict[str, Any], current: Dict[str, Any], settings: Type[Settings]
+) -> List[str]:
     """``--option OLD -> NEW`` for ``--recipe`` and every setting of the class ``settings``
     that differs between the record ``recorded`` and the :func:`label_settings` ``current``.
     A setting the record lacks (an older engine, before the setting existed) counts as its

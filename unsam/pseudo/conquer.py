@@ -22,6 +22,7 @@ in their pair costs and stopping rules.
 summed on merge, one array of kept groups per threshold; its :class:`_GridMerge` keeps the
 published tie order and so stays apart from the tree.
 """
+
 import heapq
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -62,13 +63,22 @@ class RegionGraph:
 def grid_pairs(h: int, w: int) -> np.ndarray:
     """4-adjacency of an (h, w) grid as (E, 2) flat indices."""
     idx = np.arange(h * w).reshape(h, w)
-    return np.concatenate([np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
-                           np.stack([idx[:-1, :].ravel(), idx[1:, :].ravel()], 1)], 0)
+    return np.concatenate(
+        [
+            np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1),
+            np.stack([idx[:-1, :].ravel(), idx[1:, :].ravel()], 1),
+        ],
+        0,
+    )
 
 
-def merge_hierarchy(feats: np.ndarray, region: np.ndarray = None,
-                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                    min_patches: int = 4, pair_unions: bool = False) -> List[Segment]:
+def merge_hierarchy(
+    feats: np.ndarray,
+    region: np.ndarray = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    min_patches: int = 4,
+    pair_unions: bool = False,
+) -> List[Segment]:
     """Patch-grid conquer. ``feats``: (h, w, C) L2-normalised; ``region``: (h, w) bool.
 
     Returns segments with (h, w) masks, ordered coarse to fine (see :func:`merge_graph`).
@@ -77,8 +87,9 @@ def merge_hierarchy(feats: np.ndarray, region: np.ndarray = None,
     if region is None:
         region = np.ones((h, w), bool)
     graph = RegionGraph(feats.reshape(-1, c), np.ones(h * w), grid_pairs(h, w))
-    segs = merge_graph(graph, region.ravel(), thresholds, float(min_patches),
-                       pair_unions=pair_unions)
+    segs = merge_graph(
+        graph, region.ravel(), thresholds, float(min_patches), pair_unions=pair_unions
+    )
     for s in segs:
         s.mask = s.mask.reshape(h, w)
     return segs
@@ -108,9 +119,15 @@ class MergeTree:
     Only ``active`` nodes (default: all) take part.
     """
 
-    def __init__(self, n: int, pair_costs: Callable[[int, List[int]], Iterable[float]],
-                 absorb: Callable[[int, int, int], None], *, active: Optional[np.ndarray] = None,
-                 keep_larger: bool = False):
+    def __init__(
+        self,
+        n: int,
+        pair_costs: Callable[[int, List[int]], Iterable[float]],
+        absorb: Callable[[int, int, int], None],
+        *,
+        active: Optional[np.ndarray] = None,
+        keep_larger: bool = False,
+    ):
         self.n, self.pair_costs, self.absorb, self.keep_larger = n, pair_costs, absorb, keep_larger
         nodes = range(n) if active is None else np.flatnonzero(active).tolist()
         self.members: Dict[int, List[int]] = {i: [i] for i in nodes}  # ascending, kept in place
@@ -257,16 +274,19 @@ class GreedyMerger:
         self.log: List[Merge] = []
         self._threshold = 0.0  # of the merges under way, for the log
         pairs = np.asarray(graph.pairs, np.int64).reshape(-1, 2)
-        pairs = pairs[self.inside[pairs[:, 0]] & self.inside[pairs[:, 1]]
-                      & (pairs[:, 0] != pairs[:, 1])]
+        pairs = pairs[
+            self.inside[pairs[:, 0]] & self.inside[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])
+        ]
         pairs = np.unique(np.sort(pairs, 1), axis=0) if len(pairs) else pairs
         # the initial similarities add _EPS to each norm, the later ones to their product: the
         # two formulas give different last bits, and the labels depend on them
         norms = np.linalg.norm(self.sums, axis=1) + _EPS
-        sims = (np.einsum("ij,ij->i", self.sums[pairs[:, 0]], self.sums[pairs[:, 1]])
-                / (norms[pairs[:, 0]] * norms[pairs[:, 1]]))
-        self.tree = MergeTree(n, self._pair_costs, self._absorb, active=self.inside,
-                              keep_larger=True)
+        sims = np.einsum("ij,ij->i", self.sums[pairs[:, 0]], self.sums[pairs[:, 1]]) / (
+            norms[pairs[:, 0]] * norms[pairs[:, 1]]
+        )
+        self.tree = MergeTree(
+            n, self._pair_costs, self._absorb, active=self.inside, keep_larger=True
+        )
         self.tree.link(pairs.tolist())
         self.tree.start([(-float(s), int(a), int(b)) for s, (a, b) in zip(sims, pairs)])
         self.gnorm = np.linalg.norm(self.sums, axis=1)  # |sum| per group, kept up to date
@@ -283,9 +303,14 @@ class GreedyMerger:
         self.gnorm[g] = np.sqrt(sums[g] @ sums[g])
         weight[g] += weight[b]
         state_a, state_b, merged = self.tree.merges[-1]
-        self.log.append(Merge(self._threshold, state_a, state_b,
-                              GroupState(merged, float(weight[g]),
-                                         float(np.linalg.norm(sums[g]) / weight[g]))))
+        self.log.append(
+            Merge(
+                self._threshold,
+                state_a,
+                state_b,
+                GroupState(merged, float(weight[g]), float(np.linalg.norm(sums[g]) / weight[g])),
+            )
+        )
 
     def _pair_costs(self, g: int, others: List[int]) -> List[float]:
         sims = self.sums[others] @ self.sums[g] / (self.gnorm[others] * self.gnorm[g] + _EPS)
@@ -297,9 +322,14 @@ class GreedyMerger:
         owner = np.arange(len(self.inside))
         for g, nodes in tree.members.items():
             owner[nodes] = g
-        groups = {g: GroupState(tree.state[g], float(weight[g]),
-                                float(np.linalg.norm(sums[g]) / max(weight[g], _EPS)))
-                  for g in tree.members}
+        groups = {
+            g: GroupState(
+                tree.state[g],
+                float(weight[g]),
+                float(np.linalg.norm(sums[g]) / max(weight[g], _EPS)),
+            )
+            for g in tree.members
+        }
         return Snapshot(threshold, owner, groups)
 
     def pair_unions(self, snapshot: int, min_weight: float) -> List[PairUnion]:
@@ -315,8 +345,9 @@ class GreedyMerger:
         return out
 
 
-def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray,
-                    min_weight: float) -> List[_Group]:
+def snapshot_groups(
+    snapshots: Sequence[Snapshot], inside: np.ndarray, min_weight: float
+) -> List[_Group]:
     """The distinct groups of weight ≥ ``min_weight`` over all snapshots (fine to coarse), each
     with the group containing it at the first later snapshot where that group is another one."""
     groups: Dict[int, _Group] = {}
@@ -328,7 +359,7 @@ def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray,
                 first_seen[st.state] = si
     for key, grp in groups.items():
         node = np.flatnonzero(grp.mask)[0]
-        for snap in snapshots[first_seen[key] + 1:]:
+        for snap in snapshots[first_seen[key] + 1 :]:
             container = snap.groups[snap.owner[node]].state
             if container != key and container in groups:
                 grp.parent = container
@@ -336,8 +367,9 @@ def snapshot_groups(snapshots: Sequence[Snapshot], inside: np.ndarray,
     return list(groups.values())
 
 
-def add_merge_groups(groups: List[_Group], log: Sequence[Merge], inside: np.ndarray,
-                     min_weight: float) -> List[_Group]:
+def add_merge_groups(
+    groups: List[_Group], log: Sequence[Merge], inside: np.ndarray, min_weight: float
+) -> List[_Group]:
     """``groups`` plus every group a merge formed with weight ≥ ``min_weight`` (selective
     search's "every merge is a proposal"); every group's parent becomes the reported group it
     merges into next."""
@@ -362,8 +394,9 @@ def add_merge_groups(groups: List[_Group], log: Sequence[Merge], inside: np.ndar
     return out
 
 
-def union_groups(unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], inside: np.ndarray,
-                 known: set) -> List[_Group]:
+def union_groups(
+    unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], inside: np.ndarray, known: set
+) -> List[_Group]:
     """One group per distinct pair union; its parent is the first group of a later snapshot
     holding both halves (when that group is in ``known``, the keys reported so far)."""
     out, seen = [], set()
@@ -377,7 +410,7 @@ def union_groups(unions: Sequence[PairUnion], snapshots: Sequence[Snapshot], ins
         mask = ((snap.owner == u.a) | (snap.owner == u.b)) & inside
         group = _Group(("union",) + halves, mask, u.coherence)
         fa, fb = np.flatnonzero(snap.owner == u.a)[0], np.flatnonzero(snap.owner == u.b)[0]
-        for later in snapshots[u.snapshot + 1:]:
+        for later in snapshots[u.snapshot + 1 :]:
             if later.owner[fa] == later.owner[fb]:
                 container = later.groups[later.owner[fa]].state
                 if container in known:
@@ -393,14 +426,25 @@ def as_segments(groups: Sequence[_Group], node_weight: np.ndarray) -> List[Segme
     sizes = [float(weight[g.mask].sum()) for g in groups]
     order = sorted(range(len(groups)), key=lambda i: (-sizes[i], i))
     index = {groups[i].key: j for j, i in enumerate(order)}
-    return [Segment(mask=groups[i].mask,
-                    parent=index[groups[i].parent] if groups[i].parent is not None else -1,
-                    coherence=groups[i].coherence) for i in order]
+    return [
+        Segment(
+            mask=groups[i].mask,
+            parent=index[groups[i].parent] if groups[i].parent is not None else -1,
+            coherence=groups[i].coherence,
+        )
+        for i in order
+    ]
 
 
-def merge_graph(graph: RegionGraph, active: Optional[np.ndarray] = None,
-                thresholds: Sequence[float] = DEFAULT_THRESHOLDS, min_weight: float = 4.0, *,
-                pair_unions: bool = False, all_merges: bool = False) -> List[Segment]:
+def merge_graph(
+    graph: RegionGraph,
+    active: Optional[np.ndarray] = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    min_weight: float = 4.0,
+    *,
+    pair_unions: bool = False,
+    all_merges: bool = False,
+) -> List[Segment]:
     """Greedy threshold-hierarchy merging on a region adjacency graph → segments.
 
     ``active``: (N,) bool nodes of the region (default: all). Thresholds are visited from fine
@@ -434,8 +478,13 @@ def merge_graph(graph: RegionGraph, active: Optional[np.ndarray] = None,
     return as_segments(groups, graph.weight)
 
 
-def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.ndarray,
-                    boxes: np.ndarray, min_weight: float = 4.0) -> List[Segment]:
+def merge_selective(
+    node_sums: np.ndarray,
+    node_weight: np.ndarray,
+    pairs: np.ndarray,
+    boxes: np.ndarray,
+    min_weight: float = 4.0,
+) -> List[Segment]:
     """Selective-search-style complete hierarchy on a region adjacency graph.
 
     Unlike :func:`merge_graph` (pure feature similarity, snapshots at thresholds), the pair to
@@ -475,8 +524,12 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
         sums[new] = sums[a] + sums[b]
         norm[new] = np.sqrt(sums[new] @ sums[new]) + 1e-12
         weight[new] = weight[a] + weight[b]
-        box[new] = (min(box[a, 0], box[b, 0]), min(box[a, 1], box[b, 1]),
-                    max(box[a, 2], box[b, 2]), max(box[a, 3], box[b, 3]))
+        box[new] = (
+            min(box[a, 0], box[b, 0]),
+            min(box[a, 1], box[b, 1]),
+            max(box[a, 2], box[b, 2]),
+            max(box[a, 3], box[b, 3]),
+        )
         if weight[new] >= min_weight:
             kept.append((new, tree.members[new], float(norm[new] / weight[new])))
 
@@ -492,9 +545,14 @@ def merge_selective(node_sums: np.ndarray, node_weight: np.ndarray, pairs: np.nd
     return _segments_coarse_to_fine(kept, tree.parent, n)
 
 
-def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.ndarray,
-                   node_weight: np.ndarray, min_weight: float = 4.0,
-                   size_power: float = 0.5) -> List[Segment]:
+def merge_boundary(
+    pairs: np.ndarray,
+    border_len: np.ndarray,
+    border_edge: np.ndarray,
+    node_weight: np.ndarray,
+    min_weight: float = 4.0,
+    size_power: float = 0.5,
+) -> List[Segment]:
     """Contour-based complete hierarchy on a region adjacency graph (an ultrametric contour map,
     as in gPb-UCM / MCG, on the engine's own edge map instead of a learned one).
 
@@ -546,9 +604,11 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
 
     tree = MergeTree(n, lambda g, others: [cost(x, g, *borders[g][x]) for x in others], absorb)
     entries = []
-    for (a, b), length, edge in zip(np.asarray(pairs, np.int64).reshape(-1, 2).tolist(),
-                                    np.asarray(border_len).tolist(),
-                                    np.asarray(border_edge).tolist()):
+    for (a, b), length, edge in zip(
+        np.asarray(pairs, np.int64).reshape(-1, 2).tolist(),
+        np.asarray(border_len).tolist(),
+        np.asarray(border_edge).tolist(),
+    ):
         if a == b or length <= 0:
             continue
         borders[a][b] = borders[b][a] = [length, edge]
@@ -559,8 +619,9 @@ def merge_boundary(pairs: np.ndarray, border_len: np.ndarray, border_edge: np.nd
     return _segments_coarse_to_fine(kept, tree.parent, n)
 
 
-def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]],
-                             parent_of: Dict[int, int], n: int) -> List[Segment]:
+def _segments_coarse_to_fine(
+    groups: List[Tuple[int, List[int], float]], parent_of: Dict[int, int], n: int
+) -> List[Segment]:
     """Merged groups (id, member nodes, coherence) in creation order → segments, parents first:
     the last merges are the coarsest, so creation order is reversed."""
     index = {g: j for j, (g, _, _) in enumerate(reversed(groups))}
@@ -572,8 +633,9 @@ def _segments_coarse_to_fine(groups: List[Tuple[int, List[int], float]],
     return out
 
 
-def iterative_merge(features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                    min_patches: int = 4) -> List[np.ndarray]:
+def iterative_merge(
+    features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, min_patches: int = 4
+) -> List[np.ndarray]:
     """UnSAM's conquer merge on a patch grid, as published (frank-xwang/UnSAM
     ``divide_and_conquer/iterative_merging.py``).
 
@@ -608,8 +670,9 @@ def iterative_merge(features, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     levels = []
     for t in thresholds:
         merge.merge_down_to(t)
-        levels.append(_listed_groups(merge.live, merge.counts, merge.members, min_patches,
-                                     merge.grid))
+        levels.append(
+            _listed_groups(merge.live, merge.counts, merge.members, min_patches, merge.grid)
+        )
     return levels
 
 
@@ -692,8 +755,13 @@ class _GridMerge:
             self.neighbours[x].add(new)
 
 
-def _listed_groups(live: Dict[Tuple[int, int], None], counts: List[int], members: List[List[int]],
-                   min_patches: int, hw: Tuple[int, int]) -> np.ndarray:
+def _listed_groups(
+    live: Dict[Tuple[int, int], None],
+    counts: List[int],
+    members: List[List[int]],
+    min_patches: int,
+    hw: Tuple[int, int],
+) -> np.ndarray:
     """The groups :func:`iterative_merge` lists after a threshold: those in a live pair, in order
     of first appearance (oldest pair first), with ≥ ``min_patches`` patches → (n, h, w) bool."""
     listed, masks = set(), []

@@ -12,14 +12,15 @@ Preprocessing is detectron2's ``DefaultPredictor``: shortest edge to ``INPUT.MIN
 (long edge ≤ ``INPUT.MAX_SIZE_TEST``), channels in ``INPUT.FORMAT`` (RGB for CutLER), masks
 pasted back at the input size with threshold 0.5.
 """
+
 import logging
 import os
 from typing import Dict, Optional, Tuple
 
+import unsam.compat  # noqa: F401  (compat before detectron2)
+
 import numpy as np
 import torch
-
-import unsam  # noqa: F401  (compat before detectron2)
 
 from ..configs import get_config_file
 
@@ -32,8 +33,11 @@ class DivideError(RuntimeError):
     """The divide stage cannot be built (missing config/weights, wrong keys or shapes)."""
 
 
-def divide_config(config_file: str = DEFAULT_DIVIDE_CONFIG, score_thresh: Optional[float] = None,
-                  device: str = "cpu"):
+def divide_config(
+    config_file: str = DEFAULT_DIVIDE_CONFIG,
+    score_thresh: Optional[float] = None,
+    device: str = "cpu",
+):
     """detectron2 config: ``get_cfg()`` defaults merged with ``config_file``; ``score_thresh``
     overrides ``MODEL.ROI_HEADS.SCORE_THRESH_TEST``. Raises :class:`DivideError` naming the file
     for a missing file or an unknown key."""
@@ -79,29 +83,45 @@ def read_detector_state_dict(path_or_url: str) -> Dict[str, torch.Tensor]:
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not any(torch.is_tensor(v) for v in ckpt.values()):
-        raise DivideError(f"{path_or_url}: no model weights found (expected a detectron2 checkpoint)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v
-            for k, v in ckpt.items() if torch.is_tensor(v)}
+        raise DivideError(
+            f"{path_or_url}: no model weights found (expected a detectron2 checkpoint)"
+        )
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in ckpt.items()
+        if torch.is_tensor(v)
+    }
 
 
-def load_detector_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+def load_detector_weights(
+    model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str
+) -> None:
     """Load ``state`` into ``model`` after checking that every model tensor is there with its
     shape (BatchNorm ``num_batches_tracked`` aside). Raises :class:`DivideError` listing the
     first problems: a checkpoint of another architecture must not load half-way silently."""
     own = {k: v for k, v in model.state_dict().items() if not _skip(k)}
     missing = [k for k in own if k not in state]
-    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    bad = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or bad:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})")
+            parts.append(
+                f"missing {len(missing)} tensors ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})"
+            )
         if bad:
             parts.append("shape mismatch: " + "; ".join(bad[:3]) + (" …" if len(bad) > 3 else ""))
-        raise DivideError(f"{source}: not a checkpoint of this divide detector: " + ", ".join(parts))
+        raise DivideError(
+            f"{source}: not a checkpoint of this divide detector: " + ", ".join(parts)
+        )
     unused = sorted(k for k in state if k not in own and not _skip(k))
     if unused:
-        logger.warning("%s: %d tensors not used by the detector (%s …)", source, len(unused), unused[0])
+        logger.warning(
+            "%s: %d tensors not used by the detector (%s …)", source, len(unused), unused[0]
+        )
     model.load_state_dict({k: state[k] for k in own}, strict=False)
     logger.info("loaded divide detector weights from %s", source)
 
@@ -110,8 +130,13 @@ class CutlerDivider:
     """Whole-image class-agnostic instances: ``__call__(image H×W×3 uint8 RGB) ->
     (masks (N, H, W) bool, scores (N,) float32)``, best score first (detectron2's order)."""
 
-    def __init__(self, weights: str, config_file: str = DEFAULT_DIVIDE_CONFIG,
-                 score_thresh: float = 0.1, device: str = "cpu"):
+    def __init__(
+        self,
+        weights: str,
+        config_file: str = DEFAULT_DIVIDE_CONFIG,
+        score_thresh: float = 0.1,
+        device: str = "cpu",
+    ):
         from detectron2.data import transforms as T
 
         self.cfg = divide_config(config_file, score_thresh, device)
@@ -119,7 +144,9 @@ class CutlerDivider:
         state = read_detector_state_dict(weights)
         self.model = build_detector(self.cfg)
         load_detector_weights(self.model, state, weights)
-        self.resize = T.ResizeShortestEdge([self.cfg.INPUT.MIN_SIZE_TEST] * 2, self.cfg.INPUT.MAX_SIZE_TEST)
+        self.resize = T.ResizeShortestEdge(
+            [self.cfg.INPUT.MIN_SIZE_TEST] * 2, self.cfg.INPUT.MAX_SIZE_TEST
+        )
         self.input_format = self.cfg.INPUT.FORMAT
 
     @torch.no_grad()

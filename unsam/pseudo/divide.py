@@ -11,6 +11,7 @@ image corners (a background-like region); the foreground is then reduced to the 
 component holding that entry. Found patches are removed from the graph (their features zeroed,
 as MaskCut does) and the cut repeats, giving up to ``n_masks`` regions.
 """
+
 import logging
 from typing import List, Tuple
 
@@ -22,8 +23,9 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 logger = logging.getLogger(__name__)
 
 
-def ncut_vector(feats: np.ndarray, tau: float = 0.15, eps: float = 1e-5,
-                active: np.ndarray = None) -> np.ndarray:
+def ncut_vector(
+    feats: np.ndarray, tau: float = 0.15, eps: float = 1e-5, active: np.ndarray = None
+) -> np.ndarray:
     """Second-smallest generalised eigenvector of the binarised cosine-affinity graph.
 
     ``feats``: (N, C) L2-normalised; ``active``: optional (N,) bool — inactive nodes get zero
@@ -46,8 +48,10 @@ def ncut_vector(feats: np.ndarray, tau: float = 0.15, eps: float = 1e-5,
     def matvec(v):
         v = np.asarray(v).ravel()
         u = dinv * v
-        return dinv * ((1.0 - eps) * np.asarray(binary @ u.astype(np.float32), np.float64).ravel()
-                       + eps * u.sum())
+        return dinv * (
+            (1.0 - eps) * np.asarray(binary @ u.astype(np.float32), np.float64).ravel()
+            + eps * u.sum()
+        )
 
     op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
     if n <= 3:
@@ -90,8 +94,9 @@ def bipartition(vec: np.ndarray, shape: Tuple[int, int], active: np.ndarray = No
     return labels == lab
 
 
-def maskcut(feats: np.ndarray, n_masks: int = 3, tau: float = 0.15, eps: float = 1e-5,
-            min_patches: int = 4) -> List[np.ndarray]:
+def maskcut(
+    feats: np.ndarray, n_masks: int = 3, tau: float = 0.15, eps: float = 1e-5, min_patches: int = 4
+) -> List[np.ndarray]:
     """``feats``: (h, w, C) L2-normalised → list of ≤ n_masks (h, w) bool masks (disjoint)."""
     h, w, c = feats.shape
     flat = feats.reshape(-1, c)

@@ -15,13 +15,14 @@ file (``--all-images`` counts missing files as empty predictions instead).
 The ground truth is checked by :func:`unsam.evaluation.whole_image.load_coco_gt`; an annotation
 without ``predicted_iou`` is refused with the file and its index (see :func:`_scores`).
 """
+
 import argparse
 import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import unsam  # noqa: F401  (compat before detectron2)
+import unsam.compat  # noqa: F401  (compat before detectron2)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ def _scores(path: Path, annotations: List[Dict]) -> List[float]:
     if missing and len(missing) == len(annotations):
         raise ValueError(f"{path}: no annotation has '{SCORE_KEY}', the score that ranks the masks")
     if missing:
-        raise ValueError(f"{path}: annotation {missing[0]} has no '{SCORE_KEY}' ({len(missing)} of "
-                         f"{len(annotations)} annotations lack it)")
+        raise ValueError(
+            f"{path}: annotation {missing[0]} has no '{SCORE_KEY}' ({len(missing)} of "
+            f"{len(annotations)} annotations lack it)"
+        )
     return [float(ann[SCORE_KEY]) for ann in annotations]
 
 
@@ -51,8 +54,10 @@ def _prediction_files(pred_dir) -> List[Path]:
     from ..evaluation.whole_image import SWAP_HINT
 
     if Path(pred_dir).is_file():
-        raise ValueError(f"--pred '{pred_dir}' is a file, not a folder of SA-1B pseudo-label JSON files; "
-                         f"{SWAP_HINT}")
+        raise ValueError(
+            f"--pred '{pred_dir}' is a file, not a folder of SA-1B pseudo-label JSON files; "
+            f"{SWAP_HINT}"
+        )
     files = sorted(Path(pred_dir).glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no pseudo-label JSON files in {pred_dir}")
@@ -74,12 +79,20 @@ def load_predictions(gt_images: List[Dict], pred_dir) -> Tuple[List[Dict], List[
             continue
         h, w = int(data["image"]["height"]), int(data["image"]["width"])
         if (h, w) != (int(im["height"]), int(im["width"])):
-            raise ValueError(f"{f}: image size {w}x{h} differs from GT {im['width']}x{im['height']} "
-                             f"for {im['file_name']}")
+            raise ValueError(
+                f"{f}: image size {w}x{h} differs from GT {im['width']}x{im['height']} "
+                f"for {im['file_name']}"
+            )
         matched.append(int(im["id"]))
         for ann, score in zip(data["annotations"], _scores(f, data["annotations"])):
-            results.append({"image_id": int(im["id"]), "segmentation": dict(ann["segmentation"]),
-                            "category_id": 1, "score": score})
+            results.append(
+                {
+                    "image_id": int(im["id"]),
+                    "segmentation": dict(ann["segmentation"]),
+                    "category_id": 1,
+                    "score": score,
+                }
+            )
     return results, matched, unmatched
 
 
@@ -89,7 +102,9 @@ def evaluate_dir(gt_path, pred_dir, all_images: bool = False) -> Dict[str, float
     coco = load_coco_gt(str(gt_path))
     results, matched, unmatched = load_predictions(coco.dataset["images"], pred_dir)
     if unmatched:
-        logger.warning("%d prediction files match no GT image (e.g. %s)", len(unmatched), unmatched[0])
+        logger.warning(
+            "%d prediction files match no GT image (e.g. %s)", len(unmatched), unmatched[0]
+        )
     if not matched:
         raise ValueError(f"no file in {pred_dir} matches an image of {gt_path}")
     image_ids = sorted(coco.getImgIds()) if all_images else sorted(set(matched))
@@ -106,8 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gt", required=True, help="COCO instances JSON")
     ap.add_argument("--pred", required=True, help="folder of per-image SA-1B JSON files")
     ap.add_argument("--out", default=None, help="write the metrics JSON here")
-    ap.add_argument("--all-images", action="store_true",
-                    help="evaluate every GT image (missing prediction files count as empty)")
+    ap.add_argument(
+        "--all-images",
+        action="store_true",
+        help="evaluate every GT image (missing prediction files count as empty)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return evaluation_cli(lambda: evaluate_dir(args.gt, args.pred, args.all_images), args.out)

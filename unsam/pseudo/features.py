@@ -1,5 +1,6 @@
 """The pseudo-label engine's feature backends; they live in :mod:`unsam.features` (shared with the
 data pipeline) and keep this import path."""
+
 from ..features import (  # noqa: F401
     DEFAULT_DINO_ARCH,
     DINO_ARCHS,

@@ -13,17 +13,27 @@ one module holding both, and one line here::
 sharding, resume, ``failed.txt``, worker processes, the settings record) and the CLI take any
 recipe from here; neither names one.
 """
+
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Type
 
 import numpy as np
 
 from .classical import ClassicalLabeler, ClassicalSettings
-from .config import Settings, SettingError, foreign_settings, label_settings
+from .config import SettingError, Settings, foreign_settings, label_settings
 from .recipe import UnsamLabeler, UnsamSettings, complete_settings
 
-__all__ = ["Labeler", "RECIPES", "Recipe", "build_labeler", "get_recipe", "make_settings",
-           "recipe_of", "register_recipe", "settings_classes"]
+__all__ = [
+    "Labeler",
+    "RECIPES",
+    "Recipe",
+    "build_labeler",
+    "get_recipe",
+    "make_settings",
+    "recipe_of",
+    "register_recipe",
+    "settings_classes",
+]
 
 
 class Labeler(Protocol):
@@ -74,8 +84,9 @@ def register_recipe(recipe: Recipe) -> Recipe:
     taken by another recipe)."""
     for other in RECIPES.values():
         if other.name == recipe.name or other.settings is recipe.settings:
-            raise ValueError(f"recipe {recipe.name}: name or settings class taken by recipe "
-                             f"{other.name}")
+            raise ValueError(
+                f"recipe {recipe.name}: name or settings class taken by recipe {other.name}"
+            )
     RECIPES[recipe.name] = recipe
     return recipe
 
@@ -119,8 +130,22 @@ def build_labeler(settings) -> Labeler:
 
 
 # ---------------------------------------------------------------- the recipes, one line each
-register_recipe(Recipe("classical", ClassicalSettings, ClassicalLabeler,
-                       "the offline engine (default)", flat_record=True))
-register_recipe(Recipe("unsam", UnsamSettings, UnsamLabeler,
-                       "the published UnSAM recipe (CutLER detector divide, DINO keys on each "
-                       "region's crop)", complete=complete_settings, flat_record=True))
+register_recipe(
+    Recipe(
+        "classical",
+        ClassicalSettings,
+        ClassicalLabeler,
+        "the offline engine (default)",
+        flat_record=True,
+    )
+)
+register_recipe(
+    Recipe(
+        "unsam",
+        UnsamSettings,
+        UnsamLabeler,
+        "the published UnSAM recipe (CutLER detector divide, DINO keys on each region's crop)",
+        complete=complete_settings,
+        flat_record=True,
+    )
+)

@@ -38,6 +38,7 @@ Deliberate differences from the published script, all small:
 - DINO runs in float32 on every device (the published script uses float16 on the GPU);
 - divided masks that come out empty are dropped (they cannot be cropped or written).
 """
+
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -59,21 +60,35 @@ logger = logging.getLogger(__name__)
 class UnsamSettings(DivideConquerSettings):
     """The settings of recipe ``unsam``: the features, MaskCut divide (without detector
     weights) and conquer of :class:`~unsam.pseudo.config.DivideConquerSettings` and these."""
+
     divide: str = setting(
-        "detector", "detector (default when --divide-weights is given) or MaskCut on the whole "
-        "image (not the published divide)", choices=("detector", "maskcut"))
+        "detector",
+        "detector (default when --divide-weights is given) or MaskCut on the whole "
+        "image (not the published divide)",
+        choices=("detector", "maskcut"),
+    )
     divide_config: Optional[str] = setting(
-        None, "detectron2 config of the detector (default: "
-        "divide/cutler_cascade_R50_FPN.yaml of the packaged configs, unsam/configs/)")
+        None,
+        "detectron2 config of the detector (default: "
+        "divide/cutler_cascade_R50_FPN.yaml of the packaged configs, unsam/configs/)",
+    )
     divide_weights: Optional[str] = setting(
-        None, "detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)")
+        None, "detector checkpoint PATH or URL (CutLER's cutler_cascade_final.pth)"
+    )
     divide_score: float = setting(
-        0.1, "detector instances scoring above this are divided regions (detectron2 keeps score "
-        "> threshold)", valid=SHARE)
-    conquer_size: int = setting(256, "each region's crop is resized to this square before the "
-                                "features", valid=AT_LEAST_1)
-    refine: bool = setting(False, "snap masks to superpixels (the engine's unsupervised "
-                           "refinement; the published CascadePSP was trained with human masks)")
+        0.1,
+        "detector instances scoring above this are divided regions (detectron2 keeps score "
+        "> threshold)",
+        valid=SHARE,
+    )
+    conquer_size: int = setting(
+        256, "each region's crop is resized to this square before the features", valid=AT_LEAST_1
+    )
+    refine: bool = setting(
+        False,
+        "snap masks to superpixels (the engine's unsupervised "
+        "refinement; the published CascadePSP was trained with human masks)",
+    )
 
 
 def complete_settings(given: Dict[str, Any]) -> None:
@@ -84,13 +99,17 @@ def complete_settings(given: Dict[str, Any]) -> None:
     if "features" not in given:
         given["features"] = "dino" if given.get("dino_weights") else "classical"
         if given["features"] == "classical":
-            logger.warning("recipe unsam without --dino-weights: conquering on classical "
-                           "features, not the published DINO keys")
+            logger.warning(
+                "recipe unsam without --dino-weights: conquering on classical "
+                "features, not the published DINO keys"
+            )
     if "divide" not in given:
         given["divide"] = "detector" if given.get("divide_weights") else "maskcut"
         if given["divide"] == "maskcut":
-            logger.warning("recipe unsam without --divide-weights: dividing with MaskCut on "
-                           "the whole image, not the published CutLER detector")
+            logger.warning(
+                "recipe unsam without --divide-weights: dividing with MaskCut on "
+                "the whole image, not the published CutLER detector"
+            )
     elif given["divide"] == "detector" and not given.get("divide_weights"):
         raise SettingError("--divide detector needs --divide-weights PATH|URL")
 
@@ -134,19 +153,25 @@ class UnsamLabeler:
     nms_neighbours = 4
     batch = 8  # crops per forward pass of the features backend
 
-    def __init__(self, cfg: UnsamSettings, features: Optional[DenseFeatures] = None,
-                 divider=None):
+    def __init__(self, cfg: UnsamSettings, features: Optional[DenseFeatures] = None, divider=None):
         self.cfg = cfg
-        self.features = features or build_features(cfg.features, cfg.resolution, cfg.device,
-                                                   cfg.dino_weights, cfg.dino_arch)
+        self.features = features or build_features(
+            cfg.features, cfg.resolution, cfg.device, cfg.dino_weights, cfg.dino_arch
+        )
         if cfg.conquer_size % self.features.patch_size:
-            raise ValueError(f"--conquer-size {cfg.conquer_size} is not a multiple of the "
-                             f"features' patch size {self.features.patch_size}")
+            raise ValueError(
+                f"--conquer-size {cfg.conquer_size} is not a multiple of the "
+                f"features' patch size {self.features.patch_size}"
+            )
         if divider is None and cfg.divide == "detector":
             from .detector import DEFAULT_DIVIDE_CONFIG, CutlerDivider
 
-            divider = CutlerDivider(cfg.divide_weights, cfg.divide_config or DEFAULT_DIVIDE_CONFIG,
-                                    cfg.divide_score, cfg.device)
+            divider = CutlerDivider(
+                cfg.divide_weights,
+                cfg.divide_config or DEFAULT_DIVIDE_CONFIG,
+                cfg.divide_score,
+                cfg.device,
+            )
         self.divider = divider
 
     def divide(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -154,35 +179,51 @@ class UnsamLabeler:
         if self.divider is not None:
             return self.divider(image)
         h, w = image.shape[:2]
-        grids = maskcut(self.features(image), self.cfg.n_divide, self.cfg.tau,
-                        min_patches=self.cfg.min_patches)
-        masks = [cv2.resize(g.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
-                 for g in grids]
-        return (np.stack(masks) if masks else np.zeros((0, h, w), bool)), np.ones(len(masks), np.float32)
+        grids = maskcut(
+            self.features(image), self.cfg.n_divide, self.cfg.tau, min_patches=self.cfg.min_patches
+        )
+        masks = [
+            cv2.resize(g.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+            for g in grids
+        ]
+        return (np.stack(masks) if masks else np.zeros((0, h, w), bool)), np.ones(
+            len(masks), np.float32
+        )
 
-    def conquer(self, crops: List[np.ndarray], parents: List[np.ndarray]) -> List[List[Tuple[np.ndarray, float]]]:
+    def conquer(
+        self, crops: List[np.ndarray], parents: List[np.ndarray]
+    ) -> List[List[Tuple[np.ndarray, float]]]:
         """Conquer divided regions. ``crops``: each region's box cut from the image (h_i, w_i, 3)
         uint8; ``parents``: the divided mask inside that box (h_i, w_i) bool. Returns per region
         the kept masks (h_i, w_i) bool with their merge threshold, after NMS, largest first."""
         s = self.cfg.conquer_size
         out = []
         for start in range(0, len(crops), self.batch):
-            chunk = crops[start:start + self.batch]
-            resized = np.stack([np.asarray(Image.fromarray(c).resize((s, s), Image.BICUBIC)) for c in chunk])
+            chunk = crops[start : start + self.batch]
+            resized = np.stack(
+                [np.asarray(Image.fromarray(c).resize((s, s), Image.BICUBIC)) for c in chunk]
+            )
             grids = self.features.grid_features(resized)  # (B, s/p, s/p, C) raw
-            for grid, crop, parent in zip(grids, chunk, parents[start:start + self.batch]):
+            for grid, crop, parent in zip(grids, chunk, parents[start : start + self.batch]):
                 ch, cw = crop.shape[:2]
                 kept: List[np.ndarray] = []
                 thresholds: List[float] = []
-                for t, level in zip(self.cfg.thresholds,
-                                    iterative_merge(grid, self.cfg.thresholds, self.cfg.min_patches)):
+                for t, level in zip(
+                    self.cfg.thresholds,
+                    iterative_merge(grid, self.cfg.thresholds, self.cfg.min_patches),
+                ):
                     for group in level:
                         m = resize_group(group, (cw, ch))
                         n = np.count_nonzero(m)
                         if n and np.count_nonzero(m & parent) / n > self.cfg.min_inside_parent:
                             kept.append(m)
                             thresholds.append(float(t))
-                out.append([(kept[i], thresholds[i]) for i in nms_by_area(kept, self.nms_iou, self.nms_neighbours)])
+                out.append(
+                    [
+                        (kept[i], thresholds[i])
+                        for i in nms_by_area(kept, self.nms_iou, self.nms_neighbours)
+                    ]
+                )
         return out
 
     def __call__(self, image: np.ndarray) -> List[Dict]:
@@ -205,17 +246,38 @@ class UnsamLabeler:
             graph = SuperpixelGraph(image, self.cfg.n_superpixels)
         anns: List[Dict] = []
         for box, local, sc in regions:
-            self._append(anns, local, box, (H, W), sc, level=0, parent=-1, crop_box=(0, 0, W, H),
-                         graph=graph)
+            self._append(
+                anns, local, box, (H, W), sc, level=0, parent=-1, crop_box=(0, 0, W, H), graph=graph
+            )
         for rid, ((box, _, sc), parts) in enumerate(zip(regions, conquered)):
             for local, t in parts:
-                self._append(anns, local, box, (H, W), sc, level=1, parent=rid, crop_box=box,
-                             graph=graph, merge_threshold=t)
+                self._append(
+                    anns,
+                    local,
+                    box,
+                    (H, W),
+                    sc,
+                    level=1,
+                    parent=rid,
+                    crop_box=box,
+                    graph=graph,
+                    merge_threshold=t,
+                )
         return anns
 
     @staticmethod
-    def _append(anns: List[Dict], local: np.ndarray, box, shape, score: float, level: int,
-                parent: int, crop_box, graph=None, **extra) -> None:
+    def _append(
+        anns: List[Dict],
+        local: np.ndarray,
+        box,
+        shape,
+        score: float,
+        level: int,
+        parent: int,
+        crop_box,
+        graph=None,
+        **extra,
+    ) -> None:
         """Append one annotation for the mask ``local`` (bool, placed at pixel ``box`` =
         (x0, y0, x1, y1)) in an image of ``shape`` = (H, W); ``graph`` snaps it to
         superpixels first."""
@@ -223,6 +285,16 @@ class UnsamLabeler:
             nodes = graph.soft_to_nodes(local.astype(np.float32), box)
             if nodes.any():
                 local, box = graph.nodes_to_mask(nodes)
-        anns.append(annotation_from_mask(local, len(anns), box, shape,
-                                         predicted_iou=round(float(score), 6), crop_box=crop_box,
-                                         level=level, parent_id=parent, **extra))
+        anns.append(
+            annotation_from_mask(
+                local,
+                len(anns),
+                box,
+                shape,
+                predicted_iou=round(float(score), 6),
+                crop_box=crop_box,
+                level=level,
+                parent_id=parent,
+                **extra,
+            )
+        )

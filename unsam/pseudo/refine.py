@@ -23,13 +23,13 @@ the classical recipe works on, and
 * pools full-resolution colour-distribution embeddings onto the superpixels
   (:meth:`colour_sums`) for the engine's colour-only hierarchy.
 """
+
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from ..features import random_fourier_features
-
 
 # Gaussian σ (px) applied before the superpixels and the edge map: without it JPEG blocks and
 # sensor noise make gradient ridges that the watershed and the boundary score would follow
@@ -57,7 +57,9 @@ def _relative_edges(grad2: np.ndarray) -> np.ndarray:
     return grad / (grad.mean() + 1e-6)
 
 
-def smoothed_lab_gradient(image: np.ndarray, sigma: float = SMOOTH_SIGMA) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def smoothed_lab_gradient(
+    image: np.ndarray, sigma: float = SMOOTH_SIGMA
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``image``: H×W×3 uint8 RGB → (RGB uint8 smoothed with a Gaussian of ``sigma`` px, its Lab float32 (H, W, 3) on OpenCV's
     8-bit scale, squared Lab gradient magnitude (H, W) float32: Sobel x² + y² summed over L, a, b).
     Computed once per image: the superpixels and the edge map both come from it."""
@@ -107,7 +109,10 @@ def superpixels(image: np.ndarray, n_segments: int = 2500, lab_gradient=None) ->
         lines &= ~fill
     # relabel to 0..K-1
     _, labels = np.unique(markers, return_inverse=True)
-    return absorb_small_segments(labels.reshape(h, w).astype(np.int32), max(MIN_SEGMENT_PIXELS, MIN_SEGMENT_FRACTION * step * step))
+    return absorb_small_segments(
+        labels.reshape(h, w).astype(np.int32),
+        max(MIN_SEGMENT_PIXELS, MIN_SEGMENT_FRACTION * step * step),
+    )
 
 
 def absorb_small_segments(labels: np.ndarray, min_size: float) -> np.ndarray:
@@ -122,8 +127,12 @@ def absorb_small_segments(labels: np.ndarray, min_size: float) -> np.ndarray:
         sizes = np.bincount(labels.ravel(), minlength=k)
         if sizes.min() >= min_size:
             break
-        a = np.concatenate([labels[:, :-1].ravel(), labels[:-1].ravel(), labels[:, 1:].ravel(), labels[1:].ravel()])
-        b = np.concatenate([labels[:, 1:].ravel(), labels[1:].ravel(), labels[:, :-1].ravel(), labels[:-1].ravel()])
+        a = np.concatenate(
+            [labels[:, :-1].ravel(), labels[:-1].ravel(), labels[:, 1:].ravel(), labels[1:].ravel()]
+        )
+        b = np.concatenate(
+            [labels[:, 1:].ravel(), labels[1:].ravel(), labels[:, :-1].ravel(), labels[:-1].ravel()]
+        )
         keep = (a != b) & (sizes[a] < min_size)
         # only into a larger neighbour ((size, label) order): no cycles
         keep &= (sizes[b] > sizes[a]) | ((sizes[b] == sizes[a]) & (b > a))
@@ -157,8 +166,11 @@ class SuperpixelGraph:
         lab_gradient = smoothed_lab_gradient(image)
         self.labels = superpixels(image, n_segments, lab_gradient)
         self.k = int(self.labels.max()) + 1
-        self._coarse_overlap = self._overlap_with(superpixels(image, coarse_segments, lab_gradient)) \
-            if coarse_segments > 0 else None
+        self._coarse_overlap = (
+            self._overlap_with(superpixels(image, coarse_segments, lab_gradient))
+            if coarse_segments > 0
+            else None
+        )
         if self._coarse_overlap is not None:
             self._coarse_sizes = np.asarray(self._coarse_overlap.sum(1), np.float32).ravel()
         flat = self.labels.ravel()
@@ -167,10 +179,14 @@ class SuperpixelGraph:
         h, w = self.shape
         ys, xs = np.divmod(np.arange(h * w), w)
         # per-superpixel bounding boxes, so a refined mask is only ever built inside its box
-        self.x0 = np.full(self.k, w); self.y0 = np.full(self.k, h)
-        self.x1 = np.zeros(self.k, np.int64); self.y1 = np.zeros(self.k, np.int64)
-        np.minimum.at(self.x0, flat, xs); np.minimum.at(self.y0, flat, ys)
-        np.maximum.at(self.x1, flat, xs + 1); np.maximum.at(self.y1, flat, ys + 1)
+        self.x0 = np.full(self.k, w)
+        self.y0 = np.full(self.k, h)
+        self.x1 = np.zeros(self.k, np.int64)
+        self.y1 = np.zeros(self.k, np.int64)
+        np.minimum.at(self.x0, flat, xs)
+        np.minimum.at(self.y0, flat, ys)
+        np.maximum.at(self.x1, flat, xs + 1)
+        np.maximum.at(self.y1, flat, ys + 1)
         _, lab_img, grad2 = lab_gradient
         edges = _relative_edges(grad2)
         self._image = image  # for :meth:`border_edges` at other smoothings
@@ -182,7 +198,12 @@ class SuperpixelGraph:
         lab = self.labels
         a = np.concatenate([lab[:, :-1].ravel(), lab[:-1].ravel()])
         b = np.concatenate([lab[:, 1:].ravel(), lab[1:].ravel()])
-        e = np.concatenate([(edges[:, :-1] + edges[:, 1:]).ravel(), (edges[:-1] + edges[1:]).ravel()]) * 0.5
+        e = (
+            np.concatenate(
+                [(edges[:, :-1] + edges[:, 1:]).ravel(), (edges[:-1] + edges[1:]).ravel()]
+            )
+            * 0.5
+        )
         diff = a != b
         a, b, e = a[diff], b[diff], e[diff]
         lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -193,7 +214,10 @@ class SuperpixelGraph:
         self.border_edge = np.bincount(inv, weights=e, minlength=len(self.pairs))
         self._border_edges = {SMOOTH_SIGMA: self.border_edge}
         # the same as symmetric sparse (K, K) matrices and per-node totals (boundary_strength)
-        self._adj_len, self._adj_edge = self._pair_matrix(self.border_len), self._pair_matrix(self.border_edge)
+        self._adj_len, self._adj_edge = (
+            self._pair_matrix(self.border_len),
+            self._pair_matrix(self.border_edge),
+        )
         self._adj_bin = self._pair_matrix(np.ones(len(self.pairs)))
         self._node_len = np.asarray(self._adj_len.sum(1), np.float32).ravel()
         self._node_edge = np.asarray(self._adj_edge.sum(1), np.float32).ravel()
@@ -203,8 +227,13 @@ class SuperpixelGraph:
         import scipy.sparse as sp
 
         i, j = self.pairs[:, 0], self.pairs[:, 1]
-        return sp.csr_matrix((np.concatenate([values, values]).astype(np.float32),
-                              (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(self.k, self.k))
+        return sp.csr_matrix(
+            (
+                np.concatenate([values, values]).astype(np.float32),
+                (np.concatenate([i, j]), np.concatenate([j, i])),
+            ),
+            shape=(self.k, self.k),
+        )
 
     def border_edges(self, sigma: float) -> np.ndarray:
         """(E,) summed edge strength along each adjacent pair's shared border, on the edge map
@@ -214,8 +243,12 @@ class SuperpixelGraph:
             _, _, grad2 = smoothed_lab_gradient(self._image, sigma)
             edges = _relative_edges(grad2)
             diff, inv = self._border_pixels
-            e = np.concatenate([(edges[:, :-1] + edges[:, 1:]).ravel(),
-                                (edges[:-1] + edges[1:]).ravel()])[diff] * 0.5
+            e = (
+                np.concatenate(
+                    [(edges[:, :-1] + edges[:, 1:]).ravel(), (edges[:-1] + edges[1:]).ravel()]
+                )[diff]
+                * 0.5
+            )
             self._border_edges[sigma] = np.bincount(inv, weights=e, minlength=len(self.pairs))
         return self._border_edges[sigma]
 
@@ -232,8 +265,9 @@ class SuperpixelGraph:
         cy = (np.arange(y1 - y0) * gh) // (y1 - y0)
         cx = (np.arange(x1 - x0) * gw) // (x1 - x0)
         cell = (cy[:, None] * gw + cx[None, :]).ravel()
-        m = sp.coo_matrix((np.ones(cell.size, np.float32), (sub.ravel(), cell)),
-                          shape=(self.k, gh * gw)).tocsr()
+        m = sp.coo_matrix(
+            (np.ones(cell.size, np.float32), (sub.ravel(), cell)), shape=(self.k, gh * gw)
+        ).tocsr()
         sums = np.asarray(m @ feats.reshape(-1, c), np.float64)
         weight = np.asarray(m.sum(1), np.float64).ravel()
         return sums, weight, (y1 - y0) * (x1 - x0) / float(gh * gw)
@@ -261,7 +295,9 @@ class SuperpixelGraph:
         bins, inv = np.unique(q[:, 0] * n * n + q[:, 1] * n + q[:, 2], return_inverse=True)
         inv = inv.ravel()
         count = np.bincount(inv, minlength=len(bins)).astype(np.float64)
-        centre = np.stack([np.bincount(inv, weights=lab[:, c], minlength=len(bins)) for c in range(3)], 1)
+        centre = np.stack(
+            [np.bincount(inv, weights=lab[:, c], minlength=len(bins)) for c in range(3)], 1
+        )
         centre /= count[:, None]  # mean colour of each occupied bin
         std = np.sqrt(((centre - lab.mean(0)) ** 2 * count[:, None]).sum(0) / count.sum())
         # + 1 Lab unit: a channel that barely varies (a grey image's a, b) is not blown up to
@@ -277,8 +313,11 @@ class SuperpixelGraph:
     def soft_to_nodes(self, soft: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
         """(K,) bool: superpixels whose mean of ``soft`` (placed at ``box``) is > 0.5."""
         x0, y0, x1, y1 = box
-        sums = np.bincount(self.labels[y0:y1, x0:x1].ravel(), weights=soft.ravel().astype(np.float64),
-                           minlength=self.k)
+        sums = np.bincount(
+            self.labels[y0:y1, x0:x1].ravel(),
+            weights=soft.ravel().astype(np.float64),
+            minlength=self.k,
+        )
         return sums / self.sizes > 0.5
 
     def nodes_to_mask(self, nodes: np.ndarray):
@@ -314,8 +353,10 @@ class SuperpixelGraph:
         import scipy.sparse as sp
 
         flat = self.labels.ravel()
-        return sp.csr_matrix((np.ones(flat.size, np.float32), (coarse.ravel(), flat)),
-                             shape=(int(coarse.max()) + 1, self.k))
+        return sp.csr_matrix(
+            (np.ones(flat.size, np.float32), (coarse.ravel(), flat)),
+            shape=(int(coarse.max()) + 1, self.k),
+        )
 
     @property
     def has_coarse(self) -> bool:
@@ -334,10 +375,16 @@ class SuperpixelGraph:
 
         # sparse: a set meets few of the coarse superpixels (dense (M, C) products were the
         # engine's largest memory traffic)
-        ov = sp.csr_matrix(np.asarray(nodes, bool), dtype=np.float32) @ self._coarse_overlap.T  # (M, C)
+        ov = (
+            sp.csr_matrix(np.asarray(nodes, bool), dtype=np.float32) @ self._coarse_overlap.T
+        )  # (M, C)
         ov = ov.tocsr()
         rows = np.repeat(np.arange(ov.shape[0]), np.diff(ov.indptr))
-        cut = np.bincount(rows, np.minimum(ov.data, self._coarse_sizes[ov.indices] - ov.data), minlength=ov.shape[0])
+        cut = np.bincount(
+            rows,
+            np.minimum(ov.data, self._coarse_sizes[ov.indices] - ov.data),
+            minlength=ov.shape[0],
+        )
         return cut / np.bincount(rows, ov.data, minlength=ov.shape[0])
 
     def box_area(self, nodes: np.ndarray) -> np.ndarray:
@@ -377,8 +424,13 @@ class SuperpixelGraph:
         m_out /= np.maximum(np.linalg.norm(m_out, axis=1, keepdims=True), 1e-9)
         return ring, inner, unit @ (m_in - m_out).T
 
-    def polish(self, nodes: np.ndarray, node_sums: np.ndarray, unary_weight: float,
-               edge_scales: Sequence[float]) -> List[np.ndarray]:
+    def polish(
+        self,
+        nodes: np.ndarray,
+        node_sums: np.ndarray,
+        unary_weight: float,
+        edge_scales: Sequence[float],
+    ) -> List[np.ndarray]:
         """One synchronous pass of iterated conditional modes on a GrabCut-style energy, for
         many masks at once, per edge scale.
 
@@ -415,6 +467,8 @@ class SuperpixelGraph:
         of :meth:`polish`, and their (K, 1) row sums; cached per scale."""
         if scale not in self._polish_weights:
             mean_edge = self.border_edge / np.maximum(self.border_len, 1.0)
-            adj_w = self._pair_matrix((self.border_len * np.exp(-mean_edge / scale)).astype(np.float32))
+            adj_w = self._pair_matrix(
+                (self.border_len * np.exp(-mean_edge / scale)).astype(np.float32)
+            )
             self._polish_weights[scale] = (adj_w, np.asarray(adj_w.sum(1), np.float32))
         return self._polish_weights[scale]

@@ -23,6 +23,7 @@ deterministic: the built-in labelers draw no random numbers except the random Fo
 whose generators are seeded with the ``seed`` setting; each labeler runs on one torch thread
 (see :func:`run`).
 """
+
 import contextlib
 import errno
 import functools
@@ -42,20 +43,42 @@ import cv2
 import numpy as np
 import torch
 
-from ..utils.files import atomic_write, by_stem, create_once, ensure_writable_dir, remove_stale_temps
+from ..utils.files import (
+    atomic_write,
+    by_stem,
+    create_once,
+    ensure_writable_dir,
+    remove_stale_temps,
+)
 from ..utils.images import IMAGE_EXTENSIONS, read_rgb
 from ..utils.threads import torch_threads
 from .config import SettingError, settings_differences
 from .labelers import recipe_of
 
-__all__ = ["OutputWriteError", "RunSummary", "SettingsMismatch", "Stopped", "Task",
-           "check_run_options", "check_settings", "failures_file", "list_images", "read_image",
-           "record_settings", "run", "run_tasks", "select", "update_failures"]
+__all__ = [
+    "OutputWriteError",
+    "RunSummary",
+    "SettingsMismatch",
+    "Stopped",
+    "Task",
+    "check_run_options",
+    "check_settings",
+    "failures_file",
+    "list_images",
+    "read_image",
+    "record_settings",
+    "run",
+    "run_tasks",
+    "select",
+    "update_failures",
+]
 
 logger = logging.getLogger(__name__)
 
 LABELER_THREADS = 1  # torch threads per labeler (see :func:`run`)
-SETTINGS_FILE = "pseudo_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+SETTINGS_FILE = (
+    "pseudo_settings.txt"  # not *.json: the dataset readers take every *.json for a label
+)
 
 
 class OutputWriteError(Exception):
@@ -86,8 +109,10 @@ class Stopped(BaseException):
     def message(self) -> str:
         """The line a command prints when it stops: what was done and that a rerun resumes."""
         done = self.summary.done if self.summary else 0
-        return (f"stopped by {self.name} after labelling {done} images; run the same command again to resume "
-                f"(finished images are skipped)")
+        return (
+            f"stopped by {self.name} after labelling {done} images; run the same command again to resume "
+            f"(finished images are skipped)"
+        )
 
     @property
     def exit_status(self) -> int:
@@ -97,8 +122,9 @@ class Stopped(BaseException):
 def _write_error(path, e: OSError) -> OutputWriteError:
     code = errno.errorcode.get(e.errno or 0)
     reason = f"{e.strerror or e}" + (f" ({code})" if code else "")
-    return OutputWriteError(f"cannot write '{path}': {reason}; finished images are kept, "
-                            f"a rerun resumes")
+    return OutputWriteError(
+        f"cannot write '{path}': {reason}; finished images are kept, a rerun resumes"
+    )
 
 
 @contextlib.contextmanager
@@ -122,11 +148,17 @@ def list_images(spec: str) -> List[Path]:
     p = Path(spec)
     if p.is_dir():
         # a dangling link is kept: it is then listed as a failure, not silently left out
-        files = [f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS
-                 and (f.is_file() or f.is_symlink())]
+        files = [
+            f
+            for f in p.iterdir()
+            if f.suffix.lower() in IMAGE_EXTENSIONS and (f.is_file() or f.is_symlink())
+        ]
     else:
-        files = [Path(f) for f in glob.glob(spec, recursive=True)
-                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        files = [
+            Path(f)
+            for f in glob.glob(spec, recursive=True)
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if not files and not any(ch in spec for ch in "*?["):
             raise FileNotFoundError(f"input not found: {spec}")
     if not files:
@@ -134,13 +166,21 @@ def list_images(spec: str) -> List[Path]:
     # absolute but not resolved: an image is named by the path the user gave, a symbolic link
     # by its own name, not its target's (which may be a content hash in a store)
     files = sorted({f.absolute() for f in files})
-    by_stem(files, lambda stem, first, second: ValueError(
-        f"two input images share the output name '{stem}.json': {first} and {second}"))
+    by_stem(
+        files,
+        lambda stem, first, second: ValueError(
+            f"two input images share the output name '{stem}.json': {first} and {second}"
+        ),
+    )
     return files
 
 
-def select(files: Sequence[Path], start_id: int = 0, end_id: Optional[int] = None,
-           shard: Tuple[int, int] = (0, 1)) -> List[Tuple[int, Path]]:
+def select(
+    files: Sequence[Path],
+    start_id: int = 0,
+    end_id: Optional[int] = None,
+    shard: Tuple[int, int] = (0, 1),
+) -> List[Tuple[int, Path]]:
     """(image_id, path) pairs for ``files[start_id:end_id]`` that fall in shard ``i`` of ``n``."""
     i, n = shard
     if not (0 <= i < n):
@@ -162,6 +202,7 @@ def draw_overlay(image: np.ndarray, anns: List[Dict], max_masks: int = 50) -> np
 class Task:
     """One image of a run: its ``image_id``, ``path`` (recorded as ``image.file_name``), the
     output folder, and ``name``, the output's file stem (default: the image's stem)."""
+
     image_id: int
     path: str
     out_dir: str
@@ -190,8 +231,12 @@ def _label(task: Task, labeler) -> Tuple[int, str, Optional[str], int]:
         label_task = getattr(labeler, "label_task", None)
         anns = label_task(image, task) if label_task is not None else labeler(image)
         h, w = image.shape[:2]
-        info = {"image_id": int(task.image_id), "width": int(w), "height": int(h),
-                "file_name": task.path}  # absolute, as the user named it (list_images)
+        info = {
+            "image_id": int(task.image_id),
+            "width": int(w),
+            "height": int(h),
+            "file_name": task.path,
+        }  # absolute, as the user named it (list_images)
         stem = task.stem
         if task.visualize:
             _write_overlay(Path(task.out_dir) / "vis" / f"{stem}.jpg", image, anns)
@@ -269,9 +314,11 @@ class RunSummary:
     def line(self) -> str:
         """The summary line a command prints at the end of a run."""
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.done} labelled, {self.skipped} already done, {self.failed} failed ({self.masks} masks, "
-                f"{self.seconds:.1f} s, {rate:.2f} img/s)"
-                + (f"; failures listed in {self.failures_file}" if self.failed else ""))
+        return (
+            f"{self.done} labelled, {self.skipped} already done, {self.failed} failed ({self.masks} masks, "
+            f"{self.seconds:.1f} s, {rate:.2f} img/s)"
+            + (f"; failures listed in {self.failures_file}" if self.failed else "")
+        )
 
     @property
     def exit_status(self) -> int:
@@ -279,8 +326,9 @@ class RunSummary:
         return 1 if self.failed and not self.done and not self.skipped else 0
 
 
-def check_run_options(shard=(0, 1), start_id: int = 0, end_id: Optional[int] = None,
-                      workers: int = 1) -> None:
+def check_run_options(
+    shard=(0, 1), start_id: int = 0, end_id: Optional[int] = None, workers: int = 1
+) -> None:
     """:class:`SettingError` for run options that select nothing meaningful (checked before
     any image is read or weights are loaded)."""
     i, n = shard
@@ -294,9 +342,18 @@ def check_run_options(shard=(0, 1), start_id: int = 0, end_id: Optional[int] = N
         raise SettingError(f"--end-id {end_id}: must be greater than --start-id {start_id}")
 
 
-def run(input_spec: str, output_dir: str, settings, shard=(0, 1), start_id: int = 0,
-        end_id: Optional[int] = None, workers: int = 1, visualize: bool = False,
-        progress: bool = True, labeler=None) -> RunSummary:
+def run(
+    input_spec: str,
+    output_dir: str,
+    settings,
+    shard=(0, 1),
+    start_id: int = 0,
+    end_id: Optional[int] = None,
+    workers: int = 1,
+    visualize: bool = False,
+    progress: bool = True,
+    labeler=None,
+) -> RunSummary:
     """Label every selected image that has no output yet with the recipe whose settings
     ``settings`` are (:func:`unsam.pseudo.labelers.recipe_of`). Returns a :class:`RunSummary`.
 
@@ -317,17 +374,34 @@ def run(input_spec: str, output_dir: str, settings, shard=(0, 1), start_id: int 
         ensure_writable_dir(out / "vis")
     recipe = recipe_of(settings)
     check_settings(out, settings)
-    tasks = [Task(image_id, str(path), str(out), visualize)
-             for image_id, path in select(files, start_id, end_id, shard)]
+    tasks = [
+        Task(image_id, str(path), str(out), visualize)
+        for image_id, path in select(files, start_id, end_id, shard)
+    ]
     # the recipe's labeler itself, not a registry lookup: a worker process has only the
     # recipes registered on import
-    return run_tasks(tasks, out, functools.partial(recipe.labeler, settings), shard=shard,
-                     workers=workers, progress=progress, labeler=labeler)
+    return run_tasks(
+        tasks,
+        out,
+        functools.partial(recipe.labeler, settings),
+        shard=shard,
+        workers=workers,
+        progress=progress,
+        labeler=labeler,
+    )
 
 
-def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0, 1), workers: int = 1,
-              progress: bool = True, labeler=None,
-              failures: Sequence[Tuple[str, str]] = (), desc: str = "pseudo-labels") -> RunSummary:
+def run_tasks(
+    tasks: Sequence[Task],
+    out: Path,
+    make_labeler: Callable,
+    shard=(0, 1),
+    workers: int = 1,
+    progress: bool = True,
+    labeler=None,
+    failures: Sequence[Tuple[str, str]] = (),
+    desc: str = "pseudo-labels",
+) -> RunSummary:
     """The runner behind :func:`run`, for any label maker: label every task whose output
     ``<out>/<task.stem>.json`` does not exist yet, and list the failures in
     :func:`failures_file` ``(out, shard)`` (see :func:`update_failures`).
@@ -346,7 +420,12 @@ def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0
             summary.skipped += 1  # finished earlier (files are written atomically)
         else:
             todo.append(task)
-    logger.info("%d images selected, %d already done, %d to label", summary.total, summary.skipped, len(todo))
+    logger.info(
+        "%d images selected, %d already done, %d to label",
+        summary.total,
+        summary.skipped,
+        len(todo),
+    )
     # half-written files of a killed run; only this run's names, other shards may be writing
     ours = {f"{t.stem}.json" for t in todo}.__contains__
     stale = remove_stale_temps(out, ours)
@@ -361,15 +440,17 @@ def run_tasks(tasks: Sequence[Task], out: Path, make_labeler: Callable, shard=(0
             summary.seconds = time.time() - t0
             remove_stale_temps(out, ours)  # a terminated worker's unfinished write
             with contextlib.suppress(OSError):  # best effort: the disk may be full
-                summary.earlier_failures = update_failures(summary.failures_file, out, selected,
-                                                           summary.failures)
+                summary.earlier_failures = update_failures(
+                    summary.failures_file, out, selected, summary.failures
+                )
             if isinstance(stop, Stopped):
                 stop.summary = summary
             raise
         summary.seconds = time.time() - t0
         with _writing(summary.failures_file):
-            summary.earlier_failures = update_failures(summary.failures_file, out, selected,
-                                                       summary.failures)
+            summary.earlier_failures = update_failures(
+                summary.failures_file, out, selected, summary.failures
+            )
     return summary
 
 
@@ -387,7 +468,9 @@ def update_failures(path: Path, out: Path, selected, failures: List[Tuple[str, s
     reached by an interrupted run). The file is removed when no line is left. Returns how many
     lines of earlier runs were kept."""
     new = {p for p, _ in failures}
-    kept = [line for line in _lines(path) if not _settled(line.split("\t", 1)[0], new, selected, out)]
+    kept = [
+        line for line in _lines(path) if not _settled(line.split("\t", 1)[0], new, selected, out)
+    ]
     # one line per image: a reason that spans lines is joined
     lines = kept + [f"{p}\t{' '.join(str(e).split())}" for p, e in failures]
     if lines:
@@ -419,8 +502,9 @@ def check_settings(out: Path, settings) -> None:
     record_settings(out, SETTINGS_FILE, recipe_of(settings).record(settings), differences)
 
 
-def record_settings(out: Path, name: str, current: Dict,
-                    differences: Callable[[Dict, Dict], List[str]]) -> None:
+def record_settings(
+    out: Path, name: str, current: Dict, differences: Callable[[Dict, Dict], List[str]]
+) -> None:
     """Record the settings ``current`` (JSON-ready) in ``out/name``, or check them against the
     record there: finished images are skipped on a rerun, so a rerun with other settings would
     silently mix two kinds of labels in one folder — refused (:class:`SettingsMismatch`, naming
@@ -429,9 +513,13 @@ def record_settings(out: Path, name: str, current: Dict,
     record = out / name
     if not record.exists():
         if any(not p.name.startswith(".") for p in out.glob("*.json")):
-            logger.warning("%s holds labels but no %s (made before settings were recorded): "
-                           "recording this run's settings; labels made with other settings "
-                           "cannot be told apart", out, name)
+            logger.warning(
+                "%s holds labels but no %s (made before settings were recorded): "
+                "recording this run's settings; labels made with other settings "
+                "cannot be told apart",
+                out,
+                name,
+            )
         with _writing(record):
             if create_once(record, json.dumps(current, indent=1, sort_keys=True) + "\n"):
                 return
@@ -440,17 +528,21 @@ def record_settings(out: Path, name: str, current: Dict,
         raise SettingsMismatch(
             f"output folder '{out}' holds labels made with other settings ({', '.join(diffs)}; "
             f"recorded in {record}): label into a new --output, or rerun with the recorded "
-            f"settings to resume")
+            f"settings to resume"
+        )
 
 
 def _read_settings(record: Path) -> Dict:
     try:
         recorded = json.loads(record.read_text())
     except (OSError, ValueError) as e:
-        raise SettingsMismatch(f"{record}: not a settings record of this engine ({e}); "
-                               f"label into a new --output") from None
+        raise SettingsMismatch(
+            f"{record}: not a settings record of this engine ({e}); label into a new --output"
+        ) from None
     if not isinstance(recorded, dict):
-        raise SettingsMismatch(f"{record}: not a settings record of this engine; label into a new --output")
+        raise SettingsMismatch(
+            f"{record}: not a settings record of this engine; label into a new --output"
+        )
     return recorded
 
 
@@ -477,8 +569,15 @@ def _stop_on_signals():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def _label_all(todo: List[Task], make_labeler: Callable, workers: int, labeler, summary: RunSummary,
-               progress: bool, desc: str = "pseudo-labels") -> None:
+def _label_all(
+    todo: List[Task],
+    make_labeler: Callable,
+    workers: int,
+    labeler,
+    summary: RunSummary,
+    progress: bool,
+    desc: str = "pseudo-labels",
+) -> None:
     """Label ``todo`` in this process (``workers`` ≤ 1) or a pool of ``workers`` processes,
     counting the outcomes in ``summary``. On any exception (:class:`Stopped`,
     :class:`OutputWriteError`) the pool is terminated, not drained: no worker writes after
@@ -497,7 +596,9 @@ def _label_all(todo: List[Task], make_labeler: Callable, workers: int, labeler, 
                 import multiprocessing as mp
 
                 with _worker_environment():
-                    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(make_labeler,))
+                    pool = mp.get_context("spawn").Pool(
+                        workers, initializer=_init_worker, initargs=(make_labeler,)
+                    )
                 results = pool.imap(_label_in_worker, todo, chunksize=1)
             for _, path, err, n in results:
                 _count(summary, path, err, n)

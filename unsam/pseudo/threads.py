@@ -13,6 +13,7 @@ The OpenBLAS copies are found the way ``threadpoolctl`` finds them (the shared o
 into the process, ``/proc/self/maps``; Linux only — elsewhere BLAS threads are left alone) and
 driven through their ``*_get_num_threads`` / ``*_set_num_threads`` entry points.
 """
+
 import contextlib
 import ctypes
 import os
@@ -37,7 +38,9 @@ def _openblas_controls() -> List[_Controls]:
     """(get_num_threads, set_num_threads) of every OpenBLAS copy mapped into this process."""
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
+            paths = sorted(
+                {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+            )
     except OSError:
         return []
     out = []
@@ -79,6 +82,9 @@ def single_threaded() -> Iterator[None]:
 
 def thread_settings() -> Dict[str, object]:
     """The current thread counts (torch, OpenCV, each OpenBLAS copy), for tests and logs."""
-    return {"torch": torch.get_num_threads(), "cv2": cv2.getNumThreads(),
-            "openblas": [get() for get, _ in _openblas_controls()],
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "torch": torch.get_num_threads(),
+        "cv2": cv2.getNumThreads(),
+        "openblas": [get() for get, _ in _openblas_controls()],
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }

@@ -1,4 +1,5 @@
 """Command-line conventions shared by the lightweight entry points (no detectron2 import here)."""
+
 import argparse
 import sys
 

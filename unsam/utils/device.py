@@ -7,6 +7,7 @@ torch accepts ``torch.device("cuda")`` on a machine without a GPU and fails late
 model, with a traceback; entry points call :func:`check_device` first and turn
 :class:`DeviceError` into one ``error:`` line and exit status 2.
 """
+
 import re
 
 import torch
@@ -39,11 +40,17 @@ def check_device(device: str, what: str = "MODEL.DEVICE") -> str:
     kind, index = match.group(1), match.group(3)
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{what} is '{device}' but no GPU is visible on this machine; pass {what} cpu")
+            raise DeviceError(
+                f"{what} is '{device}' but no GPU is visible on this machine; pass {what} cpu"
+            )
         if index is not None and int(index) >= torch.cuda.device_count():
-            raise DeviceError(f"{what} is '{device}' but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise DeviceError(
+                f"{what} is '{device}' but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
     elif kind == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise DeviceError(f"{what} is '{device}' but MPS is not available on this machine; pass {what} cpu")
+            raise DeviceError(
+                f"{what} is '{device}' but MPS is not available on this machine; pass {what} cpu"
+            )
     return name

@@ -12,17 +12,18 @@ Also the one home of the collective helpers the training code shares (the ATS di
 the training model's loss normalisers): every one of them works without a process group (then
 it acts on this process alone) and on gloo (CPU) as on NCCL (CUDA).
 """
+
 import logging
 import os
 from datetime import timedelta
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import unsam.compat  # noqa: F401
 from detectron2.utils import comm
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,16 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
 
 
-def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, init_method: str,
-                backend: str) -> None:
-    dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
-                            rank=rank, timeout=DEFAULT_TIMEOUT)
+def _init_group(
+    rank: int, world_size: int, local_rank: int, local_size: int, init_method: str, backend: str
+) -> None:
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        world_size=world_size,
+        rank=rank,
+        timeout=DEFAULT_TIMEOUT,
+    )
     # detectron2's comm helpers (get_local_rank, ...) need the per-machine group
     machine = rank // local_size
     for i in range(world_size // local_size):
@@ -56,14 +63,23 @@ def _init_group(rank: int, world_size: int, local_rank: int, local_size: int, in
     comm.synchronize()
 
 
-def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, backend, args):
+def _spawned_worker(
+    local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, backend, args
+):
     rank = machine_rank * num_per_machine + local_rank
     _init_group(rank, world_size, local_rank, num_per_machine, dist_url, backend)
     main_func(*args)
 
 
-def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str = "auto", args: Sequence = (), device: Optional[str] = None):
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = "auto",
+    args: Sequence = (),
+    device: Optional[str] = None,
+):
     """Run ``main_func(*args)`` on every process; single process when world size is 1.
 
     ``device``: the model's device (``MODEL.DEVICE``), which picks the backend
@@ -73,25 +89,45 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         world_size = int(os.environ["WORLD_SIZE"])
         if world_size > 1:
             local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            _init_group(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]), local_size, "env://",
-                        backend)
+            _init_group(
+                int(os.environ["RANK"]),
+                world_size,
+                int(os.environ["LOCAL_RANK"]),
+                local_size,
+                "env://",
+                backend,
+            )
         return main_func(*args)
 
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
         return main_func(*args)
     if backend == "nccl" and num_gpus_per_machine > torch.cuda.device_count():
-        raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs visible")
+        raise ValueError(
+            f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} GPUs visible"
+        )
     if dist_url == "auto":
         if num_machines != 1:
-            raise ValueError("dist_url=auto only works on one machine; pass --dist-url tcp://HOST:PORT")
+            raise ValueError(
+                "dist_url=auto only works on one machine; pass --dist-url tcp://HOST:PORT"
+            )
         from detectron2.engine.launch import _find_free_port
 
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     mp.start_processes(
-        _spawned_worker, nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, backend, tuple(args)),
-        daemon=False, start_method="spawn",
+        _spawned_worker,
+        nprocs=num_gpus_per_machine,
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            backend,
+            tuple(args),
+        ),
+        daemon=False,
+        start_method="spawn",
     )
 
 

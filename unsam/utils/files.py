@@ -6,6 +6,7 @@ target, which is renamed over the target only once complete. A reader, or a resu
 the old file or the whole new one, never a part. A killed write leaves its temporary file
 behind; :func:`remove_stale_temps` removes those of the files a run is about to write.
 """
+
 import contextlib
 import os
 import secrets
@@ -50,7 +51,7 @@ def temp_target(name: str) -> str:
     """The file a temporary name ``.<target>.<random>.tmp`` was written for ("" if none)."""
     if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
         return ""
-    target, sep, _ = name[1:-len(TEMP_SUFFIX)].rpartition(".")
+    target, sep, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")
     return target if sep else ""
 
 
@@ -120,7 +121,9 @@ def create_once(path, text: str) -> bool:
             os.unlink(staged)
 
 
-def by_stem(files: Iterable[Path], clash: Callable[[str, Path, Path], Exception]) -> Dict[str, Path]:
+def by_stem(
+    files: Iterable[Path], clash: Callable[[str, Path, Path], Exception]
+) -> Dict[str, Path]:
     """``{file stem: file}``; two files of one stem raise ``clash(stem, first, second)``.
 
     Outputs are named, and label files matched, by stem: two inputs of one stem would write or

@@ -8,6 +8,7 @@ turns most of a typical 16-bit image white. Here 16-bit greyscale keeps its high
 and floating-point images (mode ``I`` / ``F``, e.g. some TIFFs) have no agreed range and are
 refused with :class:`UnsupportedImageError`.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,10 @@ def open_image(path) -> Image.Image:
         return Image.fromarray((np.asarray(im) >> _SHIFT_16_TO_8).astype(np.uint8))
     if im.mode in ("I", "F"):
         kind = "integer" if im.mode == "I" else "floating-point"
-        raise UnsupportedImageError(f"{Path(path)}: 32-bit {kind} images are not supported "
-                                    "(save it with 8 or 16 bits per channel)")
+        raise UnsupportedImageError(
+            f"{Path(path)}: 32-bit {kind} images are not supported "
+            "(save it with 8 or 16 bits per channel)"
+        )
     return im
 
 

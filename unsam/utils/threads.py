@@ -1,5 +1,6 @@
 """Scoped torch thread count (:func:`torch_threads`), for code whose floating-point sums must
 not depend on the caller's setting: a different intra-op thread count adds in another order."""
+
 import contextlib
 from typing import Iterator
 

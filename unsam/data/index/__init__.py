@@ -10,6 +10,7 @@ and each process holds ~100 bytes per image instead of every mask of every image
 * :mod:`.tsv` — the converter to the published UnSAM / Semantic-SAM TSV shards;
 * ``python -m unsam.data.index ROOT [ROOT ...]`` — build / update, optionally ``--to-tsv OUT``.
 """
+
 from .build import BuildSummary, build_index, find_index, index_dir_for  # noqa: F401
 from .dataset import IndexedDataset, sample_indices  # noqa: F401
 from .formats import KINDS, ROW_DTYPE  # noqa: F401

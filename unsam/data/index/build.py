@@ -25,6 +25,7 @@ file added to a folder re-indexes one chunk, not the rest of the folder. A new g
 becomes visible when ``CURRENT`` is replaced (atomically), so readers never see half an index;
 the previous generation is kept for readers that still have it open.
 """
+
 import contextlib
 import json
 import logging
@@ -48,10 +49,19 @@ try:
 except ImportError:  # not POSIX: builds are not serialised
     fcntl = None
 
-from ...utils.files import OutputError, atomic_write, ensure_writable_dir, remove_stale_temps
 from ...io.sa1b import DatasetError
-from .formats import KIND_JSON, KIND_TAR, KIND_TSV, KINDS, ROW_DTYPE, Chunk, index_json_files, index_tar, \
-    index_tsv
+from ...utils.files import OutputError, atomic_write, ensure_writable_dir, remove_stale_temps
+from .formats import (
+    KIND_JSON,
+    KIND_TAR,
+    KIND_TSV,
+    KINDS,
+    ROW_DTYPE,
+    Chunk,
+    index_json_files,
+    index_tar,
+    index_tsv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +84,9 @@ def index_dir_for(root, cache_dir=None) -> Path:
 
 def find_index(root, cache_dir=None) -> Optional[Path]:
     """The built index of ``root``: the ``cache_dir`` one if built, else the one beside the data."""
-    candidates = [index_dir_for(root, cache_dir)] + ([index_dir_for(root)] if cache_dir is not None else [])
+    candidates = [index_dir_for(root, cache_dir)] + (
+        [index_dir_for(root)] if cache_dir is not None else []
+    )
     return next((c for c in candidates if (c / CURRENT).is_file()), None)
 
 
@@ -87,6 +99,7 @@ def read_current(index_dir: Path) -> Dict:
 class ChunkPlan:
     """One indexing task: ``kind``, ``source`` (folder or file, relative to the root), the JSON
     ``names`` of a folder chunk, the ``lineidx`` of a TSV, its ``id`` and input ``bytes``."""
+
     id: str
     kind: str
     source: str
@@ -113,7 +126,12 @@ def _sig(entry: os.DirEntry) -> Tuple[str, int, int]:
 
 
 _DIGIT_RUNS = re.compile(r"(\d+)")
-_SOURCE_FILES = (".json", ".tar", ".tsv", ".lineidx")  # what plan_sources looks at (images are not sorted)
+_SOURCE_FILES = (
+    ".json",
+    ".tar",
+    ".tsv",
+    ".lineidx",
+)  # what plan_sources looks at (images are not sorted)
 
 
 def natural_key(name: str):
@@ -126,15 +144,22 @@ def plan_sources(root: str, chunk_files: int = CHUNK_FILES) -> List[SourcePlan]:
     """The sources of ``root`` (itself and its non-hidden sub-folders), in index order: per
     folder its JSON files (one source), then its tars, then its TSVs; folders and files in
     natural order (``shard_2`` before ``shard_10``, as the TSV converter numbers its shards)."""
-    folders = [""] + sorted((e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")),
-                            key=natural_key)
+    folders = [""] + sorted(
+        (e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")),
+        key=natural_key,
+    )
     plans: List[SourcePlan] = []
     for folder in folders:
         # only the files a source is made of are sorted (not the images): a million-image folder
         # is checked for changes at every training start
-        entries = sorted((e for e in os.scandir(os.path.join(root, folder))
-                          if e.name.endswith(_SOURCE_FILES) and not e.name.startswith(".") and e.is_file()),
-                         key=lambda e: natural_key(e.name))
+        entries = sorted(
+            (
+                e
+                for e in os.scandir(os.path.join(root, folder))
+                if e.name.endswith(_SOURCE_FILES) and not e.name.startswith(".") and e.is_file()
+            ),
+            key=lambda e: natural_key(e.name),
+        )
         by_name = {e.name: e for e in entries}
         jsons = [_sig(e) for e in entries if e.name.endswith(".json")]
         if jsons:
@@ -142,11 +167,22 @@ def plan_sources(root: str, chunk_files: int = CHUNK_FILES) -> List[SourcePlan]:
             start = 0
             for i, (name, _, _) in enumerate(jsons):
                 last = i == len(jsons) - 1
-                if last or zlib.crc32(name.encode()) % chunk_files == 0 or i + 1 - start >= 4 * chunk_files:
-                    part = jsons[start:i + 1]
+                if (
+                    last
+                    or zlib.crc32(name.encode()) % chunk_files == 0
+                    or i + 1 - start >= 4 * chunk_files
+                ):
+                    part = jsons[start : i + 1]
                     signature = "\n".join(f"{n}\0{s}\0{m}" for n, s, m in part)
-                    plan.chunks.append(ChunkPlan(_chunk_id(KIND_JSON, folder, signature), KIND_JSON, folder,
-                                                 tuple(n for n, _, _ in part), bytes=sum(s for _, s, _ in part)))
+                    plan.chunks.append(
+                        ChunkPlan(
+                            _chunk_id(KIND_JSON, folder, signature),
+                            KIND_JSON,
+                            folder,
+                            tuple(n for n, _, _ in part),
+                            bytes=sum(s for _, s, _ in part),
+                        )
+                    )
                     start = i + 1
             plans.append(plan)
         for kind, ext in ((KIND_TAR, ".tar"), (KIND_TSV, ".tsv")):
@@ -160,8 +196,22 @@ def plan_sources(root: str, chunk_files: int = CHUNK_FILES) -> List[SourcePlan]:
                     lineidx = os.path.join(folder, e.name[:-4] + ".lineidx")
                     sigs.append(_sig(by_name[e.name[:-4] + ".lineidx"]))
                 signature = "\n".join(f"{n}\0{s}\0{m}" for n, s, m in sigs)
-                plans.append(SourcePlan(kind, rel, lineidx, [ChunkPlan(_chunk_id(kind, rel, signature), kind, rel,
-                                                                       lineidx=lineidx, bytes=sigs[0][1])]))
+                plans.append(
+                    SourcePlan(
+                        kind,
+                        rel,
+                        lineidx,
+                        [
+                            ChunkPlan(
+                                _chunk_id(kind, rel, signature),
+                                kind,
+                                rel,
+                                lineidx=lineidx,
+                                bytes=sigs[0][1],
+                            )
+                        ],
+                    )
+                )
     return plans
 
 
@@ -181,10 +231,22 @@ def _chunk_path(chunks_dir: Path, chunk_id: str, retry: bool = False) -> Path:
 def _save_chunk(chunks_dir: Path, plan: ChunkPlan, chunk: Chunk, seconds: float) -> None:
     keys, keys_off = _blob(chunk.keys)
     images, images_off = _blob(chunk.images)
-    meta = {"images": len(chunk.rows), "slow": chunk.slow, "seconds": seconds, "skipped": chunk.skipped}
+    meta = {
+        "images": len(chunk.rows),
+        "slow": chunk.slow,
+        "seconds": seconds,
+        "skipped": chunk.skipped,
+    }
     with atomic_write(_chunk_path(chunks_dir, plan.id, chunk.retry), "wb") as f:
-        np.savez(f, rows=chunk.row_array(), keys=keys, keys_off=keys_off, images=images, images_off=images_off,
-                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        np.savez(
+            f,
+            rows=chunk.row_array(),
+            keys=keys,
+            keys_off=keys_off,
+            images=images,
+            images_off=images_off,
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        )
     if not chunk.retry:  # a chunk that needed another try and now is complete
         _chunk_path(chunks_dir, plan.id, True).unlink(missing_ok=True)
 
@@ -218,6 +280,7 @@ def _run_task(args) -> Dict:
 @dataclass
 class BuildSummary:
     """What a build did; ``line()`` is the CLI's one-line report."""
+
     root: str
     index_dir: str
     images: int = 0
@@ -239,16 +302,20 @@ class BuildSummary:
     def line(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in self.sources.items() if n)
         n = sum(self.sources.values())
-        text = (f"{self.root}: {self.images} images in {n} source{'s' * (n != 1)} ({kinds or 'none'}), "
-                f"{self.skipped} skipped")
+        text = (
+            f"{self.root}: {self.images} images in {n} source{'s' * (n != 1)} ({kinds or 'none'}), "
+            f"{self.skipped} skipped"
+        )
         if self.first_skipped:
             text += f" (first: {'; '.join(self.first_skipped)}; all in {self.index_dir}/<generation>/skipped.txt)"
         if self.up_to_date:
             text += f"; index up to date, {self.seconds:.2f} s"
         else:
             rate = self.indexed / self.index_seconds if self.index_seconds > 0 else 0.0
-            text += (f"; indexed {self.indexed} images ({self.chunks_indexed} chunks, {self.chunks_kept} kept) "
-                     f"in {self.seconds:.2f} s, {rate:.0f} images/s with {self.workers} workers")
+            text += (
+                f"; indexed {self.indexed} images ({self.chunks_indexed} chunks, {self.chunks_kept} kept) "
+                f"in {self.seconds:.2f} s, {rate:.0f} images/s with {self.workers} workers"
+            )
         return text + f"; index {self.index_dir} ({self.index_bytes / 1e6:.1f} MB)"
 
 
@@ -279,11 +346,19 @@ def _folder_bytes(path: Path) -> int:
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
-def build_index(root, cache_dir=None, workers: Optional[int] = None, rebuild: bool = False,
-                progress: bool = True, chunk_files: int = CHUNK_FILES) -> BuildSummary:
+def build_index(
+    root,
+    cache_dir=None,
+    workers: Optional[int] = None,
+    rebuild: bool = False,
+    progress: bool = True,
+    chunk_files: int = CHUNK_FILES,
+) -> BuildSummary:
     """Build or update the index of ``root`` (see the module doc); returns a :class:`BuildSummary`.
 
     Raises :class:`DatasetError` when ``root`` is not a folder and
@@ -298,14 +373,25 @@ def build_index(root, cache_dir=None, workers: Optional[int] = None, rebuild: bo
     try:
         ensure_writable_dir(index_dir)
     except OutputError as e:
-        hint = "" if cache_dir is not None else " (data on a read-only mount? pass a cache folder: --cache-dir)"
+        hint = (
+            ""
+            if cache_dir is not None
+            else " (data on a read-only mount? pass a cache folder: --cache-dir)"
+        )
         raise OutputError(f"cannot write the index of '{root}': {e}{hint}") from None
     with _build_lock(index_dir):
         return _build_locked(root, index_dir, workers, rebuild, progress, chunk_files, start)
 
 
-def _build_locked(root: str, index_dir: Path, workers: Optional[int], rebuild: bool, progress: bool,
-                  chunk_files: int, start: float) -> BuildSummary:
+def _build_locked(
+    root: str,
+    index_dir: Path,
+    workers: Optional[int],
+    rebuild: bool,
+    progress: bool,
+    chunk_files: int,
+    start: float,
+) -> BuildSummary:
     """:func:`build_index` once this process holds the folder's build lock."""
     chunks_dir = index_dir / "chunks"
     chunks_dir.mkdir(exist_ok=True)
@@ -324,26 +410,51 @@ def _build_locked(root: str, index_dir: Path, workers: Optional[int], rebuild: b
     summary.chunks_indexed = len(todo)
     all_ids = sha1("\n".join(c.id for c in chunk_plans).encode()).hexdigest()
     current = read_current(index_dir) if (index_dir / CURRENT).is_file() else None
-    if (not todo and current and current.get("chunks") == all_ids and current.get("version") == INDEX_VERSION
-            and (index_dir / current["generation"]).is_dir()):
-        summary.__dict__.update(images=current["images"], sources=current["kinds"], skipped=current["skipped"],
-                                labelled=current["labelled"], empty_masks=current["empty_masks"],
-                                first_skipped=current["first_skipped"], up_to_date=True,
-                                seconds=time.perf_counter() - start, index_bytes=_folder_bytes(index_dir))
+    if (
+        not todo
+        and current
+        and current.get("chunks") == all_ids
+        and current.get("version") == INDEX_VERSION
+        and (index_dir / current["generation"]).is_dir()
+    ):
+        summary.__dict__.update(
+            images=current["images"],
+            sources=current["kinds"],
+            skipped=current["skipped"],
+            labelled=current["labelled"],
+            empty_masks=current["empty_masks"],
+            first_skipped=current["first_skipped"],
+            up_to_date=True,
+            seconds=time.perf_counter() - start,
+            index_bytes=_folder_bytes(index_dir),
+        )
         logger.info("%s", summary.line())
         return summary
 
-    logger.info("indexing %s: %d sources, %d chunks to index, %d kept (%s)", root, len(plans), len(todo),
-                summary.chunks_kept, index_dir)
+    logger.info(
+        "indexing %s: %d sources, %d chunks to index, %d kept (%s)",
+        root,
+        len(plans),
+        len(todo),
+        summary.chunks_kept,
+        index_dir,
+    )
     index_start = time.perf_counter()
     todo.sort(key=lambda c: -c.bytes)  # the biggest first: workers finish together
     tasks = [(root, str(chunks_dir), c) for c in todo]
-    with tqdm(total=len(todo), unit="chunk", desc=f"index {os.path.basename(root)}", disable=not progress or not todo,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(todo),
+        unit="chunk",
+        desc=f"index {os.path.basename(root)}",
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+    ) as bar:
+
         def done(result):
             summary.indexed += result["images"]
             bar.update(1)
             bar.set_postfix(images=summary.indexed, refresh=False)
+
         if workers == 1 or len(todo) <= 1:
             for task in tasks:
                 done(_run_task(task))
@@ -356,10 +467,19 @@ def _build_locked(root: str, index_dir: Path, workers: Optional[int], rebuild: b
     summary.index_seconds = time.perf_counter() - index_start
 
     generation = _merge(root, index_dir, chunks_dir, plans, summary)
-    current = {"version": INDEX_VERSION, "generation": generation, "root": root, "images": summary.images,
-               "labelled": summary.labelled, "empty_masks": summary.empty_masks,
-               "kinds": summary.sources, "skipped": summary.skipped, "first_skipped": summary.first_skipped,
-               "chunks": all_ids, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    current = {
+        "version": INDEX_VERSION,
+        "generation": generation,
+        "root": root,
+        "images": summary.images,
+        "labelled": summary.labelled,
+        "empty_masks": summary.empty_masks,
+        "kinds": summary.sources,
+        "skipped": summary.skipped,
+        "first_skipped": summary.first_skipped,
+        "chunks": all_ids,
+        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     previous = read_current(index_dir)["generation"] if (index_dir / CURRENT).is_file() else None
     with atomic_write(index_dir / CURRENT) as f:
         json.dump(current, f, indent=1)
@@ -370,7 +490,9 @@ def _build_locked(root: str, index_dir: Path, workers: Optional[int], rebuild: b
     return summary
 
 
-def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan], summary: BuildSummary) -> str:
+def _merge(
+    root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan], summary: BuildSummary
+) -> str:
     """Concatenate the chunks of ``plans`` into a new generation folder; returns its name.
     Rows are streamed into a memory-mapped ``rows.npy`` (constant memory at any size)."""
     generation = f"index-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -381,8 +503,12 @@ def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan]
     metas = {i: _load_meta(p) for i, p in paths.items()}
     total = sum(m["images"] for m in metas.values())
     rows = np.lib.format.open_memmap(out / "rows.npy", mode="w+", dtype=ROW_DTYPE, shape=(total,))
-    keys_off = np.lib.format.open_memmap(out / "keys_off.npy", mode="w+", dtype=np.int64, shape=(total + 1,))
-    images_off = np.lib.format.open_memmap(out / "images_off.npy", mode="w+", dtype=np.int64, shape=(total + 1,))
+    keys_off = np.lib.format.open_memmap(
+        out / "keys_off.npy", mode="w+", dtype=np.int64, shape=(total + 1,)
+    )
+    images_off = np.lib.format.open_memmap(
+        out / "images_off.npy", mode="w+", dtype=np.int64, shape=(total + 1,)
+    )
     keys_off[0] = images_off[0] = 0
     sources, skipped = [], []
     kinds = {k: 0 for k in KINDS}
@@ -395,9 +521,9 @@ def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan]
                     part = z["rows"]
                     m = len(part)
                     part["source"] = s
-                    rows[n:n + m] = part
-                    keys_off[n + 1:n + m + 1] = z["keys_off"][1:] + keys_off[n]
-                    images_off[n + 1:n + m + 1] = z["images_off"][1:] + images_off[n]
+                    rows[n : n + m] = part
+                    keys_off[n + 1 : n + m + 1] = z["keys_off"][1:] + keys_off[n]
+                    images_off[n + 1 : n + m + 1] = z["images_off"][1:] + images_off[n]
                     keys_file.write(z["keys"].tobytes())
                     images_file.write(z["images"].tobytes())
                 n += m
@@ -406,8 +532,15 @@ def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan]
                 skip += len(metas[c.id]["skipped"])
                 skipped.extend(metas[c.id]["skipped"])
             kinds[plan.kind] += 1
-            sources.append({"kind": plan.kind, "path": plan.path, "lineidx": plan.lineidx, "images": count,
-                            "skipped": skip})
+            sources.append(
+                {
+                    "kind": plan.kind,
+                    "path": plan.path,
+                    "lineidx": plan.lineidx,
+                    "images": count,
+                    "skipped": skip,
+                }
+            )
     nonempty = np.flatnonzero(rows["masks"] > rows["empty"]).astype(np.int64)
     np.save(out / "nonempty.npy", nonempty)
     summary.labelled, summary.empty_masks = len(nonempty), int(rows["empty"].sum(dtype=np.int64))
@@ -422,7 +555,11 @@ def _merge(root: str, index_dir: Path, chunks_dir: Path, plans: List[SourcePlan]
     for message in skipped[:MAX_WARNINGS]:
         logger.warning("not indexed: %s", message)
     if len(skipped) > MAX_WARNINGS:
-        logger.warning("... and %d more not indexed (all in %s)", len(skipped) - MAX_WARNINGS, out / "skipped.txt")
+        logger.warning(
+            "... and %d more not indexed (all in %s)",
+            len(skipped) - MAX_WARNINGS,
+            out / "skipped.txt",
+        )
     summary.images, summary.sources, summary.skipped = total, kinds, len(skipped)
     summary.first_skipped = skipped[:2]
     return generation

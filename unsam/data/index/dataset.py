@@ -8,15 +8,16 @@ shares the parent's mappings. Records are validated when read; a bad one raises
 :class:`unsam.io.sa1b.SA1BFormatError` naming the source and offset, for the caller (the
 training mapper) to warn, count and replace.
 """
+
 import mmap
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import unsam.compat  # noqa: F401  (before detectron2)
+
 import numpy as np
 import torch
-
-import unsam.compat  # noqa: F401  (before detectron2)
 from detectron2.structures import BoxMode
 
 from ...io.sa1b import DatasetError, SA1BFormatError
@@ -67,7 +68,11 @@ def _random_access(array: np.ndarray) -> np.ndarray:
 
 
 def _blob(path: str) -> np.ndarray:
-    return _random_access(np.memmap(path, np.uint8, "r")) if os.path.getsize(path) else np.zeros(0, np.uint8)
+    return (
+        _random_access(np.memmap(path, np.uint8, "r"))
+        if os.path.getsize(path)
+        else np.zeros(0, np.uint8)
+    )
 
 
 def _array(path: str) -> np.ndarray:
@@ -87,8 +92,17 @@ class IndexedDataset(torch.utils.data.Dataset):
     "record_name"}`` with annotations as :func:`unsam.data.sa1b.load_sa1b_dicts` gives them.
     """
 
-    def __init__(self, root, cache_dir=None, *, build: bool = False, workers: Optional[int] = None,
-                 skip_empty: bool = False, max_instances: Optional[int] = None, progress: bool = True):
+    def __init__(
+        self,
+        root,
+        cache_dir=None,
+        *,
+        build: bool = False,
+        workers: Optional[int] = None,
+        skip_empty: bool = False,
+        max_instances: Optional[int] = None,
+        progress: bool = True,
+    ):
         self.root = os.path.abspath(root)
         self.cache_dir = None if cache_dir is None else os.path.abspath(cache_dir)
         if build:
@@ -97,11 +111,15 @@ class IndexedDataset(torch.utils.data.Dataset):
         if index_dir is None:
             looked = index_dir_for(self.root, self.cache_dir)
             option = f" --cache-dir {self.cache_dir}" if self.cache_dir else ""
-            raise DatasetError(f"dataset root '{self.root}' has no index (looked in {looked}): build it with "
-                               f"'python -m unsam.data.index {self.root}{option}'")
+            raise DatasetError(
+                f"dataset root '{self.root}' has no index (looked in {looked}): build it with "
+                f"'python -m unsam.data.index {self.root}{option}'"
+            )
         self.skip_empty = skip_empty
         self.max_instances = max_instances
-        for attempt in range(3):  # a build may replace the generation between reading CURRENT and opening it
+        for attempt in range(
+            3
+        ):  # a build may replace the generation between reading CURRENT and opening it
             current = read_current(index_dir)
             self.index_dir = str(index_dir / current["generation"])
             self._closed_state()
@@ -114,19 +132,29 @@ class IndexedDataset(torch.utils.data.Dataset):
                 if attempt == 2:
                     raise
         if current.get("version") != INDEX_VERSION:
-            raise DatasetError(f"the index of '{self.root}' ({index_dir}) was built by another version of UnSAM "
-                               f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it with "
-                               f"'python -m unsam.data.index {self.root}"
-                               f"{' --cache-dir ' + self.cache_dir if self.cache_dir else ''}'")
+            raise DatasetError(
+                f"the index of '{self.root}' ({index_dir}) was built by another version of UnSAM "
+                f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it with "
+                f"'python -m unsam.data.index {self.root}"
+                f"{' --cache-dir ' + self.cache_dir if self.cache_dir else ''}'"
+            )
         self.index_dir = str(index_dir / current["generation"])
         # images, labelled (with a non-empty mask), empty_masks, skipped, kinds: the build's counts
-        self.summary = {k: current[k] for k in ("images", "labelled", "empty_masks", "skipped", "first_skipped",
-                                                "kinds")}
+        self.summary = {
+            k: current[k]
+            for k in ("images", "labelled", "empty_masks", "skipped", "first_skipped", "kinds")
+        }
         if len(self) == 0:
             what = "non-empty image" if skip_empty and current["images"] else "usable image"
-            first = f"; first skipped: {current['first_skipped'][0]}" if current.get("first_skipped") else ""
-            raise DatasetError(f"dataset root '{self.root}' has no {what} ({current['images']} indexed, "
-                               f"{current['skipped']} skipped{first})")
+            first = (
+                f"; first skipped: {current['first_skipped'][0]}"
+                if current.get("first_skipped")
+                else ""
+            )
+            raise DatasetError(
+                f"dataset root '{self.root}' has no {what} ({current['images']} indexed, "
+                f"{current['skipped']} skipped{first})"
+            )
 
     # ------------------------------------------------------------------------------ state
     def _closed_state(self) -> None:
@@ -147,8 +175,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 
         d = self.index_dir
         with open(os.path.join(d, "sources.json")) as f:
-            self._sources: List[Tuple[str, str]] = [(s["kind"], os.path.join(self.root, s["path"]))
-                                                    for s in json.load(f)]
+            self._sources: List[Tuple[str, str]] = [
+                (s["kind"], os.path.join(self.root, s["path"])) for s in json.load(f)
+            ]
         self._keys = _blob(os.path.join(d, "keys.bin"))
         self._keys_off = _array(os.path.join(d, "keys_off.npy"))
         self._images = _blob(os.path.join(d, "images.bin"))
@@ -157,15 +186,24 @@ class IndexedDataset(torch.utils.data.Dataset):
         self._rows = _array(os.path.join(d, "rows.npy"))
         # opened now, while this generation exists (a later build may delete it; open files and
         # maps stay readable); pread needs no file position, so forked workers share them
-        for array in (self._keys, self._keys_off, self._images, self._images_off, self._order, self._rows):
+        for array in (
+            self._keys,
+            self._keys_off,
+            self._images,
+            self._images_off,
+            self._order,
+            self._rows,
+        ):
             name = getattr(array, "filename", None)
             if name is not None and name not in self._index_fds:
                 self._index_fds[name] = os.open(name, os.O_RDONLY)
 
     def __getstate__(self) -> Dict:
         """Only where the index is: a worker reopens the memory maps (no array is pickled)."""
-        return {k: self.__dict__[k] for k in ("root", "cache_dir", "index_dir", "skip_empty", "max_instances",
-                                              "summary")}
+        return {
+            k: self.__dict__[k]
+            for k in ("root", "cache_dir", "index_dir", "skip_empty", "max_instances", "summary")
+        }
 
     def __setstate__(self, state: Dict) -> None:
         self.__dict__.update(state)
@@ -216,7 +254,9 @@ class IndexedDataset(torch.utils.data.Dataset):
         size = array.dtype.itemsize
         data = os.pread(fd, size * count, array.offset + i * size)
         if len(data) != size * count:
-            raise SA1BFormatError(f"index file {array.filename} is cut short; rebuild the index of {self.root}")
+            raise SA1BFormatError(
+                f"index file {array.filename} is cut short; rebuild the index of {self.root}"
+            )
         return np.frombuffer(data, array.dtype)
 
     def _row_at(self, row: int):
@@ -270,8 +310,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         offset, size = int(r[f"{which}_offset"]), int(r[f"{which}_size"])
         data = os.pread(self._fd(int(r["source"])), size, offset)
         if len(data) != size:
-            raise SA1BFormatError(f"{self._where(row)}: {which} truncated ({len(data)} of {size} bytes at "
-                                  f"{offset}); the source changed since indexing? rebuild the index")
+            raise SA1BFormatError(
+                f"{self._where(row)}: {which} truncated ({len(data)} of {size} bytes at "
+                f"{offset}); the source changed since indexing? rebuild the index"
+            )
         return data
 
     def raw_record(self, i: int) -> Tuple[bytes, str]:
@@ -307,12 +349,21 @@ class IndexedDataset(torch.utils.data.Dataset):
                 with open(path, "rb") as f:
                     return f.read()
             except OSError as e:
-                raise SA1BFormatError(f"{self._where(row)}: image '{path}' unreadable ({e.strerror or e})") from None
+                raise SA1BFormatError(
+                    f"{self._where(row)}: image '{path}' unreadable ({e.strerror or e})"
+                ) from None
         data = self._read(row, "image")
         return decode_base64_image(data, self._where(row)) if kind == KIND_TSV else data
 
-    def record(self, i: int, max_instances: Optional[int] = None, rng=None, read_image: bool = True,
-               validate: bool = True, check_runs: bool = True) -> Dict:
+    def record(
+        self,
+        i: int,
+        max_instances: Optional[int] = None,
+        rng=None,
+        read_image: bool = True,
+        validate: bool = True,
+        check_runs: bool = True,
+    ) -> Dict:
         """Image ``i`` as a detectron2 dataset dict, read and validated from its one record.
 
         ``max_instances``: keep at most this many annotations, drawn uniformly at random with
@@ -331,22 +382,34 @@ class IndexedDataset(torch.utils.data.Dataset):
         """
         row = self._row(i)
         raw, where = self.raw_record(i)
-        data, selected = parse_record(raw, where, None if max_instances is None
-                                      else lambda n: sample_indices(n, max_instances, rng), validate, check_runs)
+        data, selected = parse_record(
+            raw,
+            where,
+            None if max_instances is None else lambda n: sample_indices(n, max_instances, rng),
+            validate,
+            check_runs,
+        )
         image = data["image"]
         r = self._row_at(row)
         height, width = int(image["height"]), int(image["width"])
         if (height, width) != (int(r["height"]), int(r["width"])):
-            raise SA1BFormatError(f"{where}: image is {height}x{width}, the index says {int(r['height'])}x"
-                                  f"{int(r['width'])}: the source changed since indexing; rebuild the index")
+            raise SA1BFormatError(
+                f"{where}: image is {height}x{width}, the index says {int(r['height'])}x"
+                f"{int(r['width'])}: the source changed since indexing; rebuild the index"
+            )
         annotations = data["annotations"]
         key = self._string(self._keys, self._keys_off, row)
         out = {
-            "image_id": image.get("image_id", image.get("id", os.path.splitext(os.path.basename(key))[0])),
+            "image_id": image.get(
+                "image_id", image.get("id", os.path.splitext(os.path.basename(key))[0])
+            ),
             "height": height,
             "width": width,
-            "annotations": (_record_annotations(annotations, selected)[0] if validate
-                            else [annotation_dict(annotations[k], k) for k in selected]),
+            "annotations": (
+                _record_annotations(annotations, selected)[0]
+                if validate
+                else [annotation_dict(annotations[k], k) for k in selected]
+            ),
             "record_name": where,
         }
         kind, _ = self._sources[int(r["source"])]
@@ -364,7 +427,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         generator, which detectron2 seeds per loader worker (reproducible runs)."""
         rng = None
         if self.max_instances is not None:
-            rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
+            rng = np.random.default_rng(np.random.randint(0, 2**31 - 1))
         return self.record(i, self.max_instances, rng)
 
     def __repr__(self) -> str:

@@ -15,9 +15,10 @@ small ``"image": {...}`` object at the start of the text (a full JSON parse only
 path fails) and the mask count from the number of ``"segmentation"`` keys. A record that cannot
 be indexed becomes a *skipped* message naming the file (and member / offset), never a row.
 """
+
 import base64
-import bisect
 import binascii
+import bisect
 import json
 import os
 import re
@@ -45,11 +46,19 @@ KINDS = (KIND_JSON, KIND_TAR, KIND_TSV)
 # kept in the index's string table). ``masks``: number of annotations; ``empty``: how many of them
 # have an empty RLE (no pixel) — the trainer drops those, so an image is "labelled" when
 # masks > empty, and that is known without reading any record (52 bytes per row).
-ROW_DTYPE = np.dtype([
-    ("source", "<i4"), ("height", "<i4"), ("width", "<i4"), ("masks", "<i4"),
-    ("record_offset", "<i8"), ("record_size", "<i8"), ("image_offset", "<i8"), ("image_size", "<i8"),
-    ("empty", "<i4"),
-])
+ROW_DTYPE = np.dtype(
+    [
+        ("source", "<i4"),
+        ("height", "<i4"),
+        ("width", "<i4"),
+        ("masks", "<i4"),
+        ("record_offset", "<i8"),
+        ("record_size", "<i8"),
+        ("image_offset", "<i8"),
+        ("image_size", "<i8"),
+        ("empty", "<i4"),
+    ]
+)
 
 # the fast path: a flat image object at the very start of the text (SA-1B's and our own layout)
 _HEADER = re.compile(rb'\A\s*\{\s*"image"\s*:\s*(\{[^{}]*\})')
@@ -94,7 +103,11 @@ def scan_record(raw: bytes) -> Tuple[Dict, int, int, int, bool]:
     inside its annotations is indexed and fails, named, when it is read (:func:`parse_record`).
     """
     match = _HEADER.match(raw)
-    if match is not None and raw.find(_ANNOTATIONS, match.end()) >= 0 and raw[-64:].rstrip().endswith(b"}"):
+    if (
+        match is not None
+        and raw.find(_ANNOTATIONS, match.end()) >= 0
+        and raw[-64:].rstrip().endswith(b"}")
+    ):
         try:
             image = json.loads(match.group(1))
         except ValueError:
@@ -141,8 +154,13 @@ def count_empty_masks(raw: bytes) -> int:
     return empty
 
 
-def parse_record(raw: bytes, where: str, choose: Optional[Callable[[int], Sequence[int]]] = None,
-                 validate: bool = True, check_runs: bool = True) -> Tuple[Dict, Sequence[int]]:
+def parse_record(
+    raw: bytes,
+    where: str,
+    choose: Optional[Callable[[int], Sequence[int]]] = None,
+    validate: bool = True,
+    check_runs: bool = True,
+) -> Tuple[Dict, Sequence[int]]:
     """Parse one SA-1B JSON text and validate it as :func:`unsam.io.sa1b.read_sa1b_json` does;
     returns ``(data, selected)``. ``choose(n)`` picks which of the n annotations are used (all when
     None); only those are validated — a training sample checks what it uses, and no RLE is
@@ -196,8 +214,18 @@ class Chunk:
         self.slow = 0
         self.retry = False
 
-    def add(self, key: str, image: str, height: int, width: int, masks: int, fast: bool,
-            record: Tuple[int, int] = (0, 0), image_at: Tuple[int, int] = (0, 0), empty: int = 0) -> None:
+    def add(
+        self,
+        key: str,
+        image: str,
+        height: int,
+        width: int,
+        masks: int,
+        fast: bool,
+        record: Tuple[int, int] = (0, 0),
+        image_at: Tuple[int, int] = (0, 0),
+        empty: int = 0,
+    ) -> None:
         self.rows.append((0, height, width, masks) + tuple(record) + tuple(image_at) + (empty,))
         self.keys.append(key)
         self.images.append(image)
@@ -237,7 +265,9 @@ def index_json_files(root: str, folder: str, names: List[str]) -> Chunk:
             stored = os.path.relpath(image_path, folder_path)
         else:
             stored = os.path.abspath(image_path)
-        chunk.add(name, stored, height, width, masks, fast, (0, len(raw)), empty=count_empty_masks(raw))
+        chunk.add(
+            name, stored, height, width, masks, fast, (0, len(raw)), empty=count_empty_masks(raw)
+        )
     return chunk
 
 
@@ -258,8 +288,10 @@ def index_tar(root: str, rel: str) -> Chunk:
                     if not member.isfile():
                         continue
                     if member.offset_data + member.size > size:
-                        chunk.skipped.append(f"{path}: member '{member.name}' truncated (at byte {size} of "
-                                             f"{member.offset_data + member.size}); the tar ends there")
+                        chunk.skipped.append(
+                            f"{path}: member '{member.name}' truncated (at byte {size} of "
+                            f"{member.offset_data + member.size}); the tar ends there"
+                        )
                         complete = False
                         break
                     end = member.offset_data + member.size
@@ -271,14 +303,18 @@ def index_tar(root: str, rel: str) -> Chunk:
                 if complete:
                     end = tf.offset
         except (tarfile.TarError, EOFError, OSError) as e:
-            chunk.skipped.append(f"{path}: unreadable tar after {len(records) + len(images)} members "
-                                 f"({e}); the rest is not indexed")
+            chunk.skipped.append(
+                f"{path}: unreadable tar after {len(records) + len(images)} members "
+                f"({e}); the rest is not indexed"
+            )
             complete = False
         if complete:  # tarfile stops quietly at a cut or corrupt header: look for the end marker
             tail = os.pread(fd, 1024, end)
             if len(tail) < 1024 or tail.strip(b"\0"):
-                chunk.skipped.append(f"{path}: no tar header or end-of-archive marker at byte {end} "
-                                     "(truncated or corrupt); the members before it are indexed")
+                chunk.skipped.append(
+                    f"{path}: no tar header or end-of-archive marker at byte {end} "
+                    "(truncated or corrupt); the members before it are indexed"
+                )
         for member in records:
             where = f"{path}:{member.name}"
             raw = os.pread(fd, member.size, member.offset_data)
@@ -291,12 +327,23 @@ def index_tar(root: str, rel: str) -> Chunk:
             found = images.get(stem)
             if found is None:  # image.file_name, beside the JSON member
                 file_name = str(image.get("file_name", ""))
-                found = images.get(os.path.splitext(os.path.join(os.path.dirname(member.name), file_name))[0])
+                found = images.get(
+                    os.path.splitext(os.path.join(os.path.dirname(member.name), file_name))[0]
+                )
             if found is None:
                 chunk.skipped.append(f"{where}: no image member '{stem}.*' in the tar")
                 continue
-            chunk.add(member.name, "", height, width, masks, fast, (member.offset_data, member.size), found,
-                      empty=count_empty_masks(raw))
+            chunk.add(
+                member.name,
+                "",
+                height,
+                width,
+                masks,
+                fast,
+                (member.offset_data, member.size),
+                found,
+                empty=count_empty_masks(raw),
+            )
     finally:
         os.close(fd)
     return chunk
@@ -326,7 +373,9 @@ def scan_line_starts(path: str, block: int = 1 << 24) -> List[int]:
             data = f.read(block)
             if not data:
                 break
-            starts.extend((np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + offset + 1).tolist())
+            starts.extend(
+                (np.flatnonzero(np.frombuffer(data, np.uint8) == 10) + offset + 1).tolist()
+            )
             offset += len(data)
     while starts and starts[-1] >= offset:
         starts.pop()
@@ -349,10 +398,14 @@ def index_tsv(root: str, rel: str, lineidx_rel: Optional[str]) -> Chunk:
         valid = []
         for k, offset in entries:
             if not 0 <= offset < size:
-                chunk.skipped.append(f"{path}: lineidx line {k + 1}: offset {offset} is outside the file "
-                                     f"({size} bytes)")
+                chunk.skipped.append(
+                    f"{path}: lineidx line {k + 1}: offset {offset} is outside the file "
+                    f"({size} bytes)"
+                )
             elif offset and os.pread(fd, 1, offset - 1) != b"\n":
-                chunk.skipped.append(f"{path}: lineidx line {k + 1}: offset {offset} is not the start of a line")
+                chunk.skipped.append(
+                    f"{path}: lineidx line {k + 1}: offset {offset} is not the start of a line"
+                )
             else:
                 valid.append((k, offset))
         # a line ends where the next one starts: the listed offsets say where when the lineidx is
@@ -383,7 +436,7 @@ def index_tsv(root: str, rel: str, lineidx_rel: Optional[str]) -> Chunk:
                 continue
             name = head[:first].decode("utf-8", "replace")
             try:
-                _, height, width, masks, fast = scan_record(head[first + 1:second])
+                _, height, width, masks, fast = scan_record(head[first + 1 : second])
             except RecordError as e:
                 chunk.skipped.append(f"{where} ('{name}'): {e}")
                 continue
@@ -391,8 +444,17 @@ def index_tsv(root: str, rel: str, lineidx_rel: Optional[str]) -> Chunk:
             if end <= image_start:
                 chunk.skipped.append(f"{where} ('{name}'): empty image field")
                 continue
-            chunk.add(name, "", height, width, masks, fast, (offset + first + 1, second - first - 1),
-                      (image_start, end - image_start), empty=count_empty_masks(head[first + 1:second]))
+            chunk.add(
+                name,
+                "",
+                height,
+                width,
+                masks,
+                fast,
+                (offset + first + 1, second - first - 1),
+                (image_start, end - image_start),
+                empty=count_empty_masks(head[first + 1 : second]),
+            )
     finally:
         os.close(fd)
     return chunk

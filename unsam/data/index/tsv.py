@@ -11,6 +11,7 @@ Each shard is written atomically, the ``.tsv`` first and its ``.lineidx`` last, 
 both files is complete: a rerun keeps those and writes the rest (the shard plan depends only on
 the index order and ``images_per_shard``; delete ``OUT`` to convert afresh).
 """
+
 import base64
 import json
 import logging
@@ -23,8 +24,8 @@ from typing import List, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ...utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
 from ...io.sa1b import SA1BFormatError
+from ...utils.files import atomic_write, ensure_writable_dir, remove_stale_temps
 from .dataset import IndexedDataset
 from .formats import parse_record
 
@@ -41,8 +42,10 @@ class ConvertSummary:
     seconds: float = 0.0
 
     def line(self) -> str:
-        text = (f"{self.out}: {self.images} images in {self.shards_written} new shards "
-                f"({self.shards_kept} kept), {len(self.skipped)} skipped")
+        text = (
+            f"{self.out}: {self.images} images in {self.shards_written} new shards "
+            f"({self.shards_kept} kept), {len(self.skipped)} skipped"
+        )
         if self.skipped:
             text += f" (first: {self.skipped[0]})"
         return text + f", {self.seconds:.1f} s"
@@ -55,8 +58,16 @@ def tsv_line(name: str, data: dict, image: bytes) -> bytes:
     record = {"image": image_info, "annotations": data["annotations"]}
     record.update((k, v) for k, v in data.items() if k not in record)
     safe = name.replace("\t", " ").replace("\n", " ").replace("\r", " ")
-    return b"\t".join([safe.encode("utf-8"), json.dumps(record, separators=(",", ":")).encode("ascii"),
-                       base64.b64encode(image)]) + b"\n"
+    return (
+        b"\t".join(
+            [
+                safe.encode("utf-8"),
+                json.dumps(record, separators=(",", ":")).encode("ascii"),
+                base64.b64encode(image),
+            ]
+        )
+        + b"\n"
+    )
 
 
 def _name(dataset: IndexedDataset, i: int) -> str:
@@ -65,8 +76,13 @@ def _name(dataset: IndexedDataset, i: int) -> str:
     return os.path.splitext(os.path.basename(key))[0] if key.endswith(".json") else key
 
 
-def write_tsv_shards(datasets: Sequence[IndexedDataset], out, images_per_shard: int = 1000,
-                     prefix: str = "train", progress: bool = True) -> ConvertSummary:
+def write_tsv_shards(
+    datasets: Sequence[IndexedDataset],
+    out,
+    images_per_shard: int = 1000,
+    prefix: str = "train",
+    progress: bool = True,
+) -> ConvertSummary:
     """Write every image of ``datasets`` (in order) into ``OUT/<prefix>-K.tsv`` + ``.lineidx``,
     ``images_per_shard`` index positions per shard. Records that fail validation (or whose image
     cannot be read) are named in a warning, counted and left out."""
@@ -84,8 +100,13 @@ def write_tsv_shards(datasets: Sequence[IndexedDataset], out, images_per_shard: 
             d = int(np.searchsorted(starts, g, side="right")) - 1
             yield datasets[d], g - int(starts[d])
 
-    with tqdm(total=total, unit="img", desc=f"tsv {Path(out).name}", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit="img",
+        desc=f"tsv {Path(out).name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for k, first in enumerate(range(0, total, images_per_shard)):
             part = list(part_of(first))
             tsv, lineidx = out / f"{prefix}-{k}.tsv", out / f"{prefix}-{k}.lineidx"

@@ -6,6 +6,7 @@ Module and parameter names follow the Swin implementation used by Mask2Former
 Swin checkpoints load unchanged. Outputs ``res2..res5`` at strides 4/8/16/32 with
 ``embed_dim * 2**i`` channels.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -13,9 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from torch import nn
-
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from torch import nn
 
 __all__ = ["SwinTransformer", "D2SwinTransformer"]
 
@@ -66,18 +66,28 @@ def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tens
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside ws×ws windows with a learned relative position bias."""
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
+        self.scale = qk_scale or head_dim**-0.5
         ws = window_size
         # (2ws-1)^2 possible relative offsets, one bias per head
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")
+        ).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
         index = rel[..., 0] * (2 * ws - 1) + rel[..., 1]
         # persistent: it is part of the public checkpoints' state_dict
@@ -91,7 +101,11 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*nW, N, C) with N = ws*ws; mask: (nW, N, N) additive (0 / -100) or None."""
         bw, n, c = x.shape
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x)
+            .reshape(bw, n, 3, self.num_heads, c // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -106,19 +120,33 @@ class WindowAttention(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = WindowAttention(
+            dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop
+        )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, h: int, w: int, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, h: int, w: int, attn_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C)."""
         b, l, c = x.shape
         ws = self.window_size
@@ -159,18 +187,42 @@ class PatchMerging(nn.Module):
 class BasicLayer(nn.Module):
     """One Swin stage: ``depth`` blocks alternating regular / shifted windows, then merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 qkv_bias: bool, qk_scale: Optional[float], drop: float, attn_drop: float,
-                 drop_path: Sequence[float], downsample: bool, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: Optional[float],
+        drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
+        downsample: bool,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2
         self.use_checkpoint = use_checkpoint
-        self.blocks = nn.ModuleList([
-            SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2,
-                                 mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path[i])
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                SwinTransformerBlock(
+                    dim,
+                    num_heads,
+                    window_size,
+                    0 if i % 2 == 0 else window_size // 2,
+                    mlp_ratio,
+                    qkv_bias,
+                    qk_scale,
+                    drop,
+                    attn_drop,
+                    drop_path[i],
+                )
+                for i in range(depth)
+            ]
+        )
         self.downsample = PatchMerging(dim) if downsample else None
 
     def _shift_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -202,7 +254,9 @@ class BasicLayer(nn.Module):
 class PatchEmbed(nn.Module):
     """Non-overlapping patch_size×patch_size conv: (B, 3, H, W) -> (B, C, H/p, W/p)."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm: bool = True):
+    def __init__(
+        self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm: bool = True
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -215,20 +269,38 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         if self.norm is not None:
             hh, ww = x.shape[-2:]
-            x = self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(-1, x.shape[1], hh, ww)
+            x = (
+                self.norm(x.flatten(2).transpose(1, 2))
+                .transpose(1, 2)
+                .reshape(-1, x.shape[1], hh, ww)
+            )
         return x
 
 
 class SwinTransformer(nn.Module):
     """Hierarchical Swin Transformer returning the normalized output of each stage in out_indices."""
 
-    def __init__(self, pretrain_img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
-                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.2,
-                 ape: bool = False, patch_norm: bool = True, out_indices: Sequence[int] = (0, 1, 2, 3),
-                 frozen_stages: int = -1, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        pretrain_img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        ape: bool = False,
+        patch_norm: bool = True,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -246,11 +318,23 @@ class SwinTransformer(nn.Module):
         dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                int(embed_dim * 2 ** i), depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias,
-                qk_scale, drop_rate, attn_drop_rate, dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                downsample=i < self.num_layers - 1, use_checkpoint=use_checkpoint))
-        self.num_features = [int(embed_dim * 2 ** i) for i in range(self.num_layers)]
+            self.layers.append(
+                BasicLayer(
+                    int(embed_dim * 2**i),
+                    depths[i],
+                    num_heads[i],
+                    window_size,
+                    mlp_ratio,
+                    qkv_bias,
+                    qk_scale,
+                    drop_rate,
+                    attn_drop_rate,
+                    dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    downsample=i < self.num_layers - 1,
+                    use_checkpoint=use_checkpoint,
+                )
+            )
+        self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.apply(self._init_weights)
@@ -284,7 +368,9 @@ class SwinTransformer(nn.Module):
             x_out, h, w, x, wh, ww = layer(x, wh, ww)
             if i in self.out_indices:
                 out = getattr(self, f"norm{i}")(x_out)
-                outs[f"res{i + 2}"] = out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+                outs[f"res{i + 2}"] = (
+                    out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+                )
         return outs
 
 
@@ -295,13 +381,25 @@ class D2SwinTransformer(SwinTransformer, Backbone):
     def __init__(self, cfg, input_shape: ShapeSpec):
         s = cfg.MODEL.SWIN
         super().__init__(
-            pretrain_img_size=s.PRETRAIN_IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=3,
-            embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS, window_size=s.WINDOW_SIZE,
-            mlp_ratio=s.MLP_RATIO, qkv_bias=s.QKV_BIAS, qk_scale=s.QK_SCALE, drop_rate=s.DROP_RATE,
-            attn_drop_rate=s.ATTN_DROP_RATE, drop_path_rate=s.DROP_PATH_RATE, ape=s.APE,
-            patch_norm=s.PATCH_NORM, use_checkpoint=s.USE_CHECKPOINT)
+            pretrain_img_size=s.PRETRAIN_IMG_SIZE,
+            patch_size=s.PATCH_SIZE,
+            in_chans=3,
+            embed_dim=s.EMBED_DIM,
+            depths=s.DEPTHS,
+            num_heads=s.NUM_HEADS,
+            window_size=s.WINDOW_SIZE,
+            mlp_ratio=s.MLP_RATIO,
+            qkv_bias=s.QKV_BIAS,
+            qk_scale=s.QK_SCALE,
+            drop_rate=s.DROP_RATE,
+            attn_drop_rate=s.ATTN_DROP_RATE,
+            drop_path_rate=s.DROP_PATH_RATE,
+            ape=s.APE,
+            patch_norm=s.PATCH_NORM,
+            use_checkpoint=s.USE_CHECKPOINT,
+        )
         self._out_features: List[str] = list(s.OUT_FEATURES)
-        self._out_feature_strides = {f"res{i + 2}": 4 * 2 ** i for i in range(4)}
+        self._out_feature_strides = {f"res{i + 2}": 4 * 2**i for i in range(4)}
         self._out_feature_channels = {f"res{i + 2}": self.num_features[i] for i in range(4)}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -310,8 +408,12 @@ class D2SwinTransformer(SwinTransformer, Backbone):
         return {k: v for k, v in outs.items() if k in self._out_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
-                for n in self._out_features}
+        return {
+            n: ShapeSpec(
+                channels=self._out_feature_channels[n], stride=self._out_feature_strides[n]
+            )
+            for n in self._out_features
+        }
 
     @property
     def size_divisibility(self) -> int:
