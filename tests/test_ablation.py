@@ -31,7 +31,8 @@ report = ablate.report
 
 @pytest.fixture(autouse=True)
 def _keep_logger_levels():
-    """main() quiets detectron2's and unsam's loggers; other tests' log captures must not see that."""
+    """main() quiets detectron2's and unsam's loggers; other tests' log captures must not see
+    that."""
     names = ("detectron2", "fvcore", "unsam", "d2", "ablate_visa_ats")
     levels = {n: logging.getLogger(n).level for n in names}
     yield
@@ -195,8 +196,8 @@ def test_summarize_and_markdown_on_hand_made_results():
     assert "- +ATS vs plain: within the seed spread on all 4 metrics." in md
     assert "**Result**: 2 of 8 differences exceed the seed spread." in md
     assert (
-        "- **Machine**: 3 run(s) not noted (trained before the records noted it); 6 run(s) on Some CPU "
-        "(cpu), torch 2.x, 1 thread(s)." in md
+        "- **Machine**: 3 run(s) not noted (trained before the records noted it); "
+        "6 run(s) on Some CPU (cpu), torch 2.x, 1 thread(s)." in md
     )
     assert "| variant | seeds | AR@10 | AR@100 (= AR@50) | AR@1000 (= AR@50) |" in md
     assert "| +ViSA | 3 | 30.5 (30.0–31.0) | 61.0 (60.0–62.0) | 61.0 (60.0–62.0) |" in md

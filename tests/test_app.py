@@ -258,7 +258,8 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="unsam-chromium-")
-    # without the networking flags Chromium's background connections are refused here, many at a time
+    # without the networking flags Chromium's background connections are refused here, many at a
+    # time
     for flag in (
         "--headless=new",
         "--no-sandbox",
@@ -316,7 +317,8 @@ class Page:
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
 
     def wait_image_changed(self, css: str, before: np.ndarray) -> None:
-        """Wait until the image inside ``css`` differs clearly from ``before`` (same displayed size)."""
+        """Wait until the image inside ``css`` differs clearly from ``before`` (same displayed
+        size)."""
 
         def changed(_) -> bool:
             now = self.image_pixels(css)

@@ -140,8 +140,8 @@ def test_each_format_trains_through_the_index(roots, tmp_path, fmt):
     assert losses and all(np.isfinite(losses))
     log = (out / "log.txt").read_text()
     assert (
-        f"SA-1B root {root} (index {root / '.unsam_index'}): 5 images, 0 records not indexed, 1 empty masks"
-        in log
+        f"SA-1B root {root} (index {root / '.unsam_index'}): 5 images, "
+        "0 records not indexed, 1 empty masks" in log
     )
     # what the loader read: the index's records (encoded image bytes for tar / TSV), no list
     from unsam.config.loading import load_config

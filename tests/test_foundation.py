@@ -211,7 +211,8 @@ def test_evaluator_gt_scores_one_and_degrades(tiny_val, tmp_path):
     assert perfect["AR@1000"] == pytest.approx(1.0)
     assert perfect["AP"] == pytest.approx(1.0)
 
-    # removing every other mask removes (about) half of the recall; the exact value is the kept share
+    # removing every other mask removes (about) half of the recall; the exact value is the kept
+    # share
     keep = {"i": 0}
 
     def every_other(mask):

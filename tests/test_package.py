@@ -200,7 +200,10 @@ def test_installed_app_starts_with_its_default_config(installed, tmp_path):
     out = _run_installed(installed, tmp_path, "-m", "unsam.app", "--help")
     assert out.returncode == 0, out.stderr
     assert "--config-file" in out.stdout
-    code = "import os, unsam.app as a; print(a.DEFAULT_CONFIG); assert os.path.isfile(a.DEFAULT_CONFIG)"
+    code = (
+        "import os, unsam.app as a; print(a.DEFAULT_CONFIG); "
+        "assert os.path.isfile(a.DEFAULT_CONFIG)"
+    )
     out = _run_installed(installed, tmp_path, "-c", code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(installed))

@@ -29,7 +29,8 @@ def _low_res(masks):
 
 
 class GroundTruthPredictor:
-    """Answers every prompt with the GT mask it was derived from (plus a worse, lower-scored output).
+    """Answers every prompt with the GT mask it was derived from (plus a worse, lower-scored
+    output).
 
     The image is recognised by its pixels, the instance by the protocol's own click / box.
     """
@@ -85,7 +86,8 @@ def test_ground_truth_as_prediction_gives_one(tiny_val):
 # ---------------------------------------------------------------------------- known perturbation
 
 
-# (width of the image, height, rectangles x0, y0, side) — odd sides put the click on the centre pixel
+# (width of the image, height, rectangles x0, y0, side) — odd sides put the click on the centre
+# pixel
 SYNTH = [
     (64, 40, [(5, 5, 21), (40, 8, 15)]),
     (30, 20, [(3, 3, 9)]),
@@ -133,7 +135,8 @@ def _make_synthetic(tmp_path):
 
 
 class HalvesPredictor:
-    """Knows each square; answers a click with the half (left/right) holding it, a box shifted by 1 px.
+    """Knows each square; answers a click with the half (left/right) holding it, a box shifted by
+    1 px.
 
     One click → [half with the click (score 0.9), whole square (score 0.1)]. Several clicks → the
     union of the halves that hold a positive click. It checks that refinement passes the accumulated
@@ -400,7 +403,8 @@ def tiny_sam(dim: int = 32):
 
 @pytest.fixture
 def tiny_sam_checkpoint(tmp_path, monkeypatch):
-    """A random tiny SAM saved as ``sam_vit_b_tiny.pth``; the registry's vit_b builds that architecture."""
+    """A random tiny SAM saved as ``sam_vit_b_tiny.pth``; the registry's vit_b builds that
+    architecture."""
     import segment_anything
 
     monkeypatch.setitem(

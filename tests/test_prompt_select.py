@@ -188,7 +188,8 @@ def test_select_box_and_mask_prompts_and_batch_padding(public_format_ckpt, two_s
     assert bm.shape == (2, k, 96, 128) and bs.shape == (2, k) and bl.shape == (2, k, 256, 256)
     # the whole-image box accepts every mask: its best output is the whole-image box's best IoU
     assert bs[0, 0] > 0
-    # no broad random-model mask lies mostly inside the small box: the nearest miss (score 0), padding
+    # no broad random-model mask lies mostly inside the small box: the nearest miss (score 0),
+    # padding
     assert bs[1, 0] == 0 and bm[1, 0].any()
     pad = bs[:, 1:] == 0
     assert pad[1].all() and not bm[:, 1:][pad].any()  # padding outputs: empty masks of score 0

@@ -632,9 +632,13 @@ def test_colour_sums_compare_colour_distributions():
     unit = sums / np.linalg.norm(sums, axis=1, keepdims=True)
     # coherence |mean| <= 1, with equality only for a single-colour-bin superpixel
     assert (np.linalg.norm(sums, axis=1) <= weight * (1 + 1e-6)).all()
-    inside = lambda m: np.flatnonzero(
-        np.bincount(graph.labels.ravel(), weights=m.ravel(), minlength=graph.k) > 0.95 * graph.sizes
-    )
+
+    def inside(m):
+        return np.flatnonzero(
+            np.bincount(graph.labels.ravel(), weights=m.ravel(), minlength=graph.k)
+            > 0.95 * graph.sizes
+        )
+
     disk, rect = inside(masks["disk"]), inside(masks["rect"])
     assert len(disk) >= 2 and len(rect) >= 2
     assert unit[disk[0]] @ unit[disk[1]] > 0.9

@@ -1,4 +1,5 @@
-"""A cut-down `make quickstart` end to end: pseudo labels → training → evaluation → demo → report."""
+"""A cut-down `make quickstart` end to end: pseudo labels → training → evaluation → demo →
+report."""
 
 import math
 import os

@@ -294,8 +294,8 @@ def _published_layout_pkl(path: Path) -> dict:
             array = rng.uniform(0.5, 1.5, shape)
         elif len(shape) == 1:  # BN shift / mean
             array = 0.1 * rng.standard_normal(shape)
-        else:  # convolutions, He-scaled (finite float32 features; without real BN statistics res5 reaches
-            # ~5e4, near float16's limit: not for AMP training)
+        else:  # convolutions, He-scaled (finite float32 features; without real BN statistics
+            # res5 reaches ~5e4, near float16's limit: not for AMP training)
             array = rng.standard_normal(shape) * math.sqrt(2.0 / np.prod(shape[1:]))
         arrays[_torchvision_to_detectron2(name)] = np.asarray(array, dtype=value.numpy().dtype)
     with open(path, "wb") as f:

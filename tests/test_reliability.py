@@ -378,7 +378,8 @@ def test_checkpoint_save_survives_kill_9(tmp_path):
     script = (
         "import os, signal, torch\nimport unsam\n"
         "from unsam.engine.checkpointer import TrainingCheckpointer\n"
-        "def killed_save(obj, f, *a, **k):\n    f.write(b'PK' * 100); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def killed_save(obj, f, *a, **k):\n"
+        "    f.write(b'PK' * 100); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = killed_save\n"
         f"TrainingCheckpointer(torch.nn.Linear(2, 2), {str(tmp_path)!r}).save('model_final')\n"
     )

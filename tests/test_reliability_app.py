@@ -1,7 +1,8 @@
 """Trust nothing a user hands us (issue 26): the browser app's uploads, the notices every command
 prints, the first run's kernel compile.
 
-* an upload is size-limited by Gradio, and one the app refuses leaves no copy in Gradio's temp folder;
+* an upload is size-limited by Gradio, and one the app refuses leaves no copy in Gradio's temp
+  folder;
 * what the browser is told names files by their base name, never a server path;
 * ``--help`` of the commands prints no third-party ``torch.jit.script`` FutureWarning;
 * the one-off compile of the CPU kernels (20-40 s) is announced instead of looking like a hang.
@@ -140,7 +141,8 @@ def test_gradio_refuses_oversized_uploads_and_keeps_no_refused_copy(upload_dir):
     "spelling", ["{d}/f32.tif", "{d}//f32.tif", "{d}/./f32.tif", "{d}/sub/../f32.tif"]
 )
 def test_refusal_names_the_file_not_the_server_path(tmp_path, spelling):
-    """Was: a path the reader spelt differently from ours ('//', '/./', '..') reached the page whole."""
+    """Was: a path the reader spelt differently from ours ('//', '/./', '..') reached the page
+    whole."""
     (tmp_path / "sub").mkdir()
     Image.fromarray(np.random.rand(8, 8).astype(np.float32)).save(tmp_path / "f32.tif")
     with pytest.raises(AppInputError) as refused:
@@ -205,7 +207,8 @@ def test_default_config_ships_with_the_package():
     ids=["pseudo", "train_net", "app"],
 )
 def test_help_prints_no_future_warning(command):
-    """Was: two ``torch.jit.script`` FutureWarnings (fvcore, detectron2 at import) on every command."""
+    """Was: two ``torch.jit.script`` FutureWarnings (fvcore, detectron2 at import) on every
+    command."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     done = subprocess.run(
         [sys.executable, *command],
@@ -224,7 +227,8 @@ def _double(x: int) -> int:
 
 
 def test_only_the_jit_script_notice_is_silenced():
-    """The filter is narrow: torch.jit.script's deprecation notice goes, other FutureWarnings stay."""
+    """The filter is narrow: torch.jit.script's deprecation notice goes, other FutureWarnings
+    stay."""
     import warnings
 
     from unsam.compat import silence_jit_script_notice

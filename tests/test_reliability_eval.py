@@ -62,7 +62,8 @@ def _degenerate(case: str) -> dict:
 
 def _setup(tmp_path: Path, gt: dict, segmentation=None, scores=(0.9,)) -> dict:
     """gt.json, pred.json (COCO results), pred/ (SA-1B pseudo labels) and images/ in ``tmp_path``;
-    every prediction is the GT mask (``segmentation`` overrides its RLE), one per score (None: no score)."""
+    every prediction is the GT mask (``segmentation`` overrides its RLE), one per score (None: no
+    score)."""
     seg = segmentation or mask_to_rle(_mask())
     paths = {name: tmp_path / name for name in ("gt.json", "pred.json", "pred", "images")}
     paths["gt.json"].write_text(json.dumps(gt))
@@ -96,7 +97,8 @@ def _setup(tmp_path: Path, gt: dict, segmentation=None, scores=(0.9,)) -> dict:
 
 
 def _run(evaluator: str, p: dict, out: str, *extra: str) -> int:
-    """One evaluator CLI in-process; the prompt evaluator on the tiny config (CPU, random weights)."""
+    """One evaluator CLI in-process; the prompt evaluator on the tiny config (CPU, random
+    weights)."""
     if evaluator == "whole_image":
         return whole_image.main(
             ["--gt", p["gt.json"], "--pred", p["pred.json"], "--out", out, *extra]
@@ -148,7 +150,8 @@ def test_degenerate_ground_truth_refused(tmp_path, capsys, evaluator, case, name
 
 
 def test_short_polygon_after_the_first_is_accepted_as_pycocotools_does(tmp_path):
-    """Real COCO files hold such polygons; pycocotools decodes them as empty, refusing the file would not."""
+    """Real COCO files hold such polygons; pycocotools decodes them as empty, refusing the file
+    would not."""
     from unsam.evaluation.whole_image import _segmentation_problem
 
     assert _segmentation_problem([[10, 10, 30, 10, 30, 30], [1, 2, 3, 4]], (64, 64)) is None
@@ -170,7 +173,8 @@ def test_polygon_pycocotools_takes_for_a_box_refused(tmp_path, capsys):
     ],
 )
 def test_pseudo_labels_without_predicted_iou_refused(tmp_path, capsys, scores, named):
-    """Was: a missing predicted_iou became 1.0, so the ranking behind AP and AR@k was the file order."""
+    """Was: a missing predicted_iou became 1.0, so the ranking behind AP and AR@k was the file
+    order."""
     p = _setup(tmp_path, _gt_dict(_mask()), scores=scores)
     assert _run("pseudo", p, str(tmp_path / "m.json")) == 2
     _one_error_line(capsys.readouterr().err, "img_0.json", *named)

@@ -318,7 +318,8 @@ def test_sigint_stops_an_in_process_run_and_keeps_its_failures(
     ],
 )
 def test_out_of_range_number_is_one_error_line(images, tmp_path, capsys, monkeypatch, argv, named):
-    """Was (most): accepted, e.g. --max-masks 0 wrote empty labels, --start-id 5 --end-id 2 exit 0."""
+    """Was (most): accepted, e.g. --max-masks 0 wrote empty labels, --start-id 5 --end-id 2 exit
+    0."""
     monkeypatch.setattr(runner, "_label_all", lambda *a, **k: pytest.fail("labelling started"))
     out = tmp_path / "out"
     assert _main(["--input", str(images), "--output", str(out)] + SMALL_PSEUDO + argv) == 2

@@ -22,7 +22,8 @@ STRIP_W, STRIP_H = 20000, 20
 
 
 def _cli(root, out, *extra: str) -> int:
-    """``train_net.py`` in this process on SA-1B root ``root`` (dataset ``probe``); the exit status."""
+    """``train_net.py`` in this process on SA-1B root ``root`` (dataset ``probe``); the exit
+    status."""
     from train_net import cli
 
     roots = f'("probe:{root}",)' if root is not None else "()"
@@ -85,7 +86,7 @@ def _strip(root: Path, name: str = "strip", h: int = STRIP_H, w: int = STRIP_W) 
     return _write_image(root, name, image, [mask])
 
 
-# ----------------------------------------------------------------------------- 1. extreme aspect ratio
+# -------------------------------------------------------------------------- 1. extreme aspect ratio
 @pytest.mark.parametrize("h,w", [(STRIP_H, STRIP_W), (STRIP_W, STRIP_H)])
 def test_mapper_keeps_a_strip_at_least_one_pixel_wide(tmp_path, h, w):
     """Was: ``ValueError: height and width must be > 0`` in LSJ's resize, killing the run."""

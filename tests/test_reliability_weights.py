@@ -100,7 +100,8 @@ def test_trusted_file_loads_in_full_after_a_warning(tmp_path, monkeypatch, caplo
 
 
 def _resnet50_backbone():
-    """detectron2's ResNet-50 backbone, as inside a model (names ``backbone.res2.0.conv1.weight``)."""
+    """detectron2's ResNet-50 backbone, as inside a model (names
+    ``backbone.res2.0.conv1.weight``)."""
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone

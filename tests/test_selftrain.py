@@ -44,7 +44,8 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """Three synthetic photos with SA-1B JSONs (a dataset root), and a folder of the photos alone."""
+    """Three synthetic photos with SA-1B JSONs (a dataset root), and a folder of the photos
+    alone."""
     root = make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "root", 3, size=64, seed=1)
     photos = tmp_path_factory.mktemp("photos")
     for p in root.glob("*.png"):
@@ -78,7 +79,8 @@ def _iou(a, b) -> float:
 
 
 def _expected(masks, scores, low, high, dedup):
-    """The documented rule, written out: best first, low < s <= high, non-empty, greedy IoU <= dedup."""
+    """The documented rule, written out: best first, low < s <= high, non-empty, greedy IoU <=
+    dedup."""
     kept = []
     for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
         if (

@@ -252,7 +252,8 @@ def test_visa_state_switches_parts_off_individually():
 
 
 def test_boundary_band_cpu_morphology_equals_max_pool_band():
-    """The CPU (OpenCV) band and the max-pool band used on GPUs mark the same pixels, borders included."""
+    """The CPU (OpenCV) band and the max-pool band used on GPUs mark the same pixels, borders
+    included."""
     from unsam.data.visa_transforms import _band_cpu, _square_max
 
     gen = torch.Generator().manual_seed(0)
