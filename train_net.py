@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train or evaluate UnSAM (detectron2 style).
 
-  python train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml --num-gpus 4   # the published 4 x 1 image
+  # the published 4 x 1 image:
+  python train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml --num-gpus 4
   torchrun --nproc_per_node=4 train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml
-  python train_net.py --config-file F --resume                 # continue from OUTPUT_DIR/last_checkpoint
+  python train_net.py --config-file F --resume  # continue from OUTPUT_DIR/last_checkpoint
   python train_net.py --config-file F --eval-only MODEL.WEIGHTS path/or/url.pth
 
 Trailing KEY VALUE pairs override config keys. CPU runs use the gloo backend.

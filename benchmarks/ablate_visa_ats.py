@@ -5,8 +5,8 @@ a time, several seeds each, at a budget where the tiny model learns (issue 19).
   python benchmarks/ablate_visa_ats.py                          # the full ablation (hours on CPU)
   python benchmarks/ablate_visa_ats.py --jobs 2 --docs          # 2 runs at a time; docs/ablation.md
   python benchmarks/ablate_visa_ats.py --variants plain visa --seeds 0 1 --iters 200
-  python benchmarks/ablate_visa_ats.py --data pseudo --pseudo DIR   # pseudo labels of the shared photos
-  python benchmarks/ablate_visa_ats.py --summarize-only         # rebuild the table from finished runs
+  python benchmarks/ablate_visa_ats.py --data pseudo --pseudo DIR  # shared photos' pseudo labels
+  python benchmarks/ablate_visa_ats.py --summarize-only         # rebuild table from finished runs
 
 Data (``--data``): ``nested`` synthetic scenes (wholes, parts and sub-parts at levels 0/1/2,
 textured so that colour edges and objects disagree; held-out AR per level), ``shapes`` (the
@@ -25,11 +25,13 @@ at ``--ats-start`` × iters.
 
 Each (variant, seed) run writes ``OUT/runs/<variant>_seed<k>.json`` when it finishes (with
 ``--docs``: ``docs/ablation_runs/runs/``, or ``docs/ablation_runs_<data>/runs/`` for ``--data``
-other than ``nested``; committed, so that an ablation can be trained over several sessions); a rerun skips finished runs of the same budget (``--force`` redoes them). The summary — ``ablation.md``
-(tables: mean and min–max over seeds; per comparison, whether the difference of means exceeds
-the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100 against iteration) —
-is built from those files, also alone with ``--summarize-only``. ``--docs`` writes the markdown
-and the figure to ``docs/`` instead (``docs/ablation_<data>.md`` for data other than ``nested``).
+other than ``nested``; committed, so that an ablation can be trained over several sessions); a
+rerun skips finished runs of the same budget (``--force`` redoes them). The summary —
+``ablation.md`` (tables: mean and min–max over seeds; per comparison, whether the difference of
+means exceeds the seed spread), ``ablation.json`` and ``ablation_ar.png`` (held-out AR@100
+against iteration) — is built from those files, also alone with ``--summarize-only``. ``--docs``
+writes the markdown and the figure to ``docs/`` instead (``docs/ablation_<data>.md`` for data
+other than ``nested``).
 """
 
 import argparse
@@ -320,7 +322,8 @@ def pseudo_digest(folder: str) -> str:
 
 
 def _docs_suffix(args) -> str:
-    """``--docs`` file names: ``ablation*`` for the nested scenes, ``ablation_<data>*`` for other data."""
+    """``--docs`` file names: ``ablation*`` for the nested scenes, ``ablation_<data>*`` for other
+    data."""
     return "" if (args.data or "nested") == "nested" else f"_{args.data}"
 
 
@@ -383,8 +386,9 @@ def prepare_data(args) -> Dict:
         register_sa1b(TRAIN_NAME, args.pseudo)
         return {
             "eval": list(SHARED_SETS),
-            "description": f"SA-1B pseudo labels in `{_portable(args.pseudo)}` ({count} images); held-out: the human "
-            f"masks of the shared COCO sets {', '.join(f'`{s}`' for s in SHARED_SETS)}",
+            "description": f"SA-1B pseudo labels in `{_portable(args.pseudo)}` ({count} images); "
+            f"held-out: the human masks of the shared COCO sets "
+            f"{', '.join(f'`{s}`' for s in SHARED_SETS)}",
         }
     out = Path(args.out)
     train = _generated(out, args.data, "train", args.train_images, args.image_size, TRAIN_DATA_SEED)
@@ -399,8 +403,8 @@ def prepare_data(args) -> Dict:
     )
     return {
         "eval": [val_name],
-        "description": f"{kind}, {args.image_size} px: {args.train_images} training images (data seed "
-        f"{TRAIN_DATA_SEED}), held-out `{val_name}` {args.val_images} images (data seed "
+        "description": f"{kind}, {args.image_size} px: {args.train_images} training images "
+        f"(data seed {TRAIN_DATA_SEED}), held-out `{val_name}` {args.val_images} images (data seed "
         f"{VAL_DATA_SEED})",
     }
 
@@ -582,7 +586,8 @@ def build_cfg(args, variant: str, seed: int, eval_names: Sequence[str], run_dir:
         "UNSAM.ATS.BLOCK_SIZE",
         max(args.batch, 16),
     ]
-    # without the prompt path ATS has the whole-image task alone (else it warns and drops the others)
+    # without the prompt path ATS has the whole-image task alone (else it warns and drops the
+    # others)
     opts += ["UNSAM.PROMPT.ENABLED", True] if args.prompt else ["UNSAM.ATS.TASKS", ["whole"]]
     for key, value in VARIANTS[variant][1].items():
         opts += [key, value]
@@ -857,7 +862,8 @@ def write_summary(args, records: Sequence[Dict]) -> Dict:
 # main
 # ---------------------------------------------------------------------------------------------
 def run_all(args, argv: Sequence[str]) -> int:
-    """Train the pending runs (in process or in ``--jobs`` children); return the number that failed."""
+    """Train the pending runs (in process or in ``--jobs`` children); return the number that
+    failed."""
     data = prepare_data(args)
     build_cfg(
         args, args.variants[0], args.seeds[0], data["eval"], Path(args.out)

@@ -129,7 +129,8 @@ def summarize(records: Sequence[Dict], order: Sequence[str]) -> Dict:
 
 
 def _machines(records: Sequence[Dict]) -> List[Dict]:
-    """The distinct machines the runs were trained on (``None``: not noted) and how many runs each."""
+    """The distinct machines the runs were trained on (``None``: not noted) and how many runs
+    each."""
     counts: Dict[str, int] = defaultdict(int)
     for r in records:
         counts[json.dumps(r.get("machine"), sort_keys=True)] += 1
@@ -190,15 +191,18 @@ def _md_header(summary: Dict, invocations: Sequence[Dict]) -> List[str]:
         + [
             "",
             f"- **Data**: {summary['data']}.",
-            f"- **Budget**: {b['iters']} iterations × batch {b['batch']} at {b['image_size']} px on {b['device']}, "
+            f"- **Budget**: {b['iters']} iterations × batch {b['batch']} at {b['image_size']} px "
+            f"on {b['device']}, "
             f"config `{b['config_file']}`{' with the prompt path' if b['prompt'] else ''}, "
-            f"lr {s['base_lr']} (×0.1 at {', '.join(map(str, s['steps']))}); held-out evaluation every "
-            f"{b['eval_period']} iterations. ViSA decays 1 → 0 over iterations 0–{s['visa_end_iter']}; ATS samples "
+            f"lr {s['base_lr']} (×0.1 at {', '.join(map(str, s['steps']))}); held-out evaluation "
+            f"every {b['eval_period']} iterations. ViSA decays 1 → 0 over iterations "
+            f"0–{s['visa_end_iter']}; ATS samples "
             f"adaptively from iteration {s['ats_start_iter']}.{overrides}",
-            f"- **Seeds**: {', '.join(map(str, summary['seeds']))} (the training seed: initialisation, data order, "
-            "augmentation; the data are the same for every seed).",
-            f"- **Wall time**: {_duration(total) if total else 'not recorded'} for the whole ablation; "
-            f"{len(run_seconds)} runs of {_duration(min(run_seconds))} to {_duration(max(run_seconds))} each "
+            f"- **Seeds**: {', '.join(map(str, summary['seeds']))} (the training seed: "
+            "initialisation, data order, augmentation; the data are the same for every seed).",
+            f"- **Wall time**: {_duration(total) if total else 'not recorded'} for the whole "
+            f"ablation; {len(run_seconds)} runs of {_duration(min(run_seconds))} to "
+            f"{_duration(max(run_seconds))} each "
             "(training + periodic evaluation; table at the end).",
             f"- **Machine**: {_md_machines(summary.get('machines', []))}",
             f"- **Cells**: held-out metrics in percent, mean over seeds (min–max).{cap}",
@@ -211,8 +215,8 @@ def _md_machines(machines: Sequence[Dict]) -> str:
     parts = [
         f"{m['runs']} run(s) not noted (trained before the records noted it)"
         if m["machine"] is None
-        else f"{m['runs']} run(s) on {m['machine']['cpu']} ({m['machine']['device']}), torch {m['machine']['torch']}, "
-        f"{m['machine']['threads']} thread(s)"
+        else f"{m['runs']} run(s) on {m['machine']['cpu']} ({m['machine']['device']}), "
+        f"torch {m['machine']['torch']}, {m['machine']['threads']} thread(s)"
         for m in machines
     ]
     return "; ".join(parts) + (
@@ -256,10 +260,10 @@ def _md_comparisons(summary: Dict) -> List[str]:
     lines = [
         "## Differences vs plain",
         "",
-        "Rule (computed): a difference of means counts when it is larger than the seed spread of both "
-        "variants, |Δ| > max(range plain, range variant), range = max − min over seeds; no verdict with "
-        "fewer than 2 seeds. Points are percentage points. AR@k that only repeat a smaller AR (the "
-        "detections per image cap them) are not compared twice.",
+        "Rule (computed): a difference of means counts when it is larger than the seed spread of "
+        "both variants, |Δ| > max(range plain, range variant), range = max − min over seeds; no "
+        "verdict with fewer than 2 seeds. Points are percentage points. AR@k that only repeat a "
+        "smaller AR (the detections per image cap them) are not compared twice.",
         "",
     ]
     if not summary["comparisons"]:
@@ -279,8 +283,8 @@ def _md_comparisons(summary: Dict) -> List[str]:
             lines.append(f"- {label} vs plain: no verdict (fewer than 2 seeds).")
         elif hits:
             lines.append(
-                f"- {label} vs plain: exceeds the seed spread on {'; '.join(hits)}; within it on the "
-                f"other {len(judged) - len(hits)} metric(s)."
+                f"- {label} vs plain: exceeds the seed spread on {'; '.join(hits)}; within it on "
+                f"the other {len(judged) - len(hits)} metric(s)."
             )
         else:
             lines.append(

@@ -56,7 +56,8 @@ def parse_args(argv=None):
 
 
 def make_record(folder: Path, num_masks: int) -> Path:
-    """An image and its SA-1B JSON: roots (ellipses) → 3 parts each → sub-parts, ``num_masks`` in all."""
+    """An image and its SA-1B JSON: roots (ellipses) → 3 parts each → sub-parts, ``num_masks`` in
+    all."""
     import cv2
     import numpy as np
 
@@ -193,11 +194,13 @@ def main(argv=None) -> int:
     for variant in ("mapper", "reference"):
         r = results[variant]
         print(
-            f"{variant:>10}: {r['seconds_per_sample']:.3f} s/sample, peak RSS {r['peak_rss_gb']:.2f} GB, "
+            f"{variant:>10}: {r['seconds_per_sample']:.3f} s/sample, "
+            f"peak RSS {r['peak_rss_gb']:.2f} GB, "
             f"masks kept per sample {r['masks_kept']}"
         )
     print(
-        f"speed-up {results['speedup']:.1f}x (target >= 5x), identical outputs: {results['identical_outputs']}"
+        f"speed-up {results['speedup']:.1f}x (target >= 5x), "
+        f"identical outputs: {results['identical_outputs']}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -201,7 +201,8 @@ def placeholder_jpeg(height: int = 48, width: int = 64) -> bytes:
 
 
 def records(n: int, pools: list, masks: int, seed: int = 0):
-    """``(k, name, JSON text)`` of n synthetic SA-1B records, annotations resampled from ``pools``."""
+    """``(k, name, JSON text)`` of n synthetic SA-1B records, annotations resampled from
+    ``pools``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -529,7 +530,8 @@ def mapper_child(folder: str, samples: int) -> None:
 
 
 def mapper_figures(work: Path, samples: int) -> dict:
-    """The SA-1B-size record of ``benchmarks/data.py`` as a JSON folder and a tar; the child's figures."""
+    """The SA-1B-size record of ``benchmarks/data.py`` as a JSON folder and a tar; the child's
+    figures."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from data import HEIGHT, WIDTH, make_record
 
@@ -552,9 +554,10 @@ def mapper_figures(work: Path, samples: int) -> dict:
     )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(
-        f"mapper at SA-1B size ({HEIGHT}x{WIDTH}, 500 masks, 1 thread, CPU seconds, {samples} samples per path, "
-        f"interleaved; the list path loads the record once: {res['list_load_s']:.2f} s; the index path reads it "
-        f"per sample: {res['read_json_s'] * 1e3:.1f} ms (JSON), {res['read_tar_s'] * 1e3:.1f} ms (tar)):"
+        f"mapper at SA-1B size ({HEIGHT}x{WIDTH}, 500 masks, 1 thread, CPU seconds, "
+        f"{samples} samples per path, interleaved; the list path loads the record once: "
+        f"{res['list_load_s']:.2f} s; the index path reads it per sample: "
+        f"{res['read_json_s'] * 1e3:.1f} ms (JSON), {res['read_tar_s'] * 1e3:.1f} ms (tar)):"
     )
     for config in ("unsam_only_sa-1b_R50_lsj.yaml", "unsam_only_sa-1b_R50.yaml"):
         r = res[config]
@@ -634,12 +637,14 @@ def ats_figures(n_images: int, tasks: int = 3, batch: int = 4, iterations: int =
     res["previous_epoch_permutation_ms"] = 1e3 * (time.perf_counter() - t0)
     u, a = res["uniform"], res["adaptive"]
     print(
-        f"ATS at {n_images} images x {tasks} tasks ({table.num_cells} cells), batch {batch}, block 256, "
+        f"ATS at {n_images} images x {tasks} tasks ({table.num_cells} cells), batch {batch}, "
+        f"block 256, "
         f"synced every batch, 1 thread: state {res['state_bytes_per_cell']:.1f} B per cell; "
         f"draw per batch uniform {u['draw_ms_mean']:.3f} ms (max {u['draw_ms_max']:.2f}), adaptive "
         f"{a['draw_ms_mean']:.3f} ms (max {a['draw_ms_max']:.2f}; first draw builds the tree: "
         f"{res['adaptive_first_draw_s'] * 1e3:.0f} ms); sync {a['sync_ms_mean']:.2f} ms "
-        f"(max {a['sync_ms_max']:.2f}); previous way: {res['previous_block_ms']:.0f} ms per 256-item block + "
+        f"(max {a['sync_ms_max']:.2f}); previous way: "
+        f"{res['previous_block_ms']:.0f} ms per 256-item block + "
         f"{res['previous_epoch_permutation_ms']:.0f} "
         f"ms per uniform epoch",
         flush=True,
@@ -675,13 +680,18 @@ def train_figures(root: Path, workers: int, samples: int) -> dict:
     ]
     print(
         f"  training: launch -> first batch {res['launch_to_first_batch_s']:.1f} s (imports "
-        f"{res['imports_s']:.1f} s, Trainer() {res['trainer_s']:.1f} s, first batch {res['first_batch_s']:.1f} s); "
+        f"{res['imports_s']:.1f} s, Trainer() {res['trainer_s']:.1f} s, "
+        f"first batch {res['first_batch_s']:.1f} s); "
         f"RSS main {res['at_first']['main']['VmRSS'] / mb:.0f} MB at the first batch (anon "
-        f"{res['at_first']['main']['RssAnon'] / mb:.0f}, file {res['at_first']['main']['RssFile'] / mb:.0f}; index "
-        f"maps {res['index_mapped_main'] / mb:.1f} MB), {res['after']['main']['VmRSS'] / mb:.0f} MB after "
-        f"{res['samples']} samples ({res['samples_s']:.0f} s); {len(workers_first)} loader workers: "
+        f"{res['at_first']['main']['RssAnon'] / mb:.0f}, "
+        f"file {res['at_first']['main']['RssFile'] / mb:.0f}; index "
+        f"maps {res['index_mapped_main'] / mb:.1f} MB), "
+        f"{res['after']['main']['VmRSS'] / mb:.0f} MB after "
+        f"{res['samples']} samples ({res['samples_s']:.0f} s); "
+        f"{len(workers_first)} loader workers: "
         + ", ".join(f"{v['VmRSS'] / mb:.0f} MB" for v in workers_first.values())
-        + f" at the first batch, growth {', '.join(f'{g:+.1f} MB' for g in growth)} over the samples; index pages "
+        + f" at the first batch, growth {', '.join(f'{g:+.1f} MB' for g in growth)} "
+        f"over the samples; index pages "
         + ", ".join(f"{v['index_maps'] / mb:.2f}" for v in res["after"].values())
         + " MB (main, workers)",
         flush=True,
@@ -716,10 +726,16 @@ def main(argv=None) -> int:
     pool_dir = Path(args.pool) if args.pool else work / "pool"
     pools = make_pool(pool_dir)
     print(
-        f"records: {args.masks} annotations each, resampled from {sum(len(t) for _, _, t in pools)} real pseudo "
+        f"records: {args.masks} annotations each, resampled from "
+        f"{sum(len(t) for _, _, t in pools)} real pseudo "
         f"masks of {len(pools)} shared photos; images: "
-        f"{'a flat placeholder JPEG of the record size' if args.training else 'one 64x48 placeholder JPEG'}; "
-        f"{args.per_source} images per folder / tar / TSV shard; {os.cpu_count()} CPUs (shared with other jobs)"
+        f"""{
+            "a flat placeholder JPEG of the record size"
+            if args.training
+            else "one 64x48 placeholder JPEG"
+        }; """
+        f"{args.per_source} images per folder / tar / TSV shard; "
+        f"{os.cpu_count()} CPUs (shared with other jobs)"
     )
     results = []
     if args.mapper:
@@ -773,20 +789,26 @@ def main(argv=None) -> int:
                 }
                 results.append(result)
                 print(
-                    f"N={n:>8} {fmt:4} workers={workers}: data {data_bytes / 1e9:.2f} GB (written in {made:.0f} s); "
+                    f"N={n:>8} {fmt:4} workers={workers}: data {data_bytes / 1e9:.2f} GB "
+                    f"(written in {made:.0f} s); "
                     + (
                         f"index up to date (checked in {summary.seconds:.1f} s); index"
                         if summary.up_to_date
-                        else f"build {summary.seconds:.1f} s = {rate:.0f} img/s ({rate / workers:.0f} per worker, "
+                        else f"build {summary.seconds:.1f} s = {rate:.0f} img/s "
+                        f"({rate / workers:.0f} per worker, "
                         f"{summary.slow} slow-path records); index"
                     )
                     + f" {result['index_bytes'] / n:.0f} B/img on disk "
-                    f"(+ chunks {result['chunk_bytes'] / n:.0f} B/img); open {mem['open_s'] * 1e3:.1f} ms, "
-                    f"RSS +{mem['rss_open_bytes'] / n:.0f} B/img after open, +{mem['rss_touch_bytes'] / 1e6:.1f} MB "
-                    f"({mem['rss_touch_bytes'] / n:.0f} B/img; anon {mem['anon_touch_bytes'] / 1e6:.1f} MB, "
+                    f"(+ chunks {result['chunk_bytes'] / n:.0f} B/img); "
+                    f"open {mem['open_s'] * 1e3:.1f} ms, "
+                    f"RSS +{mem['rss_open_bytes'] / n:.0f} B/img after open, "
+                    f"+{mem['rss_touch_bytes'] / 1e6:.1f} MB "
+                    f"({mem['rss_touch_bytes'] / n:.0f} B/img; "
+                    f"anon {mem['anon_touch_bytes'] / 1e6:.1f} MB, "
                     f"file-backed {mem['file_touch_bytes'] / 1e6:.1f} MB, of which index maps "
                     f"{mem['index_mapped_bytes'] / 1e6:.2f} MB) after len + {args.touch} records; "
-                    f"record() {mem['records_per_s']:.0f}/s ({mem['records_per_s_max50']:.0f}/s with "
+                    f"record() {mem['records_per_s']:.0f}/s "
+                    f"({mem['records_per_s_max50']:.0f}/s with "
                     f"max_instances=50, {mem['records_per_s_unvalidated']:.0f}/s unvalidated); "
                     f"pickled {mem['pickled_bytes']} B",
                     flush=True,

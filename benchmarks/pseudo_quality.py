@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         name: evaluate_dir(gt, d) for name, d in (("engine", engine_dir), ("baseline", base_dir))
     }
     print(
-        f"\n{data.name}: {int(metrics['engine']['num_images'])} photos, at most {args.max_masks} masks each"
+        f"\n{data.name}: {int(metrics['engine']['num_images'])} photos, "
+        f"at most {args.max_masks} masks each"
     )
     print(f"{'':10s}" + "".join(f"{k:>9s}" for k in KEYS) + f"{'s/image':>10s}")
     for name in ("engine", "baseline"):

@@ -171,7 +171,8 @@ def main(argv=None) -> int:
         else ""
     )
     print(
-        f"  peak RSS         {res['peak_rss_gb']:8.2f} GB   ({ref_note}after model build {res['rss_after_build_gb']} GB)"
+        f"  peak RSS         {res['peak_rss_gb']:8.2f} GB   "
+        f"({ref_note}after model build {res['rss_after_build_gb']} GB)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

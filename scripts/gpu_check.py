@@ -4,8 +4,8 @@
 Five steps, each timed, each recorded with its error when it fails (the others still run):
 
   train      the public R50 config (configs/unsam_only_sa-1b_R50.yaml), AMP on (SOLVER.AMP.ENABLED),
-             its published fixed 1024 crop, 2 images/step, ViSA + ATS on, on synthetic SA-1B data (up to
-             300 masks/image): losses finite, s/iteration, data s/iteration, peak GPU memory.
+             its published fixed 1024 crop, 2 images/step, ViSA + ATS on, on synthetic SA-1B data
+             (up to 300 masks/image): losses finite, s/iteration, data s/iteration, peak GPU memory.
              Then the Swin-L config at 1 image/step: "fits": false (not a failure) on out-of-memory.
   inference  whole-image at 1024 px, 1000 detections, fp32 and AMP (autocast fp16): s/image and
              peak GPU memory; pred_logits of the same weights and input on the GPU (strict fp32:
@@ -440,7 +440,8 @@ def train_opts(
 
 
 def train_one(plan: Dict, config_file: Path, opts: List[str]) -> Dict:
-    """Train in this process with detectron2's Trainer as train_net.py does; figures per iteration."""
+    """Train in this process with detectron2's Trainer as train_net.py does; figures per
+    iteration."""
     import numpy as np
 
     from unsam.engine.trainer import Trainer, setup_config
@@ -917,7 +918,8 @@ def _dist_main(spec: Dict) -> None:
 
 
 def dist_worker(spec_path: str) -> int:
-    """Entry of ``--dist-worker SPEC`` (started by torchrun): join the group, run :func:`_dist_main`."""
+    """Entry of ``--dist-worker SPEC`` (started by torchrun): join the group, run
+    :func:`_dist_main`."""
     from unsam.utils.dist import launch
 
     spec = json.loads(Path(spec_path).read_text())
@@ -1032,7 +1034,8 @@ def step_multiproc(plan: Dict, work: Path, data_root: Path, args) -> Dict:
     if not res["identical_weights"]:
         res["ok"] = False
         res["error"] = "ranks hold different weights: " + ", ".join(
-            f"{len(res.get('differing_' + k, []))} {k} differ (first: {res.get('differing_' + k, ['-'])[0]})"
+            f"{len(res.get('differing_' + k, []))} {k} differ "
+            f"(first: {res.get('differing_' + k, ['-'])[0]})"
             for k in ("parameters", "buffers")
             if not res[f"identical_{k}"]
         )

@@ -249,7 +249,8 @@ def write_report(
             f"- mIoU, top-scored mask: {100 * prompt['mIoU_max']:.1f}",
             f"- mIoU, best of the granularities (oracle): {100 * prompt['mIoU_oracle']:.1f}",
             f"- mIoU, box prompt: {100 * prompt.get('mIoU_box', float('nan')):.1f}",
-            f"- instances: {int(prompt.get('num_instances', 0))} on {int(prompt.get('num_images', 0))} images",
+            f"- instances: {int(prompt.get('num_instances', 0))} on "
+            f"{int(prompt.get('num_images', 0))} images",
         ]
     lines += ["", "## Step times", ""]
     lines += [f"- {step}: {seconds:.0f} s" for step, seconds in runner.timings.items()]
@@ -263,21 +264,24 @@ def write_report(
         "",
         "## Top masks: pseudo labels vs the trained model",
         "",
-        f"Each row: the photo, then the {TOP_MASKS} best-scored masks of the pseudo labels and of the "
-        "model, each drawn once (a pixel takes the colour of the smallest mask covering it, blended with "
-        "the photo; outlines largest first).",
+        f"Each row: the photo, then the {TOP_MASKS} best-scored masks of the pseudo labels and of "
+        "the model, each drawn once (a pixel takes the colour of the smallest mask covering it, "
+        "blended with the photo; outlines largest first).",
         "",
     ]
     lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in comparisons]
     lines += ["", "## Point prompt (the demo's centre click, every granularity)", ""]
     lines += [f"![{p.name}]({p.relative_to(args.output)})" for p in prompt_overlays]
-    app = f"python -m unsam.app --config-file {CONFIG} --opts MODEL.WEIGHTS {shlex.quote(str(weights))}"
+    app = (
+        f"python -m unsam.app --config-file {CONFIG} "
+        f"--opts MODEL.WEIGHTS {shlex.quote(str(weights))}"
+    )
     lines += [
         "",
         "## Try it in the browser",
         "",
-        "Segment everything, click to prompt and browse the pseudo-label hierarchy on your own photos "
-        "(offline, then open http://127.0.0.1:7860):",
+        "Segment everything, click to prompt and browse the pseudo-label hierarchy on your own "
+        "photos (offline, then open http://127.0.0.1:7860):",
         "",
         "```bash",
         app,

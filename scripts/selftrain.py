@@ -69,7 +69,8 @@ def parse_args(argv=None):
         "--round0",
         type=Path,
         default=None,
-        help=f"round-0 labels of the training photos (default: {ABLATION_LABELS.relative_to(REPO)} when "
+        help=f"round-0 labels of the training photos "
+        f"(default: {ABLATION_LABELS.relative_to(REPO)} when "
         f"present, else OUTPUT/round0, made here)",
     )
     ap.add_argument(
@@ -82,7 +83,8 @@ def parse_args(argv=None):
         "--round2-init",
         choices=("scratch", "round1"),
         default="scratch",
-        help="round 2 starts from scratch (default: only the labels differ) or from round 1's weights",
+        help="round 2 starts from scratch (default: only the labels differ) or from round 1's "
+        "weights",
     )
     ap.add_argument(
         "--no-previous",
@@ -137,7 +139,8 @@ def write_report(
         "",
         f"Config `{CONFIG}` (CPU-sized), {iters} iterations per round, seed {SEED}, "
         f"round 2 from {'scratch' if args.round2_init == 'scratch' else 'round 1'}; round-0 labels "
-        f"`{round0}`; round-1 labels: round 1's predictions in ({args.score_low}, {args.score_high}], "
+        f"`{round0}`; round-1 labels: round 1's predictions in "
+        f"({args.score_low}, {args.score_high}], "
         f"de-duplicated at IoU > {args.dedup_iou}"
         + (
             ""
@@ -166,11 +169,12 @@ def write_report(
             lines += ["", f"Round 2 − round 1: {diffs} (points)."]
         lines.append("")
     lines += [
-        "Figures are percentages (class-agnostic COCO AR/AP, `useCats=0`). The models return at most "
-        "`TEST.DETECTIONS_PER_IMAGE` masks (100 here), so their AR@1000 is their AR@100; label folders "
-        "hold up to 500 (round 0) or more (merged) masks per photo. The training photos' human masks are "
-        "never used in training: there the figures measure how well a round describes the photos it "
-        "learnt from; the validation set measures photos no round has seen.",
+        "Figures are percentages (class-agnostic COCO AR/AP, `useCats=0`). The models return at "
+        "most `TEST.DETECTIONS_PER_IMAGE` masks (100 here), so their AR@1000 is their AR@100; "
+        "label folders hold up to 500 (round 0) or more (merged) masks per photo. The training "
+        "photos' human masks are never used in training: there the figures measure how well a "
+        "round describes the photos it learnt from; the validation set measures photos no round "
+        "has seen.",
         "",
         "## Step times",
         "",
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
             gts[name] = subset_gt(gts[name], args.max_images, out / name)
     images = {name: len(json.loads(Path(gts[name]).read_text())["images"]) for name, _ in sets}
 
-    # 0. round-0 labels of the training photos (the training set) and of the validation photos (scored only)
+    # 0. round-0 labels of the training photos (the training set) and of the validation photos
+    # (scored only)
     round0 = args.round0 or out / "round0"
     if args.round0 is None:
         runner.run(
