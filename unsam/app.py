@@ -90,15 +90,16 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for your network)",
+        help="address to listen on (default 127.0.0.1: this machine only; "
+        "0.0.0.0 for your network)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument(
         "--max-side",
         type=int,
         default=1024,
-        help="uploads are downscaled so their long side is at most this many pixels (default 1024): "
-        "it bounds the time and memory one upload costs",
+        help="uploads are downscaled so their long side is at most this many pixels "
+        "(default 1024): it bounds the time and memory one upload costs",
     )
     parser.add_argument(
         "--max-upload-mb",
@@ -120,8 +121,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth MODEL.DEVICE cpu "
-        "(last: takes everything after it)",
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth "
+        "MODEL.DEVICE cpu (last: takes everything after it)",
     )
     return parser
 
@@ -140,7 +141,8 @@ def default_samples() -> Optional[str]:
 
 
 def find_samples(spec: Optional[str]) -> List[str]:
-    """Up to :data:`MAX_SAMPLES` image paths from a folder or glob (None: :func:`default_samples`)."""
+    """Up to :data:`MAX_SAMPLES` image paths from a folder or glob (None:
+    :func:`default_samples`)."""
     if spec is None:
         spec = default_samples()
         if spec is None:
@@ -166,8 +168,8 @@ def status_text(models: DemoModels, config_file: str) -> str:
         model = f"weights `{shown_path(weights)}`; prompts: **{models.prompt_mode}** mode"
     else:
         model = (
-            "**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free pseudo labels "
-            f"and *Prompt* answers are not meaningful ({models.prompt_mode} mode)"
+            "**no MODEL.WEIGHTS**: the model is random, so *Everything* shows the training-free "
+            f"pseudo labels and *Prompt* answers are not meaningful ({models.prompt_mode} mode)"
         )
     return f"Config `{shown_path(config_file)}`, {model}, device {models.cfg.MODEL.DEVICE}."
 
@@ -196,12 +198,14 @@ def _prompt_arrays(pstate):
 
 
 def _no_prompts():
-    """Per-session prompt state: clicked points and labels, a box's pending first corner, the box."""
+    """Per-session prompt state: clicked points and labels, a box's pending first corner, the
+    box."""
     return {"points": [], "labels": [], "corner": None, "box": None}
 
 
 def _tree_root(level: int = 0):
-    """Per-session hierarchy-browser state: the level shown, or the selected mask whose parts are shown."""
+    """Per-session hierarchy-browser state: the level shown, or the selected mask whose parts
+    are shown."""
     return {"level": int(level), "selected": None}
 
 
@@ -496,8 +500,9 @@ def build_demo(
 
 
 def launch_options(args: argparse.Namespace) -> dict:
-    """``Blocks.launch`` keywords: local only, no share link, and ``max_file_size`` so Gradio refuses
-    an oversized upload (HTTP 413) while it streams in, before it lands in its temp folder."""
+    """``Blocks.launch`` keywords: local only, no share link, and ``max_file_size`` so Gradio
+    refuses an oversized upload (HTTP 413) while it streams in, before it lands in its temp
+    folder."""
     return {
         "server_name": args.host,
         "server_port": args.port,
@@ -520,7 +525,8 @@ def main(argv=None) -> int:
         return 2
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
         print(
-            f"error: --max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb:g}",
+            "error: --max-upload-mb must be a positive number of megabytes, "
+            f"got {args.max_upload_mb:g}",
             file=sys.stderr,
         )
         return 2

@@ -99,8 +99,8 @@ def load_photo(path, max_side: int, name: Optional[str] = None) -> Photo:
         ) from None
     if width * height > MAX_INPUT_PIXELS:
         raise AppInputError(
-            f"'{label}' is {width}×{height} ({width * height / 1e6:.0f} MP): this demo accepts up to "
-            f"{MAX_INPUT_PIXELS / 1e6:.0f} MP; downscale it first"
+            f"'{label}' is {width}×{height} ({width * height / 1e6:.0f} MP): this demo accepts "
+            f"up to {MAX_INPUT_PIXELS / 1e6:.0f} MP; downscale it first"
         )
     try:
         image = read_rgb(path)
@@ -353,7 +353,8 @@ class DemoModels:
 def render_everything(
     photo: Photo, segments: Segments, threshold: float, max_masks: int
 ) -> Tuple[np.ndarray, str]:
-    """The best ``max_masks`` masks scoring at least ``threshold``, each drawn once, and a caption."""
+    """The best ``max_masks`` masks scoring at least ``threshold``, each drawn once, and a
+    caption."""
     scores = segments.scores
     keep = [int(segments.anns[i]["id"]) for i in np.flatnonzero(scores >= threshold)[:max_masks]]
     image = draw_masks(photo.image, segments.masks(keep))

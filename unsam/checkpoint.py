@@ -111,8 +111,8 @@ class LoadReport:
         if self.backbone_only:
             others = [p for p in self.expected if p != "backbone"]
             text += (
-                f": a pretrained-backbone start, as intended; {', '.join(others)} keep their initial "
-                "values (the heads train from random weights)"
+                f": a pretrained-backbone start, as intended; {', '.join(others)} keep their "
+                "initial values (the heads train from random weights)"
             )
         if self.wrong_shape:
             text += f"; {len(self.wrong_shape)} skipped for their shape, e.g. " + ", ".join(
@@ -157,7 +157,8 @@ class UnSAMCheckpointer(DetectionCheckpointer):
         return super().load(local_weights_path(path) if path else path, checkpointables)
 
     def _load_file(self, filename: str):
-        """Every format detectron2 reads, through :func:`read_checkpoint_file` (no pickle code runs)."""
+        """Every format detectron2 reads, through :func:`read_checkpoint_file` (no pickle code
+        runs)."""
         return read_checkpoint_file(filename)
 
     def _load_model(self, checkpoint):
@@ -168,7 +169,8 @@ class UnSAMCheckpointer(DetectionCheckpointer):
                 f"(top-level keys: {sorted(checkpoint)[:5]})"
             )
         # detectron2's name matching of .pkl files (matching_heuristics) logs a table of every
-        # matched name (~70 lines for a ResNet-50) at INFO: the report says the same in one line (its lists at DEBUG)
+        # matched name (~70 lines for a ResNet-50) at INFO: the report says the same in one line
+        # (its lists at DEBUG)
         matching = logging.getLogger("detectron2.checkpoint.c2_model_loading")
         level = matching.level
         matching.setLevel(logging.WARNING)
@@ -291,8 +293,9 @@ def read_pickled_weights(filename: str, what: str = "MODEL.WEIGHTS"):
     except _ForeignGlobal as e:
         if not is_trusted_weights(filename):
             raise UnsafeWeightsError(
-                f"{what} '{filename}' would run code when read: it calls {e.name}, which weights do not "
-                f"need; refused (only if you trust this file, add its path to {TRUSTED_WEIGHTS_ENV})"
+                f"{what} '{filename}' would run code when read: it calls {e.name}, which weights "
+                "do not need; refused (only if you trust this file, add its path to "
+                f"{TRUSTED_WEIGHTS_ENV})"
             ) from None
         logger.warning(
             "%s '%s' calls %s while it loads; reading it in full because %s lists it "
@@ -542,8 +545,9 @@ def require_parts(
     empty = [p for p in required if report.loaded.get(p, 0) == 0 and report.expected.get(p, 0) > 0]
     if empty:
         raise WeightsError(
-            f"MODEL.WEIGHTS '{report.path}' has no tensor of {', '.join(empty)}, which {what} needs "
-            f"(loaded {report.num_loaded}/{report.num_expected}): a checkpoint of another architecture?"
+            f"MODEL.WEIGHTS '{report.path}' has no tensor of {', '.join(empty)}, which {what} "
+            f"needs (loaded {report.num_loaded}/{report.num_expected}): a checkpoint of another "
+            "architecture?"
         )
     missing = report.missing_in([*required, *optional])
     if missing:

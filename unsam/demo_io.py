@@ -116,8 +116,8 @@ class DemoOutputs:
 
 
 def _check_no_input_overwritten(outputs: DemoOutputs, paths: List[Path]) -> None:
-    """An input is the user's: a result may never be written over one (``--input x.png --output x.png``,
-    or a folder given as both input and output)."""
+    """An input is the user's: a result may never be written over one
+    (``--input x.png --output x.png``, or a folder given as both input and output)."""
     inputs = {p.resolve(): p for p in paths}
     for path in paths:
         for target in (outputs.image(path), outputs.json(path)):
@@ -130,7 +130,8 @@ def _check_no_input_overwritten(outputs: DemoOutputs, paths: List[Path]) -> None
 
 def _check_distinct_stems(paths: List[Path], folder: Path) -> None:
     """Two inputs of one name (``a/x.jpg``, ``b/x.png``) would both write ``folder/x.png``:
-    the second would silently replace the first, so the run is refused (as the pseudo engine does)."""
+    the second would silently replace the first, so the run is refused (as the pseudo engine
+    does)."""
     seen = {}
     for path in paths:
         if path.stem in seen:

@@ -86,7 +86,8 @@ def resolve_prompt_mode(cfg, checkpoint: Optional[Dict]) -> Tuple[str, str]:
             return "learned", "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED: the (random) prompt head"
         return (
             "select",
-            "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED is False: selection from the whole-image queries",
+            "no MODEL.WEIGHTS and UNSAM.PROMPT.ENABLED is False: selection from the whole-image "
+            "queries",
         )
     names = list(checkpoint.get("model", {}))
     prompt = [n for n in names if n.split(".", 1)[0] in PROMPT_PARTS]
@@ -307,7 +308,8 @@ class PromptPredictor:
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Encode ``image`` (H×W×3 uint8, ``image_format`` RGB or BGR) once for any number of prompts."""
+        """Encode ``image`` (H×W×3 uint8, ``image_format`` RGB or BGR) once for any number of
+        prompts."""
         check_rgb_image(image)
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
@@ -471,7 +473,8 @@ class PromptPredictor:
         if mask_input is not None:
             mi = torch.as_tensor(mask_input, dtype=torch.float32)
             if mi.dim() != 4 or tuple(mi.shape[1:]) != (1, MASK_INPUT_SIZE, MASK_INPUT_SIZE):
-                # the model would resize any size silently, misreading a mask of the image's own frame
+                # the model would resize any size silently, misreading a mask of the image's own
+                # frame
                 raise ValueError(
                     f"mask_input must be B×1×{MASK_INPUT_SIZE}×{MASK_INPUT_SIZE} low-res logits, "
                     f"got shape {tuple(mi.shape)}"
@@ -516,7 +519,8 @@ class PromptPredictor:
             points = labels = accept = None
             if "points" in prompts:
                 # pixel centres, in the padded input's frame
-                # pixels stay on the CPU (the click check reads them there); the selector's on the device
+                # pixels stay on the CPU (the click check reads them there); the selector's on the
+                # device
                 points = self.transform.apply_coords_torch(
                     prompts["pixels"][i] + 0.5, self.original_size
                 )

@@ -98,8 +98,8 @@ class QuerySelector:
         """Score every query against one prompt.
 
         Args (frames of the padded network input): ``points`` N×2 (x, y) continuous coordinates
-            (a pixel's centre is x + 0.5), ``labels`` N (1 positive, 0 negative, -1 ignored), ``box`` 4 XYXY
-            pixels, ``mask_input`` 256×256 logits over the padded square.
+            (a pixel's centre is x + 0.5), ``labels`` N (1 positive, 0 negative, -1 ignored),
+            ``box`` 4 XYXY pixels, ``mask_input`` 256×256 logits over the padded square.
         Returns:
             ``order`` (queries meeting every constraint, best first, then — when none does — the
             one closest to meeting the point constraints), ``scores`` Q selection scores in [0, 1],

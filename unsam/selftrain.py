@@ -2,8 +2,8 @@
 
 ::
 
-    python -m unsam.selftrain --config-file F --weights W --input DIR|GLOB|DATASET_ROOT --output DIR \\
-        [--score-low 0.0 --score-high 1.0] [--dedup-iou 0.9] [--max-masks N] \\
+    python -m unsam.selftrain --config-file F --weights W --input DIR|GLOB|DATASET_ROOT \\
+        --output DIR [--score-low 0.0 --score-high 1.0] [--dedup-iou 0.9] [--max-masks N] \\
         [--previous DIR --max-iou-with-previous 0.5] [--shard i/n] [--workers N] [--device cpu|cuda]
 
 The UnSAM paper trains a second round on its own model's predictions; the published code has the
@@ -307,7 +307,8 @@ def plan_tasks(
     by_stem(
         labels,
         lambda stem, first, second: SelfTrainError(
-            f"--input: two label files of one name '{stem}' ({first} and {second}): outputs are named after them"
+            f"--input: two label files of one name '{stem}' ({first} and {second}): "
+            "outputs are named after them"
         ),
     )
     tasks, failures = [], []

@@ -28,7 +28,8 @@ def _unknown_key(err: Exception) -> Optional[str]:
 
 
 def _yaml_error(config_file: str, err: "yaml.YAMLError") -> str:
-    """One line for a YAML syntax error: ``file:line:column: problem`` (the file may be a _BASE_)."""
+    """One line for a YAML syntax error: ``file:line:column: problem`` (the file may be a
+    _BASE_)."""
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     if mark is None:
@@ -78,8 +79,10 @@ def train_argument_parser() -> argparse.ArgumentParser:
         epilog=(
             "Examples:\n"
             "  python train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml --num-gpus 4\n"
-            "  torchrun --nproc_per_node=4 train_net.py --config-file configs/unsam_only_sa-1b_R50.yaml\n"
-            "  python train_net.py --config-file configs/tiny/unsam_tiny.yaml --eval-only MODEL.WEIGHTS out/model_final.pth\n"
+            "  torchrun --nproc_per_node=4 train_net.py "
+            "--config-file configs/unsam_only_sa-1b_R50.yaml\n"
+            "  python train_net.py --config-file configs/tiny/unsam_tiny.yaml "
+            "--eval-only MODEL.WEIGHTS out/model_final.pth\n"
             "Trailing KEY VALUE pairs override config keys."
         )
     )

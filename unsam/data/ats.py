@@ -248,7 +248,8 @@ class DifficultyTable:
     def _weights(
         self, cells: np.ndarray, alpha: float, eps: float
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(weight of each seen cell (0 where unseen), seen flags, clamped difficulty) of ``cells``."""
+        """(weight of each seen cell (0 where unseen), seen flags, clamped difficulty) of
+        ``cells``."""
         flat_v = self.values.view(-1).numpy()
         flat_s = self.seen.view(-1).numpy()
         seen = flat_s[cells]

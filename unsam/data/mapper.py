@@ -438,7 +438,8 @@ class UnSAMDatasetMapper:
         """Name and count a training sample that cannot be used; ``None`` for the loader, which
         then maps another image (detectron2's ``MapDataset`` and the ATS ``TaskMapDataset``
         retry with their own seeded generators, so a run replaces it the same way every time).
-        The count is ``data/replaced_samples`` in the metrics (:func:`unsam.data.training.note_replaced`)."""
+        The count is ``data/replaced_samples`` in the metrics
+        (:func:`unsam.data.training.note_replaced`)."""
         self.num_skipped += 1
         logger.warning(
             "skipping training image %s (%d skipped by this loader so far; another image is drawn "
@@ -465,8 +466,8 @@ class UnSAMDatasetMapper:
         if name not in self.degenerate_images:
             self.degenerate_images.add(name)
             logger.warning(
-                "image %s (%dx%d, width x height) is too thin for the resize: a side that rounds to "
-                "0 px is kept at 1 px (%d such image(s) in this loader so far)",
+                "image %s (%dx%d, width x height) is too thin for the resize: a side that rounds "
+                "to 0 px is kept at 1 px (%d such image(s) in this loader so far)",
                 name,
                 shape[1],
                 shape[0],

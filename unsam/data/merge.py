@@ -158,7 +158,8 @@ def index_by_stem(root, option: str) -> Dict[str, Path]:
     return by_stem(
         files,
         lambda stem, first, second: MergeInputError(
-            f"{option}: two label files of one name '{stem}' ({first} and {second}): images are matched by file name"
+            f"{option}: two label files of one name '{stem}' ({first} and {second}): "
+            "images are matched by file name"
         ),
     )
 
@@ -227,11 +228,11 @@ class MergeSummary:
         pseudo = sum(r.pseudo for r in self.rows)
         added = sum(r.added for r in self.rows)
         return (
-            f"merged {len(self.rows)} images ({self.written} written, {self.skipped} already done): "
-            f"{human} human masks kept, {added} of {pseudo} pseudo masks added (IoU < {max_iou} with "
-            f"every human mask); {self.count('human-only')} human-only, {len(self.pseudo_only)} "
-            f"pseudo-only, {self.count('size-mismatch')} size mismatches, {len(self.failures)} failed; "
-            f"per image: {output / COUNTS_FILE}"
+            f"merged {len(self.rows)} images ({self.written} written, {self.skipped} already "
+            f"done): {human} human masks kept, {added} of {pseudo} pseudo masks added "
+            f"(IoU < {max_iou} with every human mask); {self.count('human-only')} human-only, "
+            f"{len(self.pseudo_only)} pseudo-only, {self.count('size-mismatch')} size "
+            f"mismatches, {len(self.failures)} failed; per image: {output / COUNTS_FILE}"
         )
 
 
@@ -392,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-iou",
         type=float,
         default=MAX_IOU,
-        help=f"add a pseudo mask when its IoU with every human mask is below this (default {MAX_IOU})",
+        help="add a pseudo mask when its IoU with every human mask is below this "
+        f"(default {MAX_IOU})",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -413,7 +415,8 @@ def main(argv=None) -> int:
         return 2
     except Stopped as stop:
         print(
-            f"stopped by {stop.name}; run the same command again to resume (merged images are kept)",
+            f"stopped by {stop.name}; run the same command again to resume "
+            "(merged images are kept)",
             file=sys.stderr,
         )
         return 128 + stop.signum

@@ -1,4 +1,5 @@
-"""Point / box / mask prompts: derived from a GT mask (training, evaluation) or parsed from user input.
+"""Point / box / mask prompts: derived from a GT mask (training, evaluation) or parsed from user
+input.
 
 Conventions (those of ``segment_anything.SamPredictor``):
 
@@ -36,7 +37,8 @@ LOGIT_CLIP = float(math.log((1 - _EPS) / _EPS))
 
 
 class PromptError(ValueError):
-    """A user prompt that cannot be used (malformed or outside the image); the message is one line."""
+    """A user prompt that cannot be used (malformed or outside the image); the message is one
+    line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +80,8 @@ def mask_to_box(mask) -> np.ndarray:
 
 
 def farthest_interior_point(mask) -> Tuple[int, int]:
-    """The pixel ``(x, y)`` of a non-empty H×W mask farthest from its boundary (and the image border).
+    """The pixel ``(x, y)`` of a non-empty H×W mask farthest from its boundary (and the image
+    border).
 
     Among equally distant pixels (a rectangle has a whole ridge of them) the one closest to the
     centroid of that set is taken, then the first in raster order, so the result is deterministic
@@ -440,7 +443,8 @@ def parse_box(text: str) -> np.ndarray:
 
 
 def validate_prompts(points, labels, box, image_hw: Tuple[int, int]):
-    """Check user prompts against an image of size ``image_hw = (H, W)``; raise :class:`PromptError`.
+    """Check user prompts against an image of size ``image_hw = (H, W)``; raise
+    :class:`PromptError`.
 
     ``points``: N×2 ``(x, y)`` or None; ``labels``: N in {0, 1} or None (then every point is
     positive); ``box``: XYXY or None. Points must lie on a pixel (``0 <= x < W``, ``0 <= y < H``);
@@ -506,7 +510,8 @@ def _clip_box(box, h: int, w: int) -> np.ndarray:
 
 
 def mask_from_values(values) -> np.ndarray:
-    """A user's mask image as an H×W array of any range → H×W bool, foreground above half its maximum.
+    """A user's mask image as an H×W array of any range → H×W bool, foreground above half its
+    maximum.
 
     Mask files come as 0/1 (label maps), 0/255 (most editors), 0/65535 (16-bit) or soft masks;
     splitting at half the maximum reads all of them as drawn. An all-zero (or non-positive, or

@@ -101,7 +101,8 @@ def render_shapes_image(
 
 
 def _write_dataset(root, prefix: str, num_images: int, size: int, seed: int, render) -> Path:
-    """Write ``num_images`` images ``render(rng, size)`` as ``<root>/<prefix>_<seed>_<i>.png`` + SA-1B JSON."""
+    """Write ``num_images`` images ``render(rng, size)`` as ``<root>/<prefix>_<seed>_<i>.png``
+    + SA-1B JSON."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

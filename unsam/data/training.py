@@ -64,8 +64,8 @@ def open_training_index(root: str, output_dir: str, skip_empty: bool = False) ->
         if find_index(root) is not None:
             build = False
             logger.info(
-                "dataset root %s is read-only: using its index as built (not checked for new or changed "
-                "files; rebuild it with 'python -m unsam.data.index %s')",
+                "dataset root %s is read-only: using its index as built (not checked for new or "
+                "changed files; rebuild it with 'python -m unsam.data.index %s')",
                 root,
                 root,
             )

@@ -94,8 +94,9 @@ class TrainingCheckpointer(UnSAMCheckpointer):
             self.tag_last_checkpoint(basename)
         except OSError as e:
             raise CheckpointError(
-                f"cannot save checkpoint '{save_file}': {e.strerror or e}; the last good checkpoint is "
-                f"{repr(last_good) if last_good else 'none (nothing saved yet)'}, unchanged "
+                f"cannot save checkpoint '{save_file}': {e.strerror or e}; the last good "
+                f"checkpoint is {repr(last_good) if last_good else 'none (nothing saved yet)'}, "
+                "unchanged "
                 "(free space, then --resume)"
             ) from None
 

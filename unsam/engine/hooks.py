@@ -93,7 +93,8 @@ def _coarse(x: torch.Tensor, size) -> torch.Tensor:
 
 
 def _coarse_logits(pred_masks: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """B×Q×h×w logits → float32 logits at most :data:`_DIFFICULTY_MAX_SIDE` per side, and that size."""
+    """B×Q×h×w logits → float32 logits at most :data:`_DIFFICULTY_MAX_SIDE` per side, and that
+    size."""
     pred = pred_masks.detach().float()
     h, w = pred.shape[-2:]
     scale = min(1.0, _DIFFICULTY_MAX_SIDE / max(h, w))

@@ -89,8 +89,9 @@ _NORM_TYPES = (
     torch.nn.LayerNorm,
     torch.nn.LocalResponseNorm,
 )
-# parameters (by their own name) that get SOLVER.WEIGHT_DECAY_EMBED besides nn.Embedding modules: Swin's
-# position tables. The published rule: a plain parameter such as the pixel decoder's level_embed is decayed.
+# parameters (by their own name) that get SOLVER.WEIGHT_DECAY_EMBED besides nn.Embedding modules:
+# Swin's position tables. The published rule: a plain parameter such as the pixel decoder's
+# level_embed is decayed.
 _EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
@@ -341,8 +342,8 @@ def load_train_dicts(cfg) -> TrainingRecords:
             skip_empty = filter_empty or meta.get("skip_empty", False)
             logger.log(
                 logging.WARNING if info["skipped"] else logging.INFO,
-                "SA-1B root %s (index %s): %d images, %d records not indexed%s, %d empty masks dropped, "
-                "%d images without a mask %s",
+                "SA-1B root %s (index %s): %d images, %d records not indexed%s, "
+                "%d empty masks dropped, %d images without a mask %s",
                 root,
                 os.path.dirname(index.index_dir),
                 info["images"],
@@ -489,7 +490,8 @@ def ats_task_names(cfg) -> List[str]:
         )
     if dropped:
         logger.warning(
-            "ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); sampling 'whole' only",
+            "ATS: tasks %s need the prompt path (UNSAM.PROMPT.ENABLED False); "
+            "sampling 'whole' only",
             dropped,
         )
     return [WHOLE_TASK]

@@ -375,7 +375,8 @@ def build_sam_predictor(
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvaluationInputError(
-            f"SAM checkpoint '{checkpoint}' does not fit model '{model_type}' (set --sam-model): {first}"
+            f"SAM checkpoint '{checkpoint}' does not fit model '{model_type}' "
+            f"(set --sam-model): {first}"
         ) from None
     except Exception as e:  # unpickling errors come in many types
         raise EvaluationInputError(f"cannot load SAM checkpoint '{checkpoint}': {e}") from None
@@ -412,7 +413,8 @@ def build_unsam_predictor(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unsam.evaluation.prompt",
-        description="1-click / k-click / box-prompt mIoU on COCO-format ground truth (class-agnostic).",
+        description="1-click / k-click / box-prompt mIoU on COCO-format ground truth "
+        "(class-agnostic).",
     )
     parser.add_argument("--gt", required=True, help="COCO instances JSON")
     parser.add_argument("--images", required=True, help="folder of the JSON's images")
@@ -475,11 +477,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.backend == "sam":
             if not args.sam_checkpoint:
                 raise EvaluationInputError("--backend sam needs --sam-checkpoint")
-            factory = lambda: build_sam_predictor(args.sam_checkpoint, args.sam_model, args.device)  # noqa: E731
+
+            def factory():
+                return build_sam_predictor(args.sam_checkpoint, args.sam_model, args.device)
         else:
-            factory = lambda: build_unsam_predictor(
-                args.config_file, args.opts, args.device, args.mode
-            )  # noqa: E731
+
+            def factory():
+                return build_unsam_predictor(args.config_file, args.opts, args.device, args.mode)
+
         # inputs are checked before the (possibly slow) model build
         _load_gt(args.gt)
         if not os.path.isdir(args.images):

@@ -17,11 +17,12 @@ empty list passed to :func:`coco_eval_agnostic` is legitimate (a model that dete
 yet) and gives zeros with a warning. Uncompressed RLEs (``counts`` a list of ints, valid COCO) are
 compressed before pycocotools sees them.
 
-A ground-truth file is checked as well (:func:`check_coco_gt`): duplicate annotation ids (pycocotools
-keeps one of each, silently), no non-crowd annotation (nothing to recall: every metric would be 0)
-and undecodable segmentations are a :class:`GroundTruthError`, and a results list or a pseudo-label
-file or folder given as ``--gt`` is named as a likely swap of ``--gt`` and ``--pred``. ``--out``
-names the metrics file; a folder there is refused before any work (:func:`check_out_path`).
+A ground-truth file is checked as well (:func:`check_coco_gt`): duplicate annotation ids
+(pycocotools keeps one of each, silently), no non-crowd annotation (nothing to recall: every
+metric would be 0) and undecodable segmentations are a :class:`GroundTruthError`, and a results
+list or a pseudo-label file or folder given as ``--gt`` is named as a likely swap of ``--gt`` and
+``--pred``. ``--out`` names the metrics file; a folder there is refused before any work
+(:func:`check_out_path`).
 
 In training, :class:`ClassAgnosticEvaluator` is the detectron2 evaluator; it RLE-encodes each
 image's masks as it goes, so full-resolution masks are never accumulated.
@@ -78,7 +79,8 @@ class PredictionError(ValueError):
 
 
 class GroundTruthError(ValueError):
-    """A ground truth that cannot give meaningful metrics; the message names the file and the problem."""
+    """A ground truth that cannot give meaningful metrics; the message names the file and the
+    problem."""
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -140,7 +142,8 @@ def _segmentation_problem(seg, size) -> Optional[str]:
 
 
 def _image_sizes(images, source: str) -> Dict:
-    """``{image id: (height, width)}``; refuses image records pycocotools cannot decode masks for."""
+    """``{image id: (height, width)}``; refuses image records pycocotools cannot decode masks
+    for."""
     sizes = {}
     for i, im in enumerate(images):
         try:
@@ -212,7 +215,8 @@ def _prediction_problem(coco_gt: COCO, p) -> Optional[str]:
 
 
 def check_predictions(coco_gt: COCO, predictions, source: str = "predictions") -> None:
-    """Raise :class:`PredictionError` unless every prediction can be evaluated against ``coco_gt``."""
+    """Raise :class:`PredictionError` unless every prediction can be evaluated against
+    ``coco_gt``."""
     if not isinstance(predictions, list):
         raise PredictionError(f"{source}: expected a JSON list of COCO results")
     bad = []

@@ -26,7 +26,8 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 class DenseFeatures:
-    """Interface: ``__call__(image HxWx3 uint8 RGB) -> np.ndarray float32 (h, w, C)``, rows L2-normalised."""
+    """Interface: ``__call__(image HxWx3 uint8 RGB) -> np.ndarray float32 (h, w, C)``, rows
+    L2-normalised."""
 
     name = "base"
     patch_size = 8

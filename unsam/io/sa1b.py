@@ -325,7 +325,8 @@ def read_sa1b_json(path) -> Dict:
 
 
 def find_sa1b_files(root) -> List[Path]:
-    """All ``*.json`` pseudo-label files under ``root`` (directly or one shard level down), sorted."""
+    """All ``*.json`` pseudo-label files under ``root`` (directly or one shard level down),
+    sorted."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"SA-1B root '{root}' is not a directory")

@@ -91,7 +91,8 @@ def drop_loss_keep(
     The published rule: soft IoU of ``sigmoid(point_logits)`` with ``point_labels`` over the
     sampled points (intersection / (sum of both - intersection)); a pair is left out when that IoU
     is at most ``iou_thresh`` — so an undefined IoU (0/0: every probability underflowed to 0 on an
-    empty target) keeps its loss, as published. Computed without gradient: the choice is not trained.
+    empty target) keeps its loss, as published. Computed without gradient: the choice is not
+    trained.
     """
     probs = point_logits.sigmoid()
     inter = (probs * point_labels).sum(-1)
@@ -303,7 +304,8 @@ class SetCriterion(nn.Module):
         return (
             f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
             f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
-            f"importance_sample_ratio={self.importance_sample_ratio}, weight_dict={self.weight_dict}"
+            f"importance_sample_ratio={self.importance_sample_ratio}, "
+            f"weight_dict={self.weight_dict}"
             + (f", drop_loss_iou_thresh={self.droploss_iou_thresh}" if self.use_drop_losses else "")
         )
 
@@ -344,7 +346,8 @@ class PromptCriterion(nn.Module):
     def match(
         self, pred: torch.Tensor, targets: List[torch.Tensor]
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """pred (N, K, h, w) logits; targets: N tensors (T_i, H, W) → per prompt (output idx, target idx)."""
+        """pred (N, K, h, w) logits; targets: N tensors (T_i, H, W) → per prompt (output idx,
+        target idx)."""
         out = []
         coords = torch.rand(1, max(64, self.num_points // 4), 2, device=pred.device)
         for i, tgt in enumerate(targets):

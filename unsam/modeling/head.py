@@ -66,7 +66,8 @@ class MaskFormerHead(nn.Module):
 
     def encode(self, features: Dict[str, torch.Tensor]) -> Dict[str, object]:
         """Backbone features -> {"mask_features": (B, mask_dim, H/4, W/4), "multi_scale_features":
-        3 maps (B, conv_dim, ·, ·) coarse to fine, "encoder_features": (B, conv_dim, H/32, W/32)}."""
+        3 maps (B, conv_dim, ·, ·) coarse to fine, "encoder_features": (B, conv_dim, H/32,
+        W/32)}."""
         mask_features, enc, multi_scale = self.pixel_decoder.forward_features(features)
         return {
             "mask_features": mask_features,

@@ -155,6 +155,6 @@ class HungarianMatcher(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
-            f"num_points={self.num_points}"
+            f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+            f"cost_dice={self.cost_dice}, num_points={self.num_points}"
         )

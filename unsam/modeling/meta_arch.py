@@ -98,8 +98,8 @@ class UnSAM(nn.Module):
         mf = cfg.MODEL.MASK_FORMER
         if mf.TEST.SEMANTIC_ON or mf.TEST.PANOPTIC_ON or not mf.TEST.INSTANCE_ON:
             raise ValueError(
-                "UnSAM supports instance inference only: set MODEL.MASK_FORMER.TEST.INSTANCE_ON True "
-                "and SEMANTIC_ON / PANOPTIC_ON False"
+                "UnSAM supports instance inference only: set MODEL.MASK_FORMER.TEST.INSTANCE_ON "
+                "True and SEMANTIC_ON / PANOPTIC_ON False"
             )
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())

@@ -197,11 +197,13 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if impl not in ("auto", "pytorch", "fused"):
             raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL must be auto|pytorch|fused, got {impl!r}"
+                "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL must be auto|pytorch|fused, "
+                f"got {impl!r}"
             )
         if impl == "fused" and _MSDA is None:
             raise ImportError(
-                "DEFORMABLE_ATTENTION_IMPL='fused' but MultiScaleDeformableAttention is not importable"
+                "DEFORMABLE_ATTENTION_IMPL='fused' but MultiScaleDeformableAttention is not "
+                "importable"
             )
         self.impl = impl
         self.im2col_step = 128
@@ -553,7 +555,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward_features(self, features: Dict[str, torch.Tensor]):
         """
         Args:
-            features: backbone outputs {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}.
+            features: backbone outputs {"res2": (B, C2, H/4, W/4), ...,
+                "res5": (B, C5, H/32, W/32)}.
         Returns:
             mask_features (B, mask_dim, H/4, W/4); encoder output of the coarsest level
             (B, conv_dim, H/32, W/32); multi_scale_features: 3 maps (B, conv_dim, ·, ·) from

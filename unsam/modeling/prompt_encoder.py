@@ -1,4 +1,5 @@
-"""Prompt path of UnSAM: points / boxes / low-res masks → query groups for the masked-attention decoder.
+"""Prompt path of UnSAM: points / boxes / low-res masks → query groups for the masked-attention
+decoder.
 
 Each prompt becomes one *group* of decoder queries::
 
@@ -98,7 +99,8 @@ class UnSAMPromptEncoder(nn.Module):
     def _mask_weights_on_grid(
         self, mask_inputs: torch.Tensor, grid_hw: Tuple[int, int], padded_hw: Tuple[int, int]
     ) -> torch.Tensor:
-        """(P, 1, L, L) logits over the padded square → (P, h, w) probabilities on the feature grid."""
+        """(P, 1, L, L) logits over the padded square → (P, h, w) probabilities on the feature
+        grid."""
         side = max(padded_hw)
         h, w = grid_hw
         sq = (max(1, round(side * h / padded_hw[0])), max(1, round(side * w / padded_hw[1])))

@@ -17,8 +17,8 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - report and fall back, as at run time
         first = str(e).splitlines()[0] if str(e) else ""
         print(
-            f"[setup] CPU kernels not built ({type(e).__name__}: {first}): inference uses the slower "
-            "pure-PyTorch paths"
+            f"[setup] CPU kernels not built ({type(e).__name__}: {first}): inference uses the "
+            "slower pure-PyTorch paths"
         )
         return 0
     print("[setup] CPU kernels built (deformable attention, mask resize + threshold)")

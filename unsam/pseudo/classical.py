@@ -19,8 +19,9 @@ Per image (:meth:`ClassicalLabeler.__call__`):
    variant was clearly worse); :func:`unsam.pseudo.conquer.merge_hierarchy` is the patch-grid
    form of the same merging. The whole image is also conquered once per ``colour_bandwidths``
    entry on full-resolution colour distributions of the superpixels
-   (:meth:`SuperpixelGraph.colour_sums`, smallest group ``colour_min_pixels``): the feature grid's cells are too coarse for small
-   objects, and this colour-only hierarchy (selective search's colour similarity) supplies them.
+   (:meth:`SuperpixelGraph.colour_sums`, smallest group ``colour_min_pixels``): the feature
+   grid's cells are too coarse for small objects, and this colour-only hierarchy (selective
+   search's colour similarity) supplies them.
    Finally one complete selective-search-style hierarchy per ``selective`` entry (similarity +
    size + fill, :func:`unsam.pseudo.conquer.merge_selective`) adds balanced, compact groupings,
    and one contour hierarchy per ``boundary`` (edge-map σ, size power) pair
@@ -32,9 +33,10 @@ Per image (:meth:`ClassicalLabeler.__call__`):
    region are dropped;
 5. **refine**: the ``refine_top`` best masks (by selection score) also get a colour-snapped
    variant (:meth:`SuperpixelGraph.reassign_border`: border superpixels re-assigned to the
-   better-fitting of the inside / outside colour models), an extra candidate next to the original (on the first
-   20 COCO sample images: AR@1000 0.153 → 0.159). Snapping by the patch features or twice by
-   colour added a little more on 40 images but nothing on all 80, at ~10 % more time;
+   better-fitting of the inside / outside colour models), an extra candidate next to the
+   original (on the first 20 COCO sample images: AR@1000 0.153 → 0.159). Snapping by the patch
+   features or twice by colour added a little more on 40 images but nothing on all 80, at ~10 %
+   more time;
 6. near-duplicates (IoU > ``dedup_iou`` = 0.8) are dropped, best selection score first, and at
    most ``max_masks`` masks are kept;
 7. **polish**: each kept mask is replaced by the best-scored of itself and its polished
@@ -284,7 +286,8 @@ class ClassicalLabeler:
         self, variants: List[np.ndarray], graph: SuperpixelGraph, cands: List[Candidate]
     ) -> None:
         """The root region's hierarchies: one per feature variant, one per colour bandwidth,
-        one per selective-search kind, one contour hierarchy per ``boundary`` (edge-map σ, size power) pair."""
+        one per selective-search kind, one contour hierarchy per ``boundary`` (edge-map σ, size
+        power) pair."""
         cfg = self.cfg
         H, W = graph.shape
         whole = (0, 0, W, H)

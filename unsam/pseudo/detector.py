@@ -110,7 +110,8 @@ def load_detector_weights(
         parts = []
         if missing:
             parts.append(
-                f"missing {len(missing)} tensors ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})"
+                f"missing {len(missing)} tensors "
+                f"({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})"
             )
         if bad:
             parts.append("shape mismatch: " + "; ".join(bad[:3]) + (" …" if len(bad) > 3 else ""))

@@ -60,9 +60,10 @@ def _relative_edges(grad2: np.ndarray) -> np.ndarray:
 def smoothed_lab_gradient(
     image: np.ndarray, sigma: float = SMOOTH_SIGMA
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``image``: H×W×3 uint8 RGB → (RGB uint8 smoothed with a Gaussian of ``sigma`` px, its Lab float32 (H, W, 3) on OpenCV's
-    8-bit scale, squared Lab gradient magnitude (H, W) float32: Sobel x² + y² summed over L, a, b).
-    Computed once per image: the superpixels and the edge map both come from it."""
+    """``image``: H×W×3 uint8 RGB → (RGB uint8 smoothed with a Gaussian of ``sigma`` px, its Lab
+    float32 (H, W, 3) on OpenCV's 8-bit scale, squared Lab gradient magnitude (H, W) float32:
+    Sobel x² + y² summed over L, a, b). Computed once per image: the superpixels and the edge
+    map both come from it."""
     smooth = cv2.GaussianBlur(image, (0, 0), sigma)
     lab = cv2.cvtColor(smooth, cv2.COLOR_RGB2LAB).astype(np.float32)
     grad2 = np.zeros(lab.shape[:2], np.float32)
@@ -413,7 +414,8 @@ class SuperpixelGraph:
         """For (K, M) bool masks ``xt``: the ring (outside, touching the mask) and the inner
         border (inside, touching the outside), both (K, M) bool, and pref (K, M): each
         superpixel's unit embedding · (inside model − outside model), the models being the
-        normalised sums of ``node_sums`` over the mask and over its ring; > 0: looks like the inside."""
+        normalised sums of ``node_sums`` over the mask and over its ring; > 0: looks like the
+        inside."""
         xf = xt.astype(np.float32)
         ring = (self._adj_bin @ xf > 0) & ~xt
         inner = xt & (self._adj_bin @ (1.0 - xf) > 0)

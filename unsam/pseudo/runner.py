@@ -110,8 +110,8 @@ class Stopped(BaseException):
         """The line a command prints when it stops: what was done and that a rerun resumes."""
         done = self.summary.done if self.summary else 0
         return (
-            f"stopped by {self.name} after labelling {done} images; run the same command again to resume "
-            f"(finished images are skipped)"
+            f"stopped by {self.name} after labelling {done} images; run the same command again "
+            f"to resume (finished images are skipped)"
         )
 
     @property
@@ -190,7 +190,8 @@ def select(
 
 
 def draw_overlay(image: np.ndarray, anns: List[Dict], max_masks: int = 50) -> np.ndarray:
-    """The top ``max_masks`` masks blended with the photo and outlined (:func:`unsam.visualize.draw_masks`)."""
+    """The top ``max_masks`` masks blended with the photo and outlined
+    (:func:`unsam.visualize.draw_masks`)."""
     from ..io.sa1b import rle_to_mask
     from ..visualize import draw_masks
 
@@ -315,8 +316,8 @@ class RunSummary:
         """The summary line a command prints at the end of a run."""
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         return (
-            f"{self.done} labelled, {self.skipped} already done, {self.failed} failed ({self.masks} masks, "
-            f"{self.seconds:.1f} s, {rate:.2f} img/s)"
+            f"{self.done} labelled, {self.skipped} already done, {self.failed} failed "
+            f"({self.masks} masks, {self.seconds:.1f} s, {rate:.2f} img/s)"
             + (f"; failures listed in {self.failures_file}" if self.failed else "")
         )
 
@@ -409,8 +410,8 @@ def run_tasks(
     ``make_labeler()``: builds a labeler (see :func:`_label`); picklable, as worker processes
     call it. ``labeler``: one already built, used when ``workers`` ≤ 1. ``failures``: (path,
     reason) of selected inputs the caller could not even make a task of (counted as failed and
-    listed with the rest). ``desc``: the progress bar's name. ``out`` must exist and hold the caller's settings record already.
-    Raises as :func:`run`."""
+    listed with the rest). ``desc``: the progress bar's name. ``out`` must exist and hold the
+    caller's settings record already. Raises as :func:`run`."""
     summary = RunSummary(total=len(tasks) + len(failures), failures_file=failures_file(out, shard))
     for path, err in failures:
         _count(summary, path, err, 0)

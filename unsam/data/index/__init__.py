@@ -5,7 +5,8 @@ in memory-mapped numpy arrays, built once per root and cached, so that training 
 and each process holds ~100 bytes per image instead of every mask of every image.
 
 * :mod:`.formats` — the three source formats; what indexing reads from one record (not the masks);
-* :mod:`.build` — planning, parallel / resumable / incremental indexing, merging (the on-disk layout);
+* :mod:`.build` — planning, parallel / resumable / incremental indexing, merging (the on-disk
+  layout);
 * :mod:`.dataset` — :class:`IndexedDataset`, the map-style dataset the trainer's loader reads;
 * :mod:`.tsv` — the converter to the published UnSAM / Semantic-SAM TSV shards;
 * ``python -m unsam.data.index ROOT [ROOT ...]`` — build / update, optionally ``--to-tsv OUT``.

@@ -307,14 +307,18 @@ class BuildSummary:
             f"{self.skipped} skipped"
         )
         if self.first_skipped:
-            text += f" (first: {'; '.join(self.first_skipped)}; all in {self.index_dir}/<generation>/skipped.txt)"
+            text += (
+                f" (first: {'; '.join(self.first_skipped)}; "
+                f"all in {self.index_dir}/<generation>/skipped.txt)"
+            )
         if self.up_to_date:
             text += f"; index up to date, {self.seconds:.2f} s"
         else:
             rate = self.indexed / self.index_seconds if self.index_seconds > 0 else 0.0
             text += (
-                f"; indexed {self.indexed} images ({self.chunks_indexed} chunks, {self.chunks_kept} kept) "
-                f"in {self.seconds:.2f} s, {rate:.0f} images/s with {self.workers} workers"
+                f"; indexed {self.indexed} images ({self.chunks_indexed} chunks, "
+                f"{self.chunks_kept} kept) in {self.seconds:.2f} s, {rate:.0f} images/s with "
+                f"{self.workers} workers"
             )
         return text + f"; index {self.index_dir} ({self.index_bytes / 1e6:.1f} MB)"
 

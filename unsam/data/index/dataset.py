@@ -134,8 +134,8 @@ class IndexedDataset(torch.utils.data.Dataset):
         if current.get("version") != INDEX_VERSION:
             raise DatasetError(
                 f"the index of '{self.root}' ({index_dir}) was built by another version of UnSAM "
-                f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it with "
-                f"'python -m unsam.data.index {self.root}"
+                f"(format {current.get('version')}, this one reads {INDEX_VERSION}): update it "
+                f"with 'python -m unsam.data.index {self.root}"
                 f"{' --cache-dir ' + self.cache_dir if self.cache_dir else ''}'"
             )
         self.index_dir = str(index_dir / current["generation"])
@@ -302,7 +302,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         key = self._string(self._keys, self._keys_off, row)
         if kind == KIND_JSON:
             return os.path.join(path, key)
-        return f"{path}: {'line' if kind == KIND_TSV else 'member'} '{key}' (byte {int(r['record_offset'])})"
+        return (
+            f"{path}: {'line' if kind == KIND_TSV else 'member'} '{key}' "
+            f"(byte {int(r['record_offset'])})"
+        )
 
     def _read(self, row: int, which: str) -> bytes:
         """The bytes of a row's record or image field, from its tar / TSV (one ``pread``)."""

@@ -204,7 +204,8 @@ class Chunk:
     """What one indexing task found: rows (``ROW_DTYPE``, ``source`` left 0), one key string per
     row (file name / member name / TSV name), one image string per row (``json`` sources: the
     image path relative to the source folder, or absolute; else ""), skipped messages, and
-    ``retry`` (a skip that may heal by itself, e.g. an image not there yet: index again next time)."""
+    ``retry`` (a skip that may heal by itself, e.g. an image not there yet: index again next
+    time)."""
 
     def __init__(self):
         self.rows: List[tuple] = []

@@ -148,7 +148,7 @@ class SwinTransformerBlock(nn.Module):
         self, x: torch.Tensor, h: int, w: int, attn_mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """x: (B, H*W, C) -> (B, H*W, C)."""
-        b, l, c = x.shape
+        b, _, c = x.shape
         ws = self.window_size
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
@@ -278,7 +278,8 @@ class PatchEmbed(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Hierarchical Swin Transformer returning the normalized output of each stage in out_indices."""
+    """Hierarchical Swin Transformer returning the normalized output of each stage in
+    out_indices."""
 
     def __init__(
         self,
