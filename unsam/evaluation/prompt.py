@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -236,6 +237,111 @@ def _evaluate_instance(
     return out
 
 
+@dataclass
+class _PromptTally:
+    """What the click/box protocol gathered over the evaluated images: per instance the IoU curve
+    (clicks 1..K) of the "max" and of the "oracle" track, its box-prompt IoU (when boxes are
+    prompted), and the number of images that had an instance to prompt."""
+
+    per_click: Dict[str, List[List[float]]] = field(
+        default_factory=lambda: {"max": [], "oracle": []}
+    )
+    box_ious: List[float] = field(default_factory=list)
+    num_images: int = 0
+
+    def add(self, res: Dict) -> None:
+        """Record one instance's result from :func:`_evaluate_instance`."""
+        self.per_click["max"].append(res["max"])
+        self.per_click["oracle"].append(res["oracle"])
+        if "box" in res:  # present exactly when boxes are prompted
+            self.box_ious.append(res["box"])
+
+
+def _resolve_predictor(predictor_factory_or_predictor):
+    """Takes :func:`evaluate_prompts`' first argument; returns the predictor: the argument itself
+    when it has ``set_image``/``predict`` and is not a class, else what calling it builds
+    (``TypeError`` when it is neither)."""
+    predictor = predictor_factory_or_predictor
+    # a class has set_image/predict too, but is a factory
+    if isinstance(predictor, type) or not (
+        hasattr(predictor, "set_image") and hasattr(predictor, "predict")
+    ):
+        if not callable(predictor):
+            raise TypeError(
+                "expected a predictor with set_image/predict or a callable building one"
+            )
+        predictor = predictor()
+    return predictor
+
+
+def _set_image(timed: _Timed, coco: COCO, img: Dict, image_root: Path) -> List[np.ndarray]:
+    """Takes one COCO image entry; returns its instance masks (:func:`_instances`) after reading
+    the image and handing it to the predictor, or ``[]`` without reading it when it has none.
+    Raises :class:`EvaluationInputError` when the image's size is not its annotations' size."""
+    gts = _instances(coco, img)
+    if not gts:
+        return gts
+    image = _read_image(image_root / img["file_name"])
+    if image.shape[:2] != gts[0].shape:
+        raise EvaluationInputError(
+            f"image '{img['file_name']}' is {image.shape[1]}x{image.shape[0]} but its "
+            f"annotations are {gts[0].shape[1]}x{gts[0].shape[0]}"
+        )
+    timed.set_image(image)
+    return gts
+
+
+def _prompt_images(
+    timed: _Timed,
+    coco: COCO,
+    images: List[Dict],
+    image_root: Path,
+    num_clicks: int,
+    box: bool,
+    refine_multimask: bool,
+) -> _PromptTally:
+    """Takes the predictor, the ground truth and the image entries to evaluate (in order);
+    prompts every instance of every image (images without one are skipped) and returns the
+    :class:`_PromptTally` of the results."""
+    tally = _PromptTally()
+    with torch.no_grad():
+        for img in tqdm(images, desc="prompt eval", unit="img", disable=None):
+            gts = _set_image(timed, coco, img, image_root)
+            if not gts:
+                continue
+            tally.num_images += 1
+            for gt in gts:
+                tally.add(_evaluate_instance(timed, gt, num_clicks, box, refine_multimask))
+    return tally
+
+
+def _prompt_metrics(
+    tally: _PromptTally, num_clicks: int, box: bool, seconds: float
+) -> Dict[str, float]:
+    """Takes a non-empty :class:`_PromptTally` and the predictor's total time; returns the flat
+    metrics of :func:`evaluate_prompts` (means over instances, time per evaluated image)."""
+    n = len(tally.per_click["max"])
+
+    def mean(values) -> float:
+        return float(np.mean(values)) if len(values) else 0.0
+
+    curves = {k: np.asarray(v, dtype=np.float64).reshape(n, -1) for k, v in tally.per_click.items()}
+    metrics: Dict[str, float] = {
+        "mIoU_max": mean(curves["max"][:, 0]),
+        "mIoU_oracle": mean(curves["oracle"][:, 0]),
+    }
+    if box:
+        metrics["mIoU_box"] = mean(tally.box_ious)
+    if num_clicks > 1:
+        for k in range(1, num_clicks + 1):
+            metrics[f"mIoU_max@{k}"] = mean(curves["max"][:, k - 1])
+            metrics[f"mIoU_oracle@{k}"] = mean(curves["oracle"][:, k - 1])
+    metrics["num_instances"] = n
+    metrics["num_images"] = tally.num_images
+    metrics["seconds_per_image"] = seconds / tally.num_images if tally.num_images else 0.0
+    return metrics
+
+
 def evaluate_prompts(
     predictor_factory_or_predictor,
     gt_json,
@@ -254,76 +360,28 @@ def evaluate_prompts(
     Returns ``mIoU_max``, ``mIoU_oracle``, ``mIoU_box`` (when ``box``), ``mIoU_max@k`` and
     ``mIoU_oracle@k`` for k = 1..``num_clicks`` (when ``num_clicks > 1``), ``num_instances``,
     ``num_images`` and ``seconds_per_image``.
+
+    Stages: :func:`_resolve_predictor`, :func:`_prompt_images` (per image :func:`_set_image`, per
+    instance :func:`_evaluate_instance`), :func:`_prompt_metrics`.
     """
     if num_clicks < 1:
         raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
     if max_images is not None and int(max_images) < 1:
         raise ValueError(f"max_images must be >= 1 (None: all images), got {max_images}")
-    predictor = predictor_factory_or_predictor
-    # a class has set_image/predict too, but is a factory
-    if isinstance(predictor, type) or not (
-        hasattr(predictor, "set_image") and hasattr(predictor, "predict")
-    ):
-        if not callable(predictor):
-            raise TypeError(
-                "expected a predictor with set_image/predict or a callable building one"
-            )
-        predictor = predictor()
-    timed = _Timed(predictor)
+    timed = _Timed(_resolve_predictor(predictor_factory_or_predictor))
     coco = _load_gt(gt_json)
-    image_root = Path(image_root)
     images = coco.loadImgs(sorted(coco.getImgIds()))
     if max_images is not None:
         images = images[: int(max_images)]
 
-    per_click = {"max": [], "oracle": []}  # per instance: list of K IoUs
-    box_ious: List[float] = []
-    num_images = 0
-    with torch.no_grad():
-        for img in tqdm(images, desc="prompt eval", unit="img", disable=None):
-            gts = _instances(coco, img)
-            if not gts:
-                continue
-            image = _read_image(image_root / img["file_name"])
-            if image.shape[:2] != gts[0].shape:
-                raise EvaluationInputError(
-                    f"image '{img['file_name']}' is {image.shape[1]}x{image.shape[0]} but its "
-                    f"annotations are {gts[0].shape[1]}x{gts[0].shape[0]}"
-                )
-            timed.set_image(image)
-            num_images += 1
-            for gt in gts:
-                res = _evaluate_instance(timed, gt, num_clicks, box, refine_multimask)
-                per_click["max"].append(res["max"])
-                per_click["oracle"].append(res["oracle"])
-                if box:
-                    box_ious.append(res["box"])
-
-    n = len(per_click["max"])
-    if n == 0:  # the ground truth has instances, but not on the first max_images images
+    tally = _prompt_images(timed, coco, images, Path(image_root), num_clicks, box, refine_multimask)
+    if not tally.per_click["max"]:  # the GT has instances, but not on the first max_images images
         source = gt_json if isinstance(gt_json, (str, os.PathLike)) else "the ground truth"
         raise EvaluationInputError(
             f"{source}: no non-crowd, non-empty instance on the {len(images)} evaluated "
             f"image(s): nothing to prompt"
         )
-
-    def mean(values) -> float:
-        return float(np.mean(values)) if len(values) else 0.0
-
-    curves = {k: np.asarray(v, dtype=np.float64).reshape(n, -1) for k, v in per_click.items()}
-    metrics: Dict[str, float] = {
-        "mIoU_max": mean(curves["max"][:, 0]),
-        "mIoU_oracle": mean(curves["oracle"][:, 0]),
-    }
-    if box:
-        metrics["mIoU_box"] = mean(box_ious)
-    if num_clicks > 1:
-        for k in range(1, num_clicks + 1):
-            metrics[f"mIoU_max@{k}"] = mean(curves["max"][:, k - 1])
-            metrics[f"mIoU_oracle@{k}"] = mean(curves["oracle"][:, k - 1])
-    metrics["num_instances"] = n
-    metrics["num_images"] = num_images
-    metrics["seconds_per_image"] = timed.seconds / num_images if num_images else 0.0
+    metrics = _prompt_metrics(tally, num_clicks, box, timed.seconds)
     logger.info("prompt evaluation: %s", format_metrics(metrics))
     return metrics
 
