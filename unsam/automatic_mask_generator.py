@@ -39,7 +39,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.utils.amg import (
     area_from_rle,
     batched_mask_to_box,
@@ -51,6 +50,12 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
+from .modeling.mask_postprocess import (
+    foreground_scores,
+    topk_queries,
+    upsample_logits,
+    valid_extent,
+)
 from .predictor import WholeImagePredictor, build_inference_model
 
 logger = logging.getLogger(__name__)
@@ -156,17 +161,12 @@ class UnsamAutomaticMaskGenerator:
         feats = encoded["mask_features"][0]
         del encoded
         mask_cls, embeds = out["pred_logits"][0], out["pred_mask_embeds"][0]
-        num_classes = mask_cls.shape[-1] - 1
-        cls_prob = F.softmax(mask_cls.float(), dim=-1)[:, :num_classes]  # (Q, K)
-        k = min(model.test_topk_per_image, cls_prob.numel())
-        cls_scores, top = cls_prob.flatten().topk(k, sorted=False)
-        query_idx = top // num_classes
+        cls_scores, query_idx, _ = topk_queries(mask_cls, model.test_topk_per_image)
+        k = len(query_idx)
         image_size = tuple(images.image_sizes[0])
         padded_size = tuple(images.tensor.shape[-2:])
         output_size = (int(inputs["height"]), int(inputs["width"]))
-        sh, sw = feats.shape[-2:]
-        vh = min(sh, -(-image_size[0] * sh // padded_size[0]))
-        vw = min(sw, -(-image_size[1] * sw // padded_size[1]))
+        vh, vw = valid_extent(feats.shape[-2:], image_size, padded_size)
         mask_scores = torch.empty(k, device=mask_cls.device)
         stability = torch.empty(k)
         boxes = torch.empty((k, 4), dtype=torch.int64)
@@ -176,13 +176,9 @@ class UnsamAutomaticMaskGenerator:
         for s in range(0, k, chunk):
             rows = embeds[query_idx[s : s + chunk]].float()
             logits = torch.einsum("qc,chw->qhw", rows, feats.float())
-            valid = logits[:, :vh, :vw]
-            fg = (valid > 0).flatten(1)
-            mask_scores[s : s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (
-                fg.sum(1) + 1e-6
-            )
-            full = self._upsample(logits, padded_size, image_size, output_size)
-            del logits, valid
+            mask_scores[s : s + chunk] = foreground_scores(logits[:, :vh, :vw])[0]
+            full = upsample_logits(logits, padded_size, image_size, output_size)
+            del logits
             masks = full > self.mask_threshold
             stability[s : s + chunk] = calculate_stability_score(
                 full, self.mask_threshold, self.stability_score_offset
@@ -202,15 +198,3 @@ class UnsamAutomaticMaskGenerator:
             "boxes": boxes[order],
             "points": points[order],
         }
-
-    @staticmethod
-    def _upsample(logits: torch.Tensor, padded_size, image_size, output_size) -> torch.Tensor:
-        """Stride-4 logits (n, h, w) of the padded input → (n, H_out, W_out) float logits, as
-        :func:`unsam.modeling.mask_postprocess.binarize_upsampled` resizes before thresholding."""
-        up = F.interpolate(logits[None], size=padded_size, mode="bilinear", align_corners=False)
-        up = up[0, :, : image_size[0], : image_size[1]]
-        if tuple(output_size) != tuple(image_size):
-            up = F.interpolate(
-                up[None], size=tuple(output_size), mode="bilinear", align_corners=False
-            )[0]
-        return up

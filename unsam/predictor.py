@@ -26,6 +26,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .checkpoint import load_weights, read_weights, require_parts
 from .config.loading import ConfigError
+from .modeling.mask_postprocess import valid_extent
 from .modeling.prompt_encoder import MASK_INPUT_SIZE
 from .query_selection import QuerySelector
 from .utils.device import check_device
@@ -329,11 +330,8 @@ class PromptPredictor:
         if self.mode == "select":
             out = self.model.decode(features, final_masks=False)
             mask_features = features["mask_features"][0]
-            side = mask_features.shape[-1]
-            valid = (
-                min(side, -(-h * side // self.image_size)),
-                min(side, -(-w * side // self.image_size)),
-            )
+            square = (self.image_size, self.image_size)
+            valid = valid_extent(mask_features.shape[-2:], (h, w), square)
             self.selector = QuerySelector(
                 out["pred_logits"][0],
                 out["pred_mask_embeds"][0],

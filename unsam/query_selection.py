@@ -26,6 +26,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .modeling.mask_postprocess import foreground_scores
+
 # a box prompt selects masks with more than half of their area inside the box; ranking by the
 # IoU with the box region does the rest (held-out shapes, box mIoU: share 0.9 → 0.688,
 # 0.8 → 0.707, 0.6 → 0.709, none → 0.716; 0.5 keeps the "mostly inside" meaning)
@@ -72,11 +74,8 @@ class QuerySelector:
         vh, vw = valid_hw
         for s in range(0, q, chunk):
             logits = self.logits(torch.arange(s, min(q, s + chunk), device=self.embeds.device))
-            fg = logits[:, :vh, :vw] > 0
-            mask_prob[s : s + chunk] = (logits[:, :vh, :vw].sigmoid() * fg).flatten(1).sum(1) / (
-                fg.flatten(1).sum(1) + 1e-6
-            )
-            area[s : s + chunk] = fg.flatten(1).sum(1).float()
+            prob, fg_area = foreground_scores(logits[:, :vh, :vw])
+            mask_prob[s : s + chunk], area[s : s + chunk] = prob, fg_area.float()
             coarse[s : s + chunk] = _occupancy(logits > 0, self.coarse_hw).half()
         # the whole-image score of each query (UnSAM.instance_inference's, at stride 4)
         self.scores = cls_prob * mask_prob

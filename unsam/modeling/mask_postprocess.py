@@ -1,4 +1,7 @@
-"""Binarizing kept masks at output size (with their boxes), and reordering them in place.
+"""The whole-image post-processing shared by the model, the prompt selector and the SAM-style
+generator: choosing the top (query, class) pairs, scoring a mask by its mean foreground
+probability, resizing stride-4 logits to the output, binarizing kept masks at output size (with
+their boxes), and reordering them in place.
 
 ``binarize_upsampled`` is detectron2's ``sem_seg_postprocess`` resize (bilinear to the padded
 input size, crop to the image, bilinear to the output size) followed by ``> 0``. On CPU with the
@@ -10,14 +13,71 @@ straight into ``out`` and finding the boxes on the way: the same floats as ``F.i
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import cpu_kernels
 
-__all__ = ["binarize_upsampled", "masks_to_boxes", "permute_rows_"]
+__all__ = [
+    "binarize_upsampled",
+    "foreground_scores",
+    "masks_to_boxes",
+    "permute_rows_",
+    "topk_queries",
+    "upsample_logits",
+    "valid_extent",
+]
+
+
+def topk_queries(mask_cls: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask2Former's class-agnostic selection: the ``k`` (query, class) pairs of highest class
+    probability. ``mask_cls``: (Q, K+1) logits (last = no object). Returns their probabilities
+    (k,), query indices (k,) and class indices (k,), unsorted; ``k`` is capped at Q·K."""
+    num_classes = mask_cls.shape[-1] - 1
+    scores = F.softmax(mask_cls.float(), dim=-1)[:, :num_classes]  # (Q, K)
+    labels = torch.arange(num_classes, device=mask_cls.device).repeat(mask_cls.shape[0])
+    cls_scores, top = scores.flatten().topk(min(k, scores.numel()), sorted=False)
+    return cls_scores, top // num_classes, labels[top]
+
+
+def valid_extent(
+    grid_hw: Tuple[int, int], image_size: Tuple[int, int], padded_size: Tuple[int, int]
+) -> Tuple[int, int]:
+    """(vh, vw): the part of an (h, w) stride-4 grid over the padded input (Hp, Wp) that covers
+    the unpadded image (H, W) — rounded up, at most the grid."""
+    sh, sw = grid_hw
+    return (
+        min(sh, -(-image_size[0] * sh // padded_size[0])),
+        min(sw, -(-image_size[1] * sw // padded_size[1])),
+    )
+
+
+def foreground_scores(valid_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(n, vh, vw) mask logits over the image -> the mean sigmoid over each mask's foreground
+    (logit > 0), the mask-quality factor of the whole-image score, (n,); and the foreground
+    pixel counts (n,)."""
+    fg = (valid_logits > 0).flatten(1)
+    area = fg.sum(1)
+    return (valid_logits.sigmoid().flatten(1) * fg).sum(1) / (area + 1e-6), area
+
+
+def upsample_logits(
+    logits: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Stride-4 logits (n, h, w) of the padded input -> float logits (n, H_out, W_out):
+    detectron2's ``sem_seg_postprocess`` resize (bilinear to ``padded_size``, crop to
+    ``image_size``, bilinear to ``output_size`` when given and different)."""
+    up = F.interpolate(logits[None].float(), size=padded_size, mode="bilinear", align_corners=False)
+    up = up[0, :, : image_size[0], : image_size[1]]
+    if output_size is not None and tuple(output_size) != tuple(image_size):
+        up = F.interpolate(up[None], size=tuple(output_size), mode="bilinear", align_corners=False)
+        up = up[0]
+    return up
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -63,15 +123,10 @@ def binarize_upsampled(
     same_size = tuple(output_size) == tuple(image_size)
     if ops is not None and same_size:
         return ops.resize_threshold(logits.float(), padded_size[0], padded_size[1], out)
-    up = F.interpolate(logits[None].float(), size=padded_size, mode="bilinear", align_corners=False)
-    up = up[0, :, : image_size[0], : image_size[1]]
-    if ops is not None:
+    if ops is not None:  # the kernel does the last resize
+        up = upsample_logits(logits, padded_size, image_size)
         return ops.resize_threshold(up.contiguous(), output_size[0], output_size[1], out)
-    if not same_size:
-        up = F.interpolate(up[None], size=tuple(output_size), mode="bilinear", align_corners=False)[
-            0
-        ]
-    torch.gt(up, 0, out=out)
+    torch.gt(upsample_logits(logits, padded_size, image_size, output_size), 0, out=out)
     return masks_to_boxes(out)
 
 

@@ -25,14 +25,19 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_sem_seg_head
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from .criterion import SetCriterion
-from .mask_postprocess import binarize_upsampled, permute_rows_
+from .mask_postprocess import (
+    binarize_upsampled,
+    foreground_scores,
+    permute_rows_,
+    topk_queries,
+    valid_extent,
+)
 from .matcher import HungarianMatcher
 from .prompt_encoder import UnSAMPromptEncoder
 from .transformer_decoder import MLP
@@ -356,19 +361,13 @@ class UnSAM(nn.Module):
         binarized at output size in the same pass; the rows are then put in score order in place.
         No (Q, H, W) or (k, H, W) float tensor is ever materialized.
         """
-        num_classes = mask_cls.shape[-1] - 1
-        scores = F.softmax(mask_cls.float(), dim=-1)[:, :num_classes]  # (Q, K)
-        labels = torch.arange(num_classes, device=mask_cls.device).repeat(mask_cls.shape[0])
-        k = min(self.test_topk_per_image, scores.numel())
-        cls_scores, top = scores.flatten().topk(k, sorted=False)
-        labels = labels[top]
-        query_idx = top // num_classes
+        cls_scores, query_idx, labels = topk_queries(mask_cls, self.test_topk_per_image)
+        k = len(query_idx)
         sh, sw = (
             mask_source[1].shape[-2:] if isinstance(mask_source, tuple) else mask_source.shape[-2:]
         )
         # valid (unpadded) part of the stride-4 logits
-        vh = min(sh, -(-image_size[0] * sh // padded_size[0]))
-        vw = min(sw, -(-image_size[1] * sw // padded_size[1]))
+        vh, vw = valid_extent((sh, sw), image_size, padded_size)
         h_out, w_out = output_size
         mask_scores = torch.empty(k, device=mask_cls.device)
         pred_masks = torch.empty((k, h_out, w_out), dtype=torch.bool, device=mask_cls.device)
@@ -376,15 +375,11 @@ class UnSAM(nn.Module):
         chunk = self.upsample_chunk
         for s in range(0, k, chunk):
             m = self._mask_logits(mask_source, query_idx[s : s + chunk], sh, sw)
-            valid = m[:, :vh, :vw]
-            fg = (valid > 0).flatten(1)
-            mask_scores[s : s + chunk] = (valid.sigmoid().flatten(1) * fg).sum(1) / (
-                fg.sum(1) + 1e-6
-            )
+            mask_scores[s : s + chunk] = foreground_scores(m[:, :vh, :vw])[0]
             boxes[s : s + chunk] = binarize_upsampled(
                 m, padded_size, tuple(image_size), (h_out, w_out), out=pred_masks[s : s + chunk]
             )
-            del m, valid
+            del m
         final, order = (cls_scores * mask_scores).sort(descending=True)
         permute_rows_(pred_masks, order)
         boxes, labels = boxes[order], labels[order]
