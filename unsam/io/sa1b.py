@@ -163,6 +163,11 @@ def _annotation_problem(ann, height: int, width: int) -> Optional[str]:
         validate_rle(ann["segmentation"], (height, width))
     except ValueError as e:
         return str(e)
+    return _numeric_field_problem(ann)
+
+
+def _numeric_field_problem(ann: dict) -> Optional[str]:
+    """Why a numeric field of an annotation (:data:`_NUMERIC_FIELDS`) is unusable, or None."""
     for key, whole in _NUMERIC_FIELDS.items():
         value = ann.get(key, 0)
         if (
@@ -208,18 +213,7 @@ def annotation_shape_problem(ann, height: int, width: int) -> Optional[str]:
         fine = _counts_text_ends(counts)
     elif fine:  # uncompressed (list) counts, rare: the full check
         return _annotation_problem(ann, height, width)
-    if fine:
-        for key, whole in _NUMERIC_FIELDS.items():
-            value = ann.get(key, 0)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or (whole and value != int(value))
-            ):
-                fine = False
-                break
-    if fine:
+    if fine and _numeric_field_problem(ann) is None:
         return None
     return (
         _annotation_problem(ann, height, width) or "corrupt RLE counts (the last value is cut off)"
