@@ -387,16 +387,24 @@ def build_index(
         return _build_locked(root, index_dir, workers, rebuild, progress, chunk_files, start)
 
 
-def _build_locked(
-    root: str,
-    index_dir: Path,
-    workers: Optional[int],
-    rebuild: bool,
-    progress: bool,
-    chunk_files: int,
-    start: float,
-) -> BuildSummary:
-    """:func:`build_index` once this process holds the folder's build lock."""
+@dataclass
+class _Build:
+    """One locked build's shared state: where (the root, its index folder and chunks folder) and
+    what (the root's sources, all their chunks, those without a chunk file yet, and the hash of
+    all chunk ids that ``CURRENT`` records)."""
+
+    root: str
+    index_dir: Path
+    chunks_dir: Path
+    plans: List[SourcePlan]
+    chunks: List[ChunkPlan]
+    todo: List[ChunkPlan]
+    all_ids: str
+
+
+def _prepare_chunks_dir(index_dir: Path, rebuild: bool) -> Path:
+    """Takes the (locked) index folder; returns its chunks folder, created if missing, with the
+    temporaries of interrupted writes removed (and, on ``rebuild``, every chunk file)."""
     chunks_dir = index_dir / "chunks"
     chunks_dir.mkdir(exist_ok=True)
     remove_stale_temps(chunks_dir, lambda name: name.endswith(".npz"))
@@ -404,48 +412,44 @@ def _build_locked(
     if rebuild:
         for f in chunks_dir.glob("*.npz"):
             f.unlink()
-    workers = max(1, workers or default_workers())
-    summary = BuildSummary(root=root, index_dir=str(index_dir), workers=workers)
+    return chunks_dir
 
+
+def _plan_build(root: str, index_dir: Path, chunks_dir: Path, chunk_files: int) -> _Build:
+    """Takes the root and its folders; returns the :class:`_Build` of its sources
+    (:func:`plan_sources`), the chunks among them still to index, and the chunk-id hash."""
     plans = plan_sources(root, chunk_files)
     chunk_plans = [c for p in plans for c in p.chunks]
     todo = [c for c in chunk_plans if not _chunk_path(chunks_dir, c.id).is_file()]
-    summary.chunks_kept = len(chunk_plans) - len(todo)
-    summary.chunks_indexed = len(todo)
     all_ids = sha1("\n".join(c.id for c in chunk_plans).encode()).hexdigest()
+    return _Build(root, index_dir, chunks_dir, plans, chunk_plans, todo, all_ids)
+
+
+def _up_to_date(build: _Build) -> Optional[Dict]:
+    """Takes the planned build; returns the ``CURRENT`` record when nothing is to index and it
+    describes exactly these chunks (same index version, its generation still there), else None.
+    ``CURRENT`` is read whenever it exists."""
+    index_dir = build.index_dir
     current = read_current(index_dir) if (index_dir / CURRENT).is_file() else None
     if (
-        not todo
+        not build.todo
         and current
-        and current.get("chunks") == all_ids
+        and current.get("chunks") == build.all_ids
         and current.get("version") == INDEX_VERSION
         and (index_dir / current["generation"]).is_dir()
     ):
-        summary.__dict__.update(
-            images=current["images"],
-            sources=current["kinds"],
-            skipped=current["skipped"],
-            labelled=current["labelled"],
-            empty_masks=current["empty_masks"],
-            first_skipped=current["first_skipped"],
-            up_to_date=True,
-            seconds=time.perf_counter() - start,
-            index_bytes=_folder_bytes(index_dir),
-        )
-        logger.info("%s", summary.line())
-        return summary
+        return current
+    return None
 
-    logger.info(
-        "indexing %s: %d sources, %d chunks to index, %d kept (%s)",
-        root,
-        len(plans),
-        len(todo),
-        summary.chunks_kept,
-        index_dir,
-    )
+
+def _index_chunks(build: _Build, workers: int, progress: bool, summary: BuildSummary) -> None:
+    """Takes the planned build; indexes its ``todo`` chunks (the biggest first, in a process pool
+    when there are several workers and chunks), each saved as it ends (:func:`_run_task`), and
+    adds the images indexed and the time taken to ``summary``."""
+    root, todo = build.root, build.todo
     index_start = time.perf_counter()
     todo.sort(key=lambda c: -c.bytes)  # the biggest first: workers finish together
-    tasks = [(root, str(chunks_dir), c) for c in todo]
+    tasks = [(root, str(build.chunks_dir), c) for c in todo]
     with tqdm(
         total=len(todo),
         unit="chunk",
@@ -470,24 +474,80 @@ def _build_locked(
                     done(result)
     summary.index_seconds = time.perf_counter() - index_start
 
-    generation = _merge(root, index_dir, chunks_dir, plans, summary)
+
+def _publish(build: _Build, summary: BuildSummary) -> None:
+    """Takes the build once every chunk is indexed; merges the chunks into a new generation
+    (:func:`_merge`, which fills ``summary``), makes it current by replacing ``CURRENT``
+    atomically, then deletes chunks and generations no longer needed (:func:`_clean`; the
+    previous generation is kept)."""
+    index_dir = build.index_dir
+    generation = _merge(build.root, index_dir, build.chunks_dir, build.plans, summary)
     current = {
         "version": INDEX_VERSION,
         "generation": generation,
-        "root": root,
+        "root": build.root,
         "images": summary.images,
         "labelled": summary.labelled,
         "empty_masks": summary.empty_masks,
         "kinds": summary.sources,
         "skipped": summary.skipped,
         "first_skipped": summary.first_skipped,
-        "chunks": all_ids,
+        "chunks": build.all_ids,
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     previous = read_current(index_dir)["generation"] if (index_dir / CURRENT).is_file() else None
     with atomic_write(index_dir / CURRENT) as f:
         json.dump(current, f, indent=1)
-    _clean(index_dir, chunks_dir, {c.id for c in chunk_plans}, keep={generation, previous})
+    _clean(index_dir, build.chunks_dir, {c.id for c in build.chunks}, keep={generation, previous})
+
+
+def _build_locked(
+    root: str,
+    index_dir: Path,
+    workers: Optional[int],
+    rebuild: bool,
+    progress: bool,
+    chunk_files: int,
+    start: float,
+) -> BuildSummary:
+    """:func:`build_index` once this process holds the folder's build lock.
+
+    Stages: :func:`_prepare_chunks_dir`, :func:`_plan_build`, :func:`_up_to_date` (then the
+    summary comes from ``CURRENT`` and nothing is written), else :func:`_index_chunks` and
+    :func:`_publish`."""
+    chunks_dir = _prepare_chunks_dir(index_dir, rebuild)
+    workers = max(1, workers or default_workers())
+    summary = BuildSummary(root=root, index_dir=str(index_dir), workers=workers)
+
+    build = _plan_build(root, index_dir, chunks_dir, chunk_files)
+    summary.chunks_kept = len(build.chunks) - len(build.todo)
+    summary.chunks_indexed = len(build.todo)
+    current = _up_to_date(build)
+    if current is not None:
+        summary.__dict__.update(
+            images=current["images"],
+            sources=current["kinds"],
+            skipped=current["skipped"],
+            labelled=current["labelled"],
+            empty_masks=current["empty_masks"],
+            first_skipped=current["first_skipped"],
+            up_to_date=True,
+            seconds=time.perf_counter() - start,
+            index_bytes=_folder_bytes(index_dir),
+        )
+        logger.info("%s", summary.line())
+        return summary
+
+    logger.info(
+        "indexing %s: %d sources, %d chunks to index, %d kept (%s)",
+        root,
+        len(build.plans),
+        len(build.todo),
+        summary.chunks_kept,
+        index_dir,
+    )
+    _index_chunks(build, workers, progress, summary)
+    _publish(build, summary)
     summary.seconds = time.perf_counter() - start
     summary.index_bytes = _folder_bytes(index_dir)
     logger.info("%s", summary.line())
