@@ -143,35 +143,16 @@ class UnSAMPromptEncoder(nn.Module):
         scale = torch.tensor([sx, sy], device=dev)
         mf = mask_features.float()
 
-        sam_points = None
-        if points is not None:
-            if labels is None:
-                labels = torch.ones(points.shape[:2], dtype=torch.int64, device=dev)
-            sam_points = (points.float() * scale, labels.to(dev))
-        sam_boxes = boxes.float() * scale.repeat(2) if boxes is not None else None
-        sam_masks = None
-        if mask_inputs is not None:
-            sam_masks = mask_inputs.float()
-            if tuple(sam_masks.shape[-2:]) != self.sam.mask_input_size:
-                sam_masks = F.interpolate(
-                    sam_masks, size=self.sam.mask_input_size, mode="bilinear", align_corners=False
-                )
-        sparse, dense = self.sam(sam_points, sam_boxes, sam_masks)  # (P, T, C), (P, C, e, e)
+        if points is not None and labels is None:
+            labels = torch.ones(points.shape[:2], dtype=torch.int64, device=dev)
+        sparse, dense = self._sam_embeddings(points, labels, boxes, mask_inputs, scale)
         tok_pos = sparse
         tok_feat = sparse.clone()
 
         # image content under each prompt token (a zero for SAM's padding point)
         if points is not None:
             n = points.shape[1]
-            grid = (points.float() + 0.5) / torch.tensor(
-                [padded_hw[1], padded_hw[0]], device=dev
-            )  # [0, 1]
-            sampled = F.grid_sample(mf[None], (2 * grid - 1)[None], align_corners=False)[
-                0
-            ]  # (C, P, N)
-            sampled = self.feat_proj(sampled.permute(1, 2, 0))  # (P, N, hidden)
-            valid = (labels.to(dev) >= 0)[..., None].to(sampled.dtype)
-            tok_feat[:, :n] = tok_feat[:, :n] + sampled * valid
+            tok_feat[:, :n] = tok_feat[:, :n] + self._point_content(mf, points, labels, padded_hw)
         if boxes is not None:
             tok_feat[:, -2:] = (
                 tok_feat[:, -2:] + self._box_content(mf, boxes.float(), padded_hw)[:, None]
@@ -196,6 +177,47 @@ class UnSAMPromptEncoder(nn.Module):
             "group_size": group,
             "num_granularities": k,
         }
+
+    def _sam_embeddings(
+        self,
+        points: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor],
+        mask_inputs: Optional[torch.Tensor],
+        scale: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """segment_anything's PromptEncoder on the prompts, taken from padded-input pixels to
+        its ``input_size`` frame by ``scale`` (sx, sy), mask inputs resized to its
+        ``mask_input_size``: sparse (P, T, C) and dense (P, C, e, e) embeddings."""
+        sam_points = None
+        if points is not None:
+            sam_points = (points.float() * scale, labels.to(scale.device))
+        sam_boxes = boxes.float() * scale.repeat(2) if boxes is not None else None
+        sam_masks = None
+        if mask_inputs is not None:
+            sam_masks = mask_inputs.float()
+            if tuple(sam_masks.shape[-2:]) != self.sam.mask_input_size:
+                sam_masks = F.interpolate(
+                    sam_masks, size=self.sam.mask_input_size, mode="bilinear", align_corners=False
+                )
+        return self.sam(sam_points, sam_boxes, sam_masks)
+
+    def _point_content(
+        self,
+        mf: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        padded_hw: Tuple[int, int],
+    ) -> torch.Tensor:
+        """Image content under each point: ``mf`` (C_mask, h, w) sampled bilinearly at the
+        (P, N, 2) pixel centres, projected → (P, N, hidden); zero for ignored points (label -1,
+        SAM's padding)."""
+        dev = mf.device
+        grid = (points.float() + 0.5) / torch.tensor([padded_hw[1], padded_hw[0]], device=dev)
+        sampled = F.grid_sample(mf[None], (2 * grid - 1)[None], align_corners=False)[0]  # C×P×N
+        sampled = self.feat_proj(sampled.permute(1, 2, 0))  # (P, N, hidden)
+        valid = (labels.to(dev) >= 0)[..., None].to(sampled.dtype)
+        return sampled * valid
 
     def _box_content(
         self, mf: torch.Tensor, b: torch.Tensor, padded_hw: Tuple[int, int]
